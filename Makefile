@@ -1,0 +1,49 @@
+# The two set-up commands are `make run` and `make test`; see README.md.
+SHELL := /bin/bash
+export PATH := $(HOME)/.local/bin:$(PATH)
+UV := uv
+HOST ?= 127.0.0.1
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: help run test lint format cluster-up cluster-down podman-up podman-down bench tools
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+run:  ## install what is needed and start the server on $(HOST):$(PORT)
+	tools/setup.sh run
+	$(UV) run opensandbox-server --host $(HOST) --port $(PORT)
+
+test:  ## the whole suite; starts the services it needs (cluster, podman) and stops them afterwards
+	tools/setup.sh test
+	$(UV) run pytest $(PYTEST_ARGS)
+
+lint:  ## ruff and mypy
+	tools/setup.sh run
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	$(UV) run mypy
+
+format:  ## apply ruff's formatting and fixes
+	$(UV) run ruff format .
+	$(UV) run ruff check --fix .
+
+tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
+	tools/setup.sh cluster
+
+cluster-up: tools  ## start the local control plane and kwok nodes; then `source .cluster/env`
+	tools/cluster.sh up
+
+cluster-down:  ## stop the local cluster and remove its state
+	tools/cluster.sh down
+
+podman-up:  ## start podman's Docker API service and build the test image; then `source .podman/env`
+	tools/podman.sh up
+
+podman-down:  ## stop podman's Docker API service
+	tools/podman.sh down
+
+bench:  ## run the benchmarks; figures are printed and written to bench/results/
+	tools/setup.sh test
+	$(UV) run python -m bench

@@ -1,0 +1,1 @@
+"""The Pool and BatchSandbox reconcilers and the `opensandbox-controller` program."""

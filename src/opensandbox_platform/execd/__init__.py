@@ -1,0 +1,1 @@
+"""The daemon inside every sandbox: commands, sessions, files and metrics on port 44772."""

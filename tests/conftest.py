@@ -1,0 +1,48 @@
+"""Shared fixtures: the local cluster (session), a fresh namespace per test, podman's Docker API."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from lightkube import Client, KubeConfig
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.resources.core_v1 import Namespace
+
+from tests.support.services import LocalCluster, local_cluster, podman_docker_host
+
+TEST_IMAGE = "localhost/opensandbox-test-base:latest"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    with local_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def kube(cluster: LocalCluster) -> Client:
+    return Client(config=KubeConfig.from_file(cluster.kubeconfig), field_manager="opensandbox-tests")
+
+
+@pytest.fixture
+def namespace(kube: Client) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.create(Namespace(metadata=ObjectMeta(name=name, labels={"opensandbox.io/test": "true"})))
+    yield name
+    kube.delete(Namespace, name)
+
+
+@pytest.fixture(scope="session")
+def docker_host() -> Iterator[str]:
+    with podman_docker_host() as host:
+        yield host
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e."""
+    for item in items:
+        for kind in ("unit", "integration", "e2e"):
+            if f"/tests/{kind}/" in str(item.path):
+                item.add_marker(getattr(pytest.mark, kind))

@@ -1,0 +1,78 @@
+"""Starting and stopping the services the tests need: the local cluster and podman's Docker API.
+
+A service that is already up (started by `make cluster-up` / `make podman-up`) is reused and left
+running; one the tests start is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "tools"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, text=True, capture_output=True, check=False)
+
+
+def _up_or_fail(script: str) -> None:
+    result = _run(str(TOOLS / script), "up")
+    if result.returncode != 0:
+        raise RuntimeError(f"tools/{script} up failed:\n{result.stderr[-4000:]}")
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    kubeconfig: Path
+    bin_dir: Path
+
+    def env(self) -> dict[str, str]:
+        """The environment for subprocesses (kubectl, helm) that talk to this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        result = subprocess.run(
+            [str(self.bin_dir / "kubectl"), *args],
+            env=self.env(),
+            input=input,
+            text=True,
+            capture_output=True,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result.stdout
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
+
+
+@contextmanager
+def local_cluster() -> Iterator[LocalCluster]:
+    started = _run(str(TOOLS / "cluster.sh"), "status").returncode != 0
+    if started:
+        _up_or_fail("cluster.sh")
+    try:
+        yield LocalCluster(kubeconfig=ROOT / ".cluster" / "kubeconfig", bin_dir=cache_dir() / "bin")
+    finally:
+        if started:
+            _run(str(TOOLS / "cluster.sh"), "down")
+
+
+@contextmanager
+def podman_docker_host() -> Iterator[str]:
+    """Yields a DOCKER_HOST served by `podman system service` (with the test image built)."""
+    started = _run(str(TOOLS / "podman.sh"), "status").returncode != 0
+    _up_or_fail("podman.sh")  # also makes sure the test image exists
+    try:
+        yield f"unix://{ROOT / '.podman' / 'docker.sock'}"
+    finally:
+        if started:
+            _run(str(TOOLS / "podman.sh"), "down")

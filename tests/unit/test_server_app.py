@@ -1,0 +1,43 @@
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from fastapi.testclient import TestClient
+
+from opensandbox_platform.server.app import create_app
+
+
+def test_health_answers_200() -> None:
+    response = TestClient(create_app()).get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "healthy"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_server_program_listens_where_told() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opensandbox_platform.server.main", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "server did not answer within 20 s"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)
