@@ -10,6 +10,7 @@ from lightkube import Client, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
+from tests.support.controller import ControllerProcess
 from tests.support.services import LocalCluster, local_cluster, podman_docker_host
 
 TEST_IMAGE = "localhost/opensandbox-test-base:latest"
@@ -46,3 +47,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for kind in ("unit", "integration", "e2e"):
             if f"/tests/{kind}/" in str(item.path):
                 item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: LocalCluster) -> None:
+    """The generated CRDs, applied once per session (server-side apply: idempotent)."""
+    from tests.support.controller import CRDS
+
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    for plural in ("pools", "batchsandboxes"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{plural}.sandbox.opensandbox.io", "--timeout=30s")
+
+
+@pytest.fixture
+def controller(cluster: LocalCluster, crds: None, namespace: str) -> Iterator[ControllerProcess]:
+    """The controller program, watching only this test's namespace."""
+    proc = ControllerProcess(cluster, namespace).start()
+    yield proc
+    proc.stop()

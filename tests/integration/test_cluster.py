@@ -11,7 +11,6 @@ import httpx
 import pytest
 from lightkube import Client
 from lightkube.models.apps_v1 import DeploymentSpec
-from lightkube.models.authentication_v1 import TokenRequestSpec
 from lightkube.models.core_v1 import Container, PodSpec, PodTemplateSpec
 from lightkube.models.meta_v1 import LabelSelector, ObjectMeta
 from lightkube.models.rbac_v1 import PolicyRule, RoleRef, Subject
@@ -67,7 +66,9 @@ spec:
     cluster.kubectl("apply", "-f", "-", input=crd)
     try:
         cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=30s")
-        widget = f"apiVersion: {group}/v1\nkind: Widget\nmetadata: {{name: w1, namespace: {namespace}}}\nspec: {{size: 3}}\n"
+        widget = (
+            f"apiVersion: {group}/v1\nkind: Widget\nmetadata: {{name: w1, namespace: {namespace}}}\nspec: {{size: 3}}\n"
+        )
         cluster.kubectl("apply", "-f", "-", input=widget)
         assert cluster.kubectl("get", f"widgets.{group}", "w1", "-n", namespace, "-o", "jsonpath={.spec.size}") == "3"
         bad = widget.replace("size: 3", "size: 0")
@@ -111,14 +112,10 @@ def test_service_account_token_authenticates_and_rbac_denies(
     cluster: LocalCluster, kube: Client, namespace: str
 ) -> None:
     kube.create(ServiceAccount(metadata=ObjectMeta(name="robot", namespace=namespace)))
-    token = kube.request(
-        "post",
-        f"/api/v1/namespaces/{namespace}/serviceaccounts/robot/token",
-        json={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-              "spec": TokenRequestSpec(audiences=[], expirationSeconds=600).to_dict()},
-    )["status"]["token"]
-    api = httpx.Client(base_url=api_server_url(cluster), verify=ca_context(cluster),
-                       headers={"Authorization": f"Bearer {token}"})
+    token = cluster.kubectl("create", "token", "robot", "-n", namespace, "--duration=10m").strip()
+    api = httpx.Client(
+        base_url=api_server_url(cluster), verify=ca_context(cluster), headers={"Authorization": f"Bearer {token}"}
+    )
     pods_url = f"/api/v1/namespaces/{namespace}/pods"
 
     review = api.get("/apis/authentication.k8s.io/v1")  # discovery is open to authenticated users
@@ -128,13 +125,19 @@ def test_service_account_token_authenticates_and_rbac_denies(
     assert f"system:serviceaccount:{namespace}:robot" in denied.json()["message"]
     assert httpx.get(api_server_url(cluster) + pods_url, verify=ca_context(cluster)).status_code in (401, 403)
 
-    kube.create(Role(metadata=ObjectMeta(name="pod-reader", namespace=namespace),
-                     rules=[PolicyRule(apiGroups=[""], resources=["pods"], verbs=["list"])]))
-    kube.create(RoleBinding(
-        metadata=ObjectMeta(name="robot-reads-pods", namespace=namespace),
-        roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="Role", name="pod-reader"),
-        subjects=[Subject(kind="ServiceAccount", name="robot", namespace=namespace)],
-    ))
+    kube.create(
+        Role(
+            metadata=ObjectMeta(name="pod-reader", namespace=namespace),
+            rules=[PolicyRule(apiGroups=[""], resources=["pods"], verbs=["list"])],
+        )
+    )
+    kube.create(
+        RoleBinding(
+            metadata=ObjectMeta(name="robot-reads-pods", namespace=namespace),
+            roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="Role", name="pod-reader"),
+            subjects=[Subject(kind="ServiceAccount", name="robot", namespace=namespace)],
+        )
+    )
     eventually(lambda: api.get(pods_url).status_code == 200, timeout=10, what="RBAC grant")
     assert api.get(f"/api/v1/namespaces/{namespace}/secrets").status_code == 403
     assert api.delete(f"{pods_url}/anything").status_code == 403

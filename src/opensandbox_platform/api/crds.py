@@ -1,0 +1,236 @@
+"""The Pool and BatchSandbox custom resources, as pydantic models.
+
+These models are the single source of truth: the CRD manifests are generated from them
+(`crdgen.py`, `opensandbox-controller print-crds`) and the controller parses objects with them.
+Field names are the wire names (camelCase); validation rules that span fields are CEL rules
+(`x-kubernetes-validations`) so that the API server rejects bad objects before we see them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
+
+
+def cel(rule: str, message: str, **extra: str) -> JsonDict:
+    """A CEL validation rule, checked by the API server."""
+    return {"rule": rule, "message": message, **extra}
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class PassThrough(Model):
+    """An object whose unknown fields the API server keeps (Kubernetes types we do not re-model)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+
+class EnvVar(PassThrough):
+    name: str
+    value: str | None = None
+
+
+class ContainerPort(PassThrough):
+    containerPort: int = Field(ge=1, le=65535)
+    name: str | None = None
+    protocol: str | None = None
+
+
+class SandboxSpec(PassThrough):
+    """The sandbox's pod. The short form builds one container named `sandbox`; every other PodSpec
+    field (nodeSelector, tolerations, runtimeClassName, volumes, ...) passes through to the pod.
+    If `containers` is given it wins over the short form."""
+
+    image: str | None = Field(None, description="Image of the `sandbox` container.")
+    command: list[str] | None = Field(None, description="Entrypoint of the `sandbox` container.")
+    args: list[str] | None = None
+    env: list[EnvVar] | None = None
+    workingDir: str | None = None
+    resources: PassThrough | None = Field(None, description="corev1.ResourceRequirements")
+    ports: list[ContainerPort] | None = None
+    containers: list[PassThrough] | None = Field(None, description="Full corev1.Container list.")
+
+
+class TemplateMetadata(Model):
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class SandboxTemplate(Model):
+    metadata: TemplateMetadata | None = None
+    spec: SandboxSpec
+
+
+class TaskExecutorSpec(Model):
+    enabled: bool = False
+    image: str | None = Field(None, description="Defaults to the controller's --task-executor-image.")
+    resources: PassThrough | None = None
+
+
+class TaskTemplate(Model):
+    """One task per replica, run by the task-executor sidecar."""
+
+    command: list[str] = Field(min_length=1)
+    args: list[str] | None = None
+    env: list[EnvVar] | None = None
+    workingDir: str | None = None
+    timeoutSeconds: int | None = Field(None, ge=1)
+
+
+class Condition(Model):
+    """metav1.Condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: datetime
+    observedGeneration: int | None = None
+
+
+CONDITIONS_LIST: JsonDict = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+
+
+# --- Pool ------------------------------------------------------------------------------------------
+class PoolSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.minBufferSize <= self.maxBufferSize", "minBufferSize must not exceed maxBufferSize"),
+                cel("self.maxBufferSize <= self.capacity", "maxBufferSize must not exceed capacity"),
+                cel(
+                    "has(self.sandboxTemplate.spec.image) || has(self.sandboxTemplate.spec.containers)",
+                    "sandboxTemplate.spec needs an image (or containers)",
+                    fieldPath=".sandboxTemplate.spec",
+                ),
+            ]
+        }
+    )
+
+    minBufferSize: int = Field(0, ge=0, description="Idle, Ready pods kept warm.")
+    maxBufferSize: int = Field(ge=0, description="Idle pods above this are deleted, oldest first.")
+    capacity: int = Field(ge=0, description="Hard cap on all pods of the pool (idle + claimed + starting).")
+    sandboxTemplate: SandboxTemplate
+    recycleStrategy: Literal["Delete"] = Field("Delete", description="What happens to a pod when its claim ends.")
+    taskExecutor: TaskExecutorSpec | None = None
+
+
+class PoolStatus(Model):
+    observedGeneration: int | None = None
+    total: int = 0
+    available: int = Field(0, description="Idle, Ready pods.")
+    allocated: int = Field(0, description="Pods claimed by a BatchSandbox.")
+    starting: int = Field(0, description="Idle pods not Ready yet.")
+    revision: str = ""
+    conditions: list[Condition] | None = Field(None, json_schema_extra=CONDITIONS_LIST)
+
+
+class Pool(Model):
+    KIND: ClassVar[str] = "Pool"
+    PLURAL: ClassVar[str] = "pools"
+    SHORT_NAMES: ClassVar[list[str]] = ["sbxpool"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+        {"name": "MIN", "type": "integer", "jsonPath": ".spec.minBufferSize"},
+        {"name": "MAX", "type": "integer", "jsonPath": ".spec.maxBufferSize"},
+        {"name": "CAPACITY", "type": "integer", "jsonPath": ".spec.capacity"},
+        {"name": "TOTAL", "type": "integer", "jsonPath": ".status.total"},
+        {"name": "AVAILABLE", "type": "integer", "jsonPath": ".status.available"},
+        {"name": "ALLOCATED", "type": "integer", "jsonPath": ".status.allocated"},
+        {"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    DESCRIPTION: ClassVar[str] = "A pool of warm, idle sandbox pods that BatchSandboxes claim."
+
+    spec: PoolSpec
+    status: PoolStatus | None = None
+
+
+# --- BatchSandbox -----------------------------------------------------------------------------------
+class BatchSandboxSpec(Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.poolRef) || has(self.sandboxTemplate)",
+                    "sandboxTemplate is required unless poolRef is set",
+                ),
+                cel(
+                    "has(self.poolRef) || !has(self.sandboxTemplate) || has(self.sandboxTemplate.spec.image)"
+                    " || has(self.sandboxTemplate.spec.containers)",
+                    "sandboxTemplate.spec needs an image (or containers) unless poolRef is set",
+                ),
+                cel(
+                    "has(oldSelf.poolRef) == has(self.poolRef)",
+                    "poolRef is immutable",
+                    reason="FieldValueForbidden",
+                ),
+            ]
+        }
+    )
+
+    replicas: int = Field(1, ge=0, description="Number of sandboxes.")
+    poolRef: str | None = Field(
+        None,
+        min_length=1,
+        description="Claim pods from this Pool (same namespace). Immutable. In pooled mode only the "
+        "entrypoint (command/args) and env of sandboxTemplate apply.",
+        json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "poolRef is immutable")]},
+    )
+    sandboxTemplate: SandboxTemplate | None = None
+    ttlSecondsAfterFinished: int | None = Field(
+        None, ge=0, description="Delete this many seconds after every task completed or every sandbox exited."
+    )
+    expireTime: datetime | None = Field(None, description="Delete at this time.")
+    taskTemplate: TaskTemplate | None = None
+
+
+class SandboxStatus(Model):
+    index: int
+    podName: str
+    podIP: str | None = None
+    nodeName: str | None = None
+    ready: bool = False
+
+
+class TaskCounts(Model):
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class BatchSandboxStatus(Model):
+    observedGeneration: int | None = None
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    replicas: int = Field(0, description="Pods that exist for this BatchSandbox.")
+    ready: int = 0
+    allocated: int = Field(0, description="Pods bound to this BatchSandbox (claimed or scheduled).")
+    tasks: TaskCounts | None = None
+    sandboxes: list[SandboxStatus] | None = None
+    finishedAt: datetime | None = None
+    conditions: list[Condition] | None = Field(None, json_schema_extra=CONDITIONS_LIST)
+
+
+class BatchSandbox(Model):
+    KIND: ClassVar[str] = "BatchSandbox"
+    PLURAL: ClassVar[str] = "batchsandboxes"
+    SHORT_NAMES: ClassVar[list[str]] = ["bsbx"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+        {"name": "DESIRED", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "READY", "type": "integer", "jsonPath": ".status.ready"},
+        {"name": "POOL", "type": "string", "jsonPath": ".spec.poolRef"},
+        {"name": "PHASE", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "EXPIRE", "type": "string", "jsonPath": ".spec.expireTime"},
+        {"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    DESCRIPTION: ClassVar[str] = "N sandboxes built from a template or claimed from a Pool."
+
+    spec: BatchSandboxSpec
+    status: BatchSandboxStatus | None = None
+
+
+RESOURCES: tuple[type[Pool] | type[BatchSandbox], ...] = (Pool, BatchSandbox)

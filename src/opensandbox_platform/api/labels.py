@@ -1,0 +1,37 @@
+"""Every label, annotation and finalizer the platform writes, in one place.
+
+All live under the `sandbox.opensandbox.io/` prefix. The truth about a claim lives on the pod
+(`BATCHSANDBOX` label + controller ownerReference), so a restarted controller rebuilds from the API.
+"""
+
+from typing import Final
+
+GROUP: Final = "sandbox.opensandbox.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+PREFIX: Final = f"{GROUP}/"
+
+# Labels
+MANAGED_BY: Final = PREFIX + "managed-by"  # on every pod the controller creates
+MANAGED_BY_VALUE: Final = "opensandbox-controller"
+POOL: Final = PREFIX + "pool"  # pool pods: the Pool's name (kept after a claim, for capacity)
+POOL_REVISION: Final = PREFIX + "pool-revision"  # pool pods: hash of the template that built them
+BATCHSANDBOX: Final = PREFIX + "batchsandbox"  # claimed or direct pods: the owning BatchSandbox
+INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index within the BatchSandbox
+
+# Annotations
+ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint
+CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim was written (RFC 3339)
+
+# The execd port inside every sandbox, and the task-executor's.
+EXECD_PORT: Final = 44772
+TASK_EXECUTOR_PORT: Final = 5758
+SANDBOX_CONTAINER: Final = "sandbox"
+
+# execd injection: the init container copies the execd image's /opensandbox/ into a shared emptyDir
+# mounted at EXECD_MOUNT in the sandbox container, whose command becomes the bootstrap script.
+EXECD_IMAGE_DIR: Final = "/opensandbox"
+EXECD_MOUNT: Final = "/opt/opensandbox"
+EXECD_BOOTSTRAP: Final = EXECD_MOUNT + "/bootstrap.sh"
+EXECD_VOLUME: Final = "opensandbox-execd"
+EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main process with an env (pooled mode)

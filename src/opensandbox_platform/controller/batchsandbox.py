@@ -1,0 +1,393 @@
+"""The BatchSandbox reconciler: N sandboxes, built from a template (direct) or claimed from a Pool.
+
+Direct mode creates pods `<name>-<index>`. Pooled mode claims idle Ready pods of the Pool: the claim
+is a merge patch on the pod that sets our labels and ownerReference and carries the pod's
+resourceVersion, so of two claimers only one can win, and the truth survives a controller restart.
+Lost pods (deleted, evicted, failed) are replaced; `expireTime` and `ttlSecondsAfterFinished`
+delete the BatchSandbox; status lists every sandbox with its pod IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+
+import httpx2
+from prometheus_client import Histogram
+
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec
+from opensandbox_platform.controller.conditions import same_status, set_condition
+from opensandbox_platform.controller.pods import (
+    PodInfo,
+    build_pod,
+    owner_reference,
+    parse_time,
+    slim_pod,
+    template_revision,
+)
+from opensandbox_platform.controller.state import (
+    BATCHSANDBOXES,
+    BY_BATCHSANDBOX,
+    BY_POOL,
+    Shared,
+    slim_object,
+)
+from opensandbox_platform.kube.client import JSON, PODS, ApiError
+from opensandbox_platform.kube.leaderelection import micro_time
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+CLAIM_LATENCY = Histogram(
+    "opensandbox_claim_duration_seconds",
+    "Pod claims: BatchSandbox created → pod claimed.",
+    buckets=LATENCY_BUCKETS,
+)
+READY_LATENCY = Histogram(
+    "opensandbox_sandbox_ready_duration_seconds",
+    "BatchSandbox created → every sandbox Ready.",
+    ["mode"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class BatchSandboxReconciler:
+    name = "batchsandbox"
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self._execd = httpx2.AsyncClient(timeout=10.0, trust_env=False)
+
+    async def reconcile(self, key: str) -> float | None:
+        cached = self.shared.batchsandboxes.get(key)
+        if cached is None or cached.deleting:
+            return None  # pods are owned by it: the garbage collector removes them
+        bs = cached.raw
+        spec = BatchSandboxSpec.model_validate(bs["spec"])
+        now = datetime.now(UTC)
+        if spec.expireTime is not None and spec.expireTime <= now:
+            await self._delete(bs, "Expired", f"expireTime {rfc3339(spec.expireTime)} reached")
+            return None
+        finished_at = parse_time((bs.get("status") or {}).get("finishedAt"))
+        ttl = spec.ttlSecondsAfterFinished
+        if finished_at and ttl is not None and finished_at + timedelta(seconds=ttl) <= now:
+            await self._delete(bs, "TTLExpired", f"finished {ttl}s ago")
+            return None
+
+        pods, lost = await self._current_pods(bs, key)
+        conditions = [dict(c) for c in (bs.get("status") or {}).get("conditions") or []]
+        problem: tuple[str, str] | None = None
+        if spec.poolRef:
+            problem = await self._claim_missing(bs, spec, pods)
+            await self._apply_entrypoints(bs, spec, pods)
+        else:
+            await self._create_missing(bs, spec, pods)
+        await self._scale_down(bs, spec, pods)
+        if lost:
+            set_condition(
+                conditions,
+                "SandboxReplaced",
+                True,
+                "PodLost",
+                "; ".join(lost),
+                bs["metadata"].get("generation", 0),
+            )
+        await self._write_status(bs, spec, pods, conditions, problem, now)
+        return self._next_deadline(spec, self.shared.batchsandboxes.get(key), now)
+
+    # --- pods -------------------------------------------------------------------------------------
+    async def _current_pods(self, bs: JSON, key: str) -> tuple[dict[int, PodInfo], list[str]]:
+        """Live pods by index; lost ones are deleted (and reported) so their index is filled again."""
+        pods: dict[int, PodInfo] = {}
+        lost = self.shared.lost_notes.pop(key, [])
+        for pod in sorted(self.shared.pods.by_index(BY_BATCHSANDBOX, key), key=lambda p: p.created):
+            if pod.owner_uid != bs["metadata"]["uid"]:
+                continue  # left over from an earlier object of the same name
+            if pod.lost:
+                lost.append(f"sandbox {pod.index}: pod {pod.name} {pod.reason or 'failed'}, replaced")
+                await self._delete_pod(pod)
+                self.shared.events.record(
+                    bs,
+                    "Warning",
+                    "SandboxLost",
+                    f"Pod {pod.name} (sandbox {pod.index}) was {pod.reason or 'lost'}; replacing it",
+                )
+                continue
+            if pod.deleting or pod.index is None:
+                continue
+            if pod.index in pods:  # never expected; keep the older one
+                await self._delete_pod(pod)
+                continue
+            pods[pod.index] = pod
+        return pods, lost
+
+    async def _delete_pod(self, pod: PodInfo) -> None:
+        try:
+            await self.shared.client.delete(PODS, pod.name, pod.namespace, precondition_uid=pod.uid)
+        except ApiError as err:
+            if not (err.not_found or err.conflict):
+                raise
+
+    async def _create_missing(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
+        assert spec.sandboxTemplate is not None  # the CRD's CEL rule guarantees it in direct mode
+        meta = bs["metadata"]
+        missing = [i for i in range(spec.replicas) if i not in pods]
+        if not missing:
+            return
+
+        async def one(index: int) -> None:
+            pod = build_pod(
+                name=f"{meta['name']}-{index}",
+                namespace=meta["namespace"],
+                template=spec.sandboxTemplate,  # type: ignore[arg-type]
+                pod_labels={labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
+                owner=bs,
+                execd_image=self.shared.settings.execd_image,
+            )
+            try:
+                created = await self.shared.client.create(PODS, pod, meta["namespace"])
+                pods[index] = slim_pod(created)
+            except ApiError as err:
+                if err.conflict:  # the old pod of that name is still terminating
+                    return
+                self.shared.events.record(
+                    bs,
+                    "Warning",
+                    "FailedCreate",
+                    f"Failed to create pod {pod['metadata']['name']}: {err.message}",
+                )
+                raise
+
+        await asyncio.gather(*(one(i) for i in missing))
+        self.shared.events.record(bs, "Normal", "SuccessfulCreate", f"Created {len(missing)} pod(s)")
+
+    async def _claim_missing(
+        self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]
+    ) -> tuple[str, str] | None:
+        """Claims idle Ready pods for every missing index. Returns a (reason, message) problem, if any."""
+        meta = bs["metadata"]
+        missing = [i for i in range(spec.replicas) if i not in pods]
+        if not missing:
+            return None
+        pool_key = f"{meta['namespace']}/{spec.poolRef}"
+        pool = self.shared.pools.get(pool_key)
+        if pool is None or pool.deleting:
+            return "PoolNotFound", f"Pool {spec.poolRef} does not exist in namespace {meta['namespace']}"
+        revision = template_revision(PoolSpec.model_validate(pool.raw["spec"]).sandboxTemplate)
+        reserved = self.shared.reserved
+        candidates = [
+            p
+            for p in self.shared.pods.by_index(BY_POOL, pool_key)
+            if p.ready and not p.claimed and not p.deleting and p.revision == revision and p.key not in reserved
+        ]
+        chosen = candidates[: len(missing)]
+        reserved.update(p.key for p in chosen)
+        try:
+            semaphore = asyncio.Semaphore(self.shared.settings.claim_concurrency)
+
+            async def one(index: int, pod: PodInfo) -> None:
+                async with semaphore:
+                    claimed = await self._claim(bs, pod, index)
+                if claimed is not None:
+                    pods[index] = claimed
+
+            await asyncio.gather(*(one(i, p) for i, p in zip(missing, chosen, strict=False)))
+        finally:
+            reserved.difference_update(p.key for p in chosen)
+        created = parse_time(meta.get("creationTimestamp"))
+        if chosen and created:
+            elapsed = (datetime.now(UTC) - created).total_seconds()
+            for _ in chosen:
+                CLAIM_LATENCY.observe(elapsed)
+        self.shared.pool_queue.add(pool_key)  # refill
+        short = spec.replicas - len(pods)
+        if short > 0:
+            return "WaitingForPool", f"Waiting for {short} idle Ready pod(s) from Pool {spec.poolRef}"
+        return None
+
+    async def _claim(self, bs: JSON, pod: PodInfo, index: int) -> PodInfo | None:
+        meta = bs["metadata"]
+        patch = {
+            "metadata": {
+                "resourceVersion": pod.resource_version,  # the precondition: 409 if anyone wrote since
+                "labels": {labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
+                "annotations": {labels.CLAIMED_AT: micro_time()},
+                "ownerReferences": [owner_reference(bs)],
+            }
+        }
+        try:
+            result = await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)
+        except ApiError as err:
+            if err.conflict or err.not_found:
+                return None  # someone else changed it: pick another next time
+            raise
+        claimed = slim_pod(result)
+        self.shared.pods.assume(claimed)
+        return claimed
+
+    async def _apply_entrypoints(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
+        """Pooled mode: start the requested entrypoint with its env through execd in each claimed pod."""
+        template = spec.sandboxTemplate
+        if template is None:
+            return
+        command = [*(template.spec.command or []), *(template.spec.args or [])]
+        env = {e.name: e.value or "" for e in template.spec.env or []}
+        if not command and not env:
+            return  # nothing to apply: a pooled sandbox without entrypoint or env needs no execd
+        todo = [p for p in pods.values() if not p.entrypoint_applied and p.ip]
+        await asyncio.gather(*(self._start_entrypoint(bs, p, command, env) for p in todo))
+
+    async def _start_entrypoint(self, bs: JSON, pod: PodInfo, command: list[str], env: dict[str, str]) -> None:
+        url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
+        try:
+            response = await self._execd.post(url, json={"command": command, "env": env})
+            response.raise_for_status()
+        except httpx2.HTTPError as err:
+            self.shared.events.record(
+                bs,
+                "Warning",
+                "EntrypointFailed",
+                f"Could not start the entrypoint in pod {pod.name} through execd: {err}",
+            )
+            raise
+        result = await self.shared.client.patch(
+            PODS,
+            pod.name,
+            {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: micro_time()}}},
+            pod.namespace,
+        )
+        self.shared.pods.assume(slim_pod(result))
+
+    async def _scale_down(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
+        extra = sorted((i for i in pods if i >= spec.replicas), reverse=True)
+        for index in extra:
+            await self._delete_pod(pods.pop(index))
+        if extra:
+            self.shared.events.record(bs, "Normal", "ScaledDown", f"Deleted {len(extra)} sandbox(es) above replicas")
+
+    async def _delete(self, bs: JSON, reason: str, message: str) -> None:
+        meta = bs["metadata"]
+        self.shared.events.record(bs, "Normal", reason, f"Deleting: {message}")
+        try:
+            await self.shared.client.request(
+                "DELETE",
+                BATCHSANDBOXES.path(meta["namespace"], meta["name"]),
+                body={"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
+            )
+        except ApiError as err:
+            if not (err.not_found or err.conflict):
+                raise
+
+    # --- status -----------------------------------------------------------------------------------
+    async def _write_status(
+        self,
+        bs: JSON,
+        spec: BatchSandboxSpec,
+        pods: dict[int, PodInfo],
+        conditions: list[JSON],
+        problem: tuple[str, str] | None,
+        now: datetime,
+    ) -> None:
+        meta = bs["metadata"]
+        generation = meta.get("generation", 0)
+        needs_entrypoint = bool(
+            spec.poolRef
+            and spec.sandboxTemplate
+            and (spec.sandboxTemplate.spec.command or spec.sandboxTemplate.spec.args or spec.sandboxTemplate.spec.env)
+        )
+        sandboxes = []
+        ready = 0
+        for index in sorted(pods):
+            pod = pods[index]
+            is_ready = pod.ready and (pod.entrypoint_applied or not needs_entrypoint)
+            ready += is_ready
+            sandboxes.append(
+                {
+                    "index": index,
+                    "podName": pod.name,
+                    "podIP": pod.ip,
+                    "nodeName": pod.node,
+                    "ready": is_ready,
+                }
+            )
+        finished = spec.replicas > 0 and len(pods) == spec.replicas and all(p.finished for p in pods.values())
+        old = bs.get("status") or {}
+        finished_at = old.get("finishedAt")
+        if finished and not finished_at:
+            finished_at = rfc3339(now)
+        if finished:
+            phase = "Failed" if any(p.main_exit_code for p in pods.values()) else "Succeeded"
+        elif ready == spec.replicas:
+            phase = "Running"
+        else:
+            phase = "Pending"
+
+        all_ready = ready == spec.replicas
+        if problem is not None:
+            set_condition(conditions, "Ready", False, problem[0], problem[1], generation)
+        elif all_ready:
+            set_condition(
+                conditions,
+                "Ready",
+                True,
+                "SandboxesReady",
+                f"{ready}/{spec.replicas} sandboxes Ready",
+                generation,
+            )
+        else:
+            set_condition(
+                conditions,
+                "Ready",
+                False,
+                "SandboxesNotReady",
+                f"{ready}/{spec.replicas} sandboxes Ready",
+                generation,
+            )
+        status: JSON = {
+            "observedGeneration": generation,
+            "phase": phase,
+            "replicas": len(pods),
+            "ready": ready,
+            "allocated": sum(1 for p in pods.values() if spec.poolRef or p.node),
+            "sandboxes": sandboxes,
+            "conditions": conditions,
+        }
+        if finished_at:
+            status["finishedAt"] = finished_at
+        if same_status(old, status):
+            return
+        if problem and not _same_condition(old, "Ready", problem[0]):
+            self.shared.events.record(
+                bs, "Warning" if problem[0] == "PoolNotFound" else "Normal", problem[0], problem[1]
+            )
+        if all_ready and old.get("ready") != ready:
+            created = parse_time(meta.get("creationTimestamp"))
+            if created:
+                READY_LATENCY.labels("pooled" if spec.poolRef else "direct").observe((now - created).total_seconds())
+        result = await self.shared.client.patch(
+            BATCHSANDBOXES, meta["name"], {"status": status}, meta["namespace"], "status"
+        )
+        self.shared.batchsandboxes.assume(slim_object(result))
+
+    def _next_deadline(self, spec: BatchSandboxSpec, cached: object, now: datetime) -> float | None:
+        """Seconds until the next time-based action: expiry or TTL after finishing."""
+        deadlines: list[datetime] = []
+        if spec.expireTime is not None:
+            deadlines.append(spec.expireTime)
+        raw = getattr(cached, "raw", None)
+        finished_at = parse_time(((raw or {}).get("status") or {}).get("finishedAt"))
+        if finished_at and spec.ttlSecondsAfterFinished is not None:
+            deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
+        if not deadlines:
+            return None
+        return max(0.0, (min(deadlines) - now).total_seconds())
+
+
+def _same_condition(old: JSON, type_: str, reason: str) -> bool:
+    return any(c.get("type") == type_ and c.get("reason") == reason for c in old.get("conditions") or [])

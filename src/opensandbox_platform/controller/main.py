@@ -1,0 +1,159 @@
+"""`opensandbox-controller`: the Pool and BatchSandbox controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from opensandbox_platform.api.crdgen import render
+from opensandbox_platform.controller.manager import Manager, Options, pod_namespace
+from opensandbox_platform.controller.state import Settings
+from opensandbox_platform.kube import logs
+from opensandbox_platform.kube.client import KubeClient
+from opensandbox_platform.kube.serving import (
+    MetricsAuth,
+    metrics_route,
+    probe_route,
+    serve,
+    split_address,
+    tls_context,
+)
+
+log = logging.getLogger("opensandbox.controller")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="opensandbox-controller",
+        description="Reconciles Pool (warm pods) and BatchSandbox (N sandboxes) resources. "
+        "`opensandbox-controller print-crds` writes the CRD manifests to stdout.",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "print-crds"],
+        default="run",
+        help="run the controller (default) or print the CRDs",
+    )
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG)")
+    parser.add_argument("--namespace", help="watch only this namespace (default: all)")
+    parser.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="elect a leader with a Lease so only one replica acts (default: off)",
+    )
+    parser.add_argument("--leader-election-id", default="opensandbox-controller", help="name of the Lease")
+    parser.add_argument("--leader-election-namespace", help="namespace of the Lease (default: our own)")
+    parser.add_argument(
+        "--metrics-bind-address",
+        default=":8443",
+        help="address of the metrics endpoint; 0 disables it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-secure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve metrics over HTTPS with TokenReview + SubjectAccessReview (default: on)",
+    )
+    parser.add_argument("--metrics-cert-dir", help="directory with tls.crt/tls.key (default: self-signed)")
+    parser.add_argument(
+        "--health-probe-bind-address",
+        default=":8081",
+        help="address of /healthz and /readyz (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=int,
+        default=3,
+        choices=range(6),
+        metavar="0-5",
+        help="verbosity: 0 errors, 1 warnings, 2-3 info, 4-5 debug (default: 3)",
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="BatchSandboxes reconciled at once (default: 16)")
+    parser.add_argument("--execd-image", help="inject execd from this image into every sandbox pod")
+    parser.add_argument("--task-executor-image", help="default image of the task-executor sidecar")
+    parser.add_argument(
+        "--pod-ready-deadline",
+        type=float,
+        default=300.0,
+        help="replace idle pool pods not Ready after this many seconds (default: 300)",
+    )
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    client = KubeClient.from_config(args.kubeconfig)
+    settings = Settings(
+        execd_image=args.execd_image,
+        task_executor_image=args.task_executor_image,
+        pod_ready_deadline=args.pod_ready_deadline,
+    )
+    manager = Manager(
+        client,
+        Options(
+            namespace=args.namespace,
+            concurrency=args.concurrency,
+            leader_elect=args.leader_elect,
+            leader_election_id=args.leader_election_id,
+            leader_election_namespace=args.leader_election_namespace or pod_namespace(),
+            settings=settings,
+        ),
+    )
+    servers = []
+    host, port = split_address(args.health_probe_bind_address)
+    if port:
+        servers.append(
+            await serve(
+                host,
+                port,
+                {"/healthz": probe_route(lambda: True), "/readyz": probe_route(lambda: manager.synced)},
+            )
+        )
+    host, port = split_address(args.metrics_bind_address)
+    if port:
+        auth = MetricsAuth(client) if args.metrics_secure else None
+        tls = tls_context(args.metrics_cert_dir) if args.metrics_secure else None
+        servers.append(await serve(host, port, {"/metrics": metrics_route(auth)}, tls))
+    log.info(
+        "starting",
+        extra={
+            "identity": manager.identity,
+            "namespace": args.namespace or "(all)",
+            "leader_elect": args.leader_elect,
+        },
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = asyncio.create_task(manager.run())
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    for server in servers:
+        server.close()
+    await client.aclose()
+    if running in done and stopping not in done:
+        # Leadership lost: exit so that the pod restarts and waits for the lease again.
+        log.error("leadership lost; exiting")
+        sys.exit(1)
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "print-crds":
+        sys.stdout.write(render())
+        return
+    logs.setup(logs.verbosity_to_level(args.log_level))
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Pods: the slim cached view the controller keeps, and building pods from a SandboxTemplate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import SandboxTemplate
+from opensandbox_platform.kube.client import JSON
+
+SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "ports")
+# Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
+LOST_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated", "UnexpectedAdmissionError"})
+
+
+@dataclass(slots=True)
+class PodInfo:
+    """The fields of a pod the controller uses (a full pod is ~10 KB; this is a few hundred bytes)."""
+
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    created: str  # RFC 3339, sorts chronologically
+    pool: str | None
+    revision: str | None
+    batchsandbox: str | None
+    index: int | None
+    owner_uid: str | None
+    phase: str
+    reason: str | None
+    ready: bool
+    ip: str | None
+    node: str | None
+    deleting: bool
+    main_exit_code: int | None  # set when the sandbox container has terminated
+    entrypoint_applied: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def lost(self) -> bool:
+        """Gone for good: evicted, preempted, or failed at the pod level."""
+        return self.phase == "Failed" and (self.reason in LOST_REASONS or self.main_exit_code is None)
+
+    @property
+    def finished(self) -> bool:
+        """The sandbox's main container ran to completion (restartPolicy Never/OnFailure)."""
+        return self.phase in ("Succeeded", "Failed") and not self.lost
+
+    @property
+    def claimed(self) -> bool:
+        return self.batchsandbox is not None
+
+
+def slim_pod(raw: JSON) -> PodInfo:
+    meta, spec, status = raw["metadata"], raw.get("spec", {}), raw.get("status", {})
+    pod_labels = meta.get("labels") or {}
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    exit_code = None
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == labels.SANDBOX_CONTAINER:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if terminated is not None:
+                exit_code = int(terminated.get("exitCode", 0))
+    index = pod_labels.get(labels.INDEX)
+    return PodInfo(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        resource_version=meta["resourceVersion"],
+        created=meta.get("creationTimestamp", ""),
+        pool=pod_labels.get(labels.POOL),
+        revision=pod_labels.get(labels.POOL_REVISION),
+        batchsandbox=pod_labels.get(labels.BATCHSANDBOX),
+        index=int(index) if index is not None and index.isdigit() else None,
+        owner_uid=owner.get("uid") if owner else None,
+        phase=status.get("phase", "Pending"),
+        reason=status.get("reason"),
+        ready=ready and status.get("phase") == "Running" and not meta.get("deletionTimestamp"),
+        ip=status.get("podIP"),
+        node=spec.get("nodeName"),
+        deleting=meta.get("deletionTimestamp") is not None,
+        main_exit_code=exit_code,
+        entrypoint_applied=labels.ENTRYPOINT_APPLIED in (meta.get("annotations") or {}),
+    )
+
+
+def template_revision(template: SandboxTemplate) -> str:
+    """A short, stable hash of a pool's template: pods carry it so a changed template can roll them."""
+    canonical = json.dumps(template.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def owner_reference(obj: JSON) -> JSON:
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def pod_spec(template: SandboxTemplate, execd_image: str | None) -> JSON:
+    """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through."""
+    spec: dict[str, Any] = template.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    short = {k: spec.pop(k) for k in SHORT_FORM if k in spec}
+    if "containers" not in spec:
+        spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
+    if execd_image:
+        inject_execd(spec, execd_image)
+    return spec
+
+
+def inject_execd(spec: JSON, execd_image: str) -> None:
+    """An init container copies execd into a shared emptyDir; the sandbox container starts through the
+    bootstrap script, which runs execd beside the entrypoint (and keeps the sandbox up without one).
+    The pod is Ready only when execd answers, so a claimed sandbox can always run commands."""
+    mount = {"name": labels.EXECD_VOLUME, "mountPath": labels.EXECD_MOUNT}
+    spec.setdefault("volumes", []).append({"name": labels.EXECD_VOLUME, "emptyDir": {}})
+    spec.setdefault("initContainers", []).insert(
+        0,
+        {
+            "name": "execd-installer",
+            "image": execd_image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"],
+            "volumeMounts": [mount],
+        },
+    )
+    main = spec["containers"][0]
+    entrypoint = [*(main.pop("command", None) or []), *(main.pop("args", None) or [])]
+    main["command"] = [labels.EXECD_BOOTSTRAP]
+    if entrypoint:
+        main["args"] = entrypoint
+    main.setdefault("volumeMounts", []).append(mount)
+    main.setdefault(
+        "readinessProbe",
+        {"httpGet": {"path": "/ping", "port": labels.EXECD_PORT}, "periodSeconds": 1, "failureThreshold": 3},
+    )
+
+
+def build_pod(
+    *,
+    name: str,
+    namespace: str,
+    template: SandboxTemplate,
+    pod_labels: dict[str, str],
+    owner: JSON,
+    execd_image: str | None,
+    annotations: dict[str, str] | None = None,
+) -> JSON:
+    meta = template.metadata
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                **((meta.labels if meta else None) or {}),
+                **pod_labels,
+                labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
+            },
+            "annotations": {**((meta.annotations if meta else None) or {}), **(annotations or {})},
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": pod_spec(template, execd_image),
+    }
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None

@@ -1,0 +1,249 @@
+"""The Pool reconciler: keeps idle, Ready pods between minBufferSize and maxBufferSize, within capacity.
+
+Per pass, from the cache:
+1. idle pods that are broken (failed, finished, or not Ready past the deadline) are replaced;
+2. idle pods of an older template revision are rolled: deleted once enough current ones are Ready
+   (or at once when they are not Ready, or when capacity leaves no room for their replacement);
+3. enough pods are created for minBufferSize plus the demand of BatchSandboxes waiting on the pool,
+   never above capacity;
+4. idle pods above max(maxBufferSize, demand) are deleted, oldest first;
+5. status is written when it changed.
+Claimed pods belong to their BatchSandbox and are never touched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import UTC, datetime
+
+from prometheus_client import Gauge
+
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import PoolSpec
+from opensandbox_platform.controller.conditions import same_status, set_condition
+from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, template_revision
+from opensandbox_platform.controller.state import (
+    BY_BATCHSANDBOX,
+    BY_POOL,
+    BY_POOL_REF,
+    POOLS,
+    Shared,
+    slim_object,
+)
+from opensandbox_platform.kube.client import JSON, PODS, ApiError
+
+log = logging.getLogger(__name__)
+
+POOL_PODS = Gauge("opensandbox_pool_pods", "Pods of a Pool by state.", ["namespace", "pool", "state"])
+_NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet (no vowels)
+
+
+def random_suffix(n: int = 5) -> str:
+    return "".join(secrets.choice(_NAME_CHARS) for _ in range(n))
+
+
+def age_seconds(pod: PodInfo, now: datetime) -> float:
+    created = parse_time(pod.created)
+    return (now - created).total_seconds() if created else 0.0
+
+
+def demand(shared: Shared, pool_key: str) -> int:
+    """Sandboxes that BatchSandboxes of this pool still wait for."""
+    total = 0
+    for bs in shared.batchsandboxes.by_index(BY_POOL_REF, pool_key):
+        if bs.deleting:
+            continue
+        have = sum(1 for p in shared.pods.by_index(BY_BATCHSANDBOX, bs.key) if not p.deleting and not p.lost)
+        total += max(0, int(bs.raw["spec"].get("replicas", 1)) - have)
+    return total
+
+
+class PoolReconciler:
+    name = "pool"
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    async def reconcile(self, key: str) -> float | None:
+        cached = self.shared.pools.get(key)
+        if cached is None or cached.deleting:
+            self.shared.creating.forget(key)
+            self.shared.deleting.forget(key)
+            return None
+        if not (self.shared.creating.satisfied(key) and self.shared.deleting.satisfied(key)):
+            return None  # the pod events we wait for will enqueue the pool again
+        pool = cached.raw
+        spec = PoolSpec.model_validate(pool["spec"])
+        revision = template_revision(spec.sandboxTemplate)
+        now = datetime.now(UTC)
+
+        pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
+        claimed = [p for p in pods if p.claimed]
+        idle = [p for p in pods if not p.claimed and p.key not in self.shared.reserved]
+        deadline = self.shared.settings.pod_ready_deadline
+        broken = [
+            p for p in idle if p.phase in ("Failed", "Succeeded") or (not p.ready and age_seconds(p, now) > deadline)
+        ]
+        healthy = [p for p in idle if p not in broken]
+        current = sorted((p for p in healthy if p.revision == revision), key=lambda p: p.created)
+        stale = sorted((p for p in healthy if p.revision != revision), key=lambda p: p.created)
+        ready_current = [p for p in current if p.ready]
+
+        to_delete: list[tuple[PodInfo, str]] = [(p, "broken") for p in broken]
+        stale_ready = [p for p in stale if p.ready]
+        to_delete += [(p, "rolled") for p in stale if not p.ready]
+        if len(ready_current) >= spec.minBufferSize:
+            to_delete += [(p, "rolled") for p in stale_ready]
+            stale_ready = []
+
+        wanted = demand(self.shared, key)
+        create = max(0, spec.minBufferSize + wanted - len(current))
+        room = spec.capacity - (len(pods) - len(to_delete))
+        while create > room and stale_ready:  # make room for the new revision
+            to_delete.append((stale_ready.pop(0), "rolled"))
+            room += 1
+        create = max(0, min(create, room))
+
+        limit = max(spec.maxBufferSize, wanted)
+        surplus = len(current) - limit
+        if surplus > 0:
+            to_delete += [(p, "surplus") for p in current[:surplus]]  # oldest first
+            current = current[surplus:]
+        # Over capacity (capacity lowered): shed idle pods, oldest first.
+        over = len(pods) - len(to_delete) + create - spec.capacity
+        if over > 0:
+            doomed = {p.key for p, _ in to_delete}
+            extra = [p for p in current if p.key not in doomed][:over]
+            to_delete += [(p, "over capacity") for p in extra]
+
+        await asyncio.gather(
+            self._create(pool, spec, revision, create),
+            self._delete(pool, to_delete),
+        )
+        await self._write_status(pool, spec, revision, pods, claimed, current, to_delete, create)
+        # Look again when the first pod that is not Ready yet would pass the deadline.
+        waits = [deadline - age_seconds(p, now) for p in healthy if not p.ready]
+        return max(0.1, min(waits)) if waits else None
+
+    async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> None:
+        if count <= 0:
+            return
+        key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
+        name = pool["metadata"]["name"]
+        namespace = pool["metadata"]["namespace"]
+
+        async def one() -> bool:
+            pod_name = f"{name}-{random_suffix()}"
+            pod = build_pod(
+                name=pod_name,
+                namespace=namespace,
+                template=spec.sandboxTemplate,
+                pod_labels={labels.POOL: name, labels.POOL_REVISION: revision},
+                owner=pool,
+                execd_image=self.shared.settings.execd_image,
+            )
+            self.shared.creating.expect(key, f"{namespace}/{pod_name}")
+            try:
+                await self.shared.client.create(PODS, pod, namespace)
+                return True
+            except ApiError as err:
+                self.shared.creating.observe(key, f"{namespace}/{pod_name}")
+                self.shared.events.record(pool, "Warning", "FailedCreate", f"Failed to create pool pod: {err.message}")
+                return False
+
+        results = await asyncio.gather(*(one() for _ in range(count)))
+        created = sum(results)
+        if created:
+            self.shared.events.record(pool, "Normal", "SuccessfulCreate", f"Created {created} pool pod(s)")
+        if created < count:
+            raise RuntimeError(f"created {created} of {count} pool pods")
+
+    async def _delete(self, pool: JSON, doomed: list[tuple[PodInfo, str]]) -> None:
+        if not doomed:
+            return
+        key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
+
+        async def one(pod: PodInfo) -> None:
+            self.shared.deleting.expect(key, pod.key)
+            try:
+                # The resourceVersion precondition loses to a claim written in the meantime.
+                await self.shared.client.request(
+                    "DELETE",
+                    PODS.path(pod.namespace, pod.name),
+                    body={
+                        "preconditions": {"uid": pod.uid, "resourceVersion": pod.resource_version},
+                        "propagationPolicy": "Background",
+                    },
+                )
+            except ApiError as err:
+                self.shared.deleting.observe(key, pod.key)
+                if not (err.not_found or err.conflict):
+                    raise
+
+        await asyncio.gather(*(one(p) for p, _ in doomed))
+        reasons: dict[str, int] = {}
+        for _, reason in doomed:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, n in reasons.items():
+            event = {
+                "broken": "PodReplaced",
+                "rolled": "PodRolled",
+                "surplus": "SurplusDeleted",
+                "over capacity": "SurplusDeleted",
+            }[reason]
+            kind = "Warning" if reason == "broken" else "Normal"
+            what = {
+                "broken": "failed or not Ready within the deadline",
+                "rolled": "from an older template revision",
+                "surplus": "above maxBufferSize",
+                "over capacity": "above capacity",
+            }[reason]
+            self.shared.events.record(pool, kind, event, f"Deleted {n} idle pod(s) {what}")
+
+    async def _write_status(
+        self,
+        pool: JSON,
+        spec: PoolSpec,
+        revision: str,
+        pods: list[PodInfo],
+        claimed: list[PodInfo],
+        current: list[PodInfo],
+        deleted: list[tuple[PodInfo, str]],
+        created: int,
+    ) -> None:
+        meta = pool["metadata"]
+        doomed = {p.key for p, _ in deleted}
+        alive_idle = [p for p in current if p.key not in doomed]
+        available = sum(1 for p in alive_idle if p.ready)
+        status: JSON = {
+            "observedGeneration": meta.get("generation"),
+            "total": len(pods) - len(doomed) + created,
+            "available": available,
+            "allocated": len(claimed),
+            "starting": len(alive_idle) - available + created,
+            "revision": revision,
+        }
+        old = pool.get("status") or {}
+        conditions = [dict(c) for c in old.get("conditions") or []]
+        ready = available >= spec.minBufferSize
+        set_condition(
+            conditions,
+            "Ready",
+            ready,
+            "BufferFilled" if ready else "Filling",
+            f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}",
+            meta.get("generation", 0),
+        )
+        status["conditions"] = conditions
+        for state, n in (
+            ("available", available),
+            ("allocated", len(claimed)),
+            ("starting", status["starting"]),
+        ):
+            POOL_PODS.labels(meta["namespace"], meta["name"], state).set(n)
+        if same_status(old, status):
+            return
+        result = await self.shared.client.patch(POOLS, meta["name"], {"status": status}, meta["namespace"], "status")
+        self.shared.pools.assume(slim_object(result))

@@ -1,0 +1,79 @@
+"""Helpers for tests against the local cluster: our resources for lightkube, waiting, listing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lightkube import Client
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Pod
+
+from opensandbox_platform.api import labels
+
+Pool = create_namespaced_resource(labels.GROUP, labels.VERSION, "Pool", "pools")
+BatchSandbox = create_namespaced_resource(labels.GROUP, labels.VERSION, "BatchSandbox", "batchsandboxes")
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], timeout: float = 30, what: str = "condition", interval: float = 0.1) -> T:
+    """Poll `check` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(interval)
+
+
+def pods_of(kube: Client, namespace: str, **selector: str) -> list[Pod]:
+    return [p for p in kube.list(Pod, namespace=namespace, labels=selector) if not p.metadata.deletionTimestamp]
+
+
+def pool_pods(kube: Client, namespace: str, pool: str) -> list[Pod]:
+    return pods_of(kube, namespace, **{labels.POOL: pool})
+
+
+def idle_ready(pods: list[Pod]) -> list[Pod]:
+    return [p for p in pods if labels.BATCHSANDBOX not in (p.metadata.labels or {}) and is_ready(p)]
+
+
+def is_ready(pod: Pod) -> bool:
+    conditions = (pod.status.conditions if pod.status else None) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def status(obj: Any) -> dict[str, Any]:
+    return dict(obj.status or {})
+
+
+def seed_pool(name: str = "example-pool", min_buffer: int = 2, max_buffer: int = 5, capacity: int = 10) -> str:
+    return f"""
+apiVersion: sandbox.opensandbox.io/v1alpha1
+kind: Pool
+metadata:
+  name: {name}
+spec:
+  minBufferSize: {min_buffer}
+  maxBufferSize: {max_buffer}
+  capacity: {capacity}
+  sandboxTemplate:
+    spec:
+      image: ubuntu:latest
+      command: ["sleep", "infinity"]
+"""
+
+
+def pooled_batchsandbox(name: str, pool: str, replicas: int = 1) -> str:
+    return f"""
+apiVersion: sandbox.opensandbox.io/v1alpha1
+kind: BatchSandbox
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  poolRef: {pool}
+"""

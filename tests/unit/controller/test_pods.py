@@ -1,0 +1,88 @@
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import SandboxTemplate
+from opensandbox_platform.controller.pods import build_pod, pod_spec, slim_pod, template_revision
+
+OWNER = {"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool", "metadata": {"name": "p", "uid": "u1"}}
+
+
+def template(**spec: object) -> SandboxTemplate:
+    return SandboxTemplate.model_validate({"spec": spec})
+
+
+def test_short_form_becomes_the_sandbox_container_and_the_rest_passes_through() -> None:
+    spec = pod_spec(
+        template(
+            image="ubuntu:latest",
+            command=["sleep", "infinity"],
+            env=[{"name": "A", "value": "1"}],
+            resources={"limits": {"cpu": "1"}},
+            nodeSelector={"gpu": "yes"},
+            runtimeClassName="gvisor",
+            tolerations=[{"key": "k", "operator": "Exists"}],
+        ),
+        execd_image=None,
+    )
+    assert spec["containers"] == [
+        {
+            "name": "sandbox",
+            "image": "ubuntu:latest",
+            "command": ["sleep", "infinity"],
+            "env": [{"name": "A", "value": "1"}],
+            "resources": {"limits": {"cpu": "1"}},
+        }
+    ]
+    assert spec["nodeSelector"] == {"gpu": "yes"}
+    assert spec["runtimeClassName"] == "gvisor"
+    assert spec["tolerations"] == [{"key": "k", "operator": "Exists"}]
+
+
+def test_containers_win_over_the_short_form() -> None:
+    spec = pod_spec(template(image="x", containers=[{"name": "main", "image": "y"}]), execd_image=None)
+    assert spec["containers"] == [{"name": "main", "image": "y"}]
+
+
+def test_execd_injection_wraps_the_entrypoint_and_gates_readiness() -> None:
+    spec = pod_spec(template(image="ubuntu", command=["sleep"], args=["infinity"]), execd_image="osb/execd:1")
+    init = spec["initContainers"][0]
+    assert init["image"] == "osb/execd:1"
+    main = spec["containers"][0]
+    assert main["command"] == [labels.EXECD_BOOTSTRAP]
+    assert main["args"] == ["sleep", "infinity"]
+    assert main["readinessProbe"]["httpGet"]["port"] == labels.EXECD_PORT
+    assert {"name": labels.EXECD_VOLUME, "emptyDir": {}} in spec["volumes"]
+
+
+def test_revision_changes_with_the_template_only() -> None:
+    a = template(image="ubuntu", command=["sleep", "infinity"])
+    assert template_revision(a) == template_revision(template(image="ubuntu", command=["sleep", "infinity"]))
+    assert template_revision(a) != template_revision(template(image="ubuntu:24.04", command=["sleep", "infinity"]))
+
+
+def test_slim_pod_reads_claim_readiness_and_loss() -> None:
+    pod = build_pod(
+        name="p-abc",
+        namespace="ns",
+        template=template(image="ubuntu"),
+        pod_labels={labels.POOL: "p"},
+        owner=OWNER,
+        execd_image=None,
+    )
+    pod["metadata"].update(uid="u2", resourceVersion="7", creationTimestamp="2026-01-01T00:00:00Z")
+    pod["metadata"]["labels"].update({labels.BATCHSANDBOX: "bs", labels.INDEX: "2"})
+    pod["status"] = {
+        "phase": "Running",
+        "podIP": "10.0.0.9",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    info = slim_pod(pod)
+    assert (info.pool, info.batchsandbox, info.index, info.ready, info.ip) == ("p", "bs", 2, True, "10.0.0.9")
+    assert info.owner_uid == "u1" and info.claimed and not info.lost
+
+    pod["status"] = {"phase": "Failed", "reason": "Evicted"}
+    assert slim_pod(pod).lost
+    pod["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [{"name": "sandbox", "state": {"terminated": {"exitCode": 0}}}],
+    }
+    finished = slim_pod(pod)
+    assert finished.finished and not finished.lost and finished.main_exit_code == 0
