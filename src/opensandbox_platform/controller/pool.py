@@ -98,7 +98,9 @@ class PoolReconciler:
             to_delete += [(p, "rolled") for p in stale_ready]
             stale_ready = []
 
-        wanted = demand(self.shared, key)
+        # Pods being claimed right now (reserved) already answer part of the demand.
+        in_flight = sum(1 for p in pods if p.key in self.shared.reserved)
+        wanted = max(0, demand(self.shared, key) - in_flight)
         create = max(0, spec.minBufferSize + wanted - len(current))
         room = spec.capacity - (len(pods) - len(to_delete))
         while create > room and stale_ready:  # make room for the new revision

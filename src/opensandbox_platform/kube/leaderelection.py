@@ -71,11 +71,9 @@ class LeaderElector:
 
         spec = lease.get("spec", {})
         if self._observed is None or self._observed.get("spec") != spec:
-            self._record(lease)
+            self._record(lease, lag=self._renew_lag(spec))
         holder = spec.get("holderIdentity") or ""
-        held_by_other = holder not in ("", self.identity)
-        expired = time.monotonic() > self._observed_at + spec.get("leaseDurationSeconds", self.lease_duration)
-        if held_by_other and not expired:
+        if holder not in ("", self.identity) and self.seconds_to_expiry() > 0:
             return False
 
         transitions = spec.get("leaseTransitions", 0) + (0 if holder == self.identity else 1)
@@ -84,9 +82,25 @@ class LeaderElector:
         self._record(await self.client.replace(LEASES, lease, self.namespace))  # resourceVersion guards it
         return True
 
-    def _record(self, lease: JSON) -> None:
+    def _record(self, lease: JSON, lag: float = 0.0) -> None:
         self._observed = lease
-        self._observed_at = time.monotonic()
+        self._observed_at = time.monotonic() - lag
+
+    def _renew_lag(self, spec: JSON) -> float:
+        """How long ago the holder renewed, by its clock, trusted up to one retry period.
+
+        We poll every retry period, so we may see a renewal that late; the holder's timestamp
+        corrects for that, and capping the correction keeps clock skew harmless (a leader stops
+        acting after renew_deadline, well before others consider the lease expired)."""
+        try:
+            renewed = datetime.strptime(spec["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        except (KeyError, ValueError, TypeError):
+            return 0.0
+        return min(max(0.0, (datetime.now(UTC) - renewed).total_seconds()), self.retry_period)
+
+    def seconds_to_expiry(self) -> float:
+        duration = (self._observed or {}).get("spec", {}).get("leaseDurationSeconds", self.lease_duration)
+        return float(self._observed_at + duration - time.monotonic())
 
     async def _acquire(self) -> None:
         while True:
@@ -95,7 +109,8 @@ class LeaderElector:
                     return
             except (ApiError, OSError) as err:
                 log.info("could not acquire lease: %s", err)
-            await asyncio.sleep(self.retry_period)
+            # Wake up right when the holder's lease runs out, not up to a retry period later.
+            await asyncio.sleep(min(self.retry_period, max(0.05, self.seconds_to_expiry() + 0.05)))
 
     async def _renew_until_lost(self) -> None:
         last_renew = time.monotonic()

@@ -132,7 +132,8 @@ class MetricsAuth:
         if cached and cached[0] > time.monotonic():
             return cached[1]
         status = await self._review(token)
-        self._cache[token] = (time.monotonic() + self.ttl, status)
+        # Grants are cached for `ttl`; denials only briefly, so a new RoleBinding takes effect quickly.
+        self._cache[token] = (time.monotonic() + (self.ttl if status == 200 else 5.0), status)
         return status
 
     async def _review(self, token: str) -> int:

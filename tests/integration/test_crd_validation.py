@@ -1,0 +1,64 @@
+"""Invalid Pools and BatchSandboxes are rejected by the API server with a message a person understands."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.kube import pooled_batchsandbox, seed_pool
+from tests.support.services import LocalCluster
+
+
+def rejected(cluster: LocalCluster, namespace: str, manifest: str) -> str:
+    with pytest.raises(RuntimeError) as info:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (seed_pool(min_buffer=6, max_buffer=5, capacity=10), "minBufferSize must not exceed maxBufferSize"),
+        (seed_pool(min_buffer=2, max_buffer=11, capacity=10), "maxBufferSize must not exceed capacity"),
+        (seed_pool(min_buffer=-1, max_buffer=5, capacity=10), "spec.minBufferSize: Invalid value: -1"),
+        (seed_pool().replace("      image: ubuntu:latest\n", ""), "sandboxTemplate.spec needs an image"),
+        (pooled_batchsandbox("b", "p", -1), "spec.replicas: Invalid value: -1"),
+        (pooled_batchsandbox("b", "p").replace("  poolRef: p\n", ""), "sandboxTemplate is required unless poolRef"),
+        (pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  ttlSecondsAfterFinished: -5"),
+         "ttlSecondsAfterFinished: Invalid value: -5"),
+        (pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  expireTime: tomorrow"),
+         "expireTime"),
+        (
+            "apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nmetadata: {name: b}\n"
+            "spec: {sandboxTemplate: {spec: {command: [sleep]}}}",
+            "sandboxTemplate.spec needs an image (or containers) unless poolRef is set",
+        ),
+    ],
+    ids=["min>max", "max>capacity", "negative-min", "no-image", "negative-replicas", "no-template",
+         "negative-ttl", "bad-expire", "direct-without-image"],
+)
+def test_invalid_objects_are_rejected(
+    cluster: LocalCluster, crds: None, namespace: str, manifest: str, message: str
+) -> None:
+    assert message in rejected(cluster, namespace, manifest)
+
+
+def test_pool_ref_is_immutable(cluster: LocalCluster, crds: None, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("b", "pool-a"))
+    assert "poolRef is immutable" in rejected(cluster, namespace, pooled_batchsandbox("b", "pool-b"))
+    removed = pooled_batchsandbox("b", "pool-a").replace(
+        "  poolRef: pool-a\n", "  sandboxTemplate: {spec: {image: ubuntu}}\n"
+    )
+    with pytest.raises(RuntimeError, match="poolRef is immutable"):
+        cluster.kubectl("replace", "-n", namespace, "-f", "-", input=removed)
+    # Other fields still change.
+    cluster.kubectl("patch", "bsbx", "b", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}')
+
+
+def test_defaults_are_applied(cluster: LocalCluster, crds: None, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("b", "p").replace("  replicas: 1\n", ""))
+    assert cluster.kubectl("get", "bsbx", "b", "-n", namespace, "-o", "jsonpath={.spec.replicas}") == "1"
+    manifest = seed_pool().replace("  minBufferSize: 2\n", "")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    got = cluster.kubectl("get", "sbxpool", "example-pool", "-n", namespace,
+                          "-o", "jsonpath={.spec.minBufferSize} {.spec.recycleStrategy}")
+    assert got == "0 Delete"
