@@ -1,0 +1,263 @@
+"""execd's routes: the wire contract of upstream execd as the official SDK 1.1.1 uses it.
+
+Every handler validates its input by hand and raises ApiError for anything a client got wrong;
+the HTTP layer turns that into a 4xx with `{code, message}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from opensandbox_platform.execd import errors, files, sse
+from opensandbox_platform.execd.bootstrap import Bootstrap
+from opensandbox_platform.execd.commands import CommandManager, parse_run_request
+from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
+from opensandbox_platform.execd.errors import ApiError
+from opensandbox_platform.execd.httpserver import (
+    AnyResponse,
+    FileResponse,
+    Request,
+    Response,
+    Router,
+    StreamResponse,
+)
+from opensandbox_platform.execd.metrics import Sampler
+from opensandbox_platform.execd.sessions import SessionManager
+
+log = logging.getLogger("execd")
+
+TOKEN_HEADER = "x-execd-access-token"
+CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
+EMPTY = Response()
+
+
+@dataclass
+class Settings:
+    access_token: str | None = None
+    envs_file: str = DEFAULT_ENVS_FILE
+    state_dir: str | None = None
+    ping_interval: float = 3.0
+    interrupt_grace: float = 3.0
+    metrics_interval: float = 1.0
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time comparison (hmac.compare_digest would pull in OpenSSL: ~4 MiB of RSS)."""
+    given, expected = a.encode(), b.encode()
+    diff = len(given) ^ len(expected)
+    for i, byte in enumerate(expected):
+        diff |= (given[i] if i < len(given) else 0) ^ byte
+    return diff == 0
+
+
+class ExecdApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state_dir = settings.state_dir or tempfile.mkdtemp(prefix="execd-")
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.environment = Environment(settings.envs_file)
+        self.bootstrap = Bootstrap(self.environment, os.getcwd())
+        self.commands = CommandManager(
+            self.environment,
+            self.state_dir,
+            ping_interval=settings.ping_interval,
+            interrupt_grace=settings.interrupt_grace,
+        )
+        self.sessions = SessionManager(self.environment, self.state_dir, ping_interval=settings.ping_interval)
+        self.sampler = Sampler()
+        self.router = self._routes()
+
+    def _routes(self) -> Router:
+        r = Router()
+        r.add("GET", "/ping", self.ping)
+        r.add("POST", "/command", self.run_command)
+        r.add("DELETE", "/command", self.interrupt_command)
+        r.add("GET", "/command/status/{id}", self.command_status)
+        r.add("GET", "/command/{id}/logs", self.command_logs)
+        r.add("POST", "/session", self.create_session)
+        r.add("POST", "/session/{id}/run", self.run_in_session)
+        r.add("DELETE", "/session/{id}", self.delete_session)
+        r.add("GET", "/files/info", self.files_info)
+        r.add("DELETE", "/files", self.delete_files)
+        r.add("POST", "/files/mv", self.move_files)
+        r.add("POST", "/files/permissions", self.set_permissions)
+        r.add("GET", "/files/search", self.search_files)
+        r.add("POST", "/files/replace", self.replace_contents)
+        r.add("POST", "/files/upload", self.upload_files)
+        r.add("GET", "/files/download", self.download_file)
+        r.add("GET", "/directories/list", self.list_directory)
+        r.add("POST", "/directories", self.make_directories)
+        r.add("DELETE", "/directories", self.delete_directories)
+        r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/metrics/watch", self.watch_metrics)
+        r.add("POST", "/bootstrap", self.apply_bootstrap)
+        r.add("GET", "/bootstrap", self.bootstrap_status)
+        for method in ("GET", "POST", "DELETE"):
+            for path in ("/code", "/code/context", "/code/contexts", "/code/contexts/{id}", "/pty", "/pty/{id}"):
+                r.add(method, path, self.not_supported)
+        return r
+
+    async def dispatch(self, request: Request) -> AnyResponse:
+        token = self.settings.access_token
+        if token and not _same(request.headers.get(TOKEN_HEADER, ""), token):
+            raise ApiError(401, errors.UNAUTHORIZED, "invalid or missing header X-EXECD-ACCESS-TOKEN")
+        handler, request.params = self.router.resolve(request.method, request.path)
+        return await handler(request)
+
+    async def shutdown(self) -> None:
+        await self.commands.shutdown()
+        self.sessions.shutdown()
+        self.bootstrap.shutdown()
+
+    # -- health and bootstrap ----------------------------------------------------------------
+
+    async def ping(self, request: Request) -> AnyResponse:
+        return EMPTY
+
+    async def not_supported(self, request: Request) -> AnyResponse:
+        raise ApiError(501, errors.NOT_SUPPORTED, f"{request.path} is not supported by this execd")
+
+    async def apply_bootstrap(self, request: Request) -> AnyResponse:
+        return Response.json(self.bootstrap.apply(await request.json(allow_empty=True)))
+
+    async def bootstrap_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.bootstrap.status())
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def run_command(self, request: Request) -> AnyResponse:
+        spec = parse_run_request(await request.json(), self.environment, self.bootstrap.cwd, self.commands.shell)
+        return StreamResponse(self.commands.run(spec, request.disconnected), headers=dict(sse.SSE_HEADERS))
+
+    async def interrupt_command(self, request: Request) -> AnyResponse:
+        command_id = request.arg("id")
+        if not command_id:
+            raise errors.bad_request("query parameter 'id' is required", errors.MISSING_QUERY)
+        if command_id in self.sessions:
+            self.sessions.interrupt(command_id, self.settings.interrupt_grace)
+        else:
+            self.commands.interrupt(command_id)
+        return EMPTY
+
+    async def command_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.commands.status(request.params["id"]))
+
+    async def command_logs(self, request: Request) -> AnyResponse:
+        cursor_text = request.arg("cursor") or "0"
+        if not cursor_text.isdigit():
+            raise errors.bad_request(f"invalid cursor {cursor_text!r}: a byte offset >= 0 is required")
+        data, cursor = self.commands.logs(request.params["id"], int(cursor_text))
+        return Response(data, headers={CURSOR_HEADER: str(cursor)}, content_type="text/plain; charset=utf-8")
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def create_session(self, request: Request) -> AnyResponse:
+        session_id = self.sessions.create(await request.json(allow_empty=True), self.bootstrap.cwd)
+        return Response.json({"session_id": session_id})
+
+    async def run_in_session(self, request: Request) -> AnyResponse:
+        session, command, cwd, timeout = self.sessions.prepare_run(request.params["id"], await request.json())
+        stream = self.sessions.run(session, command, cwd, timeout, request.disconnected)
+        return StreamResponse(stream, headers=dict(sse.SSE_HEADERS))
+
+    async def delete_session(self, request: Request) -> AnyResponse:
+        self.sessions.delete(request.params["id"])
+        return EMPTY
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def files_info(self, request: Request) -> AnyResponse:
+        return Response.json(await asyncio.to_thread(files.files_info, request.args("path")))
+
+    async def delete_files(self, request: Request) -> AnyResponse:
+        files.delete_files(request.args("path"))
+        return EMPTY
+
+    async def delete_directories(self, request: Request) -> AnyResponse:
+        await asyncio.to_thread(files.delete_dirs, request.args("path"))
+        return EMPTY
+
+    async def move_files(self, request: Request) -> AnyResponse:
+        await asyncio.to_thread(files.move, await request.json())
+        return EMPTY
+
+    async def set_permissions(self, request: Request) -> AnyResponse:
+        files.set_permissions(await request.json())
+        return EMPTY
+
+    async def make_directories(self, request: Request) -> AnyResponse:
+        files.make_dirs(await request.json())
+        return EMPTY
+
+    async def search_files(self, request: Request) -> AnyResponse:
+        found = await asyncio.to_thread(files.search, request.arg("path"), request.arg("pattern"))
+        return Response.json(found)
+
+    async def list_directory(self, request: Request) -> AnyResponse:
+        entries = await asyncio.to_thread(files.list_dir, request.arg("path"), request.arg("depth"))
+        return Response.json(entries)
+
+    async def replace_contents(self, request: Request) -> AnyResponse:
+        results = await asyncio.to_thread(files.replace, await request.json())
+        if (request.arg("verbose") or "").lower() in ("true", "1"):
+            return Response.json(results)
+        return EMPTY
+
+    async def upload_files(self, request: Request) -> AnyResponse:
+        await files.upload(request.headers.get("content-type", ""), request.iter_body())
+        return EMPTY
+
+    async def download_file(self, request: Request) -> AnyResponse:
+        path = request.arg("path")
+        offset, limit = request.arg("offset"), request.arg("limit")
+        range_header = request.headers.get("range")
+        if offset is not None or limit is not None:
+            if range_header:
+                raise errors.bad_request("offset/limit and Range cannot be combined")
+            data = await asyncio.to_thread(files.read_lines, path or "", offset, limit)
+            return Response(data, content_type="text/plain; charset=utf-8")
+        fh, st, full = files.open_for_download(path)
+        size = st.st_size
+        name = os.path.basename(full).replace('"', "_").replace("\r", "_").replace("\n", "_")
+        headers = {
+            "content-type": "application/octet-stream",
+            "content-disposition": f'attachment; filename="{name}"',
+            "accept-ranges": "bytes",
+        }
+        span: tuple[int, int] | None = None
+        if range_header:
+            try:
+                span = files.parse_range(range_header, size)
+            except files.RangeNotSatisfiable:
+                fh.close()
+                raise ApiError(
+                    416,
+                    errors.RANGE_NOT_SATISFIABLE,
+                    f"range {range_header!r} is outside the file ({size} bytes)",
+                    {"content-range": f"bytes */{size}"},
+                ) from None
+        if span is None:
+            return FileResponse(fh, 0, size, headers=headers)
+        start, end = span
+        headers["content-range"] = f"bytes {start}-{end}/{size}"
+        return FileResponse(fh, start, end - start + 1, status=206, headers=headers)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> AnyResponse:
+        return Response.json(await self.sampler.sample())
+
+    async def watch_metrics(self, request: Request) -> AnyResponse:
+        return StreamResponse(self._metrics_stream(request.disconnected), headers=dict(sse.SSE_HEADERS))
+
+    async def _metrics_stream(self, disconnected: asyncio.Future[None]) -> AsyncIterator[bytes]:
+        sampler = Sampler(self.sampler.sources)  # its own CPU baseline
+        while not disconnected.done():
+            yield b"data: " + json.dumps(await sampler.sample(), separators=(",", ":")).encode() + b"\n\n"
+            await asyncio.wait([disconnected], timeout=self.settings.metrics_interval)

@@ -1,0 +1,527 @@
+"""A small HTTP/1.1 server on asyncio streams.
+
+Why not uvicorn + Starlette: every sandbox pays execd's idle memory, and uvicorn alone (h11, no app)
+idles at ~30 MiB RSS while this server idles at ~18 MiB (see docs/execd.md). It also gives exact
+control over the two things execd cares most about: a streamed response ends with its chunked
+terminator the moment the last event is written, and writes wait for the socket to drain, so a
+command's output is read only as fast as the client consumes it.
+
+Scope: HTTP/1.1 and 1.0, keep-alive, Content-Length and chunked request bodies (with
+`Expect: 100-continue`), fixed, chunked-streamed and sendfile responses. No TLS, no HTTP/2, no
+pipelining beyond sequential processing, no upgrades.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from opensandbox_platform.execd import errors
+from opensandbox_platform.execd.errors import ApiError
+
+log = logging.getLogger("execd.http")
+
+MAX_HEAD = 64 * 1024
+READ_CHUNK = 256 * 1024
+IDLE_TIMEOUT = 600.0
+# A request body left unread by a handler is drained (to keep the connection) only up to this size.
+MAX_DRAIN = 1024 * 1024
+
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    206: "Partial Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    411: "Length Required",
+    413: "Payload Too Large",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Entity",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
+
+
+class ClientGone(Exception):
+    """The peer closed the connection or sent a malformed body; drop the connection."""
+
+
+class _Body:
+    """Reads one request's body from the connection, de-chunking as needed."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        length: int | None,
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._remaining = length or 0
+        self._chunked = chunked
+        self._chunk_left = 0
+        self._expect_continue = expect_continue
+        self.done = not chunked and not length
+
+    async def read(self) -> bytes:
+        """The next piece of the body, or b"" at its end."""
+        if self.done:
+            return b""
+        if self._expect_continue:
+            self._expect_continue = False
+            self._writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            if not self._chunked:
+                data = await self._reader.read(min(self._remaining, READ_CHUNK))
+                if not data:
+                    raise ClientGone("body ended early")
+                self._remaining -= len(data)
+                self.done = self._remaining == 0
+                return data
+            if self._chunk_left == 0:
+                line = await self._reader.readuntil(b"\r\n")
+                size_text = line.split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise ClientGone("bad chunk size") from None
+                if size < 0:
+                    raise ClientGone("bad chunk size")
+                if size == 0:
+                    while (await self._reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass  # trailers are ignored
+                    self.done = True
+                    return b""
+                self._chunk_left = size
+            data = await self._reader.read(min(self._chunk_left, READ_CHUNK))
+            if not data:
+                raise ClientGone("body ended early")
+            self._chunk_left -= len(data)
+            if self._chunk_left == 0 and await self._reader.readexactly(2) != b"\r\n":
+                raise ClientGone("bad chunk terminator")
+            return data
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            raise ClientGone(str(exc)) from exc
+
+    async def drain(self, limit: int) -> bool:
+        """Discard the rest of the body; False if it is larger than `limit` (close instead)."""
+        total = 0
+        while not self.done:
+            total += len(await self.read())
+            if total > limit:
+                return False
+        return True
+
+
+class Request:
+    """One HTTP request. Query and header names are as sent; header names are lower-cased."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: _Body,
+        disconnected: asyncio.Future[None],
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.params: dict[str, str] = {}
+        self.disconnected = disconnected
+        self._body = body
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def args(self, name: str) -> list[str]:
+        return self.query.get(name, [])
+
+    async def read_body(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while data := await self._body.read():
+            size += len(data)
+            if size > limit:
+                raise ApiError(413, errors.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
+            parts.append(data)
+        return b"".join(parts)
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        while data := await self._body.read():
+            yield data
+
+    async def json(self, limit: int = 16 * 1024 * 1024, *, allow_empty: bool = False) -> Any:
+        raw = await self.read_body(limit)
+        if not raw.strip():
+            if allow_empty:
+                return None
+            raise errors.bad_request("request body is empty; a JSON document is required")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise errors.bad_request(f"request body is not valid JSON: {exc}") from None
+
+
+class Response:
+    """A complete response held in memory."""
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = dict(headers or {})
+        if content_type:
+            self.headers["content-type"] = content_type
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        return cls(body, status, headers, "application/json")
+
+
+class StreamResponse:
+    """A response whose body is produced piece by piece (chunked on HTTP/1.1).
+
+    Each piece is written and drained before the next is requested, so the producer runs only as
+    fast as the client reads. When the client goes away the producer is closed (`aclose`), which
+    is where it releases what it holds.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], status: int = 200, headers: dict[str, str] | None = None):
+        self.status = status
+        self.chunks = chunks
+        self.headers = dict(headers or {})
+
+
+class FileResponse:
+    """A byte range of an open file, sent with sendfile(2); the file is closed afterwards."""
+
+    def __init__(self, file: Any, offset: int, count: int, status: int = 200, headers: dict[str, str] | None = None):
+        self.status = status
+        self.file = file
+        self.offset = offset
+        self.count = count
+        self.headers = dict(headers or {})
+
+
+AnyResponse = Response | StreamResponse | FileResponse
+Handler = Callable[[Request], Awaitable[AnyResponse]]
+
+
+class Router:
+    """Method + path routing; `{name}` matches one path segment."""
+
+    def __init__(self) -> None:
+        self._static: dict[str, dict[str, Handler]] = {}
+        self._dynamic: list[tuple[list[str], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        if "{" not in pattern:
+            self._static.setdefault(pattern, {})[method] = handler
+            return
+        segments = pattern.strip("/").split("/")
+        for existing, methods in self._dynamic:
+            if existing == segments:
+                methods[method] = handler
+                return
+        self._dynamic.append((segments, {method: handler}))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        methods = self._static.get(path)
+        params: dict[str, str] = {}
+        if methods is None:
+            parts = path.strip("/").split("/")
+            for segments, candidate in self._dynamic:
+                if len(segments) != len(parts):
+                    continue
+                found: dict[str, str] = {}
+                for seg, part in zip(segments, parts, strict=True):
+                    if seg.startswith("{"):
+                        if not part:
+                            break
+                        found[seg[1:-1]] = part
+                    elif seg != part:
+                        break
+                else:
+                    methods, params = candidate, found
+                    break
+        if methods is None:
+            raise errors.not_found(f"no route for {path}")
+        handler = methods.get(method)
+        if handler is None:
+            raise ApiError(405, errors.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
+        return handler, params
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response.json({"code": exc.code, "message": exc.message}, exc.status, exc.headers)
+
+
+OnConnect = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Future[None]"], None]
+
+
+class _Protocol(asyncio.StreamReaderProtocol):
+    """Adds a public future that resolves when the connection is lost."""
+
+    def __init__(self, reader: asyncio.StreamReader, on_connect: OnConnect) -> None:
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(reader, lambda r, w: on_connect(r, w, self.lost))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class HttpServer:
+    """Serves `dispatch` (routing, auth and error mapping live in the app) over HTTP/1.1."""
+
+    def __init__(self, dispatch: Handler) -> None:
+        self._dispatch = dispatch
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _Protocol:
+            return _Protocol(asyncio.StreamReader(limit=MAX_HEAD, loop=loop), self._on_connect)
+
+        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        return self._server
+
+    def _on_connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer, lost))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
+    ) -> None:
+        try:
+            while await self._one_request(reader, writer, lost):
+                pass
+        except (ClientGone, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            writer.close()
+
+    async def _one_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
+    ) -> bool:
+        """Serve one request; True to keep the connection for another."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                log.debug("connection closed inside a request head")
+            return False
+        except asyncio.LimitOverrunError:
+            too_large = ApiError(431, errors.INVALID_REQUEST_BODY, "request head too large")
+            await self._write(writer, error_response(too_large), False)
+            return False
+        started = time.monotonic()
+        try:
+            method, target, version, headers = _parse_head(head)
+        except ApiError as exc:
+            await self._write(writer, error_response(exc), False)
+            return False
+
+        connection = headers.get("connection", "").lower()
+        keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+
+        try:
+            body = _body_for(reader, writer, headers)
+        except ApiError as exc:
+            await self._write(writer, error_response(exc), False)
+            return False
+
+        raw_path, _, raw_query = target.partition("?")
+        request = Request(
+            method,
+            unquote(raw_path),
+            parse_qs(raw_query, keep_blank_values=True) if raw_query else {},
+            headers,
+            body,
+            lost,
+        )
+        try:
+            response = await self._dispatch(request)
+        except ApiError as exc:
+            response = error_response(exc)
+        except ClientGone:
+            return False
+        except Exception:
+            log.exception("handler failed: %s %s", method, request.path)
+            response = error_response(ApiError(500, errors.RUNTIME_ERROR, "internal error"))
+
+        if not body.done and not await body.drain(MAX_DRAIN):
+            keep_alive = False
+        keep_alive = await self._write(writer, response, keep_alive, chunked_ok=version == "HTTP/1.1")
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request method=%s path=%s status=%d ms=%.1f",
+                method,
+                request.path,
+                response.status,
+                (time.monotonic() - started) * 1000,
+            )
+        return keep_alive
+
+    async def _write(
+        self, writer: asyncio.StreamWriter, response: AnyResponse, keep_alive: bool, chunked_ok: bool = True
+    ) -> bool:
+        headers = response.headers
+        if isinstance(response, StreamResponse) and not chunked_ok:
+            keep_alive = False  # HTTP/1.0: the body ends when the connection closes
+        if not keep_alive:
+            headers["connection"] = "close"
+        if isinstance(response, Response):
+            headers["content-length"] = str(len(response.body))
+            writer.write(_head(response.status, headers) + response.body)
+            await writer.drain()
+            return keep_alive
+        if isinstance(response, FileResponse):
+            headers["content-length"] = str(response.count)
+            try:
+                writer.write(_head(response.status, headers))
+                await writer.drain()
+                if response.count:
+                    loop = asyncio.get_running_loop()
+                    await loop.sendfile(writer.transport, response.file, response.offset, response.count)
+            finally:
+                response.file.close()
+            return keep_alive
+        return await self._write_stream(writer, response, keep_alive, chunked_ok)
+
+    async def _write_stream(
+        self, writer: asyncio.StreamWriter, response: StreamResponse, keep_alive: bool, chunked: bool
+    ) -> bool:
+        if chunked:
+            response.headers["transfer-encoding"] = "chunked"
+        writer.write(_head(response.status, response.headers))
+        chunks = response.chunks
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if chunked:
+                    writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, ClientGone):
+            raise
+        except Exception:
+            # The status line is gone already: end the body cleanly, then drop the connection.
+            log.exception("stream producer failed")
+            keep_alive = False
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return keep_alive
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    lines = head[:-4].split(b"\r\n")
+    while lines and not lines[0]:
+        lines.pop(0)  # tolerate stray CRLFs between requests
+    if not lines:
+        raise errors.bad_request("empty request")
+    parts = lines[0].decode("latin-1").split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
+        raise errors.bad_request("malformed request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ApiError(505, errors.INVALID_REQUEST_BODY, f"unsupported version {version}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+            raise errors.bad_request("malformed header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip(b" \t").decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return method, target, version, headers
+
+
+def _body_for(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: dict[str, str]) -> _Body:
+    expect = headers.get("expect", "").lower() == "100-continue"
+    encoding = headers.get("transfer-encoding")
+    length_text = headers.get("content-length")
+    if encoding is not None:
+        if length_text is not None:
+            raise errors.bad_request("both Content-Length and Transfer-Encoding")
+        if encoding.lower().split(",")[-1].strip() != "chunked":
+            raise ApiError(501, errors.NOT_SUPPORTED, f"unsupported transfer-encoding {encoding}")
+        return _Body(reader, writer, None, True, expect)
+    if length_text is not None:
+        if not length_text.isdigit():
+            raise errors.bad_request("invalid Content-Length")
+        return _Body(reader, writer, int(length_text), False, expect)
+    return _Body(reader, writer, 0, False, False)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+__all__ = [
+    "ClientGone",
+    "FileResponse",
+    "Handler",
+    "HttpServer",
+    "Request",
+    "Response",
+    "Router",
+    "StreamResponse",
+    "error_response",
+    "now_ms",
+]
