@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format cluster-up cluster-down podman-up podman-down bench tools
+.PHONY: help run test lint format crds cluster-up cluster-down podman-up podman-down bench tools
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ lint:  ## ruff and mypy
 format:  ## apply ruff's formatting and fixes
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .
+
+crds:  ## regenerate config/crds.yaml from the models in api/crds.py
+	$(UV) run opensandbox-controller print-crds > config/crds.yaml
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster
