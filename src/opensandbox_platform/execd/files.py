@@ -410,11 +410,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable
         return max(0, size - suffix), size - 1
     start = int(start_text)
-    end = int(end_text) if end_text else size - 1
-    if end < start:
+    if end_text and int(end_text) < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable
+    end = int(end_text) if end_text else size - 1
     return start, min(end, size - 1)
 
 
