@@ -49,4 +49,4 @@ podman-down:  ## stop podman's Docker API service
 
 bench:  ## run the benchmarks; figures are printed and written to bench/results/
 	tools/setup.sh test
-	$(UV) run python -m bench
+	$(UV) run python -m bench $(BENCH)

@@ -53,6 +53,9 @@ READY_LATENCY = Histogram(
 )
 
 
+REFILL_DELAY = 0.1  # seconds
+
+
 def rfc3339(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -205,10 +208,12 @@ class BatchSandboxReconciler:
             elapsed = (datetime.now(UTC) - created).total_seconds()
             for _ in chosen:
                 CLAIM_LATENCY.observe(elapsed)
-        self.shared.pool_queue.add(pool_key)  # refill
         short = spec.replicas - len(pods)
         if short > 0:
+            self.shared.pool_queue.add(pool_key)  # the pool must make pods for us
             return "WaitingForPool", f"Waiting for {short} idle Ready pod(s) from Pool {spec.poolRef}"
+        # Refill a moment later, so that background pod creation does not slow this claim's status write.
+        self.shared.pool_queue.add_after(pool_key, REFILL_DELAY)
         return None
 
     async def _claim(self, bs: JSON, pod: PodInfo, index: int) -> PodInfo | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
+from opensandbox_platform.controller.batchsandbox import REFILL_DELAY, BatchSandboxReconciler
 from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.controller.pool import PoolReconciler
@@ -132,7 +132,10 @@ class Manager:
                 s.creating.observe(pool_key, pod.key)
             if new is None or new.deleting:
                 s.deleting.observe(pool_key, pod.key)
-            s.pool_queue.add(pool_key)
+            if new is not None and old is not None and new.claimed and not old.claimed:
+                s.pool_queue.add_after(pool_key, REFILL_DELAY)  # a claim: refill after its status is out
+            else:
+                s.pool_queue.add(pool_key)
             became_idle_ready = (
                 new is not None and new.ready and not new.claimed and not (old and old.ready and not old.claimed)
             )
@@ -163,10 +166,9 @@ class Manager:
     def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
         obj = new or old
         assert obj is not None
+        # The Pool hears about demand from the claim itself (after it, so the refill does not compete
+        # with the claim) and about released pods from their events.
         self.shared.batchsandbox_queue.add(obj.key)
-        pool = obj.raw["spec"].get("poolRef")
-        if pool:
-            self.shared.pool_queue.add(f"{obj.raw['metadata']['namespace']}/{pool}")
 
     def _on_pool(self, old: CachedObject | None, new: CachedObject | None) -> None:
         obj = new or old
@@ -179,6 +181,8 @@ class Manager:
     # --- running ----------------------------------------------------------------------------------
     def _on_result(self, controller: str) -> Callable[[str, str, float], None]:
         def record(key: str, result: str, seconds: float) -> None:
+            log.debug("reconciled", extra={"controller": controller, "key": key, "result": result,
+                                           "ms": round(seconds * 1000, 2)})
             RECONCILE_TOTAL.labels(controller, result).inc()
             RECONCILE_TIME.labels(controller).observe(seconds)
             if result == "error":

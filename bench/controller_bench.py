@@ -1,0 +1,191 @@
+"""Controller benchmarks on the local control plane (kwok pods).
+
+  claim      pooled BatchSandbox (replicas 1) created → status Ready with a podIP; 200 sequential runs
+  batch100   one pooled BatchSandbox with 100 replicas → all Ready in status
+  memory     controller RSS with 10,000 pool pods and 1,000 BatchSandboxes
+
+Run: `uv run python -m bench.controller_bench [claim] [batch100] [memory]` (all by default).
+Latencies are measured by the client: from the create request to the watch event that shows the
+status, as a user of the API sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bench.common import summary_ms, write
+from opensandbox_platform.api import labels
+from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
+from opensandbox_platform.kube.client import JSON, KubeClient
+from tests.support.controller import CRDS, ControllerProcess
+from tests.support.services import LocalCluster, local_cluster
+
+
+def pool(name: str, minimum: int, maximum: int, capacity: int) -> JSON:
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "Pool",
+        "metadata": {"name": name},
+        "spec": {
+            "minBufferSize": minimum,
+            "maxBufferSize": maximum,
+            "capacity": capacity,
+            "sandboxTemplate": {"spec": {"image": "ubuntu:latest", "command": ["sleep", "infinity"]}},
+        },
+    }
+
+
+def batchsandbox(name: str, pool_name: str, replicas: int) -> JSON:
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "BatchSandbox",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "poolRef": pool_name},
+    }
+
+
+async def wait_pool_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = await client.get(POOLS, name, namespace)
+        if (obj.get("status") or {}).get("available", 0) >= count:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"pool {name} did not reach {count} available pods")
+
+
+async def create_and_wait_ready(client: KubeClient, namespace: str, obj: JSON, replicas: int) -> float:
+    """Seconds from the create request to the watch event with `replicas` Ready sandboxes with IPs."""
+    name = obj["metadata"]["name"]
+    start = time.perf_counter()
+    created = await client.create(BATCHSANDBOXES, obj, namespace)
+    stream = client.watch(
+        BATCHSANDBOXES,
+        namespace,
+        fieldSelector=f"metadata.name={name}",
+        resourceVersion=created["metadata"]["resourceVersion"],
+        timeoutSeconds=60,
+    )
+    try:
+        async for event in stream:
+            status = event["object"].get("status") or {}
+            sandboxes = status.get("sandboxes") or []
+            if status.get("ready") == replicas and all(s.get("podIP") for s in sandboxes):
+                return time.perf_counter() - start
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    raise TimeoutError(f"{name} never became Ready")
+
+
+@contextmanager
+def controller_for(cluster: LocalCluster, namespace: str) -> Iterator[ControllerProcess]:
+    cluster.kubectl("create", "namespace", namespace)
+    proc = ControllerProcess(cluster, namespace, "--concurrency", "32", "--log-level", "2").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, object]:
+    namespace = f"bench-claim-{uuid.uuid4().hex[:6]}"
+    with controller_for(cluster, namespace):
+        client = KubeClient.from_config(str(cluster.kubeconfig))
+        await client.create(POOLS, pool("warm", 20, 40, 400), namespace)
+        await wait_pool_available(client, namespace, "warm", 20, 60)
+        samples = []
+        for i in range(runs):
+            name = f"claim-{i}"
+            samples.append(await create_and_wait_ready(client, namespace, batchsandbox(name, "warm", 1), 1))
+            await client.delete(BATCHSANDBOXES, name, namespace)
+        await client.aclose()
+    figures = summary_ms(samples)
+    print(f"claim latency over {runs} runs: p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
+    return {"claim_latency": figures, "targets": {"p50_ms": 30, "p99_ms": 100}}
+
+
+async def bench_batch100(cluster: LocalCluster, runs: int = 5) -> dict[str, object]:
+    namespace = f"bench-b100-{uuid.uuid4().hex[:6]}"
+    with controller_for(cluster, namespace):
+        client = KubeClient.from_config(str(cluster.kubeconfig))
+        await client.create(POOLS, pool("warm", 100, 200, 400), namespace)
+        samples = []
+        for i in range(runs):
+            await wait_pool_available(client, namespace, "warm", 100, 120)
+            samples.append(await create_and_wait_ready(client, namespace, batchsandbox(f"b{i}", "warm", 100), 100))
+            await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
+        await client.aclose()
+    figures = summary_ms(samples)
+    print(f"100 replicas all Ready, {runs} runs: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms")
+    return {"batch_100_replicas": figures, "target_ms": 300, "upstream_go_controller_ms": 920}
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def bench_memory(cluster: LocalCluster, pods: int = 10_000, sandboxes: int = 1_000) -> dict[str, object]:
+    namespace = f"bench-mem-{uuid.uuid4().hex[:6]}"
+    with controller_for(cluster, namespace) as proc:
+        assert proc.proc is not None
+        client = KubeClient.from_config(str(cluster.kubeconfig))
+        idle_rss = rss_mib(proc.proc.pid)
+        start = time.monotonic()
+        await client.create(POOLS, pool("huge", pods - sandboxes, pods, pods), namespace)
+        await wait_pool_available(client, namespace, "huge", pods - sandboxes, 900)
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await client.create(BATCHSANDBOXES, batchsandbox(f"m{i}", "huge", 1), namespace)
+
+        await asyncio.gather(*(one(i) for i in range(sandboxes)))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            obj = await client.get(POOLS, "huge", namespace)
+            st = obj.get("status") or {}
+            if st.get("allocated") == sandboxes and st.get("total") == pods:
+                break
+            await asyncio.sleep(1)
+        settle = time.monotonic() - start
+        samples = []
+        for _ in range(10):
+            samples.append(rss_mib(proc.proc.pid))
+            await asyncio.sleep(0.5)
+        await client.aclose()
+    peak = max(samples)
+    print(f"controller RSS with {pods} pool pods and {sandboxes} BatchSandboxes: {peak:.1f} MiB (idle {idle_rss:.1f})")
+    return {
+        "memory": {"pods": pods, "batchsandboxes": sandboxes, "rss_mib": round(peak, 1),
+                   "idle_rss_mib": round(idle_rss, 1), "seconds_to_converge": round(settle, 1)},
+        "target_mib": 100,
+    }
+
+
+BENCHES = {"claim": bench_claim, "batch100": bench_batch100, "memory": bench_memory}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.controller_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*", choices=[*BENCHES, []], default=list(BENCHES))
+    args = parser.parse_args(argv)
+    with local_cluster() as cluster:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+        for name in args.which or BENCHES:
+            figures = asyncio.run(BENCHES[name](cluster))
+            write(f"controller-{name}", figures)
+
+
+if __name__ == "__main__":
+    main()
