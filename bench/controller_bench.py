@@ -166,8 +166,13 @@ async def bench_memory(cluster: LocalCluster, pods: int = 10_000, sandboxes: int
     peak = max(samples)
     print(f"controller RSS with {pods} pool pods and {sandboxes} BatchSandboxes: {peak:.1f} MiB (idle {idle_rss:.1f})")
     return {
-        "memory": {"pods": pods, "batchsandboxes": sandboxes, "rss_mib": round(peak, 1),
-                   "idle_rss_mib": round(idle_rss, 1), "seconds_to_converge": round(settle, 1)},
+        "memory": {
+            "pods": pods,
+            "batchsandboxes": sandboxes,
+            "rss_mib": round(peak, 1),
+            "idle_rss_mib": round(idle_rss, 1),
+            "seconds_to_converge": round(settle, 1),
+        },
         "target_mib": 100,
     }
 
@@ -176,8 +181,11 @@ BENCHES = {"claim": bench_claim, "batch100": bench_batch100, "memory": bench_mem
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.controller_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.controller_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("which", nargs="*", choices=[*BENCHES, []], default=list(BENCHES))
     args = parser.parse_args(argv)
     with local_cluster() as cluster:

@@ -71,7 +71,9 @@ def test_seed_batchsandbox_runs_three_pods_from_its_template(
     assert table[1].split()[:4] == ["example-batchsandbox", "3", "3", "Running"]
 
     # Scale down and up.
-    cluster.kubectl("patch", "bsbx", "example-batchsandbox", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":1}}')
+    cluster.kubectl(
+        "patch", "bsbx", "example-batchsandbox", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":1}}'
+    )
     eventually(lambda: len(pods_of(kube, namespace, **{labels.BATCHSANDBOX: "example-batchsandbox"})) == 1)
     assert pods_of(kube, namespace, **{labels.BATCHSANDBOX: "example-batchsandbox"})[0].metadata.name.endswith("-0")
 
@@ -80,7 +82,7 @@ def test_expire_time_deletes_the_batchsandbox_on_time(
     cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
 ) -> None:
     expire = datetime.now(UTC) + timedelta(seconds=4)
-    manifest = SEED_BATCHSANDBOX.replace("replicas: 3", f"replicas: 1\n  expireTime: \"{expire:%Y-%m-%dT%H:%M:%SZ}\"")
+    manifest = SEED_BATCHSANDBOX.replace("replicas: 3", f'replicas: 1\n  expireTime: "{expire:%Y-%m-%dT%H:%M:%SZ}"')
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
     eventually(lambda: ready_count(kube, "example-batchsandbox", namespace) == 1)
     assert cluster.kubectl("get", "bsbx", "-n", namespace).splitlines()[1].split()[4] == f"{expire:%Y-%m-%dT%H:%M:%SZ}"
@@ -100,13 +102,22 @@ def test_ttl_after_finished_deletes_a_finished_batchsandbox(
     for pod in pods_of(kube, namespace):
         cluster.kubectl("annotate", "pod", pod.metadata.name, "-n", namespace, "kwok.x-k8s.io/status=custom")
         cluster.kubectl(
-            "patch", "pod", pod.metadata.name, "-n", namespace, "--subresource=status", "--type=merge", "-p",
+            "patch",
+            "pod",
+            pod.metadata.name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
             '{"status":{"phase":"Succeeded","conditions":[{"type":"Ready","status":"False"}],'
             '"containerStatuses":[{"name":"sandbox","image":"ubuntu:latest","imageID":"","ready":false,'
             '"restartCount":0,"state":{"terminated":{"exitCode":0,"reason":"Completed"}}}]}}',
         )
-    finished = eventually(lambda: status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace))
-                          .get("finishedAt"), what="finishedAt")
+    finished = eventually(
+        lambda: status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace)).get("finishedAt"),
+        what="finishedAt",
+    )
     assert status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace))["phase"] == "Succeeded"
     eventually(lambda: gone(kube, "example-batchsandbox", namespace), timeout=15, what="deleted after the TTL")
     elapsed = (datetime.now(UTC) - datetime.fromisoformat(finished.replace("Z", "+00:00"))).total_seconds()
@@ -117,7 +128,9 @@ def test_pooled_batchsandbox_claims_idle_pods_and_the_pool_refills(
     cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
 ) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool(min_buffer=3, max_buffer=5))
-    idle_before = eventually(lambda: (p := idle_ready(pool_pods(kube, namespace, "example-pool"))) and len(p) == 3 and p)
+    idle_before = eventually(
+        lambda: (p := idle_ready(pool_pods(kube, namespace, "example-pool"))) and len(p) == 3 and p
+    )
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("agents", "example-pool", 3))
     eventually(lambda: ready_count(kube, "agents", namespace) == 3, what="3 claimed sandboxes")
     bs = kube.get(BatchSandbox, "agents", namespace=namespace)
@@ -153,17 +166,40 @@ def test_a_lost_claimed_pod_is_replaced_and_reported(
     eventually(replaced, what="replacement claimed")
     conditions = {c["type"]: c for c in status(kube.get(BatchSandbox, "one", namespace=namespace))["conditions"]}
     assert conditions["SandboxReplaced"]["status"] == "True" and victim in conditions["SandboxReplaced"]["message"]
-    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
-                             "involvedObject.name=one", "-o", "jsonpath={.items[*].reason}")
+    events = cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        "involvedObject.name=one",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    )
     assert "SandboxLost" in events
 
     # An evicted pod (kubelet sets phase Failed, reason Evicted) is replaced too.
     evicted = status(kube.get(BatchSandbox, "one", namespace=namespace))["sandboxes"][0]["podName"]
     cluster.kubectl("annotate", "pod", evicted, "-n", namespace, "kwok.x-k8s.io/status=custom")
-    cluster.kubectl("patch", "pod", evicted, "-n", namespace, "--subresource=status", "--type=merge",
-                    "-p", '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}')
-    eventually(lambda: status(kube.get(BatchSandbox, "one", namespace=namespace))["sandboxes"][0]["podName"]
-               not in (victim, evicted) and ready_count(kube, "one", namespace) == 1, what="evicted pod replaced")
+    cluster.kubectl(
+        "patch",
+        "pod",
+        evicted,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}',
+    )
+    eventually(
+        lambda: (
+            status(kube.get(BatchSandbox, "one", namespace=namespace))["sandboxes"][0]["podName"]
+            not in (victim, evicted)
+            and ready_count(kube, "one", namespace) == 1
+        ),
+        what="evicted pod replaced",
+    )
 
 
 def test_unknown_pool_is_reported_and_resolved_when_the_pool_appears(

@@ -47,8 +47,12 @@ def test_only_the_leader_acts_and_a_standby_takes_over_within_15s(
         # The new leader acts: a deleted pod is replaced.
         victim = pool_pods(kube, namespace, "example-pool")[0].metadata.name
         kube.delete(Pod, victim, namespace=namespace)
-        eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2
-                   and victim not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")})
+        eventually(
+            lambda: (
+                len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2
+                and victim not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")}
+            )
+        )
     finally:
         first.kill()
         second.stop()
@@ -87,7 +91,9 @@ def assert_exactly_once(kube: Client, namespace: str, names: set[str]) -> None:
     for bs in kube.list(BatchSandbox, namespace=namespace):
         if bs.metadata.name in names:
             pod = bs.status["sandboxes"][0]["podName"]
-            assert claims[pod] == bs.metadata.name, f"{pod} is reported by {bs.metadata.name} but claimed by {claims[pod]}"
+            assert claims[pod] == bs.metadata.name, (
+                f"{pod} is reported by {bs.metadata.name} but claimed by {claims[pod]}"
+            )
             owners = kube.get(Pod, pod, namespace=namespace).metadata.ownerReferences
             assert [o.uid for o in owners] == [bs.metadata.uid]
 
@@ -141,18 +147,37 @@ def test_metrics_are_served_over_https_to_authorized_callers_only(
         token = cluster.kubectl("create", "token", "scraper", "-n", namespace).strip()
         assert httpx.get(url, verify=False, headers={"Authorization": f"Bearer {token}"}).status_code == 403
         cluster.kubectl("create", "clusterrole", f"{namespace}-metrics", "--verb=get", "--non-resource-url=/metrics")
-        cluster.kubectl("create", "clusterrolebinding", f"{namespace}-metrics", f"--clusterrole={namespace}-metrics",
-                        f"--serviceaccount={namespace}:scraper")
+        cluster.kubectl(
+            "create",
+            "clusterrolebinding",
+            f"{namespace}-metrics",
+            f"--clusterrole={namespace}-metrics",
+            f"--serviceaccount={namespace}:scraper",
+        )
         try:
-            body = eventually(lambda: (r := httpx.get(url, verify=False, headers={"Authorization": f"Bearer {token}"}))
-                              .status_code == 200 and r.text, timeout=90, interval=1, what="authorized scrape")
+            body = eventually(
+                lambda: (
+                    (r := httpx.get(url, verify=False, headers={"Authorization": f"Bearer {token}"})).status_code == 200
+                    and r.text
+                ),
+                timeout=90,
+                interval=1,
+                what="authorized scrape",
+            )
         finally:
             cluster.kubectl("delete", "clusterrolebinding", f"{namespace}-metrics", check=False)
             cluster.kubectl("delete", "clusterrole", f"{namespace}-metrics", check=False)
-        for name in ("controller_runtime_reconcile_total", "controller_runtime_reconcile_time_seconds",
-                     "workqueue_depth", "workqueue_adds_total", "workqueue_queue_duration_seconds",
-                     "workqueue_retries_total", "opensandbox_pool_pods", "opensandbox_claim_duration_seconds",
-                     "opensandbox_sandbox_ready_duration_seconds"):
+        for name in (
+            "controller_runtime_reconcile_total",
+            "controller_runtime_reconcile_time_seconds",
+            "workqueue_depth",
+            "workqueue_adds_total",
+            "workqueue_queue_duration_seconds",
+            "workqueue_retries_total",
+            "opensandbox_pool_pods",
+            "opensandbox_claim_duration_seconds",
+            "opensandbox_sandbox_ready_duration_seconds",
+        ):
             assert name in body, name
         assert f'opensandbox_pool_pods{{namespace="{namespace}",pool="example-pool",state="available"}} 2.0' in body
     finally:

@@ -19,13 +19,24 @@ def test_seed_pool_keeps_two_idle_ready_pods_and_respects_its_bounds(
 ) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool())
     eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2, what="2 idle Ready pods")
-    pool = eventually(lambda: (p := kube.get(Pool, "example-pool", namespace=namespace)) and
-                      status(p).get("available") == 2 and p, what="status.available=2")
+    pool = eventually(
+        lambda: (p := kube.get(Pool, "example-pool", namespace=namespace)) and status(p).get("available") == 2 and p,
+        what="status.available=2",
+    )
     assert status(pool)["total"] == 2 and status(pool)["allocated"] == 0 and status(pool)["revision"]
     ready = next(c for c in status(pool)["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     printed = cluster.kubectl("get", "sbxpool", "-n", namespace)
-    assert printed.split("\n")[0].split() == ["NAME", "MIN", "MAX", "CAPACITY", "TOTAL", "AVAILABLE", "ALLOCATED", "AGE"]
+    assert printed.split("\n")[0].split() == [
+        "NAME",
+        "MIN",
+        "MAX",
+        "CAPACITY",
+        "TOTAL",
+        "AVAILABLE",
+        "ALLOCATED",
+        "AGE",
+    ]
 
     time.sleep(1)  # settled: nothing more is created
     assert len(pool_pods(kube, namespace, "example-pool")) == 2
@@ -79,13 +90,24 @@ def test_surplus_idle_pods_are_deleted_oldest_first(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool(min_buffer=2, max_buffer=5))
     old = eventually(lambda: (p := idle_ready(pool_pods(kube, namespace, "example-pool"))) and len(p) == 2 and p)
     time.sleep(1.1)  # creationTimestamp has 1 s resolution
-    cluster.kubectl("patch", "sbxpool", "example-pool", "-n", namespace, "--type=merge",
-                    "-p", '{"spec":{"minBufferSize":4}}')
+    cluster.kubectl(
+        "patch", "sbxpool", "example-pool", "-n", namespace, "--type=merge", "-p", '{"spec":{"minBufferSize":4}}'
+    )
     eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 4, what="4 idle pods")
-    cluster.kubectl("patch", "sbxpool", "example-pool", "-n", namespace, "--type=merge",
-                    "-p", '{"spec":{"minBufferSize":1,"maxBufferSize":2}}')
-    survivors = eventually(lambda: (pods := pool_pods(kube, namespace, "example-pool")) and len(pods) == 2 and pods,
-                           what="idle pods trimmed to maxBufferSize")
+    cluster.kubectl(
+        "patch",
+        "sbxpool",
+        "example-pool",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"minBufferSize":1,"maxBufferSize":2}}',
+    )
+    survivors = eventually(
+        lambda: (pods := pool_pods(kube, namespace, "example-pool")) and len(pods) == 2 and pods,
+        what="idle pods trimmed to maxBufferSize",
+    )
     assert not {p.metadata.name for p in survivors} & {p.metadata.name for p in old}, "the oldest must go first"
 
 
@@ -95,27 +117,62 @@ def test_lost_and_stuck_pods_are_replaced(cluster: LocalCluster, kube: Client, n
         cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool())
         pods = eventually(lambda: (p := idle_ready(pool_pods(kube, namespace, "example-pool"))) and len(p) == 2 and p)
         kube.delete(Pod, pods[0].metadata.name, namespace=namespace)
-        eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2
-                   and pods[0].metadata.name not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
-                   what="deleted pod replaced")
+        eventually(
+            lambda: (
+                len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2
+                and pods[0].metadata.name not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")}
+            ),
+            what="deleted pod replaced",
+        )
 
         # A pod that fails (as a crash with restartPolicy Never would): replaced.
         victim = idle_ready(pool_pods(kube, namespace, "example-pool"))[0].metadata.name
-        cluster.kubectl("patch", "pod", victim, "-n", namespace, "--subresource=status", "--type=merge",
-                        "-p", '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}')
-        eventually(lambda: victim not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
-                   what="failed pod deleted")
+        cluster.kubectl(
+            "patch",
+            "pod",
+            victim,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}',
+        )
+        eventually(
+            lambda: victim not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
+            what="failed pod deleted",
+        )
         eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2, what="refilled")
 
         # A pod stuck not Ready (image pull back-off, crash loop) past the deadline: replaced.
         stuck = idle_ready(pool_pods(kube, namespace, "example-pool"))[0].metadata.name
         cluster.kubectl("annotate", "pod", stuck, "-n", namespace, "kwok.x-k8s.io/status=custom")
-        cluster.kubectl("patch", "pod", stuck, "-n", namespace, "--subresource=status", "--type=merge",
-                        "-p", '{"status":{"conditions":[{"type":"Ready","status":"False"}]}}')
-        eventually(lambda: stuck not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
-                   timeout=20, what="stuck pod replaced")
-        events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
-                                 "involvedObject.kind=Pool", "-o", "jsonpath={.items[*].reason}")
+        cluster.kubectl(
+            "patch",
+            "pod",
+            stuck,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            '{"status":{"conditions":[{"type":"Ready","status":"False"}]}}',
+        )
+        eventually(
+            lambda: stuck not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
+            timeout=20,
+            what="stuck pod replaced",
+        )
+        events = cluster.kubectl(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            "involvedObject.kind=Pool",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        )
         assert "PodReplaced" in events and "SuccessfulCreate" in events
     finally:
         proc.stop()
@@ -127,12 +184,28 @@ def test_changed_template_rolls_idle_pods_and_leaves_claimed_ones(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool())
     eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("keep", "example-pool"))
-    claimed = eventually(lambda: pool_pods(kube, namespace, "example-pool") and [
-        p for p in pool_pods(kube, namespace, "example-pool") if labels.BATCHSANDBOX in (p.metadata.labels or {})])
+    claimed = eventually(
+        lambda: (
+            pool_pods(kube, namespace, "example-pool")
+            and [
+                p
+                for p in pool_pods(kube, namespace, "example-pool")
+                if labels.BATCHSANDBOX in (p.metadata.labels or {})
+            ]
+        )
+    )
     old_revision = kube.get(Pool, "example-pool", namespace=namespace).status["revision"]
 
-    cluster.kubectl("patch", "sbxpool", "example-pool", "-n", namespace, "--type=json", "-p",
-                    '[{"op":"replace","path":"/spec/sandboxTemplate/spec/image","value":"ubuntu:24.04"}]')
+    cluster.kubectl(
+        "patch",
+        "sbxpool",
+        "example-pool",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/sandboxTemplate/spec/image","value":"ubuntu:24.04"}]',
+    )
 
     def rolled() -> bool:
         idle = idle_ready(pool_pods(kube, namespace, "example-pool"))

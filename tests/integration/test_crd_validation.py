@@ -23,18 +23,28 @@ def rejected(cluster: LocalCluster, namespace: str, manifest: str) -> str:
         (seed_pool().replace("      image: ubuntu:latest\n", ""), "sandboxTemplate.spec needs an image"),
         (pooled_batchsandbox("b", "p", -1), "spec.replicas: Invalid value: -1"),
         (pooled_batchsandbox("b", "p").replace("  poolRef: p\n", ""), "sandboxTemplate is required unless poolRef"),
-        (pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  ttlSecondsAfterFinished: -5"),
-         "ttlSecondsAfterFinished: Invalid value: -5"),
-        (pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  expireTime: tomorrow"),
-         "expireTime"),
+        (
+            pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  ttlSecondsAfterFinished: -5"),
+            "ttlSecondsAfterFinished: Invalid value: -5",
+        ),
+        (pooled_batchsandbox("b", "p").replace("poolRef: p", "poolRef: p\n  expireTime: tomorrow"), "expireTime"),
         (
             "apiVersion: sandbox.opensandbox.io/v1alpha1\nkind: BatchSandbox\nmetadata: {name: b}\n"
             "spec: {sandboxTemplate: {spec: {command: [sleep]}}}",
             "sandboxTemplate.spec needs an image (or containers) unless poolRef is set",
         ),
     ],
-    ids=["min>max", "max>capacity", "negative-min", "no-image", "negative-replicas", "no-template",
-         "negative-ttl", "bad-expire", "direct-without-image"],
+    ids=[
+        "min>max",
+        "max>capacity",
+        "negative-min",
+        "no-image",
+        "negative-replicas",
+        "no-template",
+        "negative-ttl",
+        "bad-expire",
+        "direct-without-image",
+    ],
 )
 def test_invalid_objects_are_rejected(
     cluster: LocalCluster, crds: None, namespace: str, manifest: str, message: str
@@ -55,10 +65,19 @@ def test_pool_ref_is_immutable(cluster: LocalCluster, crds: None, namespace: str
 
 
 def test_defaults_are_applied(cluster: LocalCluster, crds: None, namespace: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("b", "p").replace("  replicas: 1\n", ""))
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("b", "p").replace("  replicas: 1\n", "")
+    )
     assert cluster.kubectl("get", "bsbx", "b", "-n", namespace, "-o", "jsonpath={.spec.replicas}") == "1"
     manifest = seed_pool().replace("  minBufferSize: 2\n", "")
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
-    got = cluster.kubectl("get", "sbxpool", "example-pool", "-n", namespace,
-                          "-o", "jsonpath={.spec.minBufferSize} {.spec.recycleStrategy}")
+    got = cluster.kubectl(
+        "get",
+        "sbxpool",
+        "example-pool",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.spec.minBufferSize} {.spec.recycleStrategy}",
+    )
     assert got == "0 Delete"

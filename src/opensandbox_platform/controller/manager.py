@@ -181,8 +181,10 @@ class Manager:
     # --- running ----------------------------------------------------------------------------------
     def _on_result(self, controller: str) -> Callable[[str, str, float], None]:
         def record(key: str, result: str, seconds: float) -> None:
-            log.debug("reconciled", extra={"controller": controller, "key": key, "result": result,
-                                           "ms": round(seconds * 1000, 2)})
+            log.debug(
+                "reconciled",
+                extra={"controller": controller, "key": key, "result": result, "ms": round(seconds * 1000, 2)},
+            )
             RECONCILE_TOTAL.labels(controller, result).inc()
             RECONCILE_TIME.labels(controller).observe(seconds)
             if result == "error":
