@@ -60,6 +60,23 @@ def rfc3339(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def bootstrap_request(spec: BatchSandboxSpec) -> JSON | None:
+    """The body of execd's `POST /bootstrap` for a pooled sandbox, or None when there is nothing to apply."""
+    template = spec.sandboxTemplate
+    if template is None:
+        return None
+    argv = [*(template.spec.command or []), *(template.spec.args or [])]
+    env = {e.name: e.value or "" for e in template.spec.env or []}
+    if not argv and not env:
+        return None
+    body: JSON = {"env": env}
+    if argv:
+        body["argv"] = argv
+    if template.spec.workingDir:
+        body["cwd"] = template.spec.workingDir
+    return body
+
+
 class BatchSandboxReconciler:
     name = "batchsandbox"
 
@@ -238,36 +255,25 @@ class BatchSandboxReconciler:
 
     async def _apply_entrypoints(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
         """Pooled mode: start the requested entrypoint with its env through execd in each claimed pod."""
-        template = spec.sandboxTemplate
-        if template is None:
-            return
-        command = [*(template.spec.command or []), *(template.spec.args or [])]
-        env = {e.name: e.value or "" for e in template.spec.env or []}
-        if not command and not env:
+        body = bootstrap_request(spec)
+        if body is None:
             return  # nothing to apply: a pooled sandbox without entrypoint or env needs no execd
         todo = [p for p in pods.values() if not p.entrypoint_applied and p.ip]
-        await asyncio.gather(*(self._start_entrypoint(bs, p, command, env) for p in todo))
+        await asyncio.gather(*(self._bootstrap(bs, p, body) for p in todo))
 
-    async def _start_entrypoint(self, bs: JSON, pod: PodInfo, command: list[str], env: dict[str, str]) -> None:
+    async def _bootstrap(self, bs: JSON, pod: PodInfo, body: JSON) -> None:
         url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
         try:
-            response = await self._execd.post(url, json={"command": command, "env": env})
-            response.raise_for_status()
+            response = await self._execd.post(url, json=body)
+            # 409: the main process already runs (an earlier attempt started it before we could record it).
+            if response.status_code != 409:
+                response.raise_for_status()
         except httpx2.HTTPError as err:
-            self.shared.events.record(
-                bs,
-                "Warning",
-                "EntrypointFailed",
-                f"Could not start the entrypoint in pod {pod.name} through execd: {err}",
-            )
+            message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
+            self.shared.events.record(bs, "Warning", "EntrypointFailed", message)
             raise
-        result = await self.shared.client.patch(
-            PODS,
-            pod.name,
-            {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: micro_time()}}},
-            pod.namespace,
-        )
-        self.shared.pods.assume(slim_pod(result))
+        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: micro_time()}}}
+        self.shared.pods.assume(slim_pod(await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)))
 
     async def _scale_down(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
         extra = sorted((i for i in pods if i >= spec.replicas), reverse=True)
@@ -301,11 +307,7 @@ class BatchSandboxReconciler:
     ) -> None:
         meta = bs["metadata"]
         generation = meta.get("generation", 0)
-        needs_entrypoint = bool(
-            spec.poolRef
-            and spec.sandboxTemplate
-            and (spec.sandboxTemplate.spec.command or spec.sandboxTemplate.spec.args or spec.sandboxTemplate.spec.env)
-        )
+        needs_entrypoint = bool(spec.poolRef) and bootstrap_request(spec) is not None
         sandboxes = []
         ready = 0
         for index in sorted(pods):

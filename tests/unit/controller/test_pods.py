@@ -86,3 +86,19 @@ def test_slim_pod_reads_claim_readiness_and_loss() -> None:
     }
     finished = slim_pod(pod)
     assert finished.finished and not finished.lost and finished.main_exit_code == 0
+
+
+def test_pooled_entrypoint_and_env_become_an_execd_bootstrap_request() -> None:
+    from opensandbox_platform.api.crds import BatchSandboxSpec
+    from opensandbox_platform.controller.batchsandbox import bootstrap_request
+
+    def spec(**template_spec: object) -> BatchSandboxSpec:
+        return BatchSandboxSpec.model_validate({"poolRef": "p", "sandboxTemplate": {"spec": template_spec}})
+
+    assert bootstrap_request(BatchSandboxSpec.model_validate({"poolRef": "p"})) is None
+    assert bootstrap_request(spec(image="ignored:in-pooled-mode")) is None
+    assert bootstrap_request(spec(command=["sleep"], args=["infinity"], env=[{"name": "A", "value": "1"}])) == {
+        "argv": ["sleep", "infinity"],
+        "env": {"A": "1"},
+    }
+    assert bootstrap_request(spec(env=[{"name": "B"}], workingDir="/w")) == {"env": {"B": ""}, "cwd": "/w"}
