@@ -30,52 +30,65 @@ def valid_key(key: str) -> bool:
 def parse_env_file(text: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Parse `KEY=VALUE` lines (optionally `export KEY=VALUE`); later lines win.
 
-    Single-quoted values are literal. Double-quoted values take backslash escapes and expand
-    `$NAME`/`${NAME}` from `base` and earlier lines; bare values expand too. Malformed lines are
-    skipped: one bad line must not take the whole environment away from every command.
+    Single-quoted values are literal and may span lines (set_env writes a value with a newline
+    that way). Double-quoted values take backslash escapes and expand `$NAME`/`${NAME}` from
+    `base` and earlier lines; bare values expand too. A malformed line is skipped: one bad line
+    must not take the whole environment away from every command.
     """
     result: dict[str, str] = {}
     scope: dict[str, str] = dict(base or {})
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    pos = 0
+    while pos < len(text):
+        eol = text.find("\n", pos)
+        eol = len(text) if eol < 0 else eol
+        line = text[pos:eol].strip()
         if line.startswith("export "):
             line = line[len("export ") :].lstrip()
-        key, sep, rest = line.partition("=")
+        key, sep, _ = line.partition("=")
         key = key.strip()
-        if not sep or not valid_key(key):
+        if not line or line.startswith("#") or not sep or not valid_key(key):
+            pos = eol + 1
             continue
-        value = _parse_value(rest.strip(), scope)
-        if value is None:
-            continue
-        result[key] = value
-        scope[key] = value
+        rest_start = text.index("=", pos) + 1
+        while rest_start < len(text) and text[rest_start] in " \t":
+            rest_start += 1
+        value, pos = _parse_value(text, rest_start, eol, scope)
+        if value is not None:
+            result[key] = value
+            scope[key] = value
     return result
 
 
-def _parse_value(rest: str, scope: Mapping[str, str]) -> str | None:
-    if rest.startswith("'"):
-        end = rest.find("'", 1)
-        return rest[1:end] if end > 0 else None
-    if rest.startswith('"'):
+def _parse_value(text: str, start: int, eol: int, scope: Mapping[str, str]) -> tuple[str | None, int]:
+    """The value starting at `start` and the position after its line."""
+    quote = text[start : start + 1]
+    if quote == "'":
+        end = text.find("'", start + 1)
+        if end < 0:
+            return None, eol + 1
+        return text[start + 1 : end], _next_line(text, end)
+    if quote == '"':
         out: list[str] = []
-        i = 1
-        while i < len(rest):
-            ch = rest[i]
-            if ch == "\\" and i + 1 < len(rest):
-                nxt = rest[i + 1]
+        i = start + 1
+        while i < len(text):
+            ch = text[i]
+            if ch == "\\" and i + 1 < len(text):
+                nxt = text[i + 1]
                 out.append(_DOUBLE_ESCAPES.get(nxt, "\\" + nxt))
                 i += 2
                 continue
             if ch == '"':
-                return expand_vars("".join(out), scope, keep_escaped_dollar=True)
+                return expand_vars("".join(out), scope, keep_escaped_dollar=True), _next_line(text, i)
             out.append(ch)
             i += 1
-        return None
-    # Unquoted: up to an inline comment.
-    value = rest.split(" #", 1)[0].strip()
-    return expand_vars(value, scope)
+        return None, eol + 1
+    value = text[start:eol].split(" #", 1)[0].strip()  # bare: up to an inline comment
+    return expand_vars(value, scope), eol + 1
+
+
+def _next_line(text: str, index: int) -> int:
+    eol = text.find("\n", index)
+    return len(text) if eol < 0 else eol + 1
 
 
 def expand_vars(value: str, scope: Mapping[str, str], *, keep_escaped_dollar: bool = False) -> str:

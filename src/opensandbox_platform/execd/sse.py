@@ -8,7 +8,6 @@ Framing is standard SSE (`data: <json>\\n\\n`). The SDK (1.1.1) also accepts ups
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -21,7 +20,6 @@ SSE_HEADERS = {
 # A line longer than this is sent in pieces, so one newline-free output cannot grow memory.
 MAX_LINE = 64 * 1024
 
-_SPLIT = re.compile(rb"\r\n|\r|\n")
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -49,11 +47,21 @@ def event(
     return b"data: " + _dumps(payload).encode() + b"\n\n"
 
 
+# Printable ASCII other than `"` and `\\` needs no JSON escaping: such lines are copied as they are.
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
 def output_events(type_: str, lines: list[bytes], timestamp: int) -> bytes:
     """Frames for many output lines at once (the hot path: no dict per line)."""
-    prefix = f'data: {{"type":"{type_}","text":'
-    suffix = f',"timestamp":{timestamp}}}\n\n'
-    return "".join(prefix + _dumps(line.decode("utf-8", "replace")) + suffix for line in lines).encode()
+    prefix = f'data: {{"type":"{type_}","text":'.encode()
+    suffix = f',"timestamp":{timestamp}}}\n\n'.encode()
+    parts = []
+    for line in lines:
+        if not line.translate(None, _PLAIN):
+            parts.append(prefix + b'"' + line + b'"' + suffix)
+        else:
+            parts.append(prefix + _dumps(line.decode("utf-8", "replace")).encode() + suffix)
+    return b"".join(parts)
 
 
 def error_value(ename: str, evalue: str, traceback: list[str]) -> dict[str, Any]:
@@ -84,8 +92,10 @@ class LineSplitter:
         if not data:
             return []
         buf = self._partial + data if self._partial else data
-        parts = _SPLIT.split(buf)
-        self._after_cr = buf.endswith(b"\r")
+        if b"\r" in buf:
+            self._after_cr = buf.endswith(b"\r")
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        parts = buf.split(b"\n")
         rest = parts.pop()
         while len(rest) > self._max:
             cut = utf8_cut(rest, self._max)

@@ -1,0 +1,138 @@
+"""Request parsing, routing, run-request validation and the session end-of-run marker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opensandbox_platform.execd import httpserver
+from opensandbox_platform.execd.app import _same
+from opensandbox_platform.execd.commands import parse_run_request
+from opensandbox_platform.execd.envfile import Environment
+from opensandbox_platform.execd.errors import ApiError
+from opensandbox_platform.execd.sessions import MarkerScanner, _RunScanner
+
+SHELL = ["/bin/bash", "--noprofile", "--norc", "-c"]
+
+
+def test_parse_head() -> None:
+    head = b"\r\nPOST /files/info?path=a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n"
+    method, target, version, headers = httpserver._parse_head(head)
+    assert (method, target, version) == ("POST", "/files/info?path=a", "HTTP/1.1")
+    assert headers == {"host": "x", "x-a": "1, 2"}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/1.1\r\n folded: header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno-colon\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad name : x\r\n\r\n",
+        b"G3T / HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_parse_head_rejects_malformed(head: bytes) -> None:
+    with pytest.raises(ApiError) as err:
+        httpserver._parse_head(head)
+    assert err.value.status == 400
+
+
+def test_router_matches_params_and_reports_404_and_405() -> None:
+    async def handler(request: httpserver.Request) -> httpserver.Response:
+        return httpserver.Response()
+
+    router = httpserver.Router()
+    router.add("GET", "/command/status/{id}", handler)
+    router.add("GET", "/command/{id}/logs", handler)
+    assert router.resolve("GET", "/command/status/abc")[1] == {"id": "abc"}
+    assert router.resolve("GET", "/command/x1/logs")[1] == {"id": "x1"}
+    with pytest.raises(ApiError) as missing:
+        router.resolve("GET", "/command/status/")
+    assert missing.value.status == 404
+    with pytest.raises(ApiError) as wrong_method:
+        router.resolve("POST", "/command/status/abc")
+    assert wrong_method.value.status == 405
+
+
+def test_token_comparison() -> None:
+    assert _same("token", "token")
+    assert not _same("token", "tokem")
+    assert not _same("", "token")
+    assert not _same("token-longer", "token")
+
+
+@pytest.fixture
+def environment(tmp_path: Path) -> Environment:
+    return Environment(str(tmp_path / ".env"), {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+
+
+def test_run_request_string_and_argv(environment: Environment, tmp_path: Path) -> None:
+    spec = parse_run_request({"command": "echo hi"}, environment, str(tmp_path), SHELL)
+    assert spec.argv == [*SHELL, "echo hi"] and spec.content == "echo hi" and spec.cwd == str(tmp_path)
+    spec = parse_run_request(
+        {"argv": ["ls", "a b"], "cwd": "~", "timeout": 500, "envs": {"K": "v"}, "background": True},
+        environment,
+        "/",
+        SHELL,
+    )
+    assert spec.argv == ["ls", "a b"] and spec.content == "ls 'a b'"
+    assert spec.cwd == str(tmp_path) and spec.timeout_ms == 500 and spec.background and spec.env["K"] == "v"
+
+
+def test_run_request_uid_defaults_gid_to_the_users_group(environment: Environment) -> None:
+    spec = parse_run_request({"command": "id", "uid": 0}, environment, "/", SHELL)
+    assert (spec.uid, spec.gid) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {},
+        {"command": "   "},
+        {"command": "a", "argv": ["a"]},
+        {"argv": []},
+        {"argv": [""]},
+        {"argv": ["a", 1]},
+        {"command": "a\0b"},
+        {"command": "a", "timeout": -1},
+        {"command": "a", "timeout": True},
+        {"command": "a", "uid": "0"},
+        {"command": "a", "gid": 0},
+        {"command": "a", "background": "yes"},
+        {"command": "a", "envs": {"A B": "x"}},
+        {"command": "a", "envs": {"A": 1}},
+        {"command": "a", "cwd": "/definitely/not/here"},
+        {"command": "a", "cwd": "$NOPE_NOT_SET"},
+        {"command": "a", "cwd": 5},
+    ],
+)
+def test_run_request_rejects_bad_input(environment: Environment, body: object) -> None:
+    with pytest.raises(ApiError) as err:
+        parse_run_request(body, environment, "/", SHELL)
+    assert err.value.status == 400 and err.value.message
+
+
+def test_marker_scanner_passes_output_and_finds_marker_across_reads() -> None:
+    scanner = MarkerScanner(b"__TOKEN__")
+    assert scanner.feed(b"hello __TO") == (b"hello ", None)  # holds back what may start the marker
+    assert scanner.feed(b"KEN__:0:/tmp\n") == (b"", b":0:/tmp\n")
+    assert scanner.found
+
+
+def test_marker_scanner_releases_a_false_start() -> None:
+    scanner = MarkerScanner(b"__TOKEN__")
+    assert scanner.feed(b"a__") == (b"a", None)
+    assert scanner.feed(b"x") == (b"__x", None)
+
+
+def test_run_scanner_reads_exit_code_and_cwd() -> None:
+    scanner = _RunScanner(b"__T__")
+    assert scanner.feed("stdout", b"out\n__T__:7:/wo") == b"out\n"
+    assert not scanner.done
+    assert scanner.feed("stdout", b"rk dir\n") == b""
+    assert scanner.feed("stderr", b"err\n__T__\n") == b"err\n"
+    assert scanner.done
+    assert scanner.result() == (7, "/work dir")
