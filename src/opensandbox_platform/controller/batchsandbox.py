@@ -87,6 +87,8 @@ class BatchSandboxReconciler:
     async def reconcile(self, key: str) -> float | None:
         cached = self.shared.batchsandboxes.get(key)
         if cached is None or cached.deleting:
+            for waiting in self.shared.waiting.values():
+                waiting.discard(key)
             return None  # pods are owned by it: the garbage collector removes them
         bs = cached.raw
         spec = BatchSandboxSpec.model_validate(bs["spec"])
@@ -193,9 +195,10 @@ class BatchSandboxReconciler:
         """Claims idle Ready pods for every missing index. Returns a (reason, message) problem, if any."""
         meta = bs["metadata"]
         missing = [i for i in range(spec.replicas) if i not in pods]
-        if not missing:
-            return None
         pool_key = f"{meta['namespace']}/{spec.poolRef}"
+        if not missing:
+            self.shared.waiting.get(pool_key, set()).discard(f"{meta['namespace']}/{meta['name']}")
+            return None
         pool = self.shared.pools.get(pool_key)
         if pool is None or pool.deleting:
             return "PoolNotFound", f"Pool {spec.poolRef} does not exist in namespace {meta['namespace']}"
@@ -226,9 +229,12 @@ class BatchSandboxReconciler:
             for _ in chosen:
                 CLAIM_LATENCY.observe(elapsed)
         short = spec.replicas - len(pods)
+        waiting = self.shared.waiting.setdefault(pool_key, set())
         if short > 0:
+            waiting.add(f"{meta['namespace']}/{meta['name']}")  # a pod of the pool turning Ready wakes us
             self.shared.pool_queue.add(pool_key)  # the pool must make pods for us
             return "WaitingForPool", f"Waiting for {short} idle Ready pod(s) from Pool {spec.poolRef}"
+        waiting.discard(f"{meta['namespace']}/{meta['name']}")
         # Refill a moment later, so that background pod creation does not slow this claim's status write.
         self.shared.pool_queue.add_after(pool_key, REFILL_DELAY)
         return None

@@ -140,13 +140,13 @@ class Manager:
                 new is not None and new.ready and not new.claimed and not (old and old.ready and not old.claimed)
             )
             if became_idle_ready:  # wake BatchSandboxes waiting on this pool
-                for bs in s.batchsandboxes.by_index(BY_POOL_REF, pool_key):
-                    s.batchsandbox_queue.add(bs.key)
-        bs_key = _ns_key(pod.namespace, (new.batchsandbox if new else None) or (old.batchsandbox if old else None))
-        if bs_key:
+                for waiting in s.waiting.get(pool_key, ()):
+                    s.batchsandbox_queue.add(waiting)
+        owner_key = _ns_key(pod.namespace, (new.batchsandbox if new else None) or (old.batchsandbox if old else None))
+        if owner_key:
             if new is None and old is not None and s.pods.synced.is_set():
-                self._note_lost(bs_key, old)
-            s.batchsandbox_queue.add(bs_key)
+                self._note_lost(owner_key, old)
+            s.batchsandbox_queue.add(owner_key)
 
     def _note_lost(self, bs_key: str, pod: PodInfo) -> None:
         bs = self.shared.batchsandboxes.get(bs_key)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
 
@@ -35,9 +37,25 @@ from opensandbox_platform.controller.state import (
 from opensandbox_platform.kube.client import JSON, PODS, ApiError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POOL_PODS = Gauge("opensandbox_pool_pods", "Pods of a Pool by state.", ["namespace", "pool", "state"])
+# A pass creates at most this many pods (then the next pass, once their events arrived, goes on), with at
+# most WRITE_CONCURRENCY requests in flight: a pool of 10,000 must not hold 10,000 requests in memory.
+MAX_CREATES_PER_PASS = 500
+WRITE_CONCURRENCY = 32
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet (no vowels)
+
+
+async def bounded_gather(coroutines: list[Coroutine[Any, Any, T]], limit: int) -> list[T]:
+    """asyncio.gather with at most `limit` running at once."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coroutine: Coroutine[Any, Any, T]) -> T:
+        async with semaphore:
+            return await coroutine
+
+    return await asyncio.gather(*(run(c) for c in coroutines))
 
 
 def random_suffix(n: int = 5) -> str:
@@ -106,7 +124,7 @@ class PoolReconciler:
         while create > room and stale_ready:  # make room for the new revision
             to_delete.append((stale_ready.pop(0), "rolled"))
             room += 1
-        create = max(0, min(create, room))
+        create = max(0, min(create, room, MAX_CREATES_PER_PASS))
 
         limit = max(spec.maxBufferSize, wanted)
         surplus = len(current) - limit
@@ -155,7 +173,7 @@ class PoolReconciler:
                 self.shared.events.record(pool, "Warning", "FailedCreate", f"Failed to create pool pod: {err.message}")
                 return False
 
-        results = await asyncio.gather(*(one() for _ in range(count)))
+        results = await bounded_gather([one() for _ in range(count)], WRITE_CONCURRENCY)
         created = sum(results)
         if created:
             self.shared.events.record(pool, "Normal", "SuccessfulCreate", f"Created {created} pool pod(s)")
@@ -184,7 +202,7 @@ class PoolReconciler:
                 if not (err.not_found or err.conflict):
                     raise
 
-        await asyncio.gather(*(one(p) for p, _ in doomed))
+        await bounded_gather([one(p) for p, _ in doomed], WRITE_CONCURRENCY)
         reasons: dict[str, int] = {}
         for _, reason in doomed:
             reasons[reason] = reasons.get(reason, 0) + 1

@@ -96,3 +96,4 @@ class Shared:
     deleting: Expectations = field(default_factory=Expectations)
     reserved: set[str] = field(default_factory=set)  # pod keys a claim is being written for
     lost_notes: dict[str, list[str]] = field(default_factory=dict)  # BatchSandbox key -> pods lost since
+    waiting: dict[str, set[str]] = field(default_factory=dict)  # Pool key -> BatchSandboxes short of pods
