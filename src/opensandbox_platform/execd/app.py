@@ -35,6 +35,7 @@ log = logging.getLogger("execd")
 TOKEN_HEADER = "x-execd-access-token"
 CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
 EMPTY = Response()
+SMALL_FILE = 256 * 1024
 
 
 @dataclass
@@ -242,11 +243,16 @@ class ExecdApp:
                     f"range {range_header!r} is outside the file ({size} bytes)",
                     {"content-range": f"bytes */{size}"},
                 ) from None
-        if span is None:
-            return FileResponse(fh, 0, size, headers=headers)
-        start, end = span
-        headers["content-range"] = f"bytes {start}-{end}/{size}"
-        return FileResponse(fh, start, end - start + 1, status=206, headers=headers)
+        status, start, count = 200, 0, size
+        if span is not None:
+            status, start, count = 206, span[0], span[1] - span[0] + 1
+            headers["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        if count <= SMALL_FILE:
+            # sendfile's set-up costs more than copying a small file through memory.
+            with fh:
+                fh.seek(start)
+                return Response(fh.read(count), status, headers)
+        return FileResponse(fh, start, count, status, headers)
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ replace, mkdir, rm. Modes travel as octal digits written in decimal (755 means 0
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import grp
 import os
@@ -529,6 +530,7 @@ class _Target:
         self.path = path
         self.fd = fd
         self.meta = meta
+        self.size = 0
 
     @classmethod
     def open(cls, meta: dict[str, Any]) -> _Target:
@@ -536,13 +538,16 @@ class _Target:
         parent = os.path.dirname(path)
         try:
             os.makedirs(parent, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # No O_TRUNC: overwriting in place and cutting to length at the end skips freeing and
+            # re-allocating blocks when a file is rewritten with content of the same size.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise errors.os_error(exc, meta["path"]) from None
         return cls(path, fd, meta)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
+        self.size += len(data)
         try:
             while view:
                 view = view[os.write(self.fd, view) :]
@@ -551,6 +556,7 @@ class _Target:
 
     def finish(self) -> None:
         try:
+            os.ftruncate(self.fd, self.size)
             if self.meta["_uid"] != -1 or self.meta["_gid"] != -1:
                 os.fchown(self.fd, self.meta["_uid"], self.meta["_gid"])
             os.fchmod(self.fd, self.meta["_mode"])  # after chown, which may clear setuid bits
@@ -561,7 +567,10 @@ class _Target:
             self.fd = -1
 
     def abort(self) -> None:
+        """Close a file whose upload broke off; it keeps what arrived (cut to that length)."""
         if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
             os.close(self.fd)
             self.fd = -1
 

@@ -408,7 +408,7 @@ class HttpServer:
     async def _write(
         self, writer: asyncio.StreamWriter, response: AnyResponse, keep_alive: bool, chunked_ok: bool = True
     ) -> bool:
-        headers = response.headers
+        headers = dict(response.headers)  # responses may be shared (e.g. the empty 200)
         if isinstance(response, StreamResponse) and not chunked_ok:
             keep_alive = False  # HTTP/1.0: the body ends when the connection closes
         if not keep_alive:
@@ -429,14 +429,19 @@ class HttpServer:
             finally:
                 response.file.close()
             return keep_alive
-        return await self._write_stream(writer, response, keep_alive, chunked_ok)
+        return await self._write_stream(writer, response, headers, keep_alive, chunked_ok)
 
     async def _write_stream(
-        self, writer: asyncio.StreamWriter, response: StreamResponse, keep_alive: bool, chunked: bool
+        self,
+        writer: asyncio.StreamWriter,
+        response: StreamResponse,
+        headers: dict[str, str],
+        keep_alive: bool,
+        chunked: bool,
     ) -> bool:
         if chunked:
-            response.headers["transfer-encoding"] = "chunked"
-        writer.write(_head(response.status, response.headers))
+            headers["transfer-encoding"] = "chunked"
+        writer.write(_head(response.status, headers))
         chunks = response.chunks
         try:
             async for chunk in chunks:
