@@ -186,6 +186,13 @@ async def test_cwd_expands_variables_and_rejects_missing_directories(sandbox: Sa
     assert err.value.status_code == 400
 
 
+async def test_uid_and_gid(sandbox: Sandbox) -> None:
+    nobody = await sandbox.commands.run("id -u; id -g; id -G", opts=RunCommandOpts(uid=65534))
+    assert stdout(nobody) == ["65534", "65534", "65534"]
+    explicit = await sandbox.commands.run(["id", "-g"], opts=RunCommandOpts(uid=65534, gid=100))
+    assert stdout(explicit) == ["100"]
+
+
 async def test_timeout_kills_the_command(sandbox: Sandbox) -> None:
     opts = RunCommandOpts(timeout=timedelta(seconds=0.5))
     execution = await sandbox.commands.run("echo started; sleep 30", opts=opts)

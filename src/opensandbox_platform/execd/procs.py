@@ -147,11 +147,15 @@ def spawn(
 ) -> Child:
     """Start `argv` in a new process group and watch it. Raises OSError if it cannot start."""
     kwargs: dict[str, Any] = {}
-    if uid is not None:
-        kwargs["user"] = uid
-        kwargs["extra_groups"] = []
-    if gid is not None:
-        kwargs["group"] = gid
+    # Asking for the identity we already have needs no switch (and setgroups() would need
+    # CAP_SETGID, which a sandbox running execd as a plain user does not have).
+    same = (uid is None or uid == os.getuid()) and (gid is None or gid == os.getgid())
+    if not same:
+        if uid is not None:
+            kwargs["user"] = uid
+            kwargs["extra_groups"] = []
+        if gid is not None:
+            kwargs["group"] = gid
     popen = subprocess.Popen(
         list(argv),
         stdin=subprocess.DEVNULL if stdin is None else stdin,
