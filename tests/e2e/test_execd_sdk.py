@@ -11,6 +11,8 @@ import asyncio
 import io
 import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,7 +37,7 @@ from opensandbox.models.filesystem import (
     WriteEntry,
 )
 
-from tests.e2e.execd_support.processes import Execd, Lifecycle, run_execd, run_lifecycle
+from tests.e2e.execd_support.processes import Execd, Lifecycle, free_port, run_execd, run_lifecycle
 
 # -- fixtures ---------------------------------------------------------------------------------
 
@@ -698,3 +700,85 @@ def test_bootstrap_sets_the_default_env_and_starts_the_main_process(tmp_path: Pa
 
         again = client.post("/bootstrap", json={"argv": ["true"]})
         assert again.status_code == 409 and again.json()["code"] == "CONFLICT"
+
+
+# -- the packaged executable in an image without Python --------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+BINARY = ROOT / "build" / "execd" / "opensandbox-execd"
+TEST_IMAGE = "localhost/opensandbox-test-base:latest"
+
+
+def podman(*args: str, check: bool = True) -> str:
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)}: {result.stderr}")
+    return result.stdout.strip()
+
+
+def podman_ready() -> bool:
+    if not BINARY.exists() or shutil.which("podman") is None:
+        return False
+    return subprocess.run(["podman", "image", "exists", TEST_IMAGE], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not podman_ready(), reason="needs tools/build-execd.sh output, podman and the test image")
+def test_packaged_executable_in_an_image_without_python(tmp_path: Path) -> None:
+    """The upstream layout: an init step copies execd and bootstrap.sh into a shared volume, then the
+    sandbox container (no Python in it) runs `bootstrap.sh <entrypoint>` as PID 1."""
+    tag = f"localhost/opensandbox-execd:e2e-{os.getpid()}"
+    volume, name = f"osb-execd-{os.getpid()}", f"osb-execd-{os.getpid()}"
+    port = free_port()
+    podman(
+        "build", "-q", "-f", "images/execd.Dockerfile", "--build-arg", f"BASE_IMAGE={TEST_IMAGE}", "-t", tag, str(ROOT)
+    )
+    try:
+        podman("volume", "create", volume)
+        mount = f"{volume}:/opt/opensandbox"
+        podman(
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/bin/sh",
+            "-v",
+            mount,
+            tag,
+            "-c",
+            "cp ./execd ./bootstrap.sh /opt/opensandbox/",
+        )
+        podman(
+            "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:44772", "-v", mount,
+            "-e", "EXECD=/opt/opensandbox/execd", TEST_IMAGE, "/opt/opensandbox/bootstrap.sh", "sleep", "1000",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        def pinged() -> bool:
+            try:
+                return httpx.get(url + "/ping", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(pinged, 30, "execd in the container")
+        with run_lifecycle(f"127.0.0.1:{port}") as lc:
+            sb = SandboxSync.create("x", connection_config=ConnectionConfigSync(domain=lc.domain), entrypoint=["true"])
+            probe = sb.commands.run("command -v python3 python || echo no-python; cat /proc/1/cmdline | tr '\\0' ' '")
+            assert stdout(probe) == ["no-python", "/bin/sh /opt/opensandbox/bootstrap.sh sleep 1000 "]
+            sb.files.write_file("/tmp/in-container.txt", "hello")
+            assert sb.files.read_file("/tmp/in-container.txt") == "hello"
+            sb.close()
+
+        # PID 1 reaps orphans that are re-parented to it (here: from a `podman exec`).
+        podman("exec", name, "sh", "-c", "sleep 0.2 & exit 0")
+        time.sleep(1)
+        states = podman("exec", name, "sh", "-c", "cat /proc/[0-9]*/stat")
+        assert not [line for line in states.splitlines() if line.rsplit(")", 1)[1].split()[0] == "Z"]
+
+        # SIGTERM reaches the entrypoint, and the container stops long before podman's 10 s timeout.
+        started = time.monotonic()
+        podman("stop", "-t", "10", name)
+        assert time.monotonic() - started < 5
+        assert podman("inspect", name, "--format", "{{.State.ExitCode}}") == "143"
+    finally:
+        podman("rm", "-f", name, check=False)
+        podman("volume", "rm", "-f", volume, check=False)
+        podman("rmi", "-f", tag, check=False)
