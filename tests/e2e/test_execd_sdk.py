@@ -500,6 +500,19 @@ async def test_permissions_and_replace(sandbox: Sandbox, work: Path) -> None:
     assert (await sandbox.files.get_file_info([path]))[path].mode == 600
 
 
+async def test_uploads_with_bad_metadata_are_rejected(sandbox: Sandbox, work: Path) -> None:
+    (work / "a-directory").mkdir()
+    for path, mode, owner in (
+        (work / "bad-mode.txt", 999, None),
+        (work / "bad-owner.txt", 644, "no-such-user-x"),
+        (work / "a-directory", 644, None),
+    ):
+        with pytest.raises(SandboxApiException) as err:
+            await sandbox.files.write_file(str(path), "x", mode=mode, owner=owner)
+        assert err.value.status_code == 400
+    assert not (work / "bad-mode.txt").exists() and not (work / "bad-owner.txt").exists()
+
+
 async def test_metrics_health_and_connect(sandbox: Sandbox, lifecycle: Lifecycle) -> None:
     assert await sandbox.is_healthy()
     metrics = await sandbox.get_metrics()

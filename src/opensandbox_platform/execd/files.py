@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from opensandbox_platform.execd import errors
-from opensandbox_platform.execd.errors import ApiError
 from opensandbox_platform.execd.multipart import MultipartParser, PartData, PartEnd, PartStart
 
 MAX_METADATA = 64 * 1024
@@ -573,6 +572,3 @@ class _Target:
                 os.ftruncate(self.fd, self.size)
             os.close(self.fd)
             self.fd = -1
-
-
-__all__ = ["ApiError", "RangeNotSatisfiable"]

@@ -512,21 +512,3 @@ def _body_for(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, header
             raise errors.bad_request("invalid Content-Length")
         return _Body(reader, writer, int(length_text), False, expect)
     return _Body(reader, writer, 0, False, False)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-__all__ = [
-    "ClientGone",
-    "FileResponse",
-    "Handler",
-    "HttpServer",
-    "Request",
-    "Response",
-    "Router",
-    "StreamResponse",
-    "error_response",
-    "now_ms",
-]

@@ -46,7 +46,6 @@ class ChildWatcher:
 
     def __init__(self) -> None:
         self._waiters: dict[int, asyncio.Future[int]] = {}
-        self._early: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -60,13 +59,14 @@ class ChildWatcher:
             self._loop.remove_signal_handler(signal.SIGCHLD)
 
     def watch(self, pid: int) -> asyncio.Future[int]:
-        """A future resolved with the child's wait status once it has been reaped."""
+        """A future resolved with the child's wait status once it has been reaped.
+
+        Call it right after the fork, with no await in between: the SIGCHLD handler runs on the
+        event loop, so it cannot reap the child before the watch is registered.
+        """
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        if pid in self._early:
-            fut.set_result(self._early.pop(pid))
-        else:
-            self._waiters[pid] = fut
+        self._waiters[pid] = fut
         return fut
 
     def reap(self) -> None:
@@ -81,10 +81,7 @@ class ChildWatcher:
                 return
             fut = self._waiters.pop(pid, None)
             if fut is None:
-                # An orphan re-parented to us, or a child whose watcher is not registered yet.
-                if len(self._early) < 1024:
-                    self._early[pid] = status
-                continue
+                continue  # an orphan re-parented to us: reaping it is all there is to do
             if not fut.done():
                 fut.set_result(status)
 
