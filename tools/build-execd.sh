@@ -19,9 +19,12 @@ PY
 
 # Excluded: what execd never imports but the stdlib or site-packages would drag in. `ssl` is also
 # kept out at run time (main.py), so leaving OpenSSL out of the bundle loses nothing.
-excludes=(ssl _ssl tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite3 _sqlite3 curses readline
-  pydantic pydantic_core fastapi starlette uvicorn httpx httpcore anyio h11 yaml lightkube opensandbox
-  multiprocessing distutils setuptools pkg_resources)
+# _hashlib would bring OpenSSL's libcrypto (hashlib falls back to its built-in hashes); the CJK
+# codecs, unicodedata and _decimal are big extension modules execd never loads.
+excludes=(ssl _ssl _hashlib tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite3 _sqlite3 curses readline
+  decimal _decimal unicodedata _multibytecodec _codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr
+  _codecs_tw pydantic pydantic_core fastapi starlette uvicorn httpx httpcore anyio h11 yaml lightkube
+  opensandbox multiprocessing distutils setuptools pkg_resources)
 args=()
 for module in "${excludes[@]}"; do args+=(--exclude-module "$module"); done
 

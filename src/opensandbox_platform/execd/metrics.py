@@ -14,6 +14,7 @@ from typing import Any
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 MIN_INTERVAL = 0.1
+MAX_BASELINE_AGE = 5.0
 
 
 def _read(path: str) -> str | None:
@@ -168,8 +169,9 @@ class Sampler:
     async def sample(self) -> dict[str, Any]:
         now = time.monotonic()
         usage = self.cpu_usage_ns()
-        if self._last is None or now - self._last[0] < MIN_INTERVAL:
-            # Too short an interval says nothing: measure over MIN_INTERVAL from here.
+        if self._last is None or not MIN_INTERVAL <= now - self._last[0] <= MAX_BASELINE_AGE:
+            # Too short an interval says nothing, and an old baseline gives a long-term average
+            # instead of current use: measure over MIN_INTERVAL from here.
             self._last = (now, usage)
             await asyncio.sleep(MIN_INTERVAL)
             now, usage = time.monotonic(), self.cpu_usage_ns()

@@ -19,6 +19,9 @@ import uvicorn
 from tests.e2e.execd_support.lifecycle import make_app
 
 
+MODULE = "opensandbox_platform.execd.main"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,7 +67,9 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
         "EXECD_STATE_DIR": str(workdir / "state"),
         **(extra_env or {}),
     }
-    args = [sys.executable, "-m", "opensandbox_platform.execd.main", "--host", "127.0.0.1", "--port", str(port)]
+    # EXECD_BINARY runs the suite against a packaged build (tools/build-execd.sh) instead.
+    program = [os.environ["EXECD_BINARY"]] if os.environ.get("EXECD_BINARY") else [sys.executable, "-m", MODULE]
+    args = [*program, "--host", "127.0.0.1", "--port", str(port)]
     if token:
         args += ["--access-token", token]
     log = open(workdir / "execd.log", "ab")  # noqa: SIM115 - closed below
