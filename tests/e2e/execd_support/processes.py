@@ -18,7 +18,6 @@ import uvicorn
 
 from tests.e2e.execd_support.lifecycle import make_app
 
-
 MODULE = "opensandbox_platform.execd.main"
 
 
