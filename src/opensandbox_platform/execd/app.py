@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class ExecdApp:
         await self.commands.shutdown()
         self.sessions.shutdown()
         self.bootstrap.shutdown()
+        if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     # -- health and bootstrap ----------------------------------------------------------------
 
