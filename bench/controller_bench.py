@@ -103,11 +103,14 @@ async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, objec
         for i in range(runs):
             name = f"claim-{i}"
             samples.append(await create_and_wait_ready(client, namespace, batchsandbox(name, "warm", 1), 1))
-            await client.delete(BATCHSANDBOXES, name, namespace)
         await client.aclose()
     figures = summary_ms(samples)
     print(f"claim latency over {runs} runs: p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
-    return {"claim_latency": figures, "targets": {"p50_ms": 30, "p99_ms": 100}}
+    return {
+        "claim_latency": figures,
+        "setup": f"{runs} sequential creates, kept; pool minBufferSize 20, refilling in the background",
+        "targets": {"p50_ms": 30, "p99_ms": 100},
+    }
 
 
 async def bench_batch100(cluster: LocalCluster, runs: int = 5) -> dict[str, object]:

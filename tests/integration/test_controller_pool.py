@@ -212,7 +212,9 @@ def test_changed_template_rolls_idle_pods_and_leaves_claimed_ones(
         return len(idle) == 2 and all(p.spec.containers[0].image == "ubuntu:24.04" for p in idle)
 
     eventually(rolled, what="idle pods on the new template")
-    new_revision = kube.get(Pool, "example-pool", namespace=namespace).status["revision"]
-    assert new_revision != old_revision
+    eventually(
+        lambda: kube.get(Pool, "example-pool", namespace=namespace).status["revision"] != old_revision,
+        what="status.revision updated",
+    )
     still = kube.get(Pod, claimed[0].metadata.name, namespace=namespace)
     assert still.metadata.uid == claimed[0].metadata.uid and still.spec.containers[0].image == "ubuntu:latest"

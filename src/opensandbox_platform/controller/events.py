@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 from opensandbox_platform.kube.client import EVENTS, JSON, KubeClient
@@ -14,10 +15,28 @@ COMPONENT = "opensandbox-controller"
 
 
 class EventRecorder:
-    def __init__(self, client: KubeClient, host: str) -> None:
+    """Sends Events, with a spam filter like client-go's: per object and reason a burst of `burst`
+    Events, then one every `refill` seconds. Routine events (a pool refilling after every claim) would
+    otherwise cost the API server a write per claim. Every event is logged either way."""
+
+    def __init__(self, client: KubeClient, host: str, burst: int = 5, refill: float = 10.0) -> None:
         self.client = client
         self.host = host
+        self.burst = burst
+        self.refill = refill
+        self._tokens: dict[tuple[str, str], tuple[float, float]] = {}  # (uid, reason) -> (tokens, at)
         self._pending: set[asyncio.Task[None]] = set()
+
+    def _allow(self, uid: str, reason: str) -> bool:
+        now = time.monotonic()
+        tokens, at = self._tokens.get((uid, reason), (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) / self.refill)
+        allowed = tokens >= 1.0
+        self._tokens[(uid, reason)] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._tokens) > 10_000:  # forget the oldest objects
+            for key in list(self._tokens)[:5_000]:
+                del self._tokens[key]
+        return allowed
 
     def record(self, obj: JSON, type_: str, reason: str, message: str) -> None:
         """`type_` is Normal or Warning; `reason` is UpperCamelCase, `message` a sentence for a person."""
@@ -50,6 +69,8 @@ class EventRecorder:
             message,
             extra={"object": f"{obj.get('kind')}/{meta['namespace']}/{meta['name']}", "reason": reason},
         )
+        if not self._allow(str(meta.get("uid")), reason):
+            return
         task = asyncio.get_running_loop().create_task(self._send(event, meta["namespace"]))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -132,8 +132,9 @@ class Manager:
                 s.creating.observe(pool_key, pod.key)
             if new is None or new.deleting:
                 s.deleting.observe(pool_key, pod.key)
-            if new is not None and old is not None and new.claimed and not old.claimed:
-                s.pool_queue.add_after(pool_key, REFILL_DELAY)  # a claim: refill after its status is out
+            if new is not None and new.claimed:
+                # A claim (or a change to a claimed pod): refill after the claim's status is out.
+                s.pool_queue.add_after(pool_key, REFILL_DELAY)
             else:
                 s.pool_queue.add(pool_key)
             became_idle_ready = (

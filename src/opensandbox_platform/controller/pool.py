@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ POOL_PODS = Gauge("opensandbox_pool_pods", "Pods of a Pool by state.", ["namespa
 # A pass creates at most this many pods (then the next pass, once their events arrived, goes on), with at
 # most WRITE_CONCURRENCY requests in flight: a pool of 10,000 must not hold 10,000 requests in memory.
 MAX_CREATES_PER_PASS = 500
+STATUS_INTERVAL = 0.5  # seconds between two status writes of one Pool
 WRITE_CONCURRENCY = 32
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet (no vowels)
 
@@ -83,6 +85,7 @@ class PoolReconciler:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        self._status_written: dict[str, float] = {}  # pool key -> monotonic time of the last status write
 
     async def reconcile(self, key: str) -> float | None:
         cached = self.shared.pools.get(key)
@@ -142,9 +145,12 @@ class PoolReconciler:
             self._create(pool, spec, revision, create),
             self._delete(pool, to_delete),
         )
-        await self._write_status(pool, spec, revision, pods, claimed, current, to_delete, create)
-        # Look again when the first pod that is not Ready yet would pass the deadline.
+        written = await self._write_status(pool, spec, revision, pods, claimed, current, to_delete, create)
+        # Look again when the first pod that is not Ready yet would pass the deadline, or when a
+        # status write held back by the rate limit is due.
         waits = [deadline - age_seconds(p, now) for p in healthy if not p.ready]
+        if not written:
+            waits.append(STATUS_INTERVAL)
         return max(0.1, min(waits)) if waits else None
 
     async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> None:
@@ -232,7 +238,8 @@ class PoolReconciler:
         current: list[PodInfo],
         deleted: list[tuple[PodInfo, str]],
         created: int,
-    ) -> None:
+    ) -> bool:
+        """Writes the status if it changed; False when the write is held back by the rate limit."""
         meta = pool["metadata"]
         doomed = {p.key for p, _ in deleted}
         alive_idle = [p for p in current if p.key not in doomed]
@@ -264,6 +271,14 @@ class PoolReconciler:
         ):
             POOL_PODS.labels(meta["namespace"], meta["name"], state).set(n)
         if same_status(old, status):
-            return
+            return True
+        # Pool status is for people and dashboards: write it at most every STATUS_INTERVAL, so that a
+        # stream of claims and refills does not add a status write per pod event.
+        key = f"{meta['namespace']}/{meta['name']}"
+        last = self._status_written.get(key, 0.0)
+        if time.monotonic() - last < STATUS_INTERVAL:
+            return False
+        self._status_written[key] = time.monotonic()
         result = await self.shared.client.patch(POOLS, meta["name"], {"status": status}, meta["namespace"], "status")
         self.shared.pools.assume(slim_object(result))
+        return True
