@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format crds cluster-up cluster-down podman-up podman-down bench tools
+.PHONY: help run test lint format crds cluster-up cluster-down podman-up podman-down bench tools execd-binary execd-image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -17,6 +17,7 @@ run:  ## install what is needed and start the server on $(HOST):$(PORT)
 
 test:  ## the whole suite; starts the services it needs (cluster, podman) and stops them afterwards
 	tools/setup.sh test
+	tools/build-execd.sh --check
 	$(UV) run pytest $(PYTEST_ARGS)
 
 lint:  ## ruff and mypy
@@ -31,6 +32,13 @@ format:  ## apply ruff's formatting and fixes
 
 crds:  ## regenerate config/crds.yaml from the models in api/crds.py
 	$(UV) run opensandbox-controller print-crds > config/crds.yaml
+
+execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd (PyInstaller)
+	tools/setup.sh run
+	tools/build-execd.sh --check
+
+execd-image: execd-binary  ## the execd image opensandbox/execd:dev (podman; copies the built binary)
+	podman build -f images/execd.Dockerfile -t opensandbox/execd:dev .
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster
