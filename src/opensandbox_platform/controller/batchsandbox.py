@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import httpx2
@@ -86,10 +87,17 @@ class BatchSandboxReconciler:
 
     async def reconcile(self, key: str) -> float | None:
         cached = self.shared.batchsandboxes.get(key)
-        if cached is None or cached.deleting:
+        if cached is None:
             for waiting in self.shared.waiting.values():
                 waiting.discard(key)
-            return None  # pods are owned by it: the garbage collector removes them
+            # Its pods are owned by it, so the garbage collector removes them even while we are down;
+            # deleting them here frees the pool's capacity without waiting for the collector. Pods the
+            # collector orphaned (`--cascade=orphan`) have no owner any more and are left alone.
+            owned = [p for p in self.shared.pods.by_index(BY_BATCHSANDBOX, key) if p.owner_uid and not p.deleting]
+            await self._delete_pods(owned)
+            return None
+        if cached.deleting:
+            return None  # foreground or orphan deletion: the garbage collector does what was asked
         bs = cached.raw
         spec = BatchSandboxSpec.model_validate(bs["spec"])
         now = datetime.now(UTC)
@@ -121,7 +129,8 @@ class BatchSandboxReconciler:
                 bs["metadata"].get("generation", 0),
             )
         await self._write_status(bs, spec, pods, conditions, problem, now)
-        return self._next_deadline(spec, self.shared.batchsandboxes.get(key), now)
+        latest = self.shared.batchsandboxes.get(key)  # with the status just written
+        return next_deadline(spec, (latest.raw if latest else bs).get("status") or {}, now)
 
     # --- pods -------------------------------------------------------------------------------------
     async def _current_pods(self, bs: JSON, key: str) -> tuple[dict[int, PodInfo], list[str]]:
@@ -130,7 +139,8 @@ class BatchSandboxReconciler:
         lost = self.shared.lost_notes.pop(key, [])
         for pod in sorted(self.shared.pods.by_index(BY_BATCHSANDBOX, key), key=lambda p: p.created):
             if pod.owner_uid != bs["metadata"]["uid"]:
-                continue  # left over from an earlier object of the same name
+                await self._delete_pods([pod])  # left over from an earlier object of the same name
+                continue
             if pod.lost:
                 lost.append(f"sandbox {pod.index}: pod {pod.name} {pod.reason or 'failed'}, replaced")
                 await self._delete_pod(pod)
@@ -148,6 +158,9 @@ class BatchSandboxReconciler:
                 continue
             pods[pod.index] = pod
         return pods, lost
+
+    async def _delete_pods(self, pods: Iterable[PodInfo]) -> None:
+        await asyncio.gather(*(self._delete_pod(p) for p in pods))
 
     async def _delete_pod(self, pod: PodInfo) -> None:
         try:
@@ -388,18 +401,16 @@ class BatchSandboxReconciler:
         )
         self.shared.batchsandboxes.assume(slim_object(result))
 
-    def _next_deadline(self, spec: BatchSandboxSpec, cached: object, now: datetime) -> float | None:
-        """Seconds until the next time-based action: expiry or TTL after finishing."""
-        deadlines: list[datetime] = []
-        if spec.expireTime is not None:
-            deadlines.append(spec.expireTime)
-        raw = getattr(cached, "raw", None)
-        finished_at = parse_time(((raw or {}).get("status") or {}).get("finishedAt"))
-        if finished_at and spec.ttlSecondsAfterFinished is not None:
-            deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
-        if not deadlines:
-            return None
-        return max(0.0, (min(deadlines) - now).total_seconds())
+
+def next_deadline(spec: BatchSandboxSpec, status: JSON, now: datetime) -> float | None:
+    """Seconds until the next time-based action: expiry, or deletion after the TTL once finished."""
+    deadlines: list[datetime] = []
+    if spec.expireTime is not None:
+        deadlines.append(spec.expireTime)
+    finished_at = parse_time(status.get("finishedAt"))
+    if finished_at and spec.ttlSecondsAfterFinished is not None:
+        deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
+    return max(0.0, (min(deadlines) - now).total_seconds()) if deadlines else None
 
 
 def _same_condition(old: JSON, type_: str, reason: str) -> bool:
