@@ -25,6 +25,7 @@ from prometheus_client import Gauge
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
+from opensandbox_platform.controller.batchsandbox import REFILL_DELAY
 from opensandbox_platform.controller.conditions import same_status, set_condition
 from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, template_revision
 from opensandbox_platform.controller.state import (
@@ -128,6 +129,9 @@ class PoolReconciler:
             to_delete.append((stale_ready.pop(0), "rolled"))
             room += 1
         create = max(0, min(create, room, MAX_CREATES_PER_PASS))
+        postponed = in_flight > 0 and create > 0
+        if postponed:
+            create = 0  # claims are being written: they go first, the refill follows right after
 
         limit = max(spec.maxBufferSize, wanted)
         surplus = len(current) - limit
@@ -151,6 +155,8 @@ class PoolReconciler:
         waits = [deadline - age_seconds(p, now) for p in healthy if not p.ready]
         if not written:
             waits.append(STATUS_INTERVAL)
+        if postponed:
+            waits.append(REFILL_DELAY)
         return max(0.1, min(waits)) if waits else None
 
     async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> None:

@@ -79,7 +79,7 @@ class Settings:
     execd_image: str | None = None
     task_executor_image: str | None = None
     pod_ready_deadline: float = 300.0
-    claim_concurrency: int = 32
+    claim_concurrency: int = 16  # claim writes in flight per BatchSandbox (more only queue in the API server)
 
 
 @dataclass
