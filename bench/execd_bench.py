@@ -207,12 +207,17 @@ def make_file(path: Path, mib: int) -> None:
             fh.write(os.urandom(MiB))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=300, help="samples per latency figure")
-    parser.add_argument("--binary", help="also measure start-up and idle memory of this executable")
+    built = ROOT / "build" / "execd" / "opensandbox-execd"
+    parser.add_argument(
+        "--binary",
+        default=str(built) if built.exists() else None,
+        help="also measure start-up and idle memory of this executable (default: the built one, if any)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "execd.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     results: dict[str, Any] = {
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
