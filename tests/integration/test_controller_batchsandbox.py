@@ -12,17 +12,33 @@ from lightkube.resources.core_v1 import Pod
 from opensandbox_platform.api import labels
 from tests.support.controller import ControllerProcess
 from tests.support.kube import (
+    EVICTED,
     BatchSandbox,
     eventually,
     idle_ready,
     pods_of,
     pool_pods,
     pooled_batchsandbox,
+    report_pod_status,
     seed_pool,
     status,
 )
 from tests.support.services import LocalCluster
 
+FINISHED = {  # the sandbox container exited 0 (restartPolicy Never)
+    "phase": "Succeeded",
+    "conditions": [{"type": "Ready", "status": "False"}],
+    "containerStatuses": [
+        {
+            "name": "sandbox",
+            "image": "ubuntu:latest",
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+        }
+    ],
+}
 SEED_BATCHSANDBOX = """
 apiVersion: sandbox.opensandbox.io/v1alpha1
 kind: BatchSandbox
@@ -100,20 +116,7 @@ def test_ttl_after_finished_deletes_a_finished_batchsandbox(
     eventually(lambda: ready_count(kube, "example-batchsandbox", namespace) == 2)
     # Each sandbox's main container exits 0, as a kubelet would report it (kwok runs nothing).
     for pod in pods_of(kube, namespace):
-        cluster.kubectl("annotate", "pod", pod.metadata.name, "-n", namespace, "kwok.x-k8s.io/status=custom")
-        cluster.kubectl(
-            "patch",
-            "pod",
-            pod.metadata.name,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            '{"status":{"phase":"Succeeded","conditions":[{"type":"Ready","status":"False"}],'
-            '"containerStatuses":[{"name":"sandbox","image":"ubuntu:latest","imageID":"","ready":false,'
-            '"restartCount":0,"state":{"terminated":{"exitCode":0,"reason":"Completed"}}}]}}',
-        )
+        report_pod_status(cluster, namespace, pod.metadata.name, FINISHED)
     finished = eventually(
         lambda: status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace)).get("finishedAt"),
         what="finishedAt",
@@ -180,18 +183,7 @@ def test_a_lost_claimed_pod_is_replaced_and_reported(
 
     # An evicted pod (kubelet sets phase Failed, reason Evicted) is replaced too.
     evicted = status(kube.get(BatchSandbox, "one", namespace=namespace))["sandboxes"][0]["podName"]
-    cluster.kubectl("annotate", "pod", evicted, "-n", namespace, "kwok.x-k8s.io/status=custom")
-    cluster.kubectl(
-        "patch",
-        "pod",
-        evicted,
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}',
-    )
+    report_pod_status(cluster, namespace, evicted, EVICTED)
     eventually(
         lambda: (
             status(kube.get(BatchSandbox, "one", namespace=namespace))["sandboxes"][0]["podName"]

@@ -10,7 +10,17 @@ from lightkube.resources.core_v1 import Pod
 
 from opensandbox_platform.api import labels
 from tests.support.controller import ControllerProcess
-from tests.support.kube import Pool, eventually, idle_ready, pool_pods, pooled_batchsandbox, seed_pool, status
+from tests.support.kube import (
+    EVICTED,
+    Pool,
+    eventually,
+    idle_ready,
+    pool_pods,
+    pooled_batchsandbox,
+    report_pod_status,
+    seed_pool,
+    status,
+)
 from tests.support.services import LocalCluster
 
 
@@ -127,17 +137,7 @@ def test_lost_and_stuck_pods_are_replaced(cluster: LocalCluster, kube: Client, n
 
         # A pod that fails (as a crash with restartPolicy Never would): replaced.
         victim = idle_ready(pool_pods(kube, namespace, "example-pool"))[0].metadata.name
-        cluster.kubectl(
-            "patch",
-            "pod",
-            victim,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            '{"status":{"phase":"Failed","reason":"Evicted","conditions":[]}}',
-        )
+        report_pod_status(cluster, namespace, victim, EVICTED)
         eventually(
             lambda: victim not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
             what="failed pod deleted",
@@ -146,18 +146,7 @@ def test_lost_and_stuck_pods_are_replaced(cluster: LocalCluster, kube: Client, n
 
         # A pod stuck not Ready (image pull back-off, crash loop) past the deadline: replaced.
         stuck = idle_ready(pool_pods(kube, namespace, "example-pool"))[0].metadata.name
-        cluster.kubectl("annotate", "pod", stuck, "-n", namespace, "kwok.x-k8s.io/status=custom")
-        cluster.kubectl(
-            "patch",
-            "pod",
-            stuck,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            '{"status":{"conditions":[{"type":"Ready","status":"False"}]}}',
-        )
+        report_pod_status(cluster, namespace, stuck, {"conditions": [{"type": "Ready", "status": "False"}]})
         eventually(
             lambda: stuck not in {p.metadata.name for p in pool_pods(kube, namespace, "example-pool")},
             timeout=20,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,6 +12,7 @@ from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
 from opensandbox_platform.api import labels
+from tests.support.services import LocalCluster
 
 Pool = create_namespaced_resource(labels.GROUP, labels.VERSION, "Pool", "pools")
 BatchSandbox = create_namespaced_resource(labels.GROUP, labels.VERSION, "BatchSandbox", "batchsandboxes")
@@ -77,3 +79,13 @@ spec:
   replicas: {replicas}
   poolRef: {pool}
 """
+
+
+def report_pod_status(cluster: LocalCluster, namespace: str, pod: str, status: dict[str, Any]) -> None:
+    """Write a pod's status as a kubelet would (kwok runs nothing, and leaves a pod alone once it
+    has an IP, so the status we write stays)."""
+    patch = json.dumps({"status": status})
+    cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge", "-p", patch)
+
+
+EVICTED: dict[str, Any] = {"phase": "Failed", "reason": "Evicted", "conditions": []}
