@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -81,6 +82,69 @@ def demand(shared: Shared, pool_key: str) -> int:
     return total
 
 
+@dataclass
+class PoolPlan:
+    create: int  # new pods to create
+    delete: list[tuple[PodInfo, str]]  # idle pods to delete, with why: broken, rolled, surplus, over capacity
+    claimed: list[PodInfo]
+    idle: list[PodInfo]  # idle pods of the current revision that stay
+    starting: list[PodInfo]  # healthy idle pods not Ready yet (watched for the deadline)
+    postponed: bool  # a refill waits for claims in flight
+
+
+def plan_pool(
+    spec: PoolSpec,
+    revision: str,
+    pods: list[PodInfo],
+    reserved: set[str],
+    wanted: int,
+    now: datetime,
+    deadline: float,
+) -> PoolPlan:
+    """What to create and delete, from the live (non-terminating) pods of a pool. Pure: no I/O.
+
+    `reserved` are pods whose claim is being written; `wanted` is the sandboxes BatchSandboxes still
+    wait for (counting those reserved pods as missing)."""
+    claimed = [p for p in pods if p.claimed]
+    idle = [p for p in pods if not p.claimed and p.key not in reserved]
+    broken = [p for p in idle if p.phase in ("Failed", "Succeeded") or (not p.ready and age_seconds(p, now) > deadline)]
+    healthy = [p for p in idle if p not in broken]
+    current = sorted((p for p in healthy if p.revision == revision), key=lambda p: p.created)
+    stale = sorted((p for p in healthy if p.revision != revision), key=lambda p: p.created)
+
+    delete: list[tuple[PodInfo, str]] = [(p, "broken") for p in broken]
+    # Roll the old revision: pods not Ready go now, Ready ones once enough current pods are Ready.
+    stale_ready = [p for p in stale if p.ready]
+    delete += [(p, "rolled") for p in stale if not p.ready]
+    if sum(1 for p in current if p.ready) >= spec.minBufferSize:
+        delete += [(p, "rolled") for p in stale_ready]
+        stale_ready = []
+
+    # Pods being claimed right now already answer part of the demand.
+    in_flight = sum(1 for p in pods if p.key in reserved)
+    wanted = max(0, wanted - in_flight)
+    create = max(0, spec.minBufferSize + wanted - len(current))
+    room = spec.capacity - (len(pods) - len(delete))
+    while create > room and stale_ready:  # make room for the new revision
+        delete.append((stale_ready.pop(0), "rolled"))
+        room += 1
+    create = max(0, min(create, room, MAX_CREATES_PER_PASS))
+    postponed = in_flight > 0 and create > 0
+    if postponed:
+        create = 0  # claims are being written: they go first, the refill follows right after
+
+    surplus = len(current) - max(spec.maxBufferSize, wanted)
+    if surplus > 0:
+        delete += [(p, "surplus") for p in current[:surplus]]  # oldest first
+        current = current[surplus:]
+    over = len(pods) - len(delete) + create - spec.capacity  # capacity was lowered
+    if over > 0:
+        delete += [(p, "over capacity") for p in current[:over]]
+        current = current[over:]
+    starting = [p for p in healthy if not p.ready]
+    return PoolPlan(create, delete, claimed, current, starting, postponed)
+
+
 class PoolReconciler:
     name = "pool"
 
@@ -100,62 +164,21 @@ class PoolReconciler:
         spec = PoolSpec.model_validate(pool["spec"])
         revision = template_revision(spec.sandboxTemplate)
         now = datetime.now(UTC)
-
-        pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
-        claimed = [p for p in pods if p.claimed]
-        idle = [p for p in pods if not p.claimed and p.key not in self.shared.reserved]
         deadline = self.shared.settings.pod_ready_deadline
-        broken = [
-            p for p in idle if p.phase in ("Failed", "Succeeded") or (not p.ready and age_seconds(p, now) > deadline)
-        ]
-        healthy = [p for p in idle if p not in broken]
-        current = sorted((p for p in healthy if p.revision == revision), key=lambda p: p.created)
-        stale = sorted((p for p in healthy if p.revision != revision), key=lambda p: p.created)
-        ready_current = [p for p in current if p.ready]
-
-        to_delete: list[tuple[PodInfo, str]] = [(p, "broken") for p in broken]
-        stale_ready = [p for p in stale if p.ready]
-        to_delete += [(p, "rolled") for p in stale if not p.ready]
-        if len(ready_current) >= spec.minBufferSize:
-            to_delete += [(p, "rolled") for p in stale_ready]
-            stale_ready = []
-
-        # Pods being claimed right now (reserved) already answer part of the demand.
-        in_flight = sum(1 for p in pods if p.key in self.shared.reserved)
-        wanted = max(0, demand(self.shared, key) - in_flight)
-        create = max(0, spec.minBufferSize + wanted - len(current))
-        room = spec.capacity - (len(pods) - len(to_delete))
-        while create > room and stale_ready:  # make room for the new revision
-            to_delete.append((stale_ready.pop(0), "rolled"))
-            room += 1
-        create = max(0, min(create, room, MAX_CREATES_PER_PASS))
-        postponed = in_flight > 0 and create > 0
-        if postponed:
-            create = 0  # claims are being written: they go first, the refill follows right after
-
-        limit = max(spec.maxBufferSize, wanted)
-        surplus = len(current) - limit
-        if surplus > 0:
-            to_delete += [(p, "surplus") for p in current[:surplus]]  # oldest first
-            current = current[surplus:]
-        # Over capacity (capacity lowered): shed idle pods, oldest first.
-        over = len(pods) - len(to_delete) + create - spec.capacity
-        if over > 0:
-            doomed = {p.key for p, _ in to_delete}
-            extra = [p for p in current if p.key not in doomed][:over]
-            to_delete += [(p, "over capacity") for p in extra]
+        pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
+        plan = plan_pool(spec, revision, pods, self.shared.reserved, demand(self.shared, key), now, deadline)
 
         await asyncio.gather(
-            self._create(pool, spec, revision, create),
-            self._delete(pool, to_delete),
+            self._create(pool, spec, revision, plan.create),
+            self._delete(pool, plan.delete),
         )
-        written = await self._write_status(pool, spec, revision, pods, claimed, current, to_delete, create)
-        # Look again when the first pod that is not Ready yet would pass the deadline, or when a
-        # status write held back by the rate limit is due.
-        waits = [deadline - age_seconds(p, now) for p in healthy if not p.ready]
+        written = await self._write_status(pool, spec, revision, pods, plan)
+        # Look again when the first pod that is not Ready yet would pass the deadline, when a status
+        # write held back by the rate limit is due, or when the postponed refill may go ahead.
+        waits = [deadline - age_seconds(p, now) for p in plan.starting]
         if not written:
             waits.append(STATUS_INTERVAL)
-        if postponed:
+        if plan.postponed:
             waits.append(REFILL_DELAY)
         return max(0.1, min(waits)) if waits else None
 
@@ -235,27 +258,17 @@ class PoolReconciler:
             self.shared.events.record(pool, kind, event, f"Deleted {n} idle pod(s) {what}")
 
     async def _write_status(
-        self,
-        pool: JSON,
-        spec: PoolSpec,
-        revision: str,
-        pods: list[PodInfo],
-        claimed: list[PodInfo],
-        current: list[PodInfo],
-        deleted: list[tuple[PodInfo, str]],
-        created: int,
+        self, pool: JSON, spec: PoolSpec, revision: str, pods: list[PodInfo], plan: PoolPlan
     ) -> bool:
         """Writes the status if it changed; False when the write is held back by the rate limit."""
         meta = pool["metadata"]
-        doomed = {p.key for p, _ in deleted}
-        alive_idle = [p for p in current if p.key not in doomed]
-        available = sum(1 for p in alive_idle if p.ready)
+        available = sum(1 for p in plan.idle if p.ready)
         status: JSON = {
             "observedGeneration": meta.get("generation"),
-            "total": len(pods) - len(doomed) + created,
+            "total": len(pods) - len(plan.delete) + plan.create,
             "available": available,
-            "allocated": len(claimed),
-            "starting": len(alive_idle) - available + created,
+            "allocated": len(plan.claimed),
+            "starting": len(plan.idle) - available + plan.create,
             "revision": revision,
         }
         old = pool.get("status") or {}
@@ -272,7 +285,7 @@ class PoolReconciler:
         status["conditions"] = conditions
         for state, n in (
             ("available", available),
-            ("allocated", len(claimed)),
+            ("allocated", len(plan.claimed)),
             ("starting", status["starting"]),
         ):
             POOL_PODS.labels(meta["namespace"], meta["name"], state).set(n)
