@@ -50,12 +50,17 @@ def batchsandbox(name: str, pool_name: str, replicas: int) -> JSON:
 
 
 async def wait_pool_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
+    """Until the pool reports `count` idle Ready pods and nothing starting, twice in a row 0.6 s apart
+    (the controller writes Pool status at most every 0.5 s)."""
     deadline = time.monotonic() + timeout
+    streak = 0
     while time.monotonic() < deadline:
-        obj = await client.get(POOLS, name, namespace)
-        if (obj.get("status") or {}).get("available", 0) >= count:
+        status = (await client.get(POOLS, name, namespace)).get("status") or {}
+        settled = status.get("available", 0) >= count and status.get("starting", 0) == 0
+        streak = streak + 1 if settled else 0
+        if streak == 2:
             return
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6 if settled else 0.2)
     raise TimeoutError(f"pool {name} did not reach {count} available pods")
 
 

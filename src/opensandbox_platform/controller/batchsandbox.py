@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-import httpx2
+import aiohttp
 from prometheus_client import Histogram
 
 from opensandbox_platform.api import labels
@@ -55,6 +55,7 @@ READY_LATENCY = Histogram(
 
 
 REFILL_DELAY = 0.1  # seconds
+EXECD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 def rfc3339(at: datetime) -> str:
@@ -83,7 +84,6 @@ class BatchSandboxReconciler:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self._execd = httpx2.AsyncClient(timeout=10.0, trust_env=False)
 
     async def reconcile(self, key: str) -> float | None:
         cached = self.shared.batchsandboxes.get(key)
@@ -283,11 +283,11 @@ class BatchSandboxReconciler:
     async def _bootstrap(self, bs: JSON, pod: PodInfo, body: JSON) -> None:
         url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
         try:
-            response = await self._execd.post(url, json=body)
-            # 409: the main process already runs (an earlier attempt started it before we could record it).
-            if response.status_code != 409:
-                response.raise_for_status()
-        except httpx2.HTTPError as err:
+            async with self.shared.client.session.post(url, json=body, timeout=EXECD_TIMEOUT) as response:
+                # 409: the main process already runs (an earlier attempt started it before we recorded it).
+                if response.status != 409:
+                    response.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as err:
             message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
             self.shared.events.record(bs, "Warning", "EntrypointFailed", message)
             raise

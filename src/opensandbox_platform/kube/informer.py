@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-import httpx2
+import aiohttp
 
 from opensandbox_platform.kube.client import JSON, ApiError, KubeClient, Resource
 
@@ -187,7 +187,7 @@ class Informer(Generic[T]):
                 log.warning("watch failed: %s", err, extra={"resource": self.resource.plural})
                 need_list = need_list or err.status >= 500
             except (
-                httpx2.HTTPError,
+                aiohttp.ClientError,
                 OSError,
                 ValueError,
                 KeyError,
