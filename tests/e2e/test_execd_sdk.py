@@ -1,7 +1,8 @@
 """The official SDK (opensandbox 1.1.1, async `Sandbox` and sync `SandboxSync`) against a real execd.
 
-execd runs as a subprocess on 127.0.0.1; the lifecycle routes the SDK needs around it come from a
-small test double (tests/e2e/execd_support/lifecycle.py). Raw HTTP is used where the SDK hides
+The SDK's sandboxes come from our server (local runtime): execd runs inside a bubblewrap jail and
+the SDK reaches it through the endpoints the server hands out. Raw HTTP against an execd started
+as a plain subprocess is used where the SDK hides
 what is being checked (stream framing, status codes, memory during a 1 GiB stream).
 """
 
@@ -36,7 +37,8 @@ from opensandbox.models.filesystem import (
     WriteEntry,
 )
 
-from tests.e2e.execd_support.processes import Execd, Lifecycle, free_port, run_execd, run_lifecycle
+from tests.e2e.execd_support.processes import Execd, free_port, run_execd
+from tests.e2e.server_support import ServerProcess
 
 # -- fixtures ---------------------------------------------------------------------------------
 
@@ -47,15 +49,9 @@ def execd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Execd]:
         yield proc
 
 
-@pytest.fixture(scope="module")
-def lifecycle(execd: Execd) -> Iterator[Lifecycle]:
-    with run_lifecycle(execd.endpoint) as lc:
-        yield lc
-
-
 @pytest.fixture
-async def sandbox(lifecycle: Lifecycle) -> AsyncIterator[Sandbox]:
-    config = ConnectionConfig(domain=lifecycle.domain, protocol="http", request_timeout=timedelta(seconds=60))
+async def sandbox(server: ServerProcess) -> AsyncIterator[Sandbox]:
+    config = ConnectionConfig(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
     sb = await Sandbox.create("ubuntu:latest", connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
     yield sb
     await sb.kill()
@@ -63,8 +59,8 @@ async def sandbox(lifecycle: Lifecycle) -> AsyncIterator[Sandbox]:
 
 
 @pytest.fixture
-def sandbox_sync(lifecycle: Lifecycle) -> Iterator[SandboxSync]:
-    config = ConnectionConfigSync(domain=lifecycle.domain, protocol="http", request_timeout=timedelta(seconds=60))
+def sandbox_sync(server: ServerProcess) -> Iterator[SandboxSync]:
+    config = ConnectionConfigSync(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
     sb = SandboxSync.create("ubuntu:latest", connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
     yield sb
     sb.kill()
@@ -72,10 +68,12 @@ def sandbox_sync(lifecycle: Lifecycle) -> Iterator[SandboxSync]:
 
 
 @pytest.fixture
-def work(execd: Execd, request: pytest.FixtureRequest) -> Path:
-    """A fresh directory for one test's files."""
-    path = execd.workdir / "files" / request.node.name.replace("[", "_").replace("]", "_")
-    path.mkdir(parents=True)
+def work(server: ServerProcess, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory (its path inside the sandbox) for one test's files."""
+    name = "sandbox" if "sandbox" in request.fixturenames else "sandbox_sync"
+    sandbox_id = request.getfixturevalue(name).id
+    path = Path("/tmp/files") / request.node.name.replace("[", "_").replace("]", "_")
+    server.host_path(sandbox_id, str(path)).mkdir(parents=True)
     return path
 
 
@@ -499,8 +497,8 @@ async def test_permissions_and_replace(sandbox: Sandbox, work: Path) -> None:
     assert (await sandbox.files.get_file_info([path]))[path].mode == 600
 
 
-async def test_uploads_with_bad_metadata_are_rejected(sandbox: Sandbox, work: Path) -> None:
-    (work / "a-directory").mkdir()
+async def test_uploads_with_bad_metadata_are_rejected(sandbox: Sandbox, work: Path, server: ServerProcess) -> None:
+    await sandbox.files.create_directories([WriteEntry(path=str(work / "a-directory"), mode=755)])
     for path, mode, owner in (
         (work / "bad-mode.txt", 999, None),
         (work / "bad-owner.txt", 644, "no-such-user-x"),
@@ -509,10 +507,11 @@ async def test_uploads_with_bad_metadata_are_rejected(sandbox: Sandbox, work: Pa
         with pytest.raises(SandboxApiException) as err:
             await sandbox.files.write_file(str(path), "x", mode=mode, owner=owner)
         assert err.value.status_code == 400
-    assert not (work / "bad-mode.txt").exists() and not (work / "bad-owner.txt").exists()
+    on_host = [server.host_path(sandbox.id, str(work / name)) for name in ("bad-mode.txt", "bad-owner.txt")]
+    assert on_host[0].parent.is_dir() and not any(path.exists() for path in on_host)
 
 
-async def test_metrics_health_and_connect(sandbox: Sandbox, lifecycle: Lifecycle) -> None:
+async def test_metrics_health_and_connect(sandbox: Sandbox, server: ServerProcess) -> None:
     assert await sandbox.is_healthy()
     metrics = await sandbox.get_metrics()
     assert metrics.cpu_count > 0
@@ -520,7 +519,7 @@ async def test_metrics_health_and_connect(sandbox: Sandbox, lifecycle: Lifecycle
     assert 0 < metrics.memory_used_in_mib <= metrics.memory_total_in_mib
     assert abs(metrics.timestamp - time.time() * 1000) < 120_000
 
-    config = ConnectionConfig(domain=lifecycle.domain, protocol="http")
+    config = ConnectionConfig(domain=server.domain, protocol="http")
     connected = await Sandbox.connect(sandbox.id, connection_config=config)
     assert stdout(await connected.commands.run("echo connect-ok")) == ["connect-ok"]
     await connected.close()
@@ -594,7 +593,7 @@ def test_sync_sdk_files(sandbox_sync: SandboxSync, work: Path) -> None:
 # -- contract: auth, bad input, metrics stream, bootstrap ------------------------------------
 
 
-def test_access_token_is_required_when_configured(tmp_path: Path) -> None:
+def test_access_token_is_required_when_configured(tmp_path: Path, server: ServerProcess) -> None:
     token = "s3cret-token"
     with run_execd(tmp_path, token=token) as proc:
         for headers in ({}, {"X-EXECD-ACCESS-TOKEN": "wrong"}):
@@ -604,14 +603,20 @@ def test_access_token_is_required_when_configured(tmp_path: Path) -> None:
                 assert response.json()["code"] == "UNAUTHORIZED" and response.json()["message"]
         assert httpx.get(proc.url + "/ping", headers={"X-EXECD-ACCESS-TOKEN": token}).status_code == 200
 
-        # The SDK sends the endpoint's headers (how a server hands out the token) on every call.
-        with run_lifecycle(proc.endpoint, {"X-EXECD-ACCESS-TOKEN": token}) as lc:
-            config = ConnectionConfigSync(domain=lc.domain, protocol="http")
-            sb = SandboxSync.create("ubuntu", connection_config=config, entrypoint=["true"])
-            assert stdout(sb.commands.run("echo authed")) == ["authed"]
-            sb.files.write_file(str(tmp_path / "t.txt"), "t")
-            assert sb.files.read_file(str(tmp_path / "t.txt")) == "t"
-            sb.close()
+    # The server gives every jail's execd its own token and hands it out with the endpoint; the
+    # SDK sends the endpoint's headers on every call.
+    config = ConnectionConfigSync(domain=server.domain, protocol="http")
+    sb = SandboxSync.create("ubuntu", connection_config=config)
+    try:
+        endpoint = sb.get_endpoint(44772)
+        assert set(endpoint.headers) == {"X-EXECD-ACCESS-TOKEN"}
+        assert httpx.get(f"http://{endpoint.endpoint}/ping").status_code == 401
+        assert stdout(sb.commands.run("echo authed")) == ["authed"]
+        sb.files.write_file("/tmp/t.txt", "t")
+        assert sb.files.read_file("/tmp/t.txt") == "t"
+    finally:
+        sb.kill()
+        sb.close()
 
 
 BAD_REQUESTS = [
@@ -668,9 +673,9 @@ def test_bad_input_gets_a_json_error(execd: Execd, method: str, path: str, body:
     assert payload["code"] == code and isinstance(payload["message"], str) and payload["message"]
 
 
-def test_range_outside_the_file_is_416(execd: Execd, work: Path) -> None:
-    (work / "small").write_bytes(b"12345")
-    params = {"path": str(work / "small")}
+def test_range_outside_the_file_is_416(execd: Execd, tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"12345")
+    params = {"path": str(tmp_path / "small")}
     response = httpx.get(f"{execd.url}/files/download", params=params, headers={"Range": "bytes=10-"})
     assert response.status_code == 416
     assert response.headers["content-range"] == "bytes */5"
@@ -772,13 +777,22 @@ def test_packaged_executable_in_an_image_without_python(tmp_path: Path, docker_h
                 return False
 
         wait_until(pinged, 30, "execd in the container")
-        with run_lifecycle(f"127.0.0.1:{port}") as lc:
-            sb = SandboxSync.create("x", connection_config=ConnectionConfigSync(domain=lc.domain), entrypoint=["true"])
-            probe = sb.commands.run("command -v python3 python || echo no-python; cat /proc/1/cmdline | tr '\\0' ' '")
-            assert stdout(probe) == ["no-python", "/bin/sh /opt/opensandbox/bootstrap.sh sleep 1000 "]
-            sb.files.write_file("/tmp/in-container.txt", "hello")
-            assert sb.files.read_file("/tmp/in-container.txt") == "hello"
-            sb.close()
+        probe = httpx.post(
+            url + "/command",
+            json={"command": "command -v python3 python || echo no-python; cat /proc/1/cmdline | tr '\\0' ' '"},
+            timeout=30,
+        )
+        texts = [e.get("text") for e in sse_events(probe.content) if e["type"] == "stdout"]
+        assert texts == ["no-python", "/bin/sh /opt/opensandbox/bootstrap.sh sleep 1000 "]
+        upload = httpx.post(
+            url + "/files/upload",
+            files=[
+                ("metadata", ("metadata", json.dumps({"path": "/tmp/in-container.txt"}), "application/json")),
+                ("file", ("in-container.txt", b"hello", "application/octet-stream")),
+            ],
+        )
+        assert upload.status_code == 200
+        assert httpx.get(url + "/files/download", params={"path": "/tmp/in-container.txt"}).content == b"hello"
 
         # PID 1 reaps orphans that are re-parented to it (here: from a `podman exec`).
         podman("exec", name, "sh", "-c", "sleep 0.2 & exit 0")

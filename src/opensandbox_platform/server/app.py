@@ -1,15 +1,56 @@
-"""The FastAPI application of the server."""
+"""The FastAPI application of the server: `create_app(config, runtime)`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from opensandbox_platform import __version__
+from opensandbox_platform.server import errors, proxy
+from opensandbox_platform.server.auth import AuthAndRequestId
+from opensandbox_platform.server.config import Config
+from opensandbox_platform.server.routes import router
+from opensandbox_platform.server.runtimes.base import Runtime
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="OpenSandbox server", version=__version__)
+def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
+    from opensandbox_platform.server.runtimes.local import LocalRuntime
+
+    return LocalRuntime(config, config_path)
+
+
+def create_app(config: Config | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The app; the runtime is started and closed with the app's lifespan."""
+    config = config or Config()
+    runtime = runtime or default_runtime(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.http = proxy.new_client()
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.close()
+            await app.state.http.aclose()
+
+    app = FastAPI(
+        title="OpenSandbox server",
+        version=__version__,
+        description="The sandbox lifecycle API of the official opensandbox SDK, under / and /v1.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.runtime = runtime
+    errors.install(app)
+    app.add_middleware(AuthAndRequestId, api_key=config.server.api_key)
 
     @app.get("/health", tags=["health"])
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, include_in_schema=False)
     return app

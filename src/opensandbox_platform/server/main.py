@@ -1,25 +1,64 @@
-"""`opensandbox-server`: runs the control plane with uvicorn."""
+"""`opensandbox-server`: runs the control plane with uvicorn; `init-config` writes a config file."""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 
 import uvicorn
 
-from opensandbox_platform.server.app import create_app
+from opensandbox_platform.server import config as configuration
+from opensandbox_platform.server.app import create_app, default_runtime
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="opensandbox-server",
-        description="The OpenSandbox control plane: the REST API the opensandbox SDK talks to.",
+        description="The OpenSandbox control plane: the REST API the opensandbox SDK talks to. "
+        "Without a config file it runs the local runtime on 127.0.0.1:8080.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--config", help=f"TOML config file (default: ${configuration.CONFIG_ENV}, else built-in defaults)"
+    )
+    parser.add_argument("--host", help="address to listen on (overrides server.host; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port; default 8080)")
+    commands = parser.add_subparsers(dest="command", metavar="{init-config}")
+    init = commands.add_parser("init-config", help="write a commented config file with every default")
+    init.add_argument("path", nargs="?", default=str(Path.home() / ".sandbox.toml"), help="default ~/.sandbox.toml")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser.parse_args(argv)
+
+
+def init_config(path: str, force: bool) -> int:
+    target = Path(path).expanduser()
+    if target.exists() and not force:
+        print(f"{target} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(configuration.render_default())
+    print(f"wrote {target}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    uvicorn.run(create_app(), host=args.host, port=args.port)
+    if args.command == "init-config":
+        sys.exit(init_config(args.path, args.force))
+    try:
+        config = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        print(f"opensandbox-server: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.host:
+        config.server.host = args.host
+    if args.port:
+        config.server.port = args.port
+    level = config.server.log_level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config, default_runtime(config, args.config))
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=level.lower())
 
 
 if __name__ == "__main__":

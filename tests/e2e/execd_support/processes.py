@@ -1,4 +1,4 @@
-"""Start execd as a real subprocess and the lifecycle double in a thread, both on 127.0.0.1."""
+"""Start execd as a real subprocess on 127.0.0.1 (the SDK tests reach it through the server)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
-
-from tests.e2e.execd_support.lifecycle import make_app
 
 MODULE = "opensandbox_platform.execd.main"
 
@@ -96,33 +92,3 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
             proc.kill()
             proc.wait()
         log.close()
-
-
-@dataclass
-class Lifecycle:
-    port: int
-
-    @property
-    def domain(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-@contextmanager
-def run_lifecycle(execd_endpoint: str, endpoint_headers: dict[str, str] | None = None) -> Iterator[Lifecycle]:
-    port = free_port()
-    config = uvicorn.Config(
-        make_app(execd_endpoint, endpoint_headers), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("lifecycle double did not start")
-        time.sleep(0.02)
-    try:
-        yield Lifecycle(port)
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -1,0 +1,93 @@
+"""API key check and X-Request-ID, as one ASGI middleware so that every response gets both,
+401s and unexpected 500s included, and WebSocket upgrades are covered too."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from opensandbox_platform.server import errors
+
+log = logging.getLogger("opensandbox.server")
+
+API_KEY_HEADER = b"open-sandbox-api-key"
+REQUEST_ID_HEADER = b"x-request-id"
+OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def is_open(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS) or path.startswith("/docs")
+
+
+class AuthAndRequestId:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    def _check(self, scope: Scope) -> tuple[str, str] | None:
+        if not self.api_key or is_open(scope["path"]):
+            return None
+        given = _header(scope, API_KEY_HEADER)
+        if not given:
+            return (
+                errors.MISSING_API_KEY,
+                "Authentication credentials are missing. Provide API key via OPEN-SANDBOX-API-KEY header.",
+            )
+        if not hmac.compare_digest(given.encode("latin-1"), self.api_key):
+            return errors.INVALID_API_KEY, "Authentication credentials are invalid. Check your API key."
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = _header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                started = True
+                message["headers"] = [*message.get("headers", ()), rid]
+            await send(message)
+
+        denied = self._check(scope)
+        if denied is not None:
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008, "reason": denied[0]})
+                return
+            await _json(send_with_id, 401, errors.error_body(*denied))
+            return
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method", "WS"), scope["path"])
+            if scope["type"] == "http" and not started:
+                await _json(send_with_id, 500, errors.error_body(errors.INTERNAL_ERROR, "internal error"))
+
+
+async def _json(send: Send, status: int, body: dict[str, str]) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,68 @@
+"""Every error leaves the server as `{code, message}` with a fitting status (the SDK reads both)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+NOT_FOUND = "SANDBOX::NOT_FOUND"
+INVALID_PARAMETER = "SANDBOX::INVALID_PARAMETER"
+INVALID_METADATA_LABEL = "SANDBOX::INVALID_METADATA_LABEL"
+INVALID_METADATA_FORMAT = "INVALID_METADATA_FORMAT"
+INVALID_EXPIRATION = "SANDBOX::INVALID_EXPIRATION"
+INVALID_PORT = "SANDBOX::INVALID_PORT"
+INVALID_STATE = "SANDBOX::INVALID_STATE"
+API_NOT_SUPPORTED = "SANDBOX::API_NOT_SUPPORTED"
+START_FAILED = "SANDBOX::START_FAILED"
+INTERNAL_ERROR = "SANDBOX::INTERNAL_ERROR"
+MISSING_API_KEY = "MISSING_API_KEY"
+INVALID_API_KEY = "INVALID_API_KEY"
+BACKEND_CONNECTION_FAILED = "BACKEND_CONNECTION_FAILED"
+BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
+BACKEND_RESPONSE_FAILED = "BACKEND_RESPONSE_FAILED"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def not_found(sandbox_id: str) -> ApiError:
+    return ApiError(404, NOT_FOUND, f"sandbox {sandbox_id} not found")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(400, INVALID_PARAMETER, message)
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+def _readable(exc: RequestValidationError) -> str:
+    """`body.timeout: Input should be a valid integer; query.page: ...`, one clause per error."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(INVALID_PARAMETER, _readable(exc)), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "GENERAL::UNKNOWN_ERROR")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))

@@ -1,0 +1,140 @@
+"""Wire models of the lifecycle API (specs/sandbox-lifecycle.yml), camelCase on the wire."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from opensandbox_platform.server.runtimes.base import SandboxInfo
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class ImageAuth(Wire):
+    username: str | None = None
+    password: str | None = None
+
+
+class ImageSpec(Wire):
+    uri: str = Field(min_length=1)
+    auth: ImageAuth | None = None
+
+
+class PlatformSpec(Wire):
+    os: str
+    arch: str
+
+
+class CreateSandboxRequest(Wire):
+    image: ImageSpec | None = None
+    snapshot_id: str | None = None
+    template_id: str | None = None
+    platform: PlatformSpec | None = None
+    timeout: int | None = Field(None, description="seconds, at least 60; null means no automatic expiry")
+    resource_limits: dict[str, str] | None = None
+    resource_requests: dict[str, str] | None = None
+    env: dict[str, str | None] | None = None
+    metadata: dict[str, str] | None = None
+    entrypoint: list[str] | None = None
+    network_policy: dict[str, Any] | None = None
+    credential_proxy: dict[str, Any] | None = None
+    secure_access: bool = False
+    volumes: list[dict[str, Any]] | None = None
+    extensions: dict[str, str] | None = None
+    lifecycle: dict[str, Any] | None = None
+
+
+class SandboxStatus(Wire):
+    state: str
+    reason: str | None = None
+    message: str | None = None
+    last_transition_at: dt.datetime | None = None
+
+
+class SandboxModel(Wire):
+    id: str
+    image: ImageSpec | None = None
+    status: SandboxStatus
+    metadata: dict[str, str] | None = None
+    extensions: dict[str, str] | None = None
+    entrypoint: list[str]
+    expires_at: dt.datetime | None = None
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, info: SandboxInfo) -> SandboxModel:
+        return cls(
+            id=info.id,
+            image=ImageSpec(uri=info.image) if info.image else None,
+            status=SandboxStatus(
+                state=info.state,
+                reason=info.reason or None,
+                message=info.message or None,
+                last_transition_at=info.last_transition_at,
+            ),
+            metadata=info.metadata,
+            extensions=info.extensions or None,
+            entrypoint=info.entrypoint,
+            expires_at=info.expires_at,
+            created_at=info.created_at,
+        )
+
+
+class CreateSandboxResponse(Wire):
+    id: str
+    status: SandboxStatus
+    metadata: dict[str, str] | None = None
+    extensions: dict[str, str] | None = None
+    expires_at: dt.datetime | None = None
+    created_at: dt.datetime
+    entrypoint: list[str]
+
+    @classmethod
+    def of(cls, info: SandboxInfo) -> CreateSandboxResponse:
+        full = SandboxModel.of(info)
+        return cls(
+            id=full.id,
+            status=full.status,
+            metadata=full.metadata,
+            extensions=full.extensions,
+            expires_at=full.expires_at,
+            created_at=full.created_at,
+            entrypoint=full.entrypoint,
+        )
+
+
+class PaginationInfo(Wire):
+    page: int
+    page_size: int
+    total_items: int
+    total_pages: int
+    has_next_page: bool
+
+
+class ListSandboxesResponse(Wire):
+    items: list[SandboxModel]
+    pagination: PaginationInfo
+
+
+class RenewRequest(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    expires_at: dt.datetime
+
+
+class RenewResponse(Wire):
+    expires_at: dt.datetime
+
+
+class EndpointModel(Wire):
+    endpoint: str
+    headers: dict[str, str] | None = None
+
+
+class ErrorResponse(Wire):
+    code: str
+    message: str

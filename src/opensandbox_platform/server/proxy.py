@@ -1,0 +1,165 @@
+"""`/sandboxes/{id}/proxy/{port}/{path}`: HTTP and WebSocket into a sandbox through the server.
+
+Bodies are streamed both ways (an SSE command stream reaches the client event by event; an
+upload is never held in memory). The runtime says where port N of the sandbox is and which
+headers to add (the local runtime adds execd's access token, so a client of the proxy needs only
+the server's API key). Hop-by-hop headers and the client's credentials are not forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+import websockets
+from fastapi import Request, WebSocket
+from starlette.background import BackgroundTask
+from starlette.responses import Response, StreamingResponse
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection
+
+from opensandbox_platform.server import errors
+from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.runtimes.base import Endpoint
+
+log = logging.getLogger("opensandbox.proxy")
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+NOT_FORWARDED = HOP_BY_HOP | {"open-sandbox-api-key", "authorization", "cookie", "opensandbox-secure-access"}
+WS_NOT_FORWARDED = NOT_FORWARDED | {
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
+    "sec-websocket-accept",
+}
+TIMEOUT = httpx.Timeout(180.0, connect=10.0)
+
+
+def new_client() -> httpx.AsyncClient:
+    # No pool limit: every open SSE stream holds a connection for as long as its command runs.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    return httpx.AsyncClient(timeout=TIMEOUT, limits=limits, follow_redirects=False, trust_env=False)
+
+
+def _target(upstream: Endpoint, path: str, query: str, scheme: str) -> str:
+    url = f"{scheme}://{upstream.address}/{path.lstrip('/')}"
+    return f"{url}?{query}" if query else url
+
+
+async def forward_http(client: httpx.AsyncClient, request: Request, upstream: Endpoint, path: str) -> Response:
+    if request.headers.get("upgrade", "").lower() == "websocket":
+        raise errors.invalid("a WebSocket upgrade must be sent as a WebSocket request")
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
+    headers += list(upstream.headers.items())
+    client_host = request.client.host if request.client else ""
+    headers += [
+        ("x-forwarded-proto", request.url.scheme),
+        ("x-forwarded-host", request.headers.get("host", "")),
+        ("x-forwarded-for", client_host),
+    ]
+    has_body = request.method not in ("GET", "HEAD", "OPTIONS")
+    outgoing = client.build_request(
+        request.method,
+        _target(upstream, path, request.url.query, "http"),
+        headers=headers,
+        content=request.stream() if has_body else None,
+    )
+    try:
+        response = await client.send(outgoing, stream=True)
+    except httpx.ConnectError as exc:
+        raise ApiError(502, errors.BACKEND_CONNECTION_FAILED, f"cannot connect to the sandbox: {exc}") from None
+    except httpx.TimeoutException:
+        raise ApiError(504, errors.BACKEND_TIMEOUT, "the sandbox did not answer in time") from None
+    except httpx.HTTPError as exc:
+        raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, f"bad response from the sandbox: {exc}") from None
+    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
+    location = out_headers.get("location")
+    if location and location.startswith("/"):
+        # Keep redirects inside the proxy prefix.
+        prefix = request.url.path[: len(request.url.path) - len(path)].rstrip("/")
+        out_headers["location"] = prefix + location
+    return StreamingResponse(
+        _relay_body(response),
+        status_code=response.status_code,
+        headers=out_headers,
+        background=BackgroundTask(response.aclose),
+    )
+
+
+async def _relay_body(response: httpx.Response):  # type: ignore[no-untyped-def]
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    except httpx.HTTPError as exc:  # the sandbox broke the stream: end ours too
+        log.warning("upstream stream ended early error=%s", exc)
+
+
+async def forward_websocket(websocket: WebSocket, upstream: Endpoint, path: str) -> None:
+    headers = [(k, v) for k, v in websocket.headers.items() if k.lower() not in WS_NOT_FORWARDED]
+    headers += list(upstream.headers.items())
+    subprotocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    url = _target(upstream, path, websocket.url.query, "ws")
+    try:
+        backend = await websockets.connect(
+            url,
+            additional_headers=headers,
+            subprotocols=subprotocols or None,  # type: ignore[arg-type]
+            max_size=None,
+            open_timeout=10,
+        )
+    except (OSError, websockets.InvalidHandshake, TimeoutError) as exc:
+        log.info("websocket backend unavailable url=%s error=%s", url, exc)
+        await websocket.close(code=1011, reason="sandbox unavailable")
+        return
+    async with backend:
+        await websocket.accept(subprotocol=backend.subprotocol)
+        await _relay_frames(websocket, backend)
+
+
+async def _relay_frames(websocket: WebSocket, backend: ClientConnection) -> None:
+    async def client_to_backend() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                await backend.close(message.get("code", 1000))
+                return
+            if message.get("bytes") is not None:
+                await backend.send(message["bytes"])
+            elif message.get("text") is not None:
+                await backend.send(message["text"])
+
+    async def backend_to_client() -> None:
+        try:
+            async for frame in backend:
+                if isinstance(frame, bytes):
+                    await websocket.send_bytes(frame)
+                else:
+                    await websocket.send_text(frame)
+        except websockets.ConnectionClosed:
+            pass
+        code = backend.close_code or 1000
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(code=code if code != 1005 else 1000)
+
+    tasks = [asyncio.create_task(client_to_backend()), asyncio.create_task(backend_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Runtimes behind one interface (base.Runtime): local (bubblewrap jails), later docker and kubernetes."""

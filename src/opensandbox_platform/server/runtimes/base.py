@@ -1,0 +1,89 @@
+"""The interface every runtime implements (local now; docker and kubernetes later).
+
+Routes validate input, filter, sort and paginate; a runtime only creates, finds and changes
+sandboxes. Errors are `server.errors.ApiError` (404 for an unknown id, 409 for a wrong state).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Protocol
+
+EXECD_PORT = 44772
+EGRESS_PORT = 18080
+
+
+class State:
+    PENDING = "Pending"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    TERMINATED = "Terminated"
+    FAILED = "Failed"
+
+
+@dataclass
+class SandboxSpec:
+    """A validated create request."""
+
+    image: str
+    entrypoint: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: int | None = None
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    image: str
+    entrypoint: list[str]
+    metadata: dict[str, str]
+    extensions: dict[str, str]
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    state: str
+    reason: str
+    message: str
+    last_transition_at: dt.datetime
+
+
+@dataclass
+class Endpoint:
+    """`address` is host:port[/path] without a scheme; `headers` go with every request to it."""
+
+    address: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    async def start(self) -> None:
+        """Recover existing sandboxes and start background work (expiry)."""
+
+    async def close(self) -> None:
+        """Stop background work; sandboxes keep running."""
+
+    async def create(self, spec: SandboxSpec) -> SandboxInfo: ...
+
+    async def get(self, sandbox_id: str) -> SandboxInfo: ...
+
+    async def list(self) -> list[SandboxInfo]: ...
+
+    async def delete(self, sandbox_id: str) -> None: ...
+
+    async def pause(self, sandbox_id: str) -> None: ...
+
+    async def resume(self, sandbox_id: str) -> None: ...
+
+    async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo: ...
+
+    async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo: ...
+
+    async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Where a client reaches `port` of the sandbox directly."""
+
+    async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
+        """Where the server's proxy connects for `port`, with the headers it adds."""

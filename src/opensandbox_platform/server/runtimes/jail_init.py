@@ -1,0 +1,135 @@
+"""The first process of a local sandbox's jail: execd, then the sandbox's entrypoint.
+
+Started by bwrap (which stays PID 1 of the jail's PID namespace) with two pipes from the server:
+
+- `--evt-fd`: we write one JSON line per event: `{"event": "ready", "port": P}` as soon as execd
+  listens (the server awaits this line: readiness is an event, not a poll), then `{"event":
+  "started", "pid": N}` or `{"event": "error", "message": ...}` after the claim, then close it.
+- `--ctl-fd`: the server writes one JSON line, the claim: `{"env", "cwd", "argv", "rlimits"}`.
+  A jail can be started before anyone asks for a sandbox (a warm jail) and claimed later.
+
+execd listens on 127.0.0.1 on a port the kernel picks, so two jails can never race for a port.
+When the entrypoint exits, execd stops and the jail ends with the entrypoint's exit code (as a
+container does); the server sees the jail's PID 1 go.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# As in execd's main: keep OpenSSL (~5 MiB RSS) out of every sandbox.
+if "ssl" not in sys.modules:
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import signal
+from typing import Any
+
+from opensandbox_platform.execd import procs
+from opensandbox_platform.execd.app import ExecdApp, Settings
+from opensandbox_platform.execd.errors import ApiError
+from opensandbox_platform.execd.httpserver import HttpServer
+from opensandbox_platform.execd.main import LogfmtFormatter
+from opensandbox_platform.execd.procs import WATCHER
+
+log = logging.getLogger("jail")
+
+
+def _send(fd: int, event: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):  # the server went away; the jail carries on without it
+        os.write(fd, json.dumps(event).encode() + b"\n")
+
+
+async def _read_line(fd: int) -> bytes:
+    """One line from a pipe, without blocking the loop (EOF gives b"")."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()
+
+
+def _lower(wanted: int, current: int) -> int:
+    if current == resource.RLIM_INFINITY:
+        return wanted
+    return current if wanted == resource.RLIM_INFINITY else min(wanted, current)
+
+
+def _apply_rlimits(limits: dict[str, list[int]]) -> None:
+    """Limits only go down: the jail has no CAP_SYS_RESOURCE to raise a hard limit."""
+    for name, (soft, hard) in limits.items():
+        which = getattr(resource, name)
+        _, current_hard = resource.getrlimit(which)
+        hard = _lower(hard, current_hard)
+        resource.setrlimit(which, (_lower(soft, hard), hard))
+
+
+async def serve(ctl_fd: int, evt_fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    WATCHER.install(loop)
+    settings = Settings(
+        access_token=os.environ.pop("EXECD_ACCESS_TOKEN", None) or None,
+        envs_file=os.environ.get("EXECD_ENVS", "/run/opensandbox/.env"),
+        state_dir=os.environ.get("EXECD_STATE_DIR"),
+    )
+    app = ExecdApp(settings)
+    server = HttpServer(app.dispatch)
+    listener = await server.start("127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    _send(evt_fd, {"event": "ready", "port": port})
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    code = 0
+    line = await _read_line(ctl_fd)
+    if not line:  # nobody will claim this jail
+        log.info("no claim; stopping")
+        stop.set()
+    else:
+        claim = json.loads(line)
+        try:
+            _apply_rlimits(claim.get("rlimits") or {})
+            started = app.bootstrap.apply({k: claim[k] for k in ("env", "cwd", "argv") if claim.get(k) is not None})
+        except (ApiError, OSError, ValueError) as exc:
+            _send(evt_fd, {"event": "error", "message": str(getattr(exc, "message", exc))})
+            stop.set()
+            code = 1
+        else:
+            _send(evt_fd, {"event": "started", "pid": started["pid"]})
+            child = app.bootstrap.child
+            if child is not None:
+                child.exited.add_done_callback(lambda _: stop.set())
+    os.close(evt_fd)
+
+    await stop.wait()
+    child = app.bootstrap.child
+    if child is not None and child.exited.done():
+        code = procs.exit_code(child.exited.result())
+    await app.shutdown()
+    await server.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="jail_init", description=__doc__)
+    parser.add_argument("--ctl-fd", type=int, required=True)
+    parser.add_argument("--evt-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    logging.basicConfig(level=os.environ.get("EXECD_LOG_LEVEL", "info").upper(), handlers=[handler])
+    sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
+
+
+if __name__ == "__main__":
+    main()
