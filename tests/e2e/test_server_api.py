@@ -1,0 +1,357 @@
+"""The server's contract beyond the happy path: bad input, API keys, restarts and expiry, the proxy
+(HTTP, WebSocket, streaming), and the official CLI (`osb`) and MCP server against it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from opensandbox import Sandbox
+from opensandbox.config import ConnectionConfig
+from opensandbox.models.execd import RunCommandOpts
+
+from tests.e2e.server_support import ServerProcess, free_port, live_processes_with_hostname_arg, running_server
+
+CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
+
+
+def create(server: ServerProcess, **overrides: Any) -> dict[str, Any]:
+    response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, **overrides}, headers=server.headers())
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def delete(server: ServerProcess, sandbox_id: str) -> None:
+    response = httpx.delete(f"{server.url}/v1/sandboxes/{sandbox_id}", headers=server.headers(), timeout=30)
+    assert response.status_code == 204, response.text
+
+
+def sandbox_dirs(server: ServerProcess) -> set[str]:
+    return {p.name for p in (server.state_dir / "sandboxes").iterdir()}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"code", "message"} and body["message"], body
+    if code is not None:
+        assert body["code"] == code
+    assert response.headers["x-request-id"]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+BAD_CREATES: list[tuple[str, Any, str]] = [
+    ("missing body", None, "SANDBOX::INVALID_PARAMETER"),
+    ("malformed json", b"{not json", "SANDBOX::INVALID_PARAMETER"),
+    ("body not an object", [1, 2], "SANDBOX::INVALID_PARAMETER"),
+    ("timeout negative", {**CREATE, "timeout": -5}, "SANDBOX::INVALID_PARAMETER"),
+    ("timeout below 60", {**CREATE, "timeout": 30}, "SANDBOX::INVALID_PARAMETER"),
+    ("timeout too large", {**CREATE, "timeout": 10**9}, "SANDBOX::INVALID_PARAMETER"),
+    ("timeout not a number", {**CREATE, "timeout": "soon"}, "SANDBOX::INVALID_PARAMETER"),
+    ("no image", {"entrypoint": ["true"], "timeout": 60}, "SANDBOX::INVALID_PARAMETER"),
+    ("empty entrypoint", {**CREATE, "entrypoint": []}, "SANDBOX::INVALID_PARAMETER"),
+    ("reserved metadata", {**CREATE, "metadata": {"opensandbox.io/x": "y"}}, "SANDBOX::INVALID_METADATA_LABEL"),
+    ("bad metadata value", {**CREATE, "metadata": {"k": "has space"}}, "SANDBOX::INVALID_METADATA_LABEL"),
+    ("bad cpu", {**CREATE, "resourceLimits": {"cpu": "lots"}}, "SANDBOX::INVALID_PARAMETER"),
+    ("bad memory", {**CREATE, "resourceLimits": {"memory": "2 apples"}}, "SANDBOX::INVALID_PARAMETER"),
+    (
+        "volumes",
+        {**CREATE, "volumes": [{"name": "v", "mountPath": "/v", "host": {"path": "/"}}]},
+        "SANDBOX::API_NOT_SUPPORTED",
+    ),
+    ("entrypoint not found", {**CREATE, "entrypoint": ["/no/such/program"]}, "SANDBOX::INVALID_PARAMETER"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "code"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES])
+def test_bad_creates_are_4xx_and_leave_nothing(server: ServerProcess, case: str, body: Any, code: str) -> None:
+    before_dirs, before_list = sandbox_dirs(server), httpx.get(f"{server.url}/v1/sandboxes").json()
+    kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+    if body is None:
+        kwargs = {}
+    response = httpx.post(
+        f"{server.url}/v1/sandboxes", headers={"content-type": "application/json"}, timeout=30, **kwargs
+    )
+    assert_error(response, 400, code)
+    assert sandbox_dirs(server) == before_dirs
+    assert httpx.get(f"{server.url}/v1/sandboxes").json()["pagination"] == before_list["pagination"]
+
+
+BAD_REQUESTS = [
+    ("GET", "/v1/sandboxes/no-such-id", None, 404),
+    ("GET", "/sandboxes/no-such-id", None, 404),
+    ("DELETE", "/v1/sandboxes/no-such-id", None, 404),
+    ("POST", "/v1/sandboxes/no-such-id/pause", None, 404),
+    ("POST", "/v1/sandboxes/no-such-id/resume", None, 404),
+    ("PATCH", "/v1/sandboxes/no-such-id/metadata", {"a": "b"}, 404),
+    ("GET", "/v1/sandboxes/no-such-id/endpoints/44772", None, 404),
+    ("GET", "/v1/sandboxes/no-such-id/endpoints/44772?use_server_proxy=true", None, 404),
+    ("GET", "/v1/sandboxes/no-such-id/proxy/44772/ping", None, 404),
+    ("POST", "/v1/sandboxes/no-such-id/renew-expiration", {"expiresAt": "2099-01-01T00:00:00Z"}, 404),
+    ("GET", "/v1/sandboxes?metadata=novalue", None, 400),
+    ("GET", "/v1/sandboxes?pageSize=500", None, 400),
+    ("GET", "/v1/sandboxes?page=0", None, 400),
+    ("GET", "/v1/sandboxes?page=x", None, 400),
+    ("GET", "/v1/no/such/route", None, 404),
+    ("PUT", "/v1/sandboxes", None, 405),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), BAD_REQUESTS)
+def test_bad_requests_get_code_and_message(
+    server: ServerProcess, method: str, path: str, body: Any, status: int
+) -> None:
+    assert_error(httpx.request(method, server.url + path, json=body), status)
+
+
+def test_bad_input_on_an_existing_sandbox(server: ServerProcess) -> None:
+    sandbox = create(server)
+    base = f"{server.url}/v1/sandboxes/{sandbox['id']}"
+    try:
+        past = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)).isoformat()
+        assert_error(httpx.post(f"{base}/renew-expiration", json={"expiresAt": past}), 400)
+        assert_error(httpx.post(f"{base}/renew-expiration", json={}), 400)
+        assert_error(httpx.post(f"{base}/renew-expiration", json={"expiresAt": "tomorrow"}), 400)
+        assert_error(httpx.patch(f"{base}/metadata", json={"opensandbox.io/x": "y"}), 400)
+        assert_error(httpx.patch(f"{base}/metadata", json=["not", "a", "map"]), 400)
+        assert_error(httpx.get(f"{base}/endpoints/0"), 400)
+        assert_error(httpx.get(f"{base}/endpoints/70000"), 400)
+        assert_error(httpx.get(f"{base}/endpoints/http"), 400)
+        assert_error(httpx.post(f"{base}/resume"), 409, "SANDBOX::INVALID_STATE")
+        assert httpx.post(f"{base}/pause").status_code == 202
+        assert_error(httpx.post(f"{base}/pause"), 409, "SANDBOX::INVALID_STATE")
+        assert_error(httpx.get(f"{base}/proxy/44772/ping"), 409, "SANDBOX::INVALID_STATE")
+        assert httpx.get(base).json()["status"]["state"] == "Paused"
+    finally:
+        delete(server, sandbox["id"])
+    manual = create(server, timeout=None)
+    try:
+        assert "expiresAt" not in manual
+        future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+        renew = httpx.post(f"{server.url}/v1/sandboxes/{manual['id']}/renew-expiration", json={"expiresAt": future})
+        assert_error(renew, 409)
+    finally:
+        delete(server, manual["id"])
+
+
+def test_request_id_is_echoed_or_generated(server: ServerProcess) -> None:
+    echoed = httpx.get(f"{server.url}/v1/sandboxes", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = [httpx.get(f"{server.url}/health").headers["x-request-id"] for _ in range(2)]
+    assert generated[0] and generated[0] != generated[1]
+
+
+def test_openapi_docs_are_served(server: ServerProcess) -> None:
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert "/v1/sandboxes" in paths and "/v1/sandboxes/{sandboxId}/endpoints/{port}" in paths
+
+
+# -- API key -----------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
+    with running_server(tmp_path, api_key="k3y-for-tests") as server:
+        url = f"{server.url}/v1/sandboxes"
+        assert_error(httpx.get(url), 401, "MISSING_API_KEY")
+        assert_error(httpx.get(url, headers={"OPEN-SANDBOX-API-KEY": "wrong"}), 401, "INVALID_API_KEY")
+        assert_error(httpx.post(url, json=CREATE, headers={"OPEN-SANDBOX-API-KEY": "k3y-for-test"}), 401)
+        assert_error(httpx.get(f"{server.url}/v1/sandboxes/x/proxy/44772/ping"), 401, "MISSING_API_KEY")
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert httpx.get(url, headers=server.headers()).status_code == 200
+        assert server.records() == []
+
+        async def with_the_sdk(proxy: bool) -> list[str]:
+            config = ConnectionConfig(domain=server.domain, api_key=server.api_key, use_server_proxy=proxy)
+            sb = await Sandbox.create("ubuntu", connection_config=config)
+            try:
+                return [m.text for m in (await sb.commands.run("echo keyed")).logs.stdout]
+            finally:
+                await sb.kill()
+                await sb.close()
+
+        assert asyncio.run(with_the_sdk(False)) == ["keyed"]
+        assert asyncio.run(with_the_sdk(True)) == ["keyed"]
+
+
+# -- restart and expiry ------------------------------------------------------------------------
+
+
+def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path).start()
+    try:
+        kept = create(server, metadata={"role": "kept"})
+        paused = create(server, metadata={"role": "paused"})
+        doomed = create(server, metadata={"role": "doomed"})
+        assert httpx.post(f"{server.url}/v1/sandboxes/{paused['id']}/pause").status_code == 202
+        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+        renew = httpx.post(
+            f"{server.url}/v1/sandboxes/{doomed['id']}/renew-expiration", json={"expiresAt": due.isoformat()}
+        )
+        assert renew.status_code == 200
+
+        server.stop(cleanup=False)
+        for sandbox in (kept, paused, doomed):
+            assert live_processes_with_hostname_arg(sandbox["id"]), "a jail died with the server"
+
+        server.port = free_port()
+        server.start()
+        listed = httpx.get(f"{server.url}/v1/sandboxes").json()["items"]
+        assert {s["id"]: s["status"]["state"] for s in listed} == {
+            kept["id"]: "Running",
+            paused["id"]: "Paused",
+            doomed["id"]: "Running",
+        }
+
+        async def still_usable() -> list[str]:
+            config = ConnectionConfig(domain=server.domain)
+            sb = await Sandbox.connect(kept["id"], connection_config=config)
+            run = await sb.commands.run("echo after-restart")
+            resumed = await Sandbox.resume(paused["id"], connection_config=config)
+            run2 = await resumed.commands.run("echo resumed-after-restart")
+            await sb.close()
+            await resumed.close()
+            return [m.text for m in run.logs.stdout + run2.logs.stdout]
+
+        assert asyncio.run(still_usable()) == ["after-restart", "resumed-after-restart"]
+
+        deadline = due + dt.timedelta(seconds=10)
+        while httpx.get(f"{server.url}/v1/sandboxes/{doomed['id']}").status_code != 404:
+            assert dt.datetime.now(dt.UTC) < deadline, "the expired sandbox was not reaped"
+            time.sleep(0.1)
+        assert dt.datetime.now(dt.UTC) >= due
+        assert live_processes_with_hostname_arg(doomed["id"]) == []
+        assert not (server.state_dir / "sandboxes" / doomed["id"]).exists()
+    finally:
+        server.stop()
+
+
+# -- proxy -------------------------------------------------------------------------------------
+
+WS_ECHO = """
+import asyncio, sys
+from websockets.asyncio.server import serve
+async def echo(ws):
+    async for message in ws:
+        await ws.send(message)
+async def main():
+    async with serve(echo, "127.0.0.1", int(sys.argv[1])):
+        await asyncio.Future()
+asyncio.run(main())
+"""
+
+
+async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProcess) -> None:
+    config = ConnectionConfig(domain=server.domain, use_server_proxy=True)
+    sb = await Sandbox.create("ubuntu", connection_config=config)
+    try:
+        http_port, ws_port = free_port(), free_port()
+        await sb.files.write_file("/workspace/ws_echo.py", WS_ECHO)
+        await sb.files.write_file("/workspace/site/index.html", "hello from the jail")
+        background = RunCommandOpts(background=True, working_directory="/workspace/site")
+        await sb.commands.run(f"python3 -m http.server {http_port} --bind 127.0.0.1", opts=background)
+        await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
+
+        base = f"{server.url}/v1/sandboxes/{sb.id}/proxy"
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(100):  # 502 until the server in the jail listens
+                page = await client.get(f"{base}/{http_port}/index.html")
+                if page.status_code != 502:
+                    break
+                await asyncio.sleep(0.1)
+            assert page.status_code == 200 and page.text == "hello from the jail"
+
+        ws_url = f"ws://{server.domain}/v1/sandboxes/{sb.id}/proxy/{ws_port}/echo"
+        for _ in range(100):
+            try:
+                async with websockets.connect(ws_url) as ws:
+                    await ws.send("text frame")
+                    assert await ws.recv() == "text frame"
+                    await ws.send(b"\x00\x01binary")
+                    assert await ws.recv() == b"\x00\x01binary"
+                break
+            except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosedError):
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the WebSocket echo server never answered through the proxy")
+
+        # 64 MiB each way through the proxy: streamed, so the server's memory stays flat.
+        rss_before = rss_kib(server)
+        payload = os.urandom(1 << 20) * 64
+        await sb.files.write_file("/tmp/big.bin", payload)
+        assert await sb.files.read_bytes("/tmp/big.bin") == payload
+        assert rss_kib(server) - rss_before < 48 * 1024
+    finally:
+        await sb.kill()
+        await sb.close()
+
+
+def rss_kib(server: ServerProcess) -> int:
+    assert server.proc is not None
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):  # the peak: a buffered body would show here
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+# -- the official CLI and MCP server -----------------------------------------------------------
+
+
+def osb(server: ServerProcess, tmp_path: Path, *args: str) -> str:
+    bindir = Path(sys.executable).parent
+    result = subprocess.run(
+        [str(bindir / "osb"), "--domain", server.domain, "--config", str(tmp_path / "osb.toml"), "--no-color", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_osb_cli_creates_runs_and_kills(server: ServerProcess, tmp_path: Path) -> None:
+    created = json.loads(osb(server, tmp_path, "sandbox", "create", "-i", "ubuntu", "-o", "json"))
+    sandbox_id = created["id"]
+    assert osb(server, tmp_path, "command", "run", sandbox_id, "-o", "raw", "--", "echo", "hi-from-osb").strip() == (
+        "hi-from-osb"
+    )
+    osb(server, tmp_path, "sandbox", "kill", sandbox_id)
+    assert httpx.get(f"{server.url}/v1/sandboxes/{sandbox_id}").status_code == 404
+
+
+async def test_mcp_server_lists_tools_and_runs_a_command(server: ServerProcess) -> None:
+    bindir = Path(sys.executable).parent
+    params = StdioServerParameters(
+        command=str(bindir / "opensandbox-mcp"),
+        args=["--domain", server.domain, "--protocol", "http"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        tools = {tool.name for tool in (await session.list_tools()).tools}
+        assert {"sandbox_create", "command_run", "sandbox_kill", "file_read", "file_write"} <= tools
+        created = await session.call_tool("sandbox_create", {"image": "ubuntu"})
+        assert not created.is_error, created.content
+        sandbox_id = created.structured_content["sandbox_id"]  # type: ignore[index]
+        try:
+            ran = await session.call_tool("command_run", {"sandbox_id": sandbox_id, "command": "echo hi-from-mcp"})
+            assert not ran.is_error and "hi-from-mcp" in json.dumps(ran.structured_content)
+        finally:
+            killed = await session.call_tool("sandbox_kill", {"sandbox_id": sandbox_id})
+            assert not killed.is_error
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{server.url}/v1/sandboxes/{sandbox_id}")).status_code == 404
