@@ -209,3 +209,25 @@ def test_unknown_pool_is_reported_and_resolved_when_the_pool_appears(
     assert reason() == "SandboxesReady"
     time.sleep(0.5)
     assert len(pool_pods(kube, namespace, "later-pool")) == 1, "minBufferSize 0: nothing idle is kept"
+
+
+def test_a_template_the_api_server_refuses_is_reported_on_the_batchsandbox(
+    cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
+) -> None:
+    bad = SEED_BATCHSANDBOX.replace(
+        'command: ["sleep", "infinity"]', 'command: ["sleep"]\n      resources: {limits: {cpu: lots}}'
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad)
+
+    def ready_condition() -> dict[str, str]:
+        conditions = status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace)).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "Ready"), {})
+
+    condition = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
+    assert condition["status"] == "False" and "quantities must match the regular expression" in condition["message"]
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=example-batchsandbox",
+        "-o", "jsonpath={.items[*].reason}",
+    )  # fmt: skip
+    assert "FailedCreate" in events
+    assert pods_of(kube, namespace) == []

@@ -207,3 +207,30 @@ def test_changed_template_rolls_idle_pods_and_leaves_claimed_ones(
     )
     still = kube.get(Pod, claimed[0].metadata.name, namespace=namespace)
     assert still.metadata.uid == claimed[0].metadata.uid and still.spec.containers[0].image == "ubuntu:latest"
+
+
+def test_a_template_the_api_server_refuses_is_reported_on_the_pool(
+    cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
+) -> None:
+    manifest = seed_pool().replace(
+        'command: ["sleep", "infinity"]', 'command: ["sleep"]\n      resources: {limits: {cpu: lots}}'
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+
+    def ready_condition() -> dict[str, str]:
+        conditions = status(kube.get(Pool, "example-pool", namespace=namespace)).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "Ready"), {})
+
+    condition = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
+    assert condition["status"] == "False" and "quantities must match the regular expression" in condition["message"]
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=Pool", "-o",
+        "jsonpath={.items[*].reason}",
+    )  # fmt: skip
+    assert "FailedCreate" in events
+    assert pool_pods(kube, namespace, "example-pool") == []
+
+    # Fixing the template recovers the pool.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool())
+    eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2, what="pool recovered")
+    eventually(lambda: ready_condition().get("reason") == "BufferFilled", what="Ready again")

@@ -32,6 +32,8 @@ from opensandbox_platform.controller.state import (
     BATCHSANDBOXES,
     BY_BATCHSANDBOX,
     BY_POOL,
+    REFILL_DELAY,
+    PodCreateError,
     Shared,
     slim_object,
 )
@@ -54,7 +56,6 @@ READY_LATENCY = Histogram(
 )
 
 
-REFILL_DELAY = 0.1  # seconds
 EXECD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -117,7 +118,7 @@ class BatchSandboxReconciler:
             problem = await self._claim_missing(bs, spec, pods)
             await self._apply_entrypoints(bs, spec, pods)
         else:
-            await self._create_missing(bs, spec, pods)
+            problem = await self._create_missing(bs, spec, pods)
         await self._scale_down(bs, spec, pods)
         if lost:
             set_condition(
@@ -129,6 +130,8 @@ class BatchSandboxReconciler:
                 bs["metadata"].get("generation", 0),
             )
         await self._write_status(bs, spec, pods, conditions, problem, now)
+        if problem and problem[0] == "FailedCreate":
+            raise PodCreateError(problem[1])  # retried with backoff; the status already says why
         latest = self.shared.batchsandboxes.get(key)  # with the status just written
         return next_deadline(spec, (latest.raw if latest else bs).get("status") or {}, now)
 
@@ -169,38 +172,38 @@ class BatchSandboxReconciler:
             if not (err.not_found or err.conflict):
                 raise
 
-    async def _create_missing(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
-        assert spec.sandboxTemplate is not None  # the CRD's CEL rule guarantees it in direct mode
+    async def _create_missing(
+        self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]
+    ) -> tuple[str, str] | None:
+        """Direct mode: creates the pods of missing indices. Returns a (reason, message) problem, if any."""
+        template = spec.sandboxTemplate
+        assert template is not None  # the CRD's CEL rule guarantees it in direct mode
         meta = bs["metadata"]
         missing = [i for i in range(spec.replicas) if i not in pods]
-        if not missing:
-            return
 
-        async def one(index: int) -> None:
+        async def one(index: int) -> str | None:
             pod = build_pod(
                 name=f"{meta['name']}-{index}",
                 namespace=meta["namespace"],
-                template=spec.sandboxTemplate,  # type: ignore[arg-type]
+                template=template,
                 pod_labels={labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
                 owner=bs,
                 execd_image=self.shared.settings.execd_image,
             )
             try:
-                created = await self.shared.client.create(PODS, pod, meta["namespace"])
-                pods[index] = slim_pod(created)
+                pods[index] = slim_pod(await self.shared.client.create(PODS, pod, meta["namespace"]))
             except ApiError as err:
-                if err.conflict:  # the old pod of that name is still terminating
-                    return
-                self.shared.events.record(
-                    bs,
-                    "Warning",
-                    "FailedCreate",
-                    f"Failed to create pod {pod['metadata']['name']}: {err.message}",
-                )
-                raise
+                if not err.conflict:  # a conflict: the old pod of that name is still terminating
+                    return err.message
+            return None
 
-        await asyncio.gather(*(one(i) for i in missing))
-        self.shared.events.record(bs, "Normal", "SuccessfulCreate", f"Created {len(missing)} pod(s)")
+        errors = [e for e in await asyncio.gather(*(one(i) for i in missing)) if e]
+        if len(errors) < len(missing):
+            self.shared.events.record(bs, "Normal", "SuccessfulCreate", f"Created {len(missing) - len(errors)} pod(s)")
+        if not errors:
+            return None
+        self.shared.events.record(bs, "Warning", "FailedCreate", f"Failed to create pod: {errors[0]}")
+        return "FailedCreate", f"Pods cannot be created: {errors[0]}"
 
     async def _claim_missing(
         self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.controller.batchsandbox import REFILL_DELAY, BatchSandboxReconciler
+from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
 from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.controller.pool import PoolReconciler
@@ -26,6 +26,7 @@ from opensandbox_platform.controller.state import (
     BY_POOL,
     BY_POOL_REF,
     POOLS,
+    REFILL_DELAY,
     CachedObject,
     Settings,
     Shared,

@@ -26,7 +26,6 @@ from prometheus_client import Gauge
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
-from opensandbox_platform.controller.batchsandbox import REFILL_DELAY
 from opensandbox_platform.controller.conditions import same_status, set_condition
 from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, template_revision
 from opensandbox_platform.controller.state import (
@@ -34,6 +33,8 @@ from opensandbox_platform.controller.state import (
     BY_POOL,
     BY_POOL_REF,
     POOLS,
+    REFILL_DELAY,
+    PodCreateError,
     Shared,
     slim_object,
 )
@@ -168,11 +169,15 @@ class PoolReconciler:
         pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
         plan = plan_pool(spec, revision, pods, self.shared.reserved, demand(self.shared, key), now, deadline)
 
-        await asyncio.gather(
+        create_error, _ = await asyncio.gather(
             self._create(pool, spec, revision, plan.create),
             self._delete(pool, plan.delete),
         )
-        written = await self._write_status(pool, spec, revision, pods, plan)
+        if create_error:  # the status says why; look again with backoff (a fixed template fixes it)
+            plan.create = 0
+        written = await self._write_status(pool, spec, revision, pods, plan, create_error)
+        if create_error:
+            raise PodCreateError(create_error)
         # Look again when the first pod that is not Ready yet would pass the deadline, when a status
         # write held back by the rate limit is due, or when the postponed refill may go ahead.
         waits = [deadline - age_seconds(p, now) for p in plan.starting]
@@ -182,14 +187,15 @@ class PoolReconciler:
             waits.append(REFILL_DELAY)
         return max(0.1, min(waits)) if waits else None
 
-    async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> None:
+    async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> str | None:
+        """Creates `count` pods; returns the API server's message when some could not be created."""
         if count <= 0:
-            return
+            return None
         key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
         name = pool["metadata"]["name"]
         namespace = pool["metadata"]["namespace"]
 
-        async def one() -> bool:
+        async def one() -> str | None:
             pod_name = f"{name}-{random_suffix()}"
             pod = build_pod(
                 name=pod_name,
@@ -202,18 +208,18 @@ class PoolReconciler:
             self.shared.creating.expect(key, f"{namespace}/{pod_name}")
             try:
                 await self.shared.client.create(PODS, pod, namespace)
-                return True
+                return None
             except ApiError as err:
                 self.shared.creating.observe(key, f"{namespace}/{pod_name}")
-                self.shared.events.record(pool, "Warning", "FailedCreate", f"Failed to create pool pod: {err.message}")
-                return False
+                return err.message
 
-        results = await bounded_gather([one() for _ in range(count)], WRITE_CONCURRENCY)
-        created = sum(results)
-        if created:
-            self.shared.events.record(pool, "Normal", "SuccessfulCreate", f"Created {created} pool pod(s)")
-        if created < count:
-            raise RuntimeError(f"created {created} of {count} pool pods")
+        errors = [e for e in await bounded_gather([one() for _ in range(count)], WRITE_CONCURRENCY) if e]
+        if len(errors) < count:
+            self.shared.events.record(pool, "Normal", "SuccessfulCreate", f"Created {count - len(errors)} pool pod(s)")
+        if not errors:
+            return None
+        self.shared.events.record(pool, "Warning", "FailedCreate", f"Failed to create pool pod: {errors[0]}")
+        return errors[0]
 
     async def _delete(self, pool: JSON, doomed: list[tuple[PodInfo, str]]) -> None:
         if not doomed:
@@ -258,7 +264,7 @@ class PoolReconciler:
             self.shared.events.record(pool, kind, event, f"Deleted {n} idle pod(s) {what}")
 
     async def _write_status(
-        self, pool: JSON, spec: PoolSpec, revision: str, pods: list[PodInfo], plan: PoolPlan
+        self, pool: JSON, spec: PoolSpec, revision: str, pods: list[PodInfo], plan: PoolPlan, error: str | None = None
     ) -> bool:
         """Writes the status if it changed; False when the write is held back by the rate limit."""
         meta = pool["metadata"]
@@ -274,14 +280,13 @@ class PoolReconciler:
         old = pool.get("status") or {}
         conditions = [dict(c) for c in old.get("conditions") or []]
         ready = available >= spec.minBufferSize
-        set_condition(
-            conditions,
-            "Ready",
-            ready,
-            "BufferFilled" if ready else "Filling",
-            f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}",
-            meta.get("generation", 0),
-        )
+        if error:
+            reason, message = "FailedCreate", f"Pods cannot be created: {error}"
+        elif ready:
+            reason, message = "BufferFilled", f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}"
+        else:
+            reason, message = "Filling", f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}"
+        set_condition(conditions, "Ready", ready and not error, reason, message, meta.get("generation", 0))
         status["conditions"] = conditions
         for state, n in (
             ("available", available),
@@ -291,6 +296,8 @@ class PoolReconciler:
             POOL_PODS.labels(meta["namespace"], meta["name"], state).set(n)
         if same_status(old, status):
             return True
+        if error:  # a failure is news: no rate limit
+            self._status_written.pop(f"{meta['namespace']}/{meta['name']}", None)
         # Pool status is for people and dashboards: write it at most every STATUS_INTERVAL, so that a
         # stream of claims and refills does not add a status write per pod event.
         key = f"{meta['namespace']}/{meta['name']}"

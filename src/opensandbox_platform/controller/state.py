@@ -15,6 +15,14 @@ from opensandbox_platform.kube.workqueue import WorkQueue
 POOLS = Resource(labels.GROUP, labels.VERSION, "pools", "Pool")
 BATCHSANDBOXES = Resource(labels.GROUP, labels.VERSION, "batchsandboxes", "BatchSandbox")
 
+# A Pool refills this long after a claim, so that background pod creation does not slow the claim's status.
+REFILL_DELAY = 0.1  # seconds
+
+
+class PodCreateError(Exception):
+    """The API server refused pods built from a template (e.g. an invalid one); retried with backoff."""
+
+
 # Index names
 BY_POOL = "pool"  # pods by "<namespace>/<pool>"
 BY_BATCHSANDBOX = "batchsandbox"  # pods by "<namespace>/<batchsandbox>"
