@@ -109,10 +109,13 @@ class ServerProcess:
             kill_recorded_jails(self.state_dir)
 
     def records(self) -> list[dict[str, object]]:
+        """The records of sandboxes on disk (warm jails nobody claimed yet are left out)."""
         found = []
         for path in (self.state_dir / "sandboxes").glob("*/sandbox.json"):
             with contextlib.suppress(OSError, ValueError):
-                found.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
+                if record.get("claimed"):
+                    found.append(record)
         return found
 
 
@@ -165,6 +168,22 @@ def live_processes_with_hostname_arg(sandbox_id: str) -> list[int]:
             continue
         if sandbox_id.encode() in cmdline or f"HOSTNAME={sandbox_id}".encode() in environ:
             found.append(int(entry))
+    return found
+
+
+def live_processes_mentioning(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains `text`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+        except OSError:
+            continue
     return found
 
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.models.execd import RunCommandOpts
 
-from tests.e2e.server_support import ServerProcess, free_port, live_processes_with_hostname_arg, running_server
+from tests.e2e.server_support import (
+    ServerProcess,
+    free_port,
+    live_processes_mentioning,
+    live_processes_with_hostname_arg,
+    running_server,
+)
 
 CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 
@@ -41,6 +48,13 @@ def delete(server: ServerProcess, sandbox_id: str) -> None:
 
 def sandbox_dirs(server: ServerProcess) -> set[str]:
     return {p.name for p in (server.state_dir / "sandboxes").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def cold_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """No warm pool: every create starts its own jail, and the state dir holds exactly the sandboxes."""
+    with running_server(tmp_path_factory.mktemp("cold"), extra_config="warmPoolSize = 0") as srv:
+        yield srv
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
@@ -78,7 +92,8 @@ BAD_CREATES: list[tuple[str, Any, str]] = [
 
 
 @pytest.mark.parametrize(("case", "body", "code"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES])
-def test_bad_creates_are_4xx_and_leave_nothing(server: ServerProcess, case: str, body: Any, code: str) -> None:
+def test_bad_creates_are_4xx_and_leave_nothing(cold_server: ServerProcess, case: str, body: Any, code: str) -> None:
+    server = cold_server
     before_dirs, before_list = sandbox_dirs(server), httpx.get(f"{server.url}/v1/sandboxes").json()
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
     if body is None:
@@ -148,6 +163,41 @@ def test_bad_input_on_an_existing_sandbox(server: ServerProcess) -> None:
         delete(server, manual["id"])
 
 
+def test_a_failed_claim_of_a_warm_jail_leaves_nothing_and_the_pool_recovers(server: ServerProcess) -> None:
+    before = {r["id"] for r in server.records()}
+    response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "entrypoint": ["/no/such/program"]})
+    assert_error(response, 400)
+    assert {r["id"] for r in server.records()} == before
+    created = create(server, env={"WARM": "claimed"})
+    try:
+
+        async def probe() -> list[str]:
+            sb = await Sandbox.connect(created["id"], connection_config=ConnectionConfig(domain=server.domain))
+            run = await sb.commands.run("hostname; echo $WARM")
+            await sb.close()
+            return [m.text for m in run.logs.stdout]
+
+        assert asyncio.run(probe()) == [created["id"], "claimed"]
+    finally:
+        delete(server, created["id"])
+
+
+def test_a_cold_create_gives_the_same_jail(cold_server: ServerProcess) -> None:
+    created = create(cold_server, env={"COLD": "1"})
+    try:
+
+        async def probe() -> list[str]:
+            config = ConnectionConfig(domain=cold_server.domain)
+            sb = await Sandbox.connect(created["id"], connection_config=config)
+            run = await sb.commands.run("hostname; echo $COLD; pwd")
+            await sb.close()
+            return [m.text for m in run.logs.stdout]
+
+        assert asyncio.run(probe()) == [created["id"], "1", "/workspace"]
+    finally:
+        delete(cold_server, created["id"])
+
+
 def test_request_id_is_echoed_or_generated(server: ServerProcess) -> None:
     echoed = httpx.get(f"{server.url}/v1/sandboxes", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
@@ -173,7 +223,7 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
         assert_error(httpx.get(f"{server.url}/v1/sandboxes/x/proxy/44772/ping"), 401, "MISSING_API_KEY")
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert httpx.get(url, headers=server.headers()).status_code == 200
-        assert server.records() == []
+        assert httpx.get(url, headers=server.headers()).json()["items"] == []
 
         async def with_the_sdk(proxy: bool) -> list[str]:
             config = ConnectionConfig(domain=server.domain, api_key=server.api_key, use_server_proxy=proxy)
@@ -189,6 +239,26 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
 
 
 # -- restart and expiry ------------------------------------------------------------------------
+
+
+def test_stopping_the_server_kills_warm_jails_but_not_sandboxes(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, extra_config="warmPoolSize = 2").start()
+    try:
+        kept = create(server)
+        # Stop while the pool is refilling: a jail half-started must not leak either.
+        time.sleep(0.35)
+        server.stop(cleanup=False)
+        jail_dirs = {p.name for p in (server.state_dir / "sandboxes").iterdir()}
+        assert jail_dirs == {kept["id"]}
+        strays = [
+            pid
+            for pid in live_processes_mentioning(str(server.state_dir))
+            if kept["id"] not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
+        assert strays == []
+        assert live_processes_with_hostname_arg(kept["id"])
+    finally:
+        server.stop()
 
 
 def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path) -> None:

@@ -92,3 +92,9 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
             proc.kill()
             proc.wait()
         log.close()
+
+
+# bench/execd_bench.py imports it from here.
+from tests.e2e.execd_support.bench_stub import Lifecycle, run_lifecycle  # noqa: E402
+
+__all__ = ["Execd", "Lifecycle", "free_port", "run_execd", "run_lifecycle"]

@@ -48,6 +48,7 @@ log = logging.getLogger("opensandbox.local")
 RECORD = "sandbox.json"
 TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 LOOPBACK = "127.0.0.1"
+REFILL_DELAY_SECONDS = 0.3
 
 
 def utcnow() -> dt.datetime:
@@ -84,8 +85,18 @@ class Record:
     message: str = ""
     last_transition_at: str = ""
     paused_by: str | None = None  # "freezer" or "signal"
+    _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
+        """The API view; cached until the next `_save` (a list reads every record each time)."""
+        if self._info is None:
+            self._info = self._make_info()
+        return self._info
+
+    def forget_info(self) -> None:
+        self._info = None
+
+    def _make_info(self) -> SandboxInfo:
         return SandboxInfo(
             id=self.id,
             image=self.image,
@@ -103,6 +114,7 @@ class Record:
     def transition(self, state: str, reason: str, message: str = "") -> None:
         self.state, self.reason, self.message = state, reason, message
         self.last_transition_at = iso(utcnow())
+        self.forget_info()
 
 
 @dataclass
@@ -134,6 +146,8 @@ class LocalRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._warm: asyncio.Queue[Jail] = asyncio.Queue()
         self._warm_wanted = asyncio.Event()
+        self._warm_task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
@@ -146,7 +160,8 @@ class LocalRuntime:
         await self._recover()
         self._tasks.append(asyncio.create_task(self._sweep(), name="expiry-sweep"))
         if self.local.warm_pool_size:
-            self._tasks.append(asyncio.create_task(self._keep_warm(), name="warm-pool"))
+            self._warm_task = asyncio.create_task(self._keep_warm(), name="warm-pool")
+            self._tasks.append(self._warm_task)
         log.info(
             "local runtime ready state_dir=%s sandboxes=%d cgroups=%s warm_pool=%d",
             self.state_dir,
@@ -156,6 +171,13 @@ class LocalRuntime:
         )
 
     async def close(self) -> None:
+        # A jail being started for the warm pool is let finish (then killed below): cut short,
+        # it could not be found again by its record.
+        self._closing.set()
+        self._warm_wanted.set()
+        if self._warm_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._warm_task), self.local.start_timeout_seconds)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -171,7 +193,12 @@ class LocalRuntime:
             try:
                 record = Record(**json.loads(path.read_text()))
             except (OSError, ValueError, TypeError):
+                # A jail whose start was cut short before its pid was recorded: find it by name.
                 log.warning("removing a sandbox directory without a valid record path=%s", directory)
+                for pid in procfs.processes_mentioning(f"{directory}/"):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.cgroups.remove({c: str(p / directory.name) for c, p in self.cgroups.parents.items()})
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
             if not record.claimed:  # a warm jail or a create that never finished
@@ -344,6 +371,8 @@ class LocalRuntime:
         except BaseException as exc:
             os.close(ctl_w)
             transport.close()
+            if not record.pid:
+                _kill_before_known(popen)
             await self._destroy(record)
             if isinstance(exc, TimeoutError):
                 raise self._start_failed(record, "the jail did not start in time") from None
@@ -394,15 +423,25 @@ class LocalRuntime:
         return None
 
     async def _keep_warm(self) -> None:
-        while True:
-            while self._warm.qsize() < self.local.warm_pool_size:
+        while not self._closing.is_set():
+            if self._warm.qsize() < self.local.warm_pool_size:
+                # Starting a jail costs a CPU-heavy quarter second; let the sandbox just handed
+                # out answer its first calls before the refill competes with it.
+                await self._pause(REFILL_DELAY_SECONDS)
+            while not self._closing.is_set() and self._warm.qsize() < self.local.warm_pool_size:
                 try:
                     self._warm.put_nowait(await self._spawn(str(uuid.uuid4())))
                 except Exception:
                     log.exception("warm jail failed to start")
-                    await asyncio.sleep(5)
+                    await self._pause(5)
             self._warm_wanted.clear()
-            await self._warm_wanted.wait()
+            if not self._closing.is_set():
+                await self._warm_wanted.wait()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the runtime closes."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
 
     def _watch(self, record: Record) -> None:
         """Notice the jail ending on its own (entrypoint exited, killed from outside)."""
@@ -512,10 +551,24 @@ class LocalRuntime:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     def _save(self, record: Record) -> None:
+        record.forget_info()
         directory = self.sandboxes_dir / record.id
         tmp = directory / (RECORD + ".tmp")
-        tmp.write_text(json.dumps(asdict(record)))
+        data = asdict(record)
+        del data["_info"]
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, directory / RECORD)
+
+
+def _kill_before_known(popen: subprocess.Popen[bytes]) -> None:
+    """Kill a jail whose PID 1 was not reported yet: stop bwrap so it cannot clone any more, kill
+    what it cloned (the jail's PID 1, taking the namespace with it), then bwrap itself."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(popen.pid, signal.SIGSTOP)
+    for child in procfs.children(popen.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    popen.kill()
 
 
 def _start_bwrap(argv: list[str], fds: tuple[int, ...], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -72,3 +72,27 @@ def signal_namespace(namespace: str, sig: signal.Signals) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         seen.update(fresh)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text` (a jail's bwrap names its directory)."""
+    needle = text.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found

@@ -2,6 +2,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from fastapi.testclient import TestClient
@@ -21,10 +22,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_server_program_listens_where_told() -> None:
+def test_server_program_listens_where_told(tmp_path: Path) -> None:
     port = _free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(f'[local]\nstateDir = "{tmp_path / "state"}"\nwarmPoolSize = 0\n')
     proc = subprocess.Popen(
-        [sys.executable, "-m", "opensandbox_platform.server.main", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "opensandbox_platform.server.main", "--config", str(config), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -41,3 +44,15 @@ def test_server_program_listens_where_told() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_bad_config_file_stops_the_program_with_a_message(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nport = "eighty"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "opensandbox_platform.server.main", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "invalid config" in result.stderr
