@@ -333,7 +333,7 @@ async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProces
         await sb.files.write_file("/workspace/ws_echo.py", WS_ECHO)
         await sb.files.write_file("/workspace/site/index.html", "hello from the jail")
         background = RunCommandOpts(background=True, working_directory="/workspace/site")
-        await sb.commands.run(f"python3 -m http.server {http_port} --bind 127.0.0.1", opts=background)
+        await sb.commands.run(f"{sys.executable} -m http.server {http_port} --bind 127.0.0.1", opts=background)
         await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
 
         base = f"{server.url}/v1/sandboxes/{sb.id}/proxy"
