@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -425,3 +426,65 @@ async def test_mcp_server_lists_tools_and_runs_a_command(server: ServerProcess) 
             assert not killed.is_error
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{server.url}/v1/sandboxes/{sandbox_id}")).status_code == 404
+
+
+# -- the jail: limits, entrypoint exit, what it cannot see -------------------------------------
+
+
+def wait_for_state(server: ServerProcess, sandbox_id: str, wanted: str, timeout: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = httpx.get(f"{server.url}/v1/sandboxes/{sandbox_id}").json()
+        if body["status"]["state"] == wanted:
+            return body
+        assert time.monotonic() < deadline, f"state stayed {body['status']}"
+        time.sleep(0.1)
+
+
+def test_the_sandbox_ends_when_its_entrypoint_exits(server: ServerProcess) -> None:
+    ok = create(server, entrypoint=["sleep", "0.5"])
+    failed = create(server, entrypoint=["sh", "-c", "sleep 0.5; exit 3"])
+    try:
+        assert wait_for_state(server, ok["id"], "Terminated")["status"]["reason"] == "JAIL_EXITED"
+        assert "code 3" in wait_for_state(server, failed["id"], "Failed")["status"]["message"]
+        assert live_processes_with_hostname_arg(ok["id"]) == []
+    finally:
+        delete(server, ok["id"])
+        delete(server, failed["id"])
+
+
+async def test_the_memory_limit_is_enforced(server: ServerProcess) -> None:
+    config = ConnectionConfig(domain=server.domain)
+    sb = await Sandbox.create("ubuntu", connection_config=config, resource={"cpu": "1", "memory": "64Mi"})
+    try:
+        hog = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(256 << 20); print(len(x))'")
+        assert hog.exit_code == 137  # SIGKILL from the cgroup's OOM killer
+        small = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(8 << 20); print(len(x))'")
+        assert small.exit_code == 0
+    finally:
+        await sb.kill()
+        await sb.close()
+
+
+def test_the_state_dir_and_config_are_hidden_from_sandboxes(tmp_path: Path) -> None:
+    # A state dir outside /tmp and /root (both private in a jail) is visible unless hidden.
+    visible = Path("/var/tmp") / f"osb-e2e-{os.getpid()}-{time.monotonic_ns()}"
+    with running_server(visible, api_key="hidden-key", extra_config="warmPoolSize = 0") as server:
+        try:
+            first, second = create(server), create(server)
+
+            async def look() -> list[str]:
+                config = ConnectionConfig(domain=server.domain, api_key=server.api_key)
+                sb = await Sandbox.connect(first["id"], connection_config=config)
+                run = await sb.commands.run(
+                    f"ls -A {server.state_dir} | wc -l; cat {server.config_path} 2>/dev/null | wc -c; "
+                    f"cat {server.state_dir}/sandboxes/{second['id']}/sandbox.json 2>/dev/null || echo hidden"
+                )
+                await sb.close()
+                return [m.text for m in run.logs.stdout]
+
+            assert asyncio.run(look()) == ["0", "0", "hidden"]
+            assert server.config_path.read_text() and (server.state_dir / "sandboxes" / second["id"]).is_dir()
+        finally:
+            server.stop()
+            shutil.rmtree(visible, ignore_errors=True)

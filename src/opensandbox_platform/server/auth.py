@@ -65,7 +65,7 @@ class AuthAndRequestId:
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
-            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.http.response.start"):
                 started = True
                 message["headers"] = [*message.get("headers", ()), rid]
             await send(message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ from pathlib import Path
 import httpx
 
 MODULE = "opensandbox_platform.execd.main"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -94,7 +87,8 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
         log.close()
 
 
-# bench/execd_bench.py imports it from here.
+# bench/execd_bench.py imports these from here.
 from tests.e2e.execd_support.bench_stub import Lifecycle, run_lifecycle  # noqa: E402
+from tests.e2e.server_support import free_port  # noqa: E402
 
 __all__ = ["Execd", "Lifecycle", "free_port", "run_execd", "run_lifecycle"]

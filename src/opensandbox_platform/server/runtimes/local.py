@@ -182,7 +182,7 @@ class LocalRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while not self._warm.empty():
-            await self._destroy(self._warm.get_nowait().record)
+            await self._discard(self._warm.get_nowait())
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
@@ -419,8 +419,15 @@ class LocalRuntime:
             self._warm_wanted.set()
             if procfs.alive(jail.record.pid, jail.record.start_ticks):
                 return jail
-            await self._destroy(jail.record)
+            await self._discard(jail)
         return None
+
+    async def _discard(self, jail: Jail) -> None:
+        """Destroy a jail nobody claimed, and close the server's ends of its pipes."""
+        with contextlib.suppress(OSError):
+            os.close(jail.ctl_fd)
+        jail.transport.close()
+        await self._destroy(jail.record)
 
     async def _keep_warm(self) -> None:
         while not self._closing.is_set():
