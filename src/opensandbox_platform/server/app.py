@@ -51,6 +51,10 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
+    @app.get("/version", tags=["health"])
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)
     return app

@@ -16,7 +16,7 @@ log = logging.getLogger("opensandbox.server")
 
 API_KEY_HEADER = b"open-sandbox-api-key"
 REQUEST_ID_HEADER = b"x-request-id"
-OPEN_PATHS = ("/health", "/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/health", "/version", "/docs", "/redoc", "/openapi.json")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -146,6 +146,7 @@ def test_api_key_and_request_id(runtime: MemoryRuntime) -> None:
         assert wrong.status_code == 401 and wrong.json()["code"] == "INVALID_API_KEY"
         assert client.get("/v1/sandboxes", headers={"OPEN-SANDBOX-API-KEY": "secret"}).status_code == 200
         assert client.get("/health").status_code == 200
+        assert client.get("/version").json()["version"]
         assert client.get("/docs").status_code == 200
 
 

@@ -131,9 +131,11 @@ def bwrap_args(
             args += ["--tmpfs", resolved]
         else:
             args += ["--ro-bind", "/dev/null", resolved]
-    args += ["--remount-ro", "/", "--chdir", WORKSPACE, "--cap-drop", "ALL"]
-    for cap in CAPABILITIES:
-        args += ["--cap-add", cap]
+    args += ["--remount-ro", "/", "--chdir", WORKSPACE]
+    if os.geteuid() == 0:  # bwrap keeps every capability of a root caller unless told otherwise
+        args += ["--cap-drop", "ALL"]
+        for cap in CAPABILITIES:
+            args += ["--cap-add", cap]
     args += ["--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]
     args += [sys.executable, "-m", JAIL_INIT, "--ctl-fd", str(ctl_fd), "--evt-fd", str(evt_fd)]
     return args
