@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format crds cluster-up cluster-down podman-up podman-down bench tools execd-binary execd-image
+.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ cluster-up: tools  ## start the local control plane and kwok nodes; then `source
 
 cluster-down:  ## stop the local cluster and remove its state
 	tools/cluster.sh down
+
+node-up:  ## start the real node (kubelet + containerd) in the running cluster; see docs/test-cluster.md
+	tools/node.sh up
+
+node-down:  ## stop the real node, its pods, bridge and mounts
+	tools/node.sh down
 
 podman-up:  ## start podman's Docker API service and build the test image; then `source .podman/env`
 	tools/podman.sh up

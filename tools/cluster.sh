@@ -3,6 +3,8 @@
 #   tools/cluster.sh up      start etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok
 #   tools/cluster.sh down    stop every process `up` started and remove the state
 #   tools/cluster.sh status  exit 0 when the API server is ready
+# With OSB_REAL_NODE=1, `up` also starts a real node (tools/node.sh: kubelet + containerd + a CNI
+# bridge) and fails when it cannot; `down` always stops whatever tools/node.sh started.
 # Binaries come from tools/build-tools.sh (cached in $OSB_CACHE). State, logs, certificates and the
 # admin kubeconfig live in .cluster/ (git-ignored); `source .cluster/env` sets KUBECONFIG and PATH.
 set -euo pipefail
@@ -15,6 +17,8 @@ API_PORT=${OSB_API_PORT:-6443}
 ETCD_PORT=${OSB_ETCD_PORT:-12379}
 SERVICE_CIDR=10.96.0.0/16
 KWOK_NODES=${OSB_KWOK_NODES:-2}
+REAL_NODE=${OSB_REAL_NODE:-0}
+NODE_IP=10.77.0.1  # the real node's address on its bridge (tools/node.sh)
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
@@ -44,7 +48,7 @@ make_pki() {
       -out "$pki/ca.crt" 2>/dev/null
   fi
   cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    "IP:127.0.0.1,IP:10.96.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert apiserver-kubelet-client "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client"
   cert admin "/O=system:masters/CN=kubernetes-admin"
   cert controller-manager "/CN=system:kube-controller-manager"
@@ -101,10 +105,17 @@ api_ready() { curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pk
 
 status() { [[ -f $state/kubeconfig ]] && alive kube-apiserver && api_ready; }
 
+real_node() { [[ $REAL_NODE == 1 ]]; }
+
 up() {
-  if status; then log "already up"; return; fi
+  if status; then
+    log "already up"
+    if real_node; then "$top/tools/node.sh" up || die "the real node (OSB_REAL_NODE=1) did not start; see $state/logs/kubelet.log and containerd.log"; fi
+    return
+  fi
   [[ -x $bin/kube-apiserver && -x $bin/etcd && -x $bin/kwok ]] \
     || die "cluster binaries missing in $bin: run tools/build-tools.sh (make cluster-up does)"
+  "$top/tools/node.sh" down || die "could not stop the real node left from an earlier run (tools/node.sh down)"
   down_processes
   mkdir -p "$state"
   make_pki
@@ -122,10 +133,16 @@ up() {
   wait_for etcd 20 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 
   # The admission plugins a real cluster enables by default are on without flags; add NodeRestriction
-  # as kubeadm does.
+  # as kubeadm does. With a real node, the API server dials its kubelet at its InternalIP (its host
+  # name resolves nowhere) and advertises the node's bridge address instead of loopback.
+  local advertise=127.0.0.1 node_flags=()
+  if real_node; then
+    advertise=$NODE_IP
+    node_flags=(--kubelet-preferred-address-types InternalIP)
+  fi
   start kube-apiserver "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --bind-address 127.0.0.1 --advertise-address "$advertise" --secure-port "$API_PORT" "${node_flags[@]}" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
     --client-ca-file "$pki/ca.crt" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -161,6 +178,9 @@ up() {
   wait_for "default ServiceAccount" 60 kubectl get serviceaccount default -n default
   wait_for "kwok nodes" 60 nodes_ready
   write_env
+  if real_node; then
+    "$top/tools/node.sh" up || die "the real node (OSB_REAL_NODE=1) did not start; see $state/logs/kubelet.log and containerd.log"
+  fi
   log "ready: source $state/env"
 }
 
@@ -215,6 +235,8 @@ down_processes() {
 }
 
 down() {
+  # The real node first: its pods' mounts live below $state, which is removed afterwards.
+  "$top/tools/node.sh" down || die "tools/node.sh down failed: $state is kept (it may hold mounts)"
   down_processes
   rm -rf "$state"
   log "down"

@@ -9,7 +9,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 RUN_DEBS=(bubblewrap curl)
-TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables)
+TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2)
 
 ensure_debs() {
   local missing=() p

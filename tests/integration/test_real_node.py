@@ -39,7 +39,7 @@ def node(cluster: LocalCluster) -> Iterator[RealNode]:
 
 
 def run_pod(
-    cluster: LocalCluster, namespace: str, name: str, command: list[str], extra: str = "", timeout: int = 120
+    cluster: LocalCluster, namespace: str, name: str, command: list[str], extra: str = "", timeout: int = 90
 ) -> dict[str, Any]:
     """Create a pod from the test image on the real node; wait until it is Ready; return it.
 

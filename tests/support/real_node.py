@@ -1,0 +1,73 @@
+"""The real node of the local cluster (tools/node.sh): kubelet + containerd, pods that actually run.
+
+It is off unless OSB_REAL_NODE=1. Tests choose it explicitly with `REAL_NODE_PLACEMENT`, since it is
+tainted; kwok nodes stay for everything else. Images come from podman (`tools/node.sh load-image`):
+pods use imagePullPolicy Never, as no registry is reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tests.support.services import ROOT, TOOLS, LocalCluster
+
+ENV_SWITCH = "OSB_REAL_NODE"
+NODE_NAME = os.environ.get("OSB_NODE_NAME", "osb-real-node")
+NODE_LABEL = ("opensandbox.io/node", "real")
+NODE_TAINT_KEY = "opensandbox.io/real-node"
+POD_NETWORK_PREFIX = "10.77."
+
+# The nodeSelector and toleration that put a pod on the real node (YAML flow style, for manifests).
+REAL_NODE_PLACEMENT = (
+    f"nodeSelector: {{{NODE_LABEL[0]}: {NODE_LABEL[1]}}}\n"
+    f"tolerations: [{{key: {NODE_TAINT_KEY}, operator: Exists, effect: NoSchedule}}]\n"
+)
+
+
+class RealNodeUnavailable(Exception):
+    """The real node is switched off (OSB_REAL_NODE is not 1)."""
+
+
+@dataclass(frozen=True)
+class RealNode:
+    name: str
+    cluster: LocalCluster
+
+    def load_image(self, image: str) -> None:
+        """Copy a podman image into the node's containerd."""
+        result = _node_sh("load-image", image)
+        if result.returncode != 0:
+            raise RuntimeError(f"tools/node.sh load-image {image} failed:\n{result.stderr[-4000:]}")
+
+
+def _node_sh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(TOOLS / "node.sh"), *args], cwd=ROOT, text=True, capture_output=True, check=False)
+
+
+@contextmanager
+def real_node(cluster: LocalCluster) -> Iterator[RealNode]:
+    """The running real node; starts it (and stops it afterwards) when the cluster was up without it.
+
+    Raises RealNodeUnavailable when switched off, RuntimeError (with tools/node.sh's reason) when it
+    cannot start.
+    """
+    if os.environ.get(ENV_SWITCH) != "1":
+        raise RealNodeUnavailable(
+            f"the real node is off: set {ENV_SWITCH}=1 to run kubelet + containerd "
+            "(tools/node.sh, docs/test-cluster.md)"
+        )
+    started = _node_sh("status").returncode != 0
+    if started:
+        result = _node_sh("up")
+        if result.returncode != 0:
+            reason = result.stderr[-4000:]
+            raise RuntimeError(f"{ENV_SWITCH}=1 but the real node did not start (tools/node.sh up):\n{reason}")
+    try:
+        yield RealNode(name=NODE_NAME, cluster=cluster)
+    finally:
+        if started:
+            _node_sh("down")
