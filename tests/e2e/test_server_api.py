@@ -242,6 +242,19 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
 # -- restart and expiry ------------------------------------------------------------------------
 
 
+def test_a_second_server_on_the_same_state_dir_refuses_to_start(server: ServerProcess, tmp_path: Path) -> None:
+    config = tmp_path / "same-state.toml"
+    config.write_text(f'[local]\nstateDir = "{server.state_dir}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "opensandbox_platform.server.main", "--config", str(config), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "another opensandbox-server uses the state dir" in result.stderr
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 def test_stopping_the_server_kills_warm_jails_but_not_sandboxes(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path, extra_config="warmPoolSize = 2").start()
     try:

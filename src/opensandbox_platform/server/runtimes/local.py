@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -148,6 +149,7 @@ class LocalRuntime:
         self._warm_wanted = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        self._lock_fd: int | None = None
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class LocalRuntime:
             raise RuntimeError("the local runtime needs bubblewrap: apt-get install bubblewrap")
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
+        self._lock_state_dir()
         self._root_args = jails.host_root_args()
         await self._recover()
         self._tasks.append(asyncio.create_task(self._sweep(), name="expiry-sweep"))
@@ -186,6 +189,19 @@ class LocalRuntime:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock_state_dir(self) -> None:
+        """One server per state dir: two would each reap the other's jails as strays."""
+        fd = os.open(self.state_dir / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another opensandbox-server uses the state dir {self.state_dir}") from None
+        self._lock_fd = fd  # held (and released by the kernel) for the life of the process
 
     async def _recover(self) -> None:
         for directory in sorted(self.sandboxes_dir.iterdir()):
