@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -501,3 +502,42 @@ def test_the_state_dir_and_config_are_hidden_from_sandboxes(tmp_path: Path) -> N
         finally:
             server.stop()
             shutil.rmtree(visible, ignore_errors=True)
+
+
+def process_states(server: ServerProcess, sandbox_id: str) -> set[str]:
+    """The states (R, S, T, ...) of the processes in the sandbox's PID namespace."""
+    (record,) = [r for r in server.records() if r["id"] == sandbox_id]
+    namespace = os.readlink(f"/proc/{record['pid']}/ns/pid")
+    states = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/ns/pid") == namespace:
+                states.add(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0])
+    return states
+
+
+def test_without_cgroups_pause_stops_every_process_and_memory_is_an_rlimit(tmp_path: Path) -> None:
+    with running_server(tmp_path, extra_config="useCgroups = false\nwarmPoolSize = 0") as server:
+        created = create(server, resourceLimits={"memory": "256Mi"})
+        base = f"{server.url}/v1/sandboxes/{created['id']}"
+        try:
+
+            async def run(command: str) -> Any:
+                sb = await Sandbox.connect(created["id"], connection_config=ConnectionConfig(domain=server.domain))
+                try:
+                    return await sb.commands.run(command)
+                finally:
+                    await sb.close()
+
+            limit = asyncio.run(run("ulimit -v"))
+            assert [m.text for m in limit.logs.stdout] == [str(256 * 1024)]  # RLIMIT_AS, in KiB
+            assert asyncio.run(run("sleep 1000 >/dev/null 2>&1 &")).exit_code == 0
+
+            assert httpx.post(f"{base}/pause").status_code == 202
+            assert process_states(server, created["id"]) == {"T"}  # bwrap, execd, tail, sleep: all stopped
+            assert httpx.post(f"{base}/resume").status_code == 202
+            assert "T" not in process_states(server, created["id"])
+            assert [m.text for m in asyncio.run(run("echo awake")).logs.stdout] == ["awake"]
+        finally:
+            delete(server, created["id"])
+        assert live_processes_with_hostname_arg(created["id"]) == []

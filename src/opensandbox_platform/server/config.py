@@ -61,6 +61,10 @@ class LocalSection(Section):
     start_timeout_seconds: float = Field(default=30.0, gt=0, description="how long a jail may take to start execd")
     tmp_size_mib: int = Field(default=512, ge=1, description="size of the in-memory /run of each jail")
     open_files: int = Field(default=65536, ge=64, description="RLIMIT_NOFILE of every sandbox process")
+    use_cgroups: bool = Field(
+        default=True,
+        description="limits and pause through cgroup v1 where writable; false: rlimits and SIGSTOP only",
+    )
     max_processes: int = Field(
         default=4096, ge=16, description="pids cgroup limit of each sandbox (if cgroups are writable)"
     )

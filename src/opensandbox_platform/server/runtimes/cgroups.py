@@ -30,10 +30,10 @@ def _own_groups() -> dict[str, str]:
 
 
 class Cgroups:
-    def __init__(self, root: Path = ROOT) -> None:
+    def __init__(self, root: Path = ROOT, enabled: bool = True) -> None:
         self.parents: dict[str, Path] = {}
         own = _own_groups()
-        for controller in CONTROLLERS:
+        for controller in CONTROLLERS if enabled else ():
             parent = root / controller / own.get(controller, "/").lstrip("/") / "opensandbox"
             try:
                 parent.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ class LocalRuntime:
         self.sandboxes_dir = self.state_dir / "sandboxes"
         self.hidden = [self.state_dir] + ([Path(config_path)] if config_path else [])
         self.records: dict[str, Record] = {}
-        self.cgroups = Cgroups()
+        self.cgroups = Cgroups(enabled=self.local.use_cgroups)
         self._root_args: list[str] = []
         self._locks: dict[str, asyncio.Lock] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
