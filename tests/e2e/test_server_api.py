@@ -472,7 +472,11 @@ async def test_the_memory_limit_is_enforced(server: ServerProcess) -> None:
     sb = await Sandbox.create("ubuntu", connection_config=config, resource={"cpu": "1", "memory": "64Mi"})
     try:
         hog = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(256 << 20); print(len(x))'")
-        assert hog.exit_code == 137  # SIGKILL from the cgroup's OOM killer
+        (record,) = [r for r in server.records() if r["id"] == sb.id]
+        if "memory" in record["cgroups"]:  # type: ignore[operator]
+            assert hog.exit_code == 137  # SIGKILL from the cgroup's OOM killer
+        else:  # no writable memory cgroup on this host: RLIMIT_AS makes the allocation fail
+            assert hog.exit_code not in (0, None)
         small = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(8 << 20); print(len(x))'")
         assert small.exit_code == 0
     finally:

@@ -385,13 +385,16 @@ class LocalRuntime:
             self._watch(record)
             return jail
         except BaseException as exc:
+            failure = (
+                self._start_failed(record, "the jail did not start in time") if isinstance(exc, TimeoutError) else None
+            )
             os.close(ctl_w)
             transport.close()
             if not record.pid:
                 _kill_before_known(popen)
             await self._destroy(record)
-            if isinstance(exc, TimeoutError):
-                raise self._start_failed(record, "the jail did not start in time") from None
+            if failure is not None:
+                raise failure from None
             raise
         finally:
             info_transport.close()
