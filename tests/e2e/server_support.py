@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,22 +20,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range, where every jail's execd listens (port 0):
-    a port chosen here cannot be taken by a jail that starts before the test binds it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError):
-        low = 32768
-    while True:
-        port = random.randrange(max(low - 12000, 1024), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+from tests.support.ports import free_port
 
 
 @dataclass

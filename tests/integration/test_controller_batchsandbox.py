@@ -14,6 +14,8 @@ from tests.support.controller import ControllerProcess
 from tests.support.kube import (
     EVICTED,
     BatchSandbox,
+    condition,
+    event_reasons,
     eventually,
     idle_ready,
     pods_of,
@@ -169,16 +171,7 @@ def test_a_lost_claimed_pod_is_replaced_and_reported(
     eventually(replaced, what="replacement claimed")
     conditions = {c["type"]: c for c in status(kube.get(BatchSandbox, "one", namespace=namespace))["conditions"]}
     assert conditions["SandboxReplaced"]["status"] == "True" and victim in conditions["SandboxReplaced"]["message"]
-    events = cluster.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        "involvedObject.name=one",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    )
+    events = event_reasons(cluster, namespace, "involvedObject.name=one")
     assert "SandboxLost" in events
 
     # An evicted pod (kubelet sets phase Failed, reason Evicted) is replaced too.
@@ -200,8 +193,7 @@ def test_unknown_pool_is_reported_and_resolved_when_the_pool_appears(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("early", "later-pool", 1))
 
     def reason() -> str:
-        conds = status(kube.get(BatchSandbox, "early", namespace=namespace)).get("conditions") or []
-        return next((c["reason"] for c in conds if c["type"] == "Ready"), "")
+        return str(condition(kube.get(BatchSandbox, "early", namespace=namespace)).get("reason", ""))
 
     eventually(lambda: reason() == "PoolNotFound", what="PoolNotFound condition")
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool("later-pool", 0, 2, 4))
@@ -220,14 +212,10 @@ def test_a_template_the_api_server_refuses_is_reported_on_the_batchsandbox(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad)
 
     def ready_condition() -> dict[str, str]:
-        conditions = status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace)).get("conditions") or []
-        return next((c for c in conditions if c["type"] == "Ready"), {})
+        return condition(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace))
 
-    condition = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
-    assert condition["status"] == "False" and "quantities must match the regular expression" in condition["message"]
-    events = cluster.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=example-batchsandbox",
-        "-o", "jsonpath={.items[*].reason}",
-    )  # fmt: skip
+    failed = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
+    assert failed["status"] == "False" and "quantities must match the regular expression" in failed["message"]
+    events = event_reasons(cluster, namespace, "involvedObject.name=example-batchsandbox")
     assert "FailedCreate" in events
     assert pods_of(kube, namespace) == []

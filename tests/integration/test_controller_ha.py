@@ -12,8 +12,9 @@ from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
 from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess, free_port
+from tests.support.controller import ControllerProcess
 from tests.support.kube import BatchSandbox, eventually, idle_ready, pool_pods, pooled_batchsandbox, seed_pool
+from tests.support.ports import free_port
 from tests.support.services import LocalCluster
 
 

@@ -13,6 +13,8 @@ from tests.support.controller import ControllerProcess
 from tests.support.kube import (
     EVICTED,
     Pool,
+    condition,
+    event_reasons,
     eventually,
     idle_ready,
     pool_pods,
@@ -152,16 +154,7 @@ def test_lost_and_stuck_pods_are_replaced(cluster: LocalCluster, kube: Client, n
             timeout=20,
             what="stuck pod replaced",
         )
-        events = cluster.kubectl(
-            "get",
-            "events",
-            "-n",
-            namespace,
-            "--field-selector",
-            "involvedObject.kind=Pool",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        )
+        events = event_reasons(cluster, namespace, "involvedObject.kind=Pool")
         assert "PodReplaced" in events and "SuccessfulCreate" in events
     finally:
         proc.stop()
@@ -218,15 +211,11 @@ def test_a_template_the_api_server_refuses_is_reported_on_the_pool(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
 
     def ready_condition() -> dict[str, str]:
-        conditions = status(kube.get(Pool, "example-pool", namespace=namespace)).get("conditions") or []
-        return next((c for c in conditions if c["type"] == "Ready"), {})
+        return condition(kube.get(Pool, "example-pool", namespace=namespace))
 
-    condition = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
-    assert condition["status"] == "False" and "quantities must match the regular expression" in condition["message"]
-    events = cluster.kubectl(
-        "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=Pool", "-o",
-        "jsonpath={.items[*].reason}",
-    )  # fmt: skip
+    failed = eventually(lambda: ready_condition().get("reason") == "FailedCreate" and ready_condition())
+    assert failed["status"] == "False" and "quantities must match the regular expression" in failed["message"]
+    events = event_reasons(cluster, namespace, "involvedObject.kind=Pool")
     assert "FailedCreate" in events
     assert pool_pods(kube, namespace, "example-pool") == []
 

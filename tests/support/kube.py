@@ -89,3 +89,16 @@ def report_pod_status(cluster: LocalCluster, namespace: str, pod: str, status: d
 
 
 EVICTED: dict[str, Any] = {"phase": "Failed", "reason": "Evicted", "conditions": []}
+
+
+def condition(obj: Any, type_: str = "Ready") -> dict[str, Any]:
+    """The status condition of that type (empty when absent)."""
+    return next((c for c in status(obj).get("conditions") or [] if c["type"] == type_), {})
+
+
+def event_reasons(cluster: LocalCluster, namespace: str, field_selector: str) -> list[str]:
+    """Reasons of the Events about the objects the field selector picks (e.g. involvedObject.kind=Pool)."""
+    out = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", field_selector, "-o", "jsonpath={.items[*].reason}"
+    )
+    return out.split()

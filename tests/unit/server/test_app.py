@@ -1,4 +1,3 @@
-import socket
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from opensandbox_platform.server.app import create_app
+from tests.support.ports import free_port
 
 
 def test_health_answers_200() -> None:
@@ -16,14 +16,8 @@ def test_health_answers_200() -> None:
     assert response.json() == {"status": "healthy"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_server_program_listens_where_told(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "server.toml"
     config.write_text(f'[local]\nstateDir = "{tmp_path / "state"}"\nwarmPoolSize = 0\n')
     proc = subprocess.Popen(
