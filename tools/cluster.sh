@@ -9,6 +9,8 @@
 # admin kubeconfig live in .cluster/ (git-ignored); `source .cluster/env` sets KUBECONFIG and PATH.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=kubeconfig.sh
+source "$top/tools/kubeconfig.sh"
 state=${OSB_CLUSTER_DIR:-$top/.cluster}
 cache=${OSB_CACHE:-$HOME/.cache/opensandbox-dev}
 bin=$cache/bin
@@ -61,24 +63,7 @@ make_pki() {
 }
 
 kubeconfig() {  # kubeconfig NAME CERT: a kubeconfig for a client certificate
-  cat >"$state/$1" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: opensandbox-dev
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $pki/ca.crt
-users:
-- name: $2
-  user:
-    client-certificate: $pki/$2.crt
-    client-key: $pki/$2.key
-contexts:
-- name: opensandbox-dev
-  context: {cluster: opensandbox-dev, user: $2}
-current-context: opensandbox-dev
-KC
+  write_kubeconfig "$state/$1" "$2" "$pki/$2.crt" "$pki/$2.key"
 }
 
 # --- processes ------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@
 # API server through 10.96.0.1:443) and each other, nothing else.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=kubeconfig.sh
+source "$top/tools/kubeconfig.sh"
 state=${OSB_CLUSTER_DIR:-$top/.cluster}
 cache=${OSB_CACHE:-$HOME/.cache/opensandbox-dev}
 bin=$cache/bin
@@ -243,24 +245,7 @@ pki_up() {
   node_cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
   # ...and its serving certificate: the API server dials https://$NODE_IP:10250 for logs and exec.
   node_cert kubelet-serving "/CN=system:node:$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
-  cat >"$node/kubelet.kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: opensandbox-dev
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $pki/ca.crt
-users:
-- name: $NODE_NAME
-  user:
-    client-certificate: $node/pki/kubelet-client.crt
-    client-key: $node/pki/kubelet-client.key
-contexts:
-- name: opensandbox-dev
-  context: {cluster: opensandbox-dev, user: $NODE_NAME}
-current-context: opensandbox-dev
-KC
+  write_kubeconfig "$node/kubelet.kubeconfig" "$NODE_NAME" "$node/pki/kubelet-client.crt" "$node/pki/kubelet-client.key"
   # The kubelet authorizes the API server's client certificate by SubjectAccessReview: let it in, as
   # kubeadm does.
   kubectl apply -f - >/dev/null <<YAML || die "could not create the ClusterRoleBinding for the API server's kubelet client"
