@@ -9,13 +9,8 @@
 # admin kubeconfig live in .cluster/ (git-ignored); `source .cluster/env` sets KUBECONFIG and PATH.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=kubeconfig.sh
-source "$top/tools/kubeconfig.sh"
-state=${OSB_CLUSTER_DIR:-$top/.cluster}
-cache=${OSB_CACHE:-$HOME/.cache/opensandbox-dev}
-bin=$cache/bin
-pki=$state/pki
-API_PORT=${OSB_API_PORT:-6443}
+# shellcheck source=common.sh
+source "$top/tools/common.sh"
 ETCD_PORT=${OSB_ETCD_PORT:-12379}
 SERVICE_CIDR=10.96.0.0/16
 KWOK_NODES=${OSB_KWOK_NODES:-2}

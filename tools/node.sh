@@ -13,15 +13,10 @@
 # API server through 10.96.0.1:443) and each other, nothing else.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=kubeconfig.sh
-source "$top/tools/kubeconfig.sh"
-state=${OSB_CLUSTER_DIR:-$top/.cluster}
-cache=${OSB_CACHE:-$HOME/.cache/opensandbox-dev}
-bin=$cache/bin
-pki=$state/pki
+# shellcheck source=common.sh
+source "$top/tools/common.sh"
 node=$state/node
 sock=$node/containerd.sock
-API_PORT=${OSB_API_PORT:-6443}
 NODE_NAME=${OSB_NODE_NAME:-osb-real-node}
 BRIDGE=osb0
 # Not 10.88/16 (podman's default network), 10.89/16 (podman's further networks), 10.96/16 (services)

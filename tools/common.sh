@@ -1,5 +1,12 @@
-# Sourced by tools/cluster.sh and tools/node.sh: writes a kubeconfig for a client certificate.
-# write_kubeconfig FILE USER CERT KEY  (API_PORT and pki must be set)
+# Sourced by tools/cluster.sh and tools/node.sh (which set `top`): where the local cluster lives,
+# and a kubeconfig writer.
+state=${OSB_CLUSTER_DIR:-$top/.cluster}
+cache=${OSB_CACHE:-$HOME/.cache/opensandbox-dev}
+bin=$cache/bin
+pki=$state/pki
+API_PORT=${OSB_API_PORT:-6443}
+
+# write_kubeconfig FILE USER CERT KEY: a kubeconfig for a client certificate
 write_kubeconfig() {
   cat >"$1" <<KC
 apiVersion: v1
