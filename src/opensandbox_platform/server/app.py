@@ -16,6 +16,15 @@ from opensandbox_platform.server.runtimes.base import Runtime
 
 
 def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
+    """The runtime `runtime.type` names; imported lazily so each pulls in only its own dependencies."""
+    if config.runtime.type == "docker":
+        from opensandbox_platform.server.runtimes.docker import DockerRuntime
+
+        return DockerRuntime(config)
+    if config.runtime.type == "kubernetes":
+        from opensandbox_platform.server.runtimes.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(config)
     from opensandbox_platform.server.runtimes.local import LocalRuntime
 
     return LocalRuntime(config, config_path)

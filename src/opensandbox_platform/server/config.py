@@ -40,8 +40,10 @@ class ServerSection(Section):
 
 
 class RuntimeSection(Section):
-    type: Literal["local"] = Field(
-        default="local", description="where sandboxes run: local (bubblewrap jails on this host)"
+    type: Literal["local", "docker", "kubernetes"] = Field(
+        default="local",
+        description="where sandboxes run: local (bubblewrap jails on this host), docker (containers through the"
+        " Docker Engine API) or kubernetes (BatchSandbox resources served by the controller)",
     )
     execd_image: str = Field(
         default="opensandbox/execd:dev", description="execd image (docker and kubernetes runtimes)"
@@ -70,6 +72,10 @@ class LocalSection(Section):
     )
 
 
+class DockerSection(Section):
+    host: str = Field(default="", description="Docker Engine API address (default $DOCKER_HOST, else the local socket)")
+
+
 class KubernetesSection(Section):
     namespace: str = Field(default="opensandbox", description="namespace of BatchSandboxes and Pools")
     workload_provider: Literal["batchsandbox"] = Field(default="batchsandbox", description="workload kind")
@@ -79,6 +85,7 @@ class Config(Section):
     server: ServerSection = ServerSection()
     runtime: RuntimeSection = RuntimeSection()
     local: LocalSection = LocalSection()
+    docker: DockerSection = DockerSection()
     kubernetes: KubernetesSection = KubernetesSection()
 
     def state_dir(self) -> Path:
