@@ -38,7 +38,7 @@ execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd 
 	tools/build-execd.sh --check
 
 execd-image: execd-binary  ## the execd image opensandbox/execd:dev (podman; copies the built binary)
-	podman build -f images/execd.Dockerfile -t opensandbox/execd:dev .
+	podman build -f images/execd.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t opensandbox/execd:dev .
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster
