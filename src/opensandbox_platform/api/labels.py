@@ -35,3 +35,17 @@ EXECD_MOUNT: Final = "/opt/opensandbox"
 EXECD_BOOTSTRAP: Final = EXECD_MOUNT + "/bootstrap.sh"
 EXECD_VOLUME: Final = "opensandbox-execd"
 EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main process with an env (pooled mode)
+
+# Docker runtime: labels of sandbox containers. Upstream's `opensandbox.io/` names; user metadata
+# cannot use that prefix, so nothing a user sets collides with them. Metadata and extensions get
+# their own prefixes (a container also carries its image's labels). See docs/docker-runtime.md.
+DOCKER_PREFIX: Final = "opensandbox.io/"
+DOCKER_ID: Final = DOCKER_PREFIX + "id"  # the sandbox id; every container the runtime lists has it
+DOCKER_IMAGE: Final = DOCKER_PREFIX + "image"  # image.uri as requested
+DOCKER_ENTRYPOINT: Final = DOCKER_PREFIX + "entrypoint"  # the user's entrypoint (JSON list)
+DOCKER_CREATED_AT: Final = DOCKER_PREFIX + "created-at"  # RFC 3339, microseconds
+DOCKER_EXPIRES_AT: Final = DOCKER_PREFIX + "expires-at"  # expiry at create (renewals: the state dir)
+DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when created with timeout null
+DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
+DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
+DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from

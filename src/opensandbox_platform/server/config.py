@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "SANDBOX_CONFIG_PATH"
@@ -74,6 +74,44 @@ class LocalSection(Section):
 
 class DockerSection(Section):
     host: str = Field(default="", description="Docker Engine API address (default $DOCKER_HOST, else the local socket)")
+    publish_host: str = Field(
+        default="127.0.0.1", description="host address execd's port of each sandbox is published on (ephemeral port)"
+    )
+    endpoint_host: str = Field(
+        default="", description="address endpoints name for published ports (default publishHost; loopback for 0.0.0.0)"
+    )
+    network: str = Field(default="", description="network sandboxes join (default: the engine's default bridge)")
+    execd_binary: str = Field(
+        default="",
+        description="execd executable to copy into sandboxes (with execdBootstrap); default: from runtime.execdImage",
+    )
+    execd_bootstrap: str = Field(default="", description="bootstrap script to copy with execdBinary")
+    state_dir: str = Field(
+        default="", description="renewed expiries and patched metadata (default $XDG_STATE_HOME/opensandbox/docker)"
+    )
+    pull_timeout_seconds: float = Field(default=300.0, gt=0, description="how long a create may wait for an image pull")
+    start_timeout_seconds: float = Field(default=30.0, gt=0, description="how long execd may take to start")
+    default_cpu: str = Field(default="", description="CPU limit when a create gives none (e.g. 1, 500m; empty: none)")
+    default_memory: str = Field(default="", description="memory limit when a create gives none (e.g. 2Gi; empty: none)")
+    pids_limit: int = Field(default=4096, ge=16, description="pids limit of each sandbox container")
+    oci_runtime: str = Field(
+        default="", description="OCI runtime of sandbox containers (e.g. runsc; default: the engine's)"
+    )
+    working_dir: str = Field(
+        default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
+    )
+
+    @model_validator(mode="after")
+    def _execd_files_together(self) -> DockerSection:
+        if bool(self.execd_binary) != bool(self.execd_bootstrap):
+            raise ValueError("docker.execdBinary and docker.execdBootstrap go together")
+        return self
+
+    def state_path(self) -> Path:
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "opensandbox" / "docker"
 
 
 class KubernetesSection(Section):

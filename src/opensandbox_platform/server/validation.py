@@ -120,4 +120,12 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int) -> SandboxSpec:
         timeout_seconds=body.timeout,
         cpu_millis=cpu_millis(limits["cpu"]) if limits.get("cpu") else None,
         memory_bytes=memory_bytes(limits["memory"]) if limits.get("memory") else None,
+        image_auth=_image_auth(body),
     )
+
+
+def _image_auth(body: CreateSandboxRequest) -> dict[str, str] | None:
+    auth = body.image.auth if body.image else None
+    if auth is None or not (auth.username or auth.password):
+        return None
+    return {"username": auth.username or "", "password": auth.password or ""}

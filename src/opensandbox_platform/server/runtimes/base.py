@@ -34,6 +34,7 @@ class SandboxSpec:
     timeout_seconds: int | None = None
     cpu_millis: int | None = None
     memory_bytes: int | None = None
+    image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
 
 
 @dataclass

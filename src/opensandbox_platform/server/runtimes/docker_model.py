@@ -1,0 +1,359 @@
+"""The pure part of the docker runtime: labels, state mapping, the container's config, overrides.
+
+No I/O against Docker here (runtimes/docker.py does that), so all of it is unit-tested with plain
+data. Label names are in api/labels.py (`DOCKER_*`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opensandbox_platform.api import labels as L
+from opensandbox_platform.server.config import DockerSection
+from opensandbox_platform.server.runtimes.base import EXECD_PORT, SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.jail import CAPABILITIES
+
+EXECD_PORT_KEY = f"{EXECD_PORT}/tcp"
+EXECD_BINARY = L.EXECD_MOUNT + "/execd"
+# Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
+READY_LINE = 'msg="execd listening"'
+UNKNOWN = "Unknown"
+_EXITED = re.compile(r"Exited \((-?\d+)\)")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def iso(ts: dt.datetime) -> str:
+    return ts.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"sandbox-{sandbox_id}"
+
+
+# -- labels ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Labels:
+    """What a sandbox container's labels say: the create request, as it was at create time."""
+
+    id: str
+    image: str
+    entrypoint: list[str]
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    extensions: dict[str, str] = field(default_factory=dict)
+
+
+def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
+    """User metadata and extensions get their own prefixes: a container also carries its image's
+    labels, which must not show up as metadata."""
+    labels = {
+        L.DOCKER_ID: sandbox_id,
+        L.DOCKER_IMAGE: spec.image,
+        L.DOCKER_ENTRYPOINT: json.dumps(spec.entrypoint),
+        L.DOCKER_CREATED_AT: iso(created_at),
+    }
+    if spec.timeout_seconds is None:
+        labels[L.DOCKER_MANUAL_CLEANUP] = "true"
+    else:
+        labels[L.DOCKER_EXPIRES_AT] = iso(created_at + dt.timedelta(seconds=spec.timeout_seconds))
+    labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
+    labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
+    return labels
+
+
+def decode_labels(labels: dict[str, str]) -> Labels | None:
+    """None for a container that is not a sandbox of ours (or whose labels are damaged)."""
+    try:
+        sandbox_id = labels[L.DOCKER_ID]
+        entrypoint = json.loads(labels.get(L.DOCKER_ENTRYPOINT, "[]"))
+        created_at = parse_iso(labels[L.DOCKER_CREATED_AT])
+        expires = labels.get(L.DOCKER_EXPIRES_AT)
+        expires_at = parse_iso(expires) if expires else None
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(entrypoint, list):
+        return None
+    return Labels(
+        id=sandbox_id,
+        image=labels.get(L.DOCKER_IMAGE, ""),
+        entrypoint=[str(a) for a in entrypoint],
+        created_at=created_at,
+        expires_at=expires_at,
+        metadata=_with_prefix(labels, L.DOCKER_METADATA_PREFIX),
+        extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
+    )
+
+
+def _with_prefix(labels: dict[str, str], prefix: str) -> dict[str, str]:
+    return {k[len(prefix) :]: v for k, v in labels.items() if k.startswith(prefix)}
+
+
+# -- state -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContainerState:
+    """The part of a container's state the API reports (from inspect or from the list)."""
+
+    status: str  # created, running, paused, restarting, removing, exited, dead
+    exit_code: int | None = None
+    oom_killed: bool = False
+    error: str = ""
+    changed_at: dt.datetime | None = None
+
+    @classmethod
+    def from_inspect(cls, state: dict[str, Any]) -> ContainerState:
+        status = str(state.get("Status") or "").lower()
+        if state.get("Paused") and status == "running":
+            status = "paused"
+        changed = state.get("FinishedAt") if status in ("exited", "dead") else state.get("StartedAt")
+        return cls(
+            status=status,
+            exit_code=state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=str(state.get("Error") or ""),
+            changed_at=_docker_time(changed),
+        )
+
+    @classmethod
+    def from_list(cls, item: dict[str, Any]) -> ContainerState:
+        """GET /containers/json has no exit code field; its `Status` text has it ("Exited (3) ...")."""
+        status = str(item.get("State") or "").lower()
+        match = _EXITED.search(str(item.get("Status") or ""))
+        return cls(status=status, exit_code=int(match.group(1)) if match else None)
+
+
+def _docker_time(value: Any) -> dt.datetime | None:
+    """Docker's RFC 3339 with nanoseconds; "0001-01-01T00:00:00Z" means never."""
+    if not isinstance(value, str) or value.startswith("0001-"):
+        return None
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", value)
+    with contextlib.suppress(ValueError):
+        return parse_iso(trimmed)
+    return None
+
+
+def map_state(state: ContainerState) -> tuple[str, str, str]:
+    """(state, reason, message) of the API for a container state (upstream's reasons)."""
+    status = state.status
+    if status == "running":
+        return State.RUNNING, "CONTAINER_RUNNING", ""
+    if status == "paused":
+        return State.PAUSED, "CONTAINER_PAUSED", ""
+    if status == "restarting":
+        return State.RUNNING, "CONTAINER_RESTARTING", ""
+    if status in ("created", "configured", "initialized"):
+        return State.PENDING, "CONTAINER_STARTING", ""
+    if status in ("exited", "dead", "stopped", "removing"):
+        code = state.exit_code or 0
+        if state.oom_killed:
+            return State.FAILED, "CONTAINER_OOM_KILLED", "the sandbox ran out of memory and was killed"
+        if code == 0:
+            return State.TERMINATED, "CONTAINER_EXITED", "the entrypoint exited"
+        detail = f": {state.error}" if state.error else ""
+        return State.FAILED, "CONTAINER_EXITED_ERROR", f"the entrypoint exited with code {code}{detail}"
+    return UNKNOWN, "CONTAINER_STATE_UNKNOWN", f"container status {status!r}"
+
+
+def sandbox_info(
+    labels: Labels, state: ContainerState, expires_at: dt.datetime | None, metadata: dict[str, str]
+) -> SandboxInfo:
+    api_state, reason, message = map_state(state)
+    return SandboxInfo(
+        id=labels.id,
+        image=labels.image,
+        entrypoint=list(labels.entrypoint),
+        metadata=dict(metadata),
+        extensions=dict(labels.extensions),
+        created_at=labels.created_at,
+        expires_at=expires_at,
+        state=api_state,
+        reason=reason,
+        message=message,
+        last_transition_at=state.changed_at or labels.created_at,
+    )
+
+
+# -- the container -----------------------------------------------------------------------------
+
+
+def endpoint_host(settings: DockerSection) -> str:
+    """Where clients reach a published port: the publish address, or loopback for a wildcard."""
+    if settings.endpoint_host:
+        return settings.endpoint_host
+    return "127.0.0.1" if settings.publish_host in ("", "0.0.0.0", "::") else settings.publish_host
+
+
+def execd_env(sandbox_id: str, token: str) -> dict[str, str]:
+    """How execd (started by the bootstrap script) is configured: as in the local runtime, a token
+    per sandbox, which the endpoint hands out as the X-EXECD-ACCESS-TOKEN header."""
+    return {
+        "EXECD": EXECD_BINARY,
+        "EXECD_ACCESS_TOKEN": token,
+        "EXECD_PORT": str(EXECD_PORT),
+        "EXECD_ENVS": L.EXECD_MOUNT + "/.env",
+        "OPENSANDBOX_ID": sandbox_id,
+    }
+
+
+def container_config(
+    sandbox_id: str,
+    spec: SandboxSpec,
+    *,
+    token: str,
+    labels: dict[str, str],
+    working_dir: str,
+    settings: DockerSection,
+    cpu_millis: int | None,
+    memory_bytes: int | None,
+) -> dict[str, Any]:
+    """The body of POST /containers/create: the bootstrap script as entrypoint (execd in the
+    background, then the user's entrypoint as its command), execd's port published on an
+    ephemeral host port, and the security defaults."""
+    env = {**spec.env, **execd_env(sandbox_id, token)}
+    host_config: dict[str, Any] = {
+        "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},
+        "CapDrop": ["ALL"],
+        "CapAdd": list(CAPABILITIES),
+        "SecurityOpt": ["no-new-privileges"],
+        "PidsLimit": settings.pids_limit,
+        "RestartPolicy": {"Name": "no"},
+    }
+    if memory_bytes:
+        host_config["Memory"] = memory_bytes
+        host_config["MemorySwap"] = memory_bytes  # no swap on top of the limit
+    if cpu_millis:
+        host_config["NanoCpus"] = cpu_millis * 1_000_000
+    if settings.network:
+        host_config["NetworkMode"] = settings.network
+    if settings.oci_runtime:
+        host_config["Runtime"] = settings.oci_runtime
+    return {
+        "Image": spec.image,
+        "Entrypoint": [L.EXECD_BOOTSTRAP],
+        "Cmd": list(spec.entrypoint),
+        "Hostname": sandbox_id[:63],
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "WorkingDir": working_dir,
+        "Labels": labels,
+        "ExposedPorts": {EXECD_PORT_KEY: {}},
+        "HostConfig": host_config,
+    }
+
+
+def published_port(inspect: dict[str, Any], key: str = EXECD_PORT_KEY) -> int | None:
+    bindings = ((inspect.get("NetworkSettings") or {}).get("Ports") or {}).get(key) or []
+    for binding in bindings:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            return int(binding["HostPort"])
+    return None
+
+
+def container_ip(inspect: dict[str, Any]) -> str:
+    settings = inspect.get("NetworkSettings") or {}
+    if settings.get("IPAddress"):
+        return str(settings["IPAddress"])
+    for network in (settings.get("Networks") or {}).values():
+        if network.get("IPAddress"):
+            return str(network["IPAddress"])
+    return ""
+
+
+def env_value(inspect: dict[str, Any], name: str) -> str:
+    for entry in (inspect.get("Config") or {}).get("Env") or []:
+        key, _, value = str(entry).partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def program_candidates(program: str, working_dir: str, path: str) -> list[str]:
+    """Where the container would find `program` (argv[0]): itself if it has a slash (relative to
+    the working directory), else each directory of PATH, in order."""
+    if "/" in program:
+        return [program if program.startswith("/") else f"{working_dir.rstrip('/')}/{program}"]
+    dirs = [d for d in path.split(":") if d] or ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"]
+    return [f"{d.rstrip('/')}/{program}" for d in dirs]
+
+
+def image_path(image_env: list[str], request_env: dict[str, str]) -> str:
+    if "PATH" in request_env:
+        return request_env["PATH"]
+    for entry in image_env:
+        if entry.startswith("PATH="):
+            return entry[5:]
+    return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# -- overrides: what changed after the create ------------------------------------------------
+
+
+@dataclass
+class Override:
+    """Expiry and metadata as renewed and patched (Docker labels cannot change after create)."""
+
+    expires_at: dt.datetime | None
+    metadata: dict[str, str]
+
+
+class OverrideStore:
+    """One small JSON file per sandbox in the state dir, replaced atomically on every change.
+
+    Docker has no mutable field on a container; recreating it to change a label would kill what
+    runs in it. So the labels hold the values of the create, and this file the current ones; a
+    restarted server reads both (the file wins). Lost files only undo renews and patches.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, sandbox_id: str) -> Path:
+        return self.directory / f"{sandbox_id}.json"
+
+    def load(self, sandbox_id: str) -> Override | None:
+        try:
+            data = json.loads(self._path(sandbox_id).read_text())
+            expires = data.get("expires_at")
+            return Override(
+                expires_at=parse_iso(expires) if expires else None,
+                metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()},
+            )
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
+    def save(self, sandbox_id: str, override: Override) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = {
+            "expires_at": iso(override.expires_at) if override.expires_at else None,
+            "metadata": override.metadata,
+        }
+        tmp = self._path(sandbox_id).with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self._path(sandbox_id))
+
+    def delete(self, sandbox_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(sandbox_id).unlink()
+
+    def ids(self) -> set[str]:
+        if not self.directory.is_dir():
+            return set()
+        return {p.stem for p in self.directory.glob("*.json")}
