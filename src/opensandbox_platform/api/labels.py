@@ -18,10 +18,15 @@ POOL: Final = PREFIX + "pool"  # pool pods: the Pool's name (kept after a claim,
 POOL_REVISION: Final = PREFIX + "pool-revision"  # pool pods: hash of the template that built them
 BATCHSANDBOX: Final = PREFIX + "batchsandbox"  # claimed or direct pods: the owning BatchSandbox
 INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index within the BatchSandbox
+CREATED_BY: Final = PREFIX + "created-by"  # BatchSandboxes the server made for the lifecycle API
+CREATED_BY_SERVER: Final = "opensandbox-server"
 
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint
 CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim was written (RFC 3339)
+# server BatchSandboxes: what the lifecycle API reports that the spec does not hold (JSON: image,
+# entrypoint, extensions, createdAt)
+SANDBOX_REQUEST: Final = PREFIX + "sandbox-request"
 
 # The execd port inside every sandbox, and the task-executor's.
 EXECD_PORT: Final = 44772

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "SANDBOX_CONFIG_PATH"
@@ -117,6 +117,30 @@ class DockerSection(Section):
 class KubernetesSection(Section):
     namespace: str = Field(default="opensandbox", description="namespace of BatchSandboxes and Pools")
     workload_provider: Literal["batchsandbox"] = Field(default="batchsandbox", description="workload kind")
+    kubeconfig: str = Field(
+        default="", description="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG)"
+    )
+    create_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="how long a create waits for its sandbox to be Running before it is deleted (504)",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="imagePullPolicy of direct-mode sandbox containers"
+    )
+    default_pod_spec: dict[str, Any] = Field(
+        default_factory=dict,
+        description="PodSpec fields (nodeSelector, tolerations, runtimeClassName, ...) every direct-mode"
+        " sandbox pod starts from; not containers",
+    )
+
+    @field_validator("default_pod_spec")
+    @classmethod
+    def _no_containers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "containers" in value:
+            raise ValueError("defaultPodSpec must not set containers: the server builds the sandbox container")
+        return value
 
 
 class Config(Section):
@@ -173,6 +197,10 @@ def render_default() -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, int | float):
         return repr(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -51,7 +51,10 @@ def config_of(request: Request | WebSocket) -> Config:
 
 @router.post("/sandboxes", status_code=202, response_model=CreateSandboxResponse, response_model_exclude_none=True)
 async def create_sandbox(request: Request, body: CreateSandboxRequest) -> JSONResponse:
-    spec = validation.create_spec(body, config_of(request).server.max_sandbox_timeout_seconds)
+    config = config_of(request)
+    spec = validation.create_spec(
+        body, config.server.max_sandbox_timeout_seconds, pools=config.runtime.type == "kubernetes"
+    )
     return as_json(CreateSandboxResponse.of(await runtime_of(request).create(spec)), 202)
 
 

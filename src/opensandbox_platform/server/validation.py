@@ -77,7 +77,8 @@ def memory_bytes(value: str) -> int:
     return amount
 
 
-def create_spec(body: CreateSandboxRequest, max_timeout: int) -> SandboxSpec:
+def create_spec(body: CreateSandboxRequest, max_timeout: int, *, pools: bool = False) -> SandboxSpec:
+    """The runtime's view of a create; `pools`: the runtime serves `extensions.poolRef` (kubernetes)."""
     unsupported = {
         "snapshotId": body.snapshot_id,
         "templateId": body.template_id,
@@ -90,7 +91,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int) -> SandboxSpec:
     for name, value in unsupported.items():
         if value:
             raise ApiError(400, errors.API_NOT_SUPPORTED, f"{name} is not supported by this server's runtime")
-    if body.extensions and body.extensions.get("poolRef"):
+    if body.extensions and body.extensions.get("poolRef") and not pools:
         raise ApiError(400, errors.API_NOT_SUPPORTED, "extensions.poolRef needs the kubernetes runtime")
     if body.image is None:
         raise errors.invalid("image is required")

@@ -1,0 +1,259 @@
+"""The kubernetes runtime's BatchSandboxes: built from a create request, read back as sandboxes.
+
+Pure functions (no I/O), so the mapping is unit-tested on its own:
+
+- `build_batchsandbox` turns a `SandboxSpec` into one BatchSandbox (replicas 1): direct mode carries
+  the image, entrypoint, env and limits in `sandboxTemplate`; pooled mode (`extensions.poolRef`)
+  carries only the entrypoint and env, which the controller applies through execd.
+- `read_entry` turns a BatchSandbox (as the watch delivers it) into an `Entry`: the API's view of
+  the sandbox (`SandboxInfo`), the pod IP for endpoints, and what a waiting create needs to know.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from opensandbox_platform.api import labels
+from opensandbox_platform.kube.client import JSON
+from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
+
+POOL_REF = "poolRef"  # the extension that selects pooled mode
+STOPPING = "Stopping"  # a state the SDK knows; base.State has no use for it elsewhere
+# What the SDK sends when the caller gives no entrypoint: it only keeps a container up. A pooled pod
+# stays up on its own (execd), so starting it would only cost a round trip to execd per create.
+KEEP_ALIVE_ENTRYPOINT = ("tail", "-f", "/dev/null")
+
+
+def new_sandbox_id() -> str:
+    """A random UUID: a valid BatchSandbox name, and `<id>-<index>` a valid pod name."""
+    return str(uuid.uuid4())
+
+
+def utc_iso(at: dt.datetime) -> str:
+    """RFC 3339 with microseconds, as `spec.expireTime` and our annotation store it."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def is_user_label(key: str) -> bool:
+    """Labels under our own prefix are the platform's; every other label is sandbox metadata."""
+    return not key.startswith(labels.PREFIX)
+
+
+# --- building ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """The parts of `[kubernetes]` config a BatchSandbox is built from."""
+
+    image_pull_policy: str = "IfNotPresent"
+    default_pod_spec: JSON | None = None
+
+
+def build_batchsandbox(
+    sandbox_id: str, spec: SandboxSpec, settings: Settings, now: dt.datetime, pool_image: str | None = None
+) -> JSON:
+    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode."""
+    pool = spec.extensions.get(POOL_REF)
+    request = {
+        "image": pool_image if pool else spec.image,
+        "entrypoint": spec.entrypoint,
+        "extensions": spec.extensions,
+        "createdAt": utc_iso(now),
+    }
+    body: JSON = {"replicas": 1}
+    if spec.timeout_seconds is not None:
+        body["expireTime"] = utc_iso(now + dt.timedelta(seconds=spec.timeout_seconds))
+    if pool:
+        body["poolRef"] = pool
+        template = _pooled_template(spec)
+        if template:
+            body["sandboxTemplate"] = {"spec": template}
+    else:
+        body["sandboxTemplate"] = {"spec": _direct_pod_spec(spec, settings)}
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "BatchSandbox",
+        "metadata": {
+            "name": sandbox_id,
+            "labels": {**spec.metadata, labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "annotations": {labels.SANDBOX_REQUEST: json.dumps(request, separators=(",", ":"))},
+        },
+        "spec": body,
+    }
+
+
+def _env_list(env: dict[str, str]) -> list[JSON]:
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _pooled_template(spec: SandboxSpec) -> JSON:
+    """Only entrypoint and env apply to a claimed pod; nothing at all when there is nothing to start."""
+    template: JSON = {}
+    if tuple(spec.entrypoint) != KEEP_ALIVE_ENTRYPOINT:
+        template["command"] = list(spec.entrypoint)
+    if spec.env:
+        template["env"] = _env_list(spec.env)
+    return template
+
+
+def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
+    container: JSON = {
+        "name": labels.SANDBOX_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(spec.entrypoint),
+    }
+    if spec.env:
+        container["env"] = _env_list(spec.env)
+    limits = {}
+    if spec.cpu_millis is not None:
+        limits["cpu"] = f"{spec.cpu_millis}m"
+    if spec.memory_bytes is not None:
+        limits["memory"] = str(spec.memory_bytes)
+    if limits:
+        container["resources"] = {"limits": limits}
+    # A sandbox's files live in its container: restarting it would lose them, so an exited
+    # entrypoint ends the sandbox (Terminated/Failed) as in the other runtimes. Untrusted code gets
+    # no service account token. The configured defaults may change both.
+    pod: JSON = {"restartPolicy": "Never", "automountServiceAccountToken": False}
+    pod.update(json.loads(json.dumps(settings.default_pod_spec or {})))  # a deep copy
+    pod["containers"] = [container]
+    return pod
+
+
+def pool_image(pool: JSON) -> str:
+    """The image a Pool's pods run (the short form's, else the first container's)."""
+    template_spec = ((pool.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
+    if template_spec.get("image"):
+        return str(template_spec["image"])
+    containers = template_spec.get("containers") or [{}]
+    return str(containers[0].get("image") or "")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One sandbox as cached: the API's view plus what endpoints, writes and creates need."""
+
+    namespace: str
+    name: str
+    uid: str
+    resource_version: str
+    info: SandboxInfo
+    pod_ip: str | None
+    # For a waiting create: None while it may still become Running, else why it never will.
+    failure: tuple[str, str] | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def running(self) -> bool:
+        return self.info.state == State.RUNNING and bool(self.pod_ip)
+
+    def newer_than(self, other: Entry) -> bool:
+        """Whether this is a later version of the same object (resourceVersions are etcd revisions)."""
+        if self.uid != other.uid:
+            return True
+        mine, theirs = self.resource_version, other.resource_version
+        if mine.isdigit() and theirs.isdigit():
+            return int(mine) >= int(theirs)
+        return True
+
+
+def read_entry(raw: JSON) -> Entry:
+    meta = raw["metadata"]
+    spec = raw.get("spec") or {}
+    status = raw.get("status") or {}
+    request = _request(meta)
+    created = parse_time(request.get("createdAt")) or parse_time(meta.get("creationTimestamp")) or _epoch()
+    sandboxes = status.get("sandboxes") or []
+    pod_ip = sandboxes[0].get("podIP") if sandboxes else None
+    state, reason, message, since, failure = _state(meta, status, bool(pod_ip))
+    template_spec = (spec.get("sandboxTemplate") or {}).get("spec") or {}
+    info = SandboxInfo(
+        id=meta["name"],
+        image=str(request.get("image") or _template_image(template_spec)),
+        entrypoint=list(request.get("entrypoint") or template_spec.get("command") or []),
+        metadata={k: v for k, v in (meta.get("labels") or {}).items() if is_user_label(k)},
+        extensions=dict(request.get("extensions") or {}),
+        created_at=created,
+        expires_at=parse_time(spec.get("expireTime")),
+        state=state,
+        reason=reason,
+        message=message,
+        last_transition_at=since or created,
+    )
+    return Entry(
+        namespace=meta.get("namespace", ""),
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        resource_version=meta.get("resourceVersion", ""),
+        info=info,
+        pod_ip=pod_ip,
+        failure=failure,
+    )
+
+
+def _request(meta: JSON) -> dict[str, Any]:
+    try:
+        value = json.loads((meta.get("annotations") or {}).get(labels.SANDBOX_REQUEST) or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _template_image(template_spec: JSON) -> str:
+    return str(template_spec.get("image") or ((template_spec.get("containers") or [{}])[0]).get("image") or "")
+
+
+def _epoch() -> dt.datetime:
+    return dt.datetime.fromtimestamp(0, dt.UTC)
+
+
+# Ready-condition reasons of the controller, and what they mean for the API.
+_PENDING_REASONS = {
+    "WaitingForPool": "POOL_EXHAUSTED",
+    "SandboxesNotReady": "POD_STARTING",
+    "FailedCreate": "POD_CREATE_FAILED",
+    "PoolNotFound": "POOL_NOT_FOUND",
+}
+# Reasons a waiting create gives up on at once (with the status code it answers).
+_HOPELESS = {"FailedCreate", "PoolNotFound"}
+
+
+def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.datetime | None, tuple[str, str] | None]:
+    """(state, reason, message, last transition, failure) from the BatchSandbox's status."""
+    ready: JSON = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    since = parse_time(ready.get("lastTransitionTime"))
+    message = str(ready.get("message") or "")
+    if meta.get("deletionTimestamp"):
+        return (
+            STOPPING,
+            "DELETING",
+            "the sandbox is being deleted",
+            parse_time(meta["deletionTimestamp"]),
+            (
+                "DELETING",
+                "the sandbox was deleted while it started",
+            ),
+        )
+    phase = status.get("phase") or "Pending"
+    if phase == "Succeeded":
+        return State.TERMINATED, "SANDBOX_EXITED", "the entrypoint exited", since, ("EXITED", "the entrypoint exited")
+    if phase == "Failed":
+        why = "the entrypoint exited with an error"
+        return State.FAILED, "SANDBOX_EXITED_ERROR", why, since, ("EXITED", why)
+    if phase == "Running" and has_ip:
+        return State.RUNNING, "SANDBOX_READY", message, since, None
+    reason = str(ready.get("reason") or "")
+    failure = (reason, message) if reason in _HOPELESS else None
+    return State.PENDING, _PENDING_REASONS.get(reason, "CREATING"), message, since, failure

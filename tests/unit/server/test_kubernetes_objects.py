@@ -1,0 +1,186 @@
+"""The kubernetes runtime's mapping between create requests, BatchSandboxes and the API's sandboxes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import BatchSandboxSpec
+from opensandbox_platform.controller.batchsandbox import bootstrap_request
+from opensandbox_platform.server.config import ConfigError, load
+from opensandbox_platform.server.runtimes.base import SandboxSpec
+from opensandbox_platform.server.runtimes.kubernetes_objects import (
+    Settings,
+    build_batchsandbox,
+    new_sandbox_id,
+    read_entry,
+)
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+PLACEMENT = {"nodeSelector": {"opensandbox.io/node": "real"}, "tolerations": [{"operator": "Exists"}]}
+
+
+def spec(**overrides: Any) -> SandboxSpec:
+    values: dict[str, Any] = {
+        "image": "localhost/app:1",
+        "entrypoint": ["python3", "app.py"],
+        "env": {"A": "1"},
+        "metadata": {"team": "a"},
+        "timeout_seconds": 600,
+        "cpu_millis": 500,
+        "memory_bytes": 256 << 20,
+    }
+    values.update(overrides)
+    return SandboxSpec(**values)
+
+
+def as_cluster_returns(obj: dict[str, Any], status: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    obj = json.loads(json.dumps(obj))
+    obj["metadata"].update({"namespace": "ns", "uid": "u1", "resourceVersion": "7", **meta})
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def test_direct_mode_carries_image_entrypoint_env_limits_and_the_configured_pod_defaults() -> None:
+    obj = build_batchsandbox("id-1", spec(), Settings("Never", PLACEMENT), NOW)
+    assert obj["metadata"]["name"] == "id-1"
+    assert obj["metadata"]["labels"] == {"team": "a", labels.CREATED_BY: labels.CREATED_BY_SERVER}
+    body = obj["spec"]
+    assert body["replicas"] == 1 and "poolRef" not in body
+    assert body["expireTime"] == "2026-01-02T03:14:05.678901Z"
+    pod = body["sandboxTemplate"]["spec"]
+    assert pod["nodeSelector"] == PLACEMENT["nodeSelector"] and pod["tolerations"] == PLACEMENT["tolerations"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["containers"] == [
+        {
+            "name": "sandbox",
+            "image": "localhost/app:1",
+            "imagePullPolicy": "Never",
+            "command": ["python3", "app.py"],
+            "env": [{"name": "A", "value": "1"}],
+            "resources": {"limits": {"cpu": "500m", "memory": str(256 << 20)}},
+        }
+    ]
+    BatchSandboxSpec.model_validate(body)  # what the CRD's model accepts
+
+
+def test_configured_pod_defaults_are_copied_not_shared() -> None:
+    settings = Settings(default_pod_spec=PLACEMENT)
+    pod = build_batchsandbox("id", spec(), settings, NOW)["spec"]["sandboxTemplate"]["spec"]
+    pod["nodeSelector"]["changed"] = "yes"
+    assert "changed" not in PLACEMENT["nodeSelector"]
+
+
+def test_pooled_mode_carries_only_entrypoint_and_env_for_the_controller_to_bootstrap() -> None:
+    request = spec(extensions={"poolRef": "warm"}, timeout_seconds=None)
+    obj = build_batchsandbox("id", request, Settings(default_pod_spec=PLACEMENT), NOW, pool_image="pool:img")
+    body = obj["spec"]
+    assert body["poolRef"] == "warm" and "expireTime" not in body
+    assert body["sandboxTemplate"] == {"spec": {"command": ["python3", "app.py"], "env": [{"name": "A", "value": "1"}]}}
+    assert bootstrap_request(BatchSandboxSpec.model_validate(body)) == {
+        "env": {"A": "1"},
+        "argv": ["python3", "app.py"],
+    }
+    info = read_entry(as_cluster_returns(obj)).info
+    assert info.image == "pool:img" and info.entrypoint == ["python3", "app.py"]
+    assert info.extensions == {"poolRef": "warm"}
+
+
+def test_pooled_keep_alive_entrypoint_without_env_needs_no_template() -> None:
+    request = spec(extensions={"poolRef": "warm"}, entrypoint=["tail", "-f", "/dev/null"], env={})
+    body = build_batchsandbox("id", request, Settings(), NOW, pool_image="pool:img")["spec"]
+    assert "sandboxTemplate" not in body
+    assert bootstrap_request(BatchSandboxSpec.model_validate(body)) is None
+
+
+def running_status(ip: str | None = "10.77.1.5") -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "ready": 1,
+        "sandboxes": [{"index": 0, "podName": "p", "podIP": ip, "ready": True}],
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "SandboxesReady",
+                "message": "1/1 sandboxes Ready",
+                "lastTransitionTime": "2026-01-02T03:04:07Z",
+            }
+        ],
+    }
+
+
+def condition_status(reason: str, message: str = "why") -> dict[str, Any]:
+    cond = {"type": "Ready", "status": "False", "reason": reason, "message": message}
+    return {"phase": "Pending", "conditions": [{**cond, "lastTransitionTime": "2026-01-02T03:04:06Z"}]}
+
+
+@pytest.mark.parametrize(
+    ("status", "meta", "state", "reason", "failure"),
+    [
+        (None, {}, "Pending", "CREATING", None),
+        (running_status(), {}, "Running", "SANDBOX_READY", None),
+        (running_status(ip=None), {}, "Pending", "CREATING", None),
+        (condition_status("WaitingForPool"), {}, "Pending", "POOL_EXHAUSTED", None),
+        (condition_status("SandboxesNotReady"), {}, "Pending", "POD_STARTING", None),
+        (condition_status("FailedCreate", "forbidden"), {}, "Pending", "POD_CREATE_FAILED", "FailedCreate"),
+        (condition_status("PoolNotFound"), {}, "Pending", "POOL_NOT_FOUND", "PoolNotFound"),
+        ({**running_status(), "phase": "Succeeded"}, {}, "Terminated", "SANDBOX_EXITED", "EXITED"),
+        ({**running_status(), "phase": "Failed"}, {}, "Failed", "SANDBOX_EXITED_ERROR", "EXITED"),
+        (running_status(), {"deletionTimestamp": "2026-01-02T03:05:00Z"}, "Stopping", "DELETING", "DELETING"),
+    ],
+)
+def test_state_from_the_batchsandbox_status(
+    status: dict[str, Any] | None, meta: dict[str, Any], state: str, reason: str, failure: str | None
+) -> None:
+    obj = as_cluster_returns(build_batchsandbox("id", spec(), Settings(), NOW), status, **meta)
+    entry = read_entry(obj)
+    assert (entry.info.state, entry.info.reason) == (state, reason)
+    assert (entry.failure[0] if entry.failure else None) == failure
+    assert entry.running == (state == "Running")
+
+
+def test_read_back_the_request_times_metadata_and_pod_ip() -> None:
+    obj = as_cluster_returns(build_batchsandbox("id", spec(), Settings(), NOW), running_status())
+    obj["metadata"]["labels"][labels.PREFIX + "other"] = "platform"
+    entry = read_entry(obj)
+    assert entry.key == "ns/id" and entry.pod_ip == "10.77.1.5"
+    info = entry.info
+    assert info.id == "id" and info.image == "localhost/app:1" and info.entrypoint == ["python3", "app.py"]
+    assert info.metadata == {"team": "a"}
+    assert info.created_at == NOW and info.expires_at == NOW + dt.timedelta(seconds=600)
+    assert info.last_transition_at == dt.datetime(2026, 1, 2, 3, 4, 7, tzinfo=dt.UTC)
+
+
+def test_newer_versions_win_by_resource_version() -> None:
+    obj = as_cluster_returns(build_batchsandbox("id", spec(), Settings(), NOW))
+    old = read_entry(obj)
+    obj["metadata"]["resourceVersion"] = "12"
+    new = read_entry(obj)
+    assert new.newer_than(old) and not old.newer_than(new)
+
+
+def test_ids_are_dns_safe_and_unique() -> None:
+    ids = {new_sandbox_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(i) == 36 and i == i.lower() and i[0].isalnum() for i in ids)
+
+
+def test_config_keys_of_the_kubernetes_runtime(tmp_path: Any) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        '[kubernetes]\nnamespace = "sbx"\nkubeconfig = "/k"\ncreateTimeoutSeconds = 5\nimagePullPolicy = "Never"\n'
+        '[kubernetes.defaultPodSpec]\nnodeSelector = {"opensandbox.io/node" = "real"}\n'
+        'tolerations = [{key = "opensandbox.io/real-node", operator = "Exists", effect = "NoSchedule"}]\n'
+    )
+    section = load(path).kubernetes
+    assert (section.namespace, section.kubeconfig, section.create_timeout_seconds) == ("sbx", "/k", 5)
+    assert section.default_pod_spec["nodeSelector"] == {"opensandbox.io/node": "real"}
+    path.write_text('[kubernetes.defaultPodSpec]\ncontainers = [{name = "x"}]\n')
+    with pytest.raises(ConfigError, match="must not set containers"):
+        load(path)
