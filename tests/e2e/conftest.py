@@ -1,4 +1,9 @@
-"""The server (local runtime) shared by the e2e tests of one session."""
+"""The server shared by the e2e tests of one session, once per runtime under test.
+
+`runtime_name` is parametrized over `OSB_E2E_RUNTIMES` (default local,docker); tests that start
+their own server take it too, so they run with each runtime. A runtime whose service is missing
+here is skipped with the reason; tests of one runtime's internals skip the others themselves.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.server_support import ServerProcess, running_server
+from tests.e2e.server_support import FLAVORS, ServerProcess, running_server, runtimes_under_test
+
+
+@pytest.fixture(scope="session", params=runtimes_under_test())
+def runtime_name(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    reason = FLAVORS[name].unavailable()
+    if reason:
+        pytest.skip(f"{name} runtime: {reason}")
+    return name
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
+def server(tmp_path_factory: pytest.TempPathFactory, runtime_name: str) -> Iterator[ServerProcess]:
+    with running_server(tmp_path_factory.mktemp(f"server-{runtime_name}"), runtime=runtime_name) as srv:
         yield srv

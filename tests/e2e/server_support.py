@@ -1,7 +1,12 @@
-"""Run `opensandbox-server` (local runtime) as a real subprocess on 127.0.0.1 for e2e tests.
+"""Run `opensandbox-server` as a real subprocess on 127.0.0.1 for e2e tests, with any runtime.
 
-Sandboxes outlive the server by design; `ServerProcess.stop(cleanup=True)` therefore also kills
-every jail still recorded in the state dir, so a test never leaves a jail behind.
+A `Flavor` per runtime says what the tests need to know of it: the config snippet, the image to
+ask for, how to clean up and where a sandbox's files are on this host. `OSB_E2E_RUNTIMES`
+(default `local,docker`) picks the runtimes the shared `server` fixture runs the suite with; a
+runtime whose service is missing is skipped with the reason.
+
+Sandboxes outlive the server by design; `ServerProcess.stop(cleanup=True)` therefore also removes
+every sandbox the server left (jails recorded in the state dir, containers it created).
 """
 
 from __future__ import annotations
@@ -22,14 +27,97 @@ import httpx
 
 from tests.support.ports import free_port
 
+REPO = Path(__file__).resolve().parents[2]
+DOCKER_SOCKET = REPO / ".podman" / "docker.sock"
+DOCKER_TEST_IMAGE = "localhost/opensandbox-test-base:latest"
+DOCKER_EXECD_IMAGE = "localhost/opensandbox/execd:dev"
+EXECD_BINARY = REPO / "build" / "execd" / "opensandbox-execd"
+EXECD_BOOTSTRAP = REPO / "images" / "execd-bootstrap.sh"
+DOCKER_ID_LABEL = "opensandbox.io/id"
+
+
+def runtimes_under_test() -> list[str]:
+    return [r.strip() for r in os.environ.get("OSB_E2E_RUNTIMES", "local,docker").split(",") if r.strip()]
+
+
+def docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or f"unix://{DOCKER_SOCKET}"
+
+
+def docker_api(method: str, path: str, **kwargs: object) -> httpx.Response:
+    """One call to the Docker Engine API (podman's) the docker runtime uses."""
+    host = docker_host()
+    if not host.startswith("unix://"):
+        raise RuntimeError(f"tests speak to a unix socket only, not {host}")
+    transport = httpx.HTTPTransport(uds=host.removeprefix("unix://"))
+    with httpx.Client(transport=transport, base_url="http://docker/v1.41", timeout=60) as client:
+        return client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+
+def docker_containers(label: str = DOCKER_ID_LABEL) -> list[dict[str, object]]:
+    response = docker_api("GET", "/containers/json", params={"all": "true", "filters": json.dumps({"label": [label]})})
+    response.raise_for_status()
+    items: list[dict[str, object]] = response.json()
+    return items
+
+
+def docker_unavailable() -> str | None:
+    """Why the docker runtime cannot be tested here, or None."""
+    try:
+        if docker_api("GET", "/_ping").status_code != 200:
+            return "the Docker API does not answer"
+        if docker_api("GET", f"/images/{DOCKER_TEST_IMAGE}/json").status_code != 200:
+            return f"{DOCKER_TEST_IMAGE} is missing (make podman-up)"
+    except (httpx.TransportError, RuntimeError) as exc:
+        return f"no Docker API at {docker_host()}: {exc} (make podman-up)"
+    if not EXECD_BINARY.exists():
+        return f"{EXECD_BINARY} is missing (make execd-binary)"
+    return None
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What the e2e tests need to know of one runtime."""
+
+    name: str
+    image: str  # image.uri the tests create sandboxes from
+    exited_reason: str  # status.reason of a sandbox whose entrypoint exited 0
+
+    def config(self, server: ServerProcess) -> str:
+        if self.name == "docker":
+            return (
+                f'[runtime]\ntype = "docker"\nexecdImage = "{DOCKER_EXECD_IMAGE}"\n\n'
+                f'[docker]\nhost = "{docker_host()}"\nstateDir = "{server.state_dir}"\n'
+                f'execdBinary = "{EXECD_BINARY}"\nexecdBootstrap = "{EXECD_BOOTSTRAP}"\n'
+            )
+        return f'[local]\nstateDir = "{server.state_dir}"\n'
+
+    def unavailable(self) -> str | None:
+        return docker_unavailable() if self.name == "docker" else None
+
+
+FLAVORS = {
+    "local": Flavor("local", image="ubuntu", exited_reason="JAIL_EXITED"),
+    "docker": Flavor("docker", image=DOCKER_TEST_IMAGE, exited_reason="CONTAINER_EXITED"),
+}
+
 
 @dataclass
 class ServerProcess:
     workdir: Path
     api_key: str = ""
     port: int = field(default_factory=free_port)
-    extra_config: str = ""
+    extra_config: str = ""  # appended to the runtime's own section
+    runtime: str = "local"
     proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def flavor(self) -> Flavor:
+        return FLAVORS[self.runtime]
+
+    @property
+    def image(self) -> str:
+        return self.flavor.image
 
     @property
     def state_dir(self) -> Path:
@@ -55,15 +143,23 @@ class ServerProcess:
         return {"OPEN-SANDBOX-API-KEY": self.api_key} if self.api_key else {}
 
     def host_path(self, sandbox_id: str, jail_path: str) -> Path:
-        """Where a path under the jail's private /tmp lives on the host."""
+        """Where a path under the sandbox's /tmp is on this host."""
         relative = Path(jail_path).relative_to("/tmp")
+        if self.runtime == "docker":  # the container's root, through its first process
+            pid = docker_api("GET", f"/containers/sandbox-{sandbox_id}/json").json()["State"]["Pid"]
+            return Path(f"/proc/{pid}/root/tmp") / relative
         return self.state_dir / "sandboxes" / sandbox_id / "tmp" / relative
+
+    def sandboxes_on_host(self) -> set[str]:
+        """Ids of what the runtime holds on this host: jail directories, or labelled containers."""
+        if self.runtime == "docker":
+            return {str(c["Labels"][DOCKER_ID_LABEL]) for c in docker_containers()}  # type: ignore[index]
+        return {p.name for p in (self.state_dir / "sandboxes").iterdir()}
 
     def start(self) -> ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
-            f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n\n'
-            f'[local]\nstateDir = "{self.state_dir}"\n{self.extra_config}\n'
+            f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n\n{self.flavor.config(self)}{self.extra_config}\n'
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
@@ -101,7 +197,10 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         if cleanup:
-            kill_recorded_jails(self.state_dir)
+            if self.runtime == "docker":
+                remove_recorded_containers(self.state_dir)
+            else:
+                kill_recorded_jails(self.state_dir)
 
     def records(self) -> list[dict[str, object]]:
         """The records of sandboxes on disk (warm jails nobody claimed yet are left out)."""
@@ -112,6 +211,12 @@ class ServerProcess:
                 if record.get("claimed"):
                     found.append(record)
         return found
+
+
+def remove_recorded_containers(state_dir: Path) -> None:
+    """Every sandbox the docker runtime finished creating has a file in its state dir."""
+    for path in state_dir.glob("*.json"):
+        docker_api("DELETE", f"/containers/sandbox-{path.stem}", params={"force": "true", "v": "true"})
 
 
 def kill_recorded_jails(state_dir: Path) -> None:
@@ -182,9 +287,19 @@ def live_processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def only_local(server: ServerProcess, why: str) -> None:
+    """Skip a test of the local runtime's internals (jail directories, warm pool, records)."""
+    if server.runtime != "local":
+        import pytest
+
+        pytest.skip(f"inspects local runtime internals: {why}")
+
+
 @contextmanager
-def running_server(workdir: Path, api_key: str = "", extra_config: str = "") -> Iterator[ServerProcess]:
-    server = ServerProcess(workdir, api_key=api_key, extra_config=extra_config).start()
+def running_server(
+    workdir: Path, api_key: str = "", extra_config: str = "", runtime: str = "local"
+) -> Iterator[ServerProcess]:
+    server = ServerProcess(workdir, api_key=api_key, extra_config=extra_config, runtime=runtime).start()
     try:
         yield server
     finally:

@@ -1,7 +1,7 @@
 """The official SDK (opensandbox 1.1.1, async `Sandbox` and sync `SandboxSync`) against a real execd.
 
-The SDK's sandboxes come from our server (local runtime): execd runs inside a bubblewrap jail and
-the SDK reaches it through the endpoints the server hands out. Raw HTTP against an execd started
+The SDK's sandboxes come from our server, with each runtime (a bubblewrap jail, a container): the
+SDK reaches execd in it through the endpoints the server hands out. Raw HTTP against an execd started
 as a plain subprocess is used where the SDK hides
 what is being checked (stream framing, status codes, memory during a 1 GiB stream).
 """
@@ -52,7 +52,7 @@ def execd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Execd]:
 @pytest.fixture
 async def sandbox(server: ServerProcess) -> AsyncIterator[Sandbox]:
     config = ConnectionConfig(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
-    sb = await Sandbox.create("ubuntu:latest", connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
+    sb = await Sandbox.create(server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
     yield sb
     await sb.kill()
     await sb.close()
@@ -61,7 +61,7 @@ async def sandbox(server: ServerProcess) -> AsyncIterator[Sandbox]:
 @pytest.fixture
 def sandbox_sync(server: ServerProcess) -> Iterator[SandboxSync]:
     config = ConnectionConfigSync(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
-    sb = SandboxSync.create("ubuntu:latest", connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
+    sb = SandboxSync.create(server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
     yield sb
     sb.kill()
     sb.close()
@@ -606,7 +606,7 @@ def test_access_token_is_required_when_configured(tmp_path: Path, server: Server
     # The server gives every jail's execd its own token and hands it out with the endpoint; the
     # SDK sends the endpoint's headers on every call.
     config = ConnectionConfigSync(domain=server.domain, protocol="http")
-    sb = SandboxSync.create("ubuntu", connection_config=config)
+    sb = SandboxSync.create(server.image, connection_config=config)
     try:
         endpoint = sb.get_endpoint(44772)
         assert set(endpoint.headers) == {"X-EXECD-ACCESS-TOKEN"}

@@ -30,14 +30,23 @@ from tests.e2e.server_support import (
     free_port,
     live_processes_mentioning,
     live_processes_with_hostname_arg,
+    only_local,
     running_server,
 )
 
 CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 
 
+def for_runtime(server: ServerProcess, body: Any) -> Any:
+    """The body with the image this server's runtime is tested with."""
+    if isinstance(body, dict) and "image" in body:
+        return {**body, "image": {"uri": server.image}}
+    return body
+
+
 def create(server: ServerProcess, **overrides: Any) -> dict[str, Any]:
-    response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, **overrides}, headers=server.headers())
+    request = for_runtime(server, {**CREATE, **overrides})
+    response = httpx.post(f"{server.url}/v1/sandboxes", json=request, headers=server.headers())
     assert response.status_code == 202, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -48,14 +57,12 @@ def delete(server: ServerProcess, sandbox_id: str) -> None:
     assert response.status_code == 204, response.text
 
 
-def sandbox_dirs(server: ServerProcess) -> set[str]:
-    return {p.name for p in (server.state_dir / "sandboxes").iterdir()}
-
-
 @pytest.fixture(scope="module")
-def cold_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """No warm pool: every create starts its own jail, and the state dir holds exactly the sandboxes."""
-    with running_server(tmp_path_factory.mktemp("cold"), extra_config="warmPoolSize = 0") as srv:
+def cold_server(tmp_path_factory: pytest.TempPathFactory, runtime_name: str) -> Iterator[ServerProcess]:
+    """Local: no warm pool, so every create starts its own jail and the state dir holds exactly
+    the sandboxes. Other runtimes have no pool: the shared server's config."""
+    extra = "warmPoolSize = 0" if runtime_name == "local" else ""
+    with running_server(tmp_path_factory.mktemp("cold"), extra_config=extra, runtime=runtime_name) as srv:
         yield srv
 
 
@@ -96,15 +103,15 @@ BAD_CREATES: list[tuple[str, Any, str]] = [
 @pytest.mark.parametrize(("case", "body", "code"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES])
 def test_bad_creates_are_4xx_and_leave_nothing(cold_server: ServerProcess, case: str, body: Any, code: str) -> None:
     server = cold_server
-    before_dirs, before_list = sandbox_dirs(server), httpx.get(f"{server.url}/v1/sandboxes").json()
-    kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+    before_dirs, before_list = server.sandboxes_on_host(), httpx.get(f"{server.url}/v1/sandboxes").json()
+    kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": for_runtime(server, body)}
     if body is None:
         kwargs = {}
     response = httpx.post(
         f"{server.url}/v1/sandboxes", headers={"content-type": "application/json"}, timeout=30, **kwargs
     )
     assert_error(response, 400, code)
-    assert sandbox_dirs(server) == before_dirs
+    assert server.sandboxes_on_host() == before_dirs
     assert httpx.get(f"{server.url}/v1/sandboxes").json()["pagination"] == before_list["pagination"]
 
 
@@ -166,8 +173,9 @@ def test_bad_input_on_an_existing_sandbox(server: ServerProcess) -> None:
 
 
 def test_a_failed_claim_of_a_warm_jail_leaves_nothing_and_the_pool_recovers(server: ServerProcess) -> None:
+    only_local(server, "the warm pool and its records")
     before = {r["id"] for r in server.records()}
-    response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "entrypoint": ["/no/such/program"]})
+    response = httpx.post(f"{server.url}/v1/sandboxes", json=for_runtime(server, {**CREATE, "entrypoint": ["/x"]}))
     assert_error(response, 400)
     assert {r["id"] for r in server.records()} == before
     created = create(server, env={"WARM": "claimed"})
@@ -216,8 +224,8 @@ def test_openapi_docs_are_served(server: ServerProcess) -> None:
 # -- API key -----------------------------------------------------------------------------------
 
 
-def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
-    with running_server(tmp_path, api_key="k3y-for-tests") as server:
+def test_api_key_is_required_when_configured(tmp_path: Path, runtime_name: str) -> None:
+    with running_server(tmp_path, api_key="k3y-for-tests", runtime=runtime_name) as server:
         url = f"{server.url}/v1/sandboxes"
         assert_error(httpx.get(url), 401, "MISSING_API_KEY")
         assert_error(httpx.get(url, headers={"OPEN-SANDBOX-API-KEY": "wrong"}), 401, "INVALID_API_KEY")
@@ -229,7 +237,7 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
 
         async def with_the_sdk(proxy: bool) -> list[str]:
             config = ConnectionConfig(domain=server.domain, api_key=server.api_key, use_server_proxy=proxy)
-            sb = await Sandbox.create("ubuntu", connection_config=config)
+            sb = await Sandbox.create(server.image, connection_config=config)
             try:
                 return [m.text for m in (await sb.commands.run("echo keyed")).logs.stdout]
             finally:
@@ -244,6 +252,7 @@ def test_api_key_is_required_when_configured(tmp_path: Path) -> None:
 
 
 def test_a_second_server_on_the_same_state_dir_refuses_to_start(server: ServerProcess, tmp_path: Path) -> None:
+    only_local(server, "the state dir lock")
     config = tmp_path / "same-state.toml"
     config.write_text(f'[local]\nstateDir = "{server.state_dir}"\n')
     result = subprocess.run(
@@ -276,8 +285,8 @@ def test_stopping_the_server_kills_warm_jails_but_not_sandboxes(tmp_path: Path) 
         server.stop()
 
 
-def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path).start()
+def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path, runtime_name: str) -> None:
+    server = ServerProcess(tmp_path, runtime=runtime_name).start()
     try:
         kept = create(server, metadata={"role": "kept"})
         paused = create(server, metadata={"role": "paused"})
@@ -291,7 +300,7 @@ def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path
 
         server.stop(cleanup=False)
         for sandbox in (kept, paused, doomed):
-            assert live_processes_with_hostname_arg(sandbox["id"]), "a jail died with the server"
+            assert live_processes_with_hostname_arg(sandbox["id"]), "a sandbox died with the server"
 
         server.port = free_port()
         server.start()
@@ -320,7 +329,7 @@ def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path
             time.sleep(0.1)
         assert dt.datetime.now(dt.UTC) >= due
         assert live_processes_with_hostname_arg(doomed["id"]) == []
-        assert not (server.state_dir / "sandboxes" / doomed["id"]).exists()
+        assert doomed["id"] not in server.sandboxes_on_host()
     finally:
         server.stop()
 
@@ -342,14 +351,20 @@ asyncio.run(main())
 
 async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProcess) -> None:
     config = ConnectionConfig(domain=server.domain, use_server_proxy=True)
-    sb = await Sandbox.create("ubuntu", connection_config=config)
+    sb = await Sandbox.create(server.image, connection_config=config)
+    # The local runtime's jails run the host's Python; the docker test image has busybox only, so
+    # there the HTTP server is busybox's and the WebSocket relay (runtime-independent) is not run.
+    with_python = server.runtime == "local"
     try:
         http_port, ws_port = free_port(), free_port()
         await sb.files.write_file("/workspace/ws_echo.py", WS_ECHO)
         await sb.files.write_file("/workspace/site/index.html", "hello from the jail")
         background = RunCommandOpts(background=True, working_directory="/workspace/site")
-        await sb.commands.run(f"{sys.executable} -m http.server {http_port} --bind 127.0.0.1", opts=background)
-        await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
+        if with_python:
+            await sb.commands.run(f"{sys.executable} -m http.server {http_port} --bind 127.0.0.1", opts=background)
+            await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
+        else:
+            await sb.commands.run(f"busybox httpd -f -p {http_port} -h /workspace/site", opts=background)
 
         base = f"{server.url}/v1/sandboxes/{sb.id}/proxy"
         async with httpx.AsyncClient(timeout=30) as client:
@@ -361,7 +376,7 @@ async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProces
             assert page.status_code == 200 and page.text == "hello from the jail"
 
         ws_url = f"ws://{server.domain}/v1/sandboxes/{sb.id}/proxy/{ws_port}/echo"
-        for _ in range(100):
+        for _ in range(100 if with_python else 0):
             try:
                 async with websockets.connect(ws_url) as ws:
                     await ws.send("text frame")
@@ -372,7 +387,8 @@ async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProces
             except (OSError, websockets.InvalidHandshake, websockets.ConnectionClosedError):
                 await asyncio.sleep(0.1)
         else:
-            raise AssertionError("the WebSocket echo server never answered through the proxy")
+            if with_python:
+                raise AssertionError("the WebSocket echo server never answered through the proxy")
 
         # 64 MiB each way through the proxy: streamed, so the server's memory stays flat.
         rss_before = rss_kib(server)
@@ -409,7 +425,7 @@ def osb(server: ServerProcess, tmp_path: Path, *args: str) -> str:
 
 
 def test_osb_cli_creates_runs_and_kills(server: ServerProcess, tmp_path: Path) -> None:
-    created = json.loads(osb(server, tmp_path, "sandbox", "create", "-i", "ubuntu", "-o", "json"))
+    created = json.loads(osb(server, tmp_path, "sandbox", "create", "-i", server.image, "-o", "json"))
     sandbox_id = created["id"]
     assert osb(server, tmp_path, "command", "run", sandbox_id, "-o", "raw", "--", "echo", "hi-from-osb").strip() == (
         "hi-from-osb"
@@ -429,7 +445,7 @@ async def test_mcp_server_lists_tools_and_runs_a_command(server: ServerProcess) 
         await session.initialize()
         tools = {tool.name for tool in (await session.list_tools()).tools}
         assert {"sandbox_create", "command_run", "sandbox_kill", "file_read", "file_write"} <= tools
-        created = await session.call_tool("sandbox_create", {"image": "ubuntu"})
+        created = await session.call_tool("sandbox_create", {"image": server.image})
         assert not created.is_error, created.content
         sandbox_id = created.structured_content["sandbox_id"]  # type: ignore[index]
         try:
@@ -456,10 +472,12 @@ def wait_for_state(server: ServerProcess, sandbox_id: str, wanted: str, timeout:
 
 
 def test_the_sandbox_ends_when_its_entrypoint_exits(server: ServerProcess) -> None:
-    ok = create(server, entrypoint=["sleep", "0.5"])
-    failed = create(server, entrypoint=["sh", "-c", "sleep 0.5; exit 3"])
+    # Long enough for execd to start first (a container's execd takes ~0.3 s, more on a busy host).
+    runs = "0.5" if server.runtime == "local" else "3"
+    ok = create(server, entrypoint=["sleep", runs])
+    failed = create(server, entrypoint=["sh", "-c", f"sleep {runs}; exit 3"])
     try:
-        assert wait_for_state(server, ok["id"], "Terminated")["status"]["reason"] == "JAIL_EXITED"
+        assert wait_for_state(server, ok["id"], "Terminated")["status"]["reason"] == server.flavor.exited_reason
         assert "code 3" in wait_for_state(server, failed["id"], "Failed")["status"]["message"]
         assert live_processes_with_hostname_arg(ok["id"]) == []
     finally:
@@ -469,8 +487,13 @@ def test_the_sandbox_ends_when_its_entrypoint_exits(server: ServerProcess) -> No
 
 async def test_the_memory_limit_is_enforced(server: ServerProcess) -> None:
     config = ConnectionConfig(domain=server.domain)
-    sb = await Sandbox.create("ubuntu", connection_config=config, resource={"cpu": "1", "memory": "64Mi"})
+    sb = await Sandbox.create(server.image, connection_config=config, resource={"cpu": "1", "memory": "64Mi"})
     try:
+        if server.runtime == "docker":  # no Python in the image: a shell holding 256 MiB in a variable
+            hog = await sb.commands.run("x=$(head -c 268435456 /dev/zero | tr '\\0' a); echo ${#x}")
+            assert hog.exit_code == 137  # SIGKILL from the container's OOM killer
+            assert (await sb.commands.run("x=$(head -c 4194304 /dev/zero | tr '\\0' a)")).exit_code == 0
+            return
         hog = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(256 << 20); print(len(x))'")
         (record,) = [r for r in server.records() if r["id"] == sb.id]
         if "memory" in record["cgroups"]:  # type: ignore[operator]

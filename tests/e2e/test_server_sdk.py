@@ -1,4 +1,4 @@
-"""The official SDK (opensandbox 1.1.1, async and sync) against our server and its local runtime.
+"""The official SDK (opensandbox 1.1.1, async and sync) against our server, with each runtime.
 
 Every test that talks to execd runs twice: with endpoints straight to the jail's execd, and with
 `use_server_proxy=True` (every execd call then goes through the server's proxy route).
@@ -49,7 +49,7 @@ def stdout(execution: Any) -> list[str]:
 @pytest.fixture(params=MODES)
 async def sandbox(server: ServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     sb = await Sandbox.create(
-        "ubuntu",
+        server.image,
         connection_config=config(server, request.param),
         env={"FROM_CREATE": "create-env"},
         metadata={"suite": "server-sdk"},
@@ -60,8 +60,12 @@ async def sandbox(server: ServerProcess, request: pytest.FixtureRequest) -> Asyn
     await sb.close()
 
 
-async def test_create_with_defaults_gives_a_running_jail(server: ServerProcess) -> None:
-    sb = await Sandbox.create("ubuntu", connection_config=config(server))
+# What differs between runtimes in a default sandbox: PID 1 and whether the image's root is writable.
+PID1_AND_ROOT = {"local": ["bwrap", "read-only"], "docker": ["/bin/sh"]}
+
+
+async def test_create_with_defaults_gives_a_running_sandbox(server: ServerProcess) -> None:
+    sb = await Sandbox.create(server.image, connection_config=config(server))
     try:
         info = await sb.get_info()
         assert info.id == sb.id and info.status.state == "Running"
@@ -74,9 +78,10 @@ async def test_create_with_defaults_gives_a_running_jail(server: ServerProcess) 
             "touch /tmp/t /workspace/w ~/h && echo writable"
         )
         lines = stdout(probe)
-        assert lines[:4] == [sb.id, "/workspace", "/root", "bwrap"]
-        assert int(lines[4]) < 10  # its own PID namespace: bwrap, execd, tail, this shell, ls
-        assert lines[5:] == ["read-only", "writable"]
+        pid1, *root = PID1_AND_ROOT[server.runtime]
+        assert lines[:4] == [sb.id, "/workspace", "/root", pid1]
+        assert int(lines[4]) < 10  # its own PID namespace: PID 1, execd, tail, this shell, ls
+        assert lines[5:] == [*root, "writable"]
     finally:
         await sb.kill()
         await sb.close()
@@ -207,7 +212,7 @@ async def test_info_renew_metadata_metrics_pause_resume_and_kill(server: ServerP
 async def test_manager_lists_with_state_and_metadata_filters_and_pages(server: ServerProcess) -> None:
     tag = f"list-{time.monotonic_ns()}"
     created = [
-        await Sandbox.create("ubuntu", connection_config=config(server), metadata={"tag": tag, "team": team})
+        await Sandbox.create(server.image, connection_config=config(server), metadata={"tag": tag, "team": team})
         for team in ("t1", "t1", "t2")
     ]
     manager = await SandboxManager.create(config(server))
@@ -250,7 +255,7 @@ def test_sync_sdk(server: ServerProcess, proxy: bool) -> None:
     sync_config = ConnectionConfigSync(
         domain=server.domain, api_key=server.api_key or None, use_server_proxy=proxy, disable_metrics=True
     )
-    sb = SandboxSync.create("ubuntu", connection_config=sync_config, env={"SYNC": "1"}, metadata={"kind": "sync"})
+    sb = SandboxSync.create(server.image, connection_config=sync_config, env={"SYNC": "1"}, metadata={"kind": "sync"})
     try:
         assert stdout(sb.commands.run("echo $SYNC; pwd")) == ["1", "/workspace"]
         assert sb.commands.run("exit 3").exit_code == 3
