@@ -85,10 +85,15 @@ class Flavor:
 
     def config(self, server: ServerProcess) -> str:
         if self.name == "docker":
+            # execd from the build (what `make test` just rebuilt) unless the test wants the image's.
+            execd = (
+                ""
+                if server.execd_from_image
+                else f'execdBinary = "{EXECD_BINARY}"\nexecdBootstrap = "{EXECD_BOOTSTRAP}"\n'
+            )
             return (
                 f'[runtime]\ntype = "docker"\nexecdImage = "{DOCKER_EXECD_IMAGE}"\n\n'
-                f'[docker]\nhost = "{docker_host()}"\nstateDir = "{server.state_dir}"\n'
-                f'execdBinary = "{EXECD_BINARY}"\nexecdBootstrap = "{EXECD_BOOTSTRAP}"\n'
+                f'[docker]\nhost = "{docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'
             )
         return f'[local]\nstateDir = "{server.state_dir}"\n'
 
@@ -109,6 +114,7 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     extra_config: str = ""  # appended to the runtime's own section
     runtime: str = "local"
+    execd_from_image: bool = False  # docker: copy execd out of runtime.execdImage, not build/execd
     proc: subprocess.Popen[bytes] | None = None
 
     @property

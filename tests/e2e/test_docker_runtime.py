@@ -1,0 +1,121 @@
+"""What only the docker runtime does: pulls, execd copied out of the execd image, labels and the
+security defaults of its containers (podman's Docker API at DOCKER_HOST)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opensandbox import Sandbox
+from opensandbox.config import ConnectionConfig
+
+from tests.e2e.server_support import (
+    DOCKER_EXECD_IMAGE,
+    DOCKER_TEST_IMAGE,
+    ServerProcess,
+    docker_api,
+    docker_containers,
+    docker_unavailable,
+)
+
+CREATE = {"image": {"uri": DOCKER_TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
+HELPER_LABEL = "opensandbox.io/execd-helper"
+CAP_BITS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "NET_RAW": 13, "SYS_ADMIN": 21}  # linux/capability.h
+
+
+@pytest.fixture(scope="module")
+def docker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A docker server that takes execd out of the execd image (no execdBinary/execdBootstrap)."""
+    reason = docker_unavailable()
+    if reason is None and docker_api("GET", f"/images/{DOCKER_EXECD_IMAGE}/json").status_code != 200:
+        reason = f"{DOCKER_EXECD_IMAGE} is missing (make execd-image)"
+    if reason:
+        pytest.skip(f"docker runtime: {reason}")
+    server = ServerProcess(
+        tmp_path_factory.mktemp("docker"),
+        runtime="docker",
+        execd_from_image=True,
+        extra_config='defaultMemory = "512Mi"\npidsLimit = 512\n',
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def inspect(sandbox_id: str) -> dict[str, Any]:
+    response = docker_api("GET", f"/containers/sandbox-{sandbox_id}/json")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_a_failed_pull_is_a_clean_400_and_leaves_no_container(docker_server: ServerProcess) -> None:
+    before = {c["Id"] for c in docker_containers()}
+    body = {**CREATE, "image": {"uri": "127.0.0.1:9/nope:1", "auth": {"username": "u", "password": "p"}}}
+    response = httpx.post(f"{docker_server.url}/v1/sandboxes", json=body, timeout=120)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["code"] == "SANDBOX::IMAGE_PULL_FAILED" and "127.0.0.1:9/nope:1" in error["message"]
+    assert "p" not in error["message"].split()  # the password is not echoed
+    assert {c["Id"] for c in docker_containers()} == before
+    assert httpx.get(f"{docker_server.url}/v1/sandboxes").json()["items"] == []
+
+
+def test_execd_from_the_image_labels_limits_and_security_defaults(docker_server: ServerProcess) -> None:
+    body = {**CREATE, "metadata": {"team": "t1"}, "extensions": {"ext": "v"}, "resourceLimits": {"cpu": "500m"}}
+    response = httpx.post(f"{docker_server.url}/v1/sandboxes", json=body, timeout=120)
+    assert response.status_code == 202, response.text
+    sandbox_id = response.json()["id"]
+    try:
+        assert docker_containers(HELPER_LABEL) == []  # the helper execd was copied from is gone
+        container = inspect(sandbox_id)
+        labels = container["Config"]["Labels"]
+        assert labels["opensandbox.io/id"] == sandbox_id
+        assert labels["opensandbox.io/metadata.team"] == "t1" and labels["opensandbox.io/extensions.ext"] == "v"
+        assert json.loads(labels["opensandbox.io/entrypoint"]) == ["tail", "-f", "/dev/null"]
+        assert labels["opensandbox.io/expires-at"] == response.json()["expiresAt"].replace("+00:00", "Z")
+        assert container["Config"]["Entrypoint"] == ["/opt/opensandbox/bootstrap.sh"]
+        assert container["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
+        host = container["HostConfig"]
+        assert host["Memory"] == 512 << 20 and host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 512
+        assert "no-new-privileges" in " ".join(host["SecurityOpt"])
+        (binding,) = container["NetworkSettings"]["Ports"]["44772/tcp"]
+        assert binding["HostIp"] == "127.0.0.1" and int(binding["HostPort"]) > 0
+
+        async def probe() -> tuple[list[str], int | None]:
+            sb = await Sandbox.connect(sandbox_id, connection_config=ConnectionConfig(domain=docker_server.domain))
+            try:
+                run = await sb.commands.run("grep -E '^(NoNewPrivs|CapEff)' /proc/self/status | tr -s '\\t' ' '")
+                as_root = await sb.commands.run("id -u")
+                return [m.text for m in run.logs.stdout], as_root.exit_code
+            finally:
+                await sb.close()
+
+        status, code = asyncio.run(probe())
+        assert "NoNewPrivs: 1" in status and code == 0
+        (effective,) = [int(line.split()[1], 16) for line in status if line.startswith("CapEff")]
+        has = {name: bool(effective >> bit & 1) for name, bit in CAP_BITS.items()}
+        assert has == {"CHOWN": True, "SETGID": True, "SETUID": True, "NET_RAW": False, "SYS_ADMIN": False}
+        # A paused sandbox is not proxied to (its execd would never answer).
+        assert httpx.post(f"{docker_server.url}/v1/sandboxes/{sandbox_id}/pause").status_code == 202
+        assert inspect(sandbox_id)["State"]["Status"] == "paused"
+        proxied = httpx.get(f"{docker_server.url}/v1/sandboxes/{sandbox_id}/proxy/44772/ping")
+        assert proxied.status_code == 409
+    finally:
+        assert httpx.delete(f"{docker_server.url}/v1/sandboxes/{sandbox_id}", timeout=60).status_code == 204
+    assert docker_api("GET", f"/containers/sandbox-{sandbox_id}/json").status_code == 404
+    assert not (docker_server.state_dir / f"{sandbox_id}.json").exists()
+
+
+def test_a_container_that_exits_before_execd_is_a_500_and_is_removed(docker_server: ServerProcess) -> None:
+    before = {c["Id"] for c in docker_containers()}
+    body = {**CREATE, "env": {"EXECD": "/nonexistent"}, "entrypoint": ["true"]}
+    response = httpx.post(f"{docker_server.url}/v1/sandboxes", json=body, timeout=120)
+    assert response.status_code in (400, 500), response.text
+    assert set(response.json()) == {"code", "message"}
+    assert {c["Id"] for c in docker_containers()} == before
