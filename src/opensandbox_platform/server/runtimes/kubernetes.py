@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 from opensandbox_platform.api import labels
@@ -89,7 +90,7 @@ class KubernetesRuntime:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        client = self._client = KubeClient.from_config(self.kubeconfig, max_connections=64)
+        client = self._client = KubeClient.from_config(self.kubeconfig)
         try:
             # Fail at start-up, with the API server's words, when the CRD or our permissions are missing.
             await client.list(BATCHSANDBOXES, self.namespace, limit=1)
@@ -188,17 +189,25 @@ class KubernetesRuntime:
         obj = build_batchsandbox(sandbox_id, spec, self.settings, dt.datetime.now(dt.UTC), image)
         waiter: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._waiters[sandbox_id] = waiter
+        started = time.perf_counter()
         try:
             try:
                 created = await self.client.create(BATCHSANDBOXES, obj, self.namespace)
             except KubeApiError as err:
                 self._waiters.pop(sandbox_id, None)
                 raise _create_error(err) from None  # refused: nothing to clean up
+            posted = time.perf_counter()
             self._observe(read_entry(created))
             try:
                 entry = await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
                 raise self._timeout_error(sandbox_id) from None
+            log.debug(
+                "created %s: POST %.1f ms, Running after %.1f ms",
+                sandbox_id,
+                (posted - started) * 1000,
+                (time.perf_counter() - posted) * 1000,
+            )
         except BaseException:
             if sandbox_id in self._waiters:  # the POST may have created it
                 await self._discard(sandbox_id)
