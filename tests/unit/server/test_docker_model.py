@@ -1,0 +1,209 @@
+"""The docker runtime's pure logic: labels, state mapping, the container's config, overrides."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from opensandbox_platform.api import labels as L
+from opensandbox_platform.server.config import Config, ConfigError, DockerSection, load
+from opensandbox_platform.server.runtimes import docker_model as model
+from opensandbox_platform.server.runtimes.base import SandboxSpec, State
+from opensandbox_platform.server.runtimes.docker import _execd_tar
+
+NOW = dt.datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
+
+
+def spec(**overrides: object) -> SandboxSpec:
+    values: dict[str, object] = {
+        "image": "localhost/img:1",
+        "entrypoint": ["python", "app.py"],
+        "env": {"A": "1"},
+        "metadata": {"team": "t1", "example.com/x": "y"},
+        "extensions": {"e": "v"},
+        "timeout_seconds": 600,
+    }
+    values.update(overrides)
+    return SandboxSpec(**values)  # type: ignore[arg-type]
+
+
+def test_labels_round_trip() -> None:
+    labels = model.encode_labels("sb-1", spec(), NOW)
+    assert labels[L.DOCKER_ID] == "sb-1"
+    assert labels[L.DOCKER_EXPIRES_AT] == "2030-01-02T03:14:05.123456Z"
+    assert L.DOCKER_MANUAL_CLEANUP not in labels
+    assert labels[L.DOCKER_METADATA_PREFIX + "example.com/x"] == "y"
+    # An image's own labels are in the container's labels too: they are not metadata.
+    decoded = model.decode_labels({**labels, "org.opencontainers.image.version": "1"})
+    assert decoded == model.Labels(
+        id="sb-1",
+        image="localhost/img:1",
+        entrypoint=["python", "app.py"],
+        created_at=NOW,
+        expires_at=NOW + dt.timedelta(minutes=10),
+        metadata={"team": "t1", "example.com/x": "y"},
+        extensions={"e": "v"},
+    )
+
+
+def test_no_timeout_is_manual_cleanup() -> None:
+    labels = model.encode_labels("sb-1", spec(timeout_seconds=None), NOW)
+    assert labels[L.DOCKER_MANUAL_CLEANUP] == "true" and L.DOCKER_EXPIRES_AT not in labels
+    decoded = model.decode_labels(labels)
+    assert decoded is not None and decoded.expires_at is None
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{}, {"other": "x"}, {L.DOCKER_ID: "a"}, {L.DOCKER_ID: "a", L.DOCKER_CREATED_AT: "not a time"}],
+    ids=["none", "foreign", "no created-at", "bad created-at"],
+)
+def test_foreign_or_damaged_labels_are_not_a_sandbox(labels: dict[str, str]) -> None:
+    assert model.decode_labels(labels) is None
+
+
+STATES = [
+    ({"Status": "running"}, (State.RUNNING, "CONTAINER_RUNNING")),
+    ({"Status": "running", "Paused": True}, (State.PAUSED, "CONTAINER_PAUSED")),
+    ({"Status": "paused"}, (State.PAUSED, "CONTAINER_PAUSED")),
+    ({"Status": "restarting"}, (State.RUNNING, "CONTAINER_RESTARTING")),
+    ({"Status": "created"}, (State.PENDING, "CONTAINER_STARTING")),
+    ({"Status": "exited", "ExitCode": 0}, (State.TERMINATED, "CONTAINER_EXITED")),
+    ({"Status": "exited", "ExitCode": 3}, (State.FAILED, "CONTAINER_EXITED_ERROR")),
+    ({"Status": "exited", "ExitCode": 137, "OOMKilled": True}, (State.FAILED, "CONTAINER_OOM_KILLED")),
+    ({"Status": "dead", "ExitCode": 0}, (State.TERMINATED, "CONTAINER_EXITED")),
+    ({"Status": "weird"}, ("Unknown", "CONTAINER_STATE_UNKNOWN")),
+]
+
+
+@pytest.mark.parametrize(("state", "expected"), STATES, ids=[str(s[0]) for s in STATES])
+def test_state_mapping_from_inspect(state: dict[str, object], expected: tuple[str, str]) -> None:
+    api_state, reason, _ = model.map_state(model.ContainerState.from_inspect(state))
+    assert (api_state, reason) == expected
+
+
+def test_failed_message_names_the_exit_code_and_times_are_parsed() -> None:
+    state = model.ContainerState.from_inspect(
+        {"Status": "exited", "ExitCode": 3, "FinishedAt": "2030-01-02T03:04:05.123456789Z", "StartedAt": "x"}
+    )
+    assert model.map_state(state)[2] == "the entrypoint exited with code 3"
+    assert state.changed_at == NOW
+    never = model.ContainerState.from_inspect({"Status": "created", "StartedAt": "0001-01-01T00:00:00Z"})
+    assert never.changed_at is None
+
+
+def test_state_from_the_list_reads_the_exit_code_from_the_status_text() -> None:
+    state = model.ContainerState.from_list({"State": "exited", "Status": "Exited (3) 2 seconds ago"})
+    assert model.map_state(state)[:2] == (State.FAILED, "CONTAINER_EXITED_ERROR")
+    assert model.ContainerState.from_list({"State": "running", "Status": "Up 3 seconds"}).exit_code is None
+
+
+def test_container_config_from_a_spec() -> None:
+    settings = DockerSection(network="sandboxes", oci_runtime="runsc", pids_limit=100)
+    labels = model.encode_labels("sb-1", spec(), NOW)
+    body = model.container_config(
+        "sb-1",
+        spec(env={"A": "1", "EXECD_ACCESS_TOKEN": "forged"}),
+        token="tok",
+        labels=labels,
+        working_dir="/workspace",
+        settings=settings,
+        cpu_millis=500,
+        memory_bytes=256 << 20,
+    )
+    assert body["Image"] == "localhost/img:1"
+    assert body["Entrypoint"] == ["/opt/opensandbox/bootstrap.sh"] and body["Cmd"] == ["python", "app.py"]
+    assert body["Hostname"] == "sb-1" and body["WorkingDir"] == "/workspace" and body["Labels"] == labels
+    env = dict(e.split("=", 1) for e in body["Env"])
+    assert env["A"] == "1" and env["EXECD_ACCESS_TOKEN"] == "tok"  # the request cannot replace the token
+    assert env["EXECD"] == "/opt/opensandbox/execd" and env["OPENSANDBOX_ID"] == "sb-1"
+    host = body["HostConfig"]
+    assert host["PortBindings"] == {"44772/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    assert host["CapDrop"] == ["ALL"] and "CAP_NET_RAW" not in host["CapAdd"] and "CAP_SETUID" in host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges"] and host["PidsLimit"] == 100
+    assert host["Memory"] == host["MemorySwap"] == 256 << 20 and host["NanoCpus"] == 500_000_000
+    assert host["NetworkMode"] == "sandboxes" and host["Runtime"] == "runsc"
+
+
+def test_no_limits_no_network_no_runtime_by_default() -> None:
+    body = model.container_config(
+        "sb-1",
+        spec(),
+        token="t",
+        labels={},
+        working_dir="/",
+        settings=DockerSection(),
+        cpu_millis=None,
+        memory_bytes=None,
+    )
+    assert not {"Memory", "NanoCpus", "NetworkMode", "Runtime"} & set(body["HostConfig"])
+
+
+def test_inspect_helpers() -> None:
+    inspect = {
+        "Config": {"Env": ["PATH=/bin", "EXECD_ACCESS_TOKEN=a=b"]},
+        "NetworkSettings": {
+            "Ports": {"44772/tcp": [{"HostIp": "127.0.0.1", "HostPort": "40001"}]},
+            "IPAddress": "",
+            "Networks": {"podman": {"IPAddress": "10.88.0.5"}},
+        },
+    }
+    assert model.published_port(inspect) == 40001 and model.published_port({}) is None
+    assert model.container_ip(inspect) == "10.88.0.5"
+    assert model.env_value(inspect, "EXECD_ACCESS_TOKEN") == "a=b" and model.env_value(inspect, "X") == ""
+
+
+def test_endpoint_host() -> None:
+    assert model.endpoint_host(DockerSection()) == "127.0.0.1"
+    assert model.endpoint_host(DockerSection(publish_host="0.0.0.0")) == "127.0.0.1"
+    assert model.endpoint_host(DockerSection(publish_host="10.0.0.2")) == "10.0.0.2"
+    assert model.endpoint_host(DockerSection(publish_host="0.0.0.0", endpoint_host="sb.example")) == "sb.example"
+
+
+def test_program_candidates() -> None:
+    assert model.program_candidates("/bin/app", "/w", "/x") == ["/bin/app"]
+    assert model.program_candidates("./app", "/w/", "/x") == ["/w/./app"]
+    assert model.program_candidates("tail", "/w", "/a:/b/") == ["/a/tail", "/b/tail"]
+    assert model.image_path(["PATH=/img"], {}) == "/img"
+    assert model.image_path(["PATH=/img"], {"PATH": "/req"}) == "/req"
+
+
+def test_override_store(tmp_path: Path) -> None:
+    store = model.OverrideStore(tmp_path / "state")
+    assert store.load("a") is None and store.ids() == set()
+    store.save("a", model.Override(expires_at=NOW, metadata={"k": "v"}))
+    store.save("b", model.Override(expires_at=None, metadata={}))
+    assert store.load("a") == model.Override(expires_at=NOW, metadata={"k": "v"})
+    assert store.ids() == {"a", "b"} and not list((tmp_path / "state").glob("*.tmp"))
+    (tmp_path / "state" / "b.json").write_text("{broken")
+    assert store.load("b") is None
+    store.delete("a")
+    store.delete("a")  # twice is fine
+    assert store.ids() == {"b"}
+
+
+def test_execd_tar_puts_both_files_under_opt_opensandbox() -> None:
+    data = _execd_tar({"execd": b"ELF", "bootstrap.sh": b"#!/bin/sh\n"})
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert list(members) == ["opt", "opt/opensandbox", "opt/opensandbox/bootstrap.sh", "opt/opensandbox/execd"]
+        assert all(m.mode == 0o755 and m.uid == 0 for m in members.values())
+        extracted = tar.extractfile(members["opt/opensandbox/execd"])
+        assert extracted is not None and extracted.read() == b"ELF"
+
+
+def test_docker_config_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[docker]\npublishHost = "0.0.0.0"\npullTimeoutSeconds = 5\ndefaultMemory = "1Gi"\n')
+    config = load(path)
+    assert config.docker.publish_host == "0.0.0.0" and config.docker.pull_timeout_seconds == 5
+    path.write_text('[docker]\nexecdBinary = "/x"\n')
+    with pytest.raises(ConfigError, match="go together"):
+        load(path)
+    assert Config().docker.state_path().name == "docker"
+    assert json.dumps(Config().docker.model_dump())  # every key has a plain default
