@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image
+.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image task-executor-binary docker-build-task-executor
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -18,6 +18,7 @@ run:  ## install what is needed and start the server on $(HOST):$(PORT)
 test:  ## the whole suite; starts the services it needs (cluster, podman) and stops them afterwards
 	tools/setup.sh test
 	tools/build-execd.sh --check
+	tools/build-task-executor.sh --check
 	$(UV) run pytest $(PYTEST_ARGS)
 
 lint:  ## ruff and mypy
@@ -39,6 +40,14 @@ execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd 
 
 execd-image: execd-binary  ## the execd image opensandbox/execd:dev (podman; copies the built binary)
 	podman build -f images/execd.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t opensandbox/execd:dev .
+
+TASK_EXECUTOR_IMG ?= opensandbox/task-executor:dev
+task-executor-binary:  ## build the self-contained task-executor: build/task-executor/opensandbox-task-executor
+	tools/setup.sh run
+	tools/build-task-executor.sh --check
+
+docker-build-task-executor: task-executor-binary  ## the task-executor image $(TASK_EXECUTOR_IMG) (podman)
+	podman build -f images/task-executor.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t $(TASK_EXECUTOR_IMG) .
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster

@@ -67,19 +67,24 @@ class SandboxTemplate(Model):
 
 
 class TaskExecutorSpec(Model):
+    """The task-executor sidecar in every pod of the Pool, so that BatchSandboxes with a taskTemplate can
+    claim them. The pods share their process namespace; the sidecar gets CAP_SYS_ADMIN."""
+
     enabled: bool = False
     image: str | None = Field(None, description="Defaults to the controller's --task-executor-image.")
-    resources: PassThrough | None = None
+    resources: PassThrough | None = Field(
+        None, description="corev1.ResourceRequirements; defaults to the controller's --task-executor-* flags."
+    )
 
 
 class TaskTemplate(Model):
-    """One task per replica, run by the task-executor sidecar."""
+    """One task per replica, run inside the sandbox's main container by the task-executor sidecar."""
 
     command: list[str] = Field(min_length=1)
     args: list[str] | None = None
     env: list[EnvVar] | None = None
     workingDir: str | None = None
-    timeoutSeconds: int | None = Field(None, ge=1)
+    timeoutSeconds: int | None = Field(None, ge=1, description="Kill the task's process group after this long.")
 
 
 class Condition(Model):
@@ -134,7 +139,7 @@ class Pool(Model):
     KIND: ClassVar[str] = "Pool"
     PLURAL: ClassVar[str] = "pools"
     SHORT_NAMES: ClassVar[list[str]] = ["sbxpool"]
-    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str | int]]] = [
         {"name": "MIN", "type": "integer", "jsonPath": ".spec.minBufferSize"},
         {"name": "MAX", "type": "integer", "jsonPath": ".spec.maxBufferSize"},
         {"name": "CAPACITY", "type": "integer", "jsonPath": ".spec.capacity"},
@@ -188,12 +193,27 @@ class BatchSandboxSpec(Model):
     taskTemplate: TaskTemplate | None = None
 
 
+TaskState = Literal["pending", "running", "succeeded", "failed"]
+
+
+class SandboxTaskStatus(Model):
+    """The task of one sandbox, as its executor reported it."""
+
+    state: TaskState = "pending"
+    exitCode: int | None = Field(None, description="128+N when killed by signal N.")
+    reason: str | None = Field(None, description="Completed, Error, Timeout, Cancelled, StartFailed, Interrupted.")
+    message: str | None = None
+    startedAt: datetime | None = None
+    finishedAt: datetime | None = None
+
+
 class SandboxStatus(Model):
     index: int
     podName: str
     podIP: str | None = None
     nodeName: str | None = None
     ready: bool = False
+    task: SandboxTaskStatus | None = None
 
 
 class TaskCounts(Model):
@@ -219,13 +239,15 @@ class BatchSandbox(Model):
     KIND: ClassVar[str] = "BatchSandbox"
     PLURAL: ClassVar[str] = "batchsandboxes"
     SHORT_NAMES: ClassVar[list[str]] = ["bsbx"]
-    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str | int]]] = [
         {"name": "DESIRED", "type": "integer", "jsonPath": ".spec.replicas"},
         {"name": "READY", "type": "integer", "jsonPath": ".status.ready"},
         {"name": "POOL", "type": "string", "jsonPath": ".spec.poolRef"},
         {"name": "PHASE", "type": "string", "jsonPath": ".status.phase"},
         {"name": "EXPIRE", "type": "string", "jsonPath": ".spec.expireTime"},
         {"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "TASKS-SUCCEEDED", "type": "integer", "jsonPath": ".status.tasks.succeeded", "priority": 1},
+        {"name": "TASKS-FAILED", "type": "integer", "jsonPath": ".status.tasks.failed", "priority": 1},
     ]
     DESCRIPTION: ClassVar[str] = "N sandboxes built from a template or claimed from a Pool."
 

@@ -4,7 +4,8 @@ Direct mode creates pods `<name>-<index>`. Pooled mode claims idle Ready pods of
 is a merge patch on the pod that sets our labels and ownerReference and carries the pod's
 resourceVersion, so of two claimers only one can win, and the truth survives a controller restart.
 Lost pods (deleted, evicted, failed) are replaced; `expireTime` and `ttlSecondsAfterFinished`
-delete the BatchSandbox; status lists every sandbox with its pod IP.
+delete the BatchSandbox; status lists every sandbox with its pod IP. With a `taskTemplate`, each
+sandbox runs one task through the task-executor sidecar (tasks.py) and the tasks decide the phase.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec
 from opensandbox_platform.controller.conditions import same_status, set_condition
 from opensandbox_platform.controller.pods import (
     PodInfo,
+    TaskExecutorSidecar,
     build_pod,
     owner_reference,
     parse_time,
+    pool_revision,
     slim_pod,
-    template_revision,
 )
 from opensandbox_platform.controller.state import (
     BATCHSANDBOXES,
@@ -37,6 +39,7 @@ from opensandbox_platform.controller.state import (
     Shared,
     slim_object,
 )
+from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher, count
 from opensandbox_platform.kube.client import JSON, PODS, ApiError
 from opensandbox_platform.kube.leaderelection import micro_time
 
@@ -80,15 +83,26 @@ def bootstrap_request(spec: BatchSandboxSpec) -> JSON | None:
     return body
 
 
+def sandbox_ready(spec: BatchSandboxSpec, pod: PodInfo) -> bool:
+    """Ready, and in pooled mode with the requested entrypoint started."""
+    needs_entrypoint = bool(spec.poolRef) and bootstrap_request(spec) is not None
+    return pod.ready and (pod.entrypoint_applied or not needs_entrypoint)
+
+
 class BatchSandboxReconciler:
     name = "batchsandbox"
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        self.tasks = TaskDispatcher(shared.batchsandbox_queue)
+
+    async def close(self) -> None:
+        await self.tasks.close()
 
     async def reconcile(self, key: str) -> float | None:
         cached = self.shared.batchsandboxes.get(key)
         if cached is None:
+            self.tasks.forget(key)
             for waiting in self.shared.waiting.values():
                 waiting.discard(key)
             # Its pods are owned by it, so the garbage collector removes them even while we are down;
@@ -114,12 +128,19 @@ class BatchSandboxReconciler:
         pods, lost = await self._current_pods(bs, key)
         conditions = [dict(c) for c in (bs.get("status") or {}).get("conditions") or []]
         problem: tuple[str, str] | None = None
+        tasks_done = spec.taskTemplate is not None and finished_at is not None  # a lost pod is not replaced
         if spec.poolRef:
-            problem = await self._claim_missing(bs, spec, pods)
+            if not tasks_done:
+                problem = await self._claim_missing(bs, spec, pods)
             await self._apply_entrypoints(bs, spec, pods)
-        else:
+        elif not tasks_done:
             problem = await self._create_missing(bs, spec, pods)
         await self._scale_down(bs, spec, pods)
+        tasks: dict[int, JSON] | None = None
+        if spec.taskTemplate is not None:
+            problem = problem or self._task_executor_problem(spec, key)
+            ready = {i for i, p in pods.items() if sandbox_ready(spec, p)}
+            tasks = self.tasks.sync(key, bs, spec.taskTemplate, pods, ready)
         if lost:
             set_condition(
                 conditions,
@@ -129,7 +150,7 @@ class BatchSandboxReconciler:
                 "; ".join(lost),
                 bs["metadata"].get("generation", 0),
             )
-        await self._write_status(bs, spec, pods, conditions, problem, now)
+        await self._write_status(bs, spec, pods, conditions, problem, now, tasks)
         if problem and problem[0] == "FailedCreate":
             raise PodCreateError(problem[1])  # retried with backoff; the status already says why
         latest = self.shared.batchsandboxes.get(key)  # with the status just written
@@ -180,6 +201,12 @@ class BatchSandboxReconciler:
         assert template is not None  # the CRD's CEL rule guarantees it in direct mode
         meta = bs["metadata"]
         missing = [i for i in range(spec.replicas) if i not in pods]
+        sidecar: TaskExecutorSidecar | None = None
+        if spec.taskTemplate is not None and missing:
+            settings = self.shared.settings
+            if not settings.task_executor_image:
+                return "FailedCreate", "taskTemplate needs the controller's --task-executor-image"
+            sidecar = TaskExecutorSidecar(settings.task_executor_image, settings.task_executor_resources())
 
         async def one(index: int) -> str | None:
             pod = build_pod(
@@ -189,6 +216,7 @@ class BatchSandboxReconciler:
                 pod_labels={labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
                 owner=bs,
                 execd_image=self.shared.settings.execd_image,
+                task_executor=sidecar,
             )
             try:
                 pods[index] = slim_pod(await self.shared.client.create(PODS, pod, meta["namespace"]))
@@ -218,7 +246,7 @@ class BatchSandboxReconciler:
         pool = self.shared.pools.get(pool_key)
         if pool is None or pool.deleting:
             return "PoolNotFound", f"Pool {spec.poolRef} does not exist in namespace {meta['namespace']}"
-        revision = template_revision(PoolSpec.model_validate(pool.raw["spec"]).sandboxTemplate)
+        revision = pool_revision(PoolSpec.model_validate(pool.raw["spec"]))
         reserved = self.shared.reserved
         candidates = [
             p
@@ -317,6 +345,19 @@ class BatchSandboxReconciler:
             if not (err.not_found or err.conflict):
                 raise
 
+    # --- tasks ------------------------------------------------------------------------------------
+    def _task_executor_problem(self, spec: BatchSandboxSpec, key: str) -> tuple[str, str] | None:
+        """Pooled tasks need the pool's pods to carry the sidecar."""
+        if not spec.poolRef:
+            return None
+        pool = self.shared.pools.get(f"{key.split('/', 1)[0]}/{spec.poolRef}")
+        if pool is None:
+            return None  # reported as PoolNotFound
+        executor = PoolSpec.model_validate(pool.raw["spec"]).taskExecutor
+        if executor is None or not executor.enabled:
+            return "TaskExecutorMissing", f"Pool {spec.poolRef} has no taskExecutor.enabled: its pods cannot run tasks"
+        return None
+
     # --- status -----------------------------------------------------------------------------------
     async def _write_status(
         self,
@@ -326,32 +367,37 @@ class BatchSandboxReconciler:
         conditions: list[JSON],
         problem: tuple[str, str] | None,
         now: datetime,
+        tasks: dict[int, JSON] | None = None,
     ) -> None:
         meta = bs["metadata"]
         generation = meta.get("generation", 0)
-        needs_entrypoint = bool(spec.poolRef) and bootstrap_request(spec) is not None
         sandboxes = []
         ready = 0
         for index in sorted(pods):
             pod = pods[index]
-            is_ready = pod.ready and (pod.entrypoint_applied or not needs_entrypoint)
+            is_ready = sandbox_ready(spec, pod)
             ready += is_ready
-            sandboxes.append(
-                {
-                    "index": index,
-                    "podName": pod.name,
-                    "podIP": pod.ip,
-                    "nodeName": pod.node,
-                    "ready": is_ready,
-                }
-            )
-        finished = spec.replicas > 0 and len(pods) == spec.replicas and all(p.finished for p in pods.values())
+            sandbox: JSON = {
+                "index": index,
+                "podName": pod.name,
+                "podIP": pod.ip,
+                "nodeName": pod.node,
+                "ready": is_ready,
+            }
+            if tasks is not None and index in tasks:
+                sandbox["task"] = tasks[index]
+            sandboxes.append(sandbox)
         old = bs.get("status") or {}
+        if tasks is not None:
+            finished, failed = tasks_finished(spec.replicas, tasks)
+        else:
+            finished = spec.replicas > 0 and len(pods) == spec.replicas and all(p.finished for p in pods.values())
+            failed = any(p.main_exit_code for p in pods.values())
         finished_at = old.get("finishedAt")
         if finished and not finished_at:
             finished_at = rfc3339(now)
-        if finished:
-            phase = "Failed" if any(p.main_exit_code for p in pods.values()) else "Succeeded"
+        if finished or (finished_at and tasks is not None):
+            phase = "Failed" if failed else "Succeeded"
         elif ready == spec.replicas:
             phase = "Running"
         else:
@@ -387,6 +433,8 @@ class BatchSandboxReconciler:
             "sandboxes": sandboxes,
             "conditions": conditions,
         }
+        if tasks is not None:
+            status["tasks"] = count(tasks, spec.replicas)
         if finished_at:
             status["finishedAt"] = finished_at
         if same_status(old, status):
@@ -414,6 +462,12 @@ def next_deadline(spec: BatchSandboxSpec, status: JSON, now: datetime) -> float 
     if finished_at and spec.ttlSecondsAfterFinished is not None:
         deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
     return max(0.0, (min(deadlines) - now).total_seconds()) if deadlines else None
+
+
+def tasks_finished(replicas: int, tasks: dict[int, JSON]) -> tuple[bool, bool]:
+    """(every replica's task ended, some failed)."""
+    states = [(tasks.get(i) or {}).get("state") for i in range(replicas)]
+    return replicas > 0 and all(s in TERMINAL for s in states), "failed" in states
 
 
 def _same_condition(old: JSON, type_: str, reason: str) -> bool:

@@ -75,7 +75,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, default=16, help="BatchSandboxes reconciled at once (default: 16)")
     parser.add_argument("--execd-image", help="inject execd from this image into every sandbox pod")
-    parser.add_argument("--task-executor-image", help="default image of the task-executor sidecar")
+    parser.add_argument(
+        "--task-executor-image",
+        help="image of the task-executor sidecar (Pools with taskExecutor.enabled and direct-mode "
+        "BatchSandboxes with a taskTemplate; a Pool's taskExecutor.image wins)",
+    )
+    defaults = Settings()
+    for name, what in (
+        ("cpu-request", "CPU request"),
+        ("memory-request", "memory request"),
+        ("cpu-limit", "CPU limit"),
+        ("memory-limit", "memory limit"),
+    ):
+        parser.add_argument(
+            f"--task-executor-{name}",
+            default=getattr(defaults, f"task_executor_{name.replace('-', '_')}"),
+            help=f"{what} of the task-executor sidecar where a Pool sets no taskExecutor.resources "
+            "(default: %(default)s)",
+        )
     parser.add_argument(
         "--pod-ready-deadline",
         type=float,
@@ -90,6 +107,10 @@ async def run(args: argparse.Namespace) -> None:
     settings = Settings(
         execd_image=args.execd_image,
         task_executor_image=args.task_executor_image,
+        task_executor_cpu_request=args.task_executor_cpu_request,
+        task_executor_memory_request=args.task_executor_memory_request,
+        task_executor_cpu_limit=args.task_executor_cpu_limit,
+        task_executor_memory_limit=args.task_executor_memory_limit,
         pod_ready_deadline=args.pod_ready_deadline,
     )
     manager = Manager(

@@ -225,6 +225,7 @@ class Manager:
                 finally:
                     await self.elector.release()
         finally:
+            await self.batchsandbox_reconciler.close()  # stops following tasks
             for task in informers:
                 task.cancel()
             await asyncio.gather(*informers, return_exceptions=True)

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.api.crds import SandboxTemplate
+from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
 from opensandbox_platform.kube.client import JSON
 
 SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "ports")
@@ -99,6 +99,29 @@ def template_revision(template: SandboxTemplate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def pool_revision(spec: PoolSpec) -> str:
+    """The revision of a pool's pods: its template, plus the task-executor sidecar when enabled."""
+    executor = spec.taskExecutor
+    if executor is None or not executor.enabled:
+        return template_revision(spec.sandboxTemplate)  # unchanged for pools without a sidecar
+    canonical = json.dumps(
+        {
+            "template": spec.sandboxTemplate.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "taskExecutor": executor.model_dump(mode="json", by_alias=True, exclude_none=True),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskExecutorSidecar:
+    """What the injected task-executor container needs: its image and resources."""
+
+    image: str
+    resources: JSON
+
+
 def owner_reference(obj: JSON) -> JSON:
     return {
         "apiVersion": obj["apiVersion"],
@@ -110,7 +133,9 @@ def owner_reference(obj: JSON) -> JSON:
     }
 
 
-def pod_spec(template: SandboxTemplate, execd_image: str | None) -> JSON:
+def pod_spec(
+    template: SandboxTemplate, execd_image: str | None, task_executor: TaskExecutorSidecar | None = None
+) -> JSON:
     """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through."""
     spec: dict[str, Any] = template.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     short = {k: spec.pop(k) for k in SHORT_FORM if k in spec}
@@ -118,7 +143,40 @@ def pod_spec(template: SandboxTemplate, execd_image: str | None) -> JSON:
         spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
     if execd_image:
         inject_execd(spec, execd_image)
+    if task_executor:
+        inject_task_executor(spec, task_executor)
     return spec
+
+
+def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
+    """The task-executor as a sidecar that runs tasks inside the first (main) container.
+
+    It sees the main container's processes through the pod's shared PID namespace, finds them by the
+    marker env var, and enters their mount namespace with setns(2), which needs CAP_SYS_ADMIN (and
+    root, to read another container's /proc entries). Task state lives in an emptyDir, so it survives
+    a restart of the sidecar. Ready once its API answers, so a task is dispatched to a Ready pod."""
+    spec["shareProcessNamespace"] = True
+    main = spec["containers"][0]
+    main.setdefault("env", []).append({"name": labels.TASK_TARGET_ENV, "value": main["name"]})
+    spec.setdefault("volumes", []).append({"name": labels.TASK_DATA_VOLUME, "emptyDir": {}})
+    port = labels.TASK_EXECUTOR_PORT
+    spec["containers"].append(
+        {
+            "name": labels.TASK_EXECUTOR_CONTAINER,
+            "image": sidecar.image,
+            "imagePullPolicy": "IfNotPresent",
+            "args": ["--main-container", main["name"], "--data-dir", labels.TASK_DATA_DIR, "--port", str(port)],
+            "ports": [{"name": "task-executor", "containerPort": port}],
+            "resources": sidecar.resources,
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": False,
+                "capabilities": {"add": ["SYS_ADMIN"]},
+            },
+            "volumeMounts": [{"name": labels.TASK_DATA_VOLUME, "mountPath": labels.TASK_DATA_DIR}],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": port}, "periodSeconds": 1, "failureThreshold": 3},
+        }
+    )
 
 
 def inject_execd(spec: JSON, execd_image: str) -> None:
@@ -158,6 +216,7 @@ def build_pod(
     owner: JSON,
     execd_image: str | None,
     annotations: dict[str, str] | None = None,
+    task_executor: TaskExecutorSidecar | None = None,
 ) -> JSON:
     meta = template.metadata
     return {
@@ -174,7 +233,7 @@ def build_pod(
             "annotations": {**((meta.annotations if meta else None) or {}), **(annotations or {})},
             "ownerReferences": [owner_reference(owner)],
         },
-        "spec": pod_spec(template, execd_image),
+        "spec": pod_spec(template, execd_image, task_executor),
     }
 
 

@@ -27,7 +27,7 @@ from prometheus_client import Gauge
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
 from opensandbox_platform.controller.conditions import same_status, set_condition
-from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, template_revision
+from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, pool_revision
 from opensandbox_platform.controller.state import (
     BY_BATCHSANDBOX,
     BY_POOL,
@@ -38,6 +38,7 @@ from opensandbox_platform.controller.state import (
     Shared,
     slim_object,
 )
+from opensandbox_platform.controller.tasks import pool_sidecar
 from opensandbox_platform.kube.client import JSON, PODS, ApiError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def plan_pool(
     if postponed:
         create = 0  # claims are being written: they go first, the refill follows right after
 
-    surplus = len(current) - max(spec.maxBufferSize, wanted)
+    # Pods made for waiting BatchSandboxes on top of minBufferSize are not surplus (else: create, delete, ...).
+    surplus = len(current) - max(spec.maxBufferSize, spec.minBufferSize + wanted)
     if surplus > 0:
         delete += [(p, "surplus") for p in current[:surplus]]  # oldest first
         current = current[surplus:]
@@ -163,7 +165,7 @@ class PoolReconciler:
             return None  # the pod events we wait for will enqueue the pool again
         pool = cached.raw
         spec = PoolSpec.model_validate(pool["spec"])
-        revision = template_revision(spec.sandboxTemplate)
+        revision = pool_revision(spec)
         now = datetime.now(UTC)
         deadline = self.shared.settings.pod_ready_deadline
         pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
@@ -194,6 +196,12 @@ class PoolReconciler:
         key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
         name = pool["metadata"]["name"]
         namespace = pool["metadata"]["namespace"]
+        settings = self.shared.settings
+        try:
+            sidecar = pool_sidecar(spec, settings.task_executor_image, settings.task_executor_resources())
+        except ValueError as err:
+            self.shared.events.record(pool, "Warning", "FailedCreate", str(err))
+            return str(err)
 
         async def one() -> str | None:
             pod_name = f"{name}-{random_suffix()}"
@@ -204,6 +212,7 @@ class PoolReconciler:
                 pod_labels={labels.POOL: name, labels.POOL_REVISION: revision},
                 owner=pool,
                 execd_image=self.shared.settings.execd_image,
+                task_executor=sidecar,
             )
             self.shared.creating.expect(key, f"{namespace}/{pod_name}")
             try:

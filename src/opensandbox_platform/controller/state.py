@@ -86,8 +86,19 @@ class Expectations:
 class Settings:
     execd_image: str | None = None
     task_executor_image: str | None = None
+    # The task-executor sidecar's resources when a Pool does not set them (the chart's taskExecutor.resources).
+    task_executor_cpu_request: str = "100m"
+    task_executor_memory_request: str = "128Mi"
+    task_executor_cpu_limit: str = "500m"
+    task_executor_memory_limit: str = "256Mi"
     pod_ready_deadline: float = 300.0
     claim_concurrency: int = 16  # claim writes in flight per BatchSandbox (more only queue in the API server)
+
+    def task_executor_resources(self) -> JSON:
+        return {
+            "requests": {"cpu": self.task_executor_cpu_request, "memory": self.task_executor_memory_request},
+            "limits": {"cpu": self.task_executor_cpu_limit, "memory": self.task_executor_memory_limit},
+        }
 
 
 @dataclass

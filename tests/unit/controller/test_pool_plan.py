@@ -102,3 +102,11 @@ def test_lowered_capacity_sheds_idle_pods() -> None:
     pods = [pod(f"i{n}", age=100 - n) for n in range(4)] + [pod(f"c{n}", claimed=True) for n in range(4)]
     result = plan(pods, spec(0, 4, 6))
     assert deleted(result) == {"i0": "over capacity", "i1": "over capacity"}
+
+
+def test_pods_made_for_demand_on_top_of_min_buffer_are_not_surplus() -> None:
+    # min = max = 3 with 3 sandboxes waiting: the 6 pods (3 not Ready yet) stay; deleting 3 would
+    # make the next pass create them again, for ever.
+    pods = [pod(f"i{n}", ready=n < 3, age=10 - n) for n in range(6)]
+    result = plan(pods, spec(3, 3, 6), wanted=3)
+    assert (result.create, result.delete) == (0, [])
