@@ -147,7 +147,9 @@ def test_pooled_tasks_run_in_the_main_container_and_the_ttl_deletes_the_batchsan
     for sandbox in st["sandboxes"]:
         assert sandbox["task"]["state"] == "succeeded" and sandbox["task"]["exitCode"] == 0
         # The task ran inside the main container: its file is there, not in the sidecar.
-        out = cluster.kubectl("exec", "-n", namespace, sandbox["podName"], "-c", "sandbox", "--", "cat", "/tmp/task-out")
+        out = cluster.kubectl(
+            "exec", "-n", namespace, sandbox["podName"], "-c", "sandbox", "--", "cat", "/tmp/task-out"
+        )
         assert out == "done hello\n"
     pod = kube.get(Pod, st["sandboxes"][0]["podName"], namespace=namespace)
     assert pod.spec.shareProcessNamespace
