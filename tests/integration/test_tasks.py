@@ -25,10 +25,8 @@ from tests.support.controller import ControllerProcess
 from tests.support.kube import BatchSandbox, eventually, status
 from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, RealNodeUnavailable, real_node
 from tests.support.services import ROOT, LocalCluster
+from tests.support.task_executor import TASK_EXECUTOR_IMAGE, load_task_executor_image
 
-TASK_EXECUTOR_IMAGE = "localhost/opensandbox/task-executor:dev"
-BINARY = ROOT / "build" / "task-executor" / "opensandbox-task-executor"
-SOURCES = [ROOT / "src/opensandbox_platform/task_executor", ROOT / "src/opensandbox_platform/execd"]
 CONTAINERD = ROOT / ".cluster" / "node" / "containerd.sock"
 
 # The pod template: the test image (imagePullPolicy Never: nothing can be pulled) on the real node.
@@ -44,23 +42,12 @@ SANDBOX_SPEC = f"""
 """
 
 
-def _newest_source() -> float:
-    return max(p.stat().st_mtime for d in SOURCES for p in d.rglob("*.py"))
-
-
 @pytest.fixture(scope="session")
 def task_node(cluster: LocalCluster) -> Iterator[RealNode]:
     """The real node with the task-executor image of this tree loaded (built when missing or stale)."""
     try:
         with real_node(cluster) as node:
-            if not BINARY.exists() or BINARY.stat().st_mtime < _newest_source():
-                subprocess.run([str(ROOT / "tools" / "build-task-executor.sh")], cwd=ROOT, check=True)
-            subprocess.run(
-                ["podman", "build", "-q", "-f", "images/task-executor.Dockerfile",
-                 "--build-arg", f"BASE_IMAGE={TEST_IMAGE}", "-t", TASK_EXECUTOR_IMAGE, "."],
-                cwd=ROOT, check=True, capture_output=True,
-            )  # fmt: skip
-            node.load_image(TASK_EXECUTOR_IMAGE)
+            load_task_executor_image(node)
             yield node
     except RealNodeUnavailable as off:
         pytest.skip(str(off))

@@ -1,0 +1,172 @@
+"""BatchSandbox tasks on the real node (OSB_REAL_NODE=1): a pooled BatchSandbox with N replicas and a
+trivial task (`true`), from the create request to the watch event whose status counts N succeeded
+tasks. The Pool (taskExecutor enabled) holds N warm, Ready pods first.
+
+N is 100, or as many as the real node still has room for (allocatable pods minus the pods on it).
+
+Run: `OSB_REAL_NODE=1 uv run python -m bench task [--replicas N] [--runs R]` (also `python -m bench.task_bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+
+from bench.common import summary_ms, write
+from opensandbox_platform.api import labels
+from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
+from opensandbox_platform.kube.client import JSON, KubeClient
+from tests.support.controller import CRDS, ControllerProcess
+from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNodeUnavailable, real_node
+from tests.support.services import LocalCluster, local_cluster
+from tests.support.task_executor import BASE_IMAGE, load_task_executor_image
+
+TARGET_MS = 2000
+
+
+def pool(name: str, size: int) -> JSON:
+    template = {
+        "terminationGracePeriodSeconds": 1,
+        "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
+        "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+        "containers": [
+            {"name": "sandbox", "image": BASE_IMAGE, "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}
+        ],
+    }
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "Pool",
+        "metadata": {"name": name},
+        "spec": {
+            "minBufferSize": size,
+            "maxBufferSize": size,
+            "capacity": size,
+            "taskExecutor": {"enabled": True},
+            "sandboxTemplate": {"spec": template},
+        },
+    }
+
+
+def batch(name: str, pool_name: str, replicas: int) -> JSON:
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "BatchSandbox",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "poolRef": pool_name, "taskTemplate": {"command": ["true"]}},
+    }
+
+
+def room_on_node(cluster: LocalCluster, node: str) -> tuple[int, int]:
+    """(allocatable pods, pods not yet on the node)."""
+    allocatable = int(cluster.kubectl("get", "node", node, "-o", "jsonpath={.status.allocatable.pods}"))
+    pods = json.loads(cluster.kubectl("get", "pods", "-A", "--field-selector", f"spec.nodeName={node}", "-o", "json"))[
+        "items"
+    ]
+    running = sum(1 for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed"))
+    return allocatable, allocatable - running
+
+
+async def wait_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
+    """Until the pool has `count` idle Ready pods and no claimed ones, twice in a row 0.6 s apart (its
+    status is written at most every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline:
+        status = (await client.get(POOLS, name, namespace)).get("status") or {}
+        settled = status.get("available", 0) >= count and status.get("allocated", 0) == 0
+        streak = streak + 1 if settled else 0
+        if streak == 2:
+            return
+        await asyncio.sleep(0.6 if settled else 0.5)
+    raise TimeoutError(f"pool {name} did not reach {count} available pods in {timeout}s")
+
+
+async def create_and_wait_tasks(client: KubeClient, namespace: str, obj: JSON, n: int) -> tuple[float, float]:
+    """Seconds from the create request to (every sandbox Ready, every task Succeeded) in status."""
+    name = obj["metadata"]["name"]
+    start = time.perf_counter()
+    created = await client.create(BATCHSANDBOXES, obj, namespace)
+    ready_at = None
+    stream = client.watch(
+        BATCHSANDBOXES,
+        namespace,
+        fieldSelector=f"metadata.name={name}",
+        resourceVersion=created["metadata"]["resourceVersion"],
+        timeoutSeconds=120,
+    )
+    try:
+        async for event in stream:
+            status = event["object"].get("status") or {}
+            if ready_at is None and status.get("ready") == n:
+                ready_at = time.perf_counter() - start
+            if (status.get("tasks") or {}).get("succeeded") == n and status.get("phase") == "Succeeded":
+                done = time.perf_counter() - start
+                return ready_at or done, done
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    raise TimeoutError(f"{name}: tasks not all Succeeded")
+
+
+async def run(cluster: LocalCluster, image: str, node: str, replicas: int, runs: int) -> dict[str, object]:
+    allocatable, room = room_on_node(cluster, node)
+    n = min(replicas, room - 2)  # leave a little room for whatever else lands there
+    namespace = f"bench-task-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", namespace)
+    proc = ControllerProcess(
+        cluster, namespace, "--task-executor-image", image, "--concurrency", "32", "--log-level", "2"
+    ).start()
+    client = KubeClient.from_config(str(cluster.kubeconfig))
+    try:
+        await client.create(POOLS, pool("workers", n), namespace)
+        ready_s, done_s, warm_s = [], [], []
+        for i in range(runs):
+            started = time.monotonic()
+            await wait_available(client, namespace, "workers", n, 600)
+            warm_s.append(time.monotonic() - started)
+            ready, done = await create_and_wait_tasks(client, namespace, batch(f"b{i}", "workers", n), n)
+            ready_s.append(ready)
+            done_s.append(done)
+            print(f"run {i}: {n} sandboxes Ready {ready * 1000:.0f} ms, {n} tasks Succeeded {done * 1000:.0f} ms")
+            await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
+    finally:
+        await client.aclose()
+        proc.stop()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    return {
+        "replicas": n,
+        "node": {"name": node, "allocatable_pods": allocatable, "free_pods_before": room},
+        "create_to_all_ready": summary_ms(ready_s),
+        "create_to_all_tasks_succeeded": summary_ms(done_s),
+        "pool_fill_seconds": [round(s, 1) for s in warm_s],
+        "setup": f"pooled BatchSandbox, {n} warm Ready pods with the task-executor sidecar, task `true`",
+        "target_ms": TARGET_MS,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.task_bench", description=__doc__)
+    parser.add_argument("--replicas", type=int, default=100, help="replicas (capped by the node's room)")
+    parser.add_argument("--runs", type=int, default=1, help="runs (the pool refills in between)")
+    args = parser.parse_args(argv)
+    if os.environ.get("OSB_REAL_NODE") != "1":
+        print("task bench skipped: it needs the real node (OSB_REAL_NODE=1)")
+        return
+    with local_cluster() as cluster:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+        try:
+            with real_node(cluster) as node:
+                image = load_task_executor_image(node)
+                figures = asyncio.run(run(cluster, image, node.name, args.replicas, args.runs))
+        except RealNodeUnavailable as off:
+            print(f"task bench skipped: {off}", file=sys.stderr)
+            return
+    write("task", figures)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
