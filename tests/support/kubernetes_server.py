@@ -16,10 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from opensandbox_platform.api import labels
+from tests.conftest import TEST_IMAGE
 from tests.support.ports import free_port
+from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY
 
 
 @dataclass
@@ -93,3 +97,39 @@ def kubernetes_server(
         yield server
     finally:
         server.stop()
+
+
+# --- the real node (OSB_REAL_NODE=1) ---------------------------------------------------------------
+EXECD_IMAGE = "localhost/opensandbox/execd:dev"  # as podman and the node's containerd name it
+PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
+    "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+    "terminationGracePeriodSeconds": 1,
+}
+SMALL = {"cpu": "250m", "memory": "128Mi"}  # the node has 2 CPUs: the SDK's default (1 CPU) fits twice
+
+
+def real_node_server_config() -> str:
+    """`[kubernetes]` keys: direct-mode pods go to the real node, with the image already loaded there."""
+    return (
+        'imagePullPolicy = "Never"\ncreateTimeoutSeconds = 90\n'
+        "[kubernetes.defaultPodSpec]\n"
+        f'nodeSelector = {{"{NODE_LABEL[0]}" = "{NODE_LABEL[1]}"}}\n'
+        f'tolerations = [{{key = "{NODE_TAINT_KEY}", operator = "Exists", effect = "NoSchedule"}}]\n'
+        "terminationGracePeriodSeconds = 1\n"
+    )
+
+
+def real_pool(name: str, size: int) -> dict[str, Any]:
+    container = {"name": labels.SANDBOX_CONTAINER, "image": TEST_IMAGE, "imagePullPolicy": "Never"}
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "Pool",
+        "metadata": {"name": name},
+        "spec": {
+            "minBufferSize": size,
+            "maxBufferSize": size,
+            "capacity": size + 4,
+            "sandboxTemplate": {"spec": {**PLACEMENT, "containers": [container]}},
+        },
+    }

@@ -1,0 +1,164 @@
+"""The official SDK through the server's kubernetes runtime to pods on the real node (OSB_REAL_NODE=1).
+
+The controller injects execd (`--execd-image`); sandboxes run on the real node (a Pool with its
+nodeSelector and toleration, and `kubernetes.defaultPodSpec` for direct mode), and the SDK talks to
+execd at the pod IP. Skipped when the real node is off, like tests/integration/test_real_node.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import Pod
+from opensandbox import Sandbox
+from opensandbox.config import ConnectionConfig
+from opensandbox.exceptions import SandboxApiException
+
+from opensandbox_platform.api import labels
+from tests.conftest import TEST_IMAGE
+from tests.support.controller import ControllerProcess
+from tests.support.kube import BatchSandbox, eventually, idle_ready, pool_pods
+from tests.support.kubernetes_server import (
+    EXECD_IMAGE,
+    SMALL,
+    KubernetesServer,
+    kubernetes_server,
+    real_node_server_config,
+    real_pool,
+)
+from tests.support.real_node import POD_NETWORK_PREFIX, RealNode, RealNodeUnavailable
+from tests.support.real_node import real_node as start_real_node
+from tests.support.services import LocalCluster
+
+
+@pytest.fixture(scope="session")
+def node(cluster: LocalCluster) -> Iterator[RealNode]:
+    try:
+        with start_real_node(cluster) as n:
+            n.load_image(EXECD_IMAGE)
+            yield n
+    except RealNodeUnavailable as off:
+        pytest.skip(str(off))
+
+
+@pytest.fixture
+def execd_controller(cluster: LocalCluster, crds: None, namespace: str, node: RealNode) -> Iterator[ControllerProcess]:
+    proc = ControllerProcess(cluster, namespace, "--execd-image", EXECD_IMAGE).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def server(
+    cluster: LocalCluster, namespace: str, execd_controller: ControllerProcess, tmp_path: Path
+) -> Iterator[KubernetesServer]:
+    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, real_node_server_config()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def pool(cluster: LocalCluster, kube: Client, namespace: str, execd_controller: ControllerProcess) -> str:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(real_pool("real", 1)))
+    eventually(lambda: idle_ready(pool_pods(kube, namespace, "real")), timeout=120, what="a Ready pod on the real node")
+    return "real"
+
+
+def sdk_config(server: KubernetesServer) -> ConnectionConfig:
+    return ConnectionConfig(domain=server.domain, disable_metrics=True)
+
+
+@contextlib.asynccontextmanager
+async def created(server: KubernetesServer, **kwargs: Any) -> AsyncIterator[Sandbox]:
+    sb = await Sandbox.create(TEST_IMAGE, connection_config=sdk_config(server), resource=SMALL, **kwargs)
+    try:
+        yield sb
+    finally:
+        with contextlib.suppress(SandboxApiException):
+            await sb.kill()
+        await sb.close()
+
+
+async def stdout_of(sb: Sandbox, command: str) -> str:
+    execution = await sb.commands.run(command)
+    assert execution.error is None, execution.error
+    return "\n".join(m.text.rstrip("\n") for m in execution.logs.stdout)
+
+
+async def eventually_stdout(sb: Sandbox, command: str, expected: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (out := await stdout_of(sb, command)) != expected:
+        assert asyncio.get_running_loop().time() < deadline, f"{command!r} printed {out!r}, not {expected!r}"
+        await asyncio.sleep(0.1)
+
+
+def sandbox_pod(kube: Client, namespace: str, sandbox_id: str) -> Pod:
+    (pod,) = [
+        p
+        for p in kube.list(Pod, namespace=namespace, labels={labels.BATCHSANDBOX: sandbox_id})
+        if p.metadata.deletionTimestamp is None
+    ]
+    return pod
+
+
+def pod_gone(kube: Client, namespace: str, name: str) -> bool:
+    return not list(kube.list(Pod, namespace=namespace, fields={"metadata.name": name}))
+
+
+async def test_pooled_sandbox_runs_commands_with_the_requested_entrypoint_and_env(
+    server: KubernetesServer, kube: Client, namespace: str, node: RealNode, pool: str
+) -> None:
+    entrypoint = ["sh", "-c", 'echo "main saw $GREETING" > /tmp/main.txt; exec sleep 3600']
+    async with created(
+        server, extensions={"poolRef": pool}, entrypoint=entrypoint, env={"GREETING": "hello-pool"}
+    ) as sb:
+        pod = sandbox_pod(kube, namespace, sb.id)
+        assert pod.spec.nodeName == node.name and pod.status.podIP.startswith(POD_NETWORK_PREFIX)
+        assert pod.metadata.labels[labels.POOL] == pool
+        assert (await sb.get_endpoint(44772)).endpoint == f"{pod.status.podIP}:44772"
+        # Commands see the create's env; the entrypoint runs as the sandbox's main process, with it too.
+        assert await stdout_of(sb, "echo $GREETING") == "hello-pool"
+        await eventually_stdout(sb, "cat /tmp/main.txt", "main saw hello-pool")
+        assert "sleep 3600" in await stdout_of(sb, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '")
+        await sb.files.write_file("/tmp/note.txt", "written through the SDK")
+        assert await sb.files.read_file("/tmp/note.txt") == "written through the SDK"
+        assert await stdout_of(sb, "cat /tmp/note.txt") == "written through the SDK"
+
+        await sb.kill()
+        eventually(lambda: pod_gone(kube, namespace, pod.metadata.name), timeout=60, what="the pod removed")
+        assert sb.id not in {b.metadata.name for b in kube.list(BatchSandbox, namespace=namespace)}
+
+
+async def test_direct_sandbox_on_the_real_node_runs_commands(
+    server: KubernetesServer, kube: Client, namespace: str, node: RealNode
+) -> None:
+    async with created(server, entrypoint=["sleep", "infinity"], env={"GREETING": "hello-direct"}) as sb:
+        info = await sb.get_info()
+        assert info.status.state == "Running" and info.entrypoint == ["sleep", "infinity"]
+        pod = sandbox_pod(kube, namespace, sb.id)
+        assert pod.spec.nodeName == node.name and pod.status.podIP.startswith(POD_NETWORK_PREFIX)
+        assert [c.name for c in pod.spec.initContainers] == ["execd-installer"]
+        assert pod.spec.containers[0].resources.limits == {"cpu": "250m", "memory": str(128 << 20)}
+        assert await stdout_of(sb, "echo $GREETING; id -u") == "hello-direct\n0"
+        await sb.files.write_file("/tmp/direct.txt", "direct")
+        assert await sb.files.read_file("/tmp/direct.txt") == "direct"
+
+        await sb.kill()
+        eventually(lambda: pod_gone(kube, namespace, pod.metadata.name), timeout=60, what="the pod removed")
+
+
+async def test_an_entrypoint_that_cannot_start_fails_the_create_and_leaves_nothing(
+    server: KubernetesServer, kube: Client, namespace: str, node: RealNode
+) -> None:
+    with pytest.raises(SandboxApiException) as failed:
+        await Sandbox.create(
+            TEST_IMAGE, connection_config=sdk_config(server), resource=SMALL, entrypoint=["/no/such/program"]
+        )
+    assert failed.value.status_code == 400
+    assert list(kube.list(BatchSandbox, namespace=namespace)) == []
