@@ -2,7 +2,10 @@
 trivial task (`true`), from the create request to the watch event whose status counts N succeeded
 tasks. The Pool (taskExecutor enabled) holds N warm, Ready pods first.
 
-N is 100, or as many as the real node still has room for (allocatable pods minus the pods on it).
+N is 100, or as many as the real node still has room for: allocatable pods minus the pods on it, and
+its free CPU divided by the sidecar's request. The sidecar's requests are lowered for this bench
+(`--task-executor-cpu-request 5m`, memory 32Mi: the executor idles at ~0 CPU and ~21 MiB): with the
+default 100m, a 2-CPU node holds fewer than 20 such pods.
 
 Run: `OSB_REAL_NODE=1 uv run python -m bench task [--replicas N] [--runs R]` (also `python -m bench.task_bench`).
 """
@@ -27,6 +30,8 @@ from tests.support.services import LocalCluster, local_cluster
 from tests.support.task_executor import BASE_IMAGE, load_task_executor_image
 
 TARGET_MS = 2000
+SIDECAR_CPU_MILLI = 5
+SIDECAR_FLAGS = ("--task-executor-cpu-request", f"{SIDECAR_CPU_MILLI}m", "--task-executor-memory-request", "32Mi")
 
 
 def pool(name: str, size: int) -> JSON:
@@ -61,14 +66,18 @@ def batch(name: str, pool_name: str, replicas: int) -> JSON:
     }
 
 
-def room_on_node(cluster: LocalCluster, node: str) -> tuple[int, int]:
-    """(allocatable pods, pods not yet on the node)."""
-    allocatable = int(cluster.kubectl("get", "node", node, "-o", "jsonpath={.status.allocatable.pods}"))
-    pods = json.loads(cluster.kubectl("get", "pods", "-A", "--field-selector", f"spec.nodeName={node}", "-o", "json"))[
-        "items"
-    ]
-    running = sum(1 for p in pods if p["status"].get("phase") not in ("Succeeded", "Failed"))
-    return allocatable, allocatable - running
+def milli_cpu(quantity: str) -> int:
+    return int(quantity[:-1]) if quantity.endswith("m") else int(float(quantity) * 1000)
+
+
+def room_on_node(cluster: LocalCluster, node: str) -> tuple[int, int, int]:
+    """(allocatable pods, pods that still fit, free CPU in millicores)."""
+    allocatable = json.loads(cluster.kubectl("get", "node", node, "-o", "json"))["status"]["allocatable"]
+    listed = cluster.kubectl("get", "pods", "-A", "--field-selector", f"spec.nodeName={node}", "-o", "json")
+    live = [p for p in json.loads(listed)["items"] if p["status"].get("phase") not in ("Succeeded", "Failed")]
+    requests = [c.get("resources", {}).get("requests", {}) for p in live for c in p["spec"]["containers"]]
+    free_cpu = milli_cpu(allocatable["cpu"]) - sum(milli_cpu(r.get("cpu", "0")) for r in requests)
+    return int(allocatable["pods"]), int(allocatable["pods"]) - len(live), free_cpu
 
 
 async def wait_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
@@ -113,12 +122,12 @@ async def create_and_wait_tasks(client: KubeClient, namespace: str, obj: JSON, n
 
 
 async def run(cluster: LocalCluster, image: str, node: str, replicas: int, runs: int) -> dict[str, object]:
-    allocatable, room = room_on_node(cluster, node)
-    n = min(replicas, room - 2)  # leave a little room for whatever else lands there
+    allocatable, room, free_cpu = room_on_node(cluster, node)
+    n = min(replicas, room - 2, free_cpu // SIDECAR_CPU_MILLI - 2)  # a little room for whatever else lands there
     namespace = f"bench-task-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     proc = ControllerProcess(
-        cluster, namespace, "--task-executor-image", image, "--concurrency", "32", "--log-level", "2"
+        cluster, namespace, "--task-executor-image", image, *SIDECAR_FLAGS, "--concurrency", "32", "--log-level", "2"
     ).start()
     client = KubeClient.from_config(str(cluster.kubeconfig))
     try:
@@ -139,7 +148,8 @@ async def run(cluster: LocalCluster, image: str, node: str, replicas: int, runs:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false")
     return {
         "replicas": n,
-        "node": {"name": node, "allocatable_pods": allocatable, "free_pods_before": room},
+        "node": {"name": node, "allocatable_pods": allocatable, "free_pods_before": room, "free_cpu_m": free_cpu},
+        "sidecar_requests": {"cpu": f"{SIDECAR_CPU_MILLI}m", "memory": "32Mi"},
         "create_to_all_ready": summary_ms(ready_s),
         "create_to_all_tasks_succeeded": summary_ms(done_s),
         "pool_fill_seconds": [round(s, 1) for s in warm_s],

@@ -138,8 +138,9 @@ class BatchSandboxReconciler:
         await self._scale_down(bs, spec, pods)
         tasks: dict[int, JSON] | None = None
         if spec.taskTemplate is not None:
-            problem = problem or self._task_executor_problem(spec, key)
-            ready = {i for i, p in pods.items() if sandbox_ready(spec, p)}
+            missing_executor = self._task_executor_problem(spec, key)
+            problem = problem or missing_executor
+            ready = set() if missing_executor else {i for i, p in pods.items() if sandbox_ready(spec, p)}
             tasks = self.tasks.sync(key, bs, spec.taskTemplate, pods, ready)
         if lost:
             set_condition(
@@ -389,6 +390,8 @@ class BatchSandboxReconciler:
             sandboxes.append(sandbox)
         old = bs.get("status") or {}
         if tasks is not None:
+            sandboxes = with_finished_tasks(sandboxes, old, tasks, spec.replicas)
+        if tasks is not None:
             finished, failed = tasks_finished(spec.replicas, tasks)
         else:
             finished = spec.replicas > 0 and len(pods) == spec.replicas and all(p.finished for p in pods.values())
@@ -462,6 +465,18 @@ def next_deadline(spec: BatchSandboxSpec, status: JSON, now: datetime) -> float 
     if finished_at and spec.ttlSecondsAfterFinished is not None:
         deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
     return max(0.0, (min(deadlines) - now).total_seconds()) if deadlines else None
+
+
+def with_finished_tasks(sandboxes: list[JSON], old: JSON, tasks: dict[int, JSON], replicas: int) -> list[JSON]:
+    """Sandboxes whose pod is gone keep their entry while their task's end is recorded there (a
+    finished task is not run again, and status must keep saying how it ended)."""
+    have = {s["index"] for s in sandboxes}
+    kept = [
+        {"index": s["index"], "podName": s["podName"], "ready": False, "task": tasks[s["index"]]}
+        for s in old.get("sandboxes") or []
+        if s["index"] not in have and s["index"] < replicas and (tasks.get(s["index"]) or {}).get("state") in TERMINAL
+    ]
+    return sorted(sandboxes + kept, key=lambda s: s["index"]) if kept else sandboxes
 
 
 def tasks_finished(replicas: int, tasks: dict[int, JSON]) -> tuple[bool, bool]:

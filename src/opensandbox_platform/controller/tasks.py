@@ -120,7 +120,7 @@ class TaskDispatcher:
         Returns each index's task status: reported by an executor, else as last written in status."""
         written = {s["index"]: s["task"] for s in (bs.get("status") or {}).get("sandboxes") or [] if s.get("task")}
         batch = self.batches.setdefault(key, BatchTasks())
-        tasks: dict[int, JSON] = {}
+        tasks: dict[int, JSON] = dict(written)  # also of sandboxes whose pod is gone
         for index, pod in pods.items():
             follower = batch.followers.get(index)
             if follower is not None and follower.pod_uid != pod.uid:
