@@ -31,8 +31,9 @@ format:  ## apply ruff's formatting and fixes
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .
 
-crds:  ## regenerate config/crds.yaml from the models in api/crds.py
+crds:  ## regenerate config/crds.yaml and the chart's copy from the models in api/crds.py
 	$(UV) run opensandbox-controller print-crds > config/crds.yaml
+	cp config/crds.yaml charts/opensandbox-controller/files/crds.yaml
 
 execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd (PyInstaller)
 	tools/setup.sh run
@@ -48,6 +49,21 @@ task-executor-binary:  ## build the self-contained task-executor: build/task-exe
 
 docker-build-task-executor: task-executor-binary  ## the task-executor image $(TASK_EXECUTOR_IMG) (podman)
 	podman build -f images/task-executor.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t $(TASK_EXECUTOR_IMG) .
+
+IMG ?= opensandbox/controller:dev
+SERVER_IMG ?= opensandbox/server:v0.1.0
+EXECD_IMG ?= opensandbox/execd:v1.0.5
+docker-build:  ## the controller image $(IMG): PyInstaller build FROM scratch (podman; tools/build-image.sh)
+	tools/setup.sh run
+	tools/build-image.sh controller $(IMG)
+
+docker-build-server:  ## the server image $(SERVER_IMG), built like the controller's
+	tools/setup.sh run
+	tools/build-image.sh server $(SERVER_IMG)
+
+docker-build-execd:  ## the execd image $(EXECD_IMG) (the chart's default execdImage)
+	tools/setup.sh run
+	tools/build-image.sh execd $(EXECD_IMG)
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster

@@ -87,7 +87,11 @@ earlier release) is left alone instead of failing the install over its ownership
 {{- define "osb.mayOwn" -}}
 {{- $obj := lookup .apiVersion .kind .namespace .name -}}
 {{- if not $obj -}}
+{{- /* Absent, or lookup is off (helm install --dry-run): then the API server's discovery, which
+a dry run does read, tells whether a CRD is there; rendering it would fail the ownership check. */ -}}
+{{- if not (and .served (.root.Capabilities.APIVersions.Has .served)) -}}
 true
+{{- end -}}
 {{- else -}}
 {{- $ann := default (dict) $obj.metadata.annotations -}}
 {{- if and (eq (get $ann "meta.helm.sh/release-name") .root.Release.Name) (eq (get $ann "meta.helm.sh/release-namespace") .root.Release.Namespace) -}}

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Builds the image of one program from a self-contained PyInstaller build, without any registry:
+#   tools/build-image.sh controller IMAGE     images/controller.Dockerfile (opensandbox-controller)
+#   tools/build-image.sh server IMAGE         images/server.Dockerfile (opensandbox-server)
+#   tools/build-image.sh execd IMAGE          images/execd.Dockerfile (tools/build-execd.sh)
+#
+# controller and server are built one-dir (build/<name>/opensandbox-<name>/: the executable beside
+# its libraries; nothing is unpacked at start, so a read-only root file system works) and copied
+# with the few system libraries they link (glibc's, resolved with ldd on this machine: the build
+# needs this glibc) into an image FROM scratch: no shell, no package manager, no Python.
+# execd's image is FROM localhost/opensandbox-test-base:latest (tools/test-image.sh), which its
+# init container needs for `cp`.
+# An unqualified IMAGE (opensandbox/controller:dev) is also tagged docker.io/IMAGE: that is the
+# name a kubelet looks for, so an image loaded into a node's runtime is found with pullPolicy Never.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+name=${1:?usage: tools/build-image.sh controller|server|execd IMAGE}
+image=${2:?usage: tools/build-image.sh controller|server|execd IMAGE}
+base=localhost/opensandbox-test-base:latest
+engine=${CONTAINER_ENGINE:-podman}
+log() { printf '[build-image] %s\n' "$*" >&2; }
+cd "$top"
+
+# Modules a program never imports that the environment would drag in.
+common_excludes=(tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite3 _sqlite3 curses readline
+  distutils setuptools pkg_resources opensandbox opensandbox_cli opensandbox_mcp docker pytest
+  mypy ruff PyInstaller cryptography OpenSSL cffi _cffi_backend)
+
+build_onedir() {  # name entry-module extra-pyinstaller-args...
+  local prog=$1 module=$2
+  shift 2
+  local out=$top/build/$prog
+  mkdir -p "$out/work"
+  printf 'from %s import main\n\nmain()\n' "$module" >"$out/work/${prog}_entry.py"
+  local args=()
+  for m in "${common_excludes[@]}"; do args+=(--exclude-module "$m"); done
+  log "pyinstaller --onedir opensandbox-$prog"
+  uv run --group dev pyinstaller --onedir --noconfirm --clean --log-level WARN \
+    --name "opensandbox-$prog" --contents-directory lib \
+    --distpath "$out" --workpath "$out/work/build" --specpath "$out/work" \
+    --paths "$top/src" --strip \
+    "${args[@]}" "$@" "$out/work/${prog}_entry.py"
+  log "built $out/opensandbox-$prog/ ($(du -sh "$out/opensandbox-$prog" | cut -f1))"
+}
+
+# The system libraries the bundle links that it does not carry (glibc's): their paths. The
+# bootloader links before it sets the library path (so it needs e.g. zlib from the system); the
+# bundled libraries resolve among themselves.
+system_libs() {
+  local dir=$1 exe=$2
+  {
+    ldd "$exe"
+    find "$dir" -type f \( -name '*.so*' -o -perm -u+x \) -print0 | LD_LIBRARY_PATH=$dir/lib xargs -0 ldd 2>/dev/null
+  } | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/lib64\// {print $1}' \
+    | grep -v "^$dir" | sort -u
+}
+
+stage_libs() {  # name: writes build/<name>/syslibs/ with the libraries, resolved, at their paths
+  local prog=$1 out=$top/build/$1
+  rm -rf "$out/syslibs" && mkdir -p "$out/syslibs"
+  while read -r lib; do
+    mkdir -p "$out/syslibs$(dirname "$lib")"
+    cp -L "$lib" "$out/syslibs$lib"
+  done < <(system_libs "$out/opensandbox-$prog" "$out/opensandbox-$prog/opensandbox-$prog")
+  log "system libraries: $(cd "$out/syslibs" && find . -type f | sort | tr '\n' ' ')"
+}
+
+case $name in
+  controller)
+    build_onedir controller opensandbox_platform.controller.main \
+      --exclude-module fastapi --exclude-module starlette --exclude-module uvicorn \
+      --exclude-module aiodocker --exclude-module websockets --exclude-module httptools \
+      --exclude-module uvloop
+    stage_libs controller
+    ;;
+  server)
+    build_onedir server opensandbox_platform.server.main \
+      --collect-submodules uvicorn --collect-submodules opensandbox_platform.server \
+      --hidden-import uvloop --hidden-import httptools
+    stage_libs server
+    ;;
+  execd)
+    "$top/tools/test-image.sh"  # the local base (no registry)
+    tools/build-execd.sh
+    ;;
+  *) log "unknown program $name (controller, server or execd)"; exit 2 ;;
+esac
+
+log "$engine build $image"
+build_args=()
+[[ $name != execd ]] || build_args=(--build-arg "BASE_IMAGE=$base")
+"$engine" build -q -f "images/$name.Dockerfile" "${build_args[@]}" -t "$image" . >/dev/null
+first=${image%%/*}
+if [[ $image == */* && $first != *.* && $first != *:* && $first != localhost ]]; then
+  "$engine" tag "$image" "docker.io/$image"
+fi
+log "built $image ($("$engine" image inspect --format '{{.Size}}' "$image" | awk '{printf "%.1f MB", $1/1e6}'))"
+if [[ $name != execd ]]; then  # the image starts: every library it needs is in it
+  "$engine" run --rm --read-only --network none "$image" --help >/dev/null \
+    || { log "$image does not start"; exit 1; }
+  log "$image starts (--help, read-only root)"
+fi
