@@ -275,3 +275,17 @@ def test_a_client_that_goes_away_leaves_no_half_made_sandbox(
         what="the timed-out create's BatchSandbox deleted",
     )
     assert json.loads(api.get("/sandboxes").text)["pagination"]["totalItems"] == 1
+
+
+def test_a_restarted_server_lists_the_sandboxes_it_made(
+    cluster: LocalCluster, namespace: str, controller: ControllerProcess, tmp_path: Path
+) -> None:
+    with kubernetes_server(tmp_path / "first", namespace, cluster.kubeconfig) as first:
+        created = httpx.post(f"{first.url}/v1/sandboxes", json=create_body(metadata={"keep": "me"}), timeout=30)
+        assert created.status_code == 202, created.text
+    with kubernetes_server(tmp_path / "second", namespace, cluster.kubeconfig) as second:
+        listed = httpx.get(f"{second.url}/v1/sandboxes", timeout=10).json()["items"]
+        assert [(s["id"], s["status"]["state"], s["metadata"]) for s in listed] == [
+            (created.json()["id"], "Running", {"keep": "me"})
+        ]
+        assert listed[0]["createdAt"] == created.json()["createdAt"]

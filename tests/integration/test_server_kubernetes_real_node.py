@@ -161,4 +161,19 @@ async def test_an_entrypoint_that_cannot_start_fails_the_create_and_leaves_nothi
             TEST_IMAGE, connection_config=sdk_config(server), resource=SMALL, entrypoint=["/no/such/program"]
         )
     assert failed.value.status_code == 400
+    assert failed.value.error.code == "SANDBOX::START_FAILED", failed.value.error
     assert list(kube.list(BatchSandbox, namespace=namespace)) == []
+
+
+async def test_the_server_proxy_reaches_execd_in_the_pod(
+    server: KubernetesServer, kube: Client, namespace: str, node: RealNode, pool: str
+) -> None:
+    proxied = ConnectionConfig(domain=server.domain, disable_metrics=True, use_server_proxy=True)
+    sb = await Sandbox.create(TEST_IMAGE, connection_config=proxied, resource=SMALL, extensions={"poolRef": pool})
+    try:
+        endpoint = await sb.get_endpoint(44772)
+        assert endpoint.endpoint == f"{server.domain}/v1/sandboxes/{sb.id}/proxy/44772"
+        assert await stdout_of(sb, "echo through-the-proxy") == "through-the-proxy"
+    finally:
+        await sb.kill()
+        await sb.close()

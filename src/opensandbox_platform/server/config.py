@@ -46,7 +46,8 @@ class RuntimeSection(Section):
         " Docker Engine API) or kubernetes (BatchSandbox resources served by the controller)",
     )
     execd_image: str = Field(
-        default="opensandbox/execd:dev", description="execd image (docker and kubernetes runtimes)"
+        default="opensandbox/execd:dev",
+        description="execd image of the docker runtime (kubernetes: the controller's --execd-image injects execd)",
     )
 
 
