@@ -22,7 +22,7 @@ from lightkube.resources.core_v1 import Pod
 from opensandbox_platform.api import labels
 from tests.conftest import TEST_IMAGE
 from tests.support.controller import ControllerProcess
-from tests.support.kube import BatchSandbox, eventually, status
+from tests.support.kube import BatchSandbox, Pool, eventually, seed_pool, status
 from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, RealNodeUnavailable, real_node
 from tests.support.services import ROOT, LocalCluster
 from tests.support.task_executor import TASK_EXECUTOR_IMAGE, load_task_executor_image
@@ -226,3 +226,36 @@ def test_a_controller_restart_neither_reruns_nor_loses_tasks(
     for i in range(2):
         runs = cluster.kubectl("exec", "-n", namespace, f"steady-{i}", "-c", "sandbox", "--", "cat", "/tmp/runs")
         assert runs == "run\n", f"task {i} ran once"
+
+
+# --- without the real node (kwok pods) -----------------------------------------------------------
+def ready_condition(kube: Client, name: str, namespace: str) -> dict[str, Any]:
+    conditions = bs_status(kube, name, namespace).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Ready"), {})
+
+
+def test_tasks_need_a_pool_with_the_sidecar_and_an_executor_image(
+    cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
+) -> None:
+    # The `controller` fixture has no --task-executor-image.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool("plain", 1, 2, 4))
+    task = '    command: ["true"]'
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("pooled", 1, task, pool_name="plain"))
+    eventually(lambda: ready_condition(kube, "pooled", namespace).get("reason") == "TaskExecutorMissing")
+    assert bs_status(kube, "pooled", namespace)["tasks"] == {"pending": 1, "running": 0, "succeeded": 0, "failed": 0}
+
+    direct = batch("direct", 1, task).replace(SANDBOX_SPEC, "\n      image: ubuntu:latest\n")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=direct)
+    eventually(lambda: "--task-executor-image" in ready_condition(kube, "direct", namespace).get("message", ""))
+
+    # A Pool that enables the sidecar without any image says so too.
+    enabled = seed_pool("sidecar", 1, 2, 4).replace(
+        "  sandboxTemplate:", "  taskExecutor: {enabled: true}\n  sandboxTemplate:"
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=enabled)
+
+    def pool_reason() -> str:
+        conditions = status(kube.get(Pool, "sidecar", namespace=namespace)).get("conditions") or []
+        return next((c["message"] for c in conditions if c["reason"] == "FailedCreate"), "")
+
+    assert "--task-executor-image" in eventually(pool_reason, what="FailedCreate on the Pool")
