@@ -44,7 +44,8 @@ def test_names_columns_and_status_subresource() -> None:
         assert version["subresources"] == {"status": {}}
         assert crd["metadata"]["name"] in ("pools.sandbox.opensandbox.io", "batchsandboxes.sandbox.opensandbox.io")
     printed = crds["BatchSandbox"]["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in printed if not c.get("priority")] == ["DESIRED", "READY", "POOL", "PHASE", "EXPIRE", "AGE"]
+    default = ["DESIRED", "READY", "POOL", "PHASE", "EXPIRE", "AGE"]
+    assert [c["name"] for c in printed if not c.get("priority")] == default
     assert [c["name"] for c in printed if c.get("priority")] == ["TASKS-SUCCEEDED", "TASKS-FAILED"]  # -o wide
     columns = [c["name"] for c in crds["Pool"]["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert columns == ["MIN", "MAX", "CAPACITY", "TOTAL", "AVAILABLE", "ALLOCATED", "AGE"]
