@@ -41,11 +41,6 @@ EXECD_BOOTSTRAP: Final = EXECD_MOUNT + "/bootstrap.sh"
 EXECD_VOLUME: Final = "opensandbox-execd"
 EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main process with an env (pooled mode)
 
-# Docker runtime: labels of sandbox containers. Upstream's `opensandbox.io/` names; user metadata
-# cannot use that prefix, so nothing a user sets collides with them. Metadata and extensions get
-# their own prefixes (a container also carries its image's labels). See docs/docker-runtime.md.
-DOCKER_PREFIX: Final = "opensandbox.io/"
-DOCKER_ID: Final = DOCKER_PREFIX + "id"  # the sandbox id; every container the runtime lists has it
 # task-executor injection: a sidecar container sharing the pod's PID namespace; it finds the main
 # container's processes by this env var (value: the container's name) and runs tasks inside it.
 TASK_EXECUTOR_CONTAINER: Final = "task-executor"
@@ -53,6 +48,11 @@ TASK_TARGET_ENV: Final = "OPENSANDBOX_MAIN_CONTAINER"
 TASK_DATA_VOLUME: Final = "opensandbox-tasks"
 TASK_DATA_DIR: Final = "/var/lib/opensandbox-tasks"  # in the sidecar: an emptyDir, so state survives its restarts
 
+# Docker runtime: labels of sandbox containers. Upstream's `opensandbox.io/` names; user metadata
+# cannot use that prefix, so nothing a user sets collides with them. Metadata and extensions get
+# their own prefixes (a container also carries its image's labels). See docs/docker-runtime.md.
+DOCKER_PREFIX: Final = "opensandbox.io/"
+DOCKER_ID: Final = DOCKER_PREFIX + "id"  # the sandbox id; every container the runtime lists has it
 DOCKER_IMAGE: Final = DOCKER_PREFIX + "image"  # image.uri as requested
 DOCKER_ENTRYPOINT: Final = DOCKER_PREFIX + "entrypoint"  # the user's entrypoint (JSON list)
 DOCKER_CREATED_AT: Final = DOCKER_PREFIX + "created-at"  # RFC 3339, microseconds
