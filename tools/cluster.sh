@@ -90,6 +90,7 @@ real_node() { [[ $REAL_NODE == 1 ]]; }
 up() {
   if status; then
     log "already up"
+    fence_fake_addresses
     if real_node; then "$top/tools/node.sh" up || die "the real node (OSB_REAL_NODE=1) did not start; see $state/logs/kubelet.log and containerd.log"; fi
     return
   fi
@@ -153,6 +154,7 @@ up() {
     --cidr 10.244.0.0/16 --node-ip 10.244.255.254 --node-lease-duration-seconds 40 \
     --server-address 127.0.0.1:10247
 
+  fence_fake_addresses
   add_kwok_nodes
   # Pods need the namespace's default ServiceAccount, which the controller-manager creates.
   wait_for "default ServiceAccount" 60 kubectl get serviceaccount default -n default
@@ -201,6 +203,20 @@ export PATH=$bin:\$PATH
 ENV
 }
 
+# kwok pod IPs and service IPs exist only in the API server. Routing them to `unreachable` makes
+# any connection to one fail at once on this host, instead of leaving through the default gateway
+# (tests may only ever reach loopback and what they created). DNAT of pod traffic to the API
+# server's service IP happens before routing, so the real node's pods are unaffected.
+FENCED_CIDRS=(10.244.0.0/16 "$SERVICE_CIDR")
+fence_fake_addresses() {
+  local cidr
+  for cidr in "${FENCED_CIDRS[@]}"; do ip route replace unreachable "$cidr" || die "cannot fence $cidr"; done
+}
+unfence_fake_addresses() {
+  local cidr
+  for cidr in "${FENCED_CIDRS[@]}"; do ip route del unreachable "$cidr" 2>/dev/null || true; done
+}
+
 down_processes() {
   local f pid names=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
   for name in "${names[@]}"; do
@@ -218,6 +234,7 @@ down() {
   # The real node first: its pods' mounts live below $state, which is removed afterwards.
   "$top/tools/node.sh" down || die "tools/node.sh down failed: $state is kept (it may hold mounts)"
   down_processes
+  unfence_fake_addresses
   rm -rf "$state"
   log "down"
 }

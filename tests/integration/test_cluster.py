@@ -141,3 +141,12 @@ def test_service_account_token_authenticates_and_rbac_denies(
     eventually(lambda: api.get(pods_url).status_code == 200, timeout=10, what="RBAC grant")
     assert api.get(f"/api/v1/namespaces/{namespace}/secrets").status_code == 403
     assert api.delete(f"{pods_url}/anything").status_code == 403
+
+
+@pytest.mark.parametrize("address", ["10.244.0.7", "10.96.0.10"])
+def test_fake_pod_and_service_addresses_never_leave_the_host(cluster: LocalCluster, address: str) -> None:
+    """kwok pod IPs and service IPs are fenced: a connection fails at once instead of going out."""
+    started = time.monotonic()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{address}:44772/ping", timeout=5)
+    assert time.monotonic() - started < 1
