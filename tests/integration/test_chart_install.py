@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -81,7 +82,8 @@ def release(cluster: LocalCluster, namespace: str) -> Iterator[str]:
 
 def install(cluster: LocalCluster, release: str, namespace: str, *args: str) -> str:
     """helm install into the test's namespace (namespaceOverride set to it), then wait for Available."""
-    out = helm(cluster, "install", release, str(CHART), "-n", namespace, "--set", f"namespaceOverride={namespace}", *args)
+    ns_args = ["-n", namespace, "--set", f"namespaceOverride={namespace}"]
+    out = helm(cluster, "install", release, str(CHART), *ns_args, *args)
     wait_available(cluster, namespace, release)
     return out
 
@@ -123,14 +125,12 @@ def test_crds_installed_by_a_release_are_upgraded_and_kept(cluster: LocalCluster
     )
     rendered = "CustomResourceDefinition" in helm(cluster, "get", "manifest", release, "-n", namespace)
     assert rendered == (owner == release)  # only an absent or own CRD is rendered
-    policy = cluster.kubectl(
-        "get", "crd", CRDS[0], "-o", "jsonpath={.metadata.annotations.helm\\.sh/resource-policy}"
-    )
+    policy = cluster.kubectl("get", "crd", CRDS[0], "-o", "jsonpath={.metadata.annotations.helm\\.sh/resource-policy}")
     if owner:
         assert policy == "keep"
 
 
-SEED_EXAMPLES = {
+SEED_EXAMPLES: dict[str, tuple[list[str], dict[str, Any]]] = {
     "custom-image": (
         ["--set", "controllerManager.image.repository=myregistry.com/sandbox-controller",
          "--set", "controllerManager.image.tag=latest"],
@@ -186,8 +186,9 @@ def test_readme_install_examples(cluster: LocalCluster, namespace: str, release:
     install(cluster, release, namespace, *args)
     controller = f"{release}-controller-manager"
 
-    def get(kind: str, name: str) -> dict:  # type: ignore[type-arg]
-        return yaml.safe_load(cluster.kubectl("get", kind, name, "-n", namespace, "-o", "yaml"))
+    def get(kind: str, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = yaml.safe_load(cluster.kubectl("get", kind, name, "-n", namespace, "-o", "yaml"))
+        return obj
 
     if "controller_image" in expect:
         pod = get("deployment", controller)["spec"]["template"]["spec"]
@@ -223,23 +224,21 @@ def test_service_accounts_and_roles_may_do_what_they_need_and_no_more(
     sa = f"system:serviceaccount:{namespace}"
     controller, server = f"{sa}:{release}-controller-manager", f"{sa}:{release}-server"
     elsewhere = "default"
+    bs, pool = "batchsandboxes.sandbox.opensandbox.io", "pools.sandbox.opensandbox.io"
     may = [
         (controller, "create", "pods"), (controller, "patch", "pods"), (controller, "delete", "pods"),
         (controller, "watch", "pods"), (controller, "create", "events"),
-        (controller, "list", "pools.sandbox.opensandbox.io"), (controller, "watch", "batchsandboxes.sandbox.opensandbox.io"),
-        (controller, "patch", "pools.sandbox.opensandbox.io/status"),
-        (controller, "patch", "batchsandboxes.sandbox.opensandbox.io/status"),
-        (controller, "delete", "batchsandboxes.sandbox.opensandbox.io"),
-        (controller, "update", "leases.coordination.k8s.io"),
-        (server, "create", "batchsandboxes.sandbox.opensandbox.io"), (server, "patch", "batchsandboxes.sandbox.opensandbox.io"),
-        (server, "delete", "batchsandboxes.sandbox.opensandbox.io"), (server, "watch", "pools.sandbox.opensandbox.io"),
+        (controller, "list", pool), (controller, "watch", bs),
+        (controller, "patch", f"{pool}/status"), (controller, "patch", f"{bs}/status"),
+        (controller, "delete", bs), (controller, "update", "leases.coordination.k8s.io"),
+        (server, "create", bs), (server, "patch", bs), (server, "delete", bs), (server, "watch", pool),
     ]  # fmt: skip
     may_not = [
         (controller, "get", "secrets"), (controller, "update", "pods"), (controller, "create", "pods/exec"),
-        (controller, "create", "pools.sandbox.opensandbox.io"), (controller, "patch", "pools.sandbox.opensandbox.io"),
-        (controller, "create", "batchsandboxes.sandbox.opensandbox.io"), (controller, "delete", "nodes"),
-        (server, "create", "pools.sandbox.opensandbox.io"), (server, "list", "pods"), (server, "get", "secrets"),
-        (server, "update", "batchsandboxes.sandbox.opensandbox.io/status"),
+        (controller, "create", pool), (controller, "patch", pool),
+        (controller, "create", bs), (controller, "delete", "nodes"),
+        (server, "create", pool), (server, "list", "pods"), (server, "get", "secrets"),
+        (server, "update", f"{bs}/status"),
     ]  # fmt: skip
     for who, verb, resource in may:
         assert can_i(cluster, verb, resource, who, namespace), f"{who} may not {verb} {resource}"
@@ -247,7 +246,7 @@ def test_service_accounts_and_roles_may_do_what_they_need_and_no_more(
         assert not can_i(cluster, verb, resource, who, namespace), f"{who} may {verb} {resource}"
     # Only in its namespace; cluster-wide only the reviews that authenticate metrics scrapers.
     assert not can_i(cluster, "create", "pods", controller, elsewhere)
-    assert not can_i(cluster, "list", "batchsandboxes.sandbox.opensandbox.io", server, elsewhere)
+    assert not can_i(cluster, "list", bs, server, elsewhere)
     assert can_i(cluster, "create", "tokenreviews.authentication.k8s.io", controller)
     assert can_i(cluster, "create", "subjectaccessreviews.authorization.k8s.io", controller)
     assert not can_i(cluster, "get", "/metrics", controller)
@@ -256,8 +255,8 @@ def test_service_accounts_and_roles_may_do_what_they_need_and_no_more(
     prefix = f"sandbox-k8s-{release}"
     for user, role in [("alice", "batchsandbox-editor-role"), ("bob", "batchsandbox-viewer-role"),
                        ("carol", "pool-editor-role"), ("dave", "pool-viewer-role")]:  # fmt: skip
-        cluster.kubectl("create", "rolebinding", user, "-n", namespace, f"--clusterrole={prefix}-{role}", f"--user={user}")
-    bs, pool = "batchsandboxes.sandbox.opensandbox.io", "pools.sandbox.opensandbox.io"
+        role_ref = f"--clusterrole={prefix}-{role}"
+        cluster.kubectl("create", "rolebinding", user, "-n", namespace, role_ref, f"--user={user}")
     assert can_i(cluster, "create", bs, "alice", namespace) and can_i(cluster, "delete", bs, "alice", namespace)
     assert not can_i(cluster, "create", pool, "alice", namespace)
     assert not can_i(cluster, "create", bs, "alice", elsewhere)
@@ -338,7 +337,8 @@ def test_readme_commands_as_written(cluster: LocalCluster, readme_namespace: str
         cluster, "kubectl get clusterrolebinding | grep sandbox-k8s"
     )
     shell(cluster, "helm lint ./opensandbox-controller", cwd=charts)
-    assert "kind: Deployment" in shell(cluster, "helm template opensandbox-controller ./opensandbox-controller", cwd=charts)
+    rendered = shell(cluster, "helm template opensandbox-controller ./opensandbox-controller", cwd=charts)
+    assert "kind: Deployment" in rendered
     shell(
         cluster,
         "helm upgrade opensandbox-controller ./opensandbox-controller --set controllerManager.image.tag=v1.1.0",

@@ -122,12 +122,12 @@ sa=system:serviceaccount:$namespace:$release-controller-manager
 [[ $(kubectl auth can-i create pods -n "$namespace" --as="$sa") == yes ]] || die "the controller may not create pods"
 [[ $(kubectl auth can-i get secrets -n "$namespace" --as="$sa" || true) == no ]] || die "the controller may read secrets"
 ok "controller RBAC: may create pods, may not read secrets"
-kubectl get clusterrole -o name | grep -q "sandbox-k8s-$release-manager-role" || die "no manager ClusterRole"
+kubectl get clusterrole -o name | grep "sandbox-k8s-$release-manager-role" >/dev/null || die "no manager ClusterRole"
 ok "ClusterRoles sandbox-k8s-$release-*"
 
 if [[ $server == true ]]; then
   port=$(kubectl get svc -n "$namespace" "$release-server" -o 'jsonpath={.spec.ports[0].port}')
-  health() { kubectl get --raw "/api/v1/namespaces/$namespace/services/http:$release-server:$port/proxy/health" | grep -q healthy; }
+  health() { kubectl get --raw "/api/v1/namespaces/$namespace/services/http:$release-server:$port/proxy/health" | grep healthy >/dev/null; }
   wait_for "server /health answers through Service $release-server" health
 fi
 

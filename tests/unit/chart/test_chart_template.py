@@ -13,6 +13,7 @@ import subprocess
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -145,7 +146,9 @@ CASES: dict[str, Case] = {
     **{
         f"taskExecutor.resources.{kind}.{name}": Case(
             {f"taskExecutor.resources.{kind}.{name}": value},
-            lambda d, flag_name=f"--task-executor-{name}-{kind.rstrip('s')}": flag(controller(d), flag_name),
+            partial(
+                lambda d, flag_name: flag(controller(d), flag_name), flag_name=f"--task-executor-{name}-{kind[:-1]}"
+            ),
             value,
         )
         for kind, name, value in [
@@ -192,9 +195,7 @@ CASES: dict[str, Case] = {
     "server.config.server.logLevel": Case(
         {"server.config.server.logLevel": "DEBUG"}, lambda d: toml(d)["server"]["logLevel"], "DEBUG"
     ),
-    "server.config.server.apiKey": Case(
-        {"server.config.server.apiKey": "s3cret"}, api_key, ("s3cret", True, False)
-    ),
+    "server.config.server.apiKey": Case({"server.config.server.apiKey": "s3cret"}, api_key, ("s3cret", True, False)),
     "server.config.runtime.type": Case(
         {"server.config.runtime.type": "docker"}, lambda d: toml(d)["runtime"]["type"], "docker"
     ),
@@ -291,7 +292,7 @@ CASES: dict[str, Case] = {
     **{
         f"extraRoles.{key}.enabled": Case(
             {f"extraRoles.{key}.enabled": "false"},
-            lambda d, role=role: f"{CLUSTER}-{role}" in names(d, "ClusterRole"),
+            partial(lambda d, role: f"{CLUSTER}-{role}" in names(d, "ClusterRole"), role=role),
             False,
         )
         for key, role in [
