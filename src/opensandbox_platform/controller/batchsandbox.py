@@ -207,7 +207,9 @@ class BatchSandboxReconciler:
             settings = self.shared.settings
             if not settings.task_executor_image:
                 return "FailedCreate", "taskTemplate needs the controller's --task-executor-image"
-            sidecar = TaskExecutorSidecar(settings.task_executor_image, settings.task_executor_resources())
+            sidecar = TaskExecutorSidecar(
+                settings.task_executor_image, settings.task_executor_resources(), settings.task_executor_pull_policy
+            )
 
         async def one(index: int) -> str | None:
             pod = build_pod(

@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "(default: %(default)s)",
         )
     parser.add_argument(
+        "--task-executor-image-pull-policy",
+        choices=["Always", "IfNotPresent", "Never"],
+        default=defaults.task_executor_pull_policy,
+        help="imagePullPolicy of the task-executor sidecar (default: %(default)s)",
+    )
+    parser.add_argument(
         "--pod-ready-deadline",
         type=float,
         default=300.0,
@@ -111,6 +117,7 @@ async def run(args: argparse.Namespace) -> None:
         task_executor_memory_request=args.task_executor_memory_request,
         task_executor_cpu_limit=args.task_executor_cpu_limit,
         task_executor_memory_limit=args.task_executor_memory_limit,
+        task_executor_pull_policy=args.task_executor_image_pull_policy,
         pod_ready_deadline=args.pod_ready_deadline,
     )
     manager = Manager(

@@ -116,10 +116,11 @@ def pool_revision(spec: PoolSpec) -> str:
 
 @dataclass(frozen=True, slots=True)
 class TaskExecutorSidecar:
-    """What the injected task-executor container needs: its image and resources."""
+    """What the injected task-executor container needs: its image, resources and pull policy."""
 
     image: str
     resources: JSON
+    pull_policy: str = "IfNotPresent"
 
 
 def owner_reference(obj: JSON) -> JSON:
@@ -164,7 +165,7 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
         {
             "name": labels.TASK_EXECUTOR_CONTAINER,
             "image": sidecar.image,
-            "imagePullPolicy": "IfNotPresent",
+            "imagePullPolicy": sidecar.pull_policy,
             "args": ["--main-container", main["name"], "--data-dir", labels.TASK_DATA_DIR, "--port", str(port)],
             "ports": [{"name": "task-executor", "containerPort": port}],
             "resources": sidecar.resources,

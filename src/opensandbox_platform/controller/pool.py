@@ -198,7 +198,12 @@ class PoolReconciler:
         namespace = pool["metadata"]["namespace"]
         settings = self.shared.settings
         try:
-            sidecar = pool_sidecar(spec, settings.task_executor_image, settings.task_executor_resources())
+            sidecar = pool_sidecar(
+                spec,
+                settings.task_executor_image,
+                settings.task_executor_resources(),
+                settings.task_executor_pull_policy,
+            )
         except ValueError as err:
             self.shared.events.record(pool, "Warning", "FailedCreate", str(err))
             return str(err)

@@ -91,6 +91,7 @@ class Settings:
     task_executor_memory_request: str = "128Mi"
     task_executor_cpu_limit: str = "500m"
     task_executor_memory_limit: str = "256Mi"
+    task_executor_pull_policy: str = "IfNotPresent"  # the chart's taskExecutor.image.pullPolicy
     pod_ready_deadline: float = 300.0
     claim_concurrency: int = 16  # claim writes in flight per BatchSandbox (more only queue in the API server)
 

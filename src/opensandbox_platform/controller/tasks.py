@@ -53,7 +53,9 @@ def task_status(task: JSON) -> JSON:
     return {k: task[k] for k in STATUS_FIELDS if task.get(k) is not None}
 
 
-def pool_sidecar(spec: PoolSpec, default_image: str | None, default_resources: JSON) -> TaskExecutorSidecar | None:
+def pool_sidecar(
+    spec: PoolSpec, default_image: str | None, default_resources: JSON, pull_policy: str = "IfNotPresent"
+) -> TaskExecutorSidecar | None:
     """The sidecar for a Pool's pods; ValueError when it is enabled but no image is known."""
     executor = spec.taskExecutor
     if executor is None or not executor.enabled:
@@ -62,7 +64,7 @@ def pool_sidecar(spec: PoolSpec, default_image: str | None, default_resources: J
     if not image:
         raise ValueError("taskExecutor.enabled needs taskExecutor.image or the controller's --task-executor-image")
     resources = executor.resources.model_dump(mode="json") if executor.resources else default_resources
-    return TaskExecutorSidecar(image, resources)
+    return TaskExecutorSidecar(image, resources, pull_policy)
 
 
 def count(tasks: dict[int, JSON], replicas: int) -> JSON:

@@ -143,6 +143,11 @@ CASES: dict[str, Case] = {
         lambda d: flag(controller(d), "--task-executor-image"),
         "opensandbox/task-executor:v1.0.0",
     ),
+    "taskExecutor.image.pullPolicy": Case(
+        {"taskExecutor.image.pullPolicy": "IfNotPresent"},
+        lambda d: flag(controller(d), "--task-executor-image-pull-policy"),
+        "IfNotPresent",
+    ),
     **{
         f"taskExecutor.resources.{kind}.{name}": Case(
             {f"taskExecutor.resources.{kind}.{name}": value},
