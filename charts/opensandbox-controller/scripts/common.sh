@@ -36,6 +36,13 @@ ask() {
   printf -v "$__var" '%s' "${answer:-$default}"
 }
 
+# confirm_yes "question": true unless n/no.
+confirm_yes() {
+  local answer
+  read -r -p "$1 [Y/n]: " answer </dev/tty || true
+  [[ $answer != n && $answer != N && $answer != no ]]
+}
+
 # confirm "question": true on y/yes.
 confirm() {
   local answer

@@ -88,7 +88,7 @@ if [[ $yes == false ]]; then
   ask task_executor_image "Task-executor image" "$task_executor_image"
   ask execd_image "execd image (injected into every sandbox)" "$execd_image"
   ask pull_policy "Image pull policy (Always, IfNotPresent, Never)" "$pull_policy"
-  if confirm "Deploy the server (needed by the SDK)?"; then server=true; else server=false; fi
+  if confirm_yes "Deploy the server (needed by the SDK)?"; then server=true; else server=false; fi
   if [[ $server == true ]]; then
     ask server_image "Server image" "$server_image"
     ask service_type "Server Service type (ClusterIP, NodePort, LoadBalancer)" "$service_type"
@@ -97,7 +97,7 @@ if [[ $yes == false ]]; then
   fi
   ask replicas "Controller replicas" "$replicas"
   if confirm "Create a ServiceMonitor (needs the Prometheus Operator)?"; then service_monitor=true; fi
-  if ! confirm "Install or upgrade the CRDs (recommended)?"; then crds=false; fi
+  if ! confirm_yes "Install or upgrade the CRDs (recommended)?"; then crds=false; fi
 fi
 
 case $pull_policy in Always | IfNotPresent | Never) ;; *) die "pull policy: Always, IfNotPresent or Never" ;; esac

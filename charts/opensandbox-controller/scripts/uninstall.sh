@@ -52,6 +52,10 @@ run() {
   fi
 }
 
+done_() {  # what was done (nothing in a dry run)
+  [[ $dry_run == true ]] || ok "$@"
+}
+
 sure() {  # question: yes with -y, else ask (no terminal: no)
   [[ $yes == true ]] && return 0
   [[ -t 0 ]] || die "$1 -- refusing without a terminal; pass -y"
@@ -72,7 +76,7 @@ fi
 if helm status "$release" -n "$namespace" >/dev/null 2>&1; then
   sure "Uninstall release $release from namespace $namespace?" || die "nothing done"
   run helm uninstall "$release" -n "$namespace" --wait
-  ok "release $release uninstalled (CRDs and namespace kept)"
+  done_ "release $release uninstalled (CRDs and namespace kept)"
 else
   warn "no release $release in namespace $namespace"
 fi
@@ -80,7 +84,7 @@ fi
 if [[ $delete_resources == true && $crds_served == true ]]; then
   sure "Delete every Pool and BatchSandbox in namespace $namespace?" && {
     run kubectl delete batchsandboxes.sandbox.opensandbox.io,pools.sandbox.opensandbox.io --all -n "$namespace" --wait
-    ok "Pools and BatchSandboxes of $namespace deleted"
+    done_ "Pools and BatchSandboxes of $namespace deleted"
   }
 fi
 
@@ -88,7 +92,7 @@ if [[ $delete_namespace == true ]]; then
   if kubectl get namespace "$namespace" >/dev/null 2>&1; then
     sure "Delete namespace $namespace and everything in it?" && {
       run kubectl delete namespace "$namespace" --wait
-      ok "namespace $namespace deleted"
+      done_ "namespace $namespace deleted"
     }
   fi
 fi
@@ -98,7 +102,7 @@ if [[ $delete_crds == true && $crds_served == true ]]; then
   warn "deleting the CRDs deletes all $total Pool(s) and BatchSandbox(es) in the cluster, in every namespace"
   sure "Delete the CRDs pools.sandbox.opensandbox.io and batchsandboxes.sandbox.opensandbox.io?" && {
     run kubectl delete crd batchsandboxes.sandbox.opensandbox.io pools.sandbox.opensandbox.io --wait
-    ok "CRDs deleted"
+    done_ "CRDs deleted"
   }
 elif [[ $crds_served == true ]]; then
   info "CRDs kept (scripts/uninstall.sh --delete-crds removes them)"
