@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from opensandbox import Sandbox
@@ -29,6 +30,7 @@ from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 
 from tests.conftest import TEST_IMAGE
+from tests.support.ports import free_port
 from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, RealNodeUnavailable
 from tests.support.real_node import real_node as start_real_node
 from tests.support.services import ROOT, TOOLS, LocalCluster
@@ -158,6 +160,30 @@ async def sandbox_of(**kwargs: Any) -> Any:
         await sandbox.close()
 
 
+@contextlib.contextmanager
+def port_forward(cluster: LocalCluster, namespace: str, target: str, port: int) -> Iterator[int]:
+    """`kubectl port-forward` to a local port; yields it once it accepts connections."""
+    local = free_port()
+    proc = subprocess.Popen(
+        [str(cluster.bin_dir / "kubectl"), "port-forward", "-n", namespace, target, f"{local}:{port}"],
+        env=cluster.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local), timeout=1):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "kubectl port-forward did not listen"
+            time.sleep(0.1)
+        yield local
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def wait_pool_available(cluster: LocalCluster, namespace: str, pool: str, count: int) -> None:
     deadline = time.monotonic() + 120
     while True:
@@ -213,6 +239,19 @@ async def test_sdk_through_the_chart_installed_server(cluster: LocalCluster, nam
         finally:
             await via_proxy.close()
     assert cluster.kubectl("get", "bsbx", "-n", namespace, "-o", "name").strip() == ""  # kill deleted them
+
+    # The README's way from a laptop: kubectl port-forward to the Service, the SDK through the server proxy.
+    with port_forward(cluster, namespace, f"svc/{installed}-server", 8080) as local:
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"http://127.0.0.1:{local}/health")).json() == {"status": "healthy"}
+        forwarded = ConnectionConfig(domain=f"127.0.0.1:{local}", disable_metrics=True, use_server_proxy=True)
+        async with sandbox_of(
+            image="ignored:latest",
+            entrypoint=["sleep", "infinity"],
+            connection_config=forwarded,
+            extensions={"poolRef": "agent-pool"},
+        ) as through_forward:
+            assert await stdout_of(through_forward, "echo forwarded") == "forwarded"
 
     # The README's log command shows the controller's JSON log lines.
     logs = cluster.kubectl("logs", "-n", namespace, "-l", "control-plane=controller-manager", "--tail=-1")
