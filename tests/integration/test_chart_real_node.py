@@ -19,15 +19,17 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from opensandbox import Sandbox
+from opensandbox import Sandbox, SandboxManager
 from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
+from opensandbox.models import SandboxFilter
 
 from tests.conftest import TEST_IMAGE
 from tests.support.ports import free_port
@@ -233,6 +235,14 @@ async def test_sdk_through_the_chart_installed_server(cluster: LocalCluster, nam
     # Direct: a pod for the sandbox, on the real node through defaultPodSpec; also through the proxy.
     async with sandbox_of(image=TEST_IMAGE, resource=SMALL, connection_config=config) as direct:
         assert await stdout_of(direct, "echo direct") == "direct"
+        # examples/README.md: list, reconnect, renew.
+        manager = await SandboxManager.create(connection_config=config)
+        try:
+            page = await manager.list_sandbox_infos(SandboxFilter(states=["Running"]))
+            assert direct.id in [info.id for info in page.sandbox_infos]
+        finally:
+            await manager.close()
+        await direct.renew(timedelta(minutes=30))
         via_proxy = await Sandbox.connect(direct.id, connection_config=proxied)
         try:
             assert await stdout_of(via_proxy, "echo proxied") == "proxied"
