@@ -55,7 +55,9 @@ MEMORY_BUDGET = 100 * 2**20  # the chart's limit is 128Mi: keep headroom
 
 
 def newest_source() -> float:
-    return max(p.stat().st_mtime for root in SOURCES for p in ([root] if root.is_file() else root.rglob("*")))
+    """The newest input of the images (not __pycache__, which every test run rewrites)."""
+    files = [p for root in SOURCES for p in ([root] if root.is_file() else root.rglob("*"))]
+    return max(p.stat().st_mtime for p in files if p.is_file() and "__pycache__" not in p.parts)
 
 
 def image_created(image: str) -> float | None:
