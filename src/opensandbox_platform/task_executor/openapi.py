@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opensandbox_platform.task_executor.tasks import ID_PATTERN, REASONS, STATES
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _TASK = {"$ref": "#/components/schemas/Task"}
 
@@ -128,7 +130,7 @@ SPEC: dict[str, Any] = {
                 "required": ["id", "command"],
                 "additionalProperties": False,
                 "properties": {
-                    "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"},
+                    "id": {"type": "string", "pattern": ID_PATTERN.pattern},
                     "command": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                     "args": {"type": "array", "items": {"type": "string"}},
                     "env": {"type": "array", "items": {"$ref": "#/components/schemas/EnvVar"}},
@@ -142,19 +144,9 @@ SPEC: dict[str, Any] = {
                     {
                         "type": "object",
                         "properties": {
-                            "state": {"enum": ["pending", "running", "succeeded", "failed"]},
+                            "state": {"enum": list(STATES)},
                             "exitCode": {"type": ["integer", "null"], "description": "128+N when killed by signal N"},
-                            "reason": {
-                                "enum": [
-                                    None,
-                                    "Completed",
-                                    "Error",
-                                    "Timeout",
-                                    "Cancelled",
-                                    "StartFailed",
-                                    "Interrupted",
-                                ]
-                            },
+                            "reason": {"enum": [None, *REASONS]},
                             "message": {"type": ["string", "null"]},
                             "createdAt": {"type": "string", "format": "date-time"},
                             "startedAt": {"type": ["string", "null"], "format": "date-time"},

@@ -12,21 +12,16 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from opensandbox_platform.execd.errors import ApiError, bad_request
 
 State = Literal["pending", "running", "succeeded", "failed"]
+STATES: tuple[str, ...] = get_args(State)
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
 # Why a task ended: its exit (Completed, Error), or what ended it.
-COMPLETED, ERROR, TIMEOUT, CANCELLED, START_FAILED, INTERRUPTED = (
-    "Completed",
-    "Error",
-    "Timeout",
-    "Cancelled",
-    "StartFailed",
-    "Interrupted",
-)
+REASONS = ("Completed", "Error", "Timeout", "Cancelled", "StartFailed", "Interrupted")
+COMPLETED, ERROR, TIMEOUT, CANCELLED, START_FAILED, INTERRUPTED = REASONS
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 MAX_ARGV = 4096
 MAX_ENV = 1024
