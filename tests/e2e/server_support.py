@@ -15,17 +15,15 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.support.ports import free_port
+from tests.support.server_process import ServerSubprocess
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER_SOCKET = REPO / ".podman" / "docker.sock"
@@ -108,14 +106,11 @@ FLAVORS = {
 
 
 @dataclass
-class ServerProcess:
-    workdir: Path
+class ServerProcess(ServerSubprocess):
     api_key: str = ""
-    port: int = field(default_factory=free_port)
     extra_config: str = ""  # appended to the runtime's own section
     runtime: str = "local"
     execd_from_image: bool = False  # docker: copy execd out of runtime.execdImage, not build/execd
-    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def flavor(self) -> Flavor:
@@ -129,21 +124,9 @@ class ServerProcess:
     def state_dir(self) -> Path:
         return self.workdir / "state"
 
-    @property
-    def config_path(self) -> Path:
-        return self.workdir / "server.toml"
-
-    @property
-    def domain(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.domain}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "server.log"
+    def config(self) -> str:
+        server = f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n\n'
+        return f"{server}{self.flavor.config(self)}{self.extra_config}\n"
 
     def headers(self) -> dict[str, str]:
         return {"OPEN-SANDBOX-API-KEY": self.api_key} if self.api_key else {}
@@ -162,46 +145,8 @@ class ServerProcess:
             return {str(c["Labels"][DOCKER_ID_LABEL]) for c in docker_containers()}  # type: ignore[index]
         return {p.name for p in (self.state_dir / "sandboxes").iterdir()}
 
-    def start(self) -> ServerProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n\n{self.flavor.config(self)}{self.extra_config}\n'
-        )
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "opensandbox_platform.server.main",
-                "--config",
-                str(self.config_path),
-                "--port",
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=log,
-            env={k: v for k, v in os.environ.items() if not k.startswith("OPEN_SANDBOX_")},
-        )
-        log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /health: {self.log_path.read_text()[-3000:]}")
-            time.sleep(0.05)
-
     def stop(self, cleanup: bool = True) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         if cleanup:
             if self.runtime == "docker":
                 remove_recorded_containers(self.state_dir)

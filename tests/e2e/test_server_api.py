@@ -27,12 +27,12 @@ from opensandbox.models.execd import RunCommandOpts
 
 from tests.e2e.server_support import (
     ServerProcess,
-    free_port,
     live_processes_mentioning,
     live_processes_with_hostname_arg,
     only_local,
     running_server,
 )
+from tests.support.ports import free_port
 
 CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 

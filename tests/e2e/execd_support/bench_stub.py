@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from tests.e2e.server_support import free_port
+from tests.support.ports import free_port
 
 
 def make_app(execd_endpoint: str, endpoint_headers: dict[str, str] | None = None) -> FastAPI:

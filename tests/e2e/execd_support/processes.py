@@ -89,6 +89,6 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
 
 # bench/execd_bench.py imports these from here.
 from tests.e2e.execd_support.bench_stub import Lifecycle, run_lifecycle  # noqa: E402
-from tests.e2e.server_support import free_port  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 __all__ = ["Execd", "Lifecycle", "free_port", "run_execd", "run_lifecycle"]
