@@ -1,0 +1,48 @@
+# Sourced by tools/build-execd.sh and tools/build-task-executor.sh (which set `top` and `log`): a
+# one-file PyInstaller build of a daemon's main(), and a start of the result for their --check. The
+# executables run in images without Python (glibc-based, glibc as new as this build machine's or newer).
+
+# Excluded: what the daemons never import but the stdlib or site-packages would drag in. `ssl` is also
+# kept out at run time (their main.py), so leaving OpenSSL out of the bundle loses nothing.
+# _hashlib would bring OpenSSL's libcrypto (hashlib falls back to its built-in hashes); the CJK
+# codecs, unicodedata and _decimal are big extension modules they never load.
+excludes=(ssl _ssl _hashlib tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite3 _sqlite3 curses readline
+  decimal _decimal unicodedata _multibytecodec _codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr
+  _codecs_tw pydantic pydantic_core fastapi starlette uvicorn httpx httpcore anyio h11 yaml lightkube
+  opensandbox multiprocessing distutils setuptools pkg_resources)
+
+# build_onefile OUT NAME MODULE [EXCLUDE...]: OUT/NAME runs MODULE's main() (cached intermediates in
+# OUT/work); EXCLUDE: more modules to leave out.
+build_onefile() {
+  local out=$1 name=$2 module=$3 entry
+  shift 3
+  mkdir -p "$out/work"
+  entry=${module%.main}
+  entry=$out/work/${entry##*.}_entry.py  # PyInstaller wants a file, not a module path
+  printf 'from %s import main\n\nmain()\n' "$module" >"$entry"
+  local args=() excluded
+  for excluded in "${excludes[@]}" "$@"; do args+=(--exclude-module "$excluded"); done
+  log "pyinstaller (one-file)"
+  (cd "$top" && uv run --group dev pyinstaller --onefile --noconfirm --clean --log-level WARN \
+    --name "$name" --distpath "$out" --workpath "$out/work/build" --specpath "$out/work" \
+    --paths "$top/src" --strip "${args[@]}" "$entry")
+  log "built $out/$name ($(du -h "$out/$name" | cut -f1))"
+}
+
+# start_for_check BINARY PATH [ARG...]: starts BINARY --host 127.0.0.1 --port $port ARG... in the
+# background and returns once GET PATH answers (fails otherwise); sets `port`. On exit it is stopped
+# and $state (if set) removed.
+start_for_check() {
+  local binary=$1 path=$2
+  shift 2
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$binary" --host 127.0.0.1 --port "$port" "$@" &
+  check_pid=$!
+  trap 'kill $check_pid 2>/dev/null; wait $check_pid 2>/dev/null; [[ -z ${state:-} ]] || rm -rf "$state"' EXIT
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$port$path" >/dev/null && return 0
+    sleep 0.1
+  done
+  log "no answer from $path"
+  exit 1
+}
