@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from opensandbox_platform.api.crdgen import render
 from opensandbox_platform.controller.manager import Manager, Options, pod_namespace
 from opensandbox_platform.controller.state import Settings
+from opensandbox_platform.daemon import stop_on_signals
 from opensandbox_platform.kube import logs
 from opensandbox_platform.kube.client import KubeClient
 from opensandbox_platform.kube.serving import (
@@ -155,10 +155,7 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     running = asyncio.create_task(manager.run())
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -13,10 +13,9 @@ import argparse
 import asyncio
 import logging
 import os
-import re
-import signal
 import time
 
+from opensandbox_platform import daemon
 from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE
 from opensandbox_platform.execd.httpserver import HttpServer
@@ -24,26 +23,6 @@ from opensandbox_platform.execd.procs import WATCHER
 
 DEFAULT_PORT = 44772
 log = logging.getLogger("execd")
-
-
-_FIELDS = re.compile(r"^(.*?)((?:\s+[A-Za-z_]+=\S*)*)$", re.DOTALL)
-
-
-class LogfmtFormatter(logging.Formatter):
-    """`ts=... level=info logger=execd msg="phrase" key=value ...`: one line per record.
-
-    Log calls are written as "phrase key=%s key=%s", so the trailing pairs stay machine-readable.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        match = _FIELDS.match(record.getMessage())
-        assert match is not None  # the pattern matches any string
-        phrase = match.group(1).replace('"', "'")
-        out = f'ts={ts} level={record.levelname.lower()} logger={record.name} msg="{phrase}"{match.group(2)}'
-        if record.exc_info:
-            out += "\n" + self.formatException(record.exc_info)
-        return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,10 +71,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
         "token" if args.access_token else "none",
         (time.monotonic() - started) * 1000,
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await daemon.stop_on_signals().wait()
     log.info("execd stopping")
     await app.shutdown()
     await server.close()
@@ -104,14 +80,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    try:
-        asyncio.run(serve(args, started))
-    except OSError as exc:
-        log.error("cannot start error=%s", exc)
-        sys.exit(1)
+    daemon.run(serve(args, started), args.log_level, log)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
 import time
 
+from opensandbox_platform import daemon
 from opensandbox_platform.api.labels import TASK_EXECUTOR_PORT, TASK_TARGET_ENV
 from opensandbox_platform.execd.httpserver import HttpServer
 from opensandbox_platform.task_executor.app import ExecutorApp
@@ -81,11 +80,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
         len(manager.tasks),
         (time.monotonic() - started) * 1000,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await daemon.stop_on_signals().wait()
     log.info("task-executor stopping running=%d", len(manager.running))
     manager.shutdown()
     await server.close()
@@ -94,15 +89,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    # logfmt-like lines, as execd writes (its formatter lives in execd.main, which imports all of execd).
-    handler.setFormatter(logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    try:
-        asyncio.run(serve(args, started))
-    except OSError as exc:
-        log.error("cannot start error=%s", exc)
-        sys.exit(1)
+    daemon.run(serve(args, started), args.log_level, log)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ import json
 import logging
 import os
 import resource
-import signal
 from typing import Any
 
+from opensandbox_platform.daemon import log_to_stderr, stop_on_signals
 from opensandbox_platform.execd import procs
 from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.errors import ApiError
 from opensandbox_platform.execd.httpserver import HttpServer
-from opensandbox_platform.execd.main import LogfmtFormatter
 from opensandbox_platform.execd.procs import WATCHER
 
 log = logging.getLogger("jail")
@@ -86,9 +85,7 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     port = listener.sockets[0].getsockname()[1]
     _send(evt_fd, {"event": "ready", "port": port})
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
 
     code = 0
     line = await _read_line(ctl_fd)
@@ -125,9 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctl-fd", type=int, required=True)
     parser.add_argument("--evt-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
-    logging.basicConfig(level=os.environ.get("EXECD_LOG_LEVEL", "info").upper(), handlers=[handler])
+    log_to_stderr(os.environ.get("EXECD_LOG_LEVEL", "info"))
     sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
 
 
