@@ -60,6 +60,15 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> None:
+    """Applies a metadata patch in place (JSON merge patch: None removes the key)."""
+    for key, value in patch.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+
+
 class Runtime(Protocol):
     async def start(self) -> None:
         """Recover existing sandboxes and start background work (expiry)."""

@@ -41,7 +41,14 @@ from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import docker_model as model
-from opensandbox_platform.server.runtimes.base import EXECD_PORT, Endpoint, SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.base import (
+    EXECD_PORT,
+    Endpoint,
+    SandboxInfo,
+    SandboxSpec,
+    State,
+    merge_metadata,
+)
 
 log = logging.getLogger("opensandbox.docker")
 
@@ -246,11 +253,7 @@ class DockerRuntime:
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
-            for key, value in patch.items():
-                if value is None:
-                    sandbox.metadata.pop(key, None)
-                else:
-                    sandbox.metadata[key] = value
+            merge_metadata(sandbox.metadata, patch)
             self._save(sandbox)
         return await self._info(sandbox)
 

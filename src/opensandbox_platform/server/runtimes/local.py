@@ -41,6 +41,7 @@ from opensandbox_platform.server.runtimes.base import (
     SandboxInfo,
     SandboxSpec,
     State,
+    merge_metadata,
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 
@@ -307,11 +308,7 @@ class LocalRuntime:
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         async with self._lock(sandbox_id):
             record = self._record(sandbox_id)
-            for key, value in patch.items():
-                if value is None:
-                    record.metadata.pop(key, None)
-                else:
-                    record.metadata[key] = value
+            merge_metadata(record.metadata, patch)
             self._save(record)
             return record.info()
 
