@@ -1,13 +1,21 @@
-"""Shared helpers: percentiles and result files."""
+"""Shared helpers: percentiles and result files; a controller, Pools and BatchSandboxes on the local cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
+from opensandbox_platform.kube.client import JSON, KubeClient
+from tests.support.controller import ControllerProcess
+from tests.support.services import LocalCluster
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,3 +53,54 @@ def write(name: str, figures: dict[str, Any]) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
     return path
+
+
+@contextmanager
+def controller_for(cluster: LocalCluster, namespace: str, *flags: str) -> Iterator[ControllerProcess]:
+    """A new namespace with its own controller (`--concurrency 32`, quiet logs, `flags`); both go at the end."""
+    cluster.kubectl("create", "namespace", namespace)
+    proc = ControllerProcess(cluster, namespace, *flags, "--concurrency", "32", "--log-level", "2").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+async def wait_pool_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
+    """Until the pool reports `count` idle Ready pods and nothing starting, twice in a row 0.6 s apart
+    (the controller writes Pool status at most every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline:
+        status = (await client.get(POOLS, name, namespace)).get("status") or {}
+        settled = status.get("available", 0) >= count and status.get("starting", 0) == 0
+        streak = streak + 1 if settled else 0
+        if streak == 2:
+            return
+        await asyncio.sleep(0.6 if settled else 0.2)
+    raise TimeoutError(f"pool {name} did not reach {count} available pods in {timeout}s")
+
+
+async def create_and_watch(
+    client: KubeClient, namespace: str, obj: JSON, until: Callable[[JSON], bool], timeout: int
+) -> JSON:
+    """Creates the BatchSandbox `obj`, then follows it from that version on; returns the first status
+    for which `until` is true (TimeoutError after `timeout` seconds)."""
+    name = obj["metadata"]["name"]
+    created = await client.create(BATCHSANDBOXES, obj, namespace)
+    stream = client.watch(
+        BATCHSANDBOXES,
+        namespace,
+        fieldSelector=f"metadata.name={name}",
+        resourceVersion=created["metadata"]["resourceVersion"],
+        timeoutSeconds=timeout,
+    )
+    try:
+        async for event in stream:
+            status: JSON = event["object"].get("status") or {}
+            if until(status):
+                return status
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    raise TimeoutError(f"{name}: the awaited status did not come within {timeout}s")

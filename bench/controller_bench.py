@@ -15,87 +15,30 @@ import argparse
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from bench.common import summary_ms, write
-from opensandbox_platform.api import labels
+from bench.common import controller_for, create_and_watch, summary_ms, wait_pool_available, write
 from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
-from tests.support.controller import CRDS, ControllerProcess
+from tests.support.controller import CRDS
+from tests.support.kube import SEED_POD_SPEC, batchsandbox_manifest, pool_manifest
 from tests.support.services import LocalCluster, local_cluster
 
 
 def pool(name: str, minimum: int, maximum: int, capacity: int) -> JSON:
-    return {
-        "apiVersion": labels.API_VERSION,
-        "kind": "Pool",
-        "metadata": {"name": name},
-        "spec": {
-            "minBufferSize": minimum,
-            "maxBufferSize": maximum,
-            "capacity": capacity,
-            "sandboxTemplate": {"spec": {"image": "ubuntu:latest", "command": ["sleep", "infinity"]}},
-        },
-    }
+    return pool_manifest(name, SEED_POD_SPEC, minimum, maximum, capacity)
 
 
-def batchsandbox(name: str, pool_name: str, replicas: int) -> JSON:
-    return {
-        "apiVersion": labels.API_VERSION,
-        "kind": "BatchSandbox",
-        "metadata": {"name": name},
-        "spec": {"replicas": replicas, "poolRef": pool_name},
-    }
-
-
-async def wait_pool_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
-    """Until the pool reports `count` idle Ready pods and nothing starting, twice in a row 0.6 s apart
-    (the controller writes Pool status at most every 0.5 s)."""
-    deadline = time.monotonic() + timeout
-    streak = 0
-    while time.monotonic() < deadline:
-        status = (await client.get(POOLS, name, namespace)).get("status") or {}
-        settled = status.get("available", 0) >= count and status.get("starting", 0) == 0
-        streak = streak + 1 if settled else 0
-        if streak == 2:
-            return
-        await asyncio.sleep(0.6 if settled else 0.2)
-    raise TimeoutError(f"pool {name} did not reach {count} available pods")
-
-
-async def create_and_wait_ready(client: KubeClient, namespace: str, obj: JSON, replicas: int) -> float:
-    """Seconds from the create request to the watch event with `replicas` Ready sandboxes with IPs."""
-    name = obj["metadata"]["name"]
+async def create_and_wait_ready(client: KubeClient, namespace: str, name: str, pool_name: str, replicas: int) -> float:
+    """Seconds from the create request of a pooled BatchSandbox to the watch event with `replicas`
+    Ready sandboxes with IPs."""
+    obj = batchsandbox_manifest(name, replicas, poolRef=pool_name)
     start = time.perf_counter()
-    created = await client.create(BATCHSANDBOXES, obj, namespace)
-    stream = client.watch(
-        BATCHSANDBOXES,
-        namespace,
-        fieldSelector=f"metadata.name={name}",
-        resourceVersion=created["metadata"]["resourceVersion"],
-        timeoutSeconds=60,
-    )
-    try:
-        async for event in stream:
-            status = event["object"].get("status") or {}
-            sandboxes = status.get("sandboxes") or []
-            if status.get("ready") == replicas and all(s.get("podIP") for s in sandboxes):
-                return time.perf_counter() - start
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-    raise TimeoutError(f"{name} never became Ready")
 
+    def ready(status: JSON) -> bool:
+        return status.get("ready") == replicas and all(s.get("podIP") for s in status.get("sandboxes") or [])
 
-@contextmanager
-def controller_for(cluster: LocalCluster, namespace: str) -> Iterator[ControllerProcess]:
-    cluster.kubectl("create", "namespace", namespace)
-    proc = ControllerProcess(cluster, namespace, "--concurrency", "32", "--log-level", "2").start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    await create_and_watch(client, namespace, obj, ready, 60)
+    return time.perf_counter() - start
 
 
 async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, object]:
@@ -107,7 +50,7 @@ async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, objec
         samples = []
         for i in range(runs):
             name = f"claim-{i}"
-            samples.append(await create_and_wait_ready(client, namespace, batchsandbox(name, "warm", 1), 1))
+            samples.append(await create_and_wait_ready(client, namespace, name, "warm", 1))
         await client.aclose()
     figures = summary_ms(samples)
     print(f"claim latency over {runs} runs: p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
@@ -126,7 +69,7 @@ async def bench_batch100(cluster: LocalCluster, runs: int = 5) -> dict[str, obje
         samples = []
         for i in range(runs):
             await wait_pool_available(client, namespace, "warm", 100, 120)
-            samples.append(await create_and_wait_ready(client, namespace, batchsandbox(f"b{i}", "warm", 100), 100))
+            samples.append(await create_and_wait_ready(client, namespace, f"b{i}", "warm", 100))
             await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
         await client.aclose()
     figures = summary_ms(samples)
@@ -165,7 +108,7 @@ async def bench_memory(cluster: LocalCluster, pods: int = 10_000, sandboxes: int
 
         async def one(i: int) -> None:
             async with sem:
-                await client.create(BATCHSANDBOXES, batchsandbox(f"m{i}", "huge", 1), namespace)
+                await client.create(BATCHSANDBOXES, batchsandbox_manifest(f"m{i}", 1, poolRef="huge"), namespace)
 
         await asyncio.gather(*(one(i) for i in range(sandboxes)))
         deadline = time.monotonic() + 600

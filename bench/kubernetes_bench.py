@@ -27,8 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import summary_ms, write  # noqa: E402
-from bench.controller_bench import controller_for, pool, wait_pool_available  # noqa: E402
+from bench.common import controller_for, summary_ms, wait_pool_available, write  # noqa: E402
+from bench.controller_bench import pool  # noqa: E402
 from opensandbox_platform.controller.state import POOLS  # noqa: E402
 from opensandbox_platform.kube.client import KubeClient  # noqa: E402
 from tests.support.controller import CRDS  # noqa: E402

@@ -21,14 +21,14 @@ import time
 import uuid
 from datetime import datetime
 
-from bench.common import summary_ms, write
-from opensandbox_platform.api import labels
+from bench.common import controller_for, create_and_watch, summary_ms, wait_pool_available, write
 from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
-from tests.support.controller import CRDS, ControllerProcess
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNodeUnavailable, real_node
+from tests.support.controller import CRDS
+from tests.support.kube import batchsandbox_manifest, pool_manifest
+from tests.support.real_node import RealNodeUnavailable, real_node, real_node_pod_spec
 from tests.support.services import LocalCluster, local_cluster
-from tests.support.task_executor import BASE_IMAGE, load_task_executor_image
+from tests.support.task_executor import load_task_executor_image
 
 TARGET_MS = 2000
 SIDECAR_CPU_MILLI = 5
@@ -36,35 +36,12 @@ SIDECAR_FLAGS = ("--task-executor-cpu-request", f"{SIDECAR_CPU_MILLI}m", "--task
 
 
 def pool(name: str, size: int) -> JSON:
-    template = {
-        "terminationGracePeriodSeconds": 1,
-        "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
-        "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-        "containers": [
-            {"name": "sandbox", "image": BASE_IMAGE, "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}
-        ],
-    }
-    return {
-        "apiVersion": labels.API_VERSION,
-        "kind": "Pool",
-        "metadata": {"name": name},
-        "spec": {
-            "minBufferSize": size,
-            "maxBufferSize": size,
-            "capacity": size,
-            "taskExecutor": {"enabled": True},
-            "sandboxTemplate": {"spec": template},
-        },
-    }
+    pod_spec = real_node_pod_spec(command=["sleep", "infinity"])
+    return pool_manifest(name, pod_spec, size, size, size, taskExecutor={"enabled": True})
 
 
 def batch(name: str, pool_name: str, replicas: int) -> JSON:
-    return {
-        "apiVersion": labels.API_VERSION,
-        "kind": "BatchSandbox",
-        "metadata": {"name": name},
-        "spec": {"replicas": replicas, "poolRef": pool_name, "taskTemplate": {"command": ["true"]}},
-    }
+    return batchsandbox_manifest(name, replicas, poolRef=pool_name, taskTemplate={"command": ["true"]})
 
 
 def milli_cpu(quantity: str) -> int:
@@ -81,21 +58,6 @@ def room_on_node(cluster: LocalCluster, node: str) -> tuple[int, int, int]:
     return int(allocatable["pods"]), int(allocatable["pods"]) - len(live), free_cpu
 
 
-async def wait_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
-    """Until the pool has `count` idle Ready pods and no claimed ones, twice in a row 0.6 s apart (its
-    status is written at most every 0.5 s)."""
-    deadline = time.monotonic() + timeout
-    streak = 0
-    while time.monotonic() < deadline:
-        status = (await client.get(POOLS, name, namespace)).get("status") or {}
-        settled = status.get("available", 0) >= count and status.get("allocated", 0) == 0
-        streak = streak + 1 if settled else 0
-        if streak == 2:
-            return
-        await asyncio.sleep(0.6 if settled else 0.5)
-    raise TimeoutError(f"pool {name} did not reach {count} available pods in {timeout}s")
-
-
 def since(wall_start: float, stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - wall_start
 
@@ -103,66 +65,51 @@ def since(wall_start: float, stamp: str) -> float:
 async def create_and_wait_tasks(client: KubeClient, namespace: str, obj: JSON, n: int) -> dict[str, float]:
     """Seconds from the create request to: every sandbox Ready, the first and last task start and end
     (the executors' clocks: same machine), every task Succeeded in status."""
-    name = obj["metadata"]["name"]
     wall_start = time.time()
     start = time.perf_counter()
-    created = await client.create(BATCHSANDBOXES, obj, namespace)
     ready_at = None
-    stream = client.watch(
-        BATCHSANDBOXES,
-        namespace,
-        fieldSelector=f"metadata.name={name}",
-        resourceVersion=created["metadata"]["resourceVersion"],
-        timeoutSeconds=120,
-    )
-    try:
-        async for event in stream:
-            status = event["object"].get("status") or {}
-            if ready_at is None and status.get("ready") == n:
-                ready_at = time.perf_counter() - start
-            if (status.get("tasks") or {}).get("succeeded") == n and status.get("phase") == "Succeeded":
-                done = time.perf_counter() - start
-                tasks = [s["task"] for s in status["sandboxes"]]
-                started = sorted(since(wall_start, t["startedAt"]) for t in tasks)
-                ended = sorted(since(wall_start, t["finishedAt"]) for t in tasks)
-                return {
-                    "ready": ready_at or done,
-                    "first_task_started": started[0],
-                    "last_task_started": started[-1],
-                    "last_task_finished": ended[-1],
-                    "status_succeeded": done,
-                }
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-    raise TimeoutError(f"{name}: tasks not all Succeeded")
+
+    def succeeded(status: JSON) -> bool:
+        nonlocal ready_at
+        if ready_at is None and status.get("ready") == n:
+            ready_at = time.perf_counter() - start
+        return bool((status.get("tasks") or {}).get("succeeded") == n and status.get("phase") == "Succeeded")
+
+    status = await create_and_watch(client, namespace, obj, succeeded, 120)
+    done = time.perf_counter() - start
+    tasks = [s["task"] for s in status["sandboxes"]]
+    started = sorted(since(wall_start, t["startedAt"]) for t in tasks)
+    ended = sorted(since(wall_start, t["finishedAt"]) for t in tasks)
+    return {
+        "ready": ready_at or done,
+        "first_task_started": started[0],
+        "last_task_started": started[-1],
+        "last_task_finished": ended[-1],
+        "status_succeeded": done,
+    }
 
 
 async def run(cluster: LocalCluster, image: str, node: str, replicas: int, runs: int) -> dict[str, object]:
     allocatable, room, free_cpu = room_on_node(cluster, node)
     n = min(replicas, room - 2, free_cpu // SIDECAR_CPU_MILLI - 2)  # a little room for whatever else lands there
     namespace = f"bench-task-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", namespace)
-    proc = ControllerProcess(
-        cluster, namespace, "--task-executor-image", image, *SIDECAR_FLAGS, "--concurrency", "32", "--log-level", "2"
-    ).start()
-    client = KubeClient.from_config(str(cluster.kubeconfig))
-    try:
-        await client.create(POOLS, pool("workers", n), namespace)
-        phases: dict[str, list[float]] = {}
-        warm_s = []
-        for i in range(runs):
-            started = time.monotonic()
-            await wait_available(client, namespace, "workers", n, 600)
-            warm_s.append(time.monotonic() - started)
-            times = await create_and_wait_tasks(client, namespace, batch(f"b{i}", "workers", n), n)
-            for phase, seconds in times.items():
-                phases.setdefault(phase, []).append(seconds)
-            print(f"run {i}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items()))
-            await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
-    finally:
-        await client.aclose()
-        proc.stop()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    with controller_for(cluster, namespace, "--task-executor-image", image, *SIDECAR_FLAGS):
+        client = KubeClient.from_config(str(cluster.kubeconfig))
+        try:
+            await client.create(POOLS, pool("workers", n), namespace)
+            phases: dict[str, list[float]] = {}
+            warm_s = []
+            for i in range(runs):
+                started = time.monotonic()
+                await wait_pool_available(client, namespace, "workers", n, 600)
+                warm_s.append(time.monotonic() - started)
+                times = await create_and_wait_tasks(client, namespace, batch(f"b{i}", "workers", n), n)
+                for phase, seconds in times.items():
+                    phases.setdefault(phase, []).append(seconds)
+                print(f"run {i}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items()))
+                await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
+        finally:
+            await client.aclose()
     return {
         "replicas": n,
         "node": {"name": node, "allocatable_pods": allocatable, "free_pods_before": room, "free_cpu_m": free_cpu},

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lightkube import Client
+from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
@@ -18,6 +19,9 @@ Pool = create_namespaced_resource(labels.GROUP, labels.VERSION, "Pool", "pools")
 BatchSandbox = create_namespaced_resource(labels.GROUP, labels.VERSION, "BatchSandbox", "batchsandboxes")
 
 T = TypeVar("T")
+
+# The pod spec of the upstream seed Pool: kwok runs nothing, so any image will do.
+SEED_POD_SPEC: dict[str, Any] = {"image": "ubuntu:latest", "command": ["sleep", "infinity"]}
 
 
 def eventually(check: Callable[[], T], timeout: float = 30, what: str = "condition", interval: float = 0.1) -> T:
@@ -50,6 +54,43 @@ def is_ready(pod: Pod) -> bool:
 
 def status(obj: Any) -> dict[str, Any]:
     return dict(obj.status or {})
+
+
+def gone(kube: Client, resource: Any, name: str, namespace: str) -> bool:
+    """True once the object is deleted (404)."""
+    try:
+        kube.get(resource, name, namespace=namespace)
+        return False
+    except ApiError as err:
+        return err.status.code == 404
+
+
+def pool_manifest(
+    name: str, pod_spec: dict[str, Any], minimum: int, maximum: int, capacity: int, **spec: Any
+) -> dict[str, Any]:
+    """A Pool as JSON (for KubeClient.create, or `kubectl apply` as JSON); `spec` adds fields."""
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "Pool",
+        "metadata": {"name": name},
+        "spec": {
+            "minBufferSize": minimum,
+            "maxBufferSize": maximum,
+            "capacity": capacity,
+            **spec,
+            "sandboxTemplate": {"spec": pod_spec},
+        },
+    }
+
+
+def batchsandbox_manifest(name: str, replicas: int, **spec: Any) -> dict[str, Any]:
+    """A BatchSandbox as JSON; `spec` says the rest (poolRef or sandboxTemplate, taskTemplate, ...)."""
+    return {
+        "apiVersion": labels.API_VERSION,
+        "kind": "BatchSandbox",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, **spec},
+    }
 
 
 def seed_pool(name: str = "example-pool", min_buffer: int = 2, max_buffer: int = 5, capacity: int = 10) -> str:

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opensandbox_platform.api import labels
-from tests.conftest import TEST_IMAGE
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY
+from tests.support.kube import pool_manifest
+from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, real_node_pod_spec
 from tests.support.server_process import ServerSubprocess
 
 
@@ -44,11 +43,6 @@ def kubernetes_server(
 
 # --- the real node (OSB_REAL_NODE=1) ---------------------------------------------------------------
 EXECD_IMAGE = "localhost/opensandbox/execd:dev"  # as podman and the node's containerd name it
-PLACEMENT: dict[str, Any] = {
-    "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
-    "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-    "terminationGracePeriodSeconds": 1,
-}
 SMALL = {"cpu": "250m", "memory": "128Mi"}  # the node has 2 CPUs: the SDK's default (1 CPU) fits twice
 
 
@@ -64,15 +58,4 @@ def real_node_server_config() -> str:
 
 
 def real_pool(name: str, size: int) -> dict[str, Any]:
-    container = {"name": labels.SANDBOX_CONTAINER, "image": TEST_IMAGE, "imagePullPolicy": "Never"}
-    return {
-        "apiVersion": labels.API_VERSION,
-        "kind": "Pool",
-        "metadata": {"name": name},
-        "spec": {
-            "minBufferSize": size,
-            "maxBufferSize": size,
-            "capacity": size + 4,
-            "sandboxTemplate": {"spec": {**PLACEMENT, "containers": [container]}},
-        },
-    }
+    return pool_manifest(name, real_node_pod_spec(), minimum=size, maximum=size, capacity=size + 4)

@@ -7,12 +7,16 @@ pods use imagePullPolicy Never, as no registry is reachable.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+from opensandbox_platform.api import labels
+from tests.conftest import TEST_IMAGE
 from tests.support.services import ROOT, TOOLS, LocalCluster
 
 ENV_SWITCH = "OSB_REAL_NODE"
@@ -21,11 +25,20 @@ NODE_LABEL = ("opensandbox.io/node", "real")
 NODE_TAINT_KEY = "opensandbox.io/real-node"
 POD_NETWORK_PREFIX = "10.77."
 
-# The nodeSelector and toleration that put a pod on the real node (YAML flow style, for manifests).
-REAL_NODE_PLACEMENT = (
-    f"nodeSelector: {{{NODE_LABEL[0]}: {NODE_LABEL[1]}}}\n"
-    f"tolerations: [{{key: {NODE_TAINT_KEY}, operator: Exists, effect: NoSchedule}}]\n"
-)
+# The nodeSelector and toleration that put a pod on the real node.
+PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
+    "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+}
+# The same as YAML lines (JSON values are YAML flow style), for manifests written as text.
+REAL_NODE_PLACEMENT = "".join(f"{key}: {json.dumps(value)}\n" for key, value in PLACEMENT.items())
+
+
+def real_node_pod_spec(**container: Any) -> dict[str, Any]:
+    """A pod spec for the real node: one container `sandbox` from the test image (imagePullPolicy
+    Never: no registry is reachable) with `container`'s fields, stopped within a second."""
+    main = {"name": labels.SANDBOX_CONTAINER, "image": TEST_IMAGE, "imagePullPolicy": "Never", **container}
+    return {"terminationGracePeriodSeconds": 1, **PLACEMENT, "containers": [main]}
 
 
 class RealNodeUnavailable(Exception):
