@@ -6,7 +6,6 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from lightkube import Client
-from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Pod
 
 from opensandbox_platform.api import labels
@@ -17,6 +16,7 @@ from tests.support.kube import (
     condition,
     event_reasons,
     eventually,
+    gone,
     idle_ready,
     pods_of,
     pool_pods,
@@ -54,14 +54,6 @@ spec:
       image: ubuntu:latest
       command: ["sleep", "infinity"]
 """
-
-
-def gone(kube: Client, name: str, namespace: str) -> bool:
-    try:
-        kube.get(BatchSandbox, name, namespace=namespace)
-        return False
-    except ApiError as err:
-        return err.status.code == 404
 
 
 def ready_count(kube: Client, name: str, namespace: str) -> int:
@@ -104,7 +96,9 @@ def test_expire_time_deletes_the_batchsandbox_on_time(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
     eventually(lambda: ready_count(kube, "example-batchsandbox", namespace) == 1)
     assert cluster.kubectl("get", "bsbx", "-n", namespace).splitlines()[1].split()[4] == f"{expire:%Y-%m-%dT%H:%M:%SZ}"
-    eventually(lambda: gone(kube, "example-batchsandbox", namespace), timeout=15, what="deleted at expireTime")
+    eventually(
+        lambda: gone(kube, BatchSandbox, "example-batchsandbox", namespace), timeout=15, what="deleted at expireTime"
+    )
     late = (datetime.now(UTC) - expire).total_seconds()
     assert -1.0 <= late < 3.0, f"deleted {late:.1f}s after expireTime"
     eventually(lambda: not pods_of(kube, namespace), timeout=30, what="pods garbage-collected")
@@ -124,7 +118,9 @@ def test_ttl_after_finished_deletes_a_finished_batchsandbox(
         what="finishedAt",
     )
     assert status(kube.get(BatchSandbox, "example-batchsandbox", namespace=namespace))["phase"] == "Succeeded"
-    eventually(lambda: gone(kube, "example-batchsandbox", namespace), timeout=15, what="deleted after the TTL")
+    eventually(
+        lambda: gone(kube, BatchSandbox, "example-batchsandbox", namespace), timeout=15, what="deleted after the TTL"
+    )
     elapsed = (datetime.now(UTC) - datetime.fromisoformat(finished.replace("Z", "+00:00"))).total_seconds()
     assert 2.0 <= elapsed < 6.0, f"deleted {elapsed:.1f}s after finishing, TTL 3s"
 

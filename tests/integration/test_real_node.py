@@ -10,32 +10,14 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import TEST_IMAGE
-from tests.support.real_node import (
-    NODE_LABEL,
-    NODE_TAINT_KEY,
-    POD_NETWORK_PREFIX,
-    REAL_NODE_PLACEMENT,
-    RealNode,
-    RealNodeUnavailable,
-    real_node,
-)
+from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, POD_NETWORK_PREFIX, REAL_NODE_PLACEMENT, RealNode
 from tests.support.services import LocalCluster
-
-
-@pytest.fixture(scope="session")
-def node(cluster: LocalCluster) -> Iterator[RealNode]:
-    try:
-        with real_node(cluster) as n:
-            yield n
-    except RealNodeUnavailable as off:
-        pytest.skip(str(off))
 
 
 def run_pod(

@@ -24,7 +24,7 @@ from opensandbox.exceptions import SandboxApiException
 from opensandbox_platform.api import labels
 from tests.conftest import TEST_IMAGE
 from tests.support.controller import ControllerProcess
-from tests.support.kube import BatchSandbox, eventually, idle_ready, pool_pods
+from tests.support.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
 from tests.support.kubernetes_server import (
     EXECD_IMAGE,
     SMALL,
@@ -33,24 +33,21 @@ from tests.support.kubernetes_server import (
     real_node_server_config,
     real_pool,
 )
-from tests.support.real_node import POD_NETWORK_PREFIX, RealNode, RealNodeUnavailable
-from tests.support.real_node import real_node as start_real_node
+from tests.support.real_node import POD_NETWORK_PREFIX, RealNode
 from tests.support.services import LocalCluster
 
 
 @pytest.fixture(scope="session")
-def node(cluster: LocalCluster) -> Iterator[RealNode]:
-    try:
-        with start_real_node(cluster) as n:
-            n.load_image(EXECD_IMAGE)
-            yield n
-    except RealNodeUnavailable as off:
-        pytest.skip(str(off))
+def execd_image(node: RealNode) -> str:
+    node.load_image(EXECD_IMAGE)
+    return EXECD_IMAGE
 
 
 @pytest.fixture
-def execd_controller(cluster: LocalCluster, crds: None, namespace: str, node: RealNode) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(cluster, namespace, "--execd-image", EXECD_IMAGE).start()
+def execd_controller(
+    cluster: LocalCluster, crds: None, namespace: str, execd_image: str
+) -> Iterator[ControllerProcess]:
+    proc = ControllerProcess(cluster, namespace, "--execd-image", execd_image).start()
     yield proc
     proc.stop()
 
@@ -107,10 +104,6 @@ def sandbox_pod(kube: Client, namespace: str, sandbox_id: str) -> Pod:
     return pod
 
 
-def pod_gone(kube: Client, namespace: str, name: str) -> bool:
-    return not list(kube.list(Pod, namespace=namespace, fields={"metadata.name": name}))
-
-
 async def test_pooled_sandbox_runs_commands_with_the_requested_entrypoint_and_env(
     server: KubernetesServer, kube: Client, namespace: str, node: RealNode, pool: str
 ) -> None:
@@ -131,7 +124,7 @@ async def test_pooled_sandbox_runs_commands_with_the_requested_entrypoint_and_en
         assert await stdout_of(sb, "cat /tmp/note.txt") == "written through the SDK"
 
         await sb.kill()
-        eventually(lambda: pod_gone(kube, namespace, pod.metadata.name), timeout=60, what="the pod removed")
+        eventually(lambda: gone(kube, Pod, pod.metadata.name, namespace), timeout=60, what="the pod removed")
         assert sb.id not in {b.metadata.name for b in kube.list(BatchSandbox, namespace=namespace)}
 
 
@@ -150,7 +143,7 @@ async def test_direct_sandbox_on_the_real_node_runs_commands(
         assert await sb.files.read_file("/tmp/direct.txt") == "direct"
 
         await sb.kill()
-        eventually(lambda: pod_gone(kube, namespace, pod.metadata.name), timeout=60, what="the pod removed")
+        eventually(lambda: gone(kube, Pod, pod.metadata.name, namespace), timeout=60, what="the pod removed")
 
 
 async def test_an_entrypoint_that_cannot_start_fails_the_create_and_leaves_nothing(

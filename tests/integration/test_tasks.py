@@ -7,6 +7,7 @@ node's containerd); the controller talks only to the pods it created, at their p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,78 +17,54 @@ from typing import Any
 
 import pytest
 from lightkube import Client
-from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import Pod
 
 from opensandbox_platform.api import labels
-from tests.conftest import TEST_IMAGE
 from tests.support.controller import ControllerProcess
-from tests.support.kube import BatchSandbox, Pool, eventually, seed_pool, status
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, RealNodeUnavailable, real_node
+from tests.support.kube import (
+    SEED_POD_SPEC,
+    BatchSandbox,
+    Pool,
+    batchsandbox_manifest,
+    condition,
+    eventually,
+    gone,
+    pool_manifest,
+    seed_pool,
+    status,
+)
+from tests.support.real_node import RealNode, real_node_pod_spec
 from tests.support.services import ROOT, LocalCluster
-from tests.support.task_executor import TASK_EXECUTOR_IMAGE, load_task_executor_image
+from tests.support.task_executor import load_task_executor_image
 
 CONTAINERD = ROOT / ".cluster" / "node" / "containerd.sock"
 
 # The pod template: the test image (imagePullPolicy Never: nothing can be pulled) on the real node.
-SANDBOX_SPEC = f"""
-      terminationGracePeriodSeconds: 1
-      nodeSelector: {{{NODE_LABEL[0]}: {NODE_LABEL[1]}}}
-      tolerations: [{{key: {NODE_TAINT_KEY}, operator: Exists, effect: NoSchedule}}]
-      containers:
-      - name: sandbox
-        image: {TEST_IMAGE}
-        imagePullPolicy: Never
-        command: ["sleep", "infinity"]
-"""
+SANDBOX_SPEC = real_node_pod_spec(command=["sleep", "infinity"])
 
 
 @pytest.fixture(scope="session")
-def task_node(cluster: LocalCluster) -> Iterator[RealNode]:
-    """The real node with the task-executor image of this tree loaded (built when missing or stale)."""
-    try:
-        with real_node(cluster) as node:
-            load_task_executor_image(node)
-            yield node
-    except RealNodeUnavailable as off:
-        pytest.skip(str(off))
+def task_executor_image(node: RealNode) -> str:
+    """The task-executor image of this tree, loaded into the real node (built when missing or stale)."""
+    return load_task_executor_image(node)
 
 
 @pytest.fixture
 def task_controller(
-    cluster: LocalCluster, crds: None, namespace: str, task_node: RealNode
+    cluster: LocalCluster, crds: None, namespace: str, task_executor_image: str
 ) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(cluster, namespace, "--task-executor-image", TASK_EXECUTOR_IMAGE).start()
+    proc = ControllerProcess(cluster, namespace, "--task-executor-image", task_executor_image).start()
     yield proc
     proc.stop()
 
 
 def pool(name: str, size: int) -> str:
-    return f"""
-apiVersion: sandbox.opensandbox.io/v1alpha1
-kind: Pool
-metadata: {{name: {name}}}
-spec:
-  minBufferSize: {size}
-  maxBufferSize: {size}
-  capacity: {size * 2}
-  taskExecutor: {{enabled: true}}
-  sandboxTemplate:
-    spec:{SANDBOX_SPEC}"""
+    return json.dumps(pool_manifest(name, SANDBOX_SPEC, size, size, size * 2, taskExecutor={"enabled": True}))
 
 
-def batch(name: str, replicas: int, task: str, *, pool_name: str | None = None, extra: str = "") -> str:
-    source = f"poolRef: {pool_name}" if pool_name else f"sandboxTemplate:\n    spec:{SANDBOX_SPEC}"
-    return f"""
-apiVersion: sandbox.opensandbox.io/v1alpha1
-kind: BatchSandbox
-metadata: {{name: {name}}}
-spec:
-  replicas: {replicas}
-  {source}
-  taskTemplate:
-{task}
-{extra}"""
+def batch(name: str, replicas: int, task: dict[str, Any], *, pool_name: str | None = None, **spec: Any) -> str:
+    source = {"poolRef": pool_name} if pool_name else {"sandboxTemplate": {"spec": SANDBOX_SPEC}}
+    return json.dumps(batchsandbox_manifest(name, replicas, **source, taskTemplate=task, **spec))
 
 
 def bs_status(kube: Client, name: str, namespace: str) -> dict[str, Any]:
@@ -96,14 +73,6 @@ def bs_status(kube: Client, name: str, namespace: str) -> dict[str, Any]:
 
 def tasks_of(kube: Client, name: str, namespace: str) -> dict[str, int]:
     return dict(bs_status(kube, name, namespace).get("tasks") or {})
-
-
-def gone(kube: Client, name: str, namespace: str) -> bool:
-    try:
-        kube.get(BatchSandbox, name, namespace=namespace)
-        return False
-    except ApiError as err:
-        return err.status.code == 404
 
 
 def processes_with(argv: list[str]) -> list[int]:
@@ -123,9 +92,11 @@ def test_pooled_tasks_run_in_the_main_container_and_the_ttl_deletes_the_batchsan
     cluster: LocalCluster, kube: Client, namespace: str, task_controller: ControllerProcess
 ) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pool("workers", 3))
-    task = '    command: ["sh", "-c", "echo \\"done $GREETING\\" > /tmp/task-out && cat /tmp/task-out"]\n'
-    task += "    env: [{name: GREETING, value: hello}]"
-    manifest = batch("jobs", 3, task, pool_name="workers", extra="  ttlSecondsAfterFinished: 4")
+    task = {
+        "command": ["sh", "-c", 'echo "done $GREETING" > /tmp/task-out && cat /tmp/task-out'],
+        "env": [{"name": "GREETING", "value": "hello"}],
+    }
+    manifest = batch("jobs", 3, task, pool_name="workers", ttlSecondsAfterFinished=4)
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
     eventually(lambda: tasks_of(kube, "jobs", namespace).get("succeeded") == 3, timeout=120, what="3 tasks succeeded")
     st = bs_status(kube, "jobs", namespace)
@@ -147,7 +118,7 @@ def test_pooled_tasks_run_in_the_main_container_and_the_ttl_deletes_the_batchsan
     assert row[0].split()[-2:] == ["TASKS-SUCCEEDED", "TASKS-FAILED"]
     assert row[1].split()[:5] == ["jobs", "3", "3", "workers", "Succeeded"] and row[1].split()[-2:] == ["3", "0"]
 
-    eventually(lambda: gone(kube, "jobs", namespace), timeout=20, what="deleted after the TTL")
+    eventually(lambda: gone(kube, BatchSandbox, "jobs", namespace), timeout=20, what="deleted after the TTL")
     finished = datetime.fromisoformat(st["finishedAt"].replace("Z", "+00:00"))
     elapsed = (datetime.now(UTC) - finished).total_seconds()
     assert 3.0 <= elapsed < 7.5, f"deleted {elapsed:.1f}s after finishing, TTL 4s"
@@ -158,8 +129,7 @@ def test_a_failing_task_and_a_timed_out_task_count_as_failed(
 ) -> None:
     # Direct mode (the sidecar comes with the BatchSandbox's own pods); sandbox 0 exits 1, sandbox 1
     # sleeps past timeoutSeconds.
-    task = '    command: ["sh", "-c", "case $HOSTNAME in *-0) exit 1;; *) exec sleep 3171;; esac"]\n'
-    task += "    timeoutSeconds: 3"
+    task = {"command": ["sh", "-c", "case $HOSTNAME in *-0) exit 1;; *) exec sleep 3171;; esac"], "timeoutSeconds": 3}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("mixed", 2, task))
     eventually(lambda: tasks_of(kube, "mixed", namespace).get("failed") == 2, timeout=120, what="2 failed tasks")
     st = bs_status(kube, "mixed", namespace)
@@ -176,7 +146,7 @@ def test_a_failing_task_and_a_timed_out_task_count_as_failed(
 def test_deleting_the_batchsandbox_stops_its_running_task(
     cluster: LocalCluster, kube: Client, namespace: str, task_controller: ControllerProcess
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("long", 1, '    command: ["sleep", "3173"]'))
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("long", 1, {"command": ["sleep", "3173"]}))
     eventually(lambda: tasks_of(kube, "long", namespace).get("running") == 1, timeout=120, what="task running")
     assert processes_with(["sleep", "3173"])
     cluster.kubectl("delete", "bsbx", "long", "-n", namespace, "--wait=false")
@@ -186,7 +156,7 @@ def test_deleting_the_batchsandbox_stops_its_running_task(
 def test_the_counts_are_right_after_the_sidecar_is_killed_mid_task(
     cluster: LocalCluster, kube: Client, namespace: str, task_controller: ControllerProcess
 ) -> None:
-    task = '    command: ["sh", "-c", "sleep 3; echo ok >> /tmp/runs"]'
+    task = {"command": ["sh", "-c", "sleep 3; echo ok >> /tmp/runs"]}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("restart", 1, task))
     eventually(lambda: tasks_of(kube, "restart", namespace).get("running") == 1, timeout=120, what="task running")
     pod_name = bs_status(kube, "restart", namespace)["sandboxes"][0]["podName"]
@@ -213,7 +183,7 @@ def test_the_counts_are_right_after_the_sidecar_is_killed_mid_task(
 def test_a_controller_restart_neither_reruns_nor_loses_tasks(
     cluster: LocalCluster, kube: Client, namespace: str, task_controller: ControllerProcess
 ) -> None:
-    task = '    command: ["sh", "-c", "echo run >> /tmp/runs; case $HOSTNAME in *-0) exit 0;; esac; sleep 4"]'
+    task = {"command": ["sh", "-c", "echo run >> /tmp/runs; case $HOSTNAME in *-0) exit 0;; esac; sleep 4"]}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("steady", 2, task))
     eventually(
         lambda: tasks_of(kube, "steady", namespace) == {"pending": 0, "running": 1, "succeeded": 1, "failed": 0},
@@ -230,8 +200,7 @@ def test_a_controller_restart_neither_reruns_nor_loses_tasks(
 
 # --- without the real node (kwok pods) -----------------------------------------------------------
 def ready_condition(kube: Client, name: str, namespace: str) -> dict[str, Any]:
-    conditions = bs_status(kube, name, namespace).get("conditions") or []
-    return next((c for c in conditions if c["type"] == "Ready"), {})
+    return condition(kube.get(BatchSandbox, name, namespace=namespace))
 
 
 def test_tasks_need_a_pool_with_the_sidecar_and_an_executor_image(
@@ -239,19 +208,17 @@ def test_tasks_need_a_pool_with_the_sidecar_and_an_executor_image(
 ) -> None:
     # The `controller` fixture has no --task-executor-image.
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool("plain", 1, 2, 4))
-    task = '    command: ["true"]'
+    task = {"command": ["true"]}
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=batch("pooled", 1, task, pool_name="plain"))
     eventually(lambda: ready_condition(kube, "pooled", namespace).get("reason") == "TaskExecutorMissing")
     assert bs_status(kube, "pooled", namespace)["tasks"] == {"pending": 1, "running": 0, "succeeded": 0, "failed": 0}
 
-    direct = batch("direct", 1, task).replace(SANDBOX_SPEC, "\n      image: ubuntu:latest\n")
+    direct = json.dumps(batchsandbox_manifest("direct", 1, sandboxTemplate={"spec": SEED_POD_SPEC}, taskTemplate=task))
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=direct)
     eventually(lambda: "--task-executor-image" in ready_condition(kube, "direct", namespace).get("message", ""))
 
     # A Pool that enables the sidecar without any image says so too.
-    enabled = seed_pool("sidecar", 1, 2, 4).replace(
-        "  sandboxTemplate:", "  taskExecutor: {enabled: true}\n  sandboxTemplate:"
-    )
+    enabled = json.dumps(pool_manifest("sidecar", SEED_POD_SPEC, 1, 2, 4, taskExecutor={"enabled": True}))
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=enabled)
 
     def pool_reason() -> str:
