@@ -19,6 +19,7 @@ image=${2:?usage: tools/build-image.sh controller|server|execd IMAGE}
 base=localhost/opensandbox-test-base:latest
 engine=${CONTAINER_ENGINE:-podman}
 log() { printf '[build-image] %s\n' "$*" >&2; }
+source "$top/tools/pyinstaller.sh"
 cd "$top"
 
 # Modules a program never imports that the environment would drag in.
@@ -26,21 +27,12 @@ common_excludes=(tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite3 _sqlite3 
   distutils setuptools pkg_resources opensandbox opensandbox_cli opensandbox_mcp docker pytest
   mypy ruff PyInstaller cryptography OpenSSL cffi _cffi_backend)
 
-build_onedir() {  # name entry-module extra-pyinstaller-args...
+build_onedir() {  # prog entry-module extra-pyinstaller-args...: build/<prog>/opensandbox-<prog>/
   local prog=$1 module=$2
   shift 2
-  local out=$top/build/$prog
-  mkdir -p "$out/work"
-  printf 'from %s import main\n\nmain()\n' "$module" >"$out/work/${prog}_entry.py"
-  local args=()
-  for m in "${common_excludes[@]}"; do args+=(--exclude-module "$m"); done
-  log "pyinstaller --onedir opensandbox-$prog"
-  uv run --group dev pyinstaller --onedir --noconfirm --clean --log-level WARN \
-    --name "opensandbox-$prog" --contents-directory lib \
-    --distpath "$out" --workpath "$out/work/build" --specpath "$out/work" \
-    --paths "$top/src" --strip \
-    "${args[@]}" "$@" "$out/work/${prog}_entry.py"
-  log "built $out/opensandbox-$prog/ ($(du -sh "$out/opensandbox-$prog" | cut -f1))"
+  exclude_args "${common_excludes[@]}"
+  build_program onedir "$top/build/$prog" "opensandbox-$prog" "$module" --contents-directory lib \
+    "${excluded_args[@]}" "$@"
 }
 
 # The system libraries the bundle links that it does not carry (glibc's): their paths. The

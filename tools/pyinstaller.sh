@@ -1,6 +1,7 @@
-# Sourced by tools/build-execd.sh and tools/build-task-executor.sh (which set `top` and `log`): a
-# one-file PyInstaller build of a daemon's main(), and a start of the result for their --check. The
-# executables run in images without Python (glibc-based, glibc as new as this build machine's or newer).
+# Sourced by tools/build-execd.sh, tools/build-task-executor.sh and tools/build-image.sh (which set
+# `top` and `log`): PyInstaller builds of a program's main() (one-file for the daemons, one-dir for
+# the controller and server images), and a start of a daemon for their --check. The executables run
+# without Python (glibc-based, glibc as new as this build machine's or newer).
 
 # Excluded: what the daemons never import but the stdlib or site-packages would drag in. `ssl` is also
 # kept out at run time (their main.py), so leaving OpenSSL out of the bundle loses nothing.
@@ -11,22 +12,36 @@ excludes=(ssl _ssl _hashlib tkinter unittest pydoc doctest lib2to3 xmlrpc sqlite
   _codecs_tw pydantic pydantic_core fastapi starlette uvicorn httpx httpcore anyio h11 yaml lightkube
   opensandbox multiprocessing distutils setuptools pkg_resources)
 
-# build_onefile OUT NAME MODULE [EXCLUDE...]: OUT/NAME runs MODULE's main() (cached intermediates in
-# OUT/work); EXCLUDE: more modules to leave out.
-build_onefile() {
-  local out=$1 name=$2 module=$3 entry
-  shift 3
+# build_program MODE OUT NAME MODULE [PYINSTALLER-ARG...]: a PyInstaller build (MODE onefile or
+# onedir) named NAME in OUT that runs MODULE's main(); intermediates cached in OUT/work.
+build_program() {
+  local mode=$1 out=$2 name=$3 module=$4 entry
+  shift 4
   mkdir -p "$out/work"
   entry=${module%.main}
   entry=$out/work/${entry##*.}_entry.py  # PyInstaller wants a file, not a module path
   printf 'from %s import main\n\nmain()\n' "$module" >"$entry"
-  local args=() excluded
-  for excluded in "${excludes[@]}" "$@"; do args+=(--exclude-module "$excluded"); done
-  log "pyinstaller (one-file)"
-  (cd "$top" && uv run --group dev pyinstaller --onefile --noconfirm --clean --log-level WARN \
+  log "pyinstaller --$mode $name"
+  (cd "$top" && uv run --group dev pyinstaller "--$mode" --noconfirm --clean --log-level WARN \
     --name "$name" --distpath "$out" --workpath "$out/work/build" --specpath "$out/work" \
-    --paths "$top/src" --strip "${args[@]}" "$entry")
-  log "built $out/$name ($(du -h "$out/$name" | cut -f1))"
+    --paths "$top/src" --strip "$@" "$entry")
+  log "built $out/$name ($(du -sh "$out/$name" | cut -f1))"
+}
+
+# exclude_args MODULE...: sets `excluded_args` to --exclude-module for each.
+exclude_args() {
+  excluded_args=()
+  local module
+  for module in "$@"; do excluded_args+=(--exclude-module "$module"); done
+}
+
+# build_onefile OUT NAME MODULE [EXCLUDE...]: a daemon's one-file executable OUT/NAME, without
+# `excludes` and EXCLUDE.
+build_onefile() {
+  local out=$1 name=$2 module=$3
+  shift 3
+  exclude_args "${excludes[@]}" "$@"
+  build_program onefile "$out" "$name" "$module" "${excluded_args[@]}"
 }
 
 # start_for_check BINARY PATH [ARG...]: starts BINARY --host 127.0.0.1 --port $port ARG... in the
