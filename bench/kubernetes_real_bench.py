@@ -6,7 +6,7 @@
   direct        `Sandbox.create(image)` (a cold pod: schedule, execd init container, readiness) → first
                 command, for comparison
 
-Run: `OSB_REAL_NODE=1 uv run python -m bench kubernetes_real` or `uv run python -m
+Run: `uv run python -m bench kubernetes_real` or `uv run python -m
 bench.kubernetes_real_bench [--n 50] [--direct 10]`. Prints a notice and writes nothing when the real
 node is off. Each pooled run starts when the Pool's buffer is full (its refill is not timed);
 every sandbox is killed after its run. One namespace with its own controller (`--execd-image`) and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from tests.support.kubernetes_server import (  # noqa: E402
     real_pool,
 )
 from tests.support.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
+from tests.support.real_node import enabled as real_node_enabled  # noqa: E402
 from tests.support.services import local_cluster  # noqa: E402
 
 POOL = "real"
@@ -110,8 +110,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--direct", type=int, default=10, help="direct (cold) runs")
     parser.add_argument("--pool", type=int, default=3, help="the Pool's idle buffer")
     args = parser.parse_args(argv)
-    if os.environ.get(ENV_SWITCH) != "1":
-        print(f"kubernetes_real: skipped, the real node is off ({ENV_SWITCH}=1 turns it on)")
+    if not real_node_enabled():
+        print(f"kubernetes_real: skipped, the real node is off ({ENV_SWITCH}=0)")
         return
     namespace = f"bench-real-{uuid.uuid4().hex[:6]}"
     with local_cluster() as cluster, tempfile.TemporaryDirectory(prefix="k8s-real-bench-") as tmp:

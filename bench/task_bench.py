@@ -1,4 +1,4 @@
-"""BatchSandbox tasks on the real node (OSB_REAL_NODE=1): a pooled BatchSandbox with N replicas and a
+"""BatchSandbox tasks on the real node (on unless OSB_REAL_NODE=0): a pooled BatchSandbox with N replicas and a
 trivial task (`true`), from the create request to the watch event whose status counts N succeeded
 tasks. The Pool (taskExecutor enabled) holds N warm, Ready pods first.
 
@@ -7,7 +7,7 @@ its free CPU divided by the sidecar's request. The sidecar's requests are lowere
 (`--task-executor-cpu-request 5m`, memory 32Mi: the executor idles at ~0 CPU and ~21 MiB): with the
 default 100m, a 2-CPU node holds fewer than 20 such pods.
 
-Run: `OSB_REAL_NODE=1 uv run python -m bench task [--replicas N] [--runs R]` (also `python -m bench.task_bench`).
+Run: `uv run python -m bench task [--replicas N] [--runs R]` (also `python -m bench.task_bench`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
@@ -27,6 +26,7 @@ from opensandbox_platform.kube.client import JSON, KubeClient
 from tests.support.controller import CRDS
 from tests.support.kube import batchsandbox_manifest, pool_manifest
 from tests.support.real_node import RealNodeUnavailable, real_node, real_node_pod_spec
+from tests.support.real_node import enabled as real_node_enabled
 from tests.support.services import LocalCluster, local_cluster
 from tests.support.task_executor import load_task_executor_image
 
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=100, help="replicas (capped by the node's room)")
     parser.add_argument("--runs", type=int, default=1, help="runs (the pool refills in between)")
     args = parser.parse_args(argv)
-    if os.environ.get("OSB_REAL_NODE") != "1":
-        print("task bench skipped: it needs the real node (OSB_REAL_NODE=1)")
+    if not real_node_enabled():
+        print("task bench skipped: it needs the real node (switched off by OSB_REAL_NODE=0)")
         return
     with local_cluster() as cluster:
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))

@@ -3,7 +3,7 @@
 #   tools/cluster.sh up      start etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok
 #   tools/cluster.sh down    stop every process `up` started and remove the state
 #   tools/cluster.sh status  exit 0 when the API server is ready
-# With OSB_REAL_NODE=1, `up` also starts a real node (tools/node.sh: kubelet + containerd + a CNI
+# Unless OSB_REAL_NODE=0, `up` also starts a real node (tools/node.sh: kubelet + containerd + a CNI
 # bridge) and fails when it cannot; `down` always stops whatever tools/node.sh started.
 # Binaries come from tools/build-tools.sh (cached in $OSB_CACHE). State, logs, certificates and the
 # admin kubeconfig live in .cluster/ (git-ignored); `source .cluster/env` sets KUBECONFIG and PATH.
@@ -14,7 +14,7 @@ source "$top/tools/common.sh"
 ETCD_PORT=${OSB_ETCD_PORT:-12379}
 SERVICE_CIDR=10.96.0.0/16
 KWOK_NODES=${OSB_KWOK_NODES:-2}
-REAL_NODE=${OSB_REAL_NODE:-0}
+REAL_NODE=${OSB_REAL_NODE:-1}
 NODE_IP=10.77.0.1  # the real node's address on its bridge (tools/node.sh)
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -85,13 +85,13 @@ api_ready() { curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pk
 
 status() { [[ -f $state/kubeconfig ]] && alive kube-apiserver && api_ready; }
 
-real_node() { [[ $REAL_NODE == 1 ]]; }
+real_node() { [[ $REAL_NODE != 0 ]]; }
 
 up() {
   if status; then
     log "already up"
     fence_fake_addresses
-    if real_node; then "$top/tools/node.sh" up || die "the real node (OSB_REAL_NODE=1) did not start; see $state/logs/kubelet.log and containerd.log"; fi
+    if real_node; then "$top/tools/node.sh" up || die "the real node did not start (OSB_REAL_NODE=0 skips it); see $state/logs/kubelet.log and containerd.log"; fi
     return
   fi
   [[ -x $bin/kube-apiserver && -x $bin/etcd && -x $bin/kwok ]] \
@@ -161,7 +161,7 @@ up() {
   wait_for "kwok nodes" 60 nodes_ready
   write_env
   if real_node; then
-    "$top/tools/node.sh" up || die "the real node (OSB_REAL_NODE=1) did not start; see $state/logs/kubelet.log and containerd.log"
+    "$top/tools/node.sh" up || die "the real node did not start (OSB_REAL_NODE=0 skips it); see $state/logs/kubelet.log and containerd.log"
   fi
   log "ready: source $state/env"
 }

@@ -4,7 +4,7 @@
 #   tools/node.sh down               stop them, kill pod processes, remove mounts, cgroups, bridge, state
 #   tools/node.sh status             exit 0 when kubelet and containerd run and the node is Ready
 #   tools/node.sh load-image IMAGE   copy a podman image into the node's containerd (`k8s.io` namespace)
-# Needs a running control plane (tools/cluster.sh up, started with OSB_REAL_NODE=1 so the API server
+# Needs a running control plane (tools/cluster.sh up, not with OSB_REAL_NODE=0, so the API server
 # reaches kubelets by InternalIP). Nothing is pulled: images come from podman; the pod sandbox
 # ("pause") image is built locally from the test image.
 # Everything lives in .cluster/node/ (containerd root/state/socket, kubelet root, pod logs, CNI IPAM);
@@ -104,7 +104,7 @@ check_host() {
   local apiserver_pid
   apiserver_pid=$(cat "$state/pids/kube-apiserver.pid" 2>/dev/null || true)
   [[ -n $apiserver_pid ]] && grep -qzxF -- --kubelet-preferred-address-types "/proc/$apiserver_pid/cmdline" 2>/dev/null \
-    || die "the API server was started without OSB_REAL_NODE=1 (it would dial kubelets by host name, so logs/exec fail): run tools/cluster.sh down && OSB_REAL_NODE=1 tools/cluster.sh up"
+    || die "the API server was started with OSB_REAL_NODE=0 (it would dial kubelets by host name, so logs/exec fail): run tools/cluster.sh down && tools/cluster.sh up"
   podman image exists "$TEST_IMAGE" || "$top/tools/test-image.sh" || die "the test image $TEST_IMAGE could not be built (tools/test-image.sh)"
 }
 

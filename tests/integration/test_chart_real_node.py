@@ -1,4 +1,4 @@
-"""The chart's images, running (OSB_REAL_NODE=1): the controller and the server installed by the chart
+"""The chart's images, running (on unless OSB_REAL_NODE=0): the controller and the server installed by the chart
 on the real node, with the images built here (tools/build-image.sh) loaded into its containerd.
 
 - scripts/e2e-test.sh passes (Pool, BatchSandbox from a template and from the Pool);

@@ -1,4 +1,4 @@
-"""The real node (OSB_REAL_NODE=1): pods from the test image run; logs, exec and pod IPs work.
+"""The real node (on unless OSB_REAL_NODE=0): pods from the test image run; logs, exec and pod IPs work.
 
 Each test makes its own namespace (deleted afterwards, which stops its pods) and contacts only the pods
 it created, at their own pod IPs.

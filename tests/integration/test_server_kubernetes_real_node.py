@@ -1,4 +1,4 @@
-"""The official SDK through the server's kubernetes runtime to pods on the real node (OSB_REAL_NODE=1).
+"""The official SDK through the server's kubernetes runtime to pods on the real node (on unless OSB_REAL_NODE=0).
 
 The controller injects execd (`--execd-image`); sandboxes run on the real node (a Pool with its
 nodeSelector and toleration, and `kubernetes.defaultPodSpec` for direct mode), and the SDK talks to

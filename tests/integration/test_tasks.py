@@ -1,4 +1,4 @@
-"""BatchSandbox tasks on the real node (OSB_REAL_NODE=1): the controller injects the task-executor
+"""BatchSandbox tasks on the real node (on unless OSB_REAL_NODE=0): the controller injects the task-executor
 sidecar, dispatches one task per replica, follows it, and counts it in status.
 
 The pods run the test image and the task-executor image built from this tree (loaded into the

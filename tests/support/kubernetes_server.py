@@ -41,7 +41,7 @@ def kubernetes_server(
         server.stop()
 
 
-# --- the real node (OSB_REAL_NODE=1) ---------------------------------------------------------------
+# --- the real node (on unless OSB_REAL_NODE=0) ---------------------------------------------------------------
 EXECD_IMAGE = "localhost/opensandbox/execd:dev"  # as podman and the node's containerd name it
 SMALL = {"cpu": "250m", "memory": "128Mi"}  # the node has 2 CPUs: the SDK's default (1 CPU) fits twice
 

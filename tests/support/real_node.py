@@ -1,6 +1,6 @@
 """The real node of the local cluster (tools/node.sh): kubelet + containerd, pods that actually run.
 
-It is off unless OSB_REAL_NODE=1. Tests choose it explicitly with `REAL_NODE_PLACEMENT`, since it is
+It is on unless OSB_REAL_NODE=0. Tests choose it explicitly with `REAL_NODE_PLACEMENT`, since it is
 tainted; kwok nodes stay for everything else. Images come from podman (`tools/node.sh load-image`):
 pods use imagePullPolicy Never, as no registry is reachable.
 """
@@ -41,8 +41,13 @@ def real_node_pod_spec(**container: Any) -> dict[str, Any]:
     return {"terminationGracePeriodSeconds": 1, **PLACEMENT, "containers": [main]}
 
 
+def enabled() -> bool:
+    """The real node is on by default; OSB_REAL_NODE=0 switches it off (kwok nodes only)."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
+
+
 class RealNodeUnavailable(Exception):
-    """The real node is switched off (OSB_REAL_NODE is not 1)."""
+    """The real node is switched off (OSB_REAL_NODE=0)."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,9 @@ def real_node(cluster: LocalCluster) -> Iterator[RealNode]:
     Raises RealNodeUnavailable when switched off, RuntimeError (with tools/node.sh's reason) when it
     cannot start.
     """
-    if os.environ.get(ENV_SWITCH) != "1":
+    if not enabled():
         raise RealNodeUnavailable(
-            f"the real node is off: set {ENV_SWITCH}=1 to run kubelet + containerd "
+            f"the real node is off ({ENV_SWITCH}=0); unset it to run kubelet + containerd "
             "(tools/node.sh, docs/test-cluster.md)"
         )
     started = _node_sh("status").returncode != 0
@@ -78,7 +83,7 @@ def real_node(cluster: LocalCluster) -> Iterator[RealNode]:
         result = _node_sh("up")
         if result.returncode != 0:
             reason = result.stderr[-4000:]
-            raise RuntimeError(f"{ENV_SWITCH}=1 but the real node did not start (tools/node.sh up):\n{reason}")
+            raise RuntimeError(f"the real node did not start (tools/node.sh up):\n{reason}")
     try:
         yield RealNode(name=NODE_NAME, cluster=cluster)
     finally:
