@@ -292,7 +292,8 @@ def test_sandboxes_survive_a_restart_and_are_still_reaped_on_time(tmp_path: Path
         paused = create(server, metadata={"role": "paused"})
         doomed = create(server, metadata={"role": "doomed"})
         assert httpx.post(f"{server.url}/v1/sandboxes/{paused['id']}/pause").status_code == 202
-        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+        # Far enough ahead to outlast a restart on a loaded machine (a docker restart alone takes ~4 s).
+        due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=10)
         renew = httpx.post(
             f"{server.url}/v1/sandboxes/{doomed['id']}/renew-expiration", json={"expiresAt": due.isoformat()}
         )
