@@ -181,7 +181,7 @@ class KubernetesRuntime:
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
         _check_metadata_keys(spec.metadata)
-        if getattr(spec, "image_auth", None):
+        if spec.image_auth:
             raise ApiError(400, errors.API_NOT_SUPPORTED, "image.auth is not supported by the kubernetes runtime")
         pool = spec.extensions.get(POOL_REF)
         image = await self._pool_image(pool) if pool else None
