@@ -39,16 +39,18 @@ execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd 
 	tools/setup.sh run
 	tools/build-execd.sh --check
 
-execd-image: execd-binary  ## the execd image opensandbox/execd:dev (podman; copies the built binary)
-	podman build -f images/execd.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t opensandbox/execd:dev .
+execd-image:  ## the execd image localhost/opensandbox/execd:dev (what the tests use; podman)
+	tools/setup.sh run
+	tools/build-image.sh execd localhost/opensandbox/execd:dev
 
 TASK_EXECUTOR_IMG ?= opensandbox/task-executor:dev
 task-executor-binary:  ## build the self-contained task-executor: build/task-executor/opensandbox-task-executor
 	tools/setup.sh run
 	tools/build-task-executor.sh --check
 
-docker-build-task-executor: task-executor-binary  ## the task-executor image $(TASK_EXECUTOR_IMG) (podman)
-	podman build -f images/task-executor.Dockerfile --build-arg BASE_IMAGE=localhost/opensandbox-test-base:latest -t $(TASK_EXECUTOR_IMG) .
+docker-build-task-executor:  ## the task-executor image $(TASK_EXECUTOR_IMG) (podman; tools/build-image.sh)
+	tools/setup.sh run
+	tools/build-image.sh task-executor $(TASK_EXECUTOR_IMG)
 
 IMG ?= opensandbox/controller:dev
 SERVER_IMG ?= opensandbox/server:v0.1.0

@@ -3,19 +3,20 @@
 #   tools/build-image.sh controller IMAGE     images/controller.Dockerfile (opensandbox-controller)
 #   tools/build-image.sh server IMAGE         images/server.Dockerfile (opensandbox-server)
 #   tools/build-image.sh execd IMAGE          images/execd.Dockerfile (tools/build-execd.sh)
+#   tools/build-image.sh task-executor IMAGE  images/task-executor.Dockerfile (tools/build-task-executor.sh)
 #
 # controller and server are built one-dir (build/<name>/opensandbox-<name>/: the executable beside
 # its libraries; nothing is unpacked at start, so a read-only root file system works) and copied
 # with the few system libraries they link (glibc's, resolved with ldd on this machine: the build
 # needs this glibc) into an image FROM scratch: no shell, no package manager, no Python.
-# execd's image is FROM localhost/opensandbox-test-base:latest (tools/test-image.sh), which its
-# init container needs for `cp`.
+# execd's and the task executor's images are FROM localhost/opensandbox-test-base:latest
+# (tools/test-image.sh): execd's init container needs `cp`; both are one-file executables.
 # An unqualified IMAGE (opensandbox/controller:dev) is also tagged docker.io/IMAGE: that is the
 # name a kubelet looks for, so an image loaded into a node's runtime is found with pullPolicy Never.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-name=${1:?usage: tools/build-image.sh controller|server|execd IMAGE}
-image=${2:?usage: tools/build-image.sh controller|server|execd IMAGE}
+name=${1:?usage: tools/build-image.sh controller|server|execd|task-executor IMAGE}
+image=${2:?usage: tools/build-image.sh controller|server|execd|task-executor IMAGE}
 base=localhost/opensandbox-test-base:latest
 engine=${CONTAINER_ENGINE:-podman}
 log() { printf '[build-image] %s\n' "$*" >&2; }
@@ -71,16 +72,16 @@ case $name in
       --hidden-import uvloop --hidden-import httptools
     stage_libs server
     ;;
-  execd)
+  execd | task-executor)
     "$top/tools/test-image.sh"  # the local base (no registry)
-    tools/build-execd.sh
+    "tools/build-$name.sh"
     ;;
-  *) log "unknown program $name (controller, server or execd)"; exit 2 ;;
+  *) log "unknown program $name (controller, server, execd or task-executor)"; exit 2 ;;
 esac
 
 log "$engine build $image"
 build_args=()
-[[ $name != execd ]] || build_args=(--build-arg "BASE_IMAGE=$base")
+[[ $name != execd && $name != task-executor ]] || build_args=(--build-arg "BASE_IMAGE=$base")
 "$engine" build -q -f "images/$name.Dockerfile" "${build_args[@]}" -t "$image" . >/dev/null
 first=${image%%/*}
 if [[ $image == */* && $first != *.* && $first != *:* && $first != localhost ]]; then

@@ -1,8 +1,9 @@
 """The server shared by the e2e tests of one session, once per runtime under test.
 
 `runtime_name` is parametrized over `OSB_E2E_RUNTIMES` (default local,docker); tests that start
-their own server take it too, so they run with each runtime. A runtime whose service is missing
-here is skipped with the reason; tests of one runtime's internals skip the others themselves.
+their own server take it too, so they run with each runtime. The docker runtime starts podman's
+Docker API (the `docker_host` fixture) and fails when it cannot start; a runtime whose other parts
+are missing here is skipped with the reason; tests of one runtime's internals skip the others themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from tests.e2e.server_support import FLAVORS, ServerProcess, running_server, run
 @pytest.fixture(scope="session", params=runtimes_under_test())
 def runtime_name(request: pytest.FixtureRequest) -> str:
     name: str = request.param
+    if name == "docker":
+        request.getfixturevalue("docker_host")  # podman's Docker API (started if it is not running)
     reason = FLAVORS[name].unavailable()
     if reason:
         pytest.skip(f"{name} runtime: {reason}")

@@ -21,6 +21,7 @@ from tests.e2e.server_support import (
     docker_containers,
     docker_unavailable,
 )
+from tests.support.images import built_image
 
 CREATE = {"image": {"uri": DOCKER_TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 HELPER_LABEL = "opensandbox.io/execd-helper"
@@ -28,13 +29,12 @@ CAP_BITS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "NET_RAW": 13, "SYS_ADMIN": 21
 
 
 @pytest.fixture(scope="module")
-def docker_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def docker_server(tmp_path_factory: pytest.TempPathFactory, docker_host: str) -> Iterator[ServerProcess]:
     """A docker server that takes execd out of the execd image (no execdBinary/execdBootstrap)."""
     reason = docker_unavailable()
-    if reason is None and docker_api("GET", f"/images/{DOCKER_EXECD_IMAGE}/json").status_code != 200:
-        reason = f"{DOCKER_EXECD_IMAGE} is missing (make execd-image)"
     if reason:
         pytest.skip(f"docker runtime: {reason}")
+    built_image("execd", DOCKER_EXECD_IMAGE)
     server = ServerProcess(
         tmp_path_factory.mktemp("docker"),
         runtime="docker",

@@ -32,10 +32,10 @@ from opensandbox.exceptions import SandboxApiException
 from opensandbox.models import SandboxFilter
 
 from tests.conftest import TEST_IMAGE
+from tests.support.images import built_image
 from tests.support.ports import free_port
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, RealNodeUnavailable
-from tests.support.real_node import real_node as start_real_node
-from tests.support.services import ROOT, TOOLS, LocalCluster
+from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, PLACEMENT, RealNode
+from tests.support.services import ROOT, LocalCluster
 
 CHART = ROOT / "charts" / "opensandbox-controller"
 # The chart's default image names; an unqualified name is docker.io/<name> to the kubelet, and
@@ -45,47 +45,16 @@ IMAGES = {
     "server": "opensandbox/server:v0.1.0",
     "execd": "opensandbox/execd:v1.0.5",
 }
-SOURCES = [ROOT / "src", ROOT / "images", TOOLS / "build-image.sh", ROOT / "uv.lock"]
-PLACEMENT = {
-    "nodeSelector": {NODE_LABEL[0]: NODE_LABEL[1]},
-    "tolerations": [{"key": NODE_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-}
 SMALL = {"cpu": "250m", "memory": "128Mi"}
 MEMORY_BUDGET = 100 * 2**20  # the chart's limit is 128Mi: keep headroom
 
 
-def newest_source() -> float:
-    """The newest input of the images (not __pycache__, which every test run rewrites)."""
-    files = [p for root in SOURCES for p in ([root] if root.is_file() else root.rglob("*"))]
-    return max(p.stat().st_mtime for p in files if p.is_file() and "__pycache__" not in p.parts)
-
-
-def image_created(image: str) -> float | None:
-    result = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Created.Unix}}", f"docker.io/{image}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return float(result.stdout.strip()) if result.returncode == 0 else None
-
-
 @pytest.fixture(scope="session")
-def chart_images(cluster: LocalCluster) -> Iterator[RealNode]:
+def chart_images(node: RealNode) -> RealNode:
     """The real node with the chart's images, built here when missing or older than the sources."""
-    try:
-        with start_real_node(cluster) as node:
-            for program, image in IMAGES.items():
-                created = image_created(image)
-                if created is None or created < newest_source():
-                    build = subprocess.run(
-                        [str(TOOLS / "build-image.sh"), program, image], cwd=ROOT, capture_output=True, text=True
-                    )
-                    assert build.returncode == 0, f"build-image.sh {program}:\n{build.stderr[-4000:]}"
-                node.load_image(f"docker.io/{image}")
-            yield node
-    except RealNodeUnavailable as off:
-        pytest.skip(str(off))
+    for program, image in IMAGES.items():
+        node.load_image(built_image(program, image))
+    return node
 
 
 def helm(cluster: LocalCluster, *args: str) -> str:

@@ -24,6 +24,7 @@ from opensandbox.exceptions import SandboxApiException
 from opensandbox_platform.api import labels
 from tests.conftest import TEST_IMAGE
 from tests.support.controller import ControllerProcess
+from tests.support.images import built_image
 from tests.support.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
 from tests.support.kubernetes_server import (
     EXECD_IMAGE,
@@ -39,7 +40,7 @@ from tests.support.services import LocalCluster
 
 @pytest.fixture(scope="session")
 def execd_image(node: RealNode) -> str:
-    node.load_image(EXECD_IMAGE)
+    node.load_image(built_image("execd", EXECD_IMAGE))
     return EXECD_IMAGE
 
 
