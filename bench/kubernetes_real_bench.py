@@ -8,7 +8,7 @@
 
 Run: `uv run python -m bench kubernetes_real` or `uv run python -m
 bench.kubernetes_real_bench [--n 50] [--direct 10]`. Prints a notice and writes nothing when the real
-node is off. Each pooled run starts when the Pool's buffer is full (its refill is not timed);
+node is off. Each pooled run starts when the Pool has its whole buffer idle and Ready (read from the pods; the refill is not timed);
 every sandbox is killed after its run. One namespace with its own controller (`--execd-image`) and
 server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes bench/results/kubernetes-real.json.
 """
@@ -32,8 +32,9 @@ from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
+from opensandbox_platform.api import labels  # noqa: E402
 from opensandbox_platform.controller.state import POOLS  # noqa: E402
-from opensandbox_platform.kube.client import KubeClient  # noqa: E402
+from opensandbox_platform.kube.client import PODS, KubeClient  # noqa: E402
 from tests.conftest import TEST_IMAGE  # noqa: E402
 from tests.support.controller import CRDS, ControllerProcess  # noqa: E402
 from tests.support.kubernetes_server import (  # noqa: E402
@@ -51,18 +52,28 @@ POOL = "real"
 
 
 async def full_pool(client: KubeClient, namespace: str, size: int, timeout: float = 120) -> None:
-    """Until the Pool reports its whole buffer idle and Ready. Its status lags by up to 0.5 s, so a
-    stale figure after a claim still means at least size - 1 idle pods: the next create finds one."""
+    """Until `size` pods of the Pool are idle (unclaimed), Ready and not terminating. Read from the pods:
+    the Pool's status is written at most every 0.5 s, and a stale `available` let runs start with
+    fewer idle pods than that, so every few runs a create waited for a cold pod."""
+    selector = f"{labels.POOL}={POOL},!{labels.BATCHSANDBOX}"
     deadline = time.monotonic() + timeout
-    while ((await client.get(POOLS, POOL, namespace)).get("status") or {}).get("available", 0) < size:
+    while sum(map(_idle_ready, (await client.list(PODS, namespace, labelSelector=selector))["items"])) < size:
         if time.monotonic() > deadline:
-            raise TimeoutError("the Pool has no idle Ready pod")
+            raise TimeoutError(f"the Pool has fewer than {size} idle Ready pods")
         await asyncio.sleep(0.1)
 
 
-async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> float:
+def _idle_ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return ready and not pod["metadata"].get("deletionTimestamp")
+
+
+async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> tuple[float, float]:
+    """Seconds from the create to the first command's end, and of the create (with the SDK's health check)."""
     started = time.perf_counter()
     sb = await Sandbox.create(TEST_IMAGE, connection_config=config, resource=SMALL, **kwargs)
+    created = time.perf_counter() - started
     try:
         execution = await sb.commands.run("true")
         elapsed = time.perf_counter() - started
@@ -70,7 +81,7 @@ async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> fl
     finally:
         await sb.kill()
         await sb.close()
-    return elapsed
+    return elapsed, created
 
 
 async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: argparse.Namespace) -> Any:
@@ -93,11 +104,12 @@ async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: a
             for _ in range(args.n):
                 await full_pool(client, namespace, args.pool)
                 samples.append(await create_to_first_command(config, **kwargs))
-            results[name] = summary_ms(samples)
-            print(f"{name}: {results[name]}", flush=True)
+            results[name] = summary_ms([total for total, _ in samples])
+            results[f"{name}_create_only"] = summary_ms([created for _, created in samples])
+            print(f"{name}: {results[name]}\n  of which Sandbox.create: {results[f'{name}_create_only']}", flush=True)
         await client.patch(POOLS, POOL, {"spec": {"minBufferSize": 0, "maxBufferSize": 0}}, namespace)
         direct = [await create_to_first_command(config, entrypoint=["sleep", "infinity"]) for _ in range(args.direct)]
-        results["direct"] = summary_ms(direct)
+        results["direct"] = summary_ms([total for total, _ in direct])
         print(f"direct: {results['direct']}", flush=True)
     finally:
         await client.aclose()
