@@ -6,11 +6,12 @@
   direct        `Sandbox.create(image)` (a cold pod: schedule, execd init container, readiness) → first
                 command, for comparison
 
-Run: `uv run python -m bench kubernetes_real` or `uv run python -m
-bench.kubernetes_real_bench [--n 50] [--direct 10]`. Prints a notice and writes nothing when the real
-node is off. Each pooled run starts when the Pool has its whole buffer idle and Ready (read from
-the pods; the refill is not timed); every sandbox is killed after its run. One namespace with its own controller (`--execd-image`) and
-server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes bench/results/kubernetes-real.json.
+Run: `uv run python -m bench kubernetes_real` or `uv run python -m bench.kubernetes_real_bench [--n
+50] [--direct 10]`. Prints a notice and writes nothing when the real node is off. Each pooled run
+starts when the Pool has its whole buffer idle and Ready (read from the pods; the refill is not
+timed); every sandbox is killed after its run. One namespace with its own controller
+(`--execd-image`) and server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes
+bench/results/kubernetes-real.json.
 """
 
 from __future__ import annotations
