@@ -1,13 +1,21 @@
-"""The images of this tree (tools/build-image.sh), built for a test when missing or older than the sources."""
+"""The images of this tree (tools/build-image.sh), built for a test when missing or built from other sources.
+
+An image carries the hash of the sources it was built from (label opensandbox.io/source-hash), so a
+fresh clone of the same commit reuses the images of an earlier run instead of rebuilding them.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
+from functools import cache
 from pathlib import Path
 
 from tests.support.services import ROOT, TOOLS
 
 SOURCES = [ROOT / "src", ROOT / "images", TOOLS / "build-image.sh", TOOLS / "pyinstaller.sh", ROOT / "uv.lock"]
+HASH_LABEL = "opensandbox.io/source-hash"
 
 
 def qualified(image: str) -> str:
@@ -18,29 +26,38 @@ def qualified(image: str) -> str:
     return f"docker.io/{image}"
 
 
-def newest_source() -> float:
-    """The newest input of the images (not __pycache__, which every test run rewrites)."""
+@cache
+def source_hash() -> str:
+    """The hash of every input of the images: paths and contents (not __pycache__)."""
+    digest = hashlib.sha256()
     files: list[Path] = [p for root in SOURCES for p in ([root] if root.is_file() else root.rglob("*"))]
-    return max(p.stat().st_mtime for p in files if p.is_file() and "__pycache__" not in p.parts)
+    for path in sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
-def image_created(image: str) -> float | None:
+def built_from(image: str) -> str | None:
+    """The source hash `image` was built from, or None when it is missing."""
     result = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Created.Unix}}", qualified(image)],
+        ["podman", "image", "inspect", "--format", f'{{{{index .Labels "{HASH_LABEL}"}}}}', qualified(image)],
         capture_output=True,
         text=True,
         check=False,
     )
-    return float(result.stdout.strip()) if result.returncode == 0 else None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def built_image(program: str, image: str) -> str:
-    """`image` of `program` (controller, server, execd, task-executor), rebuilt when missing or stale;
-    returns its qualified name (as podman and, once loaded, the node's containerd know it)."""
-    created = image_created(image)
-    if created is None or created < newest_source():
+    """`image` of `program` (controller, server, execd, task-executor), rebuilt unless it was built from
+    these sources; returns its qualified name (as podman and, once loaded, the node's containerd know it)."""
+    if built_from(image) != source_hash():
         build = subprocess.run(
-            [str(TOOLS / "build-image.sh"), program, image], cwd=ROOT, capture_output=True, text=True, check=False
+            [str(TOOLS / "build-image.sh"), program, image],
+            cwd=ROOT,
+            env={**os.environ, "SOURCE_HASH": source_hash()},
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert build.returncode == 0, f"tools/build-image.sh {program} {image}:\n{build.stderr[-4000:]}"
     return qualified(image)
