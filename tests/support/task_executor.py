@@ -9,7 +9,7 @@ TASK_EXECUTOR_IMAGE = "localhost/opensandbox/task-executor:dev"
 
 
 def load_task_executor_image(node: RealNode) -> str:
-    """Loads the image (built when older than its sources) into the node's containerd and returns
+    """Loads the image (rebuilt when its sources changed) into the node's containerd and returns
     its name as containerd knows it."""
     image = built_image("task-executor", TASK_EXECUTOR_IMAGE)
     node.load_image(image)
