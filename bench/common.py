@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
+from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
 from tests.support.controller import ControllerProcess
 from tests.support.services import LocalCluster

@@ -17,7 +17,7 @@ import time
 import uuid
 
 from bench.common import controller_for, create_and_watch, summary_ms, wait_pool_available, write
-from opensandbox_platform.controller.state import BATCHSANDBOXES, POOLS
+from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
 from tests.support.controller import CRDS
 from tests.support.kube import SEED_POD_SPEC, batchsandbox_manifest, pool_manifest

@@ -34,7 +34,7 @@ from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
 from opensandbox_platform.api import labels  # noqa: E402
-from opensandbox_platform.controller.state import POOLS  # noqa: E402
+from opensandbox_platform.api.resources import POOLS  # noqa: E402
 from opensandbox_platform.kube.client import PODS, KubeClient  # noqa: E402
 from tests.conftest import TEST_IMAGE  # noqa: E402
 from tests.support.controller import CRDS, ControllerProcess  # noqa: E402

@@ -20,6 +20,7 @@ from prometheus_client import Histogram
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec
+from opensandbox_platform.api.resources import BATCHSANDBOXES
 from opensandbox_platform.controller.conditions import same_status, set_condition
 from opensandbox_platform.controller.pods import (
     PodInfo,
@@ -31,7 +32,6 @@ from opensandbox_platform.controller.pods import (
     slim_pod,
 )
 from opensandbox_platform.controller.state import (
-    BATCHSANDBOXES,
     BY_BATCHSANDBOX,
     BY_POOL,
     REFILL_DELAY,

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 
 from opensandbox_platform.api import labels
+from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
 from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.controller.pool import PoolReconciler
 from opensandbox_platform.controller.state import (
-    BATCHSANDBOXES,
     BY_BATCHSANDBOX,
     BY_POOL,
     BY_POOL_REF,
-    POOLS,
     REFILL_DELAY,
     CachedObject,
     Settings,

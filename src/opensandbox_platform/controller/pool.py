@@ -26,13 +26,13 @@ from prometheus_client import Gauge
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
+from opensandbox_platform.api.resources import POOLS
 from opensandbox_platform.controller.conditions import same_status, set_condition
 from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, pool_revision
 from opensandbox_platform.controller.state import (
     BY_BATCHSANDBOX,
     BY_POOL,
     BY_POOL_REF,
-    POOLS,
     REFILL_DELAY,
     PodCreateError,
     Shared,

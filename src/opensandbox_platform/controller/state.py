@@ -5,15 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from opensandbox_platform.api import labels
 from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.pods import PodInfo
-from opensandbox_platform.kube.client import JSON, KubeClient, Resource
+from opensandbox_platform.kube.client import JSON, KubeClient
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.kube.workqueue import WorkQueue
-
-POOLS = Resource(labels.GROUP, labels.VERSION, "pools", "Pool")
-BATCHSANDBOXES = Resource(labels.GROUP, labels.VERSION, "batchsandboxes", "BatchSandbox")
 
 # A Pool refills this long after a claim, so that background pod creation does not slow the claim's status.
 REFILL_DELAY = 0.1  # seconds

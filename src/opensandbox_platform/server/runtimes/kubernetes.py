@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.kube.client import JSON, KubeClient, Resource
+from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
+from opensandbox_platform.kube.client import JSON, KubeClient
 from opensandbox_platform.kube.client import ApiError as KubeApiError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors
@@ -43,8 +44,6 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
 
 log = logging.getLogger(__name__)
 
-POOLS = Resource(labels.GROUP, labels.VERSION, "pools", "Pool")
-BATCHSANDBOXES = Resource(labels.GROUP, labels.VERSION, "batchsandboxes", "BatchSandbox")
 
 POD_READY_TIMEOUT = "KUBERNETES::POD_READY_TIMEOUT"
 POD_IP_NOT_AVAILABLE = "KUBERNETES::POD_IP_NOT_AVAILABLE"  # the SDK retries endpoint calls on this one
