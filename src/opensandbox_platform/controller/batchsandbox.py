@@ -27,7 +27,6 @@ from opensandbox_platform.controller.pods import (
     TaskExecutorSidecar,
     build_pod,
     owner_reference,
-    parse_time,
     pool_revision,
     slim_pod,
 )
@@ -40,8 +39,8 @@ from opensandbox_platform.controller.state import (
     slim_object,
 )
 from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher, count
-from opensandbox_platform.kube.client import JSON, PODS, ApiError
-from opensandbox_platform.kube.leaderelection import micro_time
+from opensandbox_platform.daemon import times
+from opensandbox_platform.kube.client import JSON, PODS, KubeError
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +59,6 @@ READY_LATENCY = Histogram(
 
 
 EXECD_TIMEOUT = aiohttp.ClientTimeout(total=10)
-
-
-def rfc3339(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def bootstrap_request(spec: BatchSandboxSpec) -> JSON | None:
@@ -117,9 +112,9 @@ class BatchSandboxReconciler:
         spec = BatchSandboxSpec.model_validate(bs["spec"])
         now = datetime.now(UTC)
         if spec.expireTime is not None and spec.expireTime <= now:
-            await self._delete(bs, "Expired", f"expireTime {rfc3339(spec.expireTime)} reached")
+            await self._delete(bs, "Expired", f"expireTime {times.rfc3339(spec.expireTime)} reached")
             return None
-        finished_at = parse_time((bs.get("status") or {}).get("finishedAt"))
+        finished_at = times.parse_optional((bs.get("status") or {}).get("finishedAt"))
         ttl = spec.ttlSecondsAfterFinished
         if finished_at and ttl is not None and finished_at + timedelta(seconds=ttl) <= now:
             await self._delete(bs, "TTLExpired", f"finished {ttl}s ago")
@@ -190,7 +185,7 @@ class BatchSandboxReconciler:
     async def _delete_pod(self, pod: PodInfo) -> None:
         try:
             await self.shared.client.delete(PODS, pod.name, pod.namespace, precondition_uid=pod.uid)
-        except ApiError as err:
+        except KubeError as err:
             if not (err.not_found or err.conflict):
                 raise
 
@@ -223,7 +218,7 @@ class BatchSandboxReconciler:
             )
             try:
                 pods[index] = slim_pod(await self.shared.client.create(PODS, pod, meta["namespace"]))
-            except ApiError as err:
+            except KubeError as err:
                 if not err.conflict:  # a conflict: the old pod of that name is still terminating
                     return err.message
             return None
@@ -270,7 +265,7 @@ class BatchSandboxReconciler:
             await asyncio.gather(*(one(i, p) for i, p in zip(missing, chosen, strict=False)))
         finally:
             reserved.difference_update(p.key for p in chosen)
-        created = parse_time(meta.get("creationTimestamp"))
+        created = times.parse_optional(meta.get("creationTimestamp"))
         if chosen and created:
             elapsed = (datetime.now(UTC) - created).total_seconds()
             for _ in chosen:
@@ -292,13 +287,13 @@ class BatchSandboxReconciler:
             "metadata": {
                 "resourceVersion": pod.resource_version,  # the precondition: 409 if anyone wrote since
                 "labels": {labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
-                "annotations": {labels.CLAIMED_AT: micro_time()},
+                "annotations": {labels.CLAIMED_AT: times.rfc3339(digits=6)},
                 "ownerReferences": [owner_reference(bs)],
             }
         }
         try:
             result = await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)
-        except ApiError as err:
+        except KubeError as err:
             if err.conflict or err.not_found:
                 return None  # someone else changed it: pick another next time
             raise
@@ -325,7 +320,7 @@ class BatchSandboxReconciler:
             message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
             self.shared.events.record(bs, "Warning", "EntrypointFailed", message)
             raise
-        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: micro_time()}}}
+        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: times.rfc3339(digits=6)}}}
         self.shared.pods.assume(slim_pod(await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)))
 
     async def _scale_down(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
@@ -344,7 +339,7 @@ class BatchSandboxReconciler:
                 BATCHSANDBOXES.path(meta["namespace"], meta["name"]),
                 body={"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
             )
-        except ApiError as err:
+        except KubeError as err:
             if not (err.not_found or err.conflict):
                 raise
 
@@ -400,7 +395,7 @@ class BatchSandboxReconciler:
             failed = any(p.main_exit_code for p in pods.values())
         finished_at = old.get("finishedAt")
         if finished and not finished_at:
-            finished_at = rfc3339(now)
+            finished_at = times.rfc3339(now)
         if finished or (finished_at and tasks is not None):
             phase = "Failed" if failed else "Succeeded"
         elif ready == spec.replicas:
@@ -449,7 +444,7 @@ class BatchSandboxReconciler:
                 bs, "Warning" if problem[0] == "PoolNotFound" else "Normal", problem[0], problem[1]
             )
         if all_ready and old.get("ready") != ready:
-            created = parse_time(meta.get("creationTimestamp"))
+            created = times.parse_optional(meta.get("creationTimestamp"))
             if created:
                 READY_LATENCY.labels("pooled" if spec.poolRef else "direct").observe((now - created).total_seconds())
         result = await self.shared.client.patch(
@@ -463,7 +458,7 @@ def next_deadline(spec: BatchSandboxSpec, status: JSON, now: datetime) -> float 
     deadlines: list[datetime] = []
     if spec.expireTime is not None:
         deadlines.append(spec.expireTime)
-    finished_at = parse_time(status.get("finishedAt"))
+    finished_at = times.parse_optional(status.get("finishedAt"))
     if finished_at and spec.ttlSecondsAfterFinished is not None:
         deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
     return max(0.0, (min(deadlines) - now).total_seconds()) if deadlines else None

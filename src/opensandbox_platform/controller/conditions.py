@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
-from opensandbox_platform.kube.leaderelection import micro_time
 
 
 def set_condition(conditions: list[JSON], type_: str, status: bool, reason: str, message: str, generation: int) -> None:
@@ -11,7 +11,7 @@ def set_condition(conditions: list[JSON], type_: str, status: bool, reason: str,
     for cond in conditions:
         if cond["type"] == type_:
             if cond["status"] != value:
-                cond["lastTransitionTime"] = micro_time()[:19] + "Z"
+                cond["lastTransitionTime"] = times.rfc3339()
             cond.update(status=value, reason=reason, message=message, observedGeneration=generation)
             return
     conditions.append(
@@ -20,7 +20,7 @@ def set_condition(conditions: list[JSON], type_: str, status: bool, reason: str,
             "status": value,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": micro_time()[:19] + "Z",
+            "lastTransitionTime": times.rfc3339(),
             "observedGeneration": generation,
         }
     )

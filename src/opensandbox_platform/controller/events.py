@@ -7,8 +7,8 @@ import logging
 import time
 import uuid
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import EVENTS, JSON, KubeClient
-from opensandbox_platform.kube.leaderelection import micro_time
 
 log = logging.getLogger(__name__)
 COMPONENT = "opensandbox-controller"
@@ -41,7 +41,7 @@ class EventRecorder:
     def record(self, obj: JSON, type_: str, reason: str, message: str) -> None:
         """`type_` is Normal or Warning; `reason` is UpperCamelCase, `message` a sentence for a person."""
         meta = obj["metadata"]
-        now = micro_time()
+        now = times.now()
         event = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -60,8 +60,8 @@ class EventRecorder:
             "source": {"component": COMPONENT, "host": self.host},
             "reportingComponent": COMPONENT,
             "reportingInstance": self.host,
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
+            "firstTimestamp": times.rfc3339(now),
+            "lastTimestamp": times.rfc3339(now),
             "count": 1,
         }
         log.log(

@@ -10,8 +10,8 @@ import sys
 from opensandbox_platform.api.crdgen import render
 from opensandbox_platform.controller.manager import Manager, Options, pod_namespace
 from opensandbox_platform.controller.state import Settings
-from opensandbox_platform.daemon import stop_on_signals
-from opensandbox_platform.kube import logs
+from opensandbox_platform.daemon import logs
+from opensandbox_platform.daemon.process import stop_on_signals
 from opensandbox_platform.kube.client import KubeClient
 from opensandbox_platform.kube.serving import (
     MetricsAuth,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from opensandbox_platform.api import labels
@@ -236,7 +235,3 @@ def build_pod(
         },
         "spec": pod_spec(template, execd_image, task_executor),
     }
-
-
-def parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None

@@ -28,7 +28,7 @@ from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
 from opensandbox_platform.api.resources import POOLS
 from opensandbox_platform.controller.conditions import same_status, set_condition
-from opensandbox_platform.controller.pods import PodInfo, build_pod, parse_time, pool_revision
+from opensandbox_platform.controller.pods import PodInfo, build_pod, pool_revision
 from opensandbox_platform.controller.state import (
     BY_BATCHSANDBOX,
     BY_POOL,
@@ -39,7 +39,8 @@ from opensandbox_platform.controller.state import (
     slim_object,
 )
 from opensandbox_platform.controller.tasks import pool_sidecar
-from opensandbox_platform.kube.client import JSON, PODS, ApiError
+from opensandbox_platform.daemon import times
+from opensandbox_platform.kube.client import JSON, PODS, KubeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,7 +70,7 @@ def random_suffix(n: int = 5) -> str:
 
 
 def age_seconds(pod: PodInfo, now: datetime) -> float:
-    created = parse_time(pod.created)
+    created = times.parse_optional(pod.created)
     return (now - created).total_seconds() if created else 0.0
 
 
@@ -223,7 +224,7 @@ class PoolReconciler:
             try:
                 await self.shared.client.create(PODS, pod, namespace)
                 return None
-            except ApiError as err:
+            except KubeError as err:
                 self.shared.creating.observe(key, f"{namespace}/{pod_name}")
                 return err.message
 
@@ -252,7 +253,7 @@ class PoolReconciler:
                         "propagationPolicy": "Background",
                     },
                 )
-            except ApiError as err:
+            except KubeError as err:
                 self.shared.deleting.observe(key, pod.key)
                 if not (err.not_found or err.conflict):
                     raise

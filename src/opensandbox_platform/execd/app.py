@@ -15,12 +15,9 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from opensandbox_platform.execd import errors, files, sse
-from opensandbox_platform.execd.bootstrap import Bootstrap
-from opensandbox_platform.execd.commands import CommandManager, parse_run_request
-from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
-from opensandbox_platform.execd.errors import ApiError
-from opensandbox_platform.execd.httpserver import (
+from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.daemon.http import (
     AnyResponse,
     FileResponse,
     Request,
@@ -28,6 +25,10 @@ from opensandbox_platform.execd.httpserver import (
     Router,
     StreamResponse,
 )
+from opensandbox_platform.execd import files, sse
+from opensandbox_platform.execd.bootstrap import Bootstrap
+from opensandbox_platform.execd.commands import CommandManager, parse_run_request
+from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
 from opensandbox_platform.execd.metrics import Sampler
 from opensandbox_platform.execd.sessions import SessionManager
 

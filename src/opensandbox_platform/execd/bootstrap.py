@@ -17,9 +17,10 @@ import os
 import signal
 from typing import Any
 
-from opensandbox_platform.execd import errors, procs
+from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.execd import procs
 from opensandbox_platform.execd.envfile import Environment, valid_key
-from opensandbox_platform.execd.errors import ApiError
 
 log = logging.getLogger("execd.bootstrap")
 

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from opensandbox_platform.execd import errors, procs, sse
+from opensandbox_platform.daemon import errors, times
+from opensandbox_platform.execd import procs, sse
 from opensandbox_platform.execd.envfile import Environment, expand_path, valid_key
 
 log = logging.getLogger("execd.commands")
@@ -41,10 +42,6 @@ def find_shell() -> list[str]:
 
 def new_id() -> str:
     return os.urandom(16).hex()
-
-
-def rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 @dataclass
@@ -179,8 +176,8 @@ class CommandRecord:
             "running": self.running,
             "exit_code": self.exit_code,
             "error": self.error,
-            "started_at": rfc3339(self.started_at),
-            "finished_at": None if self.finished_at is None else rfc3339(self.finished_at),
+            "started_at": times.rfc3339(self.started_at, digits=3),
+            "finished_at": None if self.finished_at is None else times.rfc3339(self.finished_at, digits=3),
         }
 
 

@@ -11,11 +11,10 @@ import pwd
 import re
 import shutil
 import stat
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from opensandbox_platform.execd import errors
+from opensandbox_platform.daemon import errors, times
 from opensandbox_platform.execd.multipart import MultipartParser, PartData, PartEnd, PartStart
 
 MAX_METADATA = 64 * 1024
@@ -88,11 +87,6 @@ def resolve_gid(group: Any) -> int:
         raise errors.bad_request(f"unknown group {group!r}", errors.INVALID_FILE_METADATA) from None
 
 
-def rfc3339_ns(ns: int) -> str:
-    seconds, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac // 1000:06d}Z"
-
-
 def _type(st_mode: int) -> str:
     if stat.S_ISLNK(st_mode):
         return "symlink"
@@ -108,9 +102,9 @@ def info_from_stat(path: str, st: os.stat_result) -> dict[str, Any]:
         "path": path,
         "type": _type(st.st_mode),
         "size": st.st_size,
-        "modified_at": rfc3339_ns(st.st_mtime_ns),
+        "modified_at": times.rfc3339(times.from_ns(st.st_mtime_ns), digits=6),
         # Linux keeps no birth time in stat(2); the inode change time is the closest stand-in.
-        "created_at": rfc3339_ns(min(st.st_ctime_ns, st.st_mtime_ns)),
+        "created_at": times.rfc3339(times.from_ns(min(st.st_ctime_ns, st.st_mtime_ns)), digits=6),
         "owner": _user_name(st.st_uid),
         "group": _group_name(st.st_gid),
         "mode": mode_to_wire(st.st_mode),

@@ -15,10 +15,10 @@ import logging
 import os
 import time
 
-from opensandbox_platform import daemon
+from opensandbox_platform.daemon import process
+from opensandbox_platform.daemon.http import HttpServer
 from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE
-from opensandbox_platform.execd.httpserver import HttpServer
 from opensandbox_platform.execd.procs import WATCHER
 
 DEFAULT_PORT = 44772
@@ -71,7 +71,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
         "token" if args.access_token else "none",
         (time.monotonic() - started) * 1000,
     )
-    await daemon.stop_on_signals().wait()
+    await process.stop_on_signals().wait()
     log.info("execd stopping")
     await app.shutdown()
     await server.close()
@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    daemon.run(serve(args, started), args.log_level, log)
+    process.run(serve(args, started), args.log_level, log)
 
 
 if __name__ == "__main__":

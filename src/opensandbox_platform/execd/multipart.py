@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from opensandbox_platform.execd import errors
+from opensandbox_platform.daemon import errors
 
 MAX_PART_HEAD = 16 * 1024
 

@@ -22,10 +22,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from opensandbox_platform.execd import errors, procs, sse
+from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.execd import procs, sse
 from opensandbox_platform.execd.commands import new_id, resolve_cwd, stream_output
 from opensandbox_platform.execd.envfile import Environment, expand_path
-from opensandbox_platform.execd.errors import ApiError
 
 log = logging.getLogger("execd.sessions")
 

@@ -61,7 +61,7 @@ SUBJECT_ACCESS_REVIEWS = Resource(
 )
 
 
-class ApiError(Exception):
+class KubeError(Exception):
     """A non-2xx answer from the API server, with its Status reason and message."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
@@ -83,12 +83,12 @@ class ApiError(Exception):
         return self.status == 410
 
 
-def _error(status: int, reason: str, body: bytes) -> ApiError:
+def _error(status: int, reason: str, body: bytes) -> KubeError:
     try:
         parsed = json.loads(body)
-        return ApiError(status, parsed.get("reason", reason), parsed.get("message", body.decode(errors="replace")))
+        return KubeError(status, parsed.get("reason", reason), parsed.get("message", body.decode(errors="replace")))
     except ValueError:
-        return ApiError(status, reason, body.decode(errors="replace"))
+        return KubeError(status, reason, body.decode(errors="replace"))
 
 
 class Credentials:

@@ -19,7 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 import aiohttp
 
-from opensandbox_platform.kube.client import JSON, ApiError, KubeClient, Resource
+from opensandbox_platform.kube.client import JSON, KubeClient, KubeError, Resource
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class Informer(Generic[T]):
         kind, raw = event["type"], event["object"]
         if kind == "ERROR":
             code = raw.get("code", 500)
-            raise ApiError(code, raw.get("reason", ""), raw.get("message", ""))
+            raise KubeError(code, raw.get("reason", ""), raw.get("message", ""))
         self._rv = raw["metadata"]["resourceVersion"]
         if kind == "BOOKMARK":
             return
@@ -179,7 +179,7 @@ class Informer(Generic[T]):
                     self.synced.set()
                 await self._watch_once()
                 backoff = 0.1
-            except ApiError as err:
+            except KubeError as err:
                 if err.gone:
                     log.info("watch expired, relisting", extra={"resource": self.resource.plural})
                     need_list = True

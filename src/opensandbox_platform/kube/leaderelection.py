@@ -17,13 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opensandbox_platform.kube.client import JSON, LEASES, ApiError, KubeClient
+from opensandbox_platform.daemon import times
+from opensandbox_platform.kube.client import JSON, LEASES, KubeClient, KubeError
 
 log = logging.getLogger(__name__)
-
-
-def micro_time(at: datetime | None = None) -> str:
-    return (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -45,7 +42,7 @@ class LeaderElector:
         return self._leading.is_set()
 
     def _spec(self, acquire_time: str | None, transitions: int) -> JSON:
-        now = micro_time()
+        now = times.rfc3339(digits=6)
         return {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": int(self.lease_duration),
@@ -57,7 +54,7 @@ class LeaderElector:
     async def _try_acquire_or_renew(self) -> bool:
         try:
             lease = await self.client.get(LEASES, self.name, self.namespace)
-        except ApiError as err:
+        except KubeError as err:
             if not err.not_found:
                 raise
             body = {
@@ -93,7 +90,7 @@ class LeaderElector:
         corrects for that, and capping the correction keeps clock skew harmless (a leader stops
         acting after renew_deadline, well before others consider the lease expired)."""
         try:
-            renewed = datetime.strptime(spec["renewTime"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            renewed = times.parse(spec["renewTime"])
         except (KeyError, ValueError, TypeError):
             return 0.0
         return min(max(0.0, (datetime.now(UTC) - renewed).total_seconds()), self.retry_period)
@@ -107,7 +104,7 @@ class LeaderElector:
             try:
                 if await self._try_acquire_or_renew():
                     return
-            except (ApiError, OSError) as err:
+            except (KubeError, OSError) as err:
                 log.info("could not acquire lease: %s", err)
             # Wake up right when the holder's lease runs out, not up to a retry period later.
             await asyncio.sleep(min(self.retry_period, max(0.05, self.seconds_to_expiry() + 0.05)))

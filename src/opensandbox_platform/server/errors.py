@@ -7,6 +7,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from opensandbox_platform.daemon.errors import ApiError
+
+__all__ = ["ApiError", "error_body", "install", "invalid", "not_found"]
+
 NOT_FOUND = "SANDBOX::NOT_FOUND"
 INVALID_PARAMETER = "SANDBOX::INVALID_PARAMETER"
 INVALID_METADATA_LABEL = "SANDBOX::INVALID_METADATA_LABEL"
@@ -23,14 +27,6 @@ INVALID_API_KEY = "INVALID_API_KEY"
 BACKEND_CONNECTION_FAILED = "BACKEND_CONNECTION_FAILED"
 BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
 BACKEND_RESPONSE_FAILED = "BACKEND_RESPONSE_FAILED"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def not_found(sandbox_id: str) -> ApiError:

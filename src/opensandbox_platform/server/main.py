@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from opensandbox_platform.daemon import logs
 from opensandbox_platform.server import config as configuration
 from opensandbox_platform.server.app import create_app, default_runtime
 
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.port:
         config.server.port = args.port
     level = config.server.log_level
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(level)
     app = create_app(config, default_runtime(config, args.config))
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=level.lower())
+    # log_config=None: uvicorn's own loggers go through the same logfmt handler as ours.
+    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=level.lower(), log_config=None)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 
-from opensandbox_platform.execd import errors
-from opensandbox_platform.execd.errors import ApiError
-from opensandbox_platform.execd.httpserver import AnyResponse, Request, Response, Router
+from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.daemon.http import AnyResponse, Request, Response, Router
 from opensandbox_platform.task_executor.manager import TaskManager
 from opensandbox_platform.task_executor.openapi import SPEC
 from opensandbox_platform.task_executor.tasks import Task, not_found, parse_spec

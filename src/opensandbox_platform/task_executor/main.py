@@ -13,9 +13,9 @@ import logging
 import os
 import time
 
-from opensandbox_platform import daemon
 from opensandbox_platform.api.labels import TASK_EXECUTOR_PORT, TASK_TARGET_ENV
-from opensandbox_platform.execd.httpserver import HttpServer
+from opensandbox_platform.daemon import process
+from opensandbox_platform.daemon.http import HttpServer
 from opensandbox_platform.task_executor.app import ExecutorApp
 from opensandbox_platform.task_executor.manager import Limits, TaskManager
 from opensandbox_platform.task_executor.runner import Runner
@@ -80,7 +80,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
         len(manager.tasks),
         (time.monotonic() - started) * 1000,
     )
-    await daemon.stop_on_signals().wait()
+    await process.stop_on_signals().wait()
     log.info("task-executor stopping running=%d", len(manager.running))
     manager.shutdown()
     await server.close()
@@ -89,7 +89,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    daemon.run(serve(args, started), args.log_level, log)
+    process.run(serve(args, started), args.log_level, log)
 
 
 if __name__ == "__main__":

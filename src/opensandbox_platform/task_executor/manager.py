@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.task_executor.runner import Runner, StartError, kill_group, process_start_time
 from opensandbox_platform.task_executor.tasks import (
     CANCELLED,
@@ -30,7 +31,6 @@ from opensandbox_platform.task_executor.tasks import (
     Spec,
     Store,
     Task,
-    now_rfc3339,
 )
 
 log = logging.getLogger("task-executor")
@@ -213,7 +213,7 @@ class TaskManager:
         self._update(
             task,
             state="running",
-            startedAt=now_rfc3339(),
+            startedAt=times.rfc3339(digits=3),
             attempts=task.attempts + 1,
             pid=popen.pid,
             pidStart=process_start_time(popen.pid),
@@ -246,7 +246,7 @@ class TaskManager:
             exitCode=code,
             reason=reason,
             message=message,
-            finishedAt=now_rfc3339(),
+            finishedAt=times.rfc3339(digits=3),
             pid=None,
             pidStart=None,
         )

@@ -10,11 +10,11 @@ import contextlib
 import json
 import os
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from opensandbox_platform.execd.errors import ApiError, bad_request
+from opensandbox_platform.daemon import times
+from opensandbox_platform.daemon.errors import ApiError, bad_request
 
 State = Literal["pending", "running", "succeeded", "failed"]
 STATES: tuple[str, ...] = get_args(State)
@@ -25,11 +25,6 @@ COMPLETED, ERROR, TIMEOUT, CANCELLED, START_FAILED, INTERRUPTED = REASONS
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 MAX_ARGV = 4096
 MAX_ENV = 1024
-
-
-def now_rfc3339() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 @dataclass(slots=True)
@@ -55,7 +50,7 @@ class Task:
     exitCode: int | None = None
     reason: str | None = None
     message: str | None = None
-    createdAt: str = field(default_factory=now_rfc3339)
+    createdAt: str = field(default_factory=lambda: times.rfc3339(digits=3))
     startedAt: str | None = None
     finishedAt: str | None = None
     attempts: int = 0  # starts so far: above 1 when a restart of the executor interrupted it

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from opensandbox_platform.kube.client import PODS, ApiError, Resource
+from opensandbox_platform.kube.client import PODS, KubeError, Resource
 from opensandbox_platform.kube.informer import Informer
 
 
@@ -97,7 +97,7 @@ async def test_410_gone_relists_and_reports_what_changed_meanwhile() -> None:
             [{"items": [raw("a", "1", "5"), raw("b", "1", "6")], "rv": "10"}],
             [{"items": [raw("a", "1", "5"), raw("c", "1", "40")], "rv": "50"}],
         ],
-        watches=[[ApiError(410, "Expired", "too old resource version")]],
+        watches=[[KubeError(410, "Expired", "too old resource version")]],
     )
     deleted: list[str] = []
     informer = Informer(api, PODS, slim)  # type: ignore[arg-type]

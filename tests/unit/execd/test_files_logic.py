@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
+from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.execd import files
-from opensandbox_platform.execd.errors import ApiError
 from opensandbox_platform.execd.multipart import MultipartParser, PartData, PartEnd, PartStart, boundary_of
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from opensandbox_platform.api.labels import TASK_TARGET_ENV
-from opensandbox_platform.execd.errors import ApiError
+from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.task_executor.runner import find_target
 from opensandbox_platform.task_executor.tasks import Spec, Store, Task, parse_spec
 

@@ -37,6 +37,7 @@ from aiodocker.exceptions import DockerError
 from aiodocker.multiplexed import multiplexed_result_stream
 
 from opensandbox_platform.api import labels as L
+from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -156,7 +157,7 @@ class DockerRuntime:
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         sandbox_id = str(uuid.uuid4())
-        now = model.utcnow()
+        now = times.now()
         image = await self._ensure_image(spec.image, spec.image_auth)
         execd_files = await self._execd_archive()
         token = secrets.token_urlsafe(24)
@@ -488,7 +489,7 @@ class DockerRuntime:
         """Delete sandboxes whose expiry has passed; sleep until the next one is due."""
         while True:
             self._wake.clear()
-            now = model.utcnow()
+            now = times.now()
             next_due: dt.datetime | None = None
             for sandbox in list(self.sandboxes.values()):
                 due = sandbox.expires_at
@@ -506,7 +507,7 @@ class DockerRuntime:
                         next_due = retry if next_due is None else min(next_due, retry)
                 elif next_due is None or due < next_due:
                     next_due = due
-            delay = None if next_due is None else max((next_due - model.utcnow()).total_seconds(), 0.0)
+            delay = None if next_due is None else max((next_due - times.now()).total_seconds(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 

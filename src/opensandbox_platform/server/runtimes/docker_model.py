@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from opensandbox_platform.api import labels as L
+from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import EXECD_PORT, SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
@@ -26,19 +27,6 @@ EXECD_BINARY = L.EXECD_MOUNT + "/execd"
 READY_LINE = 'msg="execd listening"'
 UNKNOWN = "Unknown"
 _EXITED = re.compile(r"Exited \((-?\d+)\)")
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def iso(ts: dt.datetime) -> str:
-    return ts.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def parse_iso(value: str) -> dt.datetime:
-    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def container_name(sandbox_id: str) -> str:
@@ -68,12 +56,12 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         L.DOCKER_ID: sandbox_id,
         L.DOCKER_IMAGE: spec.image,
         L.DOCKER_ENTRYPOINT: json.dumps(spec.entrypoint),
-        L.DOCKER_CREATED_AT: iso(created_at),
+        L.DOCKER_CREATED_AT: times.rfc3339(created_at, digits=6),
     }
     if spec.timeout_seconds is None:
         labels[L.DOCKER_MANUAL_CLEANUP] = "true"
     else:
-        labels[L.DOCKER_EXPIRES_AT] = iso(created_at + dt.timedelta(seconds=spec.timeout_seconds))
+        labels[L.DOCKER_EXPIRES_AT] = times.rfc3339(created_at + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
     labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
     labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
     return labels
@@ -84,9 +72,9 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
     try:
         sandbox_id = labels[L.DOCKER_ID]
         entrypoint = json.loads(labels.get(L.DOCKER_ENTRYPOINT, "[]"))
-        created_at = parse_iso(labels[L.DOCKER_CREATED_AT])
+        created_at = times.parse(labels[L.DOCKER_CREATED_AT])
         expires = labels.get(L.DOCKER_EXPIRES_AT)
-        expires_at = parse_iso(expires) if expires else None
+        expires_at = times.parse_optional(expires)
     except (KeyError, ValueError):
         return None
     if not isinstance(entrypoint, list):
@@ -147,7 +135,7 @@ def _docker_time(value: Any) -> dt.datetime | None:
         return None
     trimmed = re.sub(r"(\.\d{6})\d+", r"\1", value)
     with contextlib.suppress(ValueError):
-        return parse_iso(trimmed)
+        return times.parse(trimmed)
     return None
 
 
@@ -333,7 +321,7 @@ class OverrideStore:
             data = json.loads(self._path(sandbox_id).read_text())
             expires = data.get("expires_at")
             return Override(
-                expires_at=parse_iso(expires) if expires else None,
+                expires_at=times.parse_optional(expires),
                 metadata={str(k): str(v) for k, v in dict(data.get("metadata") or {}).items()},
             )
         except (OSError, ValueError, TypeError, AttributeError):
@@ -342,7 +330,7 @@ class OverrideStore:
     def save(self, sandbox_id: str, override: Override) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         data = {
-            "expires_at": iso(override.expires_at) if override.expires_at else None,
+            "expires_at": times.rfc3339(override.expires_at, digits=6) if override.expires_at else None,
             "metadata": override.metadata,
         }
         tmp = self._path(sandbox_id).with_suffix(".tmp")

@@ -30,11 +30,12 @@ import os
 import resource
 from typing import Any
 
-from opensandbox_platform.daemon import log_to_stderr, stop_on_signals
+from opensandbox_platform.daemon import logs
+from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.daemon.http import HttpServer
+from opensandbox_platform.daemon.process import stop_on_signals
 from opensandbox_platform.execd import procs
 from opensandbox_platform.execd.app import ExecdApp, Settings
-from opensandbox_platform.execd.errors import ApiError
-from opensandbox_platform.execd.httpserver import HttpServer
 from opensandbox_platform.execd.procs import WATCHER
 
 log = logging.getLogger("jail")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ctl-fd", type=int, required=True)
     parser.add_argument("--evt-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    log_to_stderr(os.environ.get("EXECD_LOG_LEVEL", "info"))
+    logs.setup(os.environ.get("EXECD_LOG_LEVEL", "info"))
     sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
 
 

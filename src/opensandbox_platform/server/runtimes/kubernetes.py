@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.kube.client import JSON, KubeClient
-from opensandbox_platform.kube.client import ApiError as KubeApiError
+from opensandbox_platform.daemon import times
+from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.config import Config
@@ -39,7 +39,6 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     new_sandbox_id,
     pool_image,
     read_entry,
-    utc_iso,
 )
 
 log = logging.getLogger(__name__)
@@ -94,7 +93,7 @@ class KubernetesRuntime:
             # Fail at start-up, with the API server's words, when the CRD or our permissions are missing.
             await client.list(BATCHSANDBOXES, self.namespace, limit=1)
             await client.list(POOLS, self.namespace, limit=1)
-        except KubeApiError as err:
+        except KubeError as err:
             await client.aclose()
             raise RuntimeError(
                 f"kubernetes runtime: cannot list BatchSandboxes/Pools in {self.namespace}: {err}"
@@ -192,7 +191,7 @@ class KubernetesRuntime:
         try:
             try:
                 created = await self.client.create(BATCHSANDBOXES, obj, self.namespace)
-            except KubeApiError as err:
+            except KubeError as err:
                 self._waiters.pop(sandbox_id, None)
                 raise _create_error(err) from None  # refused: nothing to clean up
             posted = time.perf_counter()
@@ -226,7 +225,7 @@ class KubernetesRuntime:
             return cached.image
         try:
             return read_pool(await self.client.get(POOLS, pool, self.namespace)).image
-        except KubeApiError as err:
+        except KubeError as err:
             if err.not_found:
                 raise ApiError(
                     400, POOL_NOT_FOUND, f"Pool {pool!r} does not exist in namespace {self.namespace}"
@@ -256,7 +255,7 @@ class KubernetesRuntime:
     async def _delete_object(self, name: str, uid: str | None) -> None:
         try:
             await self.client.delete(BATCHSANDBOXES, name, self.namespace, precondition_uid=uid)
-        except KubeApiError as err:
+        except KubeError as err:
             if not (err.not_found or err.conflict):
                 raise
             if err.not_found and name not in self._entries:
@@ -289,7 +288,7 @@ class KubernetesRuntime:
             raise ApiError(
                 409, errors.INVALID_EXPIRATION, f"sandbox {sandbox_id} does not have automatic expiration enabled"
             )
-        return await self._patch(entry, {"spec": {"expireTime": utc_iso(expires_at)}})
+        return await self._patch(entry, {"spec": {"expireTime": times.rfc3339(expires_at, digits=6)}})
 
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         entry = self._entry(sandbox_id)
@@ -301,7 +300,7 @@ class KubernetesRuntime:
     async def _patch(self, entry: Entry, patch: JSON) -> SandboxInfo:
         try:
             result = await self.client.patch(BATCHSANDBOXES, entry.name, patch, self.namespace)
-        except KubeApiError as err:
+        except KubeError as err:
             if err.not_found:
                 raise errors.not_found(entry.name) from None
             if err.status in (400, 422):
@@ -337,7 +336,7 @@ def _is_dns_subdomain(name: str) -> bool:
     return len(name) <= 253 and all(_DNS_LABEL.match(part) for part in name.split("."))
 
 
-def _create_error(err: KubeApiError) -> ApiError:
+def _create_error(err: KubeError) -> ApiError:
     if err.status in (400, 422):
         return errors.invalid(f"the BatchSandbox was refused: {err.message}")
     if err.status == 403:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensandbox_platform.api import labels
+from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 
@@ -31,15 +32,6 @@ KEEP_ALIVE_ENTRYPOINT = ("tail", "-f", "/dev/null")
 def new_sandbox_id() -> str:
     """A random UUID: a valid BatchSandbox name, and `<id>-<index>` a valid pod name."""
     return str(uuid.uuid4())
-
-
-def utc_iso(at: dt.datetime) -> str:
-    """RFC 3339 with microseconds, as `spec.expireTime` and our annotation store it."""
-    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
 def is_user_label(key: str) -> bool:
@@ -65,11 +57,11 @@ def build_batchsandbox(
         "image": pool_image if pool else spec.image,
         "entrypoint": spec.entrypoint,
         "extensions": spec.extensions,
-        "createdAt": utc_iso(now),
+        "createdAt": times.rfc3339(now, digits=6),
     }
     body: JSON = {"replicas": 1}
     if spec.timeout_seconds is not None:
-        body["expireTime"] = utc_iso(now + dt.timedelta(seconds=spec.timeout_seconds))
+        body["expireTime"] = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
     if pool:
         body["poolRef"] = pool
         template = _pooled_template(spec)
@@ -174,7 +166,11 @@ def read_entry(raw: JSON) -> Entry:
     spec = raw.get("spec") or {}
     status = raw.get("status") or {}
     request = _request(meta)
-    created = parse_time(request.get("createdAt")) or parse_time(meta.get("creationTimestamp")) or _epoch()
+    created = (
+        times.parse_optional(request.get("createdAt"))
+        or times.parse_optional(meta.get("creationTimestamp"))
+        or _epoch()
+    )
     sandboxes = status.get("sandboxes") or []
     pod_ip = sandboxes[0].get("podIP") if sandboxes else None
     state, reason, message, since, failure = _state(meta, status, bool(pod_ip))
@@ -186,7 +182,7 @@ def read_entry(raw: JSON) -> Entry:
         metadata={k: v for k, v in (meta.get("labels") or {}).items() if is_user_label(k)},
         extensions=dict(request.get("extensions") or {}),
         created_at=created,
-        expires_at=parse_time(spec.get("expireTime")),
+        expires_at=times.parse_optional(spec.get("expireTime")),
         state=state,
         reason=reason,
         message=message,
@@ -233,14 +229,14 @@ _HOPELESS = {"FailedCreate", "PoolNotFound"}
 def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.datetime | None, tuple[str, str] | None]:
     """(state, reason, message, last transition, failure) from the BatchSandbox's status."""
     ready: JSON = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    since = parse_time(ready.get("lastTransitionTime"))
+    since = times.parse_optional(ready.get("lastTransitionTime"))
     message = str(ready.get("message") or "")
     if meta.get("deletionTimestamp"):
         return (
             STOPPING,
             "DELETING",
             "the sandbox is being deleted",
-            parse_time(meta["deletionTimestamp"]),
+            times.parse_optional(meta["deletionTimestamp"]),
             (
                 "DELETING",
                 "the sandbox was deleted while it started",

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -51,18 +52,6 @@ RECORD = "sandbox.json"
 TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 LOOPBACK = "127.0.0.1"
 REFILL_DELAY_SECONDS = 0.3
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def iso(ts: dt.datetime) -> str:
-    return ts.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_iso(value: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass
@@ -105,17 +94,17 @@ class Record:
             entrypoint=list(self.entrypoint),
             metadata=dict(self.metadata),
             extensions=dict(self.extensions),
-            created_at=parse_iso(self.created_at),
-            expires_at=parse_iso(self.expires_at) if self.expires_at else None,
+            created_at=times.parse(self.created_at),
+            expires_at=times.parse_optional(self.expires_at),
             state=self.state,
             reason=self.reason,
             message=self.message,
-            last_transition_at=parse_iso(self.last_transition_at or self.created_at),
+            last_transition_at=times.parse(self.last_transition_at or self.created_at),
         )
 
     def transition(self, state: str, reason: str, message: str = "") -> None:
         self.state, self.reason, self.message = state, reason, message
-        self.last_transition_at = iso(utcnow())
+        self.last_transition_at = times.rfc3339(digits=6)
         self.forget_info()
 
 
@@ -238,15 +227,15 @@ class LocalRuntime:
         except BaseException:
             await self._destroy(record)
             raise
-        now = utcnow()
+        now = times.now()
         record.claimed = True
         record.image = spec.image
         record.entrypoint = list(spec.entrypoint)
         record.metadata = dict(spec.metadata)
         record.extensions = dict(spec.extensions)
-        record.created_at = iso(now)
+        record.created_at = times.rfc3339(now, digits=6)
         if spec.timeout_seconds is not None:
-            record.expires_at = iso(now + dt.timedelta(seconds=spec.timeout_seconds))
+            record.expires_at = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
         record.transition(State.RUNNING, "JAIL_RUNNING")
         self._save(record)
         self.records[record.id] = record
@@ -300,7 +289,7 @@ class LocalRuntime:
                 raise ApiError(
                     409, errors.INVALID_EXPIRATION, f"sandbox {sandbox_id} does not have automatic expiration enabled"
                 )
-            record.expires_at = iso(expires_at)
+            record.expires_at = times.rfc3339(expires_at, digits=6)
             self._save(record)
             self._wake.set()
             return record.info()
@@ -542,12 +531,12 @@ class LocalRuntime:
         """Delete sandboxes whose expiry has passed; sleep until the next one is due."""
         while True:
             self._wake.clear()
-            now = utcnow()
+            now = times.now()
             next_due: dt.datetime | None = None
             for record in list(self.records.values()):
                 if record.expires_at is None:
                     continue
-                due = parse_iso(record.expires_at)
+                due = times.parse(record.expires_at)
                 if due <= now:
                     log.info("sandbox expired id=%s", record.id)
                     try:
@@ -558,7 +547,7 @@ class LocalRuntime:
                         log.exception("expiry failed id=%s", record.id)
                 elif next_due is None or due < next_due:
                     next_due = due
-            delay = None if next_due is None else max((next_due - utcnow()).total_seconds(), 0.0)
+            delay = None if next_due is None else max((next_due - times.now()).total_seconds(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 server on asyncio streams.
+"""A small HTTP/1.1 server on asyncio streams, shared by execd, the task executor and the jail init.
 
 Why not uvicorn + Starlette: every sandbox pays execd's idle memory, and uvicorn alone (h11, no app)
 idles at ~30 MiB RSS while this server idles at ~18 MiB (see docs/execd.md). It also gives exact
@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from opensandbox_platform.execd import errors
-from opensandbox_platform.execd.errors import ApiError
+from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.errors import ApiError
 
-log = logging.getLogger("execd.http")
+log = logging.getLogger("daemon.http")
 
 MAX_HEAD = 64 * 1024
 READ_CHUNK = 256 * 1024

@@ -1,6 +1,12 @@
-"""API errors: every failure a client can cause becomes a 4xx with a JSON `{code, message}` body."""
+"""The one API error of every program: an answer with a status and a JSON `{code, message}` body.
+
+Every failure a client can cause becomes a 4xx. The codes here are the small daemons' (execd's and
+the task executor's); the server adds its own (`server/errors.py`) to the same `ApiError`.
+"""
 
 from __future__ import annotations
+
+import errno
 
 # Codes as upstream execd names them, so clients that switch on `code` keep working.
 INVALID_REQUEST_BODY = "INVALID_REQUEST_BODY"
@@ -40,8 +46,6 @@ def not_found(message: str, code: str = NOT_FOUND) -> ApiError:
 
 def os_error(exc: OSError, path: str) -> ApiError:
     """Map a filesystem error caused by the request's path to a 4xx; other OS errors stay 500."""
-    import errno
-
     detail = f"{exc.strerror or exc}: {path}"
     if exc.errno == errno.ENOENT:
         return ApiError(404, FILE_NOT_FOUND, f"file not found: {path}")
