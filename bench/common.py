@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from harness.controller_process import ControllerProcess
+from harness.services import LocalCluster
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
-from tests.support.controller import ControllerProcess
-from tests.support.services import LocalCluster
 
 RESULTS = Path(__file__).parent / "results"
 

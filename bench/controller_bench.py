@@ -17,11 +17,11 @@ import time
 import uuid
 
 from bench.common import controller_for, create_and_watch, summary_ms, wait_pool_available, write
+from harness.kube import SEED_POD_SPEC, batchsandbox_manifest, pool_manifest
+from harness.paths import CRDS
+from harness.services import LocalCluster, local_cluster
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
-from tests.support.controller import CRDS
-from tests.support.kube import SEED_POD_SPEC, batchsandbox_manifest, pool_manifest
-from tests.support.services import LocalCluster, local_cluster
 
 
 def pool(name: str, minimum: int, maximum: int, capacity: int) -> JSON:

@@ -25,7 +25,8 @@ from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
-from tests.e2e.server_support import ServerProcess, docker_unavailable  # noqa: E402
+from harness.docker_api import docker_unavailable  # noqa: E402
+from harness.server_process import ServerProcess  # noqa: E402
 
 
 async def create_to_first_command(server: ServerProcess, n: int, proxy: bool) -> dict[str, Any]:

@@ -30,7 +30,10 @@ from opensandbox import Sandbox, SandboxSync  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 from opensandbox.config.connection_sync import ConnectionConfigSync  # noqa: E402
 
-from tests.e2e.execd_support.processes import free_port, run_execd, run_lifecycle  # noqa: E402
+from harness.execd_process import run_execd  # noqa: E402
+from harness.lifecycle_stub import run_lifecycle  # noqa: E402
+from harness.paths import EXECD_BINARY  # noqa: E402
+from harness.ports import free_port  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -210,10 +213,9 @@ def make_file(path: Path, mib: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=300, help="samples per latency figure")
-    built = ROOT / "build" / "execd" / "opensandbox-execd"
     parser.add_argument(
         "--binary",
-        default=str(built) if built.exists() else None,
+        default=str(EXECD_BINARY) if EXECD_BINARY.exists() else None,
         help="also measure start-up and idle memory of this executable (default: the built one, if any)",
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "execd.json"))

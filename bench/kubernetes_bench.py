@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import controller_for, summary_ms, wait_pool_available, write  # noqa: E402
 from bench.controller_bench import pool  # noqa: E402
+from harness.kubernetes_server import KubernetesServer  # noqa: E402
+from harness.paths import CRDS  # noqa: E402
+from harness.services import LocalCluster, local_cluster  # noqa: E402
 from opensandbox_platform.api.resources import POOLS  # noqa: E402
 from opensandbox_platform.kube.client import KubeClient  # noqa: E402
-from tests.support.controller import CRDS  # noqa: E402
-from tests.support.kubernetes_server import KubernetesServer  # noqa: E402
-from tests.support.services import LocalCluster, local_cluster  # noqa: E402
 
 POOL = "warm"
 

@@ -33,21 +33,16 @@ from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
+from harness.controller_process import ControllerProcess  # noqa: E402
+from harness.images import EXECD_IMAGE, TEST_IMAGE  # noqa: E402
+from harness.kubernetes_server import SMALL, KubernetesServer, real_node_server_config, real_pool  # noqa: E402
+from harness.paths import CRDS  # noqa: E402
+from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
+from harness.real_node import enabled as real_node_enabled  # noqa: E402
+from harness.services import local_cluster  # noqa: E402
 from opensandbox_platform.api import labels  # noqa: E402
 from opensandbox_platform.api.resources import POOLS  # noqa: E402
 from opensandbox_platform.kube.client import PODS, KubeClient  # noqa: E402
-from tests.conftest import TEST_IMAGE  # noqa: E402
-from tests.support.controller import CRDS, ControllerProcess  # noqa: E402
-from tests.support.kubernetes_server import (  # noqa: E402
-    EXECD_IMAGE,
-    SMALL,
-    KubernetesServer,
-    real_node_server_config,
-    real_pool,
-)
-from tests.support.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
-from tests.support.real_node import enabled as real_node_enabled  # noqa: E402
-from tests.support.services import local_cluster  # noqa: E402
 
 POOL = "real"
 

@@ -30,7 +30,7 @@ from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
-from tests.e2e.server_support import ServerProcess  # noqa: E402
+from harness.server_process import ServerProcess  # noqa: E402
 
 CREATE = {
     "image": {"uri": "ubuntu"},

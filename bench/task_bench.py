@@ -21,14 +21,14 @@ import uuid
 from datetime import datetime
 
 from bench.common import controller_for, create_and_watch, summary_ms, wait_pool_available, write
+from harness.images import load_task_executor_image
+from harness.kube import batchsandbox_manifest, pool_manifest
+from harness.paths import CRDS
+from harness.real_node import RealNodeUnavailable, real_node, real_node_pod_spec
+from harness.real_node import enabled as real_node_enabled
+from harness.services import LocalCluster, local_cluster
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.kube.client import JSON, KubeClient
-from tests.support.controller import CRDS
-from tests.support.kube import batchsandbox_manifest, pool_manifest
-from tests.support.real_node import RealNodeUnavailable, real_node, real_node_pod_spec
-from tests.support.real_node import enabled as real_node_enabled
-from tests.support.services import LocalCluster, local_cluster
-from tests.support.task_executor import load_task_executor_image
 
 TARGET_MS = 2000
 SIDECAR_CPU_MILLI = 5

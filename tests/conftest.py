@@ -10,10 +10,8 @@ from lightkube import Client, KubeConfig
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
-from tests.support.controller import ControllerProcess
-from tests.support.services import LocalCluster, local_cluster, podman_docker_host
-
-TEST_IMAGE = "localhost/opensandbox-test-base:latest"
+from harness.controller_process import ControllerProcess
+from harness.services import LocalCluster, local_cluster, podman_docker_host
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def crds(cluster: LocalCluster) -> None:
     """The generated CRDs, applied once per session (server-side apply: idempotent)."""
-    from tests.support.controller import CRDS
+    from harness.paths import CRDS
 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
     for plural in ("pools", "batchsandboxes"):

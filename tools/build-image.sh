@@ -82,7 +82,7 @@ esac
 log "$engine build $image"
 build_args=()
 [[ $name != execd && $name != task-executor ]] || build_args=(--build-arg "BASE_IMAGE=$base")
-# SOURCE_HASH (set by tests/support/images.py): recorded as a label, so an image built from the same
+# SOURCE_HASH (set by harness/images.py): recorded as a label, so an image built from the same
 # sources is reused instead of rebuilt.
 [[ -z ${SOURCE_HASH:-} ]] || build_args+=(--label "opensandbox.io/source-hash=$SOURCE_HASH")
 "$engine" build -q -f "images/$name.Dockerfile" "${build_args[@]}" -t "$image" . >/dev/null

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.server_support import FLAVORS, ServerProcess, running_server, runtimes_under_test
+from harness.server_process import FLAVORS, ServerProcess, running_server, runtimes_under_test
 
 
 @pytest.fixture(scope="session", params=runtimes_under_test())

@@ -13,17 +13,11 @@ import pytest
 from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 
-from tests.e2e.server_support import (
-    DOCKER_EXECD_IMAGE,
-    DOCKER_TEST_IMAGE,
-    ServerProcess,
-    docker_api,
-    docker_containers,
-    docker_unavailable,
-)
-from tests.support.images import built_image
+from harness.docker_api import docker_api, docker_containers, docker_unavailable
+from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
+from harness.server_process import ServerProcess
 
-CREATE = {"image": {"uri": DOCKER_TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
+CREATE = {"image": {"uri": TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 HELPER_LABEL = "opensandbox.io/execd-helper"
 CAP_BITS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "NET_RAW": 13, "SYS_ADMIN": 21}  # linux/capability.h
 
@@ -34,7 +28,7 @@ def docker_server(tmp_path_factory: pytest.TempPathFactory, docker_host: str) ->
     reason = docker_unavailable()
     if reason:
         pytest.skip(f"docker runtime: {reason}")
-    built_image("execd", DOCKER_EXECD_IMAGE)
+    built_image("execd", EXECD_IMAGE)
     server = ServerProcess(
         tmp_path_factory.mktemp("docker"),
         runtime="docker",

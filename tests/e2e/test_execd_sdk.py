@@ -37,8 +37,11 @@ from opensandbox.models.filesystem import (
     WriteEntry,
 )
 
-from tests.e2e.execd_support.processes import Execd, free_port, run_execd
-from tests.e2e.server_support import ServerProcess
+from harness.execd_process import Execd, run_execd
+from harness.images import TEST_IMAGE
+from harness.paths import EXECD_BINARY, ROOT
+from harness.ports import free_port
+from harness.server_process import ServerProcess
 
 # -- fixtures ---------------------------------------------------------------------------------
 
@@ -721,10 +724,6 @@ def test_bootstrap_sets_the_default_env_and_starts_the_main_process(tmp_path: Pa
 
 # -- the packaged executable in an image without Python --------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-BINARY = ROOT / "build" / "execd" / "opensandbox-execd"
-TEST_IMAGE = "localhost/opensandbox-test-base:latest"
-
 
 def podman(*args: str, check: bool = True) -> str:
     result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=120)
@@ -739,8 +738,8 @@ def test_packaged_executable_in_an_image_without_python(tmp_path: Path, docker_h
 
     `docker_host` makes sure podman is set up and the test image exists. `make test` builds the
     executable first; elsewhere a missing build is a skip, in CI a failure."""
-    if not BINARY.exists():
-        message = f"{BINARY} is not built: run tools/build-execd.sh (make execd-binary)"
+    if not EXECD_BINARY.exists():
+        message = f"{EXECD_BINARY} is not built: run tools/build-execd.sh (make execd-binary)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -25,14 +25,9 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.models.execd import RunCommandOpts
 
-from tests.e2e.server_support import (
-    ServerProcess,
-    live_processes_mentioning,
-    live_processes_with_hostname_arg,
-    only_local,
-    running_server,
-)
-from tests.support.ports import free_port
+from harness.jails import live_processes_mentioning, live_processes_with_hostname_arg
+from harness.ports import free_port
+from harness.server_process import ServerProcess, only_local, running_server
 
 CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 

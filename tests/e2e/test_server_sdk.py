@@ -31,7 +31,8 @@ from opensandbox.models.filesystem import (
 from opensandbox.models.sandboxes import SandboxFilter
 from opensandbox.transport.retry import RetryPolicy
 
-from tests.e2e.server_support import ServerProcess, live_processes_with_hostname_arg
+from harness.jails import live_processes_with_hostname_arg
+from harness.server_process import ServerProcess
 
 MODES = [pytest.param(False, id="direct"), pytest.param(True, id="server-proxy")]
 

@@ -6,13 +6,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.real_node import RealNode, RealNodeUnavailable, real_node
-from tests.support.services import LocalCluster
+from harness.real_node import RealNode, RealNodeUnavailable, real_node
+from harness.services import LocalCluster
 
 
 @pytest.fixture(scope="session")
 def node(cluster: LocalCluster) -> Iterator[RealNode]:
-    """The real node (tests/support/real_node.py); its tests are skipped when it is switched off."""
+    """The real node (harness/real_node.py); its tests are skipped when it is switched off."""
     try:
         with real_node(cluster) as n:
             yield n

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.services import ROOT, LocalCluster
+from harness.paths import ROOT
+from harness.services import LocalCluster
 
 CHART = ROOT / "charts" / "opensandbox-controller"
 CRDS = ("pools.sandbox.opensandbox.io", "batchsandboxes.sandbox.opensandbox.io")

@@ -31,11 +31,11 @@ from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 from opensandbox.models import SandboxFilter
 
-from tests.conftest import TEST_IMAGE
-from tests.support.images import built_image
-from tests.support.ports import free_port
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, PLACEMENT, RealNode
-from tests.support.services import ROOT, LocalCluster
+from harness.images import TEST_IMAGE, built_image
+from harness.paths import ROOT
+from harness.ports import free_port
+from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, PLACEMENT, RealNode
+from harness.services import LocalCluster
 
 CHART = ROOT / "charts" / "opensandbox-controller"
 # The chart's default image names; an unqualified name is docker.io/<name> to the kubelet, and

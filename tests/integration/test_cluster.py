@@ -18,7 +18,7 @@ from lightkube.resources.apps_v1 import Deployment, ReplicaSet
 from lightkube.resources.core_v1 import Pod, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
-from tests.support.services import LocalCluster
+from harness.services import LocalCluster
 
 
 def eventually(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:

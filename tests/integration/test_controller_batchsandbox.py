@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
-from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess
-from tests.support.kube import (
+from harness.controller_process import ControllerProcess
+from harness.kube import (
     EVICTED,
     BatchSandbox,
     condition,
@@ -25,7 +24,8 @@ from tests.support.kube import (
     seed_pool,
     status,
 )
-from tests.support.services import LocalCluster
+from harness.services import LocalCluster
+from opensandbox_platform.api import labels
 
 FINISHED = {  # the sandbox container exited 0 (restartPolicy Never)
     "phase": "Succeeded",

@@ -11,11 +11,11 @@ import httpx
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
+from harness.controller_process import ControllerProcess
+from harness.kube import BatchSandbox, eventually, idle_ready, pool_pods, pooled_batchsandbox, seed_pool
+from harness.ports import free_port
+from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess
-from tests.support.kube import BatchSandbox, eventually, idle_ready, pool_pods, pooled_batchsandbox, seed_pool
-from tests.support.ports import free_port
-from tests.support.services import LocalCluster
 
 
 def became_leader_at(proc: ControllerProcess) -> float | None:

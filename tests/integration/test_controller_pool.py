@@ -8,9 +8,8 @@ import time
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
-from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess
-from tests.support.kube import (
+from harness.controller_process import ControllerProcess
+from harness.kube import (
     EVICTED,
     Pool,
     condition,
@@ -23,7 +22,8 @@ from tests.support.kube import (
     seed_pool,
     status,
 )
-from tests.support.services import LocalCluster
+from harness.services import LocalCluster
+from opensandbox_platform.api import labels
 
 
 def test_seed_pool_keeps_two_idle_ready_pods_and_respects_its_bounds(
@@ -76,7 +76,7 @@ def test_seed_pool_keeps_two_idle_ready_pods_and_respects_its_bounds(
         stop.set()
         sampler.join()
     assert worst["total"] <= 10, worst
-    from tests.support.kube import BatchSandbox
+    from harness.kube import BatchSandbox
 
     bs = kube.get(BatchSandbox, "big", namespace=namespace)
     assert status(bs)["ready"] == 10

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.kube import pooled_batchsandbox, seed_pool
-from tests.support.services import LocalCluster
+from harness.kube import pooled_batchsandbox, seed_pool
+from harness.services import LocalCluster
 
 
 def rejected(cluster: LocalCluster, namespace: str, manifest: str) -> str:

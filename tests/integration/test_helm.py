@@ -7,7 +7,7 @@ from lightkube import Client
 from lightkube.core.exceptions import ApiError
 from lightkube.resources.core_v1 import ConfigMap
 
-from tests.support.services import LocalCluster
+from harness.services import LocalCluster
 
 CHART = Path(__file__).parents[1] / "fixtures" / "tiny-chart"
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from docker.models.containers import Container
 
-from tests.conftest import TEST_IMAGE
+from harness.images import TEST_IMAGE
 
 
 @pytest.fixture

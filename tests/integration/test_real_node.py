@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import TEST_IMAGE
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, POD_NETWORK_PREFIX, REAL_NODE_PLACEMENT, RealNode
-from tests.support.services import LocalCluster
+from harness.images import TEST_IMAGE
+from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, POD_NETWORK_PREFIX, REAL_NODE_PLACEMENT, RealNode
+from harness.services import LocalCluster
 
 
 def run_pod(

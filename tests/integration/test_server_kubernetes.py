@@ -24,11 +24,11 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 
+from harness.controller_process import ControllerProcess
+from harness.kube import BatchSandbox, eventually, idle_ready, pool_pods, seed_pool
+from harness.kubernetes_server import KubernetesServer, kubernetes_server
+from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess
-from tests.support.kube import BatchSandbox, eventually, idle_ready, pool_pods, seed_pool
-from tests.support.kubernetes_server import KubernetesServer, kubernetes_server
-from tests.support.services import LocalCluster
 
 CREATE_TIMEOUT = 8  # seconds: [kubernetes] createTimeoutSeconds of the test server
 

@@ -21,21 +21,13 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 
+from harness.controller_process import ControllerProcess
+from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
+from harness.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
+from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config, real_pool
+from harness.real_node import POD_NETWORK_PREFIX, RealNode
+from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-from tests.conftest import TEST_IMAGE
-from tests.support.controller import ControllerProcess
-from tests.support.images import built_image
-from tests.support.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
-from tests.support.kubernetes_server import (
-    EXECD_IMAGE,
-    SMALL,
-    KubernetesServer,
-    kubernetes_server,
-    real_node_server_config,
-    real_pool,
-)
-from tests.support.real_node import POD_NETWORK_PREFIX, RealNode
-from tests.support.services import LocalCluster
 
 
 @pytest.fixture(scope="session")

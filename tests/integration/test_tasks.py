@@ -19,9 +19,9 @@ import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 
-from opensandbox_platform.api import labels
-from tests.support.controller import ControllerProcess
-from tests.support.kube import (
+from harness.controller_process import ControllerProcess
+from harness.images import load_task_executor_image
+from harness.kube import (
     SEED_POD_SPEC,
     BatchSandbox,
     Pool,
@@ -33,9 +33,10 @@ from tests.support.kube import (
     seed_pool,
     status,
 )
-from tests.support.real_node import RealNode, real_node_pod_spec
-from tests.support.services import ROOT, LocalCluster
-from tests.support.task_executor import load_task_executor_image
+from harness.paths import ROOT
+from harness.real_node import RealNode, real_node_pod_spec
+from harness.services import LocalCluster
+from opensandbox_platform.api import labels
 
 CONTAINERD = ROOT / ".cluster" / "node" / "containerd.sock"
 

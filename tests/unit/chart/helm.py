@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.services import ROOT, cache_dir
+from harness.paths import ROOT, cache_dir
 
 CHART = ROOT / "charts" / "opensandbox-controller"
 RELEASE = "opensandbox-controller"

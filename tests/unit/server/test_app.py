@@ -6,8 +6,8 @@ from pathlib import Path
 import httpx
 from fastapi.testclient import TestClient
 
+from harness.ports import free_port
 from opensandbox_platform.server.app import create_app
-from tests.support.ports import free_port
 
 
 def test_health_answers_200() -> None:

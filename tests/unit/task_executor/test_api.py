@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.ports import free_port
+from harness.ports import free_port
 
 BINARY = Path(__file__).resolve().parents[3] / "build" / "task-executor" / "opensandbox-task-executor"
 

@@ -1,4 +1,5 @@
-"""The images of this tree (tools/build-image.sh), built for a test when missing or built from other sources.
+"""The images the tests and benchmarks use: their names, and those of this tree (tools/build-image.sh),
+built when missing or built from other sources.
 
 An image carries the hash of the sources it was built from (label opensandbox.io/source-hash), so a
 fresh clone of the same commit reuses the images of an earlier run instead of rebuilding them.
@@ -11,8 +12,18 @@ import os
 import subprocess
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.support.services import ROOT, TOOLS
+from harness.paths import ROOT, TOOLS
+
+if TYPE_CHECKING:
+    from harness.real_node import RealNode
+
+# The base image of sandboxes in the tests (tools/test-image.sh, built by tools/podman.sh up).
+TEST_IMAGE = "localhost/opensandbox-test-base:latest"
+# The images of this tree the tests build and use, as podman and the real node's containerd name them.
+EXECD_IMAGE = "localhost/opensandbox/execd:dev"
+TASK_EXECUTOR_IMAGE = "localhost/opensandbox/task-executor:dev"
 
 SOURCES = [ROOT / "src", ROOT / "images", TOOLS / "build-image.sh", TOOLS / "pyinstaller.sh", ROOT / "uv.lock"]
 HASH_LABEL = "opensandbox.io/source-hash"
@@ -61,3 +72,11 @@ def built_image(program: str, image: str) -> str:
         )
         assert build.returncode == 0, f"tools/build-image.sh {program} {image}:\n{build.stderr[-4000:]}"
     return qualified(image)
+
+
+def load_task_executor_image(node: RealNode) -> str:
+    """Loads the task-executor image (rebuilt when its sources changed) into the real node's containerd
+    and returns its name as containerd knows it."""
+    image = built_image("task-executor", TASK_EXECUTOR_IMAGE)
+    node.load_image(image)
+    return image

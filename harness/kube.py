@@ -12,8 +12,8 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod
 
+from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-from tests.support.services import LocalCluster
 
 Pool = create_namespaced_resource(labels.GROUP, labels.VERSION, "Pool", "pools")
 BatchSandbox = create_namespaced_resource(labels.GROUP, labels.VERSION, "BatchSandbox", "batchsandboxes")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.ports import free_port
-from tests.support.services import ROOT, LocalCluster
-
-CRDS = ROOT / "config" / "crds.yaml"
+from harness.paths import ROOT
+from harness.ports import free_port
+from harness.services import LocalCluster
 
 
 class ControllerProcess:

@@ -1,6 +1,6 @@
 """A stub of the lifecycle routes, for bench/execd_bench.py only: it measures execd on its own, so
 the SDK is pointed at one execd subprocess without a server in between. The e2e tests do not use
-it; they get their sandboxes from the real server (tests/e2e/server_support.py).
+it; they get their sandboxes from the real server (harness/server_process.py).
 
 `Sandbox.create` calls `POST /v1/sandboxes`, then (concurrently) `GET .../endpoints/44772` and
 `GET .../endpoints/18080` (the egress endpoint is always asked for, so it must answer 200), then
@@ -25,7 +25,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from tests.support.ports import free_port
+from harness.ports import free_port
 
 
 def make_app(execd_endpoint: str, endpoint_headers: dict[str, str] | None = None) -> FastAPI:

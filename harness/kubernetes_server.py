@@ -1,7 +1,7 @@
 """Run `opensandbox-server` with the kubernetes runtime as a real subprocess on 127.0.0.1.
 
 Its sandboxes are BatchSandboxes in the given namespace (deleted with the test's namespace); the
-controller that serves them is the test's own (`tests/support/controller.py`).
+controller that serves them is the test's own (`harness/controller_process.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.kube import pool_manifest
-from tests.support.real_node import NODE_LABEL, NODE_TAINT_KEY, real_node_pod_spec
-from tests.support.server_process import ServerSubprocess
+from harness.kube import pool_manifest
+from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, real_node_pod_spec
+from harness.server_process import ServerSubprocess
 
 
 @dataclass
@@ -42,7 +42,6 @@ def kubernetes_server(
 
 
 # --- the real node (on unless OSB_REAL_NODE=0) ---------------------------------------------------------------
-EXECD_IMAGE = "localhost/opensandbox/execd:dev"  # as podman and the node's containerd name it
 SMALL = {"cpu": "250m", "memory": "128Mi"}  # the node has 2 CPUs: the SDK's default (1 CPU) fits twice
 
 

@@ -1,4 +1,5 @@
-"""Start execd as a real subprocess on 127.0.0.1 (the SDK tests reach it through the server)."""
+"""Start execd as a real subprocess on 127.0.0.1 (the SDK tests reach it through the server, the execd
+benchmark through harness/lifecycle_stub.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from harness.ports import free_port
 
 MODULE = "opensandbox_platform.execd.main"
 
@@ -85,10 +88,3 @@ def run_execd(workdir: Path, token: str | None = None, extra_env: dict[str, str]
             proc.kill()
             proc.wait()
         log.close()
-
-
-# bench/execd_bench.py imports these from here.
-from tests.e2e.execd_support.bench_stub import Lifecycle, run_lifecycle  # noqa: E402
-from tests.support.ports import free_port  # noqa: E402
-
-__all__ = ["Execd", "Lifecycle", "free_port", "run_execd", "run_lifecycle"]

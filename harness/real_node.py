@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from harness.images import TEST_IMAGE
+from harness.paths import ROOT, TOOLS
+from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-from tests.conftest import TEST_IMAGE
-from tests.support.services import ROOT, TOOLS, LocalCluster
 
 ENV_SWITCH = "OSB_REAL_NODE"
 NODE_NAME = os.environ.get("OSB_NODE_NAME", "osb-real-node")

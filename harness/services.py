@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "tools"
+from harness.paths import DOCKER_SOCKET, ROOT, TOOLS, cache_dir
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,10 +49,6 @@ class LocalCluster:
         return result.stdout
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
-
-
 @contextmanager
 def local_cluster() -> Iterator[LocalCluster]:
     started = _run(str(TOOLS / "cluster.sh"), "status").returncode != 0
@@ -72,7 +67,7 @@ def podman_docker_host() -> Iterator[str]:
     started = _run(str(TOOLS / "podman.sh"), "status").returncode != 0
     _up_or_fail("podman.sh")  # also makes sure the test image exists
     try:
-        yield f"unix://{ROOT / '.podman' / 'docker.sock'}"
+        yield f"unix://{DOCKER_SOCKET}"
     finally:
         if started:
             _run(str(TOOLS / "podman.sh"), "down")

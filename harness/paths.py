@@ -1,0 +1,18 @@
+"""Where things are in this tree, and the tool cache the test cluster's binaries are built into."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+CRDS = ROOT / "config" / "crds.yaml"  # generated from api/crds.py (`make crds`)
+EXECD_BINARY = ROOT / "build" / "execd" / "opensandbox-execd"  # tools/build-execd.sh (make execd-binary)
+EXECD_BOOTSTRAP = ROOT / "images" / "execd-bootstrap.sh"
+DOCKER_SOCKET = ROOT / ".podman" / "docker.sock"  # podman's Docker API (tools/podman.sh)
+
+
+def cache_dir() -> Path:
+    """The tool cache (tools/build-tools.sh): $OSB_CACHE, by default ~/.cache/opensandbox-dev."""
+    return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
