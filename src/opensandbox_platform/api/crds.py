@@ -102,6 +102,27 @@ CONDITIONS_LIST: JsonDict = {"x-kubernetes-list-type": "map", "x-kubernetes-list
 
 
 # --- Pool ------------------------------------------------------------------------------------------
+INT_OR_PERCENT: JsonDict = {"x-kubernetes-int-or-string": True}
+
+
+class RateStrategy(Model):
+    """How much of a Pool may be in flux at once: a number of pods or a percentage ("25%")."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.maxUnavailable) || type(self.maxUnavailable) == int"
+                    " || string(self.maxUnavailable).matches('^[0-9]+%$')",
+                    "maxUnavailable is a number of pods or a percentage such as 25%",
+                )
+            ]
+        }
+    )
+
+    maxUnavailable: int | str | None = Field(None, json_schema_extra=INT_OR_PERCENT)
+
+
 class PoolSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
@@ -123,6 +144,17 @@ class PoolSpec(Model):
     sandboxTemplate: SandboxTemplate
     recycleStrategy: Literal["Delete"] = Field("Delete", description="What happens to a pod when its claim ends.")
     taskExecutor: TaskExecutorSpec | None = None
+    scaleStrategy: RateStrategy | None = Field(
+        None,
+        description="maxUnavailable: at most this many pool pods start (are not Ready yet) at once; a percentage "
+        "is of capacity. Unset: no limit beyond 500 creations per pass.",
+    )
+    updateStrategy: RateStrategy | None = Field(
+        None,
+        description="maxUnavailable: while a changed template rolls and capacity leaves no room for new pods, at "
+        "most this many of the wanted idle Ready pods may be missing; a percentage is of minBufferSize plus the "
+        "demand. Unset: old idle pods make room as fast as needed.",
+    )
 
 
 class PoolStatus(Model):
@@ -191,6 +223,11 @@ class BatchSandboxSpec(Model):
     )
     expireTime: datetime | None = Field(None, description="Delete at this time.")
     taskTemplate: TaskTemplate | None = None
+    taskResourcePolicyWhenCompleted: Literal["Retain", "Release"] = Field(
+        "Retain",
+        description="Retain: a sandbox's pod stays until the BatchSandbox is deleted. Release: it is deleted as "
+        "soon as its task completed (the Pool makes a fresh one); its task result stays in status.",
+    )
 
 
 TaskState = Literal["pending", "running", "succeeded", "failed"]
@@ -210,9 +247,13 @@ class SandboxTaskStatus(Model):
 class SandboxStatus(Model):
     index: int
     podName: str
+    podUID: str | None = Field(
+        None, description="Pooled: the allocated pod. These entries are the allocation ledger (docs/controller.md)."
+    )
     podIP: str | None = None
     nodeName: str | None = None
     ready: bool = False
+    released: bool | None = Field(None, description="The pod was handed back (its task completed, or on request).")
     task: SandboxTaskStatus | None = None
 
 
@@ -225,7 +266,11 @@ class TaskCounts(Model):
 
 class BatchSandboxStatus(Model):
     observedGeneration: int | None = None
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = Field(
+        "Pending",
+        description="Failed: a task failed, "
+        "a sandbox's main process exited with an error, or a pod cannot run (condition PodFailed).",
+    )
     replicas: int = Field(0, description="Pods that exist for this BatchSandbox.")
     ready: int = 0
     allocated: int = Field(0, description="Pods bound to this BatchSandbox (claimed or scheduled).")

@@ -1,7 +1,8 @@
 """Every label, annotation and finalizer the platform writes, in one place.
 
-All live under the `sandbox.opensandbox.io/` prefix. The truth about a claim lives on the pod
-(`BATCHSANDBOX` label + controller ownerReference), so a restarted controller rebuilds from the API.
+All live under the `sandbox.opensandbox.io/` prefix. The truth about which pool pod serves which
+pooled sandbox is the BatchSandbox's allocation ledger (`status.sandboxes[].podUID`); the pod's
+`BATCHSANDBOX` label and controller ownerReference follow it (docs/controller.md).
 """
 
 from typing import Final
@@ -16,6 +17,7 @@ MANAGED_BY: Final = PREFIX + "managed-by"  # on every pod the controller creates
 MANAGED_BY_VALUE: Final = "opensandbox-controller"
 POOL: Final = PREFIX + "pool"  # pool pods: the Pool's name (kept after a claim, for capacity)
 POOL_REVISION: Final = PREFIX + "pool-revision"  # pool pods: hash of the template that built them
+EVICT: Final = PREFIX + "evict"  # set by a person on an idle pool pod: the Pool deletes it (claimed pods stay)
 BATCHSANDBOX: Final = PREFIX + "batchsandbox"  # claimed or direct pods: the owning BatchSandbox
 INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index within the BatchSandbox
 CREATED_BY: Final = PREFIX + "created-by"  # BatchSandboxes the server made for the lifecycle API
@@ -23,7 +25,12 @@ CREATED_BY_SERVER: Final = "opensandbox-server"
 
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint
-CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim was written (RFC 3339)
+CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim label was written (RFC 3339)
+# BatchSandboxes: the sandboxes' pod IPs by index, as a JSON list ("" where none yet), as upstream writes it
+ENDPOINTS: Final = PREFIX + "endpoints"
+# BatchSandboxes, set by a person or client: pods to hand back (comma-separated pod names or indices);
+# they are deleted (the Pool makes fresh ones) and their sandboxes are not replaced
+RELEASE: Final = PREFIX + "release"
 # server BatchSandboxes: what the lifecycle API reports that the spec does not hold (JSON: image,
 # entrypoint, extensions, createdAt)
 SANDBOX_REQUEST: Final = PREFIX + "sandbox-request"

@@ -1,16 +1,19 @@
-"""The BatchSandbox reconciler: N sandboxes, built from a template (direct) or claimed from a Pool.
+"""The BatchSandbox reconciler: N sandboxes, built from a template (direct) or allocated from a Pool.
 
-Direct mode creates pods `<name>-<index>`. Pooled mode claims idle Ready pods of the Pool: the claim
-is a merge patch on the pod that sets our labels and ownerReference and carries the pod's
-resourceVersion, so of two claimers only one can win, and the truth survives a controller restart.
-Lost pods (deleted, evicted, failed) are replaced; `expireTime` and `ttlSecondsAfterFinished`
-delete the BatchSandbox; status lists every sandbox with its pod IP. With a `taskTemplate`, each
-sandbox runs one task through the task-executor sidecar (tasks.py) and the tasks decide the phase.
+Direct mode creates pods `<name>-<index>` and replaces lost ones. Pooled mode gets its pods from
+the allocator (allocator.py), which records them in the BatchSandbox's ledger; here they are
+labelled and owned (for garbage collection and kubectl, off the critical path), the requested
+entrypoint and env are started through execd, and pods are handed back when asked or when their
+task completed under `taskResourcePolicyWhenCompleted: Release`. Both modes: `expireTime` and
+`ttlSecondsAfterFinished` delete the BatchSandbox; status lists every sandbox with its pod IP (and
+the `endpoints` annotation repeats the IPs, as upstream's controller writes them); with a
+`taskTemplate`, each sandbox runs one task through the task-executor sidecar (tasks.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -18,469 +21,398 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 from prometheus_client import Histogram
 
-from opensandbox_platform.api import labels
-from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec
+from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api.conditions import find
+from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
 from opensandbox_platform.api.resources import BATCHSANDBOXES
-from opensandbox_platform.controller.conditions import same_status, set_condition
+from opensandbox_platform.controller import status as statuses
+from opensandbox_platform.controller.allocation import holding, read_ledger, released_indices
+from opensandbox_platform.controller.cache import BY_BATCHSANDBOX, BY_POOL, BY_POOL_REF, CachedObject, namespaced
+from opensandbox_platform.controller.events import EventRecorder
+from opensandbox_platform.controller.inflight import InFlight
+from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import (
+    PodCreateError,
     PodInfo,
     TaskExecutorSidecar,
     build_pod,
+    delete_pod,
     owner_reference,
-    pool_revision,
     slim_pod,
 )
-from opensandbox_platform.controller.state import (
-    BY_BATCHSANDBOX,
-    BY_POOL,
-    REFILL_DELAY,
-    PodCreateError,
-    Shared,
-    slim_object,
-)
-from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher, count
+from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher, finished_indices
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, PODS, KubeError
+from opensandbox_platform.kube.controller import Controller
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-CLAIM_LATENCY = Histogram(
-    "opensandbox_claim_duration_seconds",
-    "Pod claims: BatchSandbox created → pod claimed.",
-    buckets=LATENCY_BUCKETS,
-)
 READY_LATENCY = Histogram(
     "opensandbox_sandbox_ready_duration_seconds",
     "BatchSandbox created → every sandbox Ready.",
     ["mode"],
-    buckets=LATENCY_BUCKETS,
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-
-
 EXECD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-def bootstrap_request(spec: BatchSandboxSpec) -> JSON | None:
-    """The body of execd's `POST /bootstrap` for a pooled sandbox, or None when there is nothing to apply."""
-    template = spec.sandboxTemplate
-    if template is None:
-        return None
-    argv = [*(template.spec.command or []), *(template.spec.args or [])]
-    env = {e.name: e.value or "" for e in template.spec.env or []}
-    if not argv and not env:
-        return None
-    body: JSON = {"env": env}
-    if argv:
-        body["argv"] = argv
-    if template.spec.workingDir:
-        body["cwd"] = template.spec.workingDir
-    return body
+def report_transition(
+    events: EventRecorder, bs: JSON, spec: BatchSandboxSpec, old: BatchSandboxStatus, new: BatchSandboxStatus
+) -> None:
+    """Events and metrics for what a status write changes (both writers of a status call it)."""
+    ready, was = find(new.conditions, conditions.READY), find(old.conditions, conditions.READY)
+    if (
+        ready is not None
+        and ready.status == "False"
+        and ready.reason
+        not in (
+            conditions.SANDBOXES_NOT_READY,
+            was.reason if was else None,
+        )
+    ):
+        kind = "Warning" if ready.reason == conditions.POOL_NOT_FOUND else "Normal"
+        events.record(bs, kind, ready.reason, ready.message)
+    failed, had = find(new.conditions, conditions.POD_FAILED), find(old.conditions, conditions.POD_FAILED)
+    if failed is not None and failed.status == "True" and (had is None or had.message != failed.message):
+        events.record(bs, "Warning", conditions.EVENT_POD_FAILED, failed.message)
+    if ready is not None and ready.status == "True" and old.ready != new.ready:
+        created = times.parse_optional(bs["metadata"].get("creationTimestamp"))
+        if created:
+            mode = "pooled" if spec.poolRef else "direct"
+            READY_LATENCY.labels(mode).observe((datetime.now(UTC) - created).total_seconds())
 
 
-def sandbox_ready(spec: BatchSandboxSpec, pod: PodInfo) -> bool:
-    """Ready, and in pooled mode with the requested entrypoint started."""
-    needs_entrypoint = bool(spec.poolRef) and bootstrap_request(spec) is not None
-    return pod.ready and (pod.entrypoint_applied or not needs_entrypoint)
+def endpoints(status: BatchSandboxStatus, replicas: int) -> str:
+    """The `endpoints` annotation: pod IPs by index, "" where a sandbox has none (yet)."""
+    ips = {s.index: s.podIP or "" for s in status.sandboxes or [] if not s.released}
+    return json.dumps([ips.get(i, "") for i in range(replicas)], separators=(",", ":"))
 
 
 class BatchSandboxReconciler:
     name = "batchsandbox"
 
-    def __init__(self, shared: Shared) -> None:
-        self.shared = shared
-        self.tasks = TaskDispatcher(shared.batchsandbox_queue)
+    def __init__(self, manager: Manager, inflight: InFlight) -> None:
+        self.manager = manager
+        self.inflight = inflight
+        self.controller = Controller(self.name, self.reconcile, manager.options.concurrency)
+        self.tasks = TaskDispatcher(self.controller.queue)
+        self.lost_notes: dict[str, list[str]] = {}  # direct mode: BatchSandbox key -> pods lost since
+        self.tombstones: dict[str, list[PodInfo]] = {}  # deleted pooled BatchSandboxes -> pods to delete
 
-    async def close(self) -> None:
-        await self.tasks.close()
+    def setup(self) -> Controller:
+        """Wake on the BatchSandbox, on its pods (by claim label or by ledger), and on its Pool."""
+        cache = self.manager.cache
+        cache.batchsandboxes.add_handler(self._on_batchsandbox)
+        cache.pods.add_handler(self._on_pod)
+        cache.pools.add_handler(self._on_pool)
+        self.manager.add(self.controller, self.tasks.close)
+        return self.controller
 
+    def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
+        if new is None and old is not None:
+            # Its ledger is gone with it: pods it held that carry no claim label yet would look free.
+            # Marked before any other reconcile runs, deleted by the reconcile of the key.
+            by_uid = {p.uid: p for p in self.manager.cache.pods.store.values() if not p.claimed}
+            held = [by_uid[a.pod_uid] for a in read_ledger(old.raw).values() if a.pod_uid in by_uid]
+            if held:
+                self.tombstones[old.key] = held
+                self.inflight.doomed.update(p.key for p in held)
+        self.controller.queue.add((new or old).key)  # type: ignore[union-attr]
+
+    def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
+        pod = new or old
+        assert pod is not None
+        owner = namespaced(pod.namespace, pod.batchsandbox)
+        if owner is None:
+            holder = self.manager.cache.allocated_to(pod)
+            owner = holder.key if holder is not None else None
+        if owner is None:
+            return
+        if new is None and old is not None and old.pool is None and self.manager.cache.pods.synced.is_set():
+            self._note_lost(owner, old)
+        self.controller.queue.add(owner)
+
+    def _on_pool(self, old: CachedObject | None, new: CachedObject | None) -> None:
+        if old is None or new is None:  # a pool appeared or vanished: its BatchSandboxes say so
+            for bs in self.manager.cache.batchsandboxes.by_index(BY_POOL_REF, (new or old).key):  # type: ignore[union-attr]
+                self.controller.queue.add(bs.key)
+
+    def _note_lost(self, key: str, pod: PodInfo) -> None:
+        """Direct mode: a pod deleted behind our back is replaced, and status and an Event say so."""
+        bs = self.manager.cache.batchsandboxes.get(key)
+        if bs is None or bs.deleting or pod.owner_uid != bs.uid or pod.lost:
+            return
+        if pod.index is not None and pod.index >= int(bs.raw["spec"].get("replicas", 1)):
+            return  # scaled down
+        self.lost_notes.setdefault(key, []).append(f"sandbox {pod.index}: pod {pod.name} deleted, replaced")
+        if self.manager.leading:
+            message = f"Pod {pod.name} (sandbox {pod.index}) was deleted; replacing it"
+            self.manager.events.record(bs.raw, "Warning", conditions.EVENT_SANDBOX_LOST, message)
+
+    # --- reconcile --------------------------------------------------------------------------------
     async def reconcile(self, key: str) -> float | None:
-        cached = self.shared.batchsandboxes.get(key)
+        cached = self.manager.cache.batchsandboxes.get(key)
         if cached is None:
-            self.tasks.forget(key)
-            for waiting in self.shared.waiting.values():
-                waiting.discard(key)
-            # Its pods are owned by it, so the garbage collector removes them even while we are down;
-            # deleting them here frees the pool's capacity without waiting for the collector. Pods the
-            # collector orphaned (`--cascade=orphan`) have no owner any more and are left alone.
-            owned = [p for p in self.shared.pods.by_index(BY_BATCHSANDBOX, key) if p.owner_uid and not p.deleting]
-            await self._delete_pods(owned)
+            await self._gone(key)
             return None
         if cached.deleting:
             return None  # foreground or orphan deletion: the garbage collector does what was asked
         bs = cached.raw
         spec = BatchSandboxSpec.model_validate(bs["spec"])
         now = datetime.now(UTC)
+        old = BatchSandboxStatus.model_validate(bs.get("status") or {})
         if spec.expireTime is not None and spec.expireTime <= now:
-            await self._delete(bs, "Expired", f"expireTime {times.rfc3339(spec.expireTime)} reached")
+            await self._delete(cached, conditions.EVENT_EXPIRED, f"expireTime {times.rfc3339(spec.expireTime)} reached")
             return None
-        finished_at = times.parse_optional((bs.get("status") or {}).get("finishedAt"))
         ttl = spec.ttlSecondsAfterFinished
-        if finished_at and ttl is not None and finished_at + timedelta(seconds=ttl) <= now:
-            await self._delete(bs, "TTLExpired", f"finished {ttl}s ago")
+        if old.finishedAt and ttl is not None and old.finishedAt + timedelta(seconds=ttl) <= now:
+            await self._delete(cached, conditions.EVENT_TTL_EXPIRED, f"finished {ttl}s ago")
             return None
 
-        pods, lost = await self._current_pods(bs, key)
-        conditions = [dict(c) for c in (bs.get("status") or {}).get("conditions") or []]
-        problem: tuple[str, str] | None = None
-        tasks_done = spec.taskTemplate is not None and finished_at is not None  # a lost pod is not replaced
         if spec.poolRef:
-            if not tasks_done:
-                problem = await self._claim_missing(bs, spec, pods)
-            await self._apply_entrypoints(bs, spec, pods)
-        elif not tasks_done:
-            problem = await self._create_missing(bs, spec, pods)
-        await self._scale_down(bs, spec, pods)
-        tasks: dict[int, JSON] | None = None
-        if spec.taskTemplate is not None:
-            missing_executor = self._task_executor_problem(spec, key)
-            problem = problem or missing_executor
-            ready = set() if missing_executor else {i for i, p in pods.items() if sandbox_ready(spec, p)}
-            tasks = self.tasks.sync(key, bs, spec.taskTemplate, pods, ready)
-        if lost:
-            set_condition(
-                conditions,
-                "SandboxReplaced",
-                True,
-                "PodLost",
-                "; ".join(lost),
-                bs["metadata"].get("generation", 0),
-            )
-        await self._write_status(bs, spec, pods, conditions, problem, now, tasks)
-        if problem and problem[0] == "FailedCreate":
+            pods, short, problem = await self._pooled(cached, spec)
+            lost = None
+        else:
+            pods, lost = await self._current_pods(cached)
+            problem = None if self._tasks_done(spec, old) else await self._create_missing(cached, spec, pods)
+            await self._scale_down(cached, spec, pods)
+            short = 0
+        tasks = self._sync_tasks(cached, spec, pods, problem)
+        if spec.taskResourcePolicyWhenCompleted == "Release" and tasks is not None:
+            await self._release_finished(cached, pods, tasks)
+        view = statuses.BatchSandboxView(
+            spec=spec,
+            generation=int(bs["metadata"].get("generation", 0)),
+            old=old,
+            pods=pods,
+            problem=problem,
+            tasks=tasks,
+            lost=lost or None,
+            released=frozenset(released_indices(bs)),
+        )
+        new = statuses.batchsandbox_status(view, now)
+        # A pooled BatchSandbox still waiting for pods is the allocator's to write (it writes the
+        # allocations with the status); only task news are written here meanwhile.
+        allocator_owns = short > 0 and (tasks is None or new.tasks == old.tasks)
+        if new != old and not allocator_owns:
+            await self._write_status(cached, spec, old, new)
+        await self._write_endpoints(cached, new, spec.replicas)
+        if problem and problem[0] == conditions.FAILED_CREATE:
             raise PodCreateError(problem[1])  # retried with backoff; the status already says why
-        latest = self.shared.batchsandboxes.get(key)  # with the status just written
-        return next_deadline(spec, (latest.raw if latest else bs).get("status") or {}, now)
+        return statuses.next_deadline(spec, new, now)
 
-    # --- pods -------------------------------------------------------------------------------------
-    async def _current_pods(self, bs: JSON, key: str) -> tuple[dict[int, PodInfo], list[str]]:
+    async def _gone(self, key: str) -> None:
+        """Deleted: its claimed pods go too (recycleStrategy Delete)."""
+        self.tasks.forget(key)
+        self.lost_notes.pop(key, None)
+        # Owned pods are deleted by the garbage collector even while we are down; deleting them here
+        # frees the pool's capacity without waiting for it. Pods the collector orphaned
+        # (`--cascade=orphan`) have no owner any more and are left alone.
+        cache = self.manager.cache
+        owned = [p for p in cache.pods.by_index(BY_BATCHSANDBOX, key) if p.owner_uid and not p.deleting]
+        unlabelled = self.tombstones.pop(key, [])
+        try:
+            await self._delete_pods([*owned, *unlabelled])
+        finally:
+            self.inflight.doomed.difference_update(p.key for p in unlabelled)
+
+    # --- pooled mode ------------------------------------------------------------------------------
+    async def _pooled(
+        self, bs: CachedObject, spec: BatchSandboxSpec
+    ) -> tuple[dict[int, PodInfo], int, statuses.Problem | None]:
+        """The allocated pods by index, how many sandboxes still wait for one, and why not Ready."""
+        cache = self.manager.cache
+        pool_key = f"{bs.namespace}/{spec.poolRef}"
+        by_uid = {p.uid: p for p in cache.pods.by_index(BY_POOL, pool_key)}
+        held = holding(spec, bs.raw, by_uid, cache.pods.by_index(BY_BATCHSANDBOX, bs.key), finished_indices(bs.raw))
+        released = released_indices(bs.raw)
+        pods = {i: p for i, p in held.pods.items() if i < spec.replicas and i not in released}
+        await self._label(bs, pods)
+        await self._apply_entrypoints(bs, spec, pods)
+        short = len(held.wanted)
+        return pods, short, statuses.pooled_problem(spec, bs.namespace, cache.pools.get(pool_key), short)
+
+    async def _label(self, bs: CachedObject, pods: dict[int, PodInfo]) -> None:
+        """Allocated pods get the claim label and this BatchSandbox as owner (garbage collection, kubectl).
+
+        The pod's resourceVersion is the precondition: a pod some other BatchSandbox's label claims is
+        never relabelled (the allocator replaces it in our ledger)."""
+        todo = [(i, p) for i, p in pods.items() if p.batchsandbox is None]
+        if not todo:
+            return
+        semaphore = asyncio.Semaphore(self.manager.settings.write_concurrency)
+
+        async def one(index: int, pod: PodInfo) -> None:
+            patch = {
+                "metadata": {
+                    "resourceVersion": pod.resource_version,
+                    "labels": {labels.BATCHSANDBOX: bs.name, labels.INDEX: str(index)},
+                    "annotations": {labels.CLAIMED_AT: times.rfc3339(digits=6)},
+                    "ownerReferences": [owner_reference(bs.raw)],
+                }
+            }
+            async with semaphore:
+                try:
+                    result = await self.manager.client.patch(PODS, pod.name, patch, pod.namespace)
+                except KubeError as err:
+                    if err.conflict or err.not_found:
+                        return  # changed meanwhile: its event brings us back
+                    raise
+            self.manager.cache.pods.assume(result)
+
+        await asyncio.gather(*(one(i, p) for i, p in todo))
+
+    async def _apply_entrypoints(self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
+        """Start the requested entrypoint with its env through execd in each allocated pod."""
+        body = statuses.bootstrap_request(spec)
+        if body is None:
+            return  # nothing to apply: a pooled sandbox without entrypoint or env needs no execd
+        todo = [p for p in pods.values() if not p.entrypoint_applied and p.ip]
+        await asyncio.gather(*(self._bootstrap(bs, p, body) for p in todo))
+
+    async def _bootstrap(self, bs: CachedObject, pod: PodInfo, body: JSON) -> None:
+        url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
+        try:
+            async with self.manager.client.session.post(url, json=body, timeout=EXECD_TIMEOUT) as response:
+                # 409: the main process already runs (an earlier attempt started it before we recorded it).
+                if response.status != 409:
+                    response.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
+            self.manager.events.record(bs.raw, "Warning", conditions.EVENT_ENTRYPOINT_FAILED, message)
+            raise
+        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: times.rfc3339(digits=6)}}}
+        self.manager.cache.pods.assume(await self.manager.client.patch(PODS, pod.name, patch, pod.namespace))
+
+    async def _release_finished(self, bs: CachedObject, pods: dict[int, PodInfo], tasks: dict[int, JSON]) -> None:
+        """`Release`: a sandbox whose task ended gives its pod back (deleted; its result stays in status)."""
+        done = [i for i, p in pods.items() if (tasks.get(i) or {}).get("state") in TERMINAL]
+        if not done:
+            return
+        await self._delete_pods([pods.pop(i) for i in done])
+        self.manager.events.record(
+            bs.raw, "Normal", conditions.EVENT_RELEASED, f"Released {len(done)} pod(s) whose task completed"
+        )
+
+    # --- direct mode ------------------------------------------------------------------------------
+    async def _current_pods(self, bs: CachedObject) -> tuple[dict[int, PodInfo], list[str]]:
         """Live pods by index; lost ones are deleted (and reported) so their index is filled again."""
         pods: dict[int, PodInfo] = {}
-        lost = self.shared.lost_notes.pop(key, [])
-        for pod in sorted(self.shared.pods.by_index(BY_BATCHSANDBOX, key), key=lambda p: p.created):
-            if pod.owner_uid != bs["metadata"]["uid"]:
-                await self._delete_pods([pod])  # left over from an earlier object of the same name
+        lost = self.lost_notes.pop(bs.key, [])
+        for pod in sorted(self.manager.cache.pods.by_index(BY_BATCHSANDBOX, bs.key), key=lambda p: p.created):
+            if pod.owner_uid != bs.uid:
+                await delete_pod(self.manager.client, pod)  # left over from an earlier object of the same name
                 continue
             if pod.lost:
                 lost.append(f"sandbox {pod.index}: pod {pod.name} {pod.reason or 'failed'}, replaced")
-                await self._delete_pod(pod)
-                self.shared.events.record(
-                    bs,
-                    "Warning",
-                    "SandboxLost",
-                    f"Pod {pod.name} (sandbox {pod.index}) was {pod.reason or 'lost'}; replacing it",
-                )
+                await delete_pod(self.manager.client, pod)
+                message = f"Pod {pod.name} (sandbox {pod.index}) was {pod.reason or 'lost'}; replacing it"
+                self.manager.events.record(bs.raw, "Warning", conditions.EVENT_SANDBOX_LOST, message)
                 continue
             if pod.deleting or pod.index is None:
                 continue
             if pod.index in pods:  # never expected; keep the older one
-                await self._delete_pod(pod)
+                await delete_pod(self.manager.client, pod)
                 continue
             pods[pod.index] = pod
         return pods, lost
 
-    async def _delete_pods(self, pods: Iterable[PodInfo]) -> None:
-        await asyncio.gather(*(self._delete_pod(p) for p in pods))
-
-    async def _delete_pod(self, pod: PodInfo) -> None:
-        try:
-            await self.shared.client.delete(PODS, pod.name, pod.namespace, precondition_uid=pod.uid)
-        except KubeError as err:
-            if not (err.not_found or err.conflict):
-                raise
+    @staticmethod
+    def _tasks_done(spec: BatchSandboxSpec, old: BatchSandboxStatus) -> bool:
+        """With tasks, a finished BatchSandbox does not replace pods that go."""
+        return spec.taskTemplate is not None and old.finishedAt is not None
 
     async def _create_missing(
-        self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]
-    ) -> tuple[str, str] | None:
-        """Direct mode: creates the pods of missing indices. Returns a (reason, message) problem, if any."""
+        self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo]
+    ) -> statuses.Problem | None:
+        """Creates the pods of missing indices. Returns a (reason, message) problem, if any."""
         template = spec.sandboxTemplate
         assert template is not None  # the CRD's CEL rule guarantees it in direct mode
-        meta = bs["metadata"]
         missing = [i for i in range(spec.replicas) if i not in pods]
+        settings = self.manager.settings
         sidecar: TaskExecutorSidecar | None = None
         if spec.taskTemplate is not None and missing:
-            settings = self.shared.settings
             if not settings.task_executor_image:
-                return "FailedCreate", "taskTemplate needs the controller's --task-executor-image"
+                return conditions.FAILED_CREATE, "taskTemplate needs the controller's --task-executor-image"
             sidecar = TaskExecutorSidecar(
                 settings.task_executor_image, settings.task_executor_resources(), settings.task_executor_pull_policy
             )
 
         async def one(index: int) -> str | None:
             pod = build_pod(
-                name=f"{meta['name']}-{index}",
-                namespace=meta["namespace"],
+                name=f"{bs.name}-{index}",
+                namespace=bs.namespace,
                 template=template,
-                pod_labels={labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
-                owner=bs,
-                execd_image=self.shared.settings.execd_image,
+                pod_labels={labels.BATCHSANDBOX: bs.name, labels.INDEX: str(index)},
+                owner=bs.raw,
+                execd_image=settings.execd_image,
                 task_executor=sidecar,
             )
             try:
-                pods[index] = slim_pod(await self.shared.client.create(PODS, pod, meta["namespace"]))
+                created = await self.manager.client.create(PODS, pod, bs.namespace)
             except KubeError as err:
-                if not err.conflict:  # a conflict: the old pod of that name is still terminating
-                    return err.message
+                return None if err.conflict else err.message  # a conflict: the old pod is still terminating
+            pods[index] = slim_pod(created)
             return None
 
         errors = [e for e in await asyncio.gather(*(one(i) for i in missing)) if e]
+        events = self.manager.events
         if len(errors) < len(missing):
-            self.shared.events.record(bs, "Normal", "SuccessfulCreate", f"Created {len(missing) - len(errors)} pod(s)")
+            events.record(
+                bs.raw, "Normal", conditions.EVENT_SUCCESSFUL_CREATE, f"Created {len(missing) - len(errors)} pod(s)"
+            )
         if not errors:
             return None
-        self.shared.events.record(bs, "Warning", "FailedCreate", f"Failed to create pod: {errors[0]}")
-        return "FailedCreate", f"Pods cannot be created: {errors[0]}"
+        events.record(bs.raw, "Warning", conditions.EVENT_FAILED_CREATE, f"Failed to create pod: {errors[0]}")
+        return conditions.FAILED_CREATE, f"Pods cannot be created: {errors[0]}"
 
-    async def _claim_missing(
-        self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]
-    ) -> tuple[str, str] | None:
-        """Claims idle Ready pods for every missing index. Returns a (reason, message) problem, if any."""
-        meta = bs["metadata"]
-        missing = [i for i in range(spec.replicas) if i not in pods]
-        pool_key = f"{meta['namespace']}/{spec.poolRef}"
-        if not missing:
-            self.shared.waiting.get(pool_key, set()).discard(f"{meta['namespace']}/{meta['name']}")
-            return None
-        pool = self.shared.pools.get(pool_key)
-        if pool is None or pool.deleting:
-            return "PoolNotFound", f"Pool {spec.poolRef} does not exist in namespace {meta['namespace']}"
-        revision = pool_revision(PoolSpec.model_validate(pool.raw["spec"]))
-        reserved = self.shared.reserved
-        candidates = [
-            p
-            for p in self.shared.pods.by_index(BY_POOL, pool_key)
-            if p.ready and not p.claimed and not p.deleting and p.revision == revision and p.key not in reserved
-        ]
-        chosen = candidates[: len(missing)]
-        reserved.update(p.key for p in chosen)
-        try:
-            semaphore = asyncio.Semaphore(self.shared.settings.claim_concurrency)
-
-            async def one(index: int, pod: PodInfo) -> None:
-                async with semaphore:
-                    claimed = await self._claim(bs, pod, index)
-                if claimed is not None:
-                    pods[index] = claimed
-
-            await asyncio.gather(*(one(i, p) for i, p in zip(missing, chosen, strict=False)))
-        finally:
-            reserved.difference_update(p.key for p in chosen)
-        created = times.parse_optional(meta.get("creationTimestamp"))
-        if chosen and created:
-            elapsed = (datetime.now(UTC) - created).total_seconds()
-            for _ in chosen:
-                CLAIM_LATENCY.observe(elapsed)
-        short = spec.replicas - len(pods)
-        waiting = self.shared.waiting.setdefault(pool_key, set())
-        if short > 0:
-            waiting.add(f"{meta['namespace']}/{meta['name']}")  # a pod of the pool turning Ready wakes us
-            self.shared.pool_queue.add(pool_key)  # the pool must make pods for us
-            return "WaitingForPool", f"Waiting for {short} idle Ready pod(s) from Pool {spec.poolRef}"
-        waiting.discard(f"{meta['namespace']}/{meta['name']}")
-        # Refill a moment later, so that background pod creation does not slow this claim's status write.
-        self.shared.pool_queue.add_after(pool_key, REFILL_DELAY)
-        return None
-
-    async def _claim(self, bs: JSON, pod: PodInfo, index: int) -> PodInfo | None:
-        meta = bs["metadata"]
-        patch = {
-            "metadata": {
-                "resourceVersion": pod.resource_version,  # the precondition: 409 if anyone wrote since
-                "labels": {labels.BATCHSANDBOX: meta["name"], labels.INDEX: str(index)},
-                "annotations": {labels.CLAIMED_AT: times.rfc3339(digits=6)},
-                "ownerReferences": [owner_reference(bs)],
-            }
-        }
-        try:
-            result = await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)
-        except KubeError as err:
-            if err.conflict or err.not_found:
-                return None  # someone else changed it: pick another next time
-            raise
-        claimed = slim_pod(result)
-        self.shared.pods.assume(claimed)
-        return claimed
-
-    async def _apply_entrypoints(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
-        """Pooled mode: start the requested entrypoint with its env through execd in each claimed pod."""
-        body = bootstrap_request(spec)
-        if body is None:
-            return  # nothing to apply: a pooled sandbox without entrypoint or env needs no execd
-        todo = [p for p in pods.values() if not p.entrypoint_applied and p.ip]
-        await asyncio.gather(*(self._bootstrap(bs, p, body) for p in todo))
-
-    async def _bootstrap(self, bs: JSON, pod: PodInfo, body: JSON) -> None:
-        url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
-        try:
-            async with self.shared.client.session.post(url, json=body, timeout=EXECD_TIMEOUT) as response:
-                # 409: the main process already runs (an earlier attempt started it before we recorded it).
-                if response.status != 409:
-                    response.raise_for_status()
-        except (aiohttp.ClientError, TimeoutError) as err:
-            message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
-            self.shared.events.record(bs, "Warning", "EntrypointFailed", message)
-            raise
-        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: times.rfc3339(digits=6)}}}
-        self.shared.pods.assume(slim_pod(await self.shared.client.patch(PODS, pod.name, patch, pod.namespace)))
-
-    async def _scale_down(self, bs: JSON, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
+    async def _scale_down(self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
         extra = sorted((i for i in pods if i >= spec.replicas), reverse=True)
         for index in extra:
-            await self._delete_pod(pods.pop(index))
+            await delete_pod(self.manager.client, pods.pop(index))
         if extra:
-            self.shared.events.record(bs, "Normal", "ScaledDown", f"Deleted {len(extra)} sandbox(es) above replicas")
+            message = f"Deleted {len(extra)} sandbox(es) above replicas"
+            self.manager.events.record(bs.raw, "Normal", conditions.EVENT_SCALED_DOWN, message)
 
-    async def _delete(self, bs: JSON, reason: str, message: str) -> None:
-        meta = bs["metadata"]
-        self.shared.events.record(bs, "Normal", reason, f"Deleting: {message}")
+    # --- both modes -------------------------------------------------------------------------------
+    def _sync_tasks(
+        self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo], problem: statuses.Problem | None
+    ) -> dict[int, JSON] | None:
+        if spec.taskTemplate is None:
+            return None
+        blocked = problem is not None and problem[0] == conditions.TASK_EXECUTOR_MISSING
+        ready = set() if blocked else {i for i, p in pods.items() if statuses.sandbox_ready(spec, p)}
+        return self.tasks.sync(bs.key, bs.raw, spec.taskTemplate, pods, ready)
+
+    async def _delete_pods(self, pods: Iterable[PodInfo]) -> None:
+        await asyncio.gather(*(delete_pod(self.manager.client, p) for p in pods))
+
+    async def _delete(self, bs: CachedObject, reason: str, message: str) -> None:
+        self.manager.events.record(bs.raw, "Normal", reason, f"Deleting: {message}")
         try:
-            await self.shared.client.request(
+            await self.manager.client.request(
                 "DELETE",
-                BATCHSANDBOXES.path(meta["namespace"], meta["name"]),
-                body={"preconditions": {"uid": meta["uid"]}, "propagationPolicy": "Background"},
+                BATCHSANDBOXES.path(bs.namespace, bs.name),
+                body={"preconditions": {"uid": bs.uid}, "propagationPolicy": "Background"},
             )
         except KubeError as err:
             if not (err.not_found or err.conflict):
                 raise
 
-    # --- tasks ------------------------------------------------------------------------------------
-    def _task_executor_problem(self, spec: BatchSandboxSpec, key: str) -> tuple[str, str] | None:
-        """Pooled tasks need the pool's pods to carry the sidecar."""
-        if not spec.poolRef:
-            return None
-        pool = self.shared.pools.get(f"{key.split('/', 1)[0]}/{spec.poolRef}")
-        if pool is None:
-            return None  # reported as PoolNotFound
-        executor = PoolSpec.model_validate(pool.raw["spec"]).taskExecutor
-        if executor is None or not executor.enabled:
-            return "TaskExecutorMissing", f"Pool {spec.poolRef} has no taskExecutor.enabled: its pods cannot run tasks"
-        return None
-
-    # --- status -----------------------------------------------------------------------------------
     async def _write_status(
-        self,
-        bs: JSON,
-        spec: BatchSandboxSpec,
-        pods: dict[int, PodInfo],
-        conditions: list[JSON],
-        problem: tuple[str, str] | None,
-        now: datetime,
-        tasks: dict[int, JSON] | None = None,
+        self, bs: CachedObject, spec: BatchSandboxSpec, old: BatchSandboxStatus, new: BatchSandboxStatus
     ) -> None:
-        meta = bs["metadata"]
-        generation = meta.get("generation", 0)
-        sandboxes = []
-        ready = 0
-        for index in sorted(pods):
-            pod = pods[index]
-            is_ready = sandbox_ready(spec, pod)
-            ready += is_ready
-            sandbox: JSON = {
-                "index": index,
-                "podName": pod.name,
-                "podIP": pod.ip,
-                "nodeName": pod.node,
-                "ready": is_ready,
-            }
-            if tasks is not None and index in tasks:
-                sandbox["task"] = tasks[index]
-            sandboxes.append(sandbox)
-        old = bs.get("status") or {}
-        if tasks is not None:
-            sandboxes = with_finished_tasks(sandboxes, old, tasks, spec.replicas)
-        if tasks is not None:
-            finished, failed = tasks_finished(spec.replicas, tasks)
-        else:
-            finished = spec.replicas > 0 and len(pods) == spec.replicas and all(p.finished for p in pods.values())
-            failed = any(p.main_exit_code for p in pods.values())
-        finished_at = old.get("finishedAt")
-        if finished and not finished_at:
-            finished_at = times.rfc3339(now)
-        if finished or (finished_at and tasks is not None):
-            phase = "Failed" if failed else "Succeeded"
-        elif ready == spec.replicas:
-            phase = "Running"
-        else:
-            phase = "Pending"
+        """With the resourceVersion as precondition: never over an allocation we have not seen (409 retries)."""
+        body = {"metadata": {"resourceVersion": bs.raw["metadata"]["resourceVersion"]}, "status": statuses.dump(new)}
+        result = await self.manager.client.patch(BATCHSANDBOXES, bs.name, body, bs.namespace, "status")
+        self.manager.cache.batchsandboxes.assume(result)
+        report_transition(self.manager.events, bs.raw, spec, old, new)
 
-        all_ready = ready == spec.replicas
-        if problem is not None:
-            set_condition(conditions, "Ready", False, problem[0], problem[1], generation)
-        elif all_ready:
-            set_condition(
-                conditions,
-                "Ready",
-                True,
-                "SandboxesReady",
-                f"{ready}/{spec.replicas} sandboxes Ready",
-                generation,
-            )
-        else:
-            set_condition(
-                conditions,
-                "Ready",
-                False,
-                "SandboxesNotReady",
-                f"{ready}/{spec.replicas} sandboxes Ready",
-                generation,
-            )
-        status: JSON = {
-            "observedGeneration": generation,
-            "phase": phase,
-            "replicas": len(pods),
-            "ready": ready,
-            "allocated": sum(1 for p in pods.values() if spec.poolRef or p.node),
-            "sandboxes": sandboxes,
-            "conditions": conditions,
-        }
-        if tasks is not None:
-            status["tasks"] = count(tasks, spec.replicas)
-        if finished_at:
-            status["finishedAt"] = finished_at
-        if same_status(old, status):
+    async def _write_endpoints(self, bs: CachedObject, status: BatchSandboxStatus, replicas: int) -> None:
+        value = endpoints(status, replicas)
+        current = (bs.raw["metadata"].get("annotations") or {}).get(labels.ENDPOINTS)
+        if current == value or (current is None and not any(s.podIP for s in status.sandboxes or [])):
             return
-        if problem and not _same_condition(old, "Ready", problem[0]):
-            self.shared.events.record(
-                bs, "Warning" if problem[0] == "PoolNotFound" else "Normal", problem[0], problem[1]
-            )
-        if all_ready and old.get("ready") != ready:
-            created = times.parse_optional(meta.get("creationTimestamp"))
-            if created:
-                READY_LATENCY.labels("pooled" if spec.poolRef else "direct").observe((now - created).total_seconds())
-        result = await self.shared.client.patch(
-            BATCHSANDBOXES, meta["name"], {"status": status}, meta["namespace"], "status"
-        )
-        self.shared.batchsandboxes.assume(slim_object(result))
-
-
-def next_deadline(spec: BatchSandboxSpec, status: JSON, now: datetime) -> float | None:
-    """Seconds until the next time-based action: expiry, or deletion after the TTL once finished."""
-    deadlines: list[datetime] = []
-    if spec.expireTime is not None:
-        deadlines.append(spec.expireTime)
-    finished_at = times.parse_optional(status.get("finishedAt"))
-    if finished_at and spec.ttlSecondsAfterFinished is not None:
-        deadlines.append(finished_at + timedelta(seconds=spec.ttlSecondsAfterFinished))
-    return max(0.0, (min(deadlines) - now).total_seconds()) if deadlines else None
-
-
-def with_finished_tasks(sandboxes: list[JSON], old: JSON, tasks: dict[int, JSON], replicas: int) -> list[JSON]:
-    """Sandboxes whose pod is gone keep their entry while their task's end is recorded there (a
-    finished task is not run again, and status must keep saying how it ended)."""
-    have = {s["index"] for s in sandboxes}
-    kept = [
-        {"index": s["index"], "podName": s["podName"], "ready": False, "task": tasks[s["index"]]}
-        for s in old.get("sandboxes") or []
-        if s["index"] not in have and s["index"] < replicas and (tasks.get(s["index"]) or {}).get("state") in TERMINAL
-    ]
-    return sorted(sandboxes + kept, key=lambda s: s["index"]) if kept else sandboxes
-
-
-def tasks_finished(replicas: int, tasks: dict[int, JSON]) -> tuple[bool, bool]:
-    """(every replica's task ended, some failed)."""
-    states = [(tasks.get(i) or {}).get("state") for i in range(replicas)]
-    return replicas > 0 and all(s in TERMINAL for s in states), "failed" in states
-
-
-def _same_condition(old: JSON, type_: str, reason: str) -> bool:
-    return any(c.get("type") == type_ and c.get("reason") == reason for c in old.get("conditions") or [])
+        patch = {"metadata": {"annotations": {labels.ENDPOINTS: value}}}
+        result = await self.manager.client.patch(BATCHSANDBOXES, bs.name, patch, bs.namespace)
+        self.manager.cache.batchsandboxes.assume(result)

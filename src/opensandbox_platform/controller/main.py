@@ -8,8 +8,12 @@ import logging
 import sys
 
 from opensandbox_platform.api.crdgen import render
+from opensandbox_platform.controller.allocator import Allocator
+from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
+from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager, Options, pod_namespace
-from opensandbox_platform.controller.state import Settings
+from opensandbox_platform.controller.pool import PoolReconciler
+from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.daemon import logs
 from opensandbox_platform.daemon.process import stop_on_signals
 from opensandbox_platform.kube.client import KubeClient
@@ -131,6 +135,9 @@ async def run(args: argparse.Namespace) -> None:
             settings=settings,
         ),
     )
+    inflight = InFlight()  # pool pods the allocator and the Pool reconciler act on right now
+    for reconciler in (PoolReconciler, Allocator, BatchSandboxReconciler):
+        reconciler(manager, inflight).setup()
     servers = []
     host, port = split_address(args.health_probe_bind_address)
     if port:

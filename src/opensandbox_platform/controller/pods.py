@@ -7,9 +7,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from opensandbox_platform.api import labels
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
-from opensandbox_platform.kube.client import JSON
+from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError
+
+
+class PodCreateError(Exception):
+    """The API server refused pods built from a template (e.g. an invalid one); retried with backoff."""
+
 
 SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "ports")
 # Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
@@ -38,6 +43,8 @@ class PodInfo:
     deleting: bool
     main_exit_code: int | None  # set when the sandbox container has terminated
     entrypoint_applied: bool
+    evicting: bool = False  # an idle pod a person marked for deletion (labels.EVICT)
+    failure: str | None = None  # a container's waiting reason that means it cannot run (CrashLoopBackOff, ...)
 
     @property
     def key(self) -> str:
@@ -64,11 +71,14 @@ def slim_pod(raw: JSON) -> PodInfo:
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("controller")), None)
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     exit_code = None
-    for cs in status.get("containerStatuses") or []:
-        if cs.get("name") == labels.SANDBOX_CONTAINER:
-            terminated = (cs.get("state") or {}).get("terminated")
-            if terminated is not None:
-                exit_code = int(terminated.get("exitCode", 0))
+    failure = None
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        state = cs.get("state") or {}
+        if cs.get("name") == labels.SANDBOX_CONTAINER and state.get("terminated") is not None:
+            exit_code = int(state["terminated"].get("exitCode", 0))
+        waiting = (state.get("waiting") or {}).get("reason")
+        if waiting in conditions.FAILED_POD_REASONS and failure is None:
+            failure = f"{waiting} ({cs.get('name')})"
     index = pod_labels.get(labels.INDEX)
     return PodInfo(
         namespace=meta["namespace"],
@@ -89,6 +99,8 @@ def slim_pod(raw: JSON) -> PodInfo:
         deleting=meta.get("deletionTimestamp") is not None,
         main_exit_code=exit_code,
         entrypoint_applied=labels.ENTRYPOINT_APPLIED in (meta.get("annotations") or {}),
+        evicting=labels.EVICT in pod_labels,
+        failure=failure,
     )
 
 
@@ -235,3 +247,12 @@ def build_pod(
         },
         "spec": pod_spec(template, execd_image, task_executor),
     }
+
+
+async def delete_pod(client: KubeClient, pod: PodInfo) -> None:
+    """Delete this pod (by uid: never a namesake); gone or replaced already is fine."""
+    try:
+        await client.delete(PODS, pod.name, pod.namespace, precondition_uid=pod.uid)
+    except KubeError as err:
+        if not (err.not_found or err.conflict):
+            raise

@@ -1,57 +1,65 @@
 """The Pool reconciler: keeps idle, Ready pods between minBufferSize and maxBufferSize, within capacity.
 
 Per pass, from the cache:
-1. idle pods that are broken (failed, finished, or not Ready past the deadline) are replaced;
+1. idle pods that are broken (failed, finished, or not Ready past the deadline) or that a person
+   marked with the evict label are deleted;
 2. idle pods of an older template revision are rolled: deleted once enough current ones are Ready
-   (or at once when they are not Ready, or when capacity leaves no room for their replacement);
+   (or at once when they are not Ready, or when capacity leaves no room for their replacement,
+   then at most `updateStrategy.maxUnavailable` of the wanted Ready pods at a time);
 3. enough pods are created for minBufferSize plus the demand of BatchSandboxes waiting on the pool,
-   never above capacity;
+   never above capacity, with at most `scaleStrategy.maxUnavailable` starting at once;
 4. idle pods above max(maxBufferSize, demand) are deleted, oldest first;
-5. status is written when it changed.
-Claimed pods belong to their BatchSandbox and are never touched here.
+5. status is written when it changed (at most every STATUS_INTERVAL).
+Allocated pods (named by a BatchSandbox's ledger or carrying a claim label) are never touched here;
+handing pods to BatchSandboxes is the allocator's (allocator.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from prometheus_client import Gauge
 
-from opensandbox_platform.api import labels
-from opensandbox_platform.api.crds import PoolSpec
+from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec, PoolStatus, RateStrategy
 from opensandbox_platform.api.resources import POOLS
-from opensandbox_platform.controller.conditions import same_status, set_condition
-from opensandbox_platform.controller.pods import PodInfo, build_pod, pool_revision
-from opensandbox_platform.controller.state import (
-    BY_BATCHSANDBOX,
-    BY_POOL,
-    BY_POOL_REF,
-    REFILL_DELAY,
-    PodCreateError,
-    Shared,
-    slim_object,
-)
-from opensandbox_platform.controller.tasks import pool_sidecar
+from opensandbox_platform.controller import status as statuses
+from opensandbox_platform.controller.allocation import holding
+from opensandbox_platform.controller.cache import BY_BATCHSANDBOX, BY_POOL, BY_POOL_REF, CachedObject, namespaced
+from opensandbox_platform.controller.inflight import InFlight
+from opensandbox_platform.controller.manager import Manager
+from opensandbox_platform.controller.pods import PodCreateError, PodInfo, build_pod, pool_revision
+from opensandbox_platform.controller.tasks import finished_indices, pool_sidecar
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, PODS, KubeError
+from opensandbox_platform.kube.controller import Controller
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POOL_PODS = Gauge("opensandbox_pool_pods", "Pods of a Pool by state.", ["namespace", "pool", "state"])
-# A pass creates at most this many pods (then the next pass, once their events arrived, goes on), with at
-# most WRITE_CONCURRENCY requests in flight: a pool of 10,000 must not hold 10,000 requests in memory.
+# A pass creates at most this many pods (then the next pass, once their events arrived, goes on): a pool
+# of 10,000 must not hold 10,000 requests in memory.
 MAX_CREATES_PER_PASS = 500
 STATUS_INTERVAL = 0.5  # seconds between two status writes of one Pool
-WRITE_CONCURRENCY = 32
+# After an allocation the refill waits this long, so that pod creation does not slow the claim's status.
+REFILL_DELAY = 0.1
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet (no vowels)
+_DELETE_EVENTS = {  # why -> (Event reason, Event type, what the message says)
+    "broken": (conditions.EVENT_POD_REPLACED, "Warning", "failed or not Ready within the deadline"),
+    "evicted": (conditions.EVENT_POD_EVICTED, "Normal", f"marked with the {labels.EVICT} label"),
+    "rolled": (conditions.EVENT_POD_ROLLED, "Normal", "from an older template revision"),
+    "surplus": (conditions.EVENT_SURPLUS_DELETED, "Normal", "above maxBufferSize"),
+    "over capacity": (conditions.EVENT_SURPLUS_DELETED, "Normal", "above capacity"),
+}
 
 
 async def bounded_gather(coroutines: list[Coroutine[Any, Any, T]], limit: int) -> list[T]:
@@ -74,25 +82,24 @@ def age_seconds(pod: PodInfo, now: datetime) -> float:
     return (now - created).total_seconds() if created else 0.0
 
 
-def demand(shared: Shared, pool_key: str) -> int:
-    """Sandboxes that BatchSandboxes of this pool still wait for."""
-    total = 0
-    for bs in shared.batchsandboxes.by_index(BY_POOL_REF, pool_key):
-        if bs.deleting:
-            continue
-        have = sum(1 for p in shared.pods.by_index(BY_BATCHSANDBOX, bs.key) if not p.deleting and not p.lost)
-        total += max(0, int(bs.raw["spec"].get("replicas", 1)) - have)
-    return total
+def scaled(strategy: RateStrategy | None, total: int) -> int | None:
+    """`maxUnavailable` as a number of pods (a percentage of `total`, rounded up, at least 1); None: unset."""
+    value = strategy.maxUnavailable if strategy else None
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return max(1, math.ceil(int(value.rstrip("%")) * total / 100))
+    return max(1, value)
 
 
 @dataclass
 class PoolPlan:
     create: int  # new pods to create
-    delete: list[tuple[PodInfo, str]]  # idle pods to delete, with why: broken, rolled, surplus, over capacity
+    delete: list[tuple[PodInfo, str]]  # idle pods to delete, with why: broken, evicted, rolled, surplus, over capacity
     claimed: list[PodInfo]
     idle: list[PodInfo]  # idle pods of the current revision that stay
     starting: list[PodInfo]  # healthy idle pods not Ready yet (watched for the deadline)
-    postponed: bool  # a refill waits for claims in flight
+    postponed: bool  # a refill waits for allocations in flight
 
 
 def plan_pool(
@@ -103,19 +110,22 @@ def plan_pool(
     wanted: int,
     now: datetime,
     deadline: float,
+    allocated: frozenset[str] = frozenset(),
 ) -> PoolPlan:
     """What to create and delete, from the live (non-terminating) pods of a pool. Pure: no I/O.
 
-    `reserved` are pods whose claim is being written; `wanted` is the sandboxes BatchSandboxes still
-    wait for (counting those reserved pods as missing)."""
-    claimed = [p for p in pods if p.claimed]
-    idle = [p for p in pods if not p.claimed and p.key not in reserved]
+    `allocated` are pods a BatchSandbox's ledger names; `reserved` are pods whose allocation is being
+    written; `wanted` is the sandboxes BatchSandboxes still wait for (counting reserved pods as
+    missing)."""
+    claimed = [p for p in pods if p.claimed or p.key in allocated]
+    idle = [p for p in pods if not (p.claimed or p.key in allocated or p.key in reserved)]
     broken = [p for p in idle if p.phase in ("Failed", "Succeeded") or (not p.ready and age_seconds(p, now) > deadline)]
-    healthy = [p for p in idle if p not in broken]
+    evicted = [p for p in idle if p.evicting and p not in broken]
+    healthy = [p for p in idle if p not in broken and p not in evicted]
     current = sorted((p for p in healthy if p.revision == revision), key=lambda p: p.created)
     stale = sorted((p for p in healthy if p.revision != revision), key=lambda p: p.created)
 
-    delete: list[tuple[PodInfo, str]] = [(p, "broken") for p in broken]
+    delete: list[tuple[PodInfo, str]] = [(p, "broken") for p in broken] + [(p, "evicted") for p in evicted]
     # Roll the old revision: pods not Ready go now, Ready ones once enough current pods are Ready.
     stale_ready = [p for p in stale if p.ready]
     delete += [(p, "rolled") for p in stale if not p.ready]
@@ -123,21 +133,31 @@ def plan_pool(
         delete += [(p, "rolled") for p in stale_ready]
         stale_ready = []
 
-    # Pods being claimed right now already answer part of the demand.
+    # Pods being allocated right now already answer part of the demand.
     in_flight = sum(1 for p in pods if p.key in reserved)
     wanted = max(0, wanted - in_flight)
-    create = max(0, spec.minBufferSize + wanted - len(current))
+    target = spec.minBufferSize + wanted
+    create = max(0, target - len(current))
     room = spec.capacity - (len(pods) - len(delete))
-    while create > room and stale_ready:  # make room for the new revision
+    # Make room for the new revision, within the update budget: of the `target` Ready pods wanted, at
+    # most `budget` may be missing while old ones make way.
+    budget = scaled(spec.updateStrategy, target)
+    ready_now = sum(1 for p in current if p.ready) + len(stale_ready)
+    while create > room and stale_ready and (budget is None or ready_now > target - budget):
         delete.append((stale_ready.pop(0), "rolled"))
         room += 1
+        ready_now -= 1
     create = max(0, min(create, room, MAX_CREATES_PER_PASS))
+    starting = [p for p in healthy if not p.ready]
+    start_limit = scaled(spec.scaleStrategy, spec.capacity)
+    if start_limit is not None:
+        create = max(0, min(create, start_limit - len(starting)))
     postponed = in_flight > 0 and create > 0
     if postponed:
-        create = 0  # claims are being written: they go first, the refill follows right after
+        create = 0  # allocations are being written: they go first, the refill follows right after
 
     # Pods made for waiting BatchSandboxes on top of minBufferSize are not surplus (else: create, delete, ...).
-    surplus = len(current) - max(spec.maxBufferSize, spec.minBufferSize + wanted)
+    surplus = len(current) - max(spec.maxBufferSize, target)
     if surplus > 0:
         delete += [(p, "surplus") for p in current[:surplus]]  # oldest first
         current = current[surplus:]
@@ -145,40 +165,125 @@ def plan_pool(
     if over > 0:
         delete += [(p, "over capacity") for p in current[:over]]
         current = current[over:]
-    starting = [p for p in healthy if not p.ready]
     return PoolPlan(create, delete, claimed, current, starting, postponed)
+
+
+@dataclass
+class Expectations:
+    """Pods we created or deleted whose watch events have not arrived yet, per Pool.
+
+    Without this a Pool reconciled twice in quick succession would create its pods twice. An entry
+    expires after `timeout` so a lost event cannot block a Pool for ever; the reconcile that waits
+    looks again when the oldest entry expires."""
+
+    timeout: float = 30.0
+    _pending: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def expect(self, owner: str, pod_key: str) -> None:
+        self._pending.setdefault(owner, {})[pod_key] = time.monotonic() + self.timeout
+
+    def observe(self, owner: str, pod_key: str) -> None:
+        pending = self._pending.get(owner)
+        if pending is not None:
+            pending.pop(pod_key, None)
+
+    def wait(self, owner: str) -> float | None:
+        """None when nothing is pending, else seconds until the oldest expectation expires."""
+        pending = self._pending.get(owner)
+        if not pending:
+            return None
+        now = time.monotonic()
+        for pod_key in [k for k, deadline in pending.items() if deadline < now]:
+            del pending[pod_key]
+        return min(pending.values()) - now if pending else None
+
+    def forget(self, owner: str) -> None:
+        self._pending.pop(owner, None)
+
+
+def demand(manager: Manager, pool_key: str) -> tuple[int, frozenset[str]]:
+    """(sandboxes BatchSandboxes of this pool still wait for, pod keys their ledgers name)."""
+    cache = manager.cache
+    by_uid = {p.uid: p for p in cache.pods.by_index(BY_POOL, pool_key)}
+    wanted = 0
+    allocated: set[str] = set()
+    for bs in cache.batchsandboxes.by_index(BY_POOL_REF, pool_key):
+        if bs.deleting:
+            continue
+        spec = BatchSandboxSpec.model_validate(bs.raw["spec"])
+        held = holding(spec, bs.raw, by_uid, cache.pods.by_index(BY_BATCHSANDBOX, bs.key), finished_indices(bs.raw))
+        wanted += len(held.wanted)
+        allocated.update(p.key for p in held.pods.values())
+    return wanted, frozenset(allocated)
 
 
 class PoolReconciler:
     name = "pool"
 
-    def __init__(self, shared: Shared) -> None:
-        self.shared = shared
+    def __init__(self, manager: Manager, inflight: InFlight) -> None:
+        self.manager = manager
+        self.inflight = inflight
+        self.creating = Expectations()
+        self.deleting = Expectations()
         self._status_written: dict[str, float] = {}  # pool key -> monotonic time of the last status write
+        self.controller = Controller(self.name, self.reconcile, max(1, manager.options.concurrency // 2))
+
+    def setup(self) -> Controller:
+        """Wake on its Pools, their pods, and BatchSandboxes whose demand on a pool changes."""
+        cache = self.manager.cache
+        cache.pools.add_handler(lambda old, new: self.controller.queue.add((new or old).key))  # type: ignore[union-attr]
+        cache.pods.add_handler(self._on_pod)
+        cache.batchsandboxes.add_handler(self._on_batchsandbox)
+        self.manager.add(self.controller)
+        return self.controller
+
+    def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
+        pod = new or old
+        assert pod is not None
+        pool_key = namespaced(pod.namespace, pod.pool)
+        if pool_key is None:
+            return
+        if new is not None and old is None:
+            self.creating.observe(pool_key, pod.key)
+        if new is None or new.deleting:
+            self.deleting.observe(pool_key, pod.key)
+        self.controller.queue.add(pool_key)
+
+    def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
+        # Demand (or the ledger) changed: refill a moment later, after the allocation's status is out.
+        obj = new or old
+        assert obj is not None
+        pool_key = namespaced(obj.namespace, obj.raw["spec"].get("poolRef"))
+        if pool_key is not None:
+            self.controller.queue.add_after(pool_key, REFILL_DELAY)
 
     async def reconcile(self, key: str) -> float | None:
-        cached = self.shared.pools.get(key)
+        cached = self.manager.cache.pools.get(key)
         if cached is None or cached.deleting:
-            self.shared.creating.forget(key)
-            self.shared.deleting.forget(key)
+            self.creating.forget(key)
+            self.deleting.forget(key)
             return None
-        if not (self.shared.creating.satisfied(key) and self.shared.deleting.satisfied(key)):
-            return None  # the pod events we wait for will enqueue the pool again
+        pending = [w for w in (self.creating.wait(key), self.deleting.wait(key)) if w is not None]
+        if pending:
+            return max(0.01, min(pending))  # the pod events we wait for enqueue the pool sooner
         pool = cached.raw
         spec = PoolSpec.model_validate(pool["spec"])
         revision = pool_revision(spec)
         now = datetime.now(UTC)
-        deadline = self.shared.settings.pod_ready_deadline
-        pods = [p for p in self.shared.pods.by_index(BY_POOL, key) if not p.deleting]
-        plan = plan_pool(spec, revision, pods, self.shared.reserved, demand(self.shared, key), now, deadline)
+        deadline = self.manager.settings.pod_ready_deadline
+        pods = [p for p in self.manager.cache.pods.by_index(BY_POOL, key) if not p.deleting]
+        wanted, allocated = demand(self.manager, key)
+        reserved = {p.key for p in pods if p.key in self.inflight.reserved}
+        plan = plan_pool(spec, revision, pods, reserved, wanted, now, deadline, allocated)
+        self.inflight.doomed.update(p.key for p, _ in plan.delete)  # before the first await: see inflight.py
 
         create_error, _ = await asyncio.gather(
-            self._create(pool, spec, revision, plan.create),
-            self._delete(pool, plan.delete),
+            self._create(cached, spec, revision, plan.create),
+            self._delete(cached, plan.delete),
         )
         if create_error:  # the status says why; look again with backoff (a fixed template fixes it)
             plan.create = 0
-        written = await self._write_status(pool, spec, revision, pods, plan, create_error)
+        written = await self._write_status(cached, spec, revision, pods, plan, create_error)
         if create_error:
             raise PodCreateError(create_error)
         # Look again when the first pod that is not Ready yet would pass the deadline, when a status
@@ -190,14 +295,11 @@ class PoolReconciler:
             waits.append(REFILL_DELAY)
         return max(0.1, min(waits)) if waits else None
 
-    async def _create(self, pool: JSON, spec: PoolSpec, revision: str, count: int) -> str | None:
+    async def _create(self, pool: CachedObject, spec: PoolSpec, revision: str, count: int) -> str | None:
         """Creates `count` pods; returns the API server's message when some could not be created."""
         if count <= 0:
             return None
-        key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
-        name = pool["metadata"]["name"]
-        namespace = pool["metadata"]["namespace"]
-        settings = self.shared.settings
+        settings = self.manager.settings
         try:
             sidecar = pool_sidecar(
                 spec,
@@ -206,46 +308,50 @@ class PoolReconciler:
                 settings.task_executor_pull_policy,
             )
         except ValueError as err:
-            self.shared.events.record(pool, "Warning", "FailedCreate", str(err))
+            self.manager.events.record(pool.raw, "Warning", conditions.EVENT_FAILED_CREATE, str(err))
             return str(err)
 
         async def one() -> str | None:
-            pod_name = f"{name}-{random_suffix()}"
+            pod_name = f"{pool.name}-{random_suffix()}"
             pod = build_pod(
                 name=pod_name,
-                namespace=namespace,
+                namespace=pool.namespace,
                 template=spec.sandboxTemplate,
-                pod_labels={labels.POOL: name, labels.POOL_REVISION: revision},
-                owner=pool,
-                execd_image=self.shared.settings.execd_image,
+                pod_labels={labels.POOL: pool.name, labels.POOL_REVISION: revision},
+                owner=pool.raw,
+                execd_image=settings.execd_image,
                 task_executor=sidecar,
             )
-            self.shared.creating.expect(key, f"{namespace}/{pod_name}")
+            self.creating.expect(pool.key, f"{pool.namespace}/{pod_name}")
             try:
-                await self.shared.client.create(PODS, pod, namespace)
+                await self.manager.client.create(PODS, pod, pool.namespace)
                 return None
             except KubeError as err:
-                self.shared.creating.observe(key, f"{namespace}/{pod_name}")
+                self.creating.observe(pool.key, f"{pool.namespace}/{pod_name}")
                 return err.message
 
-        errors = [e for e in await bounded_gather([one() for _ in range(count)], WRITE_CONCURRENCY) if e]
+        results = await bounded_gather([one() for _ in range(count)], settings.write_concurrency)
+        errors = [e for e in results if e]
         if len(errors) < count:
-            self.shared.events.record(pool, "Normal", "SuccessfulCreate", f"Created {count - len(errors)} pool pod(s)")
+            self.manager.events.record(
+                pool.raw, "Normal", conditions.EVENT_SUCCESSFUL_CREATE, f"Created {count - len(errors)} pool pod(s)"
+            )
         if not errors:
             return None
-        self.shared.events.record(pool, "Warning", "FailedCreate", f"Failed to create pool pod: {errors[0]}")
+        self.manager.events.record(
+            pool.raw, "Warning", conditions.EVENT_FAILED_CREATE, f"Failed to create pool pod: {errors[0]}"
+        )
         return errors[0]
 
-    async def _delete(self, pool: JSON, doomed: list[tuple[PodInfo, str]]) -> None:
+    async def _delete(self, pool: CachedObject, doomed: list[tuple[PodInfo, str]]) -> None:
         if not doomed:
             return
-        key = f"{pool['metadata']['namespace']}/{pool['metadata']['name']}"
 
         async def one(pod: PodInfo) -> None:
-            self.shared.deleting.expect(key, pod.key)
+            self.deleting.expect(pool.key, pod.key)
             try:
-                # The resourceVersion precondition loses to a claim written in the meantime.
-                await self.shared.client.request(
+                # The resourceVersion precondition loses to a claim label written in the meantime.
+                await self.manager.client.request(
                     "DELETE",
                     PODS.path(pod.namespace, pod.name),
                     body={
@@ -254,72 +360,53 @@ class PoolReconciler:
                     },
                 )
             except KubeError as err:
-                self.shared.deleting.observe(key, pod.key)
+                self.deleting.observe(pool.key, pod.key)
                 if not (err.not_found or err.conflict):
                     raise
+            finally:
+                self.inflight.doomed.discard(pod.key)
 
-        await bounded_gather([one(p) for p, _ in doomed], WRITE_CONCURRENCY)
+        await bounded_gather([one(p) for p, _ in doomed], self.manager.settings.write_concurrency)
         reasons: dict[str, int] = {}
-        for _, reason in doomed:
-            reasons[reason] = reasons.get(reason, 0) + 1
-        for reason, n in reasons.items():
-            event = {
-                "broken": "PodReplaced",
-                "rolled": "PodRolled",
-                "surplus": "SurplusDeleted",
-                "over capacity": "SurplusDeleted",
-            }[reason]
-            kind = "Warning" if reason == "broken" else "Normal"
-            what = {
-                "broken": "failed or not Ready within the deadline",
-                "rolled": "from an older template revision",
-                "surplus": "above maxBufferSize",
-                "over capacity": "above capacity",
-            }[reason]
-            self.shared.events.record(pool, kind, event, f"Deleted {n} idle pod(s) {what}")
+        for _, why in doomed:
+            reasons[why] = reasons.get(why, 0) + 1
+        for why, n in reasons.items():
+            reason, kind, what = _DELETE_EVENTS[why]
+            self.manager.events.record(pool.raw, kind, reason, f"Deleted {n} idle pod(s) {what}")
 
     async def _write_status(
-        self, pool: JSON, spec: PoolSpec, revision: str, pods: list[PodInfo], plan: PoolPlan, error: str | None = None
+        self,
+        pool: CachedObject,
+        spec: PoolSpec,
+        revision: str,
+        pods: list[PodInfo],
+        plan: PoolPlan,
+        error: str | None = None,
     ) -> bool:
         """Writes the status if it changed; False when the write is held back by the rate limit."""
-        meta = pool["metadata"]
         available = sum(1 for p in plan.idle if p.ready)
-        status: JSON = {
-            "observedGeneration": meta.get("generation"),
-            "total": len(pods) - len(plan.delete) + plan.create,
-            "available": available,
-            "allocated": len(plan.claimed),
-            "starting": len(plan.idle) - available + plan.create,
-            "revision": revision,
-        }
-        old = pool.get("status") or {}
-        conditions = [dict(c) for c in old.get("conditions") or []]
-        ready = available >= spec.minBufferSize
-        if error:
-            reason, message = "FailedCreate", f"Pods cannot be created: {error}"
-        elif ready:
-            reason, message = "BufferFilled", f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}"
-        else:
-            reason, message = "Filling", f"{available} idle Ready pod(s), minBufferSize {spec.minBufferSize}"
-        set_condition(conditions, "Ready", ready and not error, reason, message, meta.get("generation", 0))
-        status["conditions"] = conditions
-        for state, n in (
-            ("available", available),
-            ("allocated", len(plan.claimed)),
-            ("starting", status["starting"]),
-        ):
-            POOL_PODS.labels(meta["namespace"], meta["name"], state).set(n)
-        if same_status(old, status):
+        counts = statuses.PoolCounts(
+            total=len(pods) - len(plan.delete) + plan.create,
+            available=available,
+            allocated=len(plan.claimed),
+            starting=len(plan.idle) - available + plan.create,
+        )
+        for state in ("available", "allocated", "starting"):
+            POOL_PODS.labels(pool.namespace, pool.name, state).set(getattr(counts, state))
+        old = PoolStatus.model_validate(pool.raw.get("status") or {})
+        generation = int(pool.raw["metadata"].get("generation", 0))
+        new = statuses.pool_status(spec, generation, revision, counts, old, error, datetime.now(UTC))
+        if new == old:
             return True
         if error:  # a failure is news: no rate limit
-            self._status_written.pop(f"{meta['namespace']}/{meta['name']}", None)
+            self._status_written.pop(pool.key, None)
         # Pool status is for people and dashboards: write it at most every STATUS_INTERVAL, so that a
         # stream of claims and refills does not add a status write per pod event.
-        key = f"{meta['namespace']}/{meta['name']}"
-        last = self._status_written.get(key, 0.0)
+        last = self._status_written.get(pool.key, 0.0)
         if time.monotonic() - last < STATUS_INTERVAL:
             return False
-        self._status_written[key] = time.monotonic()
-        result = await self.shared.client.patch(POOLS, meta["name"], {"status": status}, meta["namespace"], "status")
-        self.shared.pools.assume(slim_object(result))
+        self._status_written[pool.key] = time.monotonic()
+        body: JSON = {"status": statuses.dump(new)}
+        result = await self.manager.client.patch(POOLS, pool.name, body, pool.namespace, "status")
+        self.manager.cache.pools.assume(result)
         return True

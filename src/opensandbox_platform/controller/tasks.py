@@ -20,13 +20,14 @@ import aiohttp
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec, TaskTemplate
+from opensandbox_platform.controller.allocation import TERMINAL_TASK_STATES
 from opensandbox_platform.controller.pods import PodInfo, TaskExecutorSidecar
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.kube.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("succeeded", "failed")
+TERMINAL = TERMINAL_TASK_STATES
 LONG_POLL = 30  # seconds the executor holds a GET open
 SUBMIT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 POLL_TIMEOUT = aiohttp.ClientTimeout(total=LONG_POLL + 10)
@@ -67,11 +68,14 @@ def pool_sidecar(
     return TaskExecutorSidecar(image, resources, pull_policy)
 
 
-def count(tasks: dict[int, JSON], replicas: int) -> JSON:
-    counts = {"pending": 0, "running": 0, "succeeded": 0, "failed": 0}
-    for index in range(replicas):
-        counts[(tasks.get(index) or {}).get("state", "pending")] += 1
-    return counts
+def written_tasks(bs: JSON) -> dict[int, JSON]:
+    """Each sandbox's task as the BatchSandbox's status records it."""
+    return {s["index"]: s["task"] for s in (bs.get("status") or {}).get("sandboxes") or [] if s.get("task")}
+
+
+def finished_indices(bs: JSON) -> set[int]:
+    """Sandboxes whose task ended (their pod is not replaced when it goes)."""
+    return {i for i, task in written_tasks(bs).items() if task.get("state") in TERMINAL}
 
 
 @dataclass
@@ -120,7 +124,7 @@ class TaskDispatcher:
     ) -> dict[int, JSON]:
         """Starts followers for Ready pods whose task is not finished; stops those of replaced pods.
         Returns each index's task status: reported by an executor, else as last written in status."""
-        written = {s["index"]: s["task"] for s in (bs.get("status") or {}).get("sandboxes") or [] if s.get("task")}
+        written = written_tasks(bs)
         batch = self.batches.setdefault(key, BatchTasks())
         tasks: dict[int, JSON] = dict(written)  # also of sandboxes whose pod is gone
         for index, pod in pods.items():

@@ -7,6 +7,11 @@
   restarted, so a half-dead connection cannot freeze the cache.
 - `transform` turns each raw object into the slim value that is cached (a pod costs ~10 KB as
   JSON; the controller keeps the few fields it uses).
+- The cache never goes back in time: an object older (by resourceVersion) than the cached one is
+  ignored. Writers put their results in at once (`assume`), and a watch event or a list that
+  started before such a write must not undo it: the controller's allocation ledger relies on it.
+- `resync()` reads everything again with a consistent list, e.g. when a replica becomes leader and
+  must see every write its predecessor made before acting.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class Informer(Generic[T]):
 
     store: dict[str, T] = field(default_factory=dict)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    _versions: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (uid, resourceVersion)
     _handlers: list[Handler[T]] = field(default_factory=list)
     _indexers: dict[str, Indexer[T]] = field(default_factory=dict)
     _indexes: dict[str, dict[str, set[str]]] = field(default_factory=dict)
@@ -88,6 +94,22 @@ class Informer(Generic[T]):
                     if not keys:
                         del self._indexes[name][value]
 
+    def _newer(self, raw: JSON, key: str) -> bool:
+        """Whether `raw` is not older than what is cached for `key` (and records its version)."""
+        meta = raw["metadata"]
+        version = _version(meta.get("resourceVersion"))
+        uid = str(meta.get("uid", ""))
+        cached = self._versions.get(key)
+        if cached is not None and cached[0] == uid and version < cached[1]:
+            return False
+        self._versions[key] = (uid, version)
+        return True
+
+    def _put_raw(self, raw: JSON) -> None:
+        key = object_key(raw)
+        if self._newer(raw, key):
+            self._put(self.transform(raw))
+
     def _put(self, obj: T) -> None:
         old = self.store.get(obj.key)
         if old is not None:
@@ -97,6 +119,7 @@ class Informer(Generic[T]):
         self._notify(old, obj)
 
     def _remove(self, key: str) -> None:
+        self._versions.pop(key, None)
         old = self.store.pop(key, None)
         if old is not None:
             self._unindex(old)
@@ -112,7 +135,11 @@ class Informer(Generic[T]):
     def _params(self) -> dict[str, str | int]:
         return {"labelSelector": self.label_selector} if self.label_selector else {}
 
-    async def _list(self) -> None:
+    async def _list(self) -> str:
+        """A consistent list (all pages from one snapshot) into the cache; returns its resourceVersion.
+
+        What the list no longer has is removed, unless the cache holds a newer version of it (an
+        object created, or written by us, after the list's snapshot)."""
         seen: set[str] = set()
         cont = ""
         while True:
@@ -121,15 +148,22 @@ class Informer(Generic[T]):
                 params["continue"] = cont
             page = await self.client.list(self.resource, self.namespace, **params)
             for raw in page.get("items", []):
-                obj = self.transform(raw)
-                seen.add(obj.key)
-                self._put(obj)
+                key = object_key(raw)
+                seen.add(key)
+                self._put_raw(raw)
             cont = page["metadata"].get("continue", "")
             if not cont:
-                self._rv = page["metadata"]["resourceVersion"]
+                version: str = page["metadata"]["resourceVersion"]
                 break
+        snapshot = _version(version)
         for key in [k for k in self.store if k not in seen]:
-            self._remove(key)
+            if self._versions.get(key, ("", 0))[1] <= snapshot:
+                self._remove(key)
+        return version
+
+    async def resync(self) -> None:
+        """Bring the cache up to date with a consistent list now (the watch goes on meanwhile)."""
+        await self._list()
 
     async def _watch_once(self) -> None:
         stream = self.client.watch(
@@ -163,9 +197,12 @@ class Informer(Generic[T]):
         if kind == "BOOKMARK":
             return
         if kind == "DELETED":
-            self._remove(object_key(raw))
+            key = object_key(raw)
+            cached = self._versions.get(key)
+            if cached is None or cached[0] == str(raw["metadata"].get("uid", "")):  # not a newer namesake
+                self._remove(key)
         else:
-            self._put(self.transform(raw))
+            self._put_raw(raw)
 
     async def run(self) -> None:
         """List, then watch forever; relist on 410 Gone; back off on errors."""
@@ -174,7 +211,7 @@ class Informer(Generic[T]):
         while True:
             try:
                 if need_list:
-                    await self._list()
+                    self._rv = await self._list()
                     need_list = False
                     self.synced.set()
                 await self._watch_once()
@@ -196,10 +233,12 @@ class Informer(Generic[T]):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    def assume(self, obj: T) -> None:
-        """Put an object we just wrote into the cache before its watch event arrives.
+    def assume(self, raw: JSON) -> None:
+        """Put an object we just wrote (the API server's answer) into the cache before its watch
+        event arrives, so that the next reconcile reads its own write."""
+        self._put_raw(raw)
 
-        Only an optimisation for read-your-writes: every write that matters is guarded by a
-        resourceVersion precondition, so a briefly stale cache can cause a 409, never a wrong write.
-        """
-        self._put(obj)
+
+def _version(resource_version: str | None) -> int:
+    """resourceVersions are etcd revisions: integers that only grow (0 when absent or unexpected)."""
+    return int(resource_version) if resource_version and resource_version.isdigit() else 0

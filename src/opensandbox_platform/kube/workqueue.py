@@ -1,4 +1,5 @@
-"""A work queue of keys, as controllers use it (client-go semantics, asyncio).
+"""A work queue of keys, as controllers use it (client-go semantics, asyncio); kube/controller.py
+runs the workers that take keys from it.
 
 - A key added many times before a worker takes it is processed once (dedup).
 - A key is never processed by two workers at once: one added while in progress is queued again
@@ -10,14 +11,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge, Histogram
-
-log = logging.getLogger(__name__)
 
 DEPTH = Gauge("workqueue_depth", "Current depth of the work queue.", ["name"])
 ADDS = Counter("workqueue_adds_total", "Keys added to the work queue.", ["name"])
@@ -35,9 +32,6 @@ WORK_DURATION = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-# A reconcile returns None (done) or seconds after which to look again; it raises to retry.
-Reconcile = Callable[[str], Awaitable[float | None]]
-
 
 class WorkQueue:
     def __init__(self, name: str, *, base_delay: float = 0.005, max_delay: float = 2.0) -> None:
@@ -46,7 +40,7 @@ class WorkQueue:
         self.max_delay = max_delay
         self._queue: deque[str] = deque()
         self._dirty: dict[str, float] = {}  # key -> time it was queued
-        self._processing: set[str] = set()
+        self._processing: dict[str, float] = {}  # key -> when a worker took it
         self._failures: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -112,43 +106,14 @@ class WorkQueue:
         self._depth.set(len(self._queue))
         queued_at = self._dirty.pop(key)
         QUEUE_DURATION.labels(self.name).observe(time.monotonic() - queued_at)
-        self._processing.add(key)
+        self._processing[key] = time.monotonic()
         return key
 
     def done(self, key: str) -> None:
-        self._processing.discard(key)
+        started = self._processing.pop(key, None)
+        if started is not None:
+            WORK_DURATION.labels(self.name).observe(time.monotonic() - started)
         if key in self._dirty:  # added again while it was being processed
             self._queue.append(key)
             self._depth.set(len(self._queue))
             self._wake()
-
-    async def run_workers(self, count: int, reconcile: Reconcile, on_result: Callable[[str, str, float], None]) -> None:
-        """Run `count` workers forever. `on_result(key, result, seconds)` sees each outcome."""
-        await asyncio.gather(*(self._worker(reconcile, on_result) for _ in range(count)))
-
-    async def _worker(self, reconcile: Reconcile, on_result: Callable[[str, str, float], None]) -> None:
-        while True:
-            key = await self.get()
-            start = time.monotonic()
-            try:
-                requeue_after = await reconcile(key)
-            except asyncio.CancelledError:
-                self.done(key)
-                raise
-            except Exception as err:
-                delay = self.retry(key)
-                log.warning("reconcile failed, retrying in %.3fs: %s", delay, err, extra={"key": key})
-                log.debug("reconcile failure", exc_info=True)
-                result = "error"
-            else:
-                self.forget(key)
-                if requeue_after is not None:
-                    self.add_after(key, requeue_after)
-                    result = "requeue_after"
-                else:
-                    result = "success"
-            finally:
-                elapsed = time.monotonic() - start
-                WORK_DURATION.labels(self.name).observe(elapsed)
-            self.done(key)
-            on_result(key, result, elapsed)

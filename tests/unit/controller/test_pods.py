@@ -90,7 +90,7 @@ def test_slim_pod_reads_claim_readiness_and_loss() -> None:
 
 def test_pooled_entrypoint_and_env_become_an_execd_bootstrap_request() -> None:
     from opensandbox_platform.api.crds import BatchSandboxSpec
-    from opensandbox_platform.controller.batchsandbox import bootstrap_request
+    from opensandbox_platform.controller.status import bootstrap_request
 
     def spec(**template_spec: object) -> BatchSandboxSpec:
         return BatchSandboxSpec.model_validate({"poolRef": "p", "sandboxTemplate": {"spec": template_spec}})

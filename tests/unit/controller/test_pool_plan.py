@@ -110,3 +110,48 @@ def test_pods_made_for_demand_on_top_of_min_buffer_are_not_surplus() -> None:
     pods = [pod(f"i{n}", ready=n < 3, age=10 - n) for n in range(6)]
     result = plan(pods, spec(3, 3, 6), wanted=3)
     assert (result.create, result.delete) == (0, [])
+
+
+def with_strategies(s: PoolSpec, scale: int | str | None = None, update: int | str | None = None) -> PoolSpec:
+    raw = s.model_dump(mode="json", exclude_none=True)
+    if scale is not None:
+        raw["scaleStrategy"] = {"maxUnavailable": scale}
+    if update is not None:
+        raw["updateStrategy"] = {"maxUnavailable": update}
+    return PoolSpec.model_validate(raw)
+
+
+def test_scale_strategy_caps_pods_starting_at_once() -> None:
+    big = with_strategies(spec(1000, 1000, 1000), scale="10%")
+    assert plan([], big).create == 100
+    assert plan([pod(f"s{n}", ready=False, age=1) for n in range(60)], big).create == 40
+    assert plan([], with_strategies(spec(10, 10, 10), scale=3)).create == 3
+
+
+def test_a_full_pool_rolls_without_dropping_below_its_update_budget() -> None:
+    """A pool at capacity makes room for the new revision only while at most maxUnavailable of the
+    wanted Ready pods are missing: 10,000 pods roll in steps, never all at once."""
+    full = with_strategies(spec(100, 100, 100), update="10%")
+    old = [pod(f"o{n}", revision="r0") for n in range(100)]
+    first = plan(old, full)
+    assert (first.create, len(deleted(first))) == (10, 10)
+    starting = old[10:] + [pod(f"n{n}", ready=False, age=1) for n in range(10)]
+    assert plan(starting, full).create == 0 and deleted(plan(starting, full)) == {}, "wait for the new ones"
+    ready = old[10:] + [pod(f"n{n}") for n in range(10)]
+    assert (plan(ready, full).create, len(deleted(plan(ready, full)))) == (10, 10)
+
+
+def test_evicted_idle_pods_go_and_allocated_ones_stay() -> None:
+    from dataclasses import replace
+
+    idle = replace(pod("idle"), evicting=True)
+    used = replace(pod("used", claimed=True), evicting=True)
+    result = plan([idle, used, pod("a"), pod("b")])
+    assert deleted(result) == {"idle": "evicted"}
+
+
+def test_pods_a_ledger_names_are_allocated_even_before_their_label() -> None:
+    pods = [pod(f"i{n}") for n in range(7)]
+    result = plan_pool(spec(), REV, pods, set(), 0, NOW, deadline=300, allocated=frozenset({"ns/i0", "ns/i1"}))
+    assert [p.name for p in result.claimed] == ["i0", "i1"]
+    assert set(deleted(result)).isdisjoint({"i0", "i1"}), "allocated pods are never surplus"

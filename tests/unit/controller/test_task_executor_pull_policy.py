@@ -7,7 +7,7 @@ import pytest
 from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
 from opensandbox_platform.controller.main import parse_args
 from opensandbox_platform.controller.pods import pod_spec
-from opensandbox_platform.controller.state import Settings
+from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.controller.tasks import pool_sidecar
 
 POOL = PoolSpec.model_validate(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate, TaskTemplate
-from opensandbox_platform.controller.batchsandbox import tasks_finished, with_finished_tasks
+from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus, PoolSpec, SandboxTemplate, TaskTemplate
 from opensandbox_platform.controller.pods import TaskExecutorSidecar, pod_spec, pool_revision, template_revision
-from opensandbox_platform.controller.state import Settings
-from opensandbox_platform.controller.tasks import count, pool_sidecar, submit_body, task_status
+from opensandbox_platform.controller.settings import Settings
+from opensandbox_platform.controller.status import BatchSandboxView, batchsandbox_status, count_tasks
+from opensandbox_platform.controller.tasks import pool_sidecar, submit_body, task_status
+from tests.unit.controller.test_pool_plan import NOW, pod
 
 RESOURCES = Settings().task_executor_resources()
 
@@ -106,9 +107,24 @@ def test_task_status_keeps_the_set_fields() -> None:
     }
 
 
+def with_tasks(replicas: int, tasks: dict[int, dict[str, object]], old: dict[str, object] | None = None,
+               pods: dict[int, object] | None = None) -> BatchSandboxStatus:  # fmt: skip
+    spec = BatchSandboxSpec.model_validate(
+        {"replicas": replicas, "sandboxTemplate": {"spec": {"image": "i"}}, "taskTemplate": {"command": ["true"]}}
+    )
+    view = BatchSandboxView(spec, 1, BatchSandboxStatus.model_validate(old or {}), pods or {}, tasks=tasks)  # type: ignore[arg-type]
+    return batchsandbox_status(view, NOW)
+
+
+def tasks_finished(replicas: int, tasks: dict[int, dict[str, object]]) -> tuple[bool, bool]:
+    """(every task ended, some failed), as the status tells it."""
+    status = with_tasks(replicas, tasks)
+    return status.finishedAt is not None, status.finishedAt is not None and status.phase == "Failed"
+
+
 def test_counts_and_the_end() -> None:
     tasks = {0: {"state": "succeeded"}, 1: {"state": "running"}, 5: {"state": "failed"}}
-    assert count(tasks, 3) == {"pending": 1, "running": 1, "succeeded": 1, "failed": 0}
+    assert count_tasks(tasks, 3).model_dump() == {"pending": 1, "running": 1, "succeeded": 1, "failed": 0}
     assert tasks_finished(3, tasks) == (False, False)
     assert tasks_finished(2, {0: {"state": "succeeded"}, 1: {"state": "succeeded"}}) == (True, False)
     assert tasks_finished(2, {0: {"state": "failed"}, 1: {"state": "succeeded"}}) == (True, True)
@@ -124,7 +140,7 @@ def test_a_finished_task_stays_in_status_when_its_pod_is_gone() -> None:
         ]
     }
     tasks = {0: {"state": "succeeded"}, 1: {"state": "running"}, 2: {"state": "failed"}}
-    current = [{"index": 2, "podName": "p2", "ready": True, "task": {"state": "failed"}}]
-    kept = with_finished_tasks(current, old, tasks, replicas=3)
-    assert [(s["index"], s["podName"], s["ready"]) for s in kept] == [(0, "p0", False), (2, "p2", True)]
-    assert with_finished_tasks([], old, tasks, replicas=0) == []  # scaled down: nothing kept
+    current = {2: pod("p2")}
+    kept = with_tasks(3, tasks, old, current).sandboxes or []
+    assert [(s.index, s.podName, s.ready) for s in kept] == [(0, "p0", False), (2, "p2", True)]
+    assert with_tasks(0, tasks, old).sandboxes == []  # scaled down: nothing kept

@@ -129,3 +129,37 @@ async def test_a_silent_watch_is_restarted_from_the_last_version() -> None:
     await run_until(informer, lambda: "ns/b" in informer.store)
     assert [p["resourceVersion"] for p in api.watch_params[:2]] == ["7", "8"]
     assert len(api.list_params) == 1, "a restart resumes the watch; it does not relist"
+
+
+async def test_the_cache_never_goes_back_to_an_older_version() -> None:
+    """A write we made is put in at once (assume); a watch event from before it must not undo it."""
+    api = FakeApi(lists=[[{"items": [raw("a", "1", "5")], "rv": "5"}]], watches=[[0.05,
+                  {"type": "MODIFIED", "object": raw("a", "older", "6")}, 3600.0]])  # fmt: skip
+    informer = Informer(api, PODS, slim)  # type: ignore[arg-type]
+    task = asyncio.create_task(informer.run())
+    await informer.synced.wait()
+    informer.assume(raw("a", "ours", "7"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert informer.store["ns/a"].value == "ours"
+
+
+async def test_resync_reads_everything_again_and_keeps_what_is_newer() -> None:
+    api = FakeApi(
+        lists=[[{"items": [raw("a", "1", "5")], "rv": "5"}],
+               [{"items": [raw("a", "2", "8"), raw("b", "1", "7")], "rv": "8"}]],
+        watches=[[3600.0]],
+    )  # fmt: skip
+    informer = Informer(api, PODS, slim)  # type: ignore[arg-type]
+    task = asyncio.create_task(informer.run())
+    await informer.synced.wait()
+    informer.assume(raw("c", "created after the snapshot", "9"))
+    await informer.resync()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert {k: o.value for k, o in informer.store.items()} == {
+        "ns/a": "2",
+        "ns/b": "1",
+        "ns/c": "created after the snapshot",
+    }

@@ -26,61 +26,12 @@ async def test_a_key_added_while_processing_waits_for_done() -> None:
     assert await queue.get() == "k"
 
 
-async def test_workers_never_run_one_key_concurrently() -> None:
-    queue = WorkQueue("t-workers")
-    running: set[str] = set()
-    overlaps = 0
-    seen = 0
-
-    async def reconcile(key: str) -> float | None:
-        nonlocal overlaps, seen
-        if key in running:
-            overlaps += 1
-        running.add(key)
-        await asyncio.sleep(0.001)
-        running.discard(key)
-        seen += 1
-        return None
-
-    workers = asyncio.create_task(queue.run_workers(8, reconcile, lambda *_: None))
-    for i in range(200):
-        queue.add(f"k{i % 5}")
-        if i % 10 == 0:
-            await asyncio.sleep(0.002)
-    await asyncio.sleep(0.1)
-    workers.cancel()
-    assert overlaps == 0
-    assert seen >= 5
-
-
 async def test_failures_back_off_exponentially_with_a_cap() -> None:
     queue = WorkQueue("t-backoff", base_delay=0.01, max_delay=0.05)
     delays = [queue.retry("k") for _ in range(6)]
     assert delays == pytest.approx([0.01, 0.02, 0.04, 0.05, 0.05, 0.05])
     queue.forget("k")
     assert queue.retry("k") == pytest.approx(0.01)
-
-
-async def test_a_failing_reconcile_is_retried_until_it_succeeds() -> None:
-    queue = WorkQueue("t-retry", base_delay=0.001)
-    attempts = 0
-    results: list[str] = []
-
-    async def reconcile(key: str) -> float | None:
-        nonlocal attempts
-        attempts += 1
-        if attempts < 3:
-            raise RuntimeError("conflict")
-        return None
-
-    workers = asyncio.create_task(queue.run_workers(1, reconcile, lambda k, r, s: results.append(r)))
-    queue.add("k")
-    for _ in range(100):
-        if results[-1:] == ["success"]:
-            break
-        await asyncio.sleep(0.005)
-    workers.cancel()
-    assert results == ["error", "error", "success"]
 
 
 async def test_add_after_fires_once_and_the_earliest_wins() -> None:

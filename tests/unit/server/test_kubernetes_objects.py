@@ -10,7 +10,7 @@ import pytest
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec
-from opensandbox_platform.controller.batchsandbox import bootstrap_request
+from opensandbox_platform.controller.status import bootstrap_request
 from opensandbox_platform.server.config import ConfigError, load
 from opensandbox_platform.server.runtimes.base import SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (

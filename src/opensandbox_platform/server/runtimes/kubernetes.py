@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from opensandbox_platform.api import labels
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
@@ -347,10 +347,12 @@ def _create_error(err: KubeError) -> ApiError:
 def _failure_error(entry: Entry) -> ApiError:
     assert entry.failure is not None
     reason, message = entry.failure
-    if reason == "PoolNotFound":
+    if reason == conditions.POOL_NOT_FOUND:
         return ApiError(400, POOL_NOT_FOUND, message)
-    if reason == "FailedCreate":
+    if reason == conditions.FAILED_CREATE:
         return ApiError(400, errors.START_FAILED, f"the sandbox's pod cannot be created: {message}")
+    if reason == conditions.POD_FAILED:
+        return ApiError(400, errors.START_FAILED, f"sandbox {entry.name}: {message}")
     if reason == "DELETING":
         return ApiError(409, errors.INVALID_STATE, f"sandbox {entry.name}: {message}")
     return ApiError(400, errors.START_FAILED, f"sandbox {entry.name} ended while starting: {message}")

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from opensandbox_platform.api import labels
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
@@ -217,18 +217,20 @@ def _epoch() -> dt.datetime:
 
 # Ready-condition reasons of the controller, and what they mean for the API.
 _PENDING_REASONS = {
-    "WaitingForPool": "POOL_EXHAUSTED",
-    "SandboxesNotReady": "POD_STARTING",
-    "FailedCreate": "POD_CREATE_FAILED",
-    "PoolNotFound": "POOL_NOT_FOUND",
+    conditions.WAITING_FOR_POOL: "POOL_EXHAUSTED",
+    conditions.SANDBOXES_NOT_READY: "POD_STARTING",
+    conditions.FAILED_CREATE: "POD_CREATE_FAILED",
+    conditions.POOL_NOT_FOUND: "POOL_NOT_FOUND",
 }
 # Reasons a waiting create gives up on at once (with the status code it answers).
-_HOPELESS = {"FailedCreate", "PoolNotFound"}
+_HOPELESS = {conditions.FAILED_CREATE, conditions.POOL_NOT_FOUND}
 
 
 def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.datetime | None, tuple[str, str] | None]:
     """(state, reason, message, last transition, failure) from the BatchSandbox's status."""
-    ready: JSON = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    found = {c.get("type"): c for c in status.get("conditions") or []}
+    ready: JSON = found.get(conditions.READY) or {}
+    pod_failed: JSON = found.get(conditions.POD_FAILED) or {}
     since = times.parse_optional(ready.get("lastTransitionTime"))
     message = str(ready.get("message") or "")
     if meta.get("deletionTimestamp"):
@@ -245,6 +247,9 @@ def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.da
     phase = status.get("phase") or "Pending"
     if phase == "Succeeded":
         return State.TERMINATED, "SANDBOX_EXITED", "the entrypoint exited", since, ("EXITED", "the entrypoint exited")
+    if phase == "Failed" and pod_failed.get("status") == "True":
+        why = f"the sandbox's pod cannot run: {pod_failed.get('message', '')}"
+        return State.FAILED, "POD_FAILED", why, since, (conditions.POD_FAILED, why)
     if phase == "Failed":
         why = "the entrypoint exited with an error"
         return State.FAILED, "SANDBOX_EXITED_ERROR", why, since, ("EXITED", why)
