@@ -158,6 +158,31 @@ async def test_direct_create_builds_the_pod_from_the_request(
         await sb.close()
 
 
+def test_resource_requests_are_the_direct_pods_and_refused_in_pooled_mode(
+    api: httpx.Client, kube: Client, namespace: str
+) -> None:
+    requests = {"cpu": "100m", "memory": "32Mi"}
+    created = api.post("/sandboxes", json=create_body(resourceRequests=requests))
+    assert created.status_code == 202, created.text
+    sandbox_id = created.json()["id"]
+    (container,) = batchsandboxes(kube, namespace)[sandbox_id].spec["sandboxTemplate"]["spec"]["containers"]
+    assert container["resources"] == {
+        "limits": {"cpu": "250m", "memory": str(64 << 20)},
+        "requests": {"cpu": "100m", "memory": str(32 << 20)},
+    }
+    pod = kube.get(Pod, f"{sandbox_id}-0", namespace=namespace)
+    assert pod.spec.containers[0].resources.requests == {"cpu": "100m", "memory": str(32 << 20)}
+    assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
+
+    # Refused before the Pool is looked up: a claimed pod's resources are the Pool's.
+    pooled = api.post("/sandboxes", json=create_body(extensions={"poolRef": "warm"}, resourceRequests=requests))
+    assert pooled.status_code == 400, pooled.text
+    assert pooled.json()["code"] == "SANDBOX::API_NOT_SUPPORTED" and "resourceRequests" in pooled.json()["message"]
+    above = api.post("/sandboxes", json=create_body(resourceRequests={"cpu": "1"}))  # more than the 250m limit
+    assert above.status_code == 400 and above.json()["code"] == "SANDBOX::INVALID_PARAMETER"
+    assert batchsandboxes(kube, namespace) == {}
+
+
 def test_list_filters_metadata_and_renew(api: httpx.Client, pool: str) -> None:
     ids = []
     for team, extra in (("a", {}), ("a", {"extensions": {"poolRef": pool}}), ("b", {})):

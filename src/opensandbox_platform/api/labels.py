@@ -1,7 +1,9 @@
-"""Every label, annotation and finalizer the platform writes, in one place.
+"""Every platform-wide name, in one place: labels, annotations, ports, the execd token header.
 
-All live under the `sandbox.opensandbox.io/` prefix. The truth about which pool pod serves which
-pooled sandbox is the BatchSandbox's allocation ledger (`status.sandboxes[].podUID`); the pod's
+Plain constants, imported by the server, the controller and the in-sandbox executables alike.
+Kubernetes names live under `sandbox.opensandbox.io/`, the docker runtime's under `opensandbox.io/`;
+users may set metadata under neither (`RESERVED_PREFIXES`). Which pool pod serves which pooled
+sandbox is recorded in the BatchSandbox's allocation ledger (`status.sandboxes[].podUID`); the pod's
 `BATCHSANDBOX` label and controller ownerReference follow it (docs/controller.md).
 """
 
@@ -23,6 +25,9 @@ INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index wit
 CREATED_BY: Final = PREFIX + "created-by"  # BatchSandboxes the server made for the lifecycle API
 CREATED_BY_SERVER: Final = "opensandbox-server"
 
+# The create extension that claims a warm pod of a Pool (kubernetes runtime's pooled mode).
+EXTENSION_POOL_REF: Final = "poolRef"
+
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint
 CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim label was written (RFC 3339)
@@ -37,6 +42,8 @@ SANDBOX_REQUEST: Final = PREFIX + "sandbox-request"
 
 # The execd port inside every sandbox, and the task-executor's.
 EXECD_PORT: Final = 44772
+# The header that carries a sandbox's execd token (local and docker runtimes; endpoints hand it out).
+EXECD_TOKEN_HEADER: Final = "X-EXECD-ACCESS-TOKEN"
 TASK_EXECUTOR_PORT: Final = 5758
 SANDBOX_CONTAINER: Final = "sandbox"
 
@@ -68,3 +75,6 @@ DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when c
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+
+# Metadata keys a user may never set, on any runtime: the platform's own labels live there.
+RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from opensandbox_platform.api.labels import EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import (
@@ -34,7 +35,7 @@ from opensandbox_platform.execd.sessions import SessionManager
 
 log = logging.getLogger("execd")
 
-TOKEN_HEADER = "x-execd-access-token"
+TOKEN_HEADER = EXECD_TOKEN_HEADER.lower()  # the HTTP layer lowercases header names
 CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
 EMPTY = Response()
 SMALL_FILE = 256 * 1024
@@ -109,7 +110,7 @@ class ExecdApp:
     async def dispatch(self, request: Request) -> AnyResponse:
         token = self.settings.access_token
         if token and not _same(request.headers.get(TOKEN_HEADER, ""), token):
-            raise ApiError(401, errors.UNAUTHORIZED, "invalid or missing header X-EXECD-ACCESS-TOKEN")
+            raise ApiError(401, errors.UNAUTHORIZED, f"invalid or missing header {EXECD_TOKEN_HEADER}")
         handler, request.params = self.router.resolve(request.method, request.path)
         return await handler(request)
 

@@ -15,13 +15,13 @@ import logging
 import os
 import time
 
+from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import process
 from opensandbox_platform.daemon.http import HttpServer
 from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE
 from opensandbox_platform.execd.procs import WATCHER
 
-DEFAULT_PORT = 44772
 log = logging.getLogger("execd")
 
 
@@ -32,12 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default=os.environ.get("EXECD_HOST", "0.0.0.0"), help="address to listen on")
     parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("EXECD_PORT", DEFAULT_PORT)), help="port (default 44772)"
+        "--port",
+        type=int,
+        default=int(os.environ.get("EXECD_PORT", EXECD_PORT)),
+        help=f"port (default {EXECD_PORT})",
     )
     parser.add_argument(
         "--access-token",
         default=os.environ.get("EXECD_ACCESS_TOKEN") or None,
-        help="require this value in header X-EXECD-ACCESS-TOKEN on every request (env EXECD_ACCESS_TOKEN)",
+        help=f"require this value in header {EXECD_TOKEN_HEADER} on every request (env EXECD_ACCESS_TOKEN)",
     )
     parser.add_argument(
         "--log-level",

@@ -117,7 +117,11 @@ class DockerSection(Section):
 
 class KubernetesSection(Section):
     namespace: str = Field(default="opensandbox", description="namespace of BatchSandboxes and Pools")
-    workload_provider: Literal["batchsandbox"] = Field(default="batchsandbox", description="workload kind")
+    workload_provider: Literal["batchsandbox"] = Field(
+        default="batchsandbox",
+        description="workload kind of a sandbox: only batchsandbox (one BatchSandbox each); checked here, read by"
+        " nothing else (the chart writes it)",
+    )
     kubeconfig: str = Field(
         default="", description="kubeconfig file (default: the in-cluster service account, else $KUBECONFIG)"
     )

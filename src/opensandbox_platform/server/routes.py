@@ -26,6 +26,7 @@ from opensandbox_platform.server.models import (
     RenewResponse,
     SandboxModel,
 )
+from opensandbox_platform.server.runtimes import guards
 from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500)}
@@ -51,11 +52,9 @@ def config_of(request: Request | WebSocket) -> Config:
 
 @router.post("/sandboxes", status_code=202, response_model=CreateSandboxResponse, response_model_exclude_none=True)
 async def create_sandbox(request: Request, body: CreateSandboxRequest) -> JSONResponse:
-    config = config_of(request)
-    spec = validation.create_spec(
-        body, config.server.max_sandbox_timeout_seconds, pools=config.runtime.type == "kubernetes"
-    )
-    return as_json(CreateSandboxResponse.of(await runtime_of(request).create(spec)), 202)
+    runtime = runtime_of(request)
+    spec = validation.create_spec(body, config_of(request).server.max_sandbox_timeout_seconds, runtime.capabilities)
+    return as_json(CreateSandboxResponse.of(await runtime.create(spec)), 202)
 
 
 @router.get("/sandboxes", response_model=ListSandboxesResponse, response_model_exclude_none=True)
@@ -125,14 +124,24 @@ async def patch_metadata(
 
 @router.post("/sandboxes/{sandboxId}/pause", status_code=202, response_class=Response)
 async def pause_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
-    await runtime_of(request).pause(sandbox_id)
+    runtime = runtime_of(request)
+    await _require_pause(runtime, sandbox_id, "pause")
+    await runtime.pause(sandbox_id)
     return Response(status_code=202)
 
 
 @router.post("/sandboxes/{sandboxId}/resume", status_code=202, response_class=Response)
 async def resume_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
-    await runtime_of(request).resume(sandbox_id)
+    runtime = runtime_of(request)
+    await _require_pause(runtime, sandbox_id, "resume")
+    await runtime.resume(sandbox_id)
     return Response(status_code=202)
+
+
+async def _require_pause(runtime: Runtime, sandbox_id: str, call: str) -> None:
+    if not runtime.capabilities.pause:
+        await runtime.get(sandbox_id)  # an unknown sandbox is a 404 first, as on every runtime
+        raise guards.not_supported(call, runtime.capabilities.runtime)
 
 
 @router.post("/sandboxes/{sandboxId}/renew-expiration", response_model=RenewResponse)

@@ -1,19 +1,21 @@
-"""Checks of create and patch input beyond the schema: label rules, quantities, timeouts."""
+"""Checks of create and patch input beyond the schema: what the runtime supports, label rules,
+quantities, timeouts. The same checks for every runtime."""
 
 from __future__ import annotations
 
 import platform
 import re
 
+from opensandbox_platform.api import labels
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import CreateSandboxRequest
-from opensandbox_platform.server.runtimes.base import SandboxSpec
+from opensandbox_platform.server.runtimes import guards
+from opensandbox_platform.server.runtimes.base import Capabilities, SandboxSpec
 
 MIN_TIMEOUT_SECONDS = 60
-RESERVED_PREFIX = "opensandbox.io/"
 _NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 _FACTORS = {
     None: 1,
@@ -27,15 +29,26 @@ _FACTORS = {
     "Ti": 1 << 40,
 }
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+# Without a runtime's declaration: the common core only (routes always pass the runtime's).
+CORE_ONLY = Capabilities(runtime="server's")
+
+
+def is_dns_subdomain(name: str) -> bool:
+    """RFC 1123 subdomain, as Kubernetes names and label-key prefixes must be."""
+    return 0 < len(name) <= 253 and all(_DNS_LABEL.match(part) for part in name.split("."))
+
+
+def is_reserved_key(key: str) -> bool:
+    """Metadata keys under the platform's prefixes are its own labels, on every runtime."""
+    return key.startswith(labels.RESERVED_PREFIXES)
 
 
 def check_label_key(key: str) -> None:
     prefix, _, name = key.rpartition("/")
-    if key.startswith(RESERVED_PREFIX):
-        raise ApiError(
-            400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r}: the prefix {RESERVED_PREFIX} is reserved"
-        )
-    if not _NAME.match(name) or (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))):
+    if is_reserved_key(key):
+        reserved = next(p for p in labels.RESERVED_PREFIXES if key.startswith(p))
+        raise ApiError(400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r}: the prefix {reserved} is reserved")
+    if not _NAME.match(name) or (prefix and not is_dns_subdomain(prefix)):
         raise ApiError(400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r} is not a valid Kubernetes label key")
 
 
@@ -56,43 +69,30 @@ def check_metadata(metadata: dict[str, str | None]) -> None:
             check_label_value(key, value)
 
 
-def cpu_millis(value: str) -> int:
+def cpu_millis(value: str, field: str = "resourceLimits.cpu") -> int:
     match = _QUANTITY.match(value.strip())
     if not match or match.group(2) not in (None, "m"):
-        raise errors.invalid(f"resourceLimits.cpu {value!r} is not a CPU quantity (e.g. 1, 0.5, 500m)")
+        raise errors.invalid(f"{field} {value!r} is not a CPU quantity (e.g. 1, 0.5, 500m)")
     number = float(match.group(1))
     millis = int(number) if match.group(2) == "m" else int(number * 1000)
     if millis <= 0:
-        raise errors.invalid("resourceLimits.cpu must be positive")
+        raise errors.invalid(f"{field} must be positive")
     return millis
 
 
-def memory_bytes(value: str) -> int:
+def memory_bytes(value: str, field: str = "resourceLimits.memory") -> int:
     match = _QUANTITY.match(value.strip())
     if not match or match.group(2) == "m":
-        raise errors.invalid(f"resourceLimits.memory {value!r} is not a memory quantity (e.g. 512Mi, 2Gi)")
+        raise errors.invalid(f"{field} {value!r} is not a memory quantity (e.g. 512Mi, 2Gi)")
     amount = int(float(match.group(1)) * _FACTORS[match.group(2)])
     if amount < 16 << 20:
-        raise errors.invalid("resourceLimits.memory must be at least 16Mi")
+        raise errors.invalid(f"{field} must be at least 16Mi")
     return amount
 
 
-def create_spec(body: CreateSandboxRequest, max_timeout: int, *, pools: bool = False) -> SandboxSpec:
-    """The runtime's view of a create; `pools`: the runtime serves `extensions.poolRef` (kubernetes)."""
-    unsupported = {
-        "snapshotId": body.snapshot_id,
-        "templateId": body.template_id,
-        "networkPolicy": body.network_policy,
-        "credentialProxy": body.credential_proxy,
-        "volumes": body.volumes,
-        "lifecycle": body.lifecycle,
-        "secureAccess": body.secure_access or None,
-    }
-    for name, value in unsupported.items():
-        if value:
-            raise ApiError(400, errors.API_NOT_SUPPORTED, f"{name} is not supported by this server's runtime")
-    if body.extensions and body.extensions.get("poolRef") and not pools:
-        raise ApiError(400, errors.API_NOT_SUPPORTED, "extensions.poolRef needs the kubernetes runtime")
+def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
+    """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
+    _refuse_unsupported(body, capabilities)
     if body.image is None:
         raise errors.invalid("image is required")
     if not body.entrypoint:
@@ -112,7 +112,8 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, *, pools: bool = F
     metadata = body.metadata or {}
     check_metadata(dict(metadata))
     limits = body.resource_limits or {}
-    return SandboxSpec(
+    requests = _resource_requests(body.resource_requests or {})
+    spec = SandboxSpec(
         image=body.image.uri,
         entrypoint=list(body.entrypoint),
         env=env,
@@ -121,8 +122,63 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, *, pools: bool = F
         timeout_seconds=body.timeout,
         cpu_millis=cpu_millis(limits["cpu"]) if limits.get("cpu") else None,
         memory_bytes=memory_bytes(limits["memory"]) if limits.get("memory") else None,
+        cpu_request_millis=requests.get("cpu"),
+        memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
     )
+    _check_requests_within_limits(spec)
+    return spec
+
+
+def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) -> None:
+    """400 `SANDBOX::API_NOT_SUPPORTED` naming the first field of the request the runtime cannot honour."""
+    pooled = bool(body.extensions and body.extensions.get(labels.EXTENSION_POOL_REF))
+    asked = {  # field: (its value in the request, whether the runtime serves it); False: no runtime yet
+        "snapshotId": (body.snapshot_id, False),
+        "templateId": (body.template_id, False),
+        "networkPolicy": (body.network_policy, False),
+        "credentialProxy": (body.credential_proxy, False),
+        "volumes": (body.volumes, False),
+        "lifecycle": (body.lifecycle, False),
+        "secureAccess": (body.secure_access, False),
+        f"extensions.{labels.EXTENSION_POOL_REF}": (pooled, capabilities.pool_ref),
+        "image.auth": (_image_auth(body), capabilities.image_auth),
+        "resourceRequests": (body.resource_requests, capabilities.resource_requests),
+    }
+    for name, (value, served) in asked.items():
+        if value and not served:
+            raise guards.not_supported(name, capabilities.runtime)
+    if pooled and body.resource_requests:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"resourceRequests is not supported with extensions.{labels.EXTENSION_POOL_REF}: "
+            "a claimed pod's resources are the Pool's",
+        )
+
+
+def _resource_requests(requests: dict[str, str]) -> dict[str, int]:
+    """resourceRequests as CPU millis and memory bytes; other resources are refused."""
+    for name in requests:
+        if name not in ("cpu", "memory"):
+            raise errors.invalid(f"resourceRequests.{name}: only cpu and memory can be requested")
+    parsed: dict[str, int] = {}
+    if requests.get("cpu"):
+        parsed["cpu"] = cpu_millis(requests["cpu"], "resourceRequests.cpu")
+    if requests.get("memory"):
+        parsed["memory"] = memory_bytes(requests["memory"], "resourceRequests.memory")
+    return parsed
+
+
+def _check_requests_within_limits(spec: SandboxSpec) -> None:
+    """Kubernetes refuses a request above its limit; say so in the API's words."""
+    pairs = {
+        "cpu": (spec.cpu_request_millis, spec.cpu_millis),
+        "memory": (spec.memory_request_bytes, spec.memory_bytes),
+    }
+    for name, (request, limit) in pairs.items():
+        if request is not None and limit is not None and request > limit:
+            raise errors.invalid(f"resourceRequests.{name} must not exceed resourceLimits.{name}")
 
 
 def _image_auth(body: CreateSandboxRequest) -> dict[str, str] | None:

@@ -69,6 +69,38 @@ def test_direct_mode_carries_image_entrypoint_env_limits_and_the_configured_pod_
     BatchSandboxSpec.model_validate(body)  # what the CRD's model accepts
 
 
+@pytest.mark.parametrize(
+    ("overrides", "resources"),
+    [
+        (
+            {"cpu_request_millis": 250, "memory_request_bytes": 128 << 20},
+            {
+                "limits": {"cpu": "500m", "memory": str(256 << 20)},
+                "requests": {"cpu": "250m", "memory": str(128 << 20)},
+            },
+        ),
+        (
+            {"cpu_millis": None, "memory_bytes": None, "cpu_request_millis": 100},
+            {"requests": {"cpu": "100m"}},
+        ),
+        ({"cpu_millis": None, "memory_bytes": None}, None),
+    ],
+)
+def test_direct_mode_carries_resource_requests_next_to_the_limits(
+    overrides: dict[str, Any], resources: dict[str, Any] | None
+) -> None:
+    obj = build_batchsandbox("id", spec(**overrides), Settings(), NOW)
+    (container,) = obj["spec"]["sandboxTemplate"]["spec"]["containers"]
+    assert container.get("resources") == resources
+    BatchSandboxSpec.model_validate(obj["spec"])
+
+
+def test_reserved_labels_are_not_metadata() -> None:
+    obj = build_batchsandbox("id", spec(), Settings(), NOW)
+    obj["metadata"]["labels"].update({labels.DOCKER_PREFIX + "x": "y", "example.com/x": "z"})
+    assert read_entry(as_cluster_returns(obj)).info.metadata == {"team": "a", "example.com/x": "z"}
+
+
 def test_configured_pod_defaults_are_copied_not_shared() -> None:
     settings = Settings(default_pod_spec=PLACEMENT)
     pod = build_batchsandbox("id", spec(), settings, NOW)["spec"]["sandboxTemplate"]["spec"]

@@ -11,14 +11,19 @@ from fastapi.testclient import TestClient
 from opensandbox_platform.server.app import create_app
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import not_found
-from opensandbox_platform.server.runtimes.base import Endpoint, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, SandboxInfo, SandboxSpec
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
+PAUSES = Capabilities("memory", pause=True)
+
+
 class MemoryRuntime:
-    def __init__(self) -> None:
+    def __init__(self, capabilities: Capabilities = PAUSES) -> None:
+        self.capabilities = capabilities
         self.sandboxes: dict[str, SandboxInfo] = {}
+        self.paused: list[str] = []
 
     def add(self, sandbox_id: str, state: str, metadata: dict[str, str], minute: int) -> None:
         created = T0 + dt.timedelta(minutes=minute)
@@ -46,7 +51,8 @@ class MemoryRuntime:
         await self.get(sandbox_id)
         del self.sandboxes[sandbox_id]
 
-    async def pause(self, sandbox_id: str) -> None: ...
+    async def pause(self, sandbox_id: str) -> None:
+        self.paused.append(sandbox_id)
 
     async def resume(self, sandbox_id: str) -> None: ...
 
@@ -179,3 +185,30 @@ def test_an_unexpected_error_is_a_json_500(runtime: MemoryRuntime) -> None:
         assert response.status_code == 500
         assert response.json() == {"code": "SANDBOX::INTERNAL_ERROR", "message": "internal error"}
         assert response.headers["x-request-id"] == "r-500"
+
+
+def test_create_is_checked_against_the_runtimes_capabilities(client: TestClient) -> None:
+    body = {"image": {"uri": "x"}, "entrypoint": ["true"], "resourceRequests": {"cpu": "1"}}
+    refused = client.post("/v1/sandboxes", json=body)
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "code": "SANDBOX::API_NOT_SUPPORTED",
+        "message": "resourceRequests is not supported by the memory runtime",
+    }
+
+
+def test_pause_without_the_capability_is_refused_after_the_404_of_an_unknown_sandbox() -> None:
+    runtime = MemoryRuntime(Capabilities("memory", pause=False))
+    runtime.add("a", "Running", {}, 1)
+    for client in client_for(runtime):
+        assert client.post("/v1/sandboxes/nope/pause").json()["code"] == "SANDBOX::NOT_FOUND"
+        for call in ("pause", "resume"):
+            refused = client.post(f"/v1/sandboxes/a/{call}")
+            assert refused.status_code == 400 and refused.json()["code"] == "SANDBOX::API_NOT_SUPPORTED"
+            assert refused.json()["message"] == f"{call} is not supported by the memory runtime"
+    assert runtime.paused == []
+
+
+def test_pause_with_the_capability_reaches_the_runtime(client: TestClient, runtime: MemoryRuntime) -> None:
+    assert client.post("/v1/sandboxes/a/pause").status_code == 202
+    assert runtime.paused == ["a"]

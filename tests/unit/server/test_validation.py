@@ -1,8 +1,13 @@
 import pytest
 
+from opensandbox_platform.api import labels
 from opensandbox_platform.server import validation
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import CreateSandboxRequest
+from opensandbox_platform.server.runtimes.base import Capabilities
+from opensandbox_platform.server.runtimes.docker import DockerRuntime
+from opensandbox_platform.server.runtimes.kubernetes import KubernetesRuntime
+from opensandbox_platform.server.runtimes.local import LocalRuntime
 
 
 @pytest.mark.parametrize(("text", "millis"), [("1", 1000), ("0.5", 500), ("250m", 250), ("2", 2000)])
@@ -79,3 +84,116 @@ def test_unsupported_or_invalid_requests(fields: dict[str, object]) -> None:
 
 def test_null_timeout_means_no_expiry() -> None:
     assert validation.create_spec(request(timeout=None), 3600).timeout_seconds is None
+
+
+# -- what each runtime supports ------------------------------------------------------------------
+
+LOCAL = LocalRuntime.capabilities
+DOCKER = DockerRuntime.capabilities
+KUBERNETES = KubernetesRuntime.capabilities
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "fields", "named"),
+    [
+        (LOCAL, {"resourceRequests": {"cpu": "1"}}, "resourceRequests is not supported by the local runtime"),
+        (DOCKER, {"resourceRequests": {"memory": "1Gi"}}, "resourceRequests is not supported by the docker runtime"),
+        (LOCAL, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the local runtime"),
+        (DOCKER, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the docker runtime"),
+        (
+            KUBERNETES,
+            {"image": {"uri": "u", "auth": {"username": "a", "password": "b"}}},
+            "image.auth is not supported by the kubernetes runtime",
+        ),
+        (KUBERNETES, {"volumes": [{"name": "v"}]}, "volumes is not supported by the kubernetes runtime"),
+        (
+            KUBERNETES,
+            {"extensions": {"poolRef": "p"}, "resourceRequests": {"cpu": "1"}},
+            "resourceRequests is not supported with extensions.poolRef: a claimed pod's resources are the Pool's",
+        ),
+    ],
+)
+def test_a_field_the_runtime_cannot_honour_is_refused_by_name(
+    capabilities: Capabilities, fields: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(**fields), 3600, capabilities)
+    assert (err.value.status, err.value.code, err.value.message) == (400, "SANDBOX::API_NOT_SUPPORTED", named)
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "fields"),
+    [
+        (KUBERNETES, {"extensions": {"poolRef": "p"}}),
+        (KUBERNETES, {"resourceRequests": {"cpu": "1"}}),
+        (DOCKER, {"image": {"uri": "u", "auth": {"username": "a", "password": "b"}}}),
+        (LOCAL, {"image": {"uri": "u", "auth": {"username": "a", "password": "b"}}}),  # as before: nothing is pulled
+    ],
+)
+def test_what_the_runtime_supports_passes(capabilities: Capabilities, fields: dict[str, object]) -> None:
+    validation.create_spec(request(**fields), 3600, capabilities)
+
+
+def test_resource_requests_become_millis_and_bytes() -> None:
+    spec = validation.create_spec(
+        request(resourceRequests={"cpu": "250m", "memory": "512Mi"}, resourceLimits={"cpu": "1"}), 3600, KUBERNETES
+    )
+    assert (spec.cpu_request_millis, spec.memory_request_bytes) == (250, 512 << 20)
+    assert (spec.cpu_millis, spec.memory_bytes) == (1000, None)
+    unset = validation.create_spec(request(), 3600, KUBERNETES)
+    assert (unset.cpu_request_millis, unset.memory_request_bytes) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("requests", "limits", "mentions"),
+    [
+        ({"cpu": "lots"}, {}, "resourceRequests.cpu 'lots' is not a CPU quantity"),
+        ({"memory": "1Ki"}, {}, "resourceRequests.memory must be at least 16Mi"),
+        ({"gpu": "1"}, {}, "resourceRequests.gpu: only cpu and memory"),
+        ({"cpu": "2"}, {"cpu": "1"}, "resourceRequests.cpu must not exceed resourceLimits.cpu"),
+        ({"memory": "2Gi"}, {"memory": "1Gi"}, "resourceRequests.memory must not exceed resourceLimits.memory"),
+    ],
+)
+def test_bad_resource_requests(requests: dict[str, str], limits: dict[str, str], mentions: str) -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(resourceRequests=requests, resourceLimits=limits), 3600, KUBERNETES)
+    assert err.value.code == "SANDBOX::INVALID_PARAMETER" and mentions in err.value.message
+
+
+# -- reserved metadata and names, the same on every runtime ----------------------------------------
+
+
+@pytest.mark.parametrize("prefix", labels.RESERVED_PREFIXES)
+@pytest.mark.parametrize("capabilities", [LOCAL, DOCKER, KUBERNETES])
+def test_reserved_prefixes_are_refused_on_every_runtime(prefix: str, capabilities: Capabilities) -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(metadata={f"{prefix}x": "y"}), 3600, capabilities)
+    assert (
+        err.value.code == "SANDBOX::INVALID_METADATA_LABEL" and f"the prefix {prefix} is reserved" in err.value.message
+    )
+    with pytest.raises(ApiError):
+        validation.check_metadata({f"{prefix}created-by": None})  # a patch that would delete one
+
+
+def test_names_around_the_reserved_prefixes_are_the_users() -> None:
+    validation.check_metadata({"example.opensandbox.io/x": "v", "opensandbox.io.example.com/x": "v"})
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("warm", True),
+        ("a.b-c.d", True),
+        ("a" * 63, True),
+        (".".join(["a" * 63] * 3) + "." + "a" * 61, True),  # 253 characters
+        ("", False),
+        ("Warm", False),
+        ("-a", False),
+        ("a..b", False),
+        ("a" * 64, False),  # one DNS label is at most 63
+        (".".join(["a" * 63] * 4), False),  # 255 characters
+        ("Not A Name", False),
+    ],
+)
+def test_dns_subdomains(name: str, valid: bool) -> None:
+    assert validation.is_dns_subdomain(name) is valid

@@ -1,7 +1,9 @@
-"""The interface every runtime implements (local now; docker and kubernetes later).
+"""The interface every runtime implements: `local`, `docker` and `kubernetes`.
 
 Routes validate input, filter, sort and paginate; a runtime only creates, finds and changes
-sandboxes. Errors are `server.errors.ApiError` (404 for an unknown id, 409 for a wrong state).
+sandboxes, and declares what it can honour beyond the common core (`Capabilities`), so the routes
+refuse the rest before it is called. Errors are `server.errors.ApiError` (404 for an unknown id,
+409 for a wrong state); the checks every runtime makes are in `guards.py`.
 """
 
 from __future__ import annotations
@@ -9,9 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Protocol
-
-EXECD_PORT = 44772
-EGRESS_PORT = 18080
 
 
 class State:
@@ -32,9 +31,23 @@ class SandboxSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     extensions: dict[str, str] = field(default_factory=dict)
     timeout_seconds: int | None = None
-    cpu_millis: int | None = None
+    cpu_millis: int | None = None  # resourceLimits
     memory_bytes: int | None = None
+    cpu_request_millis: int | None = None  # resourceRequests (only where capabilities.resource_requests)
+    memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a runtime honours beyond the common core. A create or call that needs more is refused
+    (400 `SANDBOX::API_NOT_SUPPORTED` naming the field), never silently ignored."""
+
+    runtime: str  # the name refusals give ("resourceRequests is not supported by the local runtime")
+    pool_ref: bool = False  # `extensions.poolRef`: claim a warm pod of a Pool
+    image_auth: bool = False  # `image.auth`: registry credentials for the image
+    resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
+    pause: bool = False  # pause and resume
 
 
 @dataclass
@@ -70,6 +83,9 @@ def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> No
 
 
 class Runtime(Protocol):
+    @property
+    def capabilities(self) -> Capabilities: ...
+
     async def start(self) -> None:
         """Recover existing sandboxes and start background work (expiry)."""
 

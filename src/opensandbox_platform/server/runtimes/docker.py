@@ -13,8 +13,9 @@ execd comes from `docker.execdBinary` + `docker.execdBootstrap` when set, else f
 The truth lives in Docker: list and get read the containers with the id label; a restarted
 server rebuilds its index (container id, execd token and host port) from them. Expiry and
 metadata start in the labels; renewals and patches go to a small file per sandbox in
-`docker.stateDir`, because labels cannot change (docker_model.OverrideStore). A sweep sleeps until
-the next expiry and deletes what is due.
+`docker.stateDir`, because labels cannot change (docker_model.OverrideStore). The shared sweeper
+(expiry.py) deletes what is due. The few Engine calls aiodocker's public API does not make the
+way we need are in docker_api.py.
 """
 
 from __future__ import annotations
@@ -34,28 +35,27 @@ from typing import Any
 
 import aiodocker
 from aiodocker.exceptions import DockerError
-from aiodocker.multiplexed import multiplexed_result_stream
 
 from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.runtimes import docker_api, guards
 from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import (
-    EXECD_PORT,
+    Capabilities,
     Endpoint,
     SandboxInfo,
     SandboxSpec,
     State,
     merge_metadata,
 )
+from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 
 log = logging.getLogger("opensandbox.docker")
 
-TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 LOG_TAIL_CHARS = 4000
-RETRY_SECONDS = 5.0  # after a failed expiry delete
 Json = dict[str, Any]
 JsonList = list[Json]  # (at module level: `list` in the class body is the method)
 
@@ -80,6 +80,8 @@ class Sandbox:
 
 
 class DockerRuntime:
+    capabilities = Capabilities(runtime="docker", image_auth=True, pause=True)
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.settings = config.docker
@@ -94,8 +96,12 @@ class DockerRuntime:
         self._execd_lock = asyncio.Lock()
         self._pull_locks: dict[str, asyncio.Lock] = {}
         self._found_programs: set[tuple[str, str]] = set()  # (image id, argv[0]) known to exist
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.expiry = ExpirySweeper(
+            sandbox_ids=lambda: list(self.sandboxes),
+            expiry_of=self._expiry_of,
+            lock_of=lambda sandbox_id: self.sandboxes[sandbox_id].lock,  # present: expiry_of just said so
+            delete=self._expire,
+        )
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -116,7 +122,7 @@ class DockerRuntime:
         if self.settings.execd_binary:  # a wrong path fails the start, not every create
             await self._execd_archive()
         await self._recover()
-        self._tasks.append(asyncio.create_task(self._sweep(), name="expiry-sweep"))
+        self.expiry.start()
         log.info(
             "docker runtime ready engine=%s api=%s sandboxes=%d",
             version.get("Version"),
@@ -125,9 +131,7 @@ class DockerRuntime:
         )
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.expiry.close()
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
@@ -192,7 +196,7 @@ class DockerRuntime:
         sandbox = self._adopt(inspect)
         assert sandbox is not None
         self._save(sandbox)
-        self._wake.set()
+        self.expiry.wake()
         return model.sandbox_info(
             sandbox.labels, model.ContainerState.from_inspect(inspect["State"]), sandbox.expires_at, sandbox.metadata
         )
@@ -242,13 +246,10 @@ class DockerRuntime:
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
-            if sandbox.expires_at is None:
-                raise ApiError(
-                    409, errors.INVALID_EXPIRATION, f"sandbox {sandbox_id} does not have automatic expiration enabled"
-                )
+            guards.require_expiry(sandbox_id, sandbox.expires_at)
             sandbox.expires_at = expires_at
             self._save(sandbox)
-            self._wake.set()
+            self.expiry.wake()
         return await self._info(sandbox)
 
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
@@ -260,10 +261,11 @@ class DockerRuntime:
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         sandbox = await self._sandbox(sandbox_id)
-        if port == EXECD_PORT:
+        if port == L.EXECD_PORT:
             if sandbox.port is None:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no published execd port")
-            return Endpoint(f"{model.endpoint_host(self.settings)}:{sandbox.port}", {TOKEN_HEADER: sandbox.token})
+            address = f"{model.endpoint_host(self.settings)}:{sandbox.port}"
+            return Endpoint(address, {L.EXECD_TOKEN_HEADER: sandbox.token})
         # Other ports are not published: the container's address on its network, reachable from
         # this host (as upstream's bridge mode does).
         if not sandbox.ip:
@@ -271,10 +273,7 @@ class DockerRuntime:
         return Endpoint(f"{sandbox.ip}:{port}")
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
-        sandbox = await self._sandbox(sandbox_id)
-        if sandbox.state != State.RUNNING:
-            # A frozen execd would accept the connection and never answer: fail fast instead.
-            raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {sandbox.state}")
+        guards.require_running(sandbox_id, (await self._sandbox(sandbox_id)).state)
         return await self.endpoint(sandbox_id, port)
 
     # -- sandboxes -----------------------------------------------------------------------------
@@ -349,7 +348,6 @@ class DockerRuntime:
     def _forget(self, sandbox: Sandbox) -> None:
         self.sandboxes.pop(sandbox.id, None)
         self.store.delete(sandbox.id)
-        self._wake.set()
 
     def _save(self, sandbox: Sandbox) -> None:
         self.store.save(sandbox.id, model.Override(expires_at=sandbox.expires_at, metadata=sandbox.metadata))
@@ -428,20 +426,10 @@ class DockerRuntime:
             return
         path = model.image_path((image.get("Config") or {}).get("Env") or [], spec.env)
         candidates = model.program_candidates(program, working_dir, path)
-        found = await asyncio.gather(*(self._path_exists(container_id, c) for c in candidates))
+        found = await asyncio.gather(*(docker_api.path_exists(self.docker, container_id, c) for c in candidates))
         if not any(found):
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {program} is not in the image")
         self._found_programs.add(key)
-
-    async def _path_exists(self, container_id: str, path: str) -> bool:
-        """HEAD /containers/{id}/archive stats a path of a created (not started) container."""
-        try:
-            async with self.docker._query(
-                f"containers/{container_id}/archive", method="HEAD", params={"path": path}
-            ) as response:
-                return response.status == 200
-        except (DockerError, ValueError):  # 404 (podman's comes with an empty "JSON" body)
-            return False
 
     async def _wait_ready(self, container_id: str) -> None:
         """Follow the container's log until execd says it listens; the stream ends if it exits."""
@@ -449,9 +437,8 @@ class DockerRuntime:
         timeout = self.settings.start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                params = {"stdout": True, "stderr": True, "follow": True}
-                async with self.docker._query(f"containers/{container_id}/logs", params=params, timeout=None) as resp:
-                    async for chunk in multiplexed_result_stream(resp, is_tty=False):  # type: ignore[no-untyped-call]
+                async with docker_api.follow_logs(self.docker, container_id) as chunks:
+                    async for chunk in chunks:
                         seen = (seen + chunk)[-LOG_TAIL_CHARS:]
                         if model.READY_LINE in seen:
                             return
@@ -468,13 +455,11 @@ class DockerRuntime:
     # -- Docker helpers ------------------------------------------------------------------------
 
     async def _inspect(self, container: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.docker._query_json(f"containers/{container}/json")
-        return result
+        """GET /containers/{id or name}/json."""
+        return await self.docker.containers.container(container).show()
 
     async def _list_containers(self) -> JsonList:
-        params = {"all": "true", "filters": json.dumps({"label": [L.DOCKER_ID]})}
-        items: JsonList = await self.docker._query_json("containers/json", params=params)
-        return items
+        return await docker_api.list_containers(self.docker, L.DOCKER_ID)
 
     async def _remove_container(self, container_id: str) -> None:
         try:
@@ -483,33 +468,16 @@ class DockerRuntime:
             if exc.status != 404:
                 log.error("cannot remove container %s: %s", container_id[:12], exc.message)
 
-    # -- expiry --------------------------------------------------------------------------------
+    # -- expiry (the sweeper's view of the index) ----------------------------------------------
 
-    async def _sweep(self) -> None:
-        """Delete sandboxes whose expiry has passed; sleep until the next one is due."""
-        while True:
-            self._wake.clear()
-            now = times.now()
-            next_due: dt.datetime | None = None
-            for sandbox in list(self.sandboxes.values()):
-                due = sandbox.expires_at
-                if due is None:
-                    continue
-                if due <= now:
-                    log.info("sandbox expired id=%s", sandbox.id)
-                    try:
-                        async with sandbox.lock:
-                            if sandbox.id in self.sandboxes:
-                                await self._destroy(sandbox)
-                    except Exception:
-                        log.exception("expiry failed id=%s", sandbox.id)
-                        retry = now + dt.timedelta(seconds=RETRY_SECONDS)
-                        next_due = retry if next_due is None else min(next_due, retry)
-                elif next_due is None or due < next_due:
-                    next_due = due
-            delay = None if next_due is None else max((next_due - times.now()).total_seconds(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+    def _expiry_of(self, sandbox_id: str) -> dt.datetime | None:
+        sandbox = self.sandboxes.get(sandbox_id)
+        return sandbox.expires_at if sandbox else None
+
+    async def _expire(self, sandbox_id: str) -> None:
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is not None:
+            await self._destroy(sandbox)
 
 
 def _execd_tar(files: dict[str, bytes]) -> bytes:

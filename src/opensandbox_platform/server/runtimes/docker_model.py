@@ -18,10 +18,10 @@ from typing import Any
 from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
-from opensandbox_platform.server.runtimes.base import EXECD_PORT, SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
 
-EXECD_PORT_KEY = f"{EXECD_PORT}/tcp"
+EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
 EXECD_BINARY = L.EXECD_MOUNT + "/execd"
 # Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
 READY_LINE = 'msg="execd listening"'
@@ -192,11 +192,11 @@ def endpoint_host(settings: DockerSection) -> str:
 
 def execd_env(sandbox_id: str, token: str) -> dict[str, str]:
     """How execd (started by the bootstrap script) is configured: as in the local runtime, a token
-    per sandbox, which the endpoint hands out as the X-EXECD-ACCESS-TOKEN header."""
+    per sandbox, which the endpoint hands out as the `L.EXECD_TOKEN_HEADER` header."""
     return {
         "EXECD": EXECD_BINARY,
         "EXECD_ACCESS_TOKEN": token,
-        "EXECD_PORT": str(EXECD_PORT),
+        "EXECD_PORT": str(L.EXECD_PORT),
         "EXECD_ENVS": L.EXECD_MOUNT + "/.env",
         "OPENSANDBOX_ID": sandbox_id,
     }

@@ -9,7 +9,7 @@
 - get and list are served from the informer's cache; the server's own writes (renew, metadata, delete)
   are applied to that cache at once, so a client reads what it just wrote.
 - `timeout` is `spec.expireTime`: the controller deletes the BatchSandbox then, also while the
-  server is down. Pause and resume are not supported.
+  server is down. Pause and resume are not supported (`capabilities`: the routes refuse them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import re
 import time
 from dataclasses import dataclass
 
@@ -26,16 +25,15 @@ from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
-from opensandbox_platform.server import errors
+from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes.base import Endpoint, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes import guards
+from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, SandboxInfo, SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
-    POOL_REF,
     Entry,
     Settings,
     build_batchsandbox,
-    is_user_label,
     new_sandbox_id,
     pool_image,
     read_entry,
@@ -50,7 +48,6 @@ POOL_NOT_FOUND = "KUBERNETES::POOL_NOT_FOUND"
 POOL_CAPACITY_EXHAUSTED = "KUBERNETES::POOL_CAPACITY_EXHAUSTED"
 FORBIDDEN = "KUBERNETES::FORBIDDEN"
 SYNC_TIMEOUT_SECONDS = 30.0
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +68,8 @@ def read_pool(raw: JSON) -> PoolEntry:
 
 
 class KubernetesRuntime:
+    capabilities = Capabilities(runtime="kubernetes", pool_ref=True, resource_requests=True)
+
     def __init__(self, config: Config) -> None:
         section = config.kubernetes
         self.namespace = section.namespace
@@ -178,10 +177,7 @@ class KubernetesRuntime:
             log.debug("create failed: %s", task.exception())  # retrieved: the client may have gone
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
-        _check_metadata_keys(spec.metadata)
-        if spec.image_auth:
-            raise ApiError(400, errors.API_NOT_SUPPORTED, "image.auth is not supported by the kubernetes runtime")
-        pool = spec.extensions.get(POOL_REF)
+        pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
         image = await self._pool_image(pool) if pool else None
         sandbox_id = new_sandbox_id()
         obj = build_batchsandbox(sandbox_id, spec, self.settings, dt.datetime.now(dt.UTC), image)
@@ -217,7 +213,7 @@ class KubernetesRuntime:
     async def _pool_image(self, pool: str) -> str:
         """The Pool's image; 400 when there is no such Pool. The cache answers; a GET only on a miss
         (a Pool created a moment ago)."""
-        if not _is_dns_subdomain(pool):
+        if not validation.is_dns_subdomain(pool):
             raise ApiError(400, POOL_NOT_FOUND, f"extensions.poolRef {pool!r} is not a valid Pool name")
         assert self._pools is not None
         cached = self._pools.get(f"{self.namespace}/{pool}")
@@ -274,25 +270,20 @@ class KubernetesRuntime:
         entry = self._entry(sandbox_id)
         await self._delete_object(entry.name, entry.uid)
 
+    # Not called (capabilities.pause is False: the routes refuse first); here for the protocol.
     async def pause(self, sandbox_id: str) -> None:
-        self._entry(sandbox_id)
-        raise ApiError(400, errors.API_NOT_SUPPORTED, "pause is not supported by the kubernetes runtime")
+        raise guards.not_supported("pause", self.capabilities.runtime)
 
     async def resume(self, sandbox_id: str) -> None:
-        self._entry(sandbox_id)
-        raise ApiError(400, errors.API_NOT_SUPPORTED, "resume is not supported by the kubernetes runtime")
+        raise guards.not_supported("resume", self.capabilities.runtime)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         entry = self._entry(sandbox_id)
-        if entry.info.expires_at is None:
-            raise ApiError(
-                409, errors.INVALID_EXPIRATION, f"sandbox {sandbox_id} does not have automatic expiration enabled"
-            )
+        guards.require_expiry(sandbox_id, entry.info.expires_at)
         return await self._patch(entry, {"spec": {"expireTime": times.rfc3339(expires_at, digits=6)}})
 
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         entry = self._entry(sandbox_id)
-        _check_metadata_keys(patch)
         if not patch:
             return entry.info
         return await self._patch(entry, {"metadata": {"labels": patch}})
@@ -318,22 +309,8 @@ class KubernetesRuntime:
         return Endpoint(f"{host}:{port}")
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
-        entry = self._entry(sandbox_id)
-        if not entry.running:
-            raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {entry.info.state}")
+        guards.require_running(sandbox_id, self._entry(sandbox_id).info.state)
         return await self.endpoint(sandbox_id, port)
-
-
-def _check_metadata_keys(metadata: dict[str, str] | dict[str, str | None]) -> None:
-    for key in metadata:
-        if not is_user_label(key):
-            raise ApiError(
-                400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r}: the prefix {labels.PREFIX} is reserved"
-            )
-
-
-def _is_dns_subdomain(name: str) -> bool:
-    return len(name) <= 253 and all(_DNS_LABEL.match(part) for part in name.split("."))
 
 
 def _create_error(err: KubeError) -> ApiError:

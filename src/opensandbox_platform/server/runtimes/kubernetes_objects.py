@@ -3,7 +3,7 @@
 Pure functions (no I/O), so the mapping is unit-tested on its own:
 
 - `build_batchsandbox` turns a `SandboxSpec` into one BatchSandbox (replicas 1): direct mode carries
-  the image, entrypoint, env and limits in `sandboxTemplate`; pooled mode (`extensions.poolRef`)
+  the image, entrypoint, env, limits and requests in `sandboxTemplate`; pooled mode (`extensions.poolRef`)
   carries only the entrypoint and env, which the controller applies through execd.
 - `read_entry` turns a BatchSandbox (as the watch delivers it) into an `Entry`: the API's view of
   the sandbox (`SandboxInfo`), the pod IP for endpoints, and what a waiting create needs to know.
@@ -21,8 +21,8 @@ from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.validation import is_reserved_key
 
-POOL_REF = "poolRef"  # the extension that selects pooled mode
 STOPPING = "Stopping"  # a state the SDK knows; base.State has no use for it elsewhere
 # What the SDK sends when the caller gives no entrypoint: it only keeps a container up. A pooled pod
 # stays up on its own (execd), so starting it would only cost a round trip to execd per create.
@@ -32,11 +32,6 @@ KEEP_ALIVE_ENTRYPOINT = ("tail", "-f", "/dev/null")
 def new_sandbox_id() -> str:
     """A random UUID: a valid BatchSandbox name, and `<id>-<index>` a valid pod name."""
     return str(uuid.uuid4())
-
-
-def is_user_label(key: str) -> bool:
-    """Labels under our own prefix are the platform's; every other label is sandbox metadata."""
-    return not key.startswith(labels.PREFIX)
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -52,7 +47,7 @@ def build_batchsandbox(
     sandbox_id: str, spec: SandboxSpec, settings: Settings, now: dt.datetime, pool_image: str | None = None
 ) -> JSON:
     """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode."""
-    pool = spec.extensions.get(POOL_REF)
+    pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
     request = {
         "image": pool_image if pool else spec.image,
         "entrypoint": spec.entrypoint,
@@ -104,13 +99,16 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     }
     if spec.env:
         container["env"] = _env_list(spec.env)
-    limits = {}
-    if spec.cpu_millis is not None:
-        limits["cpu"] = f"{spec.cpu_millis}m"
-    if spec.memory_bytes is not None:
-        limits["memory"] = str(spec.memory_bytes)
-    if limits:
-        container["resources"] = {"limits": limits}
+    resources = {
+        kind: quantities
+        for kind, quantities in (
+            ("limits", _quantities(spec.cpu_millis, spec.memory_bytes)),
+            ("requests", _quantities(spec.cpu_request_millis, spec.memory_request_bytes)),
+        )
+        if quantities
+    }
+    if resources:
+        container["resources"] = resources
     # A sandbox's files live in its container: restarting it would lose them, so an exited
     # entrypoint ends the sandbox (Terminated/Failed) as in the other runtimes. Untrusted code gets
     # no service account token. The configured defaults may change both.
@@ -118,6 +116,16 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     pod.update(json.loads(json.dumps(settings.default_pod_spec or {})))  # a deep copy
     pod["containers"] = [container]
     return pod
+
+
+def _quantities(cpu_millis: int | None, memory_bytes: int | None) -> dict[str, str]:
+    """Kubernetes quantities (`500m`, bytes) of what is set."""
+    quantities = {}
+    if cpu_millis is not None:
+        quantities["cpu"] = f"{cpu_millis}m"
+    if memory_bytes is not None:
+        quantities["memory"] = str(memory_bytes)
+    return quantities
 
 
 def pool_image(pool: JSON) -> str:
@@ -179,7 +187,8 @@ def read_entry(raw: JSON) -> Entry:
         id=meta["name"],
         image=str(request.get("image") or _template_image(template_spec)),
         entrypoint=list(request.get("entrypoint") or template_spec.get("command") or []),
-        metadata={k: v for k, v in (meta.get("labels") or {}).items() if is_user_label(k)},
+        # Labels under the reserved prefixes are the platform's; every other label is metadata.
+        metadata={k: v for k, v in (meta.get("labels") or {}).items() if not is_reserved_key(k)},
         extensions=dict(request.get("extensions") or {}),
         created_at=created,
         expires_at=times.parse_optional(spec.get("expireTime")),

@@ -2,8 +2,8 @@
 
 A sandbox's record (what the API reports, plus where its jail is) is a JSON file in its own
 directory under the state dir, written before the jail is released to run anything, so a server
-that crashes or restarts finds every jail again. Expiry is a field of that record; a sweep
-task sleeps until the next deadline and deletes what is due, also after a restart.
+that crashes or restarts finds every jail again. Expiry is a field of that record, enforced by the
+shared sweeper (expiry.py), also after a restart.
 
 Starting a jail (`_spawn`): bwrap reports the host pid of the jail's PID 1 on `--info-fd`, the
 server puts it in the sandbox's cgroups, then releases it through `--block-fd`; execd announces
@@ -30,14 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.runtimes import guards, procfs
 from opensandbox_platform.server.runtimes import jail as jails
-from opensandbox_platform.server.runtimes import procfs
 from opensandbox_platform.server.runtimes.base import (
-    EXECD_PORT,
+    Capabilities,
     Endpoint,
     SandboxInfo,
     SandboxSpec,
@@ -45,11 +46,11 @@ from opensandbox_platform.server.runtimes.base import (
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
+from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 
 log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
-TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 LOOPBACK = "127.0.0.1"
 REFILL_DELAY_SECONDS = 0.3
 
@@ -120,6 +121,9 @@ class Jail:
 
 
 class LocalRuntime:
+    # image.auth is accepted as image.uri is: a jail's root is the host's, no image is pulled.
+    capabilities = Capabilities(runtime="local", image_auth=True, pause=True)
+
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.local = config.local
@@ -133,7 +137,12 @@ class LocalRuntime:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._deleting: set[str] = set()
-        self._wake = asyncio.Event()
+        self.expiry = ExpirySweeper(
+            sandbox_ids=lambda: list(self.records),
+            expiry_of=self._expiry_of,
+            lock_of=self._lock,
+            delete=self._expire,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._warm: asyncio.Queue[Jail] = asyncio.Queue()
         self._warm_wanted = asyncio.Event()
@@ -151,7 +160,7 @@ class LocalRuntime:
         self._lock_state_dir()
         self._root_args = jails.host_root_args()
         await self._recover()
-        self._tasks.append(asyncio.create_task(self._sweep(), name="expiry-sweep"))
+        self.expiry.start()
         if self.local.warm_pool_size:
             self._warm_task = asyncio.create_task(self._keep_warm(), name="warm-pool")
             self._tasks.append(self._warm_task)
@@ -168,6 +177,7 @@ class LocalRuntime:
         # it could not be found again by its record.
         self._closing.set()
         self._warm_wanted.set()
+        await self.expiry.close()
         if self._warm_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._warm_task), self.local.start_timeout_seconds)
@@ -239,7 +249,7 @@ class LocalRuntime:
         record.transition(State.RUNNING, "JAIL_RUNNING")
         self._save(record)
         self.records[record.id] = record
-        self._wake.set()
+        self.expiry.wake()
         return record.info()
 
     async def get(self, sandbox_id: str) -> SandboxInfo:
@@ -285,13 +295,10 @@ class LocalRuntime:
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         async with self._lock(sandbox_id):
             record = self._record(sandbox_id)
-            if record.expires_at is None:
-                raise ApiError(
-                    409, errors.INVALID_EXPIRATION, f"sandbox {sandbox_id} does not have automatic expiration enabled"
-                )
+            guards.require_expiry(sandbox_id, record.expires_at)
             record.expires_at = times.rfc3339(expires_at, digits=6)
             self._save(record)
-            self._wake.set()
+            self.expiry.wake()
             return record.info()
 
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
@@ -304,15 +311,12 @@ class LocalRuntime:
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         record = self._record(sandbox_id)
         if port == EXECD_PORT:
-            return Endpoint(f"{LOOPBACK}:{record.port}", {TOKEN_HEADER: record.token})
+            return Endpoint(f"{LOOPBACK}:{record.port}", {EXECD_TOKEN_HEADER: record.token})
         # The jail shares the host's network namespace: its port N is the host's loopback port N.
         return Endpoint(f"{LOOPBACK}:{port}")
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
-        record = self._record(sandbox_id)
-        if record.state != State.RUNNING:
-            # A frozen execd would accept the connection and never answer: fail fast instead.
-            raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {record.state}")
+        guards.require_running(sandbox_id, self._record(sandbox_id).state)
         return await self.endpoint(sandbox_id, port)
 
     # -- jails ---------------------------------------------------------------------------------
@@ -506,7 +510,6 @@ class LocalRuntime:
             shutil.rmtree(self.sandboxes_dir / record.id, ignore_errors=True)
         finally:
             self._deleting.discard(record.id)
-            self._wake.set()
 
     def _thaw(self, record: Record) -> None:
         if record.paused_by == "freezer" or self.cgroups.freezer_state(record.cgroups) not in (None, "THAWED"):
@@ -525,31 +528,16 @@ class LocalRuntime:
             await asyncio.sleep(0.01)
         raise ApiError(500, errors.INTERNAL_ERROR, f"sandbox {record.id} did not reach {wanted}")
 
-    # -- expiry --------------------------------------------------------------------------------
+    # -- expiry (the sweeper's view of the records) ---------------------------------------------
 
-    async def _sweep(self) -> None:
-        """Delete sandboxes whose expiry has passed; sleep until the next one is due."""
-        while True:
-            self._wake.clear()
-            now = times.now()
-            next_due: dt.datetime | None = None
-            for record in list(self.records.values()):
-                if record.expires_at is None:
-                    continue
-                due = times.parse(record.expires_at)
-                if due <= now:
-                    log.info("sandbox expired id=%s", record.id)
-                    try:
-                        async with self._lock(record.id):
-                            if record.id in self.records:
-                                await self._destroy(record)
-                    except Exception:
-                        log.exception("expiry failed id=%s", record.id)
-                elif next_due is None or due < next_due:
-                    next_due = due
-            delay = None if next_due is None else max((next_due - times.now()).total_seconds(), 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+    def _expiry_of(self, sandbox_id: str) -> dt.datetime | None:
+        record = self.records.get(sandbox_id)
+        return times.parse_optional(record.expires_at) if record else None
+
+    async def _expire(self, sandbox_id: str) -> None:
+        record = self.records.get(sandbox_id)
+        if record is not None:
+            await self._destroy(record)
 
     # -- helpers -------------------------------------------------------------------------------
 

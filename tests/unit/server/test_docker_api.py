@@ -1,0 +1,113 @@
+"""docker_api.py's use of aiodocker's private API: each call is checked against the real
+`aiodocker.Docker` signatures, so an aiodocker that changes them fails here, not in production."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiodocker
+import pytest
+from aiodocker.exceptions import DockerError
+
+from opensandbox_platform.server.runtimes import docker_api
+
+
+def test_the_private_methods_we_use_still_exist_as_we_use_them() -> None:
+    query = aiodocker.Docker._query
+    assert inspect.isasyncgenfunction(inspect.unwrap(query))  # an async context manager
+    assert list(inspect.signature(query).parameters)[:3] == ["self", "path", "method"]
+    assert {"params", "timeout"} <= set(inspect.signature(query).parameters)
+    query_json = aiodocker.Docker._query_json
+    assert inspect.iscoroutinefunction(query_json)
+    assert {"path", "params"} <= set(inspect.signature(query_json).parameters)
+
+
+class Response:
+    def __init__(self, status: int, body: bytes = b"") -> None:
+        self.status = status
+        self.content = Content(body)
+        self.closed = False
+
+    async def release(self) -> None:
+        """Called by aiodocker at the end of the stream."""
+
+
+class Content:
+    """What aiodocker's multiplexed stream reads: 8-byte frame headers, then payloads."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def readexactly(self, n: int) -> bytes:
+        if not self.body:
+            raise asyncio.IncompleteReadError(b"", n)
+        chunk, self.body = self.body[:n], self.body[n:]
+        return chunk
+
+
+class FakeDocker:
+    """Answers like the Engine, after binding every call to aiodocker's real signature."""
+
+    def __init__(self, response: Response | DockerError | Any) -> None:
+        self.response = response
+        self.calls: list[inspect.BoundArguments] = []
+
+    def _bind(self, real: Any, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
+        bound = inspect.signature(real).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self.calls.append(bound)
+        return bound
+
+    @asynccontextmanager
+    async def _query(self, *args: Any, **kwargs: Any) -> AsyncIterator[Response]:
+        self._bind(aiodocker.Docker._query, *args, **kwargs)
+        if isinstance(self.response, DockerError):
+            raise self.response
+        yield self.response
+        self.response.closed = True
+
+    async def _query_json(self, *args: Any, **kwargs: Any) -> Any:
+        self._bind(aiodocker.Docker._query_json, *args, **kwargs)
+        return self.response
+
+
+def as_docker(fake: FakeDocker) -> aiodocker.Docker:
+    return fake  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("answer", "exists"), [(Response(200), True), (DockerError(404, "no such file"), False)])
+async def test_path_exists_heads_the_archive(answer: Response | DockerError, exists: bool) -> None:
+    docker = FakeDocker(answer)
+    assert await docker_api.path_exists(as_docker(docker), "c1", "/usr/bin/python3") is exists
+    (call,) = docker.calls
+    assert call.arguments["path"] == "containers/c1/archive" and call.arguments["method"] == "HEAD"
+    assert call.arguments["params"] == {"path": "/usr/bin/python3"}
+
+
+async def test_list_containers_filters_by_label_and_returns_plain_json() -> None:
+    items = [{"Id": "c1", "Labels": {"opensandbox.io/id": "s1"}}]
+    docker = FakeDocker(items)
+    assert await docker_api.list_containers(as_docker(docker), "opensandbox.io/id") == items
+    (call,) = docker.calls
+    assert call.arguments["path"] == "containers/json" and call.arguments["method"] == "GET"
+    assert call.arguments["params"] == {"all": "true", "filters": '{"label": ["opensandbox.io/id"]}'}
+
+
+def frame(stream: int, text: str) -> bytes:
+    data = text.encode()
+    return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+
+async def test_follow_logs_streams_stdout_and_stderr_and_closes_the_response() -> None:
+    response = Response(200, frame(1, "starting\n") + frame(2, 'msg="execd listening"\n'))
+    docker = FakeDocker(response)
+    async with docker_api.follow_logs(as_docker(docker), "c1") as chunks:
+        assert [chunk async for chunk in chunks] == ["starting\n", 'msg="execd listening"\n']
+    assert response.closed
+    (call,) = docker.calls
+    assert call.arguments["path"] == "containers/c1/logs" and call.arguments["timeout"] is None
+    assert call.arguments["params"] == {"stdout": True, "stderr": True, "follow": True}
