@@ -89,6 +89,15 @@ def all_ready(kube: Client, namespace: str, names: set[str]) -> bool:
 
 
 def assert_exactly_once(kube: Client, namespace: str, names: set[str]) -> None:
+    # The truth first: the allocation ledgers (status.sandboxes[].podUID) never name a pod twice.
+    ledgers = {
+        b.metadata.name: b.status["sandboxes"][0]["podUID"]
+        for b in kube.list(BatchSandbox, namespace=namespace)
+        if b.metadata.name in names
+    }
+    assert len(set(ledgers.values())) == len(ledgers) == len(names), "a pod allocated twice"
+    # Claim labels and ownerReferences follow the ledger, off the critical path: wait for them.
+    eventually(lambda: set(Counter(claimed_pods(kube, namespace).values())) >= names, what="claim labels written")
     claims = claimed_pods(kube, namespace)
     per_bs = Counter(claims.values())
     assert set(per_bs) >= names

@@ -170,13 +170,12 @@ class BatchSandboxReconciler:
             return None
 
         if spec.poolRef:
-            pods, short, problem = await self._pooled(cached, spec)
+            pods, problem = await self._pooled(cached, spec)
             lost = None
         else:
             pods, lost = await self._current_pods(cached)
             problem = None if self._tasks_done(spec, old) else await self._create_missing(cached, spec, pods)
             await self._scale_down(cached, spec, pods)
-            short = 0
         tasks = self._sync_tasks(cached, spec, pods, problem)
         if spec.taskResourcePolicyWhenCompleted == "Release" and tasks is not None:
             await self._release_finished(cached, pods, tasks)
@@ -193,7 +192,8 @@ class BatchSandboxReconciler:
         new = statuses.batchsandbox_status(view, now)
         # A pooled BatchSandbox still waiting for pods is the allocator's to write (it writes the
         # allocations with the status); only task news are written here meanwhile.
-        allocator_owns = short > 0 and (tasks is None or new.tasks == old.tasks)
+        waiting = problem is not None and problem[0] == conditions.WAITING_FOR_POOL
+        allocator_owns = waiting and (tasks is None or new.tasks == old.tasks)
         if new != old and not allocator_owns:
             await self._write_status(cached, spec, old, new)
         await self._write_endpoints(cached, new, spec.replicas)
@@ -219,8 +219,8 @@ class BatchSandboxReconciler:
     # --- pooled mode ------------------------------------------------------------------------------
     async def _pooled(
         self, bs: CachedObject, spec: BatchSandboxSpec
-    ) -> tuple[dict[int, PodInfo], int, statuses.Problem | None]:
-        """The allocated pods by index, how many sandboxes still wait for one, and why not Ready."""
+    ) -> tuple[dict[int, PodInfo], statuses.Problem | None]:
+        """The allocated pods by index, and why the BatchSandbox is not Ready beyond their readiness."""
         cache = self.manager.cache
         pool_key = f"{bs.namespace}/{spec.poolRef}"
         by_uid = {p.uid: p for p in cache.pods.by_index(BY_POOL, pool_key)}
@@ -229,8 +229,7 @@ class BatchSandboxReconciler:
         pods = {i: p for i, p in held.pods.items() if i < spec.replicas and i not in released}
         await self._label(bs, pods)
         await self._apply_entrypoints(bs, spec, pods)
-        short = len(held.wanted)
-        return pods, short, statuses.pooled_problem(spec, bs.namespace, cache.pools.get(pool_key), short)
+        return pods, statuses.pooled_problem(spec, bs.namespace, cache.pools.get(pool_key), len(held.wanted))
 
     async def _label(self, bs: CachedObject, pods: dict[int, PodInfo]) -> None:
         """Allocated pods get the claim label and this BatchSandbox as owner (garbage collection, kubectl).

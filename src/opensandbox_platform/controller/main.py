@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "print-crds":
         sys.stdout.write(render())
         return
-    logs.setup(logs.verbosity_to_level(args.log_level))
+    logs.setup(logs.verbosity_to_level(args.log_level), "json")
     asyncio.run(run(args))
 
 
