@@ -14,8 +14,9 @@ from typing import Any
 
 from harness.controller_process import ControllerProcess
 from harness.services import LocalCluster
-from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.kube.client import JSON, KubeClient
+from opensandbox_platform.api import labels
+from opensandbox_platform.api.resources import BATCHSANDBOXES
+from opensandbox_platform.kube.client import JSON, PODS, KubeClient
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,18 +69,27 @@ def controller_for(cluster: LocalCluster, namespace: str, *flags: str) -> Iterat
 
 
 async def wait_pool_available(client: KubeClient, namespace: str, name: str, count: int, timeout: float) -> None:
-    """Until the pool reports `count` idle Ready pods and nothing starting, twice in a row 0.6 s apart
-    (the controller writes Pool status at most every 0.5 s)."""
+    """Until the Pool is warm and quiet: at least `count` idle (unclaimed) Ready pods, and none of its
+    unclaimed pods starting or terminating, twice in a row 0.3 s apart. Read from the pods: the Pool's
+    status is written at most every 0.5 s, and a stale `available` let runs start with fewer idle pods
+    (a create then waited for a cold one) or while the refill still competed for the API server. (A pod
+    allocated a moment ago carries its claim label a moment later: call this between runs.)"""
+    selector = f"{labels.POOL}={name},!{labels.BATCHSANDBOX}"
     deadline = time.monotonic() + timeout
     streak = 0
-    while time.monotonic() < deadline:
-        status = (await client.get(POOLS, name, namespace)).get("status") or {}
-        settled = status.get("available", 0) >= count and status.get("starting", 0) == 0
-        streak = streak + 1 if settled else 0
-        if streak == 2:
-            return
-        await asyncio.sleep(0.6 if settled else 0.2)
-    raise TimeoutError(f"pool {name} did not reach {count} available pods in {timeout}s")
+    while streak < 2:
+        pods = (await client.list(PODS, namespace, labelSelector=selector))["items"]
+        idle = sum(map(_idle_ready, pods))
+        streak = streak + 1 if idle >= count and idle == len(pods) else 0
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool {name} did not settle with {count} idle Ready pods in {timeout}s")
+        await asyncio.sleep(0.3 if streak else 0.1)
+
+
+def _idle_ready(pod: JSON) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return ready and not pod["metadata"].get("deletionTimestamp")
 
 
 async def create_and_watch(

@@ -1,7 +1,8 @@
 """Controller benchmarks on the local control plane (kwok pods).
 
   claim      pooled BatchSandbox (replicas 1) created → status Ready with a podIP; 200 sequential runs
-  batch100   one pooled BatchSandbox with 100 replicas → all Ready in status
+  batch100   one pooled BatchSandbox with 100 replicas → all Ready in status (pool of 100 warm pods)
+  batch1000  the same with 1,000 replicas from a pool of 1,000 warm pods
   memory     controller RSS with 10,000 pool pods and 1,000 BatchSandboxes
 
 Run: `uv run python -m bench.controller_bench [claim] [batch100] [memory]` (all by default).
@@ -61,20 +62,30 @@ async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, objec
     }
 
 
-async def bench_batch100(cluster: LocalCluster, runs: int = 5) -> dict[str, object]:
-    namespace = f"bench-b100-{uuid.uuid4().hex[:6]}"
+async def bench_batch(cluster: LocalCluster, replicas: int, runs: int) -> dict[str, object]:
+    namespace = f"bench-b{replicas}-{uuid.uuid4().hex[:6]}"
     with controller_for(cluster, namespace):
         client = KubeClient.from_config(str(cluster.kubeconfig))
-        await client.create(POOLS, pool("warm", 100, 200, 400), namespace)
+        await client.create(POOLS, pool("warm", replicas, 2 * replicas, 4 * replicas), namespace)
         samples = []
         for i in range(runs):
-            await wait_pool_available(client, namespace, "warm", 100, 120)
-            samples.append(await create_and_wait_ready(client, namespace, f"b{i}", "warm", 100))
+            await wait_pool_available(client, namespace, "warm", replicas, 60 + replicas)
+            samples.append(await create_and_wait_ready(client, namespace, f"b{i}", "warm", replicas))
             await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
         await client.aclose()
     figures = summary_ms(samples)
-    print(f"100 replicas all Ready, {runs} runs: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms")
-    return {"batch_100_replicas": figures, "target_ms": 300, "upstream_go_controller_ms": 920}
+    print(f"{replicas} replicas all Ready, {runs} runs: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms")
+    return {f"batch_{replicas}_replicas": figures}
+
+
+async def bench_batch100(cluster: LocalCluster) -> dict[str, object]:
+    # Upstream's Go controller (its kubernetes/ module, built and run on this same cluster side by side
+    # with ours for issue 14) measured 33-44 ms p50 here; not re-measured by this benchmark.
+    return {**await bench_batch(cluster, 100, 10), "target_p50_ms": 30}
+
+
+async def bench_batch1000(cluster: LocalCluster) -> dict[str, object]:
+    return await bench_batch(cluster, 1000, 3)
 
 
 def rss_mib(pid: int) -> float:
@@ -140,7 +151,7 @@ async def bench_memory(cluster: LocalCluster, pods: int = 10_000, sandboxes: int
     }
 
 
-BENCHES = {"claim": bench_claim, "batch100": bench_batch100, "memory": bench_memory}
+BENCHES = {"claim": bench_claim, "batch100": bench_batch100, "batch1000": bench_batch1000, "memory": bench_memory}
 
 
 def main(argv: list[str] | None = None) -> None:

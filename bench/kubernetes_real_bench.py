@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
 
-from bench.common import summary_ms, write  # noqa: E402
+from bench.common import summary_ms, wait_pool_available, write  # noqa: E402
 from harness.controller_process import ControllerProcess  # noqa: E402
 from harness.images import EXECD_IMAGE, TEST_IMAGE  # noqa: E402
 from harness.kubernetes_server import SMALL, KubernetesServer, real_node_server_config, real_pool  # noqa: E402
@@ -40,29 +40,10 @@ from harness.paths import CRDS  # noqa: E402
 from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
 from harness.real_node import enabled as real_node_enabled  # noqa: E402
 from harness.services import local_cluster  # noqa: E402
-from opensandbox_platform.api import labels  # noqa: E402
 from opensandbox_platform.api.resources import POOLS  # noqa: E402
-from opensandbox_platform.kube.client import PODS, KubeClient  # noqa: E402
+from opensandbox_platform.kube.client import KubeClient  # noqa: E402
 
 POOL = "real"
-
-
-async def full_pool(client: KubeClient, namespace: str, size: int, timeout: float = 120) -> None:
-    """Until `size` pods of the Pool are idle (unclaimed), Ready and not terminating. Read from the pods:
-    the Pool's status is written at most every 0.5 s, and a stale `available` let runs start with
-    fewer idle pods than that, so every few runs a create waited for a cold pod."""
-    selector = f"{labels.POOL}={POOL},!{labels.BATCHSANDBOX}"
-    deadline = time.monotonic() + timeout
-    while sum(map(_idle_ready, (await client.list(PODS, namespace, labelSelector=selector))["items"])) < size:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the Pool has fewer than {size} idle Ready pods")
-        await asyncio.sleep(0.1)
-
-
-def _idle_ready(pod: dict[str, Any]) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-    return ready and not pod["metadata"].get("deletionTimestamp")
 
 
 async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> tuple[float, float]:
@@ -98,7 +79,7 @@ async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: a
         for name, kwargs in variants.items():
             samples = []
             for _ in range(args.n):
-                await full_pool(client, namespace, args.pool)
+                await wait_pool_available(client, namespace, POOL, args.pool, 120)
                 samples.append(await create_to_first_command(config, **kwargs))
             results[name] = summary_ms([total for total, _ in samples])
             results[f"{name}_create_only"] = summary_ms([created for _, created in samples])
