@@ -33,6 +33,14 @@ def rejected(cluster: LocalCluster, namespace: str, manifest: str) -> str:
             "spec: {sandboxTemplate: {spec: {command: [sleep]}}}",
             "sandboxTemplate.spec needs an image (or containers) unless poolRef is set",
         ),
+        (
+            seed_pool() + "  updateStrategy: {maxUnavailable: lots}\n",
+            "maxUnavailable is a number of pods or a percentage such as 25%",
+        ),
+        (
+            pooled_batchsandbox("b", "p") + "  taskResourcePolicyWhenCompleted: Sometimes\n",
+            'supported values: "Retain", "Release"',
+        ),
     ],
     ids=[
         "min>max",
@@ -44,6 +52,8 @@ def rejected(cluster: LocalCluster, namespace: str, manifest: str) -> str:
         "negative-ttl",
         "bad-expire",
         "direct-without-image",
+        "bad-max-unavailable",
+        "bad-release-policy",
     ],
 )
 def test_invalid_objects_are_rejected(
@@ -81,3 +91,7 @@ def test_defaults_are_applied(cluster: LocalCluster, crds: None, namespace: str)
         "jsonpath={.spec.minBufferSize} {.spec.recycleStrategy}",
     )
     assert got == "0 Delete"
+    for ok in ("3", "25%"):
+        cluster.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=seed_pool() + f"  scaleStrategy: {{maxUnavailable: {ok}}}\n"
+        )
