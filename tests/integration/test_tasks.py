@@ -227,3 +227,26 @@ def test_tasks_need_a_pool_with_the_sidecar_and_an_executor_image(
         return next((c["message"] for c in conditions if c["reason"] == "FailedCreate"), "")
 
     assert "--task-executor-image" in eventually(pool_reason, what="FailedCreate on the Pool")
+
+
+def test_release_hands_each_pod_back_as_soon_as_its_task_completed(
+    cluster: LocalCluster, kube: Client, namespace: str, task_controller: ControllerProcess
+) -> None:
+    """taskResourcePolicyWhenCompleted: Release (upstream's name): a finished sandbox's pod is deleted at
+    once (the Pool makes a fresh one), its result stays in status, and it is not run again."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pool("workers", 2))
+    task = {"command": ["sh", "-c", 'test "$(hostname)" != never']}
+    manifest = batch("quick", 2, task, pool_name="workers", taskResourcePolicyWhenCompleted="Release")
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    eventually(lambda: tasks_of(kube, "quick", namespace).get("succeeded") == 2, timeout=120, what="2 tasks done")
+    used = {s["podName"] for s in bs_status(kube, "quick", namespace)["sandboxes"]}
+    eventually(
+        lambda: not used & {p.metadata.name for p in kube.list(Pod, namespace=namespace)
+                            if not p.metadata.deletionTimestamp},
+        timeout=60,
+        what="released pods deleted",
+    )  # fmt: skip
+    st = bs_status(kube, "quick", namespace)
+    assert st["phase"] == "Succeeded" and st["tasks"]["succeeded"] == 2
+    assert all(s["task"]["state"] == "succeeded" for s in st["sandboxes"])
+    assert {s["podName"] for s in st["sandboxes"]} == used, "the record of where each task ran stays"
