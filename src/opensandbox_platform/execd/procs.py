@@ -189,10 +189,6 @@ class OutputPump:
         self._exited = exited
         self._after_exit = 0
 
-    @property
-    def open_pipes(self) -> int:
-        return len(self._pipes)
-
     async def next(self, idle_after: float | None = None, cancel: asyncio.Future[Any] | None = None) -> Output:
         """Next output; None when done; IDLE if `idle_after` seconds passed (or `cancel` fired) first."""
         loop = asyncio.get_running_loop()

@@ -36,10 +36,6 @@ class Resource:
     kind: str
     namespaced: bool = True
 
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
     def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
         base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
         if self.namespaced and namespace:
@@ -111,8 +107,8 @@ class Credentials:
                 token = Path(self.user.token_file).read_text().strip()  # noqa: ASYNC240 - a tiny tmpfs file, once a minute
                 self._header = f"Bearer {token}"
             else:
-                if refresh and hasattr(self._auth, "_last_bearer"):
-                    self._auth._last_bearer = None  # lightkube's exec auth caches its token
+                if refresh:
+                    forget_cached_token(self._auth)
                 request = httpx2.Request("GET", url)
                 flow = self._auth.async_auth_flow(request)
                 await anext(flow)
@@ -120,6 +116,16 @@ class Credentials:
                 self._header = request.headers.get("Authorization")
             self._read_at = time.monotonic()
         return self._header
+
+
+def forget_cached_token(auth: httpx2.Auth) -> None:
+    """Make lightkube's exec-plugin auth run its plugin again on the next request.
+
+    lightkube's ExecAuth keeps the token in the private `_last_bearer` and runs the plugin again only
+    when the server answers 401 inside its own flow; we drive the flow ourselves (our requests go over
+    aiohttp), so after our 401 we clear it. tests/unit/kube/test_client.py fails if lightkube renames it."""
+    if hasattr(auth, "_last_bearer"):
+        auth._last_bearer = None
 
 
 class KubeClient:
