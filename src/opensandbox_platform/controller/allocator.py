@@ -28,7 +28,14 @@ from opensandbox_platform.api.resources import BATCHSANDBOXES
 from opensandbox_platform.controller import status as statuses
 from opensandbox_platform.controller.allocation import Holding, assign, holding, is_free, released_indices
 from opensandbox_platform.controller.batchsandbox import report_transition
-from opensandbox_platform.controller.cache import BY_BATCHSANDBOX, BY_POOL, BY_POOL_REF, CachedObject, namespaced
+from opensandbox_platform.controller.cache import (
+    BY_BATCHSANDBOX,
+    BY_POOL,
+    BY_POOL_REF,
+    CachedObject,
+    changed,
+    pool_key_of,
+)
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import PodInfo, delete_pod, pool_revision
@@ -79,24 +86,13 @@ class Allocator:
         """Wake on a pool's pods (one turning Ready and idle, one allocated going away), its
         BatchSandboxes (new, scaled, deleted) and the Pool itself."""
         cache = self.manager.cache
-        queue = self.controller.queue
-        cache.pools.add_handler(lambda old, new: queue.add((new or old).key))  # type: ignore[union-attr]
-        cache.pods.add_handler(self._on_pod)
-        cache.batchsandboxes.add_handler(self._on_batchsandbox)
+        cache.pools.add_handler(lambda old, new: self._wake(changed(old, new).key))
+        cache.pods.add_handler(lambda old, new: self._wake(pool_key_of(changed(old, new))))
+        cache.batchsandboxes.add_handler(lambda old, new: self._wake(pool_key_of(changed(old, new))))
         self.manager.add(self.controller)
         return self.controller
 
-    def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
-        pod = new or old
-        assert pod is not None
-        pool_key = namespaced(pod.namespace, pod.pool)
-        if pool_key is not None:
-            self.controller.queue.add(pool_key)
-
-    def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
-        obj = new or old
-        assert obj is not None
-        pool_key = namespaced(obj.namespace, obj.raw["spec"].get("poolRef"))
+    def _wake(self, pool_key: str | None) -> None:
         if pool_key is not None:
             self.controller.queue.add(pool_key)
 

@@ -27,7 +27,14 @@ from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
 from opensandbox_platform.api.resources import BATCHSANDBOXES
 from opensandbox_platform.controller import status as statuses
 from opensandbox_platform.controller.allocation import holding, read_ledger, released_indices
-from opensandbox_platform.controller.cache import BY_BATCHSANDBOX, BY_POOL, BY_POOL_REF, CachedObject, namespaced
+from opensandbox_platform.controller.cache import (
+    BY_BATCHSANDBOX,
+    BY_POOL,
+    BY_POOL_REF,
+    CachedObject,
+    changed,
+    namespaced,
+)
 from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
@@ -117,11 +124,10 @@ class BatchSandboxReconciler:
             if held:
                 self.tombstones[old.key] = held
                 self.inflight.doomed.update(p.key for p in held)
-        self.controller.queue.add((new or old).key)  # type: ignore[union-attr]
+        self.controller.queue.add(changed(old, new).key)
 
     def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
-        pod = new or old
-        assert pod is not None
+        pod = changed(old, new)
         owner = namespaced(pod.namespace, pod.batchsandbox)
         if owner is None:
             holder = self.manager.cache.allocated_to(pod)
@@ -134,7 +140,7 @@ class BatchSandboxReconciler:
 
     def _on_pool(self, old: CachedObject | None, new: CachedObject | None) -> None:
         if old is None or new is None:  # a pool appeared or vanished: its BatchSandboxes say so
-            for bs in self.manager.cache.batchsandboxes.by_index(BY_POOL_REF, (new or old).key):  # type: ignore[union-attr]
+            for bs in self.manager.cache.batchsandboxes.by_index(BY_POOL_REF, changed(old, new).key):
                 self.controller.queue.add(bs.key)
 
     def _note_lost(self, key: str, pod: PodInfo) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TypeVar
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
@@ -16,6 +17,8 @@ from opensandbox_platform.controller.allocation import ledger_uids
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient
 from opensandbox_platform.kube.informer import Informer
+
+T = TypeVar("T")
 
 # Index names
 BY_POOL = "pool"  # pods by "<namespace>/<pool>"
@@ -59,6 +62,20 @@ def slim_object(raw: JSON) -> CachedObject:
 
 def namespaced(namespace: str, name: str | None) -> str | None:
     return f"{namespace}/{name}" if name else None
+
+
+def changed(old: T | None, new: T | None) -> T:
+    """The object an informer event is about (its new version, or the deleted one)."""
+    obj = new if new is not None else old
+    assert obj is not None
+    return obj
+
+
+def pool_key_of(obj: PodInfo | CachedObject) -> str | None:
+    """The key of the Pool a pod belongs to, or that a BatchSandbox claims from."""
+    if isinstance(obj, PodInfo):
+        return namespaced(obj.namespace, obj.pool)
+    return namespaced(obj.namespace, obj.raw["spec"].get("poolRef"))
 
 
 class Cache:

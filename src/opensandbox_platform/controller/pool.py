@@ -33,7 +33,14 @@ from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec, PoolStatus
 from opensandbox_platform.api.resources import POOLS
 from opensandbox_platform.controller import status as statuses
 from opensandbox_platform.controller.allocation import holding
-from opensandbox_platform.controller.cache import BY_BATCHSANDBOX, BY_POOL, BY_POOL_REF, CachedObject, namespaced
+from opensandbox_platform.controller.cache import (
+    BY_BATCHSANDBOX,
+    BY_POOL,
+    BY_POOL_REF,
+    CachedObject,
+    changed,
+    pool_key_of,
+)
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import PodCreateError, PodInfo, build_pod, pool_revision
@@ -231,16 +238,15 @@ class PoolReconciler:
     def setup(self) -> Controller:
         """Wake on its Pools, their pods, and BatchSandboxes whose demand on a pool changes."""
         cache = self.manager.cache
-        cache.pools.add_handler(lambda old, new: self.controller.queue.add((new or old).key))  # type: ignore[union-attr]
+        cache.pools.add_handler(lambda old, new: self.controller.queue.add(changed(old, new).key))
         cache.pods.add_handler(self._on_pod)
         cache.batchsandboxes.add_handler(self._on_batchsandbox)
         self.manager.add(self.controller)
         return self.controller
 
     def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
-        pod = new or old
-        assert pod is not None
-        pool_key = namespaced(pod.namespace, pod.pool)
+        pod = changed(old, new)
+        pool_key = pool_key_of(pod)
         if pool_key is None:
             return
         if new is not None and old is None:
@@ -251,9 +257,7 @@ class PoolReconciler:
 
     def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
         # Demand (or the ledger) changed: refill a moment later, after the allocation's status is out.
-        obj = new or old
-        assert obj is not None
-        pool_key = namespaced(obj.namespace, obj.raw["spec"].get("poolRef"))
+        pool_key = pool_key_of(changed(old, new))
         if pool_key is not None:
             self.controller.queue.add_after(pool_key, REFILL_DELAY)
 
