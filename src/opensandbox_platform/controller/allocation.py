@@ -9,7 +9,7 @@ critical path). docs/controller.md argues why this hands every pod out at most o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from opensandbox_platform.api import labels
@@ -35,6 +35,16 @@ def read_ledger(bs: JSON) -> dict[int, Allocation]:
         return {}
     entries = (bs.get("status") or {}).get("sandboxes") or []
     return {e["index"]: Allocation(e["index"], e["podName"], e["podUID"]) for e in entries if e.get("podUID")}
+
+
+def written_tasks(bs: JSON) -> dict[int, JSON]:
+    """Each sandbox's task as the BatchSandbox's status records it."""
+    return {s["index"]: s["task"] for s in (bs.get("status") or {}).get("sandboxes") or [] if s.get("task")}
+
+
+def finished_indices(bs: JSON) -> set[int]:
+    """Sandboxes whose task ended (their pod is not replaced when it goes)."""
+    return {i for i, task in written_tasks(bs).items() if task.get("state") in TERMINAL_TASK_STATES}
 
 
 def ledger_uids(bs: JSON) -> list[str]:
@@ -81,19 +91,21 @@ class Holding:
 def holding(
     spec: BatchSandboxSpec,
     bs: JSON,
-    pods_by_uid: dict[str, PodInfo],
+    pod_named: Callable[[str], PodInfo | None],
     labelled: Iterable[PodInfo],
-    finished: set[int],
 ) -> Holding:
-    """Resolve a BatchSandbox's ledger against the live pods.
+    """Resolve a BatchSandbox's ledger against the live pods (`pod_named` looks one up by name).
 
     `labelled` are pods whose claim label names this BatchSandbox (claims written before the ledger
-    existed, or whose ledger write was lost): they are adopted. `finished` are indices whose task
-    ended: a pod gone there is not replaced."""
+    existed, or whose ledger write was lost): they are adopted. A sandbox whose task ended does not
+    get a new pod when its pod goes."""
     meta = bs["metadata"]
+    finished = finished_indices(bs)
     result = Holding()
     for entry in read_ledger(bs).values():
-        pod = pods_by_uid.get(entry.pod_uid)
+        pod = pod_named(entry.pod_name)
+        if pod is not None and pod.uid != entry.pod_uid:
+            pod = None  # a namesake: ours is gone
         if pod is not None and pod.batchsandbox not in (None, meta["name"]):
             result.conflicts.append((entry.index, pod))
         elif pod is None or pod.deleting or pod.lost:

@@ -22,14 +22,13 @@ from datetime import UTC, datetime
 import aiohttp
 from prometheus_client import Histogram
 
-from opensandbox_platform.api import conditions
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus, PoolSpec
 from opensandbox_platform.api.resources import BATCHSANDBOXES
 from opensandbox_platform.controller import status as statuses
-from opensandbox_platform.controller.allocation import Holding, assign, holding, is_free, released_indices
+from opensandbox_platform.controller.allocation import Holding, assign, is_free, released_indices, written_tasks
 from opensandbox_platform.controller.batchsandbox import report_transition
 from opensandbox_platform.controller.cache import (
-    BY_BATCHSANDBOX,
     BY_POOL,
     BY_POOL_REF,
     CachedObject,
@@ -39,7 +38,6 @@ from opensandbox_platform.controller.cache import (
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import PodInfo, delete_pod, pool_revision
-from opensandbox_platform.controller.tasks import finished_indices, written_tasks
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import KubeError
 from opensandbox_platform.kube.controller import Controller
@@ -74,6 +72,12 @@ class Change:
         return {**kept, **self.new}
 
 
+def _asks(bs: CachedObject) -> tuple[object, ...]:
+    """What a BatchSandbox asks of its pool (a change means a pass)."""
+    meta = bs.raw["metadata"]
+    return meta.get("generation"), bs.deleting, (meta.get("annotations") or {}).get(labels.RELEASE)
+
+
 class Allocator:
     name = "allocator"
 
@@ -87,14 +91,28 @@ class Allocator:
         BatchSandboxes (new, scaled, deleted) and the Pool itself."""
         cache = self.manager.cache
         cache.pools.add_handler(lambda old, new: self._wake(changed(old, new).key))
-        cache.pods.add_handler(lambda old, new: self._wake(pool_key_of(changed(old, new))))
-        cache.batchsandboxes.add_handler(lambda old, new: self._wake(pool_key_of(changed(old, new))))
+        cache.pods.add_handler(self._on_pod)
+        cache.batchsandboxes.add_handler(self._on_batchsandbox)
         self.manager.add(self.controller)
         return self.controller
 
     def _wake(self, pool_key: str | None) -> None:
         if pool_key is not None:
             self.controller.queue.add(pool_key)
+
+    def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
+        """Only what can change an allocation: a pod turning free (a pass may hand it out), or a
+        pod that served a sandbox going away or failing (its sandbox gets a new one). A pool filling
+        up sends thousands of other events."""
+        freed = new is not None and is_free(new, new.revision or "") and not (old and is_free(old, old.revision or ""))
+        gone = old is not None and (new is None or new.deleting or new.lost) and not (old.deleting or old.lost)
+        if freed or gone:
+            self._wake(pool_key_of(changed(old, new)))
+
+    def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
+        """A BatchSandbox appeared, went, or changed what it asks for; not our own ledger writes."""
+        if old is None or new is None or _asks(old) != _asks(new):
+            self._wake(pool_key_of(changed(old, new)))
 
     # --- a pass -----------------------------------------------------------------------------------
     async def reconcile(self, pool_key: str) -> float | None:
@@ -105,9 +123,7 @@ class Allocator:
             return None  # BatchSandboxes report PoolNotFound themselves
         await self._resolve_uncertain(pool_key)
         revision = pool_revision(PoolSpec.model_validate(pool.raw["spec"]))
-        pods = cache.pods.by_index(BY_POOL, pool_key)
-        by_uid = {p.uid: p for p in pods}
-        changes = self._plan(pool_key, pods, by_uid, revision)
+        changes = self._plan(pool_key, cache.pods.by_index(BY_POOL, pool_key), revision)
         if not changes:
             return None
         # Marked before the first await: the Pool reconciler must not delete these meanwhile.
@@ -128,7 +144,7 @@ class Allocator:
             raise failures[0]
         return 0.01 if not all(results) else None  # a 409: look again once the cache has the news
 
-    def _plan(self, pool_key: str, pods: list[PodInfo], by_uid: dict[str, PodInfo], revision: str) -> list[Change]:
+    def _plan(self, pool_key: str, pods: list[PodInfo], revision: str) -> list[Change]:
         cache = self.manager.cache
         batchsandboxes = sorted(
             (b for b in cache.batchsandboxes.by_index(BY_POOL_REF, pool_key) if not b.deleting),
@@ -138,7 +154,7 @@ class Allocator:
         plans: list[tuple[CachedObject, BatchSandboxSpec, Holding, dict[int, PodInfo]]] = []
         for bs in batchsandboxes:
             spec = BatchSandboxSpec.model_validate(bs.raw["spec"])
-            held = holding(spec, bs.raw, by_uid, cache.pods.by_index(BY_BATCHSANDBOX, bs.key), finished_indices(bs.raw))
+            held = cache.holding(bs, spec)
             released = released_indices(bs.raw)
             surplus = {i: p for i, p in held.pods.items() if i >= spec.replicas or i in released}
             allocated.update(p.uid for p in held.pods.values())

@@ -26,10 +26,9 @@ from opensandbox_platform.api.conditions import find
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
 from opensandbox_platform.api.resources import BATCHSANDBOXES
 from opensandbox_platform.controller import status as statuses
-from opensandbox_platform.controller.allocation import holding, read_ledger, released_indices
+from opensandbox_platform.controller.allocation import read_ledger, released_indices
 from opensandbox_platform.controller.cache import (
     BY_BATCHSANDBOX,
-    BY_POOL,
     BY_POOL_REF,
     CachedObject,
     changed,
@@ -47,7 +46,7 @@ from opensandbox_platform.controller.pods import (
     owner_reference,
     slim_pod,
 )
-from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher, finished_indices
+from opensandbox_platform.controller.tasks import TERMINAL, TaskDispatcher
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, PODS, KubeError
 from opensandbox_platform.kube.controller import Controller
@@ -119,8 +118,10 @@ class BatchSandboxReconciler:
         if new is None and old is not None:
             # Its ledger is gone with it: pods it held that carry no claim label yet would look free.
             # Marked before any other reconcile runs, deleted by the reconcile of the key.
-            by_uid = {p.uid: p for p in self.manager.cache.pods.store.values() if not p.claimed}
-            held = [by_uid[a.pod_uid] for a in read_ledger(old.raw).values() if a.pod_uid in by_uid]
+            pods = self.manager.cache.pods
+            named = [pods.get(f"{old.namespace}/{a.pod_name}") for a in read_ledger(old.raw).values()]
+            held = [p for p, a in zip(named, read_ledger(old.raw).values(), strict=True)
+                    if p is not None and p.uid == a.pod_uid and not p.claimed]  # fmt: skip
             if held:
                 self.tombstones[old.key] = held
                 self.inflight.doomed.update(p.key for p in held)
@@ -229,8 +230,7 @@ class BatchSandboxReconciler:
         """The allocated pods by index, and why the BatchSandbox is not Ready beyond their readiness."""
         cache = self.manager.cache
         pool_key = f"{bs.namespace}/{spec.poolRef}"
-        by_uid = {p.uid: p for p in cache.pods.by_index(BY_POOL, pool_key)}
-        held = holding(spec, bs.raw, by_uid, cache.pods.by_index(BY_BATCHSANDBOX, bs.key), finished_indices(bs.raw))
+        held = cache.holding(bs, spec)
         released = released_indices(bs.raw)
         pods = {i: p for i, p in held.pods.items() if i < spec.replicas and i not in released}
         await self._label(bs, pods)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from opensandbox_platform.api import labels
+from opensandbox_platform.api.crds import BatchSandboxSpec
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.controller.allocation import ledger_uids
+from opensandbox_platform.controller.allocation import Holding, holding, ledger_uids
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient
 from opensandbox_platform.kube.informer import Informer
@@ -106,6 +107,14 @@ class Cache:
 
     async def wait_synced(self) -> None:
         await asyncio.gather(*(i.synced.wait() for i in self.informers))
+
+    def holding(self, bs: CachedObject, spec: BatchSandboxSpec) -> Holding:
+        """A pooled BatchSandbox's ledger resolved against the cached pods (allocation.holding)."""
+
+        def pod_named(name: str) -> PodInfo | None:
+            return self.pods.get(f"{bs.namespace}/{name}")
+
+        return holding(spec, bs.raw, pod_named, self.pods.by_index(BY_BATCHSANDBOX, bs.key))
 
     def allocated_to(self, pod: PodInfo) -> CachedObject | None:
         """The BatchSandbox whose ledger names this pod, if any."""

@@ -32,9 +32,7 @@ from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, PoolSpec, PoolStatus, RateStrategy
 from opensandbox_platform.api.resources import POOLS
 from opensandbox_platform.controller import status as statuses
-from opensandbox_platform.controller.allocation import holding
 from opensandbox_platform.controller.cache import (
-    BY_BATCHSANDBOX,
     BY_POOL,
     BY_POOL_REF,
     CachedObject,
@@ -44,7 +42,7 @@ from opensandbox_platform.controller.cache import (
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import PodCreateError, PodInfo, build_pod, pool_revision
-from opensandbox_platform.controller.tasks import finished_indices, pool_sidecar
+from opensandbox_platform.controller.tasks import pool_sidecar
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, PODS, KubeError
 from opensandbox_platform.kube.controller import Controller
@@ -211,14 +209,13 @@ class Expectations:
 def demand(manager: Manager, pool_key: str) -> tuple[int, frozenset[str]]:
     """(sandboxes BatchSandboxes of this pool still wait for, pod keys their ledgers name)."""
     cache = manager.cache
-    by_uid = {p.uid: p for p in cache.pods.by_index(BY_POOL, pool_key)}
     wanted = 0
     allocated: set[str] = set()
     for bs in cache.batchsandboxes.by_index(BY_POOL_REF, pool_key):
         if bs.deleting:
             continue
         spec = BatchSandboxSpec.model_validate(bs.raw["spec"])
-        held = holding(spec, bs.raw, by_uid, cache.pods.by_index(BY_BATCHSANDBOX, bs.key), finished_indices(bs.raw))
+        held = cache.holding(bs, spec)
         wanted += len(held.wanted)
         allocated.update(p.key for p in held.pods.values())
     return wanted, frozenset(allocated)

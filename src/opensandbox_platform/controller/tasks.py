@@ -20,7 +20,7 @@ import aiohttp
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec, TaskTemplate
-from opensandbox_platform.controller.allocation import TERMINAL_TASK_STATES
+from opensandbox_platform.controller.allocation import TERMINAL_TASK_STATES, written_tasks
 from opensandbox_platform.controller.pods import PodInfo, TaskExecutorSidecar
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.kube.workqueue import WorkQueue
@@ -66,16 +66,6 @@ def pool_sidecar(
         raise ValueError("taskExecutor.enabled needs taskExecutor.image or the controller's --task-executor-image")
     resources = executor.resources.model_dump(mode="json") if executor.resources else default_resources
     return TaskExecutorSidecar(image, resources, pull_policy)
-
-
-def written_tasks(bs: JSON) -> dict[int, JSON]:
-    """Each sandbox's task as the BatchSandbox's status records it."""
-    return {s["index"]: s["task"] for s in (bs.get("status") or {}).get("sandboxes") or [] if s.get("task")}
-
-
-def finished_indices(bs: JSON) -> set[int]:
-    """Sandboxes whose task ended (their pod is not replaced when it goes)."""
-    return {i for i, task in written_tasks(bs).items() if task.get("state") in TERMINAL}
 
 
 @dataclass

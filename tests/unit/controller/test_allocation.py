@@ -8,7 +8,7 @@ from typing import Any
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
-from opensandbox_platform.controller.allocation import assign, holding, is_free, read_ledger, released_indices
+from opensandbox_platform.controller.allocation import Holding, assign, holding, is_free, read_ledger, released_indices
 from opensandbox_platform.controller.pods import PodInfo
 from opensandbox_platform.controller.status import BatchSandboxView, batchsandbox_status
 from tests.unit.controller.test_pool_plan import NOW, REV, pod
@@ -31,8 +31,9 @@ def spec_of(bs: dict[str, Any]) -> BatchSandboxSpec:
     return BatchSandboxSpec.model_validate(bs["spec"])
 
 
-def held(bs: dict[str, Any], pods: list[PodInfo], labelled: list[PodInfo] = (), finished: set[int] = frozenset()):  # type: ignore[no-untyped-def,assignment]
-    return holding(spec_of(bs), bs, {p.uid: p for p in pods}, labelled, set(finished))
+def held(bs: dict[str, Any], pods: list[PodInfo], labelled: list[PodInfo] = ()) -> Holding:  # type: ignore[assignment]
+    by_name = {p.name: p for p in pods}
+    return holding(spec_of(bs), bs, by_name.get, labelled)
 
 
 def test_the_ledger_is_the_status_entries_with_a_pod_uid() -> None:
@@ -41,6 +42,13 @@ def test_the_ledger_is_the_status_entries_with_a_pod_uid() -> None:
     assert {i: x.pod_name for i, x in read_ledger(bs).items()} == {0: "a", 1: "b"}
     direct = {**bs, "spec": {"replicas": 2}}
     assert read_ledger(direct) == {}, "direct-mode pods are found by their labels, not a ledger"
+
+
+def test_a_namesake_of_an_allocated_pod_is_not_it() -> None:
+    a = pod("a")
+    bs = batchsandbox(replicas=1, sandboxes=[entry(0, a)])
+    result = held(bs, [replace(a, uid="a-recreated")])
+    assert result.pods == {} and [x.why for x in result.lost] == ["deleted"]
 
 
 def test_live_allocations_are_kept_and_only_missing_indices_are_wanted() -> None:
@@ -55,7 +63,9 @@ def test_lost_pods_are_replaced_unless_their_task_finished() -> None:
     result = held(bs, [evicted])  # "gone" is no longer in the cache
     assert [(x.index, x.why, x.pod) for x in result.lost] == [(0, "deleted", None), (1, "Evicted", evicted)]
     assert result.wanted == [0, 1, 2] and result.changed
-    finished = held(bs, [evicted], finished={0, 1})
+    for recorded in bs["status"]["sandboxes"]:
+        recorded["task"] = {"state": "succeeded"}
+    finished = held(bs, [evicted])
     assert finished.lost == [] and finished.wanted == [2], "a finished sandbox keeps its result, no new pod"
 
 
