@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -123,9 +124,11 @@ class Allocator:
             return None  # BatchSandboxes report PoolNotFound themselves
         await self._resolve_uncertain(pool_key)
         revision = pool_revision(PoolSpec.model_validate(pool.raw["spec"]))
+        started = time.perf_counter()
         changes = self._plan(pool_key, cache.pods.by_index(BY_POOL, pool_key), revision)
         if not changes:
             return None
+        planned = time.perf_counter()
         # Marked before the first await: the Pool reconciler must not delete these meanwhile.
         chosen = [p.key for c in changes for p in c.new.values()]
         self.inflight.reserved.update(chosen)
@@ -139,6 +142,16 @@ class Allocator:
             results = await asyncio.gather(*(write(c) for c in changes), return_exceptions=True)
         finally:
             self.inflight.reserved.difference_update(chosen)
+        log.debug(
+            "allocation pass",
+            extra={
+                "pool": pool_key,
+                "batchsandboxes": len(changes),
+                "pods": len(chosen),
+                "plan_ms": round((planned - started) * 1000, 2),
+                "write_ms": round((time.perf_counter() - planned) * 1000, 2),
+            },
+        )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
