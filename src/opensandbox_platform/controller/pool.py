@@ -323,13 +323,22 @@ class PoolReconciler:
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
             )
-            self.creating.expect(pool.key, f"{pool.namespace}/{pod_name}")
+            key = f"{pool.namespace}/{pod_name}"
+            self.creating.expect(pool.key, key)
             try:
                 await self.manager.client.create(PODS, pod, pool.namespace)
                 return None
             except KubeError as err:
-                self.creating.observe(pool.key, f"{pool.namespace}/{pod_name}")
+                self.creating.observe(pool.key, key)
+                if err.transient:
+                    raise  # the API server is unwell, not the template: retried with backoff
                 return err.message
+            except BaseException:
+                # Unknown outcome (connection lost, timeout): forget it, or the pool would wait for an
+                # event that may never come. Had the pod been created, the next pass counts it (and
+                # deletes it as surplus if one too many).
+                self.creating.observe(pool.key, key)
+                raise
 
         results = await bounded_gather([one() for _ in range(count)], settings.write_concurrency)
         errors = [e for e in results if e]
@@ -360,9 +369,9 @@ class PoolReconciler:
                         "propagationPolicy": "Background",
                     },
                 )
-            except KubeError as err:
-                self.deleting.observe(pool.key, pod.key)
-                if not (err.not_found or err.conflict):
+            except BaseException as err:
+                self.deleting.observe(pool.key, pod.key)  # whatever happened, the next pass sees the pod or not
+                if not (isinstance(err, KubeError) and (err.not_found or err.conflict)):
                     raise
             finally:
                 self.inflight.doomed.discard(pod.key)

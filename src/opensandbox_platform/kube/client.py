@@ -78,6 +78,11 @@ class KubeError(Exception):
     def gone(self) -> bool:
         return self.status == 410
 
+    @property
+    def transient(self) -> bool:
+        """The API server (or etcd behind it) is overloaded or unwell: the same request may work later."""
+        return self.status == 429 or self.status >= 500
+
 
 def _error(status: int, reason: str, body: bytes) -> KubeError:
     try:
