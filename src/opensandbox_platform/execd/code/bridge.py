@@ -121,7 +121,9 @@ class Bridge:
                 self.emit({"ev": "done", "run": request["run"], "status": "dead", "ms": 0})
             return
         if op == "execute":
-            msg_id = kernel.kc.execute(request["code"], store_history=True, allow_stdin=False, stop_on_error=True)
+            # stop_on_error=False: execd sends one run at a time, and with True ipykernel aborts
+            # whatever arrives in the moment after an error (the next run, if it is quick).
+            msg_id = kernel.kc.execute(request["code"], store_history=True, allow_stdin=False, stop_on_error=False)
             kernel.runs[msg_id] = Run(request["run"], time.monotonic())
         elif op == "interrupt":
             signal_group(kernel.pid, signal.SIGCONT)  # a paused kernel must run to see the interrupt
