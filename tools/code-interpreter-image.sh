@@ -55,13 +55,14 @@ build_rootfs() {
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 
   # bash_kernel: pure Python (its dependencies pexpect and filetype are Debian's), unpacked where
-  # Debian's python3 looks for local packages, with the kernelspec its installer would write.
+  # Debian's python3 looks for local packages (/usr/local/lib/python3.X/dist-packages), with the
+  # kernelspec its installer would write.
   wheels=$(mktemp -d)
   python3 -m pip download --quiet --no-deps --only-binary :all: -d "$wheels" "$BASH_KERNEL"
   echo "$BASH_KERNEL_SHA256  $(ls "$wheels"/bash_kernel-*.whl)" | sha256sum -c --quiet \
     || { log "bash_kernel wheel does not match its pinned sha256"; exit 1; }
   local site
-  site=$root/usr/local/lib/python3/dist-packages
+  site=$root$(chroot "$root" python3 -c 'import sys; print(f"/usr/local/lib/python3.{sys.version_info[1]}/dist-packages")')
   mkdir -p "$site" "$root/usr/local/share/jupyter/kernels/bash"
   python3 -m zipfile -e "$wheels"/bash_kernel-*.whl "$site"
   rm -rf "$wheels"

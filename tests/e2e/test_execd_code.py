@@ -111,11 +111,18 @@ def test_prestart_opens_the_port_once_the_kernel_answers(tmp_path: Path, port: i
             time.sleep(0.05)
         listed = httpx.get(f"{execd.url}/code/contexts", params={"language": "python"}).json()
         assert len(listed) == 1  # the default context, with its kernel running
+        # A pool hands the pod over: the claim's env and cwd reach the kernel started before it.
+        claimed = tmp_path / "claimed"
+        claim = {"env": {"CLAIMED_BY": "e2e"}, "cwd": str(claimed)}
+        assert httpx.post(f"{execd.url}/bootstrap", json=claim).status_code == 200
         started = time.monotonic()
-        done = events(execd, {"code": "40 + 2", "context": {"language": "python"}})
+        code = "import os\nprint(40 + 2, os.environ.get('CLAIMED_BY'), os.getcwd())"
+        done = events(execd, {"code": code, "context": {"language": "python"}})
         assert time.monotonic() - started < 1.0  # no kernel start on the first cell
         assert done[0]["text"] == listed[0]["id"]
-        assert [e["results"] for e in done if e["type"] == "result"] == [{"text": "42"}]
+        assert "".join(str(e["text"]) for e in done if e["type"] == "stdout") == f"42 e2e {claimed}\n"
+        counts = [e["execution_count"] for e in done if e["type"] == "execution_count"]
+        assert counts == [1]  # execd's own cell did not count
 
 
 def test_slow_client_pauses_the_kernel_and_execd_memory_stays_flat(code_execd: Execd) -> None:

@@ -91,6 +91,7 @@ class ExecdApp:
             self.environment.daemon[code_settings.JUPYTER_PORT] = str(self.readiness.port)
         self._code: CodeContexts | None = None
         self._code_started: asyncio.Task[None] | None = None
+        self.bootstrap.on_apply.append(self._bootstrap_applied)
         self.router = self._routes()
 
     def _routes(self) -> Router:
@@ -302,6 +303,10 @@ class ExecdApp:
                 self.environment, self.state_dir, lambda: self.bootstrap.cwd, settings, self._kernel_ready
             )
         return self._code
+
+    def _bootstrap_applied(self, env: dict[str, str], cwd: str) -> None:
+        if self._code is not None:  # kernels started before the claim (a pool's) take the claim's env
+            self._code.adopt(env, cwd)
 
     def _kernel_ready(self) -> None:
         if not self.readiness.listening:

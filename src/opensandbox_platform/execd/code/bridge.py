@@ -11,7 +11,7 @@ Protocol with execd: one JSON object per line, execd -> bridge on stdin, bridge 
   execd -> bridge                                        bridge -> execd
   {"op": "start", "id", "kernel", "spec", "cwd", "env"}  {"id", "ok": true, "pid"} | {"id", "ok": false, "error"}
   {"op": "shutdown", "id", "kernel"}                     {"id", "ok": true}
-  {"op": "execute", "kernel", "run", "code"}             events of that run (below), then {"ev": "done", ...}
+  {"op": "execute", "kernel", "run", "code", "silent"?}  events of that run (below), then {"ev": "done", ...}
   {"op": "interrupt" | "pause" | "resume", "kernel"}     (nothing)
                                                           {"ev": "hello", "specs", "python", "jupyter_client"}
                                                           {"ev": "died", "kernel", "code"}
@@ -40,6 +40,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_path
 
 try:
     from queue import Empty
@@ -51,6 +52,22 @@ MAX_RESULT = 32 * 1024 * 1024  # a result (MIME bundle) larger than this is repl
 MAX_LINE = 64 * 1024 * 1024  # a request line from execd (code is bounded well below this)
 NUDGE_WAIT = 0.5  # seconds to wait for IOPub to show a kernel_info's status before asking again
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+class DiskSpecs(KernelSpecManager):  # type: ignore[misc]
+    """Kernelspecs as their kernel.json files say, in Jupyter's data path, without importing
+    IPython (for the legacy ~/.ipython/kernels) or ipykernel (for the "native" python3 spec):
+    IPython is ~20 MiB the bridge would hold for nothing."""
+
+    def _get_kernel_spec_by_name(self, kernel_name: str, resource_dir: str) -> Any:
+        return self.kernel_spec_class.from_resource_dir(resource_dir)
+
+
+def spec_manager() -> KernelSpecManager:
+    on_disk = DiskSpecs(ensure_native_kernel=False, kernel_dirs=jupyter_path("kernels"))
+    if any(s.get("spec", {}).get("language") == "python" for s in on_disk.get_all_specs().values()):
+        return on_disk
+    return KernelSpecManager()  # ipykernel without a kernel.json: its built-in spec
 
 
 class Run:
@@ -77,6 +94,7 @@ class Bridge:
         self.out = out
         self.loop = asyncio.get_event_loop()
         self.kernels: dict[str, Kernel] = {}
+        self.specs = spec_manager()
 
     def emit(self, message: dict[str, Any]) -> None:
         self.out.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
@@ -84,7 +102,7 @@ class Bridge:
     # -- requests --------------------------------------------------------------------------
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
-        self.emit(hello())
+        self.emit(hello(self.specs))
         pending: set[asyncio.Task[None]] = set()
         while True:
             line = await reader.readline()
@@ -123,7 +141,10 @@ class Bridge:
         if op == "execute":
             # stop_on_error=False: execd sends one run at a time, and with True ipykernel aborts
             # whatever arrives in the moment after an error (the next run, if it is quick).
-            msg_id = kernel.kc.execute(request["code"], store_history=True, allow_stdin=False, stop_on_error=False)
+            silent = bool(request.get("silent"))  # execd's own cells: no output, no execution count
+            msg_id = kernel.kc.execute(
+                request["code"], silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
+            )
             kernel.runs[msg_id] = Run(request["run"], time.monotonic())
         elif op == "interrupt":
             signal_group(kernel.pid, signal.SIGCONT)  # a paused kernel must run to see the interrupt
@@ -137,7 +158,7 @@ class Bridge:
 
     async def start(self, request: dict[str, Any]) -> int:
         kid = request["kernel"]
-        km = AsyncKernelManager(kernel_name=request["spec"])
+        km = AsyncKernelManager(kernel_name=request["spec"], kernel_spec_manager=self.specs)
         ipc = request.get("ipc")
         if ipc:  # unix sockets in execd's state dir: no TCP port of the sandbox is used
             km.transport = "ipc"
@@ -323,11 +344,11 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def hello() -> dict[str, Any]:
+def hello(manager: KernelSpecManager) -> dict[str, Any]:
     import jupyter_client
 
     specs = {}
-    for name, found in KernelSpecManager().get_all_specs().items():
+    for name, found in manager.get_all_specs().items():
         spec = found.get("spec", {})
         specs[name] = {
             "language": str(spec.get("language", "")),

@@ -142,10 +142,10 @@ class Bridge:
             raise BridgeGone("the kernel bridge is gone")
         self._stdin.write(json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n")
 
-    def execute(self, kernel: str, run_id: str, code: str) -> RunQueue:
+    def execute(self, kernel: str, run_id: str, code: str, silent: bool = False) -> RunQueue:
         queue = RunQueue(lambda: self._quietly("pause", kernel), lambda: self._quietly("resume", kernel))
         self.runs[run_id] = queue
-        self.send("execute", kernel=kernel, run=run_id, code=code)
+        self.send("execute", kernel=kernel, run=run_id, code=code, silent=silent)
         return queue
 
     def _quietly(self, op: str, kernel: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -55,6 +56,7 @@ class Context:
     id: str
     language: str  # as the client named it (echoed back, as upstream does)
     spec: str  # kernelspec name
+    spec_language: str  # the kernelspec's language
     cwd: str
     default: bool
     kernel: str | None = None  # the bridge's id of the live kernel; None: started on the next run
@@ -62,6 +64,8 @@ class Context:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # runs holding or waiting for the lock
+    runs: int = 0  # runs since the kernel started (0: nothing of the user's ran in it yet)
+    pending: tuple[dict[str, str], str] | None = None  # a claim's env and cwd, for the kernel's first run
     running: str | None = None  # the run under way
     exit_note: str = ""  # why the last kernel went away, told to the run it broke
     escalated: asyncio.TimerHandle | None = None
@@ -223,6 +227,8 @@ class CodeContexts:
             raise ApiError(500, KERNEL_START_FAILED, f"the {ctx.spec} kernel did not start: {exc}") from None
         bridge.kernel_pids[kernel] = int(reply["pid"])
         ctx.kernel = kernel
+        ctx.runs = 0
+        ctx.pending = None
         log.info(
             "kernel started context=%s spec=%s pid=%s ms=%d",
             ctx.id,
@@ -261,7 +267,7 @@ class CodeContexts:
                 f"(kernelspecs: {', '.join(sorted(specs))})",
                 UNSUPPORTED_LANGUAGE,
             )
-        ctx = Context(new_id(), language, spec.name, self._cwd(cwd), default)
+        ctx = Context(new_id(), language, spec.name, spec.language, self._cwd(cwd), default)
         self.contexts[ctx.id] = ctx
         try:
             async with ctx.lock:
@@ -389,8 +395,11 @@ class CodeContexts:
             if bridge is None or bridge.gone or kernel is None:
                 yield _error_event("KernelDied", self._death(ctx))
                 return
+            if ctx.pending is not None:
+                await self._apply_pending(ctx, bridge, kernel)
             run_id = new_id()
             ctx.running = run_id
+            ctx.runs += 1
             ctx.exit_note = ""
             try:
                 async for frame in self._events(ctx, bridge.execute(kernel, run_id, code), disconnected):
@@ -484,6 +493,28 @@ class CodeContexts:
         cell without a kernel start)."""
         ctx = await self.default_context(language)
         log.info("pre-started the default %s context %s", language, ctx.id)
+
+    def adopt(self, env: dict[str, str], cwd: str) -> None:
+        """A claim's env and working directory, for Python kernels that ran nothing yet (a pool's
+        pre-started one): set in the kernel itself, silently, just before its first run."""
+        for ctx in self.contexts.values():
+            if ctx.runs == 0 and ctx.kernel is not None and ctx.spec_language == "python":
+                ctx.pending = (env, cwd)
+                ctx.cwd = cwd  # a fresh kernel starts there anyway (and its env is composed anew)
+
+    async def _apply_pending(self, ctx: Context, bridge: Bridge, kernel: str) -> None:
+        env, cwd = ctx.pending or ({}, ctx.cwd)
+        ctx.pending = None
+        code = (
+            "import os as _o, json as _j\n"
+            f"_o.environ.update(_j.loads({json.dumps(json.dumps(env))}))\n"
+            f"_o.chdir({json.dumps(cwd)})\n"
+            "del _o, _j"
+        )
+        queue = bridge.execute(kernel, new_id(), code, silent=True)
+        while (await queue.get()).get("ev") != "done":
+            pass
+        log.info("context %s took the bootstrap env (%d keys) and cwd %s", ctx.id, len(env), cwd)
 
     async def shutdown(self) -> None:
         self._closing = True
