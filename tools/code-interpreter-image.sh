@@ -74,6 +74,10 @@ EOF
   # tslab: JavaScript and TypeScript kernels on Debian's nodejs; its zeromq binding ships prebuilt
   # N-API binaries in the npm package (no install script, nothing fetched at install or run time).
   npm install --silent --no-audit --no-fund --ignore-scripts --prefix "$root/usr/local/lib/tslab" "$TSLAB" >/dev/null
+  # tslab type-checks JavaScript too; it finds Node's types in ./node_modules/@types up from the
+  # kernel's working directory, else in its own node_modules/@types, where npm did not put them.
+  mkdir -p "$root/usr/local/lib/tslab/node_modules/tslab/node_modules"
+  ln -sfn ../../@types "$root/usr/local/lib/tslab/node_modules/tslab/node_modules/@types"
   mkdir -p "$root/usr/local/share/jupyter/kernels/jslab" "$root/usr/local/share/jupyter/kernels/tslab"
   local tslab=/usr/local/lib/tslab/node_modules/.bin/tslab
   printf '{"argv": ["%s", "kernel", "--config-path", "{connection_file}", "--js"], "display_name": "JavaScript", "language": "javascript"}\n' \

@@ -164,6 +164,27 @@ async def test_bash_context_keeps_cd_and_exports(server: ServerProcess, shared_s
             assert ctx.language == "bash"
 
 
+async def test_javascript_and_typescript(server: ServerProcess, shared_sandbox: str) -> None:
+    async with connected(server, shared_sandbox) as interpreter:
+        if server.runtime != "docker":  # only the code-interpreter image has tslab's kernels
+            with pytest.raises(SandboxApiException) as raised:
+                await interpreter.codes.create_context("javascript")
+            assert raised.value.status_code == 400
+            return
+        async with context(interpreter, "javascript") as js:
+            await interpreter.codes.run("const base = 20;", context=js)
+            shown = await interpreter.codes.run("console.log('js says', base * 2 + 2)", context=js)
+            assert "".join(m.text for m in shown.logs.stdout).strip() == "js says 42"
+            failed = await interpreter.codes.run("throw new Error('js-error')", context=js)
+            assert failed.error is not None and failed.complete is None
+            assert "js-error" in "".join(m.text for m in failed.logs.stderr)  # tslab reports it there
+        async with context(interpreter, "typescript") as ts:
+            typed = await interpreter.codes.run("const n: number = 6 * 7;\nconsole.log(n)", context=ts)
+            assert "".join(m.text for m in typed.logs.stdout).strip() == "42"
+            wrong = await interpreter.codes.run("const s: string = 42;", context=ts)  # a type error
+            assert wrong.error is not None
+
+
 async def test_killed_kernel_gives_clear_error_then_fresh_kernel(server: ServerProcess, shared_sandbox: str) -> None:
     async with connected(server, shared_sandbox) as interpreter, context(interpreter) as ctx:
         await interpreter.codes.run("lost = 1", context=ctx)

@@ -18,7 +18,7 @@ Protocol with execd: one JSON object per line, execd -> bridge on stdin, bridge 
 
 Run events: {"ev": "stream", "run", "name", "text"}, {"ev": "count", "run", "n"}, {"ev": "result",
 "run", "data", "count"}, {"ev": "error", "run", "ename", "evalue", "traceback"}, {"ev": "done",
-"run", "status": "ok" | "error" | "aborted" | "dead", "ms"}.
+"run", "status": "ok" | "error" | "aborted" | "dead", "ms", "error"? (the reply's, on "error")}.
 
 `pause` / `resume` stop and continue the kernel's process group (SIGSTOP / SIGCONT): execd's
 backpressure when a client reads a run's output more slowly than the kernel writes it. When stdin
@@ -76,6 +76,7 @@ class Run:
         self.started = started
         self.idle = False
         self.status: str | None = None
+        self.error: dict[str, Any] | None = None  # the reply's ename/evalue/traceback on "error"
 
 
 class Kernel:
@@ -267,7 +268,14 @@ class Bridge:
             msg_id = message.get("parent_header", {}).get("msg_id", "")
             run = kernel.runs.get(msg_id)
             if run is not None and message["header"]["msg_type"] == "execute_reply":
-                run.status = str(message.get("content", {}).get("status", "ok"))
+                content = message.get("content", {})
+                run.status = str(content.get("status", "ok"))
+                if run.status == "error":  # not every kernel publishes an IOPub error as well
+                    run.error = {
+                        "ename": str(content.get("ename", "") or "Error"),
+                        "evalue": str(content.get("evalue", "")),
+                        "traceback": [ANSI.sub("", str(line)) for line in content.get("traceback") or []],
+                    }
                 self.finish(kernel, msg_id, run)
 
     def finish(self, kernel: Kernel, msg_id: str, run: Run) -> None:
@@ -275,7 +283,10 @@ class Bridge:
         sockets, in no fixed order): only then has every output of the run been forwarded."""
         if run.idle and run.status is not None:
             del kernel.runs[msg_id]
-            self.emit({"ev": "done", "run": run.run_id, "status": run.status, "ms": elapsed(run)})
+            done = {"ev": "done", "run": run.run_id, "status": run.status, "ms": elapsed(run)}
+            if run.error is not None:
+                done["error"] = run.error
+            self.emit(done)
 
 
 async def wait_for_ready(kc: Any, exited: asyncio.Future[int], timeout: float) -> None:

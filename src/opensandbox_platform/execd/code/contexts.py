@@ -57,6 +57,7 @@ class Context:
     language: str  # as the client named it (echoed back, as upstream does)
     spec: str  # kernelspec name
     spec_language: str  # the kernelspec's language
+    ipc: bool  # the kernel is a Python program (ipykernel's base): it can listen on unix sockets
     cwd: str
     default: bool
     kernel: str | None = None  # the bridge's id of the live kernel; None: started on the next run
@@ -205,8 +206,11 @@ class CodeContexts:
     # -- kernels -------------------------------------------------------------------------------
 
     def _ipc_prefix(self, ctx: Context) -> str | None:
+        """Unix sockets in execd's state dir for Python kernels (no TCP port of the sandbox used,
+        nothing reachable from outside it); other kernels (tslab's zeromq binding) get TCP on
+        127.0.0.1, the only transport every kernel implements."""
         prefix = os.path.join(self.state_dir, "jupyter", f"{ctx.id[:12]}.{ctx.generation}")
-        return prefix if len(prefix) <= MAX_IPC_PATH else None
+        return prefix if ctx.ipc and len(prefix) <= MAX_IPC_PATH else None
 
     async def _start_kernel(self, ctx: Context) -> None:
         bridge = await self._bridge()
@@ -267,7 +271,8 @@ class CodeContexts:
                 f"(kernelspecs: {', '.join(sorted(specs))})",
                 UNSUPPORTED_LANGUAGE,
             )
-        ctx = Context(new_id(), language, spec.name, spec.language, self._cwd(cwd), default)
+        ipc = os.path.basename(spec.argv[0]).startswith("python")
+        ctx = Context(new_id(), language, spec.name, spec.language, ipc, self._cwd(cwd), default)
         self.contexts[ctx.id] = ctx
         try:
             async with ctx.lock:
@@ -413,6 +418,7 @@ class CodeContexts:
     async def _events(self, ctx: Context, queue: RunQueue, disconnected: asyncio.Future[None]) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         interrupted = False
+        errored = False
         while True:
             getter = loop.create_task(queue.get())
             waiters: list[asyncio.Future[Any]] = [getter, disconnected]
@@ -430,10 +436,17 @@ class CodeContexts:
                     yield sse.ping()
                 continue
             event = getter.result()
+            kind = event.get("ev")
+            if kind == "done" and event.get("status") == "error" and not errored:
+                # The kernel said "error" in its reply only (e.g. tslab's compile errors, which go
+                # to stderr): the run must still end with an error event.
+                yield _reply_error(event.get("error"))
+                return
+            errored = errored or kind == "error"
             frame = self._frame(ctx, event)
             if frame:
                 yield frame
-            if event.get("ev") == "done":
+            if kind == "done":
                 return
 
     def _frame(self, ctx: Context, event: dict[str, Any]) -> bytes:
@@ -550,6 +563,14 @@ class RunStream:
 
 def _error_event(ename: str, evalue: str) -> bytes:
     return sse.event("error", error=sse.error_value(ename, evalue, []))
+
+
+def _reply_error(error: Any) -> bytes:
+    if not isinstance(error, dict):
+        return _error_event("ExecutionError", "the kernel reported an error")
+    traceback = [str(line) for line in error.get("traceback") or []]
+    ename = str(error.get("ename") or "ExecutionError")
+    return sse.event("error", error=sse.error_value(ename, str(error.get("evalue") or ""), traceback))
 
 
 def _count_event(count: int) -> bytes:
