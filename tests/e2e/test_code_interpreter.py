@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from code_interpreter import CodeInterpreter, CodeInterpreterSync
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
 from opensandbox import Sandbox
 from opensandbox.exceptions import SandboxApiException, SandboxException
 from opensandbox.models.execd import ExecutionHandlers, ExecutionInit, OutputMessage
@@ -295,3 +302,35 @@ async def test_sandbox_stays_usable_alongside_kernels(server: ServerProcess, sha
         await interpreter.aclose()
     finally:
         await sandbox.close()
+
+
+# -- what the official CLI and MCP server offer for code: commands running the image's Python --------
+
+
+def test_osb_runs_python_code(server: ServerProcess, shared_sandbox: str, tmp_path: Path) -> None:
+    bindir = Path(sys.executable).parent
+    code = "import numpy; print(int(numpy.arange(7).sum() * 2))"
+    result = subprocess.run(
+        [str(bindir / "osb"), "--domain", server.domain, "--config", str(tmp_path / "osb.toml"), "--no-color",
+         "command", "run", shared_sandbox, "-o", "raw", "--", "python3", "-c", code],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "42"
+
+
+async def test_mcp_command_run_runs_python_code(server: ServerProcess, shared_sandbox: str) -> None:
+    bindir = Path(sys.executable).parent
+    params = StdioServerParameters(
+        command=str(bindir / "opensandbox-mcp"),
+        args=["--domain", server.domain, "--protocol", "http"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    command = "python3 -c 'import pandas; print(pandas.Series([20, 22]).sum())'"
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        ran = await session.call_tool(
+            "command_run", {"sandbox_id": shared_sandbox, "command": command, "connect_if_missing": True}
+        )
+        assert not ran.is_error, ran.content
+        assert '"text": "42"' in json.dumps(ran.structured_content)
