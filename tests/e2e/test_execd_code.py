@@ -156,3 +156,16 @@ def test_last_context_deleted_stops_the_bridge(code_execd: Execd) -> None:
     while Path(f"/proc/{bridges[0]}").exists() and "Z" not in Path(f"/proc/{bridges[0]}/stat").read_text().split()[2]:
         assert time.monotonic() < deadline, "the bridge outlived the last context"
         time.sleep(0.05)
+
+
+def test_client_gone_mid_run_interrupts_the_code(code_execd: Execd) -> None:
+    made = httpx.post(f"{code_execd.url}/code/context", json={"language": "python"}, timeout=60).json()
+    context = {"id": made["id"], "language": "python"}
+    with httpx.stream(
+        "POST", f"{code_execd.url}/code", json={"code": "import time\ntime.sleep(60)", "context": context}
+    ) as r:
+        next(r.iter_lines())  # the run started; now the client goes away
+    started = time.monotonic()
+    done = events(code_execd, {"code": "'next'", "context": context})
+    assert time.monotonic() - started < 5
+    assert [e["results"] for e in done if e["type"] == "result"] == [{"text": "'next'"}]

@@ -148,6 +148,14 @@ class Bridge:
         self.send("execute", kernel=kernel, run=run_id, code=code, silent=silent)
         return queue
 
+    def forget(self, run_id: str, kernel: str) -> None:
+        """Nobody reads this run any more (its client went away): drop its events from now on, and
+        let its kernel run again if backpressure had stopped it."""
+        queue = self.runs.pop(run_id, None)
+        if queue is not None and queue.paused:
+            queue.paused = False
+            self._quietly("resume", kernel)
+
     def _quietly(self, op: str, kernel: str) -> None:
         if not self.gone:
             self.send(op, kernel=kernel)

@@ -406,14 +406,30 @@ class CodeContexts:
             ctx.running = run_id
             ctx.runs += 1
             ctx.exit_note = ""
+            queue = bridge.execute(kernel, run_id, code)
             try:
-                async for frame in self._events(ctx, bridge.execute(kernel, run_id, code), disconnected):
+                async for frame in self._events(ctx, queue, disconnected):
                     yield frame
             finally:
+                if run_id in bridge.runs:  # the client went away mid-run
+                    await self._abandon(ctx, bridge, kernel, run_id, queue)
                 ctx.running = None
                 if ctx.escalated is not None:
                     ctx.escalated.cancel()
                     ctx.escalated = None
+
+    async def _abandon(self, ctx: Context, bridge: Bridge, kernel: str, run_id: str, queue: RunQueue) -> None:
+        """Interrupt the code nobody reads any more and wait (discarding its output) until it ends,
+        or its kernel is killed for ignoring the interrupt: the next run then starts on an idle
+        kernel, and the context stays locked meanwhile."""
+        self.interrupt(ctx.id)
+        try:
+            await asyncio.wait_for(_drain(queue), self.settings.interrupt_grace + 10)
+        except TimeoutError:
+            bridge.forget(run_id, kernel)
+        except asyncio.CancelledError:  # execd is stopping
+            bridge.forget(run_id, kernel)
+            raise
 
     async def _events(self, ctx: Context, queue: RunQueue, disconnected: asyncio.Future[None]) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -559,6 +575,11 @@ class RunStream:
             if self._on_close is not None:
                 on_close, self._on_close = self._on_close, None
                 on_close()
+
+
+async def _drain(queue: RunQueue) -> None:
+    while (await queue.get()).get("ev") != "done":
+        pass
 
 
 def _error_event(ename: str, evalue: str) -> bytes:
