@@ -132,6 +132,7 @@ def test_slow_client_pauses_the_kernel_and_execd_memory_stays_flat(code_execd: E
     idle = execd_rss_kib(code_execd)
     peak = idle
     received = 0
+    dropped = False
     with httpx.stream("POST", f"{code_execd.url}/code", json={"code": code}, timeout=120) as response:
         assert response.status_code == 200
         for i, line in enumerate(response.iter_lines()):
@@ -139,12 +140,14 @@ def test_slow_client_pauses_the_kernel_and_execd_memory_stays_flat(code_execd: E
                 event = json.loads(line[5:])
                 if event["type"] == "stdout":
                     received += len(event["text"])
+                dropped = dropped or (event["type"] == "stderr" and "dropped" in event["text"])
             if i % 400 == 0:
                 peak = max(peak, execd_rss_kib(code_execd))
                 if received < total // 4:
                     time.sleep(0.01)  # a slow reader for the first quarter
-    assert received == total
-    assert peak - idle < 64 * 1024, f"execd grew from {idle} to {peak} KiB"
+    # Either everything arrived, or execd dropped what it could not hold and said so.
+    assert received == total or (dropped and received < total)
+    assert peak - idle < 48 * 1024, f"execd grew from {idle} to {peak} KiB"
 
 
 def test_last_context_deleted_stops_the_bridge(code_execd: Execd) -> None:

@@ -115,7 +115,7 @@ async def test_run_queue_pauses_above_high_and_resumes_below_low() -> None:
     calls: list[str] = []
     queue = channel.RunQueue(lambda: calls.append("pause"), lambda: calls.append("resume"))
     for _ in range(5):
-        queue.put({"ev": "stream"}, channel.HIGH // 4)
+        queue.put({"ev": "result"}, channel.HIGH // 4)
     assert calls == ["pause"] and queue.paused
     for _ in range(4):
         await queue.get()
@@ -155,3 +155,14 @@ def test_one_file_bundle_environment_is_not_inherited(monkeypatch: pytest.Monkey
     assert without_bundle(kept) == {"LD_LIBRARY_PATH": "/opt/lib", "PATH": "/bin"}
     monkeypatch.delattr(sys, "_MEIPASS")
     assert without_bundle(env) == env
+
+
+async def test_run_queue_drops_stream_output_past_the_hard_limit_and_says_so() -> None:
+    queue = channel.RunQueue(lambda: None, lambda: None)
+    piece = "x" * 1024
+    for _ in range(channel.HARD // 1024 + 10):
+        queue.put({"ev": "stream", "text": piece}, 1024)
+    assert queue.unread <= channel.HARD and queue.dropped == 10 * 1024
+    queue.put({"ev": "done"}, 10)
+    events = [await queue.get() for _ in range(channel.HARD // 1024 + 2)]
+    assert "10240 characters of output dropped" in events[-2]["text"] and events[-1]["ev"] == "done"

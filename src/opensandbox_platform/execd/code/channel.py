@@ -29,8 +29,11 @@ MAX_LINE = 256 * 1024 * 1024  # a result is bounded by the bridge at 32 MiB; JSO
 HELLO_TIMEOUT = 30.0
 # Backpressure: a run whose client reads more slowly than its kernel writes has its kernel paused
 # (SIGSTOP to its process group) above HIGH bytes of unread events and continued below LOW.
-HIGH = 16 * 1024 * 1024
-LOW = 4 * 1024 * 1024
+HIGH = 8 * 1024 * 1024
+LOW = 2 * 1024 * 1024
+# Output already on its way when the kernel stops (one ipykernel flush can hold hundreds of MiB) is
+# dropped above this, with a note in the stream: execd's memory stays bounded whatever the code does.
+HARD = 32 * 1024 * 1024
 
 Event = dict[str, Any]
 
@@ -44,8 +47,19 @@ class RunQueue:
         self._resume = resume
         self.unread = 0
         self.paused = False
+        self.dropped = 0
 
     def put(self, event: Event, size: int) -> None:
+        if event.get("ev") == "stream" and self.unread + size > HARD:
+            self.dropped += len(str(event.get("text", "")))
+            return
+        if self.dropped:
+            note = (
+                f"[execd: {self.dropped} characters of output dropped: "
+                "the client read more slowly than the code wrote]\n"
+            )
+            self.dropped = 0
+            self._queue.put_nowait(({"ev": "stream", "name": "stderr", "text": note}, len(note)))
         self._queue.put_nowait((event, size))
         self.unread += size
         if not self.paused and self.unread > HIGH:

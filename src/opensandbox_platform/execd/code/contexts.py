@@ -274,12 +274,16 @@ class CodeContexts:
         ipc = os.path.basename(spec.argv[0]).startswith("python")
         ctx = Context(new_id(), language, spec.name, spec.language, ipc, self._cwd(cwd), default)
         self.contexts[ctx.id] = ctx
+        ctx.active += 1  # not idle while its kernel starts (the reaper must not take it)
         try:
             async with ctx.lock:
                 await self._start_kernel(ctx)
         except BaseException:
             self.contexts.pop(ctx.id, None)
             raise
+        finally:
+            ctx.active -= 1
+            ctx.last_used = time.monotonic()
         self._schedule_reaper()
         return ctx
 
