@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image task-executor-binary docker-build-task-executor docker-build docker-build-server docker-build-execd
+.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image task-executor-binary docker-build-task-executor docker-build docker-build-server docker-build-execd code-interpreter-image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -66,6 +66,11 @@ docker-build-server:  ## the server image $(SERVER_IMG), built like the controll
 docker-build-execd:  ## the execd image $(EXECD_IMG) (the chart's default execdImage)
 	tools/setup.sh run
 	tools/build-image.sh execd $(EXECD_IMG)
+
+CODE_INTERPRETER_IMG ?= opensandbox/code-interpreter:dev
+code-interpreter-image:  ## the code-interpreter image $(CODE_INTERPRETER_IMG): Debian Python, ipykernel, numpy, pandas, matplotlib, bash and JavaScript/TypeScript kernels
+	tools/setup.sh test
+	tools/build-image.sh code-interpreter $(CODE_INTERPRETER_IMG)
 
 tools:  ## build the test cluster's binaries (cached in ~/.cache/opensandbox-dev)
 	tools/setup.sh cluster

@@ -24,6 +24,8 @@ TEST_IMAGE = "localhost/opensandbox-test-base:latest"
 # The images of this tree the tests build and use, as podman and the real node's containerd name them.
 EXECD_IMAGE = "localhost/opensandbox/execd:dev"
 TASK_EXECUTOR_IMAGE = "localhost/opensandbox/task-executor:dev"
+# Python + ipykernel + numpy/pandas/matplotlib, bash and JavaScript kernels (tools/code-interpreter-image.sh).
+CODE_INTERPRETER_IMAGE = "localhost/opensandbox/code-interpreter:dev"
 
 SOURCES = [ROOT / "src", ROOT / "images", TOOLS / "build-image.sh", TOOLS / "pyinstaller.sh", ROOT / "uv.lock"]
 HASH_LABEL = "opensandbox.io/source-hash"
@@ -80,3 +82,18 @@ def load_task_executor_image(node: RealNode) -> str:
     image = built_image("task-executor", TASK_EXECUTOR_IMAGE)
     node.load_image(image)
     return image
+
+
+@cache
+def code_interpreter_image() -> str:
+    """The code-interpreter image, built (minutes, once per machine; then cached) unless present.
+    tools/code-interpreter-image.sh is idempotent: it rebuilds only when the script changed."""
+    build = subprocess.run(
+        [str(TOOLS / "code-interpreter-image.sh"), CODE_INTERPRETER_IMAGE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert build.returncode == 0, f"tools/code-interpreter-image.sh:\n{build.stderr[-4000:]}"
+    return CODE_INTERPRETER_IMAGE

@@ -4,6 +4,7 @@
 #   tools/build-image.sh server IMAGE         images/server.Dockerfile (opensandbox-server)
 #   tools/build-image.sh execd IMAGE          images/execd.Dockerfile (tools/build-execd.sh)
 #   tools/build-image.sh task-executor IMAGE  images/task-executor.Dockerfile (tools/build-task-executor.sh)
+#   tools/build-image.sh code-interpreter IMAGE  Debian + Jupyter kernels (tools/code-interpreter-image.sh)
 #
 # controller and server are built one-dir (build/<name>/opensandbox-<name>/: the executable beside
 # its libraries; nothing is unpacked at start, so a read-only root file system works) and copied
@@ -15,8 +16,10 @@
 # name a kubelet looks for, so an image loaded into a node's runtime is found with pullPolicy Never.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-name=${1:?usage: tools/build-image.sh controller|server|execd|task-executor IMAGE}
-image=${2:?usage: tools/build-image.sh controller|server|execd|task-executor IMAGE}
+name=${1:?usage: tools/build-image.sh controller|server|execd|task-executor|code-interpreter IMAGE}
+image=${2:?usage: tools/build-image.sh controller|server|execd|task-executor|code-interpreter IMAGE}
+# A root file system, not a program: debootstrap and apt, no PyInstaller build.
+[[ $name != code-interpreter ]] || exec "$(dirname "$0")/code-interpreter-image.sh" "$image"
 base=localhost/opensandbox-test-base:latest
 engine=${CONTAINER_ENGINE:-podman}
 log() { printf '[build-image] %s\n' "$*" >&2; }

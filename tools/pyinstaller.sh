@@ -36,12 +36,12 @@ exclude_args() {
 }
 
 # build_onefile OUT NAME MODULE [EXCLUDE...]: a daemon's one-file executable OUT/NAME, without
-# `excludes` and EXCLUDE.
+# `excludes` and EXCLUDE; the array `onefile_args` (if set) adds PyInstaller arguments.
 build_onefile() {
   local out=$1 name=$2 module=$3
   shift 3
   exclude_args "${excludes[@]}" "$@"
-  build_program onefile "$out" "$name" "$module" "${excluded_args[@]}"
+  build_program onefile "$out" "$name" "$module" "${excluded_args[@]}" "${onefile_args[@]}"
 }
 
 # start_for_check BINARY PATH [ARG...]: starts BINARY --host 127.0.0.1 --port $port ARG... in the

@@ -8,7 +8,9 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-RUN_DEBS=(bubblewrap curl)
+# The local runtime's jails run the host's /usr: its Python kernel for the code interpreter
+# (python3-ipykernel) and the data stack agents expect come from Debian.
+RUN_DEBS=(bubblewrap curl python3-ipykernel python3-numpy python3-pandas python3-matplotlib)
 TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2)
 
 ensure_debs() {

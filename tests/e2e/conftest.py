@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.server_process import FLAVORS, ServerProcess, running_server, runtimes_under_test
+from tests.e2e.code_support import create_sync
 
 
 @pytest.fixture(scope="session", params=runtimes_under_test())
@@ -30,3 +31,13 @@ def runtime_name(request: pytest.FixtureRequest) -> str:
 def server(tmp_path_factory: pytest.TempPathFactory, runtime_name: str) -> Iterator[ServerProcess]:
     with running_server(tmp_path_factory.mktemp(f"server-{runtime_name}"), runtime=runtime_name) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def shared_sandbox(server: ServerProcess) -> Iterator[str]:
+    """One sandbox with Jupyter kernels for the code-interpreter tests of a module that need no
+    sandbox of their own (they each use their own contexts)."""
+    sandbox = create_sync(server)
+    yield sandbox.id
+    sandbox.kill()
+    sandbox.close()

@@ -657,7 +657,9 @@ BAD_REQUESTS = [
     ("POST", "/bootstrap", {"argv": []}, 400, "INVALID_REQUEST_BODY"),
     ("GET", "/no/such/route", None, 404, "NOT_FOUND"),
     ("PUT", "/command", None, 405, "METHOD_NOT_ALLOWED"),
-    ("POST", "/code", {"code": "1"}, 501, "NOT_SUPPORTED"),
+    ("POST", "/code", {"code": ""}, 400, "INVALID_REQUEST_BODY"),
+    ("GET", "/code/contexts/no-such-context", None, 404, "CONTEXT_NOT_FOUND"),
+    ("POST", "/pty", {}, 501, "NOT_SUPPORTED"),
 ]
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opensandbox_platform.api.labels import EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import errors
@@ -28,10 +29,15 @@ from opensandbox_platform.daemon.http import (
 )
 from opensandbox_platform.execd import files, sse
 from opensandbox_platform.execd.bootstrap import Bootstrap
+from opensandbox_platform.execd.code import settings as code_settings
+from opensandbox_platform.execd.code.readiness import Readiness
 from opensandbox_platform.execd.commands import CommandManager, parse_run_request
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
 from opensandbox_platform.execd.metrics import Sampler
 from opensandbox_platform.execd.sessions import SessionManager
+
+if TYPE_CHECKING:  # the code interpreter is imported on first use
+    from opensandbox_platform.execd.code.contexts import CodeContexts
 
 log = logging.getLogger("execd")
 
@@ -49,6 +55,10 @@ class Settings:
     ping_interval: float = 3.0
     interrupt_grace: float = 3.0
     metrics_interval: float = 1.0
+    # The code interpreter's readiness port: None reads $JUPYTER_PORT (default 44771); 0 picks a
+    # free one and tells commands through $JUPYTER_PORT (sandboxes sharing the host's network).
+    code_port: int | None = None
+    code_prestart: str | None = None  # a language whose default context is created at start-up
 
 
 def _same(a: str, b: str) -> bool:
@@ -75,6 +85,13 @@ class ExecdApp:
         )
         self.sessions = SessionManager(self.environment, self.state_dir, ping_interval=settings.ping_interval)
         self.sampler = Sampler()
+        port = settings.code_port
+        self.readiness = Readiness(code_settings.jupyter_port(os.environ) if port is None else port)
+        if port == 0:
+            self.environment.daemon[code_settings.JUPYTER_PORT] = str(self.readiness.port)
+        self._code: CodeContexts | None = None
+        self._code_started: asyncio.Task[None] | None = None
+        self.bootstrap.on_apply.append(self._bootstrap_applied)
         self.router = self._routes()
 
     def _routes(self) -> Router:
@@ -102,8 +119,15 @@ class ExecdApp:
         r.add("GET", "/metrics/watch", self.watch_metrics)
         r.add("POST", "/bootstrap", self.apply_bootstrap)
         r.add("GET", "/bootstrap", self.bootstrap_status)
+        r.add("POST", "/code", self.run_code)
+        r.add("DELETE", "/code", self.interrupt_code)
+        r.add("POST", "/code/context", self.create_context)
+        r.add("GET", "/code/contexts", self.list_contexts)
+        r.add("DELETE", "/code/contexts", self.delete_contexts)
+        r.add("GET", "/code/contexts/{id}", self.get_context)
+        r.add("DELETE", "/code/contexts/{id}", self.delete_context)
         for method in ("GET", "POST", "DELETE"):
-            for path in ("/code", "/code/context", "/code/contexts", "/code/contexts/{id}", "/pty", "/pty/{id}"):
+            for path in ("/pty", "/pty/{id}"):
                 r.add(method, path, self.not_supported)
         return r
 
@@ -115,6 +139,11 @@ class ExecdApp:
         return await handler(request)
 
     async def shutdown(self) -> None:
+        self.readiness.close()
+        if self._code_started is not None:
+            self._code_started.cancel()
+        if self._code is not None:
+            await self._code.shutdown()
         await self.commands.shutdown()
         self.sessions.shutdown()
         self.bootstrap.shutdown()
@@ -258,6 +287,80 @@ class ExecdApp:
                 fh.seek(start)
                 return Response(fh.read(count), status, headers)
         return FileResponse(fh, start, count, status, headers)
+
+    # -- code interpreter --------------------------------------------------------------------
+
+    @property
+    def code(self) -> CodeContexts:
+        """The code contexts, created (and their modules imported) on first use."""
+        if self._code is None:
+            from opensandbox_platform.execd.code.contexts import CodeContexts
+            from opensandbox_platform.execd.code.settings import CodeSettings
+
+            env = self.environment.compose()
+            settings = CodeSettings.from_env(env, self.settings.interrupt_grace, self.settings.ping_interval)
+            self._code = CodeContexts(
+                self.environment, self.state_dir, lambda: self.bootstrap.cwd, settings, self._kernel_ready
+            )
+        return self._code
+
+    def _bootstrap_applied(self, env: dict[str, str], cwd: str) -> None:
+        if self._code is not None:  # kernels started before the claim (a pool's) take the claim's env
+            self._code.adopt(env, cwd)
+
+    def _kernel_ready(self) -> None:
+        if not self.readiness.listening:
+            asyncio.get_running_loop().create_task(self.readiness.open())
+
+    def start_code(self) -> None:
+        """After execd listens: open the readiness port if the image has kernels, or pre-start a
+        language's default context first (then the port opens once its kernel answers)."""
+        self._code_started = asyncio.get_running_loop().create_task(self._start_code())
+
+    async def _start_code(self) -> None:
+        from opensandbox_platform.execd.code import kernelspecs
+
+        if self.settings.code_prestart:
+            try:
+                await self.code.prestart(self.settings.code_prestart)
+            except ApiError as exc:
+                log.error("could not pre-start a %s kernel: %s", self.settings.code_prestart, exc.message)
+            return
+        if kernelspecs.scan(self.environment.compose()):
+            await self.readiness.open()
+
+    async def run_code(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd.code.contexts import MAX_BODY
+
+        ctx, code = await self.code.prepare_run(await request.json(MAX_BODY))
+        return StreamResponse(self.code.run(ctx, code, request.disconnected), headers=dict(sse.SSE_HEADERS))
+
+    async def interrupt_code(self, request: Request) -> AnyResponse:
+        context_id = request.arg("id")
+        if not context_id:
+            raise errors.bad_request("query parameter 'id' (a context id) is required", errors.MISSING_QUERY)
+        self.code.interrupt(context_id)
+        return EMPTY
+
+    async def create_context(self, request: Request) -> AnyResponse:
+        return Response.json(await self.code.create(await request.json(allow_empty=True)))
+
+    async def list_contexts(self, request: Request) -> AnyResponse:
+        return Response.json(self.code.listing(request.arg("language")))
+
+    async def get_context(self, request: Request) -> AnyResponse:
+        return Response.json(self.code.get(request.params["id"]).wire())
+
+    async def delete_context(self, request: Request) -> AnyResponse:
+        await self.code.delete(request.params["id"])
+        return EMPTY
+
+    async def delete_contexts(self, request: Request) -> AnyResponse:
+        language = request.arg("language")
+        if not language:
+            raise errors.bad_request("query parameter 'language' is required", errors.MISSING_QUERY)
+        await self.code.delete_language(language)
+        return EMPTY
 
     # -- metrics -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from opensandbox_platform.daemon import errors
@@ -32,6 +33,8 @@ class Bootstrap:
         self.argv: list[str] | None = None
         self.child: procs.Child | None = None
         self.exit_code: int | None = None
+        # Called after an apply with its env and cwd (a pre-started kernel adopts them).
+        self.on_apply: list[Callable[[dict[str, str], str], None]] = []
 
     def apply(self, body: Any) -> dict[str, Any]:
         if body is None:
@@ -62,6 +65,8 @@ class Bootstrap:
         self.environment.bootstrap = dict(env)
         if cwd is not None:
             self.cwd = cwd
+        for hook in self.on_apply:
+            hook(dict(env), self.cwd)
         if argv is None:
             log.info("bootstrap env applied keys=%d", len(env))
             return {"pid": None}

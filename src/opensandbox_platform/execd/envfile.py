@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 
 DEFAULT_ENVS_FILE = "/opt/opensandbox/.env"
@@ -123,11 +124,28 @@ class EnvFile:
         return dict(self._values)
 
 
+def without_bundle(env: Mapping[str, str]) -> dict[str, str]:
+    """execd's environment as the sandbox set it: a one-file build's bootloader points
+    LD_LIBRARY_PATH at its unpacked libraries (keeping the original in LD_LIBRARY_PATH_ORIG) and adds
+    _PYI_* variables; a command (the image's python3, say) must not load the bundle's libraries."""
+    bundle = getattr(sys, "_MEIPASS", None)
+    if not bundle:
+        return dict(env)
+    clean = {k: v for k, v in env.items() if not k.startswith("_PYI_") and k != "_MEIPASS2"}
+    original = clean.pop("LD_LIBRARY_PATH_ORIG", None)
+    paths = [p for p in clean.pop("LD_LIBRARY_PATH", "").split(":") if p and p != bundle]
+    if original is not None:
+        clean["LD_LIBRARY_PATH"] = original
+    elif paths:
+        clean["LD_LIBRARY_PATH"] = ":".join(paths)
+    return clean
+
+
 class Environment:
     """Composes the environment of every command, session and the bootstrap process."""
 
     def __init__(self, envs_file: str, daemon_env: Mapping[str, str] | None = None) -> None:
-        source = os.environ if daemon_env is None else daemon_env
+        source = without_bundle(os.environ if daemon_env is None else daemon_env)
         self.daemon = {k: v for k, v in source.items() if k not in PRIVATE_VARS}
         self.bootstrap: dict[str, str] = {}
         self.file = EnvFile(envs_file)

@@ -58,15 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("EXECD_STATE_DIR"),
         help="where background command logs and session scripts live (default: a new temp dir)",
     )
+    parser.add_argument(
+        "--code-prestart",
+        default=os.environ.get("EXECD_CODE_PRESTART") or None,
+        metavar="LANGUAGE",
+        help="create LANGUAGE's default code context (a Jupyter kernel) at start-up, e.g. python "
+        "(env EXECD_CODE_PRESTART); the code interpreter's readiness port opens once it answers",
+    )
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace, started: float) -> None:
     loop = asyncio.get_running_loop()
     WATCHER.install(loop)
-    app = ExecdApp(Settings(access_token=args.access_token, envs_file=args.envs_file, state_dir=args.state_dir))
+    settings = Settings(
+        access_token=args.access_token,
+        envs_file=args.envs_file,
+        state_dir=args.state_dir,
+        code_prestart=args.code_prestart,
+    )
+    app = ExecdApp(settings)
     server = HttpServer(app.dispatch)
     await server.start(args.host, args.port)
+    app.start_code()
     log.info(
         "execd listening host=%s port=%d auth=%s startup_ms=%d",
         args.host,

@@ -47,6 +47,12 @@ def event(
     return b"data: " + _dumps(payload).encode() + b"\n\n"
 
 
+def frame(payload: dict[str, Any]) -> bytes:
+    """A frame of any event fields (e.g. a code run's `results`); the timestamp is added."""
+    payload.setdefault("timestamp", now_ms())
+    return b"data: " + _dumps(payload).encode() + b"\n\n"
+
+
 # Printable ASCII other than `"` and `\\` needs no JSON escaping: such lines are copied as they are.
 _PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 

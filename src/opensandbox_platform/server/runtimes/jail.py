@@ -141,9 +141,11 @@ def bwrap_args(
     return args
 
 
-def jail_env(sandbox_id: str, token: str) -> dict[str, str]:
+def jail_env(sandbox_id: str, token: str, code_prestart: str = "") -> dict[str, str]:
     """The environment execd (and so every command) starts from; the request's env comes on top."""
+    prestart = {"EXECD_CODE_PRESTART": code_prestart} if code_prestart else {}
     return {
+        **prestart,
         "PATH": PATH,
         "HOME": HOME,
         "HOSTNAME": sandbox_id,

@@ -79,12 +79,17 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
         access_token=os.environ.pop("EXECD_ACCESS_TOKEN", None) or None,
         envs_file=os.environ.get("EXECD_ENVS", "/run/opensandbox/.env"),
         state_dir=os.environ.get("EXECD_STATE_DIR"),
+        # Jails may share the host's network: the code interpreter's readiness port is a free one,
+        # which commands (the SDK's probe) find in $JUPYTER_PORT.
+        code_port=0,
+        code_prestart=os.environ.pop("EXECD_CODE_PRESTART", None) or None,
     )
     app = ExecdApp(settings)
     server = HttpServer(app.dispatch)
     listener = await server.start("127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     _send(evt_fd, {"event": "ready", "port": port})
+    app.start_code()
 
     stop = stop_on_signals()
 

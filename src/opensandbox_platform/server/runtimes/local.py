@@ -344,7 +344,7 @@ class LocalRuntime:
             evt_fd=evt_w,
         )
         try:
-            popen = _start_bwrap(argv, child_fds, dirs.log, jails.jail_env(sandbox_id, token))
+            popen = _start_bwrap(argv, child_fds, dirs.log, jails.jail_env(sandbox_id, token, self.local.code_prestart))
         except BaseException:
             for fd in (*child_fds, info_r, block_w, ctl_w, evt_r):
                 os.close(fd)
