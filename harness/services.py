@@ -20,10 +20,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=ROOT, text=True, capture_output=True, check=False)
 
 
-def _up_or_fail(script: str) -> None:
-    result = _run(str(TOOLS / script), "up")
+def _up_or_fail(script: str, command: str = "up") -> None:
+    result = _run(str(TOOLS / script), command)
     if result.returncode != 0:
-        raise RuntimeError(f"tools/{script} up failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"tools/{script} {command} failed:\n{result.stderr[-4000:]}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ class LocalCluster:
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result.stdout
+
+    def kill_apiserver(self) -> None:
+        """SIGKILL the API server, as a crash would (fault tests; `start_apiserver` brings it back)."""
+        _up_or_fail("cluster.sh", "kill-apiserver")
+
+    def start_apiserver(self) -> None:
+        """Start the API server again and wait until it is ready."""
+        _up_or_fail("cluster.sh", "start-apiserver")
 
 
 @contextmanager

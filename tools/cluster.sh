@@ -3,6 +3,7 @@
 #   tools/cluster.sh up      start etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok
 #   tools/cluster.sh down    stop every process `up` started and remove the state
 #   tools/cluster.sh status  exit 0 when the API server is ready
+#   tools/cluster.sh kill-apiserver | start-apiserver   fault injection for tests (SIGKILL, start again)
 # Unless OSB_REAL_NODE=0, `up` also starts a real node (tools/node.sh: kubelet + containerd + a CNI
 # bridge) and fails when it cannot; `down` always stops whatever tools/node.sh started.
 # Binaries come from tools/build-tools.sh (cached in $OSB_CACHE). State, logs, certificates and the
@@ -87,6 +88,38 @@ status() { [[ -f $state/kubeconfig ]] && alive kube-apiserver && api_ready; }
 
 real_node() { [[ $REAL_NODE != 0 ]]; }
 
+start_apiserver() {
+  # The admission plugins a real cluster enables by default are on without flags; add NodeRestriction
+  # as kubeadm does. With a real node, the API server dials its kubelet at its InternalIP (its host
+  # name resolves nowhere) and advertises the node's bridge address instead of loopback.
+  local advertise=127.0.0.1 node_flags=()
+  if real_node; then
+    advertise=$NODE_IP
+    node_flags=(--kubelet-preferred-address-types InternalIP)
+  fi
+  start kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address "$advertise" --secure-port "$API_PORT" "${node_flags[@]}" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
+    --client-ca-file "$pki/ca.crt" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$pki/apiserver-kubelet-client.key" --kubelet-certificate-authority "$pki/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --allow-privileged --profiling=false --v 1
+  wait_for kube-apiserver 60 api_ready
+}
+
+kill_apiserver() {  # fault injection for tests: SIGKILL, as a crash would
+  local f=$state/pids/kube-apiserver.pid pid
+  [[ -f $f ]] || die "no kube-apiserver to kill"
+  pid=$(cat "$f")
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+  rm -f "$f"
+}
+
 up() {
   if status; then
     log "already up"
@@ -113,26 +146,7 @@ up() {
     --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
   wait_for etcd 20 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 
-  # The admission plugins a real cluster enables by default are on without flags; add NodeRestriction
-  # as kubeadm does. With a real node, the API server dials its kubelet at its InternalIP (its host
-  # name resolves nowhere) and advertises the node's bridge address instead of loopback.
-  local advertise=127.0.0.1 node_flags=()
-  if real_node; then
-    advertise=$NODE_IP
-    node_flags=(--kubelet-preferred-address-types InternalIP)
-  fi
-  start kube-apiserver "$bin/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address "$advertise" --secure-port "$API_PORT" "${node_flags[@]}" \
-    --service-cluster-ip-range "$SERVICE_CIDR" \
-    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-    --client-ca-file "$pki/ca.crt" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --kubelet-client-certificate "$pki/apiserver-kubelet-client.crt" \
-    --kubelet-client-key "$pki/apiserver-kubelet-client.key" --kubelet-certificate-authority "$pki/ca.crt" \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --allow-privileged --profiling=false --v 1
-  wait_for kube-apiserver 60 api_ready
+  start_apiserver
 
   start kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig "$state/controller-manager.kubeconfig" \
@@ -243,5 +257,7 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  kill-apiserver) kill_apiserver ;;
+  start-apiserver) start_apiserver ;;
+  *) echo "usage: $0 up|down|status|kill-apiserver|start-apiserver" >&2; exit 2 ;;
 esac

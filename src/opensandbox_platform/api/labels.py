@@ -36,6 +36,10 @@ ENDPOINTS: Final = PREFIX + "endpoints"
 # BatchSandboxes, set by a person or client: pods to hand back (comma-separated pod names or indices);
 # they are deleted (the Pool makes fresh ones) and their sandboxes are not replaced
 RELEASE: Final = PREFIX + "release"
+# server BatchSandboxes whose create has not answered yet (value: when it started, RFC 3339). The create
+# clears it, and sets the requested expireTime, before its 202; a create that never answered (the
+# server died) keeps it and a short provisional expireTime, so it is deleted (docs/kubernetes-runtime.md).
+CREATE_PENDING: Final = PREFIX + "create-pending"
 # server BatchSandboxes: what the lifecycle API reports that the spec does not hold (JSON: image,
 # entrypoint, extensions, createdAt)
 SANDBOX_REQUEST: Final = PREFIX + "sandbox-request"

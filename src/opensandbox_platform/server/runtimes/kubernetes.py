@@ -4,10 +4,15 @@
   (`extensions.poolRef`) claims a warm pod of that Pool and starts the entrypoint and env in it.
 - A create is one POST of the BatchSandbox, then a wait on the watch: an informer on the server's
   BatchSandboxes resolves the create's future when the sandbox is Running with a pod IP (or can never
-  be). The create runs in its own task, shielded from the request: a client that goes away does not
-  cancel it, and a create that fails or times out deletes its BatchSandbox.
+  be), then one patch that clears its pending mark before the 202. The create runs in its own task,
+  shielded from the request: a client that goes away does not cancel it, and a create that fails or
+  times out deletes its BatchSandbox (retried until it is gone). A create that never answered (the
+  server died) is deleted by its provisional expiry and by any server's sweep of abandoned creates.
 - get and list are served from the informer's cache; the server's own writes (renew, metadata, delete)
-  are applied to that cache at once, so a client reads what it just wrote.
+  are applied to that cache at once, so a client reads what it just wrote; a sandbox another replica
+  created a moment ago, or a Pending one, is read from the API server before an answer.
+- An unreachable or failing API server is a 503 with Retry-After (logged once per outage); a create
+  holds its POST up to HOLD_SECONDS while the API server comes back.
 - `timeout` is `spec.expireTime`: the controller deletes the BatchSandbox then, also while the
   server is down. Pause and resume are not supported (`capabilities`: the routes refuse them).
 """
@@ -18,7 +23,11 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
 
 from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
@@ -34,12 +43,14 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
     build_batchsandbox,
+    finish_create,
     new_sandbox_id,
     pool_image,
     read_entry,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 POD_READY_TIMEOUT = "KUBERNETES::POD_READY_TIMEOUT"
@@ -47,7 +58,12 @@ POD_IP_NOT_AVAILABLE = "KUBERNETES::POD_IP_NOT_AVAILABLE"  # the SDK retries end
 POOL_NOT_FOUND = "KUBERNETES::POOL_NOT_FOUND"
 POOL_CAPACITY_EXHAUSTED = "KUBERNETES::POOL_CAPACITY_EXHAUSTED"
 FORBIDDEN = "KUBERNETES::FORBIDDEN"
+UNAVAILABLE = "KUBERNETES::UNAVAILABLE"
 SYNC_TIMEOUT_SECONDS = 30.0
+HOLD_SECONDS = 5.0  # a create's POST retries this long while the API server is unreachable
+ABANDON_GRACE_SECONDS = 30.0  # a pending create older than createTimeoutSeconds plus this is abandoned
+RETRY_AFTER_SECONDS = 2
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +76,32 @@ class PoolEntry:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+class Outage:
+    """Logs an API-server outage once when it starts and once when it ends, not per request."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def failed(self, err: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("the Kubernetes API server is unreachable; answering 503 until it is back: %s", err)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.warning("the Kubernetes API server is back after %.1f s", time.monotonic() - self.since)
+            self.since = None
+
+
+def unavailable(err: BaseException) -> ApiError:
+    return ApiError(
+        503,
+        UNAVAILABLE,
+        f"the Kubernetes API server is unavailable: {err}",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def read_pool(raw: JSON) -> PoolEntry:
@@ -84,6 +126,7 @@ class KubernetesRuntime:
         self._waiters: dict[str, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._creates: set[asyncio.Task[SandboxInfo]] = set()
+        self._outage = Outage()
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,20 +145,27 @@ class KubernetesRuntime:
         self._sandboxes.add_handler(self._on_sandbox_event)
         self._pools = Informer(client, POOLS, read_pool, self.namespace)
         for informer in (self._sandboxes, self._pools):
-            task = asyncio.create_task(informer.run(), name=f"informer-{informer.resource.plural}")
-            self._background.add(task)
+            self._spawn(informer.run(), f"informer-{informer.resource.plural}")
         await asyncio.wait_for(
             asyncio.gather(self._sandboxes.synced.wait(), self._pools.synced.wait()), SYNC_TIMEOUT_SECONDS
         )
+        self._spawn(self._sweep_abandoned(), "abandoned-creates")
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Creates still waiting are given up (their BatchSandboxes deleted); sandboxes keep running."""
         for create in list(self._creates):
             create.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
-        for task in self._background:
+        background = list(self._background)
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
 
@@ -164,6 +214,42 @@ class KubernetesRuntime:
             raise errors.not_found(sandbox_id)
         return entry
 
+    async def _fresh_entry(self, sandbox_id: str) -> Entry:
+        """The sandbox as the API server has it when our cache may lag: not seen yet (another replica
+        created it a moment ago) or still Pending. A GET is a consistent read."""
+        entry = self._entries.get(sandbox_id)
+        if entry is not None and entry.info.state != "Pending":
+            return entry
+        if sandbox_id in self._deleted or not validation.is_dns_subdomain(sandbox_id):
+            raise errors.not_found(sandbox_id)
+        try:
+            raw = await self._call(self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace))
+        except KubeError as err:
+            if err.not_found:
+                raise errors.not_found(sandbox_id) from None
+            raise
+        fresh = read_entry(raw)
+        if (raw["metadata"].get("labels") or {}).get(labels.CREATED_BY) != labels.CREATED_BY_SERVER:
+            raise errors.not_found(sandbox_id)  # not a sandbox of the lifecycle API
+        self._observe(fresh)
+        return self._entries.get(sandbox_id, fresh)
+
+    async def _call(self, request: Awaitable[T]) -> T:
+        """An API-server call; an outage (no connection, 429, 5xx) becomes a 503 with Retry-After."""
+        try:
+            result = await request
+        except KubeError as err:
+            if not err.transient:
+                self._outage.ok()
+                raise
+            self._outage.failed(err)
+            raise unavailable(err) from None
+        except TRANSPORT_ERRORS as err:
+            self._outage.failed(err)
+            raise unavailable(err) from None
+        self._outage.ok()
+        return result
+
     # --- create -----------------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         task = asyncio.create_task(self._create(spec))
@@ -180,22 +266,29 @@ class KubernetesRuntime:
         pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
         image = await self._pool_image(pool) if pool else None
         sandbox_id = new_sandbox_id()
-        obj = build_batchsandbox(sandbox_id, spec, self.settings, dt.datetime.now(dt.UTC), image)
+        now = dt.datetime.now(dt.UTC)
+        pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
+        obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for)
         waiter: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._waiters[sandbox_id] = waiter
         started = time.perf_counter()
         try:
             try:
-                created = await self.client.create(BATCHSANDBOXES, obj, self.namespace)
-            except KubeError as err:
+                created = await self._post(obj)
+            except KubeError as err:  # refused: nothing was made (a 503 may have landed: cleaned up below)
                 self._waiters.pop(sandbox_id, None)
-                raise _create_error(err) from None  # refused: nothing to clean up
+                raise _create_error(err) from None
             posted = time.perf_counter()
             self._observe(read_entry(created))
             try:
-                entry = await asyncio.wait_for(waiter, self.create_timeout)
+                await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
                 raise self._timeout_error(sandbox_id) from None
+            # The client holds the sandbox from here: no pending mark, the requested expiry.
+            finished = await self._call(
+                self.client.patch(BATCHSANDBOXES, sandbox_id, finish_create(spec, now), self.namespace)
+            )
+            self._observe(read_entry(finished))
             log.debug(
                 "created %s: POST %.1f ms, Running after %.1f ms",
                 sandbox_id,
@@ -204,11 +297,29 @@ class KubernetesRuntime:
             )
         except BaseException:
             if sandbox_id in self._waiters:  # the POST may have created it
-                await self._discard(sandbox_id)
+                self._discard(sandbox_id)
             raise
         finally:
             self._waiters.pop(sandbox_id, None)
-        return entry.info
+        return self._entries[sandbox_id].info
+
+    async def _post(self, obj: JSON) -> JSON:
+        """POST the BatchSandbox; while the API server is unreachable, try again for up to HOLD_SECONDS
+        (the name is fixed, so a POST that landed before its answer was lost is found, not doubled)."""
+        deadline = time.monotonic() + HOLD_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                return await self._call(self.client.create(BATCHSANDBOXES, obj, self.namespace))
+            except KubeError as err:
+                if err.conflict and err.reason == "AlreadyExists":
+                    return await self._call(self.client.get(BATCHSANDBOXES, obj["metadata"]["name"], self.namespace))
+                raise
+            except ApiError as err:
+                if err.status != 503 or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _pool_image(self, pool: str) -> str:
         """The Pool's image; 400 when there is no such Pool. The cache answers; a GET only on a miss
@@ -220,7 +331,7 @@ class KubernetesRuntime:
         if cached is not None and not cached.deleting:
             return cached.image
         try:
-            return read_pool(await self.client.get(POOLS, pool, self.namespace)).image
+            return read_pool(await self._call(self.client.get(POOLS, pool, self.namespace))).image
         except KubeError as err:
             if err.not_found:
                 raise ApiError(
@@ -237,20 +348,39 @@ class KubernetesRuntime:
             )
         return ApiError(504, POD_READY_TIMEOUT, f"the sandbox was not Running within {self.create_timeout:g}s{detail}")
 
-    async def _discard(self, sandbox_id: str) -> None:
-        """Delete a create's BatchSandbox (it may not exist); runs to the end even when cancelled."""
-        task = asyncio.ensure_future(self._delete_object(sandbox_id, None))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-        except Exception:
-            log.exception("could not delete the BatchSandbox of a failed create", extra={"sandbox": sandbox_id})
+    def _discard(self, sandbox_id: str) -> None:
+        """Delete a failed create's BatchSandbox (it may not exist) in the background, again and again
+        until it is gone: a create that failed must leave nothing behind."""
+        self._spawn(self._delete_until_gone(sandbox_id), f"discard-{sandbox_id}")
+
+    async def _delete_until_gone(self, sandbox_id: str) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._delete_object(sandbox_id, None)
+                return
+            except Exception as err:
+                log.info(
+                    "could not delete the BatchSandbox of a failed create yet: %s", err, extra={"sandbox": sandbox_id}
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _sweep_abandoned(self) -> None:
+        """Delete creates that never answered (their server died before its 202). A live create answers
+        or gives up within createTimeoutSeconds, so one pending longer is nobody's; every replica sweeps."""
+        older_than = self.create_timeout + ABANDON_GRACE_SECONDS / 2
+        while True:
+            now = dt.datetime.now(dt.UTC)
+            for entry in list(self._entries.values()):
+                if entry.abandoned(now, older_than) and entry.name not in self._waiters:
+                    log.warning("deleting a create that never answered", extra={"sandbox": entry.name})
+                    self._discard(entry.name)
+            await asyncio.sleep(min(10.0, older_than / 4))
 
     async def _delete_object(self, name: str, uid: str | None) -> None:
         try:
-            await self.client.delete(BATCHSANDBOXES, name, self.namespace, precondition_uid=uid)
+            await self._call(self.client.delete(BATCHSANDBOXES, name, self.namespace, precondition_uid=uid))
         except KubeError as err:
             if not (err.not_found or err.conflict):
                 raise
@@ -261,13 +391,13 @@ class KubernetesRuntime:
 
     # --- the other calls --------------------------------------------------------------------------
     async def get(self, sandbox_id: str) -> SandboxInfo:
-        return self._entry(sandbox_id).info
+        return (await self._fresh_entry(sandbox_id)).info
 
     async def list(self) -> list[SandboxInfo]:
         return [entry.info for entry in self._entries.values()]
 
     async def delete(self, sandbox_id: str) -> None:
-        entry = self._entry(sandbox_id)
+        entry = await self._fresh_entry(sandbox_id)
         await self._delete_object(entry.name, entry.uid)
 
     # Not called (capabilities.pause is False: the routes refuse first); here for the protocol.
@@ -278,19 +408,19 @@ class KubernetesRuntime:
         raise guards.not_supported("resume", self.capabilities.runtime)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
-        entry = self._entry(sandbox_id)
+        entry = await self._fresh_entry(sandbox_id)
         guards.require_expiry(sandbox_id, entry.info.expires_at)
         return await self._patch(entry, {"spec": {"expireTime": times.rfc3339(expires_at, digits=6)}})
 
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
-        entry = self._entry(sandbox_id)
+        entry = await self._fresh_entry(sandbox_id)
         if not patch:
             return entry.info
         return await self._patch(entry, {"metadata": {"labels": patch}})
 
     async def _patch(self, entry: Entry, patch: JSON) -> SandboxInfo:
         try:
-            result = await self.client.patch(BATCHSANDBOXES, entry.name, patch, self.namespace)
+            result = await self._call(self.client.patch(BATCHSANDBOXES, entry.name, patch, self.namespace))
         except KubeError as err:
             if err.not_found:
                 raise errors.not_found(entry.name) from None
@@ -302,14 +432,14 @@ class KubernetesRuntime:
         return self._entries.get(entry.name, updated).info
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
-        entry = self._entry(sandbox_id)
+        entry = await self._fresh_entry(sandbox_id)
         if not entry.pod_ip:
             raise ApiError(404, POD_IP_NOT_AVAILABLE, f"sandbox {sandbox_id} has no pod IP yet ({entry.info.state})")
         host = f"[{entry.pod_ip}]" if ":" in entry.pod_ip else entry.pod_ip
         return Endpoint(f"{host}:{port}")
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
-        guards.require_running(sandbox_id, self._entry(sandbox_id).info.state)
+        guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)
         return await self.endpoint(sandbox_id, port)
 
 

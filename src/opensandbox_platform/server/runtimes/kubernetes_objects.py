@@ -44,9 +44,17 @@ class Settings:
 
 
 def build_batchsandbox(
-    sandbox_id: str, spec: SandboxSpec, settings: Settings, now: dt.datetime, pool_image: str | None = None
+    sandbox_id: str,
+    spec: SandboxSpec,
+    settings: Settings,
+    now: dt.datetime,
+    pool_image: str | None = None,
+    pending_for: float | None = None,
 ) -> JSON:
-    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode."""
+    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode.
+
+    With `pending_for` (seconds), it is marked as a create that has not answered yet, and expires
+    that long after `now` unless `finish_create` says otherwise (see labels.CREATE_PENDING)."""
     pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
     request = {
         "image": pool_image if pool else spec.image,
@@ -55,8 +63,11 @@ def build_batchsandbox(
         "createdAt": times.rfc3339(now, digits=6),
     }
     body: JSON = {"replicas": 1}
-    if spec.timeout_seconds is not None:
-        body["expireTime"] = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
+    expiry = requested_expiry(spec, now)
+    if pending_for is not None:
+        expiry = now + dt.timedelta(seconds=pending_for)
+    if expiry is not None:
+        body["expireTime"] = times.rfc3339(expiry, digits=6)
     if pool:
         body["poolRef"] = pool
         template = _pooled_template(spec)
@@ -70,9 +81,26 @@ def build_batchsandbox(
         "metadata": {
             "name": sandbox_id,
             "labels": {**spec.metadata, labels.CREATED_BY: labels.CREATED_BY_SERVER},
-            "annotations": {labels.SANDBOX_REQUEST: json.dumps(request, separators=(",", ":"))},
+            "annotations": {
+                labels.SANDBOX_REQUEST: json.dumps(request, separators=(",", ":")),
+                **({labels.CREATE_PENDING: times.rfc3339(now)} if pending_for is not None else {}),
+            },
         },
         "spec": body,
+    }
+
+
+def requested_expiry(spec: SandboxSpec, created: dt.datetime) -> dt.datetime | None:
+    return None if spec.timeout_seconds is None else created + dt.timedelta(seconds=spec.timeout_seconds)
+
+
+def finish_create(spec: SandboxSpec, created: dt.datetime) -> JSON:
+    """The merge patch that makes a pending create a sandbox its client holds: the pending mark goes,
+    the requested expiry (or none) replaces the provisional one."""
+    expiry = requested_expiry(spec, created)
+    return {
+        "metadata": {"annotations": {labels.CREATE_PENDING: None}},
+        "spec": {"expireTime": times.rfc3339(expiry, digits=6) if expiry else None},
     }
 
 
@@ -150,6 +178,7 @@ class Entry:
     pod_ip: str | None
     # For a waiting create: None while it may still become Running, else why it never will.
     failure: tuple[str, str] | None
+    pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
 
     @property
     def key(self) -> str:
@@ -158,6 +187,10 @@ class Entry:
     @property
     def running(self) -> bool:
         return self.info.state == State.RUNNING and bool(self.pod_ip)
+
+    def abandoned(self, now: dt.datetime, older_than: float) -> bool:
+        """A create that has not answered for longer than any live create waits: its server is gone."""
+        return self.pending_since is not None and (now - self.pending_since).total_seconds() > older_than
 
     def newer_than(self, other: Entry) -> bool:
         """Whether this is a later version of the same object (resourceVersions are etcd revisions)."""
@@ -205,6 +238,7 @@ def read_entry(raw: JSON) -> Entry:
         info=info,
         pod_ip=pod_ip,
         failure=failure,
+        pending_since=times.parse_optional((meta.get("annotations") or {}).get(labels.CREATE_PENDING)),
     )
 
 
