@@ -21,8 +21,9 @@ from bench.common import controller_for, create_and_watch, summary_ms, wait_pool
 from harness.kube import SEED_POD_SPEC, batchsandbox_manifest, pool_manifest
 from harness.paths import CRDS
 from harness.services import LocalCluster, local_cluster
+from opensandbox_platform.api import labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.kube.client import JSON, KubeClient
+from opensandbox_platform.kube.client import JSON, PODS, KubeClient
 
 
 def pool(name: str, minimum: int, maximum: int, capacity: int) -> JSON:
@@ -40,6 +41,21 @@ async def create_and_wait_ready(client: KubeClient, namespace: str, name: str, p
 
     await create_and_watch(client, namespace, obj, ready, 60)
     return time.perf_counter() - start
+
+
+async def wait_pods_gone(client: KubeClient, namespace: str, timeout: float) -> None:
+    """Until no pod in the namespace is claimed or terminating: the previous run's teardown (its pods'
+    deletion, the refill) is over before the next run starts, so runs measure a quiet control plane."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = (await client.list(PODS, namespace))["items"]
+        busy = [p for p in pods if p["metadata"].get("deletionTimestamp") or labels.BATCHSANDBOX in
+                (p["metadata"].get("labels") or {})]  # fmt: skip
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(busy)} pods still claimed or terminating after {timeout}s")
+        await asyncio.sleep(0.2)
 
 
 async def bench_claim(cluster: LocalCluster, runs: int = 200) -> dict[str, object]:
@@ -72,6 +88,7 @@ async def bench_batch(cluster: LocalCluster, replicas: int, runs: int) -> dict[s
             await wait_pool_available(client, namespace, "warm", replicas, 60 + replicas)
             samples.append(await create_and_wait_ready(client, namespace, f"b{i}", "warm", replicas))
             await client.delete(BATCHSANDBOXES, f"b{i}", namespace)
+            await wait_pods_gone(client, namespace, 60 + replicas)
         await client.aclose()
     figures = summary_ms(samples)
     print(f"{replicas} replicas all Ready, {runs} runs: p50 {figures['p50_ms']} ms, max {figures['max_ms']} ms")

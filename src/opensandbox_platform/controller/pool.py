@@ -57,6 +57,9 @@ MAX_CREATES_PER_PASS = 500
 STATUS_INTERVAL = 0.5  # seconds between two status writes of one Pool
 # After an allocation the refill waits this long, so that pod creation does not slow the claim's status.
 REFILL_DELAY = 0.1
+# Pod events of a pool are taken in batches this long: a pool of thousands filling or draining sends an
+# event per pod, and a pass per event would keep a CPU busy while the cache falls behind the API server.
+POD_EVENT_BATCH = 0.05
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' generateName alphabet (no vowels)
 _DELETE_EVENTS = {  # why -> (Event reason, Event type, what the message says)
     "broken": (conditions.EVENT_POD_REPLACED, "Warning", "failed or not Ready within the deadline"),
@@ -250,7 +253,7 @@ class PoolReconciler:
             self.creating.observe(pool_key, pod.key)
         if new is None or new.deleting:
             self.deleting.observe(pool_key, pod.key)
-        self.controller.queue.add(pool_key)
+        self.controller.queue.add_after(pool_key, POD_EVENT_BATCH)
 
     def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
         # Demand (or the ledger) changed: refill a moment later, after the allocation's status is out.
