@@ -137,6 +137,13 @@ def test_pooled_batchsandbox_claims_idle_pods_and_the_pool_refills(
     bs = kube.get(BatchSandbox, "agents", namespace=namespace)
     claimed = {s["podName"] for s in status(bs)["sandboxes"]}
     assert claimed == {p.metadata.name for p in idle_before}, "the warm pods are claimed, not new ones"
+    # The claim labels follow the allocation ledger, off the critical path (docs/controller.md).
+    eventually(
+        lambda: all(
+            labels.BATCHSANDBOX in (kube.get(Pod, n, namespace=namespace).metadata.labels or {}) for n in claimed
+        ),
+        what="claim labels",
+    )
     for name in claimed:
         pod = kube.get(Pod, name, namespace=namespace)
         assert pod.metadata.labels[labels.BATCHSANDBOX] == "agents"
