@@ -174,6 +174,11 @@ spec:
 YAML
 wait_for "BatchSandbox pooled-batchsandbox claimed 1 ready sandbox from the Pool" \
   at_least batchsandbox.sandbox.opensandbox.io/pooled-batchsandbox '{.status.ready}' 1
+some_pods() {  # label selector
+  [[ -n $(kubectl get pods -n "$namespace" -l "$1" -o name) ]]
+}
+# The claim label follows the allocation (recorded in the BatchSandbox first), a moment later.
+wait_for "the claimed pod carries its claim label" some_pods sandbox.opensandbox.io/batchsandbox=pooled-batchsandbox
 claimed=$(kubectl get pods -n "$namespace" -l sandbox.opensandbox.io/batchsandbox=pooled-batchsandbox -o name)
 [[ $(wc -w <<<"$claimed") -eq 1 ]] || die "expected one claimed pod, found: $claimed"
 [[ $(kubectl get -n "$namespace" "$claimed" -o 'jsonpath={.metadata.labels.sandbox\.opensandbox\.io/pool}') == example-pool ]] \
