@@ -66,6 +66,9 @@ class Change:
     held: Holding
     new: dict[int, PodInfo]  # pods allocated now, by index
     surplus: dict[int, PodInfo]  # allocated pods above replicas (or released), to drop
+    released: frozenset[int]
+    old: BatchSandboxStatus | None = None  # the status before and after, once computed
+    status: BatchSandboxStatus | None = None
 
     @property
     def pods(self) -> dict[int, PodInfo]:
@@ -164,15 +167,15 @@ class Allocator:
             key=lambda b: (b.raw["metadata"].get("creationTimestamp", ""), b.name),
         )
         allocated: set[str] = set()
-        plans: list[tuple[CachedObject, BatchSandboxSpec, Holding, dict[int, PodInfo]]] = []
+        plans: list[Change] = []
         for bs in batchsandboxes:
             spec = BatchSandboxSpec.model_validate(bs.raw["spec"])
             held = cache.holding(bs, spec)
-            released = released_indices(bs.raw)
+            released = frozenset(released_indices(bs.raw))
             surplus = {i: p for i, p in held.pods.items() if i >= spec.replicas or i in released}
             allocated.update(p.uid for p in held.pods.values())
             allocated.update(p.uid for _, p in held.conflicts)
-            plans.append((bs, spec, held, surplus))
+            plans.append(Change(bs, spec, held, {}, surplus, released))
         free = sorted(
             (
                 p
@@ -184,12 +187,16 @@ class Allocator:
             ),
             key=lambda p: (p.created, p.name),
         )
-        assignments = assign([(bs.key, held.wanted) for bs, _, held, _ in plans if held.wanted], free)
+        assignments = assign([(c.bs.key, c.held.wanted) for c in plans if c.held.wanted], free)
         changes = []
-        for bs, spec, held, surplus in plans:
-            new = assignments.get(bs.key, {})
-            change = Change(bs, spec, held, new, surplus)
-            if new or surplus or held.changed or self._status_differs(change):
+        for change in plans:
+            change.new = assignments.get(change.bs.key, {})
+            if not (change.new or change.surplus or change.held.changed or change.held.wanted):
+                continue  # nothing to write: the BatchSandbox reconciler follows readiness
+            change.old, change.status = self._status(change)
+            # A BatchSandbox still short of pods is written when its status would say something new
+            # (its first WaitingForPool), not on every pass.
+            if change.new or change.surplus or change.held.changed or change.old != change.status:
                 changes.append(change)
         return changes
 
@@ -209,21 +216,14 @@ class Allocator:
             problem=statuses.pooled_problem(spec, bs.namespace, pool, short),
             tasks=written_tasks(bs.raw) if spec.taskTemplate is not None else None,
             lost=lost or None,
-            released=frozenset(released_indices(bs.raw)),
+            released=change.released,
         )
         return old, statuses.batchsandbox_status(view, datetime.now(UTC))
 
-    def _status_differs(self, change: Change) -> bool:
-        """A short BatchSandbox whose status does not say so yet (its first WaitingForPool)."""
-        if not change.held.wanted:
-            return False
-        old, new = self._status(change)
-        return old != new
-
     async def _write(self, pool: CachedObject, change: Change) -> bool:
         """Write one BatchSandbox's ledger; False when it changed meanwhile (409: the next pass redoes it)."""
-        bs = change.bs
-        old, new = self._status(change)
+        bs, old, new = change.bs, change.old, change.status
+        assert old is not None and new is not None  # computed by _plan
         body = {"metadata": {"resourceVersion": bs.raw["metadata"]["resourceVersion"]}, "status": statuses.dump(new)}
         try:
             result = await self.manager.client.patch(BATCHSANDBOXES, bs.name, body, bs.namespace, "status")
