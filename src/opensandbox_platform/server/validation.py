@@ -112,6 +112,9 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
     metadata = body.metadata or {}
     check_metadata(dict(metadata))
     limits = body.resource_limits or {}
+    for name in limits:
+        if name not in ("cpu", "memory"):  # refused, never dropped: nothing would bound it
+            raise guards.not_supported(f"resourceLimits.{name}", capabilities.runtime)
     requests = _resource_requests(body.resource_requests or {})
     spec = SandboxSpec(
         image=body.image.uri,

@@ -134,6 +134,13 @@ def test_what_the_runtime_supports_passes(capabilities: Capabilities, fields: di
     validation.create_spec(request(**fields), 3600, capabilities)
 
 
+@pytest.mark.parametrize("capabilities", [LOCAL, DOCKER, KUBERNETES])
+def test_a_limit_no_runtime_enforces_is_refused_not_dropped(capabilities: Capabilities) -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(resourceLimits={"cpu": "1", "nvidia.com/gpu": "1"}), 3600, capabilities)
+    assert err.value.code == "SANDBOX::API_NOT_SUPPORTED" and "resourceLimits.nvidia.com/gpu" in err.value.message
+
+
 def test_resource_requests_become_millis_and_bytes() -> None:
     spec = validation.create_spec(
         request(resourceRequests={"cpu": "250m", "memory": "512Mi"}, resourceLimits={"cpu": "1"}), 3600, KUBERNETES
