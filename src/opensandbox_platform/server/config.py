@@ -53,24 +53,65 @@ class RuntimeSection(Section):
 
 class LocalSection(Section):
     state_dir: str = Field(
-        default="", description="sandbox records and private dirs (default $XDG_STATE_HOME/opensandbox/local)"
+        default="", description="sandbox records and logs (default $XDG_STATE_HOME/opensandbox/local)"
+    )
+    run_dir: str = Field(
+        default="/run/opensandbox",
+        description="host-wide directory of the uid-range locks every local-runtime server on this host shares",
     )
     warm_pool_size: int = Field(
         default=2,
         ge=0,
         le=64,
-        description="jails kept started ahead of creates: a create then costs ~10 ms (each ~13 MiB PSS idle)",
+        description="jails kept started ahead of creates: a create then costs ~10 ms (each ~16 MiB PSS idle)",
     )
     start_timeout_seconds: float = Field(default=30.0, gt=0, description="how long a jail may take to start execd")
+    disk_size_mib: int = Field(
+        default=1024,
+        ge=16,
+        description="size of each sandbox's private writable storage: its root file system, /tmp and home"
+        " (a tmpfs: what is stored counts in the sandbox's memory too)",
+    )
     tmp_size_mib: int = Field(default=512, ge=1, description="size of the in-memory /run of each jail")
     open_files: int = Field(default=65536, ge=64, description="RLIMIT_NOFILE of every sandbox process")
     use_cgroups: bool = Field(
         default=True,
         description="limits and pause through cgroup v1 where writable; false: rlimits and SIGSTOP only",
     )
-    max_processes: int = Field(
-        default=4096, ge=16, description="pids cgroup limit of each sandbox (if cgroups are writable)"
+    max_processes: int = Field(default=4096, ge=16, description="pids cgroup limit (and RLIMIT_NPROC) of each sandbox")
+    default_cpu: str = Field(default="1", description="CPU limit when a create gives none (e.g. 1, 500m; empty: none)")
+    default_memory: str = Field(
+        default="2Gi", description="memory limit when a create gives none (e.g. 2Gi; empty: none)"
     )
+    network: Literal["outbound", "none"] = Field(
+        default="outbound",
+        description="outbound: a network namespace of its own with internet access through slirp4netns (the host,"
+        " its loopback, private and link-local ranges unreachable); none: loopback only",
+    )
+    network_allow: list[str] = Field(
+        default_factory=list, description="IPv4 CIDRs sandboxes may reach although denied by default (e.g. 10.1.0.0/16)"
+    )
+    network_deny: list[str] = Field(default_factory=list, description="more IPv4 CIDRs sandboxes may not reach")
+    uid_range_start: int = Field(
+        default=1_000_000_000,
+        description="first host uid/gid of the sandboxes' ranges: sandbox slot N maps its ids 0..65535 to"
+        " uidRangeStart + N*65536 ...",
+    )
+    uid_range_slots: int = Field(default=16384, ge=1, description="how many sandboxes (ranges) this host can hold")
+
+    @field_validator("network_allow", "network_deny")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from opensandbox_platform.server.runtimes.netpolicy import normalize
+
+        return normalize(value)
+
+    @model_validator(mode="after")
+    def _uid_layout(self) -> LocalSection:
+        from opensandbox_platform.server.runtimes.uidmap import check_layout
+
+        check_layout(self.uid_range_start, self.uid_range_slots)
+        return self
 
 
 class DockerSection(Section):

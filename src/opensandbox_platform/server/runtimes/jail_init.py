@@ -8,7 +8,10 @@ Started by bwrap (which stays PID 1 of the jail's PID namespace) with two pipes 
 - `--ctl-fd`: the server writes one JSON line, the claim: `{"env", "cwd", "argv", "rlimits"}`.
   A jail can be started before anyone asks for a sandbox (a warm jail) and claimed later.
 
-execd listens on 127.0.0.1 on a port the kernel picks, so two jails can never race for a port.
+execd listens on 127.0.0.1:44772 of the jail's own network namespace; the server forwards a port
+of the host's loopback to it (runtimes/forward.py). Before anything else, every file descriptor
+but the two pipes and stdio is closed: bwrap hands down what its host-side process must keep (the
+lock on the sandbox's uid range, slirp4netns' exit pipe), which the jail must not hold.
 When the entrypoint exits, execd stops and the jail ends with the entrypoint's exit code (as a
 container does); the server sees the jail's PID 1 go.
 """
@@ -30,6 +33,7 @@ import os
 import resource
 from typing import Any
 
+from opensandbox_platform.api.labels import EXECD_PORT
 from opensandbox_platform.daemon import logs
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import HttpServer
@@ -82,7 +86,7 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     )
     app = ExecdApp(settings)
     server = HttpServer(app.dispatch)
-    listener = await server.start("127.0.0.1", 0)
+    listener = await server.start("127.0.0.1", EXECD_PORT)
     port = listener.sockets[0].getsockname()[1]
     _send(evt_fd, {"event": "ready", "port": port})
 
@@ -118,11 +122,19 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     return code
 
 
+def close_inherited_fds(keep: tuple[int, ...]) -> None:
+    for fd in sorted(int(name) for name in os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jail_init", description=__doc__)
     parser.add_argument("--ctl-fd", type=int, required=True)
     parser.add_argument("--evt-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    close_inherited_fds(keep=(0, 1, 2, args.ctl_fd, args.evt_fd))
     logs.setup(os.environ.get("EXECD_LOG_LEVEL", "info"))
     sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
 

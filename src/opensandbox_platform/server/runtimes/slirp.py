@@ -1,0 +1,84 @@
+"""slirp4netns: a sandbox's way out to the internet (user-mode networking, Debian's slirp4netns).
+
+It creates `tap0` in the sandbox's network namespace (10.0.2.100/24, default route via 10.0.2.2,
+DNS forwarder 10.0.2.3) and turns the sandbox's packets into ordinary sockets of its own on the
+host. Hardened as it can be: the host's loopback is not reachable through the gateway
+(--disable-host-loopback), it runs in a mount namespace of its own with no capability left but
+NET_BIND_SERVICE (--enable-sandbox) under a seccomp filter (--enable-seccomp). What the sandbox may
+reach through it is runtimes/netpolicy.py's ruleset, loaded in the sandbox's namespace beforehand.
+
+The server ends it with the jail (its pid is in the sandbox's record, so also after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+from opensandbox_platform.server.runtimes.netpolicy import MTU, TAP
+
+SLIRP4NETNS = "slirp4netns"
+
+
+def argv(netns_fd: int, ready_fd: int) -> list[str]:
+    return [
+        SLIRP4NETNS,
+        "--configure",
+        f"--mtu={MTU}",
+        "--disable-host-loopback",
+        "--enable-sandbox",
+        "--enable-seccomp",
+        f"--ready-fd={ready_fd}",
+        "--netns-type=path",
+        f"/proc/self/fd/{netns_fd}",
+        TAP,
+    ]
+
+
+async def start(netns_fd: int, log_path: Path, timeout: float) -> subprocess.Popen[bytes]:
+    """Start slirp4netns for the namespace `netns_fd`; returns once tap0 is configured."""
+    ready_r, ready_w = os.pipe()
+    try:
+        popen = _spawn(netns_fd, ready_w, log_path)
+    finally:
+        os.close(ready_w)
+    try:
+        ready = await asyncio.wait_for(_read_byte(ready_r), timeout)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
+    if not ready:
+        popen.wait()
+        raise RuntimeError(f"slirp4netns exited with code {popen.returncode} before the network was up")
+    return popen
+
+
+def _spawn(netns_fd: int, ready_fd: int, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv(netns_fd, ready_fd),
+            pass_fds=(netns_fd, ready_fd),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+
+async def _read_byte(fd: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(os.read(fd, 1))
+
+    loop.add_reader(fd, readable)
+    try:
+        return await future
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
