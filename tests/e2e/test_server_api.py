@@ -348,7 +348,7 @@ asyncio.run(main())
 async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProcess) -> None:
     config = ConnectionConfig(domain=server.domain, use_server_proxy=True)
     sb = await Sandbox.create(server.image, connection_config=config)
-    # The local runtime's jails run the host's Python; the docker test image has busybox only, so
+    # The local runtime's jails have a Python; the docker test image has busybox only, so
     # there the HTTP server is busybox's and the WebSocket relay (runtime-independent) is not run.
     with_python = server.runtime == "local"
     try:
@@ -357,8 +357,11 @@ async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProces
         await sb.files.write_file("/workspace/site/index.html", "hello from the jail")
         background = RunCommandOpts(background=True, working_directory="/workspace/site")
         if with_python:
-            await sb.commands.run(f"{sys.executable} -m http.server {http_port} --bind 127.0.0.1", opts=background)
-            await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
+            # The jail's root has the host's /usr but not the server's virtual environment: the
+            # interpreter and packages execd runs on are at /opt/opensandbox (read-only).
+            python = f"PYTHONPATH=/opt/opensandbox/site /opt/opensandbox/python/bin/python{sys.version_info[0]}"
+            await sb.commands.run(f"{python} -m http.server {http_port} --bind 127.0.0.1", opts=background)
+            await sb.commands.run(f"{python} /workspace/ws_echo.py {ws_port}", opts=background)
         else:
             await sb.commands.run(f"busybox httpd -f -p {http_port} -h /workspace/site", opts=background)
 
@@ -490,13 +493,13 @@ async def test_the_memory_limit_is_enforced(server: ServerProcess) -> None:
             assert hog.exit_code == 137  # SIGKILL from the container's OOM killer
             assert (await sb.commands.run("x=$(head -c 4194304 /dev/zero | tr '\\0' a)")).exit_code == 0
             return
-        hog = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(256 << 20); print(len(x))'")
+        hog = await sb.commands.run("python3 -c 'x = bytearray(256 << 20); print(len(x))'")
         (record,) = [r for r in server.records() if r["id"] == sb.id]
         if "memory" in record["cgroups"]:  # type: ignore[operator]
             assert hog.exit_code == 137  # SIGKILL from the cgroup's OOM killer
         else:  # no writable memory cgroup on this host: RLIMIT_AS makes the allocation fail
             assert hog.exit_code not in (0, None)
-        small = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(8 << 20); print(len(x))'")
+        small = await sb.commands.run("python3 -c 'x = bytearray(8 << 20); print(len(x))'")
         assert small.exit_code == 0
     finally:
         await sb.kill()

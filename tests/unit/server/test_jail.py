@@ -18,7 +18,7 @@ def args() -> list[str]:
         root=jail.root_args("/run/stage", PARTS, LAYOUT),
         layout=LAYOUT,
         run_size_bytes=1 << 20,
-        fds=jail.Fds(info=3, userns_block=4, seccomp=5, ctl=6, evt=7),
+        fds=jail.Fds(info=3, userns_block=4, seccomp=5, ctl=6, evt=7, keep=8),
         proc_masks=jail.masks(lambda path: path in ("/proc/keys", "/proc/acpi")),
     )
 
@@ -44,8 +44,8 @@ def test_the_root_is_the_private_tmpfs_with_only_chosen_host_parts() -> None:
     assert ("usr/bin", "/bin") in pairs(argv, "--symlink")
     sources = {src for src, _ in ro}
     assert not sources & {"/", "/etc", "/root", "/home", "/var", "/work", "/opt", "/srv", "/mnt", "/tmp"}
-    assert (f"/run/stage/rt/python", f"{EXECD_MOUNT}/python") in ro
-    assert (f"/run/stage/rt/src", f"{EXECD_MOUNT}/src") in ro
+    assert ("/run/stage/rt/python", f"{EXECD_MOUNT}/python") in ro
+    assert ("/run/stage/rt/src", f"{EXECD_MOUNT}/src") in ro
 
 
 def test_proc_sys_and_dev_are_minimal_and_masked() -> None:
@@ -71,7 +71,7 @@ def test_jail_init_runs_isolated_with_its_pipes() -> None:
     tail = argv[argv.index("--") + 1 :]
     assert tail[:4] == [LAYOUT.python, "-I", "-S", "-c"]
     assert "sys.path[:0] = ['/opt/opensandbox/src', '/opt/opensandbox/site']" in tail[4]
-    assert tail[5:] == ["--ctl-fd", "6", "--evt-fd", "7"]
+    assert tail[5:] == ["--ctl-fd", "6", "--evt-fd", "7", "--keep-fd", "8"]
 
 
 def test_runtime_layout_of_this_interpreter() -> None:

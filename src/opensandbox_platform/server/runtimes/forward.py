@@ -29,6 +29,8 @@ log = logging.getLogger("opensandbox.local.forward")
 
 LOOPBACK = "127.0.0.1"
 HIGH_WATER = 256 * 1024
+BACKLOG = 1024
+CONNECT_TIMEOUT = 10.0
 
 
 class NamespaceSockets:
@@ -134,12 +136,14 @@ class Forward:
         """Listen on `host_port` (0, or when it is taken: an ephemeral one); the port listened on."""
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(self._accepted, LOOPBACK, host_port, reuse_address=True)
+            self._server = await loop.create_server(
+                self._accepted, LOOPBACK, host_port, reuse_address=True, backlog=BACKLOG
+            )
         except OSError:
             if not host_port:
                 raise
             log.warning("host port %d is taken; forwarding port %d from a new one", host_port, self.port)
-            self._server = await loop.create_server(self._accepted, LOOPBACK, 0, reuse_address=True)
+            self._server = await loop.create_server(self._accepted, LOOPBACK, 0, reuse_address=True, backlog=BACKLOG)
         self.host_port = self._server.sockets[0].getsockname()[1]
         return self.host_port
 
@@ -153,10 +157,15 @@ class Forward:
     async def _connect_inside(self, inbound: _Half) -> None:
         loop = asyncio.get_running_loop()
         try:
-            sock = await self.sockets.connect(self.netns_fd, self.port)
+            sock = await asyncio.wait_for(self.sockets.connect(self.netns_fd, self.port), CONNECT_TIMEOUT)
             _, outbound = await loop.create_connection(_Half, sock=sock)
-        except (OSError, asyncio.CancelledError):
-            _reset(inbound)  # nothing listens there (or the sandbox is gone): refuse
+        except BaseException as exc:
+            # Nothing listens there (or the sandbox is gone): refuse, never leave the client waiting.
+            _reset(inbound)
+            if not isinstance(exc, OSError | asyncio.CancelledError):
+                log.exception("forwarding a connection failed port=%d", self.port)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         if inbound.transport is None or inbound.transport.is_closing():
             if outbound.transport is not None:

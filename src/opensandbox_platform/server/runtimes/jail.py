@@ -134,6 +134,7 @@ class Fds:
     seccomp: int
     ctl: int
     evt: int
+    keep: int  # held by jail_init for the jail's life (slirp4netns' exit pipe)
 
 
 def bwrap_args(
@@ -157,14 +158,15 @@ def bwrap_args(
     for cap in CAPABILITIES:
         args += ["--cap-add", cap]
     args += ["--seccomp", str(fds.seccomp), "--"]
-    return args + jail_init_argv(layout, fds.ctl, fds.evt)
+    return args + jail_init_argv(layout, fds.ctl, fds.evt, fds.keep)
 
 
-def jail_init_argv(layout: RuntimeLayout, ctl_fd: int, evt_fd: int) -> list[str]:
+def jail_init_argv(layout: RuntimeLayout, ctl_fd: int, evt_fd: int, keep_fd: int) -> list[str]:
     """The jail's first process: isolated mode (no user site, no PYTHON* variables, no site
     hooks), with only our package and its environment's site-packages on the path."""
     boot = f"import sys; sys.path[:0] = {list(layout.path)!r}; from {JAIL_INIT} import main; main()"
-    return [layout.python, "-I", "-S", "-c", boot, "--ctl-fd", str(ctl_fd), "--evt-fd", str(evt_fd)]
+    fds = ["--ctl-fd", str(ctl_fd), "--evt-fd", str(evt_fd), "--keep-fd", str(keep_fd)]
+    return [layout.python, "-I", "-S", "-c", boot, *fds]
 
 
 def jail_env(sandbox_id: str, token: str) -> dict[str, str]:

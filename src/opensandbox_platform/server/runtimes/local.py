@@ -148,15 +148,21 @@ class _Pipes:
     ctl: tuple[int, int] = field(default_factory=os.pipe)
     evt: tuple[int, int] = field(default_factory=os.pipe)
     out: tuple[int, int] = field(default_factory=os.pipe)  # bwrap's stdout and stderr
+    exit: tuple[int, int] = field(default_factory=os.pipe)  # slirp4netns ends when jail_init's end closes
     seccomp: int = -1
 
     @property
     def child(self) -> tuple[int, ...]:
-        return (self.info[1], self.block[0], self.ctl[0], self.evt[1], self.out[1], self.seccomp)
+        return (self.info[1], self.block[0], self.ctl[0], self.evt[1], self.out[1], self.exit[1], self.seccomp)
 
     def fds(self) -> jails.Fds:
         return jails.Fds(
-            info=self.info[1], userns_block=self.block[0], seccomp=self.seccomp, ctl=self.ctl[0], evt=self.evt[1]
+            info=self.info[1],
+            userns_block=self.block[0],
+            seccomp=self.seccomp,
+            ctl=self.ctl[0],
+            evt=self.evt[1],
+            keep=self.exit[1],
         )
 
     def release(self) -> None:
@@ -170,7 +176,7 @@ class _Pipes:
 
     def close_all(self) -> None:
         self.close_child()
-        for fd in (self.info[0], self.block[1], self.ctl[1], self.evt[0], self.out[0]):
+        for fd in (self.info[0], self.block[1], self.ctl[1], self.evt[0], self.out[0], self.exit[0]):
             _close(fd)
 
 
@@ -530,7 +536,7 @@ class LocalRuntime:
             self.cgroups.set_limits(cgroups, None, None, self.local.max_processes)
             self.cgroups.attach(cgroups, record.pid)
             if self.local.network == "outbound":
-                await self._start_helper(record, staged.netns_fd, directory / LOG)
+                await self._start_helper(record, staged.netns_fd, pipes.exit[0], directory / LOG)
             os.write(pipes.block[1], b"1")  # go
             pipes.release()
             ready = await asyncio.wait_for(_read_event(events), self.local.start_timeout_seconds)
@@ -555,6 +561,7 @@ class LocalRuntime:
         finally:
             pipes.release()
             _close(pipes.info[0])
+            _close(pipes.exit[0])
 
     def _plan(self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str) -> staging.StagePlan:
         assert self._layout is not None
@@ -593,8 +600,8 @@ class LocalRuntime:
             host = []
         return netpolicy.ruleset(host=host, allow=self.local.network_allow, deny=self.local.network_deny)
 
-    async def _start_helper(self, record: Record, netns_fd: int, log_path: Path) -> None:
-        helper = await slirp.start(netns_fd, log_path, self.local.start_timeout_seconds)
+    async def _start_helper(self, record: Record, netns_fd: int, exit_fd: int, log_path: Path) -> None:
+        helper = await slirp.start(netns_fd, exit_fd, log_path, self.local.start_timeout_seconds)
         self._helpers[record.id] = helper
         record.helper_pid = helper.pid
         record.helper_ticks = procfs.start_ticks(helper.pid) or 0

@@ -7,7 +7,8 @@ host. Hardened as it can be: the host's loopback is not reachable through the ga
 NET_BIND_SERVICE (--enable-sandbox) under a seccomp filter (--enable-seccomp). What the sandbox may
 reach through it is runtimes/netpolicy.py's ruleset, loaded in the sandbox's namespace beforehand.
 
-The server ends it with the jail (its pid is in the sandbox's record, so also after a restart).
+It ends with the jail, also while the server is down: `--exit-fd` is the read end of a pipe whose
+write end only the jail's first process (jail_init) keeps. The server also kills it on delete.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from opensandbox_platform.server.runtimes.netpolicy import MTU, TAP
 SLIRP4NETNS = "slirp4netns"
 
 
-def argv(netns_fd: int, ready_fd: int) -> list[str]:
+def argv(netns_fd: int, ready_fd: int, exit_fd: int) -> list[str]:
     return [
         SLIRP4NETNS,
         "--configure",
@@ -31,17 +32,18 @@ def argv(netns_fd: int, ready_fd: int) -> list[str]:
         "--enable-sandbox",
         "--enable-seccomp",
         f"--ready-fd={ready_fd}",
+        f"--exit-fd={exit_fd}",
         "--netns-type=path",
         f"/proc/self/fd/{netns_fd}",
         TAP,
     ]
 
 
-async def start(netns_fd: int, log_path: Path, timeout: float) -> subprocess.Popen[bytes]:
+async def start(netns_fd: int, exit_fd: int, log_path: Path, timeout: float) -> subprocess.Popen[bytes]:
     """Start slirp4netns for the namespace `netns_fd`; returns once tap0 is configured."""
     ready_r, ready_w = os.pipe()
     try:
-        popen = _spawn(netns_fd, ready_w, log_path)
+        popen = _spawn(netns_fd, ready_w, exit_fd, log_path)
     finally:
         os.close(ready_w)
     try:
@@ -56,11 +58,11 @@ async def start(netns_fd: int, log_path: Path, timeout: float) -> subprocess.Pop
     return popen
 
 
-def _spawn(netns_fd: int, ready_fd: int, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(netns_fd: int, ready_fd: int, exit_fd: int, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            argv(netns_fd, ready_fd),
-            pass_fds=(netns_fd, ready_fd),
+            argv(netns_fd, ready_fd, exit_fd),
+            pass_fds=(netns_fd, ready_fd, exit_fd),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
