@@ -22,6 +22,7 @@ from harness.server_process import running_server
 from opensandbox_platform.server.runtimes import netpolicy
 
 METADATA = "169.254.169.254"
+MAX_PROCESSES = 512  # each sandbox's pids limit in the battery
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Target:
     # raises when it cannot be sure: the test then fails without sending anything.
     metadata_route: Callable[[str, int], AbstractContextManager[None]]
     metadata_listener: str  # the host address the metadata canary listens on
+    max_processes: int = MAX_PROCESSES  # the tenant's pids limit
     gaps: dict[str, str] = field(default_factory=dict)
 
 
@@ -54,7 +56,7 @@ def primary_address() -> str:
 
 @contextlib.contextmanager
 def local_target(workdir: Path) -> Iterator[Target]:
-    config = "diskSizeMib = 256\nwarmPoolSize = 1\n"
+    config = f"diskSizeMib = 128\nwarmPoolSize = 1\nmaxProcesses = {MAX_PROCESSES}\n"
     with running_server(workdir, extra_config=config, runtime="local") as server:
 
         @contextlib.contextmanager
@@ -107,7 +109,7 @@ def _podman_network() -> tuple[str, str]:
 @contextlib.contextmanager
 def docker_target(workdir: Path) -> Iterator[Target]:
     subnet, gateway = _podman_network()
-    with running_server(workdir, runtime="docker") as server:
+    with running_server(workdir, runtime="docker", extra_config=f"pidsLimit = {MAX_PROCESSES}\n") as server:
 
         def sandbox_address(sandbox_id: str) -> str:
             inspect = docker_api("GET", f"/containers/sandbox-{sandbox_id}/json").json()
@@ -120,8 +122,9 @@ def docker_target(workdir: Path) -> Iterator[Target]:
             # Containers reach the host's routes: send their METADATA traffic to our listener on the
             # bridge, and drop anything else to it, in a table of this test's own.
             table = f"osb_security_{os.getpid()}"
+            dnat = f"ip saddr {subnet} ip daddr {METADATA} tcp dport 80 dnat to {gateway}:{port}"
             rules = f"""table ip {table} {{
-  chain prerouting {{ type nat hook prerouting priority dstnat; ip saddr {subnet} ip daddr {METADATA} tcp dport 80 dnat to {gateway}:{port}; }}
+  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}
   chain forward {{ type filter hook forward priority -1; ip daddr {METADATA} drop; }}
 }}
 """

@@ -47,7 +47,7 @@ def test_cannot_read_a_secret_in_the_servers_state_dir(tenant: Tenant, canaries:
 
 
 def test_cannot_find_host_directories(tenant: Tenant) -> None:
-    code, lines = tenant.sh("ls -A /home /work /srv /mnt /root 2>/dev/null; true")
+    _, lines = tenant.sh("ls -A /home /work /srv /mnt /root 2>/dev/null; true")
     assert not [line for line in lines if line and not line.endswith(":")], lines
 
 
@@ -57,7 +57,7 @@ def test_cannot_read_another_sandboxs_files(tenant: Tenant, canaries: Canaries) 
     output = tenant.probe("read", victim.path)
     assert victim.secret not in output  # ...but not for the tenant
     places = "/tmp /root /home /workspace /var /run /srv /mnt /etc"
-    code, lines = tenant.sh(f"grep -rl {victim.secret} {places} 2>/dev/null | head -3; true", timeout=120)
+    _, lines = tenant.sh(f"grep -rl {victim.secret} {places} 2>/dev/null | head -3; true", timeout=120)
     assert not [line for line in lines if line.strip()], lines
 
 
