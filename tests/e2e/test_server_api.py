@@ -567,3 +567,25 @@ def test_without_cgroups_pause_stops_every_process_and_memory_is_an_rlimit(tmp_p
         finally:
             delete(server, created["id"])
         assert live_processes_with_hostname_arg(created["id"]) == []
+
+
+def test_starting_and_deleting_sandboxes_leaves_the_hosts_shared_mounts_alone(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A jail's namespaces are made from copies of the host's mounts: nothing done in them (nor
+    in slirp4netns' sandbox) may unmount anything of the host's, shared mounts included (podman's
+    network namespaces in /run/netns, a kubelet's volumes)."""
+    only_local(server, "the local runtime's mount namespaces")
+    shared, inner = tmp_path / "shared", tmp_path / "shared" / "inner"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "canary", str(inner)], check=True)
+        created = create(server)
+        delete(server, created["id"])
+        mounts = Path("/proc/self/mounts").read_text()
+        assert f" {inner} tmpfs " in mounts, "a jail unmounted a shared mount of the host"
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)

@@ -166,6 +166,6 @@ def test_ten_thousand_open_files_are_contained(
 
 
 def test_a_cpu_spin_is_contained(fresh_tenant: Tenant, target: Target, canaries: Canaries, baseline: Measured) -> None:
-    output, measured = attack(fresh_tenant, target, canaries, f"{PROBE} spin 10 4", 10)
+    _, measured = attack(fresh_tenant, target, canaries, f"{PROBE} spin 10 4", 10)
     check_neighbours(measured, baseline, "CPU spin (4 processes)", target)
     assert statistics.median(measured.victim) < 1.0, measured.line("CPU spin")

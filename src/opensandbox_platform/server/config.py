@@ -139,6 +139,11 @@ class DockerSection(Section):
     oci_runtime: str = Field(
         default="", description="OCI runtime of sandbox containers (e.g. runsc; default: the engine's)"
     )
+    seccomp_profile: str = Field(
+        default="builtin",
+        description="builtin: the local runtime's filter (Docker's default, stricter: no unshare, keyctl, io_uring);"
+        " default: the engine's own; else the path of a profile file on the engine's host",
+    )
     working_dir: str = Field(
         default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
     )

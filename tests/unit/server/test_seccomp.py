@@ -73,3 +73,18 @@ def test_a_process_under_the_filter_is_refused_what_it_forbids() -> None:
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)
     assert results == {"unshare": 1, "mount": 1, "keyctl": 1, "bpf": 1, "clone3": 38, "vsock": 1, "fork": 7}
+
+
+def test_the_same_policy_as_a_docker_profile() -> None:
+    profile = seccomp.docker_profile()
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO" and profile["defaultErrnoRet"] == 1
+    entries = profile["syscalls"]
+    assert isinstance(entries, list)
+    allowed = set(entries[0]["names"])
+    assert "read" in allowed and not allowed & FORBIDDEN
+    clone = next(e for e in entries if e["names"] == ["clone"])
+    assert clone["args"] == [
+        {"index": 0, "value": seccomp.CLONE_NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}
+    ]
+    clone3 = next(e for e in entries if e["names"] == ["clone3"])
+    assert clone3["action"] == "SCMP_ACT_ERRNO" and clone3["errnoRet"] == 38

@@ -7,6 +7,11 @@ host. Hardened as it can be: the host's loopback is not reachable through the ga
 NET_BIND_SERVICE (--enable-sandbox) under a seccomp filter (--enable-seccomp). What the sandbox may
 reach through it is runtimes/netpolicy.py's ruleset, loaded in the sandbox's namespace beforehand.
 
+Started from a thread in a private mount namespace of its own: slirp4netns' sandbox (1.2.0) makes
+only `/` private before it pivots away from the old root and detaches it, so started from the
+host's mount namespace, the unmounts would propagate to every shared mount of the host (podman's
+network namespaces under /run/netns, a kubelet's volumes).
+
 It ends with the jail, also while the server is down: `--exit-fd` is the read end of a pipe whose
 write end only the jail's first process (jail_init) keeps. The server also kills it on delete.
 """
@@ -14,10 +19,13 @@ write end only the jail's first process (jail_init) keeps. The server also kills
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+from opensandbox_platform.server.runtimes import linux, staging
 from opensandbox_platform.server.runtimes.netpolicy import MTU, TAP
 
 SLIRP4NETNS = "slirp4netns"
@@ -43,7 +51,8 @@ async def start(netns_fd: int, exit_fd: int, log_path: Path, timeout: float) -> 
     """Start slirp4netns for the namespace `netns_fd`; returns once tap0 is configured."""
     ready_r, ready_w = os.pipe()
     try:
-        popen = _spawn(netns_fd, ready_w, exit_fd, log_path)
+        spawn = functools.partial(_spawn, netns_fd, ready_w, exit_fd, log_path)
+        popen = await asyncio.wrap_future(staging.in_thread(functools.partial(_in_private_mounts, spawn)))
     finally:
         os.close(ready_w)
     try:
@@ -56,6 +65,12 @@ async def start(netns_fd: int, exit_fd: int, log_path: Path, timeout: float) -> 
         popen.wait()
         raise RuntimeError(f"slirp4netns exited with code {popen.returncode} before the network was up")
     return popen
+
+
+def _in_private_mounts(spawn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    linux.unshare(linux.CLONE_NEWNS | linux.CLONE_FS)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    return spawn()
 
 
 def _spawn(netns_fd: int, ready_fd: int, exit_fd: int, log_path: Path) -> subprocess.Popen[bytes]:
