@@ -135,7 +135,7 @@ def connection(target: Target) -> ConnectionConfigSync:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def canaries(target: Target) -> Iterator[Canaries]:
     secret = "osb-canary-" + secrets.token_hex(8)
     files = {

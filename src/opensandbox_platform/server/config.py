@@ -7,6 +7,7 @@ start-up instead of silently ignored. Every key has a default: no file is needed
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -230,8 +231,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
-def render_default() -> str:
-    """A commented TOML file with every key at its default (what `init-config` writes)."""
+def render_default(api_key: str = "") -> str:
+    """A commented TOML file with every key at its default but `server.apiKey` (what `init-config`
+    writes, with a fresh random key)."""
     lines = ["# opensandbox-server configuration. Keys mirror the Helm chart's server.config.* values.", ""]
     for section_name, field in Config.model_fields.items():
         section = field.default
@@ -240,9 +242,20 @@ def render_default() -> str:
         for name, info in type(section).model_fields.items():
             if info.description:
                 lines.append(f"# {info.description}")
-            lines.append(f"{to_camel(name)} = {_toml_value(getattr(section, name))}")
+            value = api_key if (section_name, name) == ("server", "api_key") and api_key else getattr(section, name)
+            lines.append(f"{to_camel(name)} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the server listening on `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _toml_value(value: Any) -> str:
