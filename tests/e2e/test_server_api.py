@@ -25,6 +25,7 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.models.execd import RunCommandOpts
 
+from harness.images import TEST_IMAGE
 from harness.jails import live_processes_mentioning, live_processes_with_hostname_arg
 from harness.ports import free_port
 from harness.server_process import ServerProcess, only_local, running_server
@@ -589,3 +590,41 @@ def test_starting_and_deleting_sandboxes_leaves_the_hosts_shared_mounts_alone(
         assert f" {inner} tmpfs " in mounts, "a jail unmounted a shared mount of the host"
     finally:
         subprocess.run(["umount", "-R", str(shared)], check=False)
+
+
+def test_an_image_in_containers_storage_is_the_local_sandboxs_root(tmp_path: Path, docker_host: str) -> None:
+    """The test image (a Debian minbase podman has) as the root: its files (owned by the sandbox's
+    root through an idmapped mount), writable through a private upper layer of its own quota."""
+    if shutil.which("podman") is None or subprocess.run(["podman", "image", "exists", TEST_IMAGE]).returncode:
+        pytest.skip(f"podman or {TEST_IMAGE} is missing")
+    with running_server(tmp_path, extra_config="warmPoolSize = 0\ndiskSizeMib = 64") as server:
+        created = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "image": {"uri": TEST_IMAGE}}, timeout=120)
+        assert created.status_code == 202, created.text
+        sandbox = created.json()
+        assert sandbox["status"]["message"].startswith(f"root: image {TEST_IMAGE} (sha256:")
+        try:
+
+            async def look() -> list[str]:
+                sb = await Sandbox.connect(sandbox["id"], connection_config=ConnectionConfig(domain=server.domain))
+                run = await sb.commands.run(
+                    "cat /etc/debian_version >/dev/null && echo debian; stat -c %u /etc/passwd; busybox true && echo"
+                    " busybox; echo x > /etc/written && cat /etc/written; pwd;"
+                    " head -c 100000000 /dev/zero > /tmp/big 2>/dev/null || echo quota"
+                )
+                await sb.close()
+                return [m.text for m in run.logs.stdout]
+
+            assert asyncio.run(look()) == ["debian", "0", "busybox", "x", "/workspace", "quota"]
+            other = create(server)  # a create whose image is not there gets the minimal root
+            assert other["status"]["message"].startswith("root: minimal")
+            delete(server, other["id"])
+        finally:
+            delete(server, sandbox["id"])
+
+
+def test_require_image_refuses_an_absent_image_and_leaves_nothing(tmp_path: Path) -> None:
+    with running_server(tmp_path, extra_config="warmPoolSize = 0\nrequireImage = true") as server:
+        response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "image": {"uri": "no-such-image:1"}})
+        assert_error(response, 400, "SANDBOX::INVALID_PARAMETER")
+        assert "no-such-image:1" in response.json()["message"]
+        assert server.records() == [] and list((server.state_dir / "sandboxes").iterdir()) == []

@@ -93,6 +93,15 @@ class LocalSection(Section):
         default_factory=list, description="IPv4 CIDRs sandboxes may reach although denied by default (e.g. 10.1.0.0/16)"
     )
     network_deny: list[str] = Field(default_factory=list, description="more IPv4 CIDRs sandboxes may not reach")
+    images: Literal["containers-storage", "none"] = Field(
+        default="containers-storage",
+        description="where image roots come from: containers-storage (the host's podman images, unpacked once per"
+        " digest into the state dir); none: every sandbox gets the minimal root",
+    )
+    require_image: bool = Field(
+        default=False,
+        description="refuse a create whose image is not available (400) instead of giving it the minimal root",
+    )
     uid_range_start: int = Field(
         default=1_000_000_000,
         description="first host uid/gid of the sandboxes' ranges: sandbox slot N maps its ids 0..65535 to"

@@ -84,3 +84,24 @@ def test_mountpoints_are_made_for_binds_not_links() -> None:
     points = jail.mountpoints(PARTS, LAYOUT)
     assert ("/usr", True) in points and all(path != "/bin" for path, _ in points)
     assert (f"{EXECD_MOUNT}/site", True) in points
+
+
+def test_an_images_root_is_its_overlay_with_execds_runtime_on_top() -> None:
+    root = jail.image_root_args("/run/stage", LAYOUT)
+    assert root[:3] == ["--bind", "/run/stage/root", "/"]
+    assert ("/run/stage/rt/python", f"{EXECD_MOUNT}/python") in pairs(root, "--ro-bind")
+    assert "/usr" not in root
+
+
+def test_the_interpreters_libraries_are_found_but_not_passed_on() -> None:
+    layout = jail.RuntimeLayout(binds=LAYOUT.binds, python=LAYOUT.python, path=LAYOUT.path, library_path="/opt/x/lib")
+    argv = jail.bwrap_args(
+        "sb-1",
+        root=[],
+        layout=layout,
+        run_size_bytes=1,
+        fds=jail.Fds(info=3, userns_block=4, seccomp=5, ctl=6, evt=7, keep=8),
+        proc_masks=[],
+    )
+    i = argv.index("--setenv")
+    assert argv[i + 1 : i + 3] == ["LD_LIBRARY_PATH", "/opt/x/lib"]  # jail_init drops it before starting anything

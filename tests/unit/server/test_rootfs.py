@@ -47,3 +47,17 @@ def test_host_parts_are_usr_and_public_etc_only(tmp_path: Path) -> None:
         ("/etc/localtime", "/usr/share/zoneinfo/UTC"),
         ("/etc/ssl/certs", None),
     ]
+
+
+def test_an_images_upper_layer_brings_only_name_resolution_and_the_workspace() -> None:
+    entries = {e.path for e in rootfs.image_skeleton("sb-1", "10.0.2.3")}
+    assert entries == {
+        "etc",
+        "etc/hostname",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "tmp",
+        "workspace",
+        "opt",
+        "opt/opensandbox",
+    }

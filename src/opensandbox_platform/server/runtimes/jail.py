@@ -68,6 +68,7 @@ class RuntimeLayout:
     binds: dict[str, str]  # staged name -> host path; in the jail at EXECD_MOUNT/<name>
     python: str  # the interpreter, as the jail sees it
     path: tuple[str, ...]  # sys.path entries to add, as the jail sees them
+    library_path: str = ""  # where its libpython is, as the jail sees it (its RUNPATH is a host path)
 
     def jail_path(self, name: str) -> str:
         return f"{EXECD_MOUNT}/{name}"
@@ -93,7 +94,11 @@ def runtime_layout() -> RuntimeLayout:
         binds["site"] = site
         path.append(f"{EXECD_MOUNT}/site")
     python = f"{EXECD_MOUNT}/python/{os.path.relpath(executable, base)}"
-    return RuntimeLayout(binds=binds, python=python, path=tuple(path))
+    libraries = sysconfig.get_config_var("LIBDIR") or ""
+    library_path = ""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and os.path.realpath(libraries).startswith(base.rstrip("/") + "/"):
+        library_path = f"{EXECD_MOUNT}/python/{os.path.relpath(os.path.realpath(libraries), base)}"
+    return RuntimeLayout(binds=binds, python=python, path=tuple(path), library_path=library_path)
 
 
 def masks(exists: Callable[[str], bool] = os.path.exists) -> list[str]:
@@ -116,6 +121,14 @@ def root_args(stage_dir: str, parts: Iterable[HostPart], layout: RuntimeLayout) 
             args += ["--symlink", part.link, part.path]
         else:
             args += ["--ro-bind", part.path, part.path]
+    for name in layout.binds:
+        args += ["--ro-bind", f"{stage_dir}/rt/{name}", layout.jail_path(name)]
+    return args
+
+
+def image_root_args(stage_dir: str, layout: RuntimeLayout) -> list[str]:
+    """The root of an image: its overlay (staging.py mounts it), then execd's runtime."""
+    args = ["--bind", f"{stage_dir}/root", "/"]
     for name in layout.binds:
         args += ["--ro-bind", f"{stage_dir}/rt/{name}", layout.jail_path(name)]
     return args
@@ -157,6 +170,8 @@ def bwrap_args(
     args += ["--size", str(run_size_bytes), "--tmpfs", "/run", "--chdir", WORKSPACE]
     for cap in CAPABILITIES:
         args += ["--cap-add", cap]
+    if layout.library_path:  # jail_init drops it before it starts anything
+        args += ["--setenv", "LD_LIBRARY_PATH", layout.library_path]
     args += ["--seccomp", str(fds.seccomp), "--"]
     return args + jail_init_argv(layout, fds.ctl, fds.evt, fds.keep)
 

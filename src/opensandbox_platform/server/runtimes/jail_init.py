@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-fd", type=int, default=-1, help="an fd to hold for the jail's life, unused")
     args = parser.parse_args(argv)
     close_inherited_fds(keep=(0, 1, 2, args.ctl_fd, args.evt_fd, args.keep_fd))
+    os.environ.pop("LD_LIBRARY_PATH", None)  # our interpreter's, not for the sandbox's programs
     logs.setup(os.environ.get("EXECD_LOG_LEVEL", "info"))
     sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
 

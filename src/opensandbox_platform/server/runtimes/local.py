@@ -46,7 +46,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import guards, netpolicy, procfs, rootfs, seccomp, slirp, staging
+from opensandbox_platform.server.runtimes import guards, images, netpolicy, procfs, rootfs, seccomp, slirp, staging
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -206,6 +206,8 @@ class LocalRuntime:
         self.stage_dir = run_dir / "stage"
         self.default_cpu = validation.cpu_millis(self.local.default_cpu) if self.local.default_cpu else None
         self.default_memory = validation.memory_bytes(self.local.default_memory) if self.local.default_memory else None
+        self.images = images.ImageCache(self.state_dir / "images")
+        self._find_image = images.Lookup()
         self._bpf = b""
         self._layout: jails.RuntimeLayout | None = None
         self._parts: list[rootfs.HostPart] = []
@@ -370,10 +372,14 @@ class LocalRuntime:
     # -- the API -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
-        jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        image = await self._image(spec.image)
+        if image is not None:  # warm jails have the minimal root: an image's jail starts now
+            jail = await self._spawn(str(uuid.uuid4()), image)
+        else:
+            jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
         record = jail.record
         try:
-            await self._claim(jail, spec)
+            await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
             raise
@@ -391,6 +397,17 @@ class LocalRuntime:
         self.records[record.id] = record
         self.expiry.wake()
         return record.info()
+
+    async def _image(self, ref: str) -> images.ImageInfo | None:
+        found = await self._find_image(ref) if self.local.images == "containers-storage" else None
+        if found is None and self.local.require_image:
+            raise ApiError(
+                400,
+                errors.INVALID_PARAMETER,
+                f"image {ref!r} is not in this host's containers storage (podman images), and local.requireImage"
+                " refuses the minimal root",
+            )
+        return found
 
     def _root_message(self, record: Record) -> str:
         if record.root == MINIMAL_ROOT:
@@ -498,8 +515,10 @@ class LocalRuntime:
 
     # -- jails ---------------------------------------------------------------------------------
 
-    async def _spawn(self, sandbox_id: str) -> Jail:
-        """Start a jail and wait (by event) until execd listens in it."""
+    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None) -> Jail:
+        """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
+        listens in it."""
+        image_root = str(await self.images.ensure(image)) if image is not None else None
         directory = self.sandboxes_dir / sandbox_id
         directory.mkdir(mode=0o700)
         try:
@@ -511,7 +530,9 @@ class LocalRuntime:
         token = secrets.token_urlsafe(24)
         cgroups = self.cgroups.create(sandbox_id)
         record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups, uid_slot=ids.slot)
-        plan = self._plan(sandbox_id, directory, ids, pipes, token)
+        if image is not None:
+            record.root = image.describe()
+        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
             staged = await asyncio.shield(asyncio.wrap_future(future))
@@ -536,7 +557,7 @@ class LocalRuntime:
             self.cgroups.set_limits(cgroups, None, None, self.local.max_processes)
             self.cgroups.attach(cgroups, record.pid)
             if self.local.network == "outbound":
-                await self._start_helper(record, staged.netns_fd, pipes.exit[0], directory / LOG)
+                await self._start_helper(record, staged.netns_fd, pipes.exit[0], directory / "slirp4netns.log")
             os.write(pipes.block[1], b"1")  # go
             pipes.release()
             ready = await asyncio.wait_for(_read_event(events), self.local.start_timeout_seconds)
@@ -563,12 +584,22 @@ class LocalRuntime:
             _close(pipes.info[0])
             _close(pipes.exit[0])
 
-    def _plan(self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str) -> staging.StagePlan:
+    def _plan(
+        self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str, image_root: str | None
+    ) -> staging.StagePlan:
         assert self._layout is not None
         stage = str(self.stage_dir)
+        if image_root is None:
+            root = jails.root_args(stage, self._parts, self._layout)
+            mountpoints = jails.mountpoints(self._parts, self._layout)
+            skeleton = rootfs.skeleton
+        else:
+            root = jails.image_root_args(stage, self._layout)
+            mountpoints = jails.mountpoints([], self._layout)
+            skeleton = rootfs.image_skeleton
         argv = jails.bwrap_args(
             sandbox_id,
-            root=jails.root_args(stage, self._parts, self._layout),
+            root=root,
             layout=self._layout,
             run_size_bytes=self.local.tmp_size_mib << 20,
             fds=pipes.fds(),
@@ -583,8 +614,9 @@ class LocalRuntime:
             ids=ids,
             stage_dir=stage,
             disk_bytes=self.local.disk_size_mib << 20,
-            skeleton=rootfs.skeleton(sandbox_id, netpolicy.SLIRP_DNS if outbound else None),
-            mountpoints=jails.mountpoints(self._parts, self._layout),
+            skeleton=skeleton(sandbox_id, netpolicy.SLIRP_DNS if outbound else None),
+            mountpoints=mountpoints,
+            image_root=image_root,
             runtime_binds=dict(self._layout.binds),
             ruleset=self._ruleset() if outbound else netpolicy.loopback_ruleset(),
             sysctls=netpolicy.SYSCTLS,
@@ -609,7 +641,7 @@ class LocalRuntime:
             self.cgroups.attach(record.cgroups, helper.pid)
         self._save(record)
 
-    async def _claim(self, jail: Jail, spec: SandboxSpec) -> None:
+    async def _claim(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None = None) -> None:
         record = jail.record
         memory = spec.memory_bytes or self.default_memory
         self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
@@ -621,7 +653,12 @@ class LocalRuntime:
         if memory and "memory" not in record.cgroups:
             # No memory cgroup: the address-space limit is the only memory bound left.
             rlimits["RLIMIT_AS"] = [memory, memory]
-        claim = {"env": spec.env, "cwd": jails.WORKSPACE, "argv": spec.entrypoint, "rlimits": rlimits}
+        env, cwd, argv = dict(spec.env), jails.WORKSPACE, list(spec.entrypoint)
+        if image is not None:  # the image's defaults; the request's env and entrypoint win
+            env = {**image.env, **spec.env}
+            cwd = image.working_dir or jails.WORKSPACE
+            argv = argv or image.entrypoint + image.cmd
+        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits}
         try:
             os.write(jail.ctl_fd, json.dumps(claim).encode() + b"\n")
         finally:

@@ -109,6 +109,13 @@ def skeleton(hostname: str, nameserver: str | None) -> list[Entry]:
     ]
 
 
+def image_skeleton(hostname: str, nameserver: str | None) -> list[Entry]:
+    """What goes into the private upper layer over an image's root before it is mounted: name
+    resolution of this sandbox (over the image's own files) and its workspace."""
+    ours = {"etc", "etc/hostname", "etc/hosts", "etc/resolv.conf", "tmp", "workspace", "opt", "opt/opensandbox"}
+    return [entry for entry in skeleton(hostname, nameserver) if entry.path in ours]
+
+
 @dataclass(frozen=True)
 class HostPart:
     """A host path the root shows: a symlink (`link` = its target) or a read-only bind."""

@@ -55,6 +55,8 @@ class StagePlan:
     sysctls: dict[str, str]
     info_fd: int  # read end of bwrap's --info-fd
     timeout: float
+    # An image's unpacked root: the lower layer of an overlay whose upper is the private tmpfs.
+    image_root: str | None = None
     # Called in the thread with the jail's pid before its maps are written (the uid range's holder).
     on_pid: Callable[[int], None] | None = field(default=None, repr=False)
 
@@ -96,6 +98,8 @@ def stage_and_start(plan: StagePlan) -> Staged:
         if plan.on_pid is not None:
             plan.on_pid(pid)
         write_id_maps(pid, plan.ids)
+        if plan.image_root is not None:
+            _mount_image(plan, pid)
     except BaseException:
         os.close(netns_fd)
         kill_unreleased(popen)
@@ -106,16 +110,28 @@ def stage_and_start(plan: StagePlan) -> Staged:
 def _stage_files(plan: StagePlan) -> None:
     stage = plan.stage_dir
     linux.mount("opensandbox", stage, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
+    if plan.image_root is not None:
+        # The image's overlay is mounted once bwrap's child exists (it needs its user namespace):
+        # shared, so that it reaches the child's copy of this mount namespace.
+        linux.mount(None, stage, None, linux.MS_SHARED)
+        for name in ("lower", "root"):
+            os.mkdir(os.path.join(stage, name))
     rw = os.path.join(stage, "rw")
     os.mkdir(rw)
     inodes = max(plan.disk_bytes // 4096, 16384)
     options = f"size={plan.disk_bytes},nr_inodes={inodes},mode=0755,uid={plan.ids.start},gid={plan.ids.start}"
     linux.mount("opensandbox-rw", rw, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, options)
     owner = plan.ids.start
+    top = rw
+    if plan.image_root is not None:
+        top = os.path.join(rw, "upper")
+        os.mkdir(top, 0o755)
+        os.chown(top, owner, owner)
+        os.mkdir(os.path.join(rw, "work"), 0o700)
     for entry in plan.skeleton:
-        _make(os.path.join(rw, entry.path), entry, owner)
+        _make(os.path.join(top, entry.path), entry, owner)
     for path, is_dir in plan.mountpoints:
-        _mountpoint(rw, path, is_dir, owner)
+        _mountpoint(top, path, is_dir, owner)
     os.mkdir(os.path.join(stage, "rt"))
     for name, host_path in plan.runtime_binds.items():
         target = os.path.join(stage, "rt", name)
@@ -149,6 +165,20 @@ def _mountpoint(rw: str, path: str, is_dir: bool, owner: int) -> None:
         else:
             os.mkdir(current, 0o755)
         os.chown(current, owner, owner)
+
+
+def _mount_image(plan: StagePlan, pid: int) -> None:
+    """The jail's root: the image's root, idmapped to the jail's user namespace (the image's root
+    is the jail's root), under the jail's private upper layer."""
+    assert plan.image_root is not None
+    stage = plan.stage_dir
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.bind_idmapped(plan.image_root, os.path.join(stage, "lower"), userns)
+    finally:
+        os.close(userns)
+    layers = f"lowerdir={stage}/lower,upperdir={stage}/rw/upper,workdir={stage}/rw/work"
+    linux.mount("opensandbox-image", os.path.join(stage, "root"), "overlay", linux.MS_NOSUID | linux.MS_NODEV, layers)
 
 
 def _configure_network(plan: StagePlan) -> None:
