@@ -194,3 +194,59 @@ def _reset(half: _Half) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+class SandboxPorts:
+    """Every sandbox's forwarded ports: its network namespace (an fd this object owns) and a
+    `Forward` per port asked for."""
+
+    def __init__(self) -> None:
+        self._sockets: NamespaceSockets | None = None
+        self._netns: dict[str, int] = {}
+        self._forwards: dict[str, dict[int, Forward]] = {}
+
+    def start(self) -> None:
+        self._sockets = NamespaceSockets()
+
+    def attach(self, sandbox_id: str, netns_fd: int) -> None:
+        """Take `netns_fd` (the sandbox's network namespace) over."""
+        self._netns[sandbox_id] = netns_fd
+
+    def attach_process(self, sandbox_id: str, pid: int) -> bool:
+        """After a restart: the namespace of the sandbox's process `pid` (False if it is gone)."""
+        try:
+            self._netns[sandbox_id] = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        return True
+
+    def attached(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._netns
+
+    def host_port(self, sandbox_id: str, port: int) -> int | None:
+        forward = self._forwards.get(sandbox_id, {}).get(port)
+        return forward.host_port if forward is not None else None
+
+    async def open(self, sandbox_id: str, port: int, host_port: int = 0) -> int:
+        """Forward `port` of the sandbox from `host_port` of the host's loopback (0, or taken:
+        an ephemeral one); the host port."""
+        assert self._sockets is not None, "start() first"
+        forward = Forward(self._sockets, self._netns[sandbox_id], port)
+        bound = await forward.start(host_port)
+        self._forwards.setdefault(sandbox_id, {})[port] = forward
+        return bound
+
+    async def close(self, sandbox_id: str) -> None:
+        for forward in self._forwards.pop(sandbox_id, {}).values():
+            await forward.close()
+        fd = self._netns.pop(sandbox_id, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    async def close_all(self) -> None:
+        for sandbox_id in list(self._netns):
+            await self.close(sandbox_id)
+        if self._sockets is not None:
+            self._sockets.close()
+            self._sockets = None

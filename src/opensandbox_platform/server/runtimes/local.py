@@ -58,7 +58,7 @@ from opensandbox_platform.server.runtimes.base import (
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
-from opensandbox_platform.server.runtimes.forward import LOOPBACK, Forward, NamespaceSockets
+from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
 
 log = logging.getLogger("opensandbox.local")
@@ -212,9 +212,7 @@ class LocalRuntime:
         self._layout: jails.RuntimeLayout | None = None
         self._parts: list[rootfs.HostPart] = []
         self._proc_masks: list[str] = []
-        self._sockets: NamespaceSockets | None = None
-        self._netns: dict[str, int] = {}
-        self._forwards: dict[str, dict[int, Forward]] = {}
+        self.ports = SandboxPorts()
         self._helpers: dict[str, subprocess.Popen[bytes]] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -247,7 +245,7 @@ class LocalRuntime:
         self._layout = jails.runtime_layout()
         self._parts = rootfs.host_parts()
         self._proc_masks = jails.masks() + self._hidden_masks()
-        self._sockets = NamespaceSockets()
+        self.ports.start()
         await self._recover()
         self.expiry.start()
         if self.local.warm_pool_size:
@@ -311,13 +309,10 @@ class LocalRuntime:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
-        for sandbox_id in list(self._forwards):
-            await self._close_network(sandbox_id)
+        await self.ports.close_all()
         for drain in self._drains.values():
             drain.cancel()
         await asyncio.gather(*self._drains.values(), return_exceptions=True)
-        if self._sockets is not None:
-            self._sockets.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -359,9 +354,7 @@ class LocalRuntime:
 
     async def _reattach(self, record: Record) -> None:
         """After a restart: the jail's network namespace, and its forwarded ports on the same host ports."""
-        try:
-            self._netns[record.id] = os.open(f"/proc/{record.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+        if not self.ports.attach_process(record.id, record.pid):
             return
         wanted = dict(record.ports)
         for port, host_port in wanted.items():
@@ -483,14 +476,14 @@ class LocalRuntime:
         return await self.endpoint(sandbox_id, port)
 
     async def _host_port(self, record: Record, port: int) -> int:
-        forward = self._forwards.get(record.id, {}).get(port)
-        if forward is not None:
-            return forward.host_port
+        known = self.ports.host_port(record.id, port)
+        if known is not None:
+            return known
         async with self._lock(record.id):
-            forward = self._forwards.get(record.id, {}).get(port)
-            if forward is not None:
-                return forward.host_port
-            if record.id not in self._netns:
+            known = self.ports.host_port(record.id, port)
+            if known is not None:
+                return known
+            if not self.ports.attached(record.id):
                 if str(port) in record.ports:
                     return record.ports[str(port)]
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {record.id} is {record.state}")
@@ -499,19 +492,9 @@ class LocalRuntime:
             return host_port
 
     async def _start_forward(self, record: Record, port: int, host_port: int = 0) -> int:
-        assert self._sockets is not None
-        forward = Forward(self._sockets, self._netns[record.id], port)
-        bound = await forward.start(host_port)
-        self._forwards.setdefault(record.id, {})[port] = forward
+        bound = await self.ports.open(record.id, port, host_port)
         record.ports[str(port)] = bound
         return bound
-
-    async def _close_network(self, sandbox_id: str) -> None:
-        for forward in self._forwards.pop(sandbox_id, {}).values():
-            await forward.close()
-        fd = self._netns.pop(sandbox_id, None)
-        if fd is not None:
-            _close(fd)
 
     # -- jails ---------------------------------------------------------------------------------
 
@@ -547,7 +530,7 @@ class LocalRuntime:
         pipes.close_child()
         self._drain(sandbox_id, pipes.out[0], directory / LOG)
         self._children[sandbox_id] = staged.popen
-        self._netns[sandbox_id] = staged.netns_fd
+        self.ports.attach(sandbox_id, staged.netns_fd)
         record.pid = staged.pid
         record.start_ticks = procfs.start_ticks(staged.pid) or 0
         events, transport = await _pipe(pipes.evt[0])
@@ -799,7 +782,7 @@ class LocalRuntime:
         """Kill every process of the jail, then remove its cgroups, directory and record."""
         self._deleting.add(record.id)
         try:
-            await self._close_network(record.id)
+            await self.ports.close(record.id)
             await self._kill(record)
             watcher = self._watchers.pop(record.id, None)
             if watcher is not None:
