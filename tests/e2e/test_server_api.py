@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -628,3 +629,84 @@ def test_require_image_refuses_an_absent_image_and_leaves_nothing(tmp_path: Path
         assert_error(response, 400, "SANDBOX::INVALID_PARAMETER")
         assert "no-such-image:1" in response.json()["message"]
         assert server.records() == [] and list((server.state_dir / "sandboxes").iterdir()) == []
+
+
+@contextlib.contextmanager
+def fake_internet() -> Iterator[str]:
+    """A host on "the internet" that is a network namespace of this test's own behind a veth pair:
+    203.0.113.x (TEST-NET-3, not a range sandboxes are denied) answering on port 8080. Traffic to it
+    never leaves this machine (checked before the address is handed out)."""
+    tag = f"osbt{os.getpid() % 100000}"
+    subnet = os.getpid() % 60 * 4  # a /30 of 203.0.113.0/24 of our own
+    host_ip, far_ip = f"203.0.113.{subnet + 1}", f"203.0.113.{subnet + 2}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", tag)
+    server = None
+    try:
+        ip("link", "add", f"{tag}a", "type", "veth", "peer", "name", f"{tag}b", "netns", tag)
+        ip("addr", "add", f"{host_ip}/30", "dev", f"{tag}a")
+        ip("link", "set", f"{tag}a", "up")
+        ip("-n", tag, "addr", "add", f"{far_ip}/30", "dev", f"{tag}b")
+        ip("-n", tag, "link", "set", f"{tag}b", "up")
+        ip("-n", tag, "link", "set", "lo", "up")
+        route = subprocess.run(["ip", "route", "get", far_ip], capture_output=True, text=True, check=True).stdout
+        assert f"dev {tag}a" in route, f"{far_ip} would not stay on this machine: {route}"
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", tag, sys.executable, "-c", FAR_SERVER, far_ip], stdout=subprocess.PIPE
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == b"listening"
+        yield far_ip
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", f"{tag}a"], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", tag], capture_output=True, check=False)
+
+
+FAR_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 8080)); s.listen()
+print("listening", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"hello from the internet\\n"); c.close()
+"""
+
+
+PROBE = """
+import socket
+for host, port in {targets!r}:
+    try:
+        print(socket.create_connection((host, port), timeout=3).recv(100).decode().strip())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_a_sandbox_reaches_the_internet_but_not_the_host(server: ServerProcess) -> None:
+    only_local(server, "the local runtime's outbound network")
+    created = create(server)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        with fake_internet() as far:
+
+            async def probe() -> list[str]:
+                sb = await Sandbox.connect(created["id"], connection_config=ConnectionConfig(domain=server.domain))
+                port = listener.getsockname()[1]
+                script = PROBE.format(targets=[(far, 8080), ("127.0.0.1", port), ("10.0.2.2", port)])
+                await sb.files.write_file("/tmp/probe.py", script)
+                run = await sb.commands.run("python3 /tmp/probe.py")
+                await sb.close()
+                return [m.text for m in run.logs.stdout]
+
+            lines = asyncio.run(probe())
+        assert lines[0] == "hello from the internet", lines
+        assert lines[1] in ("ConnectionRefusedError", "OSError") and lines[2] != "hello", lines  # not the host's
+    finally:
+        listener.close()
+        delete(server, created["id"])
