@@ -710,3 +710,34 @@ def test_a_sandbox_reaches_the_internet_but_not_the_host(server: ServerProcess) 
     finally:
         listener.close()
         delete(server, created["id"])
+
+
+def test_two_sandboxes_listen_on_the_same_port_and_each_endpoint_reaches_its_own(server: ServerProcess) -> None:
+    only_local(server, "ports of the local runtime's network namespaces")
+    first, second = create(server), create(server)
+    try:
+
+        async def serve_and_fetch() -> list[str]:
+            config = ConnectionConfig(domain=server.domain)
+            answers = []
+            for created in (first, second):
+                sb = await Sandbox.connect(created["id"], connection_config=config)
+                await sb.files.write_file("/workspace/site/who", created["id"])
+                background = RunCommandOpts(background=True, working_directory="/workspace/site")
+                await sb.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", opts=background)
+                endpoint = await sb.get_endpoint(8000)
+                assert not endpoint.endpoint.endswith(":8000")  # a port of the host's loopback of its own
+                async with httpx.AsyncClient(timeout=10) as client:
+                    for _ in range(100):
+                        with contextlib.suppress(httpx.TransportError):
+                            page = await client.get(f"http://{endpoint.endpoint}/who")
+                            answers.append(page.text)
+                            break
+                        await asyncio.sleep(0.1)
+                await sb.close()
+            return answers
+
+        assert asyncio.run(serve_and_fetch()) == [first["id"], second["id"]]
+    finally:
+        delete(server, first["id"])
+        delete(server, second["id"])

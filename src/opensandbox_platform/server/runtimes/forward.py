@@ -159,6 +159,10 @@ class Forward:
         try:
             sock = await asyncio.wait_for(self.sockets.connect(self.netns_fd, self.port), CONNECT_TIMEOUT)
             _, outbound = await loop.create_connection(_Half, sock=sock)
+            if _closes_fd_itself(loop):
+                # uvloop closes the fd, then the socket object again "expecting EBADF": by then
+                # another thread (a jail's staging) may have that number for a file of its own.
+                sock.detach()
         except BaseException as exc:
             # Nothing listens there (or the sandbox is gone): refuse, never leave the client waiting.
             _reset(inbound)
@@ -182,6 +186,10 @@ class Forward:
             self._server = None
         for task in list(self._tasks):
             task.cancel()
+
+
+def _closes_fd_itself(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
 
 
 def _reset(half: _Half) -> None:

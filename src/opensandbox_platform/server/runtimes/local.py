@@ -136,7 +136,7 @@ class Jail:
     popen: subprocess.Popen[bytes]
     ctl_fd: int
     events: asyncio.StreamReader
-    transport: asyncio.ReadTransport
+    transport: _PipeReader
 
 
 @dataclass
@@ -533,7 +533,8 @@ class LocalRuntime:
         self.ports.attach(sandbox_id, staged.netns_fd)
         record.pid = staged.pid
         record.start_ticks = procfs.start_ticks(staged.pid) or 0
-        events, transport = await _pipe(pipes.evt[0])
+        transport = _PipeReader(pipes.evt[0])
+        events = transport.reader
         jail = Jail(record, staged.popen, pipes.ctl[1], events, transport)
         try:
             self._save(record)  # from here on, a restarted server can find and remove it
@@ -735,7 +736,8 @@ class LocalRuntime:
         """Copy the jail's output (bwrap's errors, execd's log) to its log file, up to LOG_LIMIT."""
 
         async def drain() -> None:
-            reader, transport = await _pipe(fd)
+            pipe = _PipeReader(fd)
+            reader = pipe.reader
             try:
                 with _append(path) as log_file:
                     written = log_file.tell()
@@ -746,7 +748,7 @@ class LocalRuntime:
                             log_file.flush()
                             written += len(chunk)
             finally:
-                transport.close()
+                pipe.close()
 
         self._drains[sandbox_id] = asyncio.create_task(drain(), name=f"drain-{sandbox_id}")
 
@@ -864,13 +866,37 @@ def _abandon(pipes: _Pipes, future: Future[staging.Staged]) -> None:
     pipes.close_all()
 
 
-async def _pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
-    """Read the pipe `fd` on the event loop (closing the transport closes the fd)."""
-    reader = asyncio.StreamReader()
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0)
-    )
-    return reader, transport
+class _PipeReader:
+    """A pipe read on the event loop into a StreamReader; `close()` closes its fd, once.
+
+    Not `connect_read_pipe`: uvloop closes a pipe's fd, then its file object again (expecting
+    EBADF), and meanwhile a staging thread may have opened a file with that number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reader = asyncio.StreamReader()
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.reader.feed_data(data)
+        else:
+            self.reader.feed_eof()
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 async def _read_event(events: asyncio.StreamReader) -> dict[str, Any]:
