@@ -431,6 +431,10 @@ class LocalRuntime:
                 namespace = procfs.pid_namespace(record.pid)
                 if namespace is not None:
                     procfs.signal_namespace(namespace, signal.SIGSTOP)
+                    for _ in range(200):  # no event for it: the stops land as the processes run
+                        if procfs.all_stopped(namespace):
+                            break
+                        await asyncio.sleep(0.01)
                 record.paused_by = "signal"
             record.transition(State.PAUSED, "JAIL_PAUSED", self._root_message(record))
             self._save(record)
@@ -719,7 +723,7 @@ class LocalRuntime:
             else:
                 record.transition(State.TERMINATED, "JAIL_EXITED", "the entrypoint exited")
             self._save(record)
-            self._kill_helper(record)
+            await self._kill_helper(record)
             await self._remove_cgroups(record)
 
         self._watchers[record.id] = asyncio.create_task(watch(), name=f"watch-{record.id}")
@@ -752,14 +756,16 @@ class LocalRuntime:
 
         self._drains[sandbox_id] = asyncio.create_task(drain(), name=f"drain-{sandbox_id}")
 
-    def _kill_helper(self, record: Record) -> None:
+    async def _kill_helper(self, record: Record) -> None:
+        """Kill the jail's slirp4netns (found by pid and start time, also after a restart)."""
         if record.helper_pid and procfs.alive(record.helper_pid, record.helper_ticks):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.helper_pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(procfs.wait_exit(record.helper_pid), 5)
         helper = self._helpers.pop(record.id, None)
         if helper is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                helper.wait(5)
+            helper.poll()  # reaped if it is gone (our child only while this server started it)
 
     async def _remove_cgroups(self, record: Record) -> None:
         for _ in range(100):  # the last processes leave the cgroup just after PID 1 is gone
@@ -778,7 +784,7 @@ class LocalRuntime:
                 await asyncio.wait_for(procfs.wait_exit(record.pid), 10)
             except TimeoutError:
                 log.error("jail did not die id=%s pid=%d", record.id, record.pid)
-        self._kill_helper(record)
+        await self._kill_helper(record)
 
     async def _destroy(self, record: Record) -> None:
         """Kill every process of the jail, then remove its cgroups, directory and record."""
