@@ -127,7 +127,8 @@ def cpu_seconds(pid: int) -> float:
 
 def memory_of(server: ServerProcess) -> dict[str, Any]:
     """RSS and PSS of every process of every jail (outer bwrap, bwrap as PID 1, execd, the
-    entrypoint), and the memory cgroups' own accounting (which adds page cache and tmpfs)."""
+    entrypoint, its slirp4netns), and the memory cgroups' own accounting (which adds page cache and
+    tmpfs: the jail's root file system is one)."""
     rss = pss = 0
     cgroup_bytes = 0
     records = server.records()
@@ -137,6 +138,9 @@ def memory_of(server: ServerProcess) -> dict[str, Any]:
         parent = ppid(pid)
         if parent:
             pids.append(parent)  # the outer bwrap, which waits for the jail
+        helper = int(str(record.get("helper_pid") or 0))
+        if helper:
+            pids.append(helper)  # slirp4netns, the jail's way out
         for p in pids:
             r, s = rss_pss_kib(p)
             rss += r

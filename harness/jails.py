@@ -20,10 +20,11 @@ def kill_recorded_jails(state_dir: Path) -> None:
             if controller_path.endswith(record["id"]) and "freezer" in controller_path:
                 with contextlib.suppress(OSError):
                     Path(controller_path, "freezer.state").write_text("THAWED")
-        pid = int(record.get("pid") or 0)
-        if pid and start_ticks(pid) == record.get("start_ticks"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid_key, ticks_key in (("pid", "start_ticks"), ("helper_pid", "helper_ticks")):  # the jail, slirp4netns
+            pid = int(record.get(pid_key) or 0)
+            if pid and start_ticks(pid) == record.get(ticks_key):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for _ in range(100):  # a cgroup can be removed once its last process is gone
             remaining = [p for p in record.get("cgroups", {}).values() if Path(p).exists()]
             for controller_path in remaining:

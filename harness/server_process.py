@@ -170,12 +170,20 @@ class ServerProcess(ServerSubprocess):
         return {"OPEN-SANDBOX-API-KEY": self.api_key} if self.api_key else {}
 
     def host_path(self, sandbox_id: str, jail_path: str) -> Path:
-        """Where a path under the sandbox's /tmp is on this host."""
-        relative = Path(jail_path).relative_to("/tmp")
-        if self.runtime == "docker":  # the container's root, through its first process
-            pid = docker_api("GET", f"/containers/sandbox-{sandbox_id}/json").json()["State"]["Pid"]
-            return Path(f"/proc/{pid}/root/tmp") / relative
-        return self.state_dir / "sandboxes" / sandbox_id / "tmp" / relative
+        """Where a path of the sandbox is seen from this host: through its first process's root."""
+        if self.runtime == "docker":
+            pid = int(docker_api("GET", f"/containers/sandbox-{sandbox_id}/json").json()["State"]["Pid"])
+        else:
+            (pid,) = [int(str(r["pid"])) for r in self.records() if r["id"] == sandbox_id]
+        return Path(f"/proc/{pid}/root") / Path(jail_path).relative_to("/")
+
+    def make_dirs(self, sandbox_id: str, jail_path: str) -> None:
+        """mkdir -p in the sandbox, owned by the sandbox's root (a host uid of its own on local)."""
+        path = self.host_path(sandbox_id, jail_path)
+        owner = path.parents[len(Path(jail_path).parts) - 2].stat()  # the sandbox's /
+        path.mkdir(parents=True)
+        for made in [path, *path.parents][: len(Path(jail_path).parts) - 2]:
+            os.chown(made, owner.st_uid, owner.st_gid)
 
     def sandboxes_on_host(self) -> set[str]:
         """Ids of what the runtime holds on this host: jail directories, or labelled containers."""

@@ -40,9 +40,9 @@ def docker_host() -> Iterator[str]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e."""
+    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e, tests/security."""
     for item in items:
-        for kind in ("unit", "integration", "e2e"):
+        for kind in ("unit", "integration", "e2e", "security"):
             if f"/tests/{kind}/" in str(item.path):
                 item.add_marker(getattr(pytest.mark, kind))
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a make target needs, idempotently:
-#   tools/setup.sh run      uv and the Python environment (and bubblewrap for the local runtime)
+#   tools/setup.sh run      uv and the Python environment (and what the local runtime's jails need)
 #   tools/setup.sh test     the above, the Debian packages of the tests, and the cluster binaries
 #   tools/setup.sh cluster  the cluster binaries (and their build dependencies)
 # Debian packages are installed when running as root; otherwise a missing one is named and we stop.
@@ -8,10 +8,13 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# The local runtime's jails run the host's /usr: its Python kernel for the code interpreter
-# (python3-ipykernel) and the data stack agents expect come from Debian.
-RUN_DEBS=(bubblewrap curl python3-ipykernel python3-numpy python3-pandas python3-matplotlib)
-TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2)
+# The local runtime's jails: bwrap, slirp4netns (their way out), nft (their network policy),
+# libseccomp (their system-call filter), nsenter (util-linux); they run the host's /usr, so the code
+# interpreter's Python kernel (python3-ipykernel) and the data stack agents expect come from Debian.
+RUN_DEBS=(bubblewrap slirp4netns nftables libseccomp2 util-linux curl
+  python3-ipykernel python3-numpy python3-pandas python3-matplotlib)
+# gcc: the security battery's probe (tests/security/probe.c) is built statically.
+TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2 gcc libc6-dev)
 
 ensure_debs() {
   local missing=() p

@@ -76,7 +76,7 @@ def work(server: ServerProcess, request: pytest.FixtureRequest) -> Path:
     name = "sandbox" if "sandbox" in request.fixturenames else "sandbox_sync"
     sandbox_id = request.getfixturevalue(name).id
     path = Path("/tmp/files") / request.node.name.replace("[", "_").replace("]", "_")
-    server.host_path(sandbox_id, str(path)).mkdir(parents=True)
+    server.make_dirs(sandbox_id, str(path))
     return path
 
 

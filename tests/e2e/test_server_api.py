@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from opensandbox import Sandbox
 from opensandbox.config import ConnectionConfig
 from opensandbox.models.execd import RunCommandOpts
 
+from harness.images import TEST_IMAGE
 from harness.jails import live_processes_mentioning, live_processes_with_hostname_arg
 from harness.ports import free_port
 from harness.server_process import ServerProcess, only_local, running_server
@@ -348,7 +350,7 @@ asyncio.run(main())
 async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProcess) -> None:
     config = ConnectionConfig(domain=server.domain, use_server_proxy=True)
     sb = await Sandbox.create(server.image, connection_config=config)
-    # The local runtime's jails run the host's Python; the docker test image has busybox only, so
+    # The local runtime's jails have a Python; the docker test image has busybox only, so
     # there the HTTP server is busybox's and the WebSocket relay (runtime-independent) is not run.
     with_python = server.runtime == "local"
     try:
@@ -357,8 +359,11 @@ async def test_proxy_relays_http_websocket_and_large_bodies(server: ServerProces
         await sb.files.write_file("/workspace/site/index.html", "hello from the jail")
         background = RunCommandOpts(background=True, working_directory="/workspace/site")
         if with_python:
-            await sb.commands.run(f"{sys.executable} -m http.server {http_port} --bind 127.0.0.1", opts=background)
-            await sb.commands.run(f"{sys.executable} /workspace/ws_echo.py {ws_port}", opts=background)
+            # The jail's root has the host's /usr but not the server's virtual environment: the
+            # interpreter and packages execd runs on are at /opt/opensandbox (read-only).
+            python = f"PYTHONPATH=/opt/opensandbox/site /opt/opensandbox/python/bin/python{sys.version_info[0]}"
+            await sb.commands.run(f"{python} -m http.server {http_port} --bind 127.0.0.1", opts=background)
+            await sb.commands.run(f"{python} /workspace/ws_echo.py {ws_port}", opts=background)
         else:
             await sb.commands.run(f"busybox httpd -f -p {http_port} -h /workspace/site", opts=background)
 
@@ -490,13 +495,13 @@ async def test_the_memory_limit_is_enforced(server: ServerProcess) -> None:
             assert hog.exit_code == 137  # SIGKILL from the container's OOM killer
             assert (await sb.commands.run("x=$(head -c 4194304 /dev/zero | tr '\\0' a)")).exit_code == 0
             return
-        hog = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(256 << 20); print(len(x))'")
+        hog = await sb.commands.run("python3 -c 'x = bytearray(256 << 20); print(len(x))'")
         (record,) = [r for r in server.records() if r["id"] == sb.id]
         if "memory" in record["cgroups"]:  # type: ignore[operator]
             assert hog.exit_code == 137  # SIGKILL from the cgroup's OOM killer
         else:  # no writable memory cgroup on this host: RLIMIT_AS makes the allocation fail
             assert hog.exit_code not in (0, None)
-        small = await sb.commands.run(f"{sys.executable} -c 'x = bytearray(8 << 20); print(len(x))'")
+        small = await sb.commands.run("python3 -c 'x = bytearray(8 << 20); print(len(x))'")
         assert small.exit_code == 0
     finally:
         await sb.kill()
@@ -564,3 +569,175 @@ def test_without_cgroups_pause_stops_every_process_and_memory_is_an_rlimit(tmp_p
         finally:
             delete(server, created["id"])
         assert live_processes_with_hostname_arg(created["id"]) == []
+
+
+def test_starting_and_deleting_sandboxes_leaves_the_hosts_shared_mounts_alone(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A jail's namespaces are made from copies of the host's mounts: nothing done in them (nor
+    in slirp4netns' sandbox) may unmount anything of the host's, shared mounts included (podman's
+    network namespaces in /run/netns, a kubelet's volumes)."""
+    only_local(server, "the local runtime's mount namespaces")
+    shared, inner = tmp_path / "shared", tmp_path / "shared" / "inner"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        inner.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "canary", str(inner)], check=True)
+        created = create(server)
+        delete(server, created["id"])
+        mounts = Path("/proc/self/mounts").read_text()
+        assert f" {inner} tmpfs " in mounts, "a jail unmounted a shared mount of the host"
+    finally:
+        subprocess.run(["umount", "-R", str(shared)], check=False)
+
+
+def test_an_image_in_containers_storage_is_the_local_sandboxs_root(tmp_path: Path, docker_host: str) -> None:
+    """The test image (a Debian minbase podman has) as the root: its files (owned by the sandbox's
+    root through an idmapped mount), writable through a private upper layer of its own quota."""
+    if shutil.which("podman") is None or subprocess.run(["podman", "image", "exists", TEST_IMAGE]).returncode:
+        pytest.skip(f"podman or {TEST_IMAGE} is missing")
+    with running_server(tmp_path, extra_config="warmPoolSize = 0\ndiskSizeMib = 64") as server:
+        created = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "image": {"uri": TEST_IMAGE}}, timeout=120)
+        assert created.status_code == 202, created.text
+        sandbox = created.json()
+        assert sandbox["status"]["message"].startswith(f"root: image {TEST_IMAGE} (sha256:")
+        try:
+
+            async def look() -> list[str]:
+                sb = await Sandbox.connect(sandbox["id"], connection_config=ConnectionConfig(domain=server.domain))
+                run = await sb.commands.run(
+                    "cat /etc/debian_version >/dev/null && echo debian; stat -c %u /etc/passwd; busybox true && echo"
+                    " busybox; echo x > /etc/written && cat /etc/written; pwd;"
+                    " head -c 100000000 /dev/zero > /tmp/big 2>/dev/null || echo quota"
+                )
+                await sb.close()
+                return [m.text for m in run.logs.stdout]
+
+            assert asyncio.run(look()) == ["debian", "0", "busybox", "x", "/workspace", "quota"]
+            other = create(server)  # a create whose image is not there gets the minimal root
+            assert other["status"]["message"].startswith("root: minimal")
+            delete(server, other["id"])
+        finally:
+            delete(server, sandbox["id"])
+
+
+def test_require_image_refuses_an_absent_image_and_leaves_nothing(tmp_path: Path) -> None:
+    with running_server(tmp_path, extra_config="warmPoolSize = 0\nrequireImage = true") as server:
+        response = httpx.post(f"{server.url}/v1/sandboxes", json={**CREATE, "image": {"uri": "no-such-image:1"}})
+        assert_error(response, 400, "SANDBOX::INVALID_PARAMETER")
+        assert "no-such-image:1" in response.json()["message"]
+        assert server.records() == [] and list((server.state_dir / "sandboxes").iterdir()) == []
+
+
+@contextlib.contextmanager
+def fake_internet() -> Iterator[str]:
+    """A host on "the internet" that is a network namespace of this test's own behind a veth pair:
+    203.0.113.x (TEST-NET-3, not a range sandboxes are denied) answering on port 8080. Traffic to it
+    never leaves this machine (checked before the address is handed out)."""
+    tag = f"osbt{os.getpid() % 100000}"
+    subnet = os.getpid() % 60 * 4  # a /30 of 203.0.113.0/24 of our own
+    host_ip, far_ip = f"203.0.113.{subnet + 1}", f"203.0.113.{subnet + 2}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", tag)
+    server = None
+    try:
+        ip("link", "add", f"{tag}a", "type", "veth", "peer", "name", f"{tag}b", "netns", tag)
+        ip("addr", "add", f"{host_ip}/30", "dev", f"{tag}a")
+        ip("link", "set", f"{tag}a", "up")
+        ip("-n", tag, "addr", "add", f"{far_ip}/30", "dev", f"{tag}b")
+        ip("-n", tag, "link", "set", f"{tag}b", "up")
+        ip("-n", tag, "link", "set", "lo", "up")
+        route = subprocess.run(["ip", "route", "get", far_ip], capture_output=True, text=True, check=True).stdout
+        assert f"dev {tag}a" in route, f"{far_ip} would not stay on this machine: {route}"
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", tag, sys.executable, "-c", FAR_SERVER, far_ip], stdout=subprocess.PIPE
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == b"listening"
+        yield far_ip
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", f"{tag}a"], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", tag], capture_output=True, check=False)
+
+
+FAR_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 8080)); s.listen()
+print("listening", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"hello from the internet\\n"); c.close()
+"""
+
+
+PROBE = """
+import socket
+for host, port in {targets!r}:
+    try:
+        print(socket.create_connection((host, port), timeout=3).recv(100).decode().strip())
+    except OSError as exc:
+        print(type(exc).__name__)
+"""
+
+
+def test_a_sandbox_reaches_the_internet_but_not_the_host(server: ServerProcess) -> None:
+    only_local(server, "the local runtime's outbound network")
+    created = create(server)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        with fake_internet() as far:
+
+            async def probe() -> list[str]:
+                sb = await Sandbox.connect(created["id"], connection_config=ConnectionConfig(domain=server.domain))
+                port = listener.getsockname()[1]
+                script = PROBE.format(targets=[(far, 8080), ("127.0.0.1", port), ("10.0.2.2", port)])
+                await sb.files.write_file("/tmp/probe.py", script)
+                run = await sb.commands.run("python3 /tmp/probe.py")
+                await sb.close()
+                return [m.text for m in run.logs.stdout]
+
+            lines = asyncio.run(probe())
+        assert lines[0] == "hello from the internet", lines
+        assert lines[1] in ("ConnectionRefusedError", "OSError") and lines[2] != "hello", lines  # not the host's
+    finally:
+        listener.close()
+        delete(server, created["id"])
+
+
+def test_two_sandboxes_listen_on_the_same_port_and_each_endpoint_reaches_its_own(server: ServerProcess) -> None:
+    only_local(server, "ports of the local runtime's network namespaces")
+    first, second = create(server), create(server)
+    try:
+
+        async def serve_and_fetch() -> list[str]:
+            config = ConnectionConfig(domain=server.domain)
+            answers = []
+            for created in (first, second):
+                sb = await Sandbox.connect(created["id"], connection_config=config)
+                await sb.files.write_file("/workspace/site/who", created["id"])
+                background = RunCommandOpts(background=True, working_directory="/workspace/site")
+                await sb.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", opts=background)
+                endpoint = await sb.get_endpoint(8000)
+                assert not endpoint.endpoint.endswith(":8000")  # a port of the host's loopback of its own
+                async with httpx.AsyncClient(timeout=10) as client:
+                    for _ in range(100):
+                        with contextlib.suppress(httpx.TransportError):
+                            page = await client.get(f"http://{endpoint.endpoint}/who")
+                            answers.append(page.text)
+                            break
+                        await asyncio.sleep(0.1)
+                await sb.close()
+            return answers
+
+        assert asyncio.run(serve_and_fetch()) == [first["id"], second["id"]]
+    finally:
+        delete(server, first["id"])
+        delete(server, second["id"])

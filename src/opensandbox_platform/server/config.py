@@ -7,6 +7,7 @@ start-up instead of silently ignored. Every key has a default: no file is needed
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -53,29 +54,79 @@ class RuntimeSection(Section):
 
 class LocalSection(Section):
     state_dir: str = Field(
-        default="", description="sandbox records and private dirs (default $XDG_STATE_HOME/opensandbox/local)"
+        default="", description="sandbox records and logs (default $XDG_STATE_HOME/opensandbox/local)"
+    )
+    run_dir: str = Field(
+        default="/run/opensandbox",
+        description="host-wide directory of the uid-range locks every local-runtime server on this host shares",
     )
     warm_pool_size: int = Field(
         default=2,
         ge=0,
         le=64,
-        description="jails kept started ahead of creates: a create then costs ~10 ms (each ~13 MiB PSS idle)",
+        description="jails kept started ahead of creates: a create then costs ~10 ms (each ~16 MiB PSS idle)",
     )
     start_timeout_seconds: float = Field(default=30.0, gt=0, description="how long a jail may take to start execd")
+    disk_size_mib: int = Field(
+        default=1024,
+        ge=16,
+        description="size of each sandbox's private writable storage: its root file system, /tmp and home"
+        " (a tmpfs: what is stored counts in the sandbox's memory too)",
+    )
     tmp_size_mib: int = Field(default=512, ge=1, description="size of the in-memory /run of each jail")
     open_files: int = Field(default=65536, ge=64, description="RLIMIT_NOFILE of every sandbox process")
     use_cgroups: bool = Field(
         default=True,
         description="limits and pause through cgroup v1 where writable; false: rlimits and SIGSTOP only",
     )
-    max_processes: int = Field(
-        default=4096, ge=16, description="pids cgroup limit of each sandbox (if cgroups are writable)"
+    max_processes: int = Field(default=4096, ge=16, description="pids cgroup limit (and RLIMIT_NPROC) of each sandbox")
+    default_cpu: str = Field(default="1", description="CPU limit when a create gives none (e.g. 1, 500m; empty: none)")
+    default_memory: str = Field(
+        default="2Gi", description="memory limit when a create gives none (e.g. 2Gi; empty: none)"
     )
     code_prestart: str = Field(
         default="",
         description="a language (e.g. python) whose code-interpreter kernel every jail starts before it is"
         " claimed, so the first codes.run needs no kernel start (~40-60 MiB more per warm jail); empty: none",
     )
+    network: Literal["outbound", "none"] = Field(
+        default="outbound",
+        description="outbound: a network namespace of its own with internet access through slirp4netns (the host,"
+        " its loopback, private and link-local ranges unreachable); none: loopback only",
+    )
+    network_allow: list[str] = Field(
+        default_factory=list, description="IPv4 CIDRs sandboxes may reach although denied by default (e.g. 10.1.0.0/16)"
+    )
+    network_deny: list[str] = Field(default_factory=list, description="more IPv4 CIDRs sandboxes may not reach")
+    images: Literal["containers-storage", "none"] = Field(
+        default="containers-storage",
+        description="where image roots come from: containers-storage (the host's podman images, unpacked once per"
+        " digest into the state dir); none: every sandbox gets the minimal root",
+    )
+    require_image: bool = Field(
+        default=False,
+        description="refuse a create whose image is not available (400) instead of giving it the minimal root",
+    )
+    uid_range_start: int = Field(
+        default=1_000_000_000,
+        description="first host uid/gid of the sandboxes' ranges: sandbox slot N maps its ids 0..65535 to"
+        " uidRangeStart + N*65536 ...",
+    )
+    uid_range_slots: int = Field(default=16384, ge=1, description="how many sandboxes (ranges) this host can hold")
+
+    @field_validator("network_allow", "network_deny")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from opensandbox_platform.server.runtimes.netpolicy import normalize
+
+        return normalize(value)
+
+    @model_validator(mode="after")
+    def _uid_layout(self) -> LocalSection:
+        from opensandbox_platform.server.runtimes.uidmap import check_layout
+
+        check_layout(self.uid_range_start, self.uid_range_slots)
+        return self
 
 
 class DockerSection(Section):
@@ -102,6 +153,11 @@ class DockerSection(Section):
     pids_limit: int = Field(default=4096, ge=16, description="pids limit of each sandbox container")
     oci_runtime: str = Field(
         default="", description="OCI runtime of sandbox containers (e.g. runsc; default: the engine's)"
+    )
+    seccomp_profile: str = Field(
+        default="builtin",
+        description="builtin: the local runtime's filter (Docker's default, stricter: no unshare, keyctl, io_uring);"
+        " default: the engine's own; else the path of a profile file on the engine's host",
     )
     working_dir: str = Field(
         default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
@@ -189,8 +245,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
-def render_default() -> str:
-    """A commented TOML file with every key at its default (what `init-config` writes)."""
+def render_default(api_key: str = "") -> str:
+    """A commented TOML file with every key at its default but `server.apiKey` (what `init-config`
+    writes, with a fresh random key)."""
     lines = ["# opensandbox-server configuration. Keys mirror the Helm chart's server.config.* values.", ""]
     for section_name, field in Config.model_fields.items():
         section = field.default
@@ -199,9 +256,20 @@ def render_default() -> str:
         for name, info in type(section).model_fields.items():
             if info.description:
                 lines.append(f"# {info.description}")
-            lines.append(f"{to_camel(name)} = {_toml_value(getattr(section, name))}")
+            value = api_key if (section_name, name) == ("server", "api_key") and api_key else getattr(section, name)
+            lines.append(f"{to_camel(name)} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether the server listening on `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _toml_value(value: Any) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import secrets
 import sys
 from pathlib import Path
 
@@ -25,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (overrides server.host; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides server.port; default 8080)")
     commands = parser.add_subparsers(dest="command", metavar="{init-config}")
-    init = commands.add_parser("init-config", help="write a commented config file with every default")
+    init = commands.add_parser(
+        "init-config", help="write a commented config file with every default and a new random API key"
+    )
     init.add_argument("path", nargs="?", default=str(Path.home() / ".sandbox.toml"), help="default ~/.sandbox.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser.parse_args(argv)
@@ -37,8 +41,9 @@ def init_config(path: str, force: bool) -> int:
         print(f"{target} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(configuration.render_default())
-    print(f"wrote {target}")
+    target.write_text(configuration.render_default(api_key=secrets.token_urlsafe(32)))
+    target.chmod(0o600)  # it holds the API key
+    print(f"wrote {target} (with a new random server.apiKey: clients send it as OPEN-SANDBOX-API-KEY)")
     return 0
 
 
@@ -57,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         config.server.port = args.port
     level = config.server.log_level
     logs.setup(level)
+    if not config.server.api_key and not configuration.is_loopback(config.server.host):
+        logging.getLogger("opensandbox.server").warning(
+            "listening on %s without an API key: anyone who can reach it can create, run code in and delete"
+            " sandboxes; set server.apiKey (opensandbox-server init-config writes a random one)",
+            config.server.host,
+        )
     app = create_app(config, default_runtime(config, args.config))
     # log_config=None: uvicorn's own loggers go through the same logfmt handler as ours.
     uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=level.lower(), log_config=None)

@@ -45,14 +45,49 @@ def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert configuration.Config().state_dir() == tmp_path / "opensandbox" / "local"
 
 
-def test_init_config_writes_a_file_that_loads_to_the_defaults(tmp_path: Path) -> None:
+def test_init_config_writes_the_defaults_and_a_random_api_key(tmp_path: Path) -> None:
     path = tmp_path / "sandbox.toml"
     with pytest.raises(SystemExit) as done:
         main(["init-config", str(path)])
     assert done.value.code == 0
     text = path.read_text()
     assert "apiKey" in text and "# " in text
-    assert configuration.load(path) == configuration.Config()
+    assert path.stat().st_mode & 0o077 == 0  # the key is the operator's only
+    loaded = configuration.load(path)
+    assert len(loaded.server.api_key) >= 32
+    loaded.server.api_key = ""
+    assert loaded == configuration.Config()
+    other = tmp_path / "other.toml"
+    with pytest.raises(SystemExit):
+        main(["init-config", str(other)])
+    assert configuration.load(other).server.api_key != configuration.load(path).server.api_key
     with pytest.raises(SystemExit) as again:
         main(["init-config", str(path)])
     assert again.value.code == 1  # no silent overwrite
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False), ("10.0.0.5", False)],
+)
+def test_which_addresses_are_loopback(host: str, loopback: bool) -> None:
+    assert configuration.is_loopback(host) is loopback
+
+
+def test_a_key_less_server_on_a_public_address_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import opensandbox_platform.server.main as server_main
+
+    monkeypatch.delenv(configuration.API_KEY_ENV, raising=False)
+    monkeypatch.setattr(server_main, "create_app", lambda config, runtime: None)
+    monkeypatch.setattr(server_main, "default_runtime", lambda config, path: None)
+    monkeypatch.setattr(server_main.uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(server_main.logs, "setup", lambda level: None)
+    with caplog.at_level("WARNING"):
+        server_main.main(["--host", "0.0.0.0"])
+    assert "without an API key" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        server_main.main(["--host", "127.0.0.1"])
+    assert "without an API key" not in caplog.text

@@ -207,3 +207,12 @@ def test_docker_config_keys(tmp_path: Path) -> None:
         load(path)
     assert Config().docker.state_path().name == "docker"
     assert json.dumps(Config().docker.model_dump())  # every key has a plain default
+
+
+def test_seccomp_option_builtin_default_or_a_path(tmp_path: Path) -> None:
+    path = tmp_path / "seccomp.json"
+    assert model.seccomp_option("default", False, path) == ("", None)
+    assert model.seccomp_option("/etc/profile.json", True, path) == ("/etc/profile.json", None)
+    assert model.seccomp_option("builtin", True, path) == (str(path), str(path))  # podman reads a file
+    inline, write = model.seccomp_option("builtin", False, path)  # Docker takes the profile itself
+    assert write is None and json.loads(inline)["defaultAction"] == "SCMP_ACT_ERRNO"

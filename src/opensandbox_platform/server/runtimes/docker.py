@@ -41,7 +41,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api, guards
+from opensandbox_platform.server.runtimes import docker_api, guards, seccomp
 from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -92,6 +92,7 @@ class DockerRuntime:
             validation.memory_bytes(self.settings.default_memory) if self.settings.default_memory else None
         )
         self._docker: aiodocker.Docker | None = None
+        self._seccomp = ""
         self._execd_tar: bytes | None = None
         self._execd_lock = asyncio.Lock()
         self._pull_locks: dict[str, asyncio.Lock] = {}
@@ -110,6 +111,17 @@ class DockerRuntime:
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
+    def _seccomp_option(self, version: dict[str, Any]) -> str:
+        components = version.get("Components") or []
+        podman = any("podman" in str(c.get("Name", "")).lower() for c in components)
+        value, write_to = model.seccomp_option(
+            self.settings.seccomp_profile, podman, self.store.directory / "profiles" / "seccomp.json"
+        )
+        if write_to is not None:  # not beside the sandboxes' *.json files: those are overrides
+            Path(write_to).parent.mkdir(exist_ok=True)
+            Path(write_to).write_text(json.dumps(seccomp.docker_profile(), indent=1))
+        return value
+
     async def start(self) -> None:
         self._docker = aiodocker.Docker(url=self.settings.host or None)
         try:
@@ -118,6 +130,7 @@ class DockerRuntime:
             await self._docker.close()
             raise RuntimeError(f"cannot reach the Docker Engine API: {exc.message}") from None
         self.store.directory.mkdir(parents=True, exist_ok=True)
+        self._seccomp = self._seccomp_option(version)
         await self._remove_helpers()
         if self.settings.execd_binary:  # a wrong path fails the start, not every create
             await self._execd_archive()
@@ -177,6 +190,7 @@ class DockerRuntime:
             settings=self.settings,
             cpu_millis=spec.cpu_millis or self.default_cpu,
             memory_bytes=spec.memory_bytes or self.default_memory,
+            seccomp=self._seccomp,
         )
         try:
             container = await self.docker.containers.create(body, name=model.container_name(sandbox_id))

@@ -20,6 +20,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
+from opensandbox_platform.server.runtimes.seccomp import docker_profile
 
 EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
 EXECD_BINARY = L.EXECD_MOUNT + "/execd"
@@ -212,6 +213,7 @@ def container_config(
     settings: DockerSection,
     cpu_millis: int | None,
     memory_bytes: int | None,
+    seccomp: str = "",
 ) -> dict[str, Any]:
     """The body of POST /containers/create: the bootstrap script as entrypoint (execd in the
     background, then the user's entrypoint as its command), execd's port published on an
@@ -221,7 +223,7 @@ def container_config(
         "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},
         "CapDrop": ["ALL"],
         "CapAdd": list(CAPABILITIES),
-        "SecurityOpt": ["no-new-privileges"],
+        "SecurityOpt": ["no-new-privileges"] + ([f"seccomp={seccomp}"] if seccomp else []),
         "PidsLimit": settings.pids_limit,
         "RestartPolicy": {"Name": "no"},
     }
@@ -289,6 +291,18 @@ def image_path(image_env: list[str], request_env: dict[str, str]) -> str:
         if entry.startswith("PATH="):
             return entry[5:]
     return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def seccomp_option(setting: str, engine_is_podman: bool, profile_path: Path) -> tuple[str, str | None]:
+    """(the `seccomp=` value, the file to write the builtin profile to first, if any). Docker takes the
+    profile itself; podman's compatible API reads a file on its host (the server's, then)."""
+    if setting == "default":
+        return "", None
+    if setting != "builtin":
+        return setting, None
+    if engine_is_podman:
+        return str(profile_path), str(profile_path)
+    return json.dumps(docker_profile(), separators=(",", ":")), None
 
 
 # -- overrides: what changed after the create ------------------------------------------------

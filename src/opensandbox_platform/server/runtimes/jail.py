@@ -1,30 +1,32 @@
-"""The bubblewrap command line of a local sandbox.
+"""The bubblewrap command line of a local sandbox, and where execd's interpreter comes from.
 
-The jail's root is bwrap's own tmpfs, made read-only at the end: every top-level entry of the
-host's `/` is bind-mounted read-only into it (symlinks such as /bin -> usr/bin are recreated), so
-the host's programs and libraries are there, and new mount points (/workspace) can be made. On top:
+bwrap runs as the sandbox's host uid and makes the jail's user, mount, PID, IPC, UTS and cgroup
+namespaces (the network namespace is already the one runtimes/staging.py made). Its root is the
+sandbox's private tmpfs (`<stage>/rw`, see staging.py) with, on top:
 
-- a new /proc (PID namespace) and a minimal /dev (null, zero, random, tty, pts, shm);
-- private, writable /tmp, /root (home) and /workspace, bound from the sandbox's directory on the
-  host's disk, and an in-memory /run (execd's env file and state);
-- the paths execd needs to run (the Python installation, this package) bound back read-only when
-  they sit under one of those private directories;
-- the server's state directory and config file hidden.
+- the host's /usr and its /bin, /lib*, /sbin companions and the public /etc entries of
+  runtimes/rootfs.py, read-only (the root of an image instead, once images are supported);
+- execd's interpreter and this package at /opt/opensandbox/{python,site,src}, read-only;
+- a /proc of the jail's PID namespace (bwrap makes /proc/sys read-only; kcore, keys, timer_list,
+  sched_debug, ... are masked as Docker masks them), a minimal read-only /dev with its own pts and
+  a 64 MiB /dev/shm, the host's /sys read-only, an in-memory /run.
 
-Namespaces: PID, IPC and UTS (hostname = sandbox id). The network namespace is the host's (see
-docs/local-runtime.md). Capabilities: Docker's default set minus NET_RAW (the network is the
-host's) and MKNOD (no devices cgroup keeps a device node from reaching the host's disks).
+Capabilities (inside the jail's own user namespace only; it holds none of the host's): Docker's
+default set minus NET_RAW and MKNOD. The seccomp filter is runtimes/seccomp.py's.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+import sysconfig
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import opensandbox_platform
+from opensandbox_platform.api.labels import EXECD_MOUNT
+from opensandbox_platform.server.runtimes.rootfs import HostPart
 
 BWRAP = "bwrap"
 JAIL_INIT = "opensandbox_platform.server.runtimes.jail_init"
@@ -42,103 +44,144 @@ CAPABILITIES = (
     "CAP_SYS_CHROOT",
     "CAP_AUDIT_WRITE",
 )
-# Top-level host entries the jail gets its own version of.
-PRIVATE = {"/proc", "/dev", "/tmp", "/root", "/run", "/workspace", "/lost+found"}
 HOME = "/root"
 WORKSPACE = "/workspace"
 EXECD_DIR = "/run/opensandbox"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SHM_BYTES = 64 << 20
+# What Docker masks in /proc and /sys (files get /dev/null, directories an empty read-only tmpfs).
+MASKED_FILES = (
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+)
+MASKED_DIRS = ("/proc/acpi", "/proc/scsi", "/sys/firmware")
 
 
-@dataclass
-class JailDirs:
-    """A sandbox's directory on the host and the private directories inside it."""
+@dataclass(frozen=True)
+class RuntimeLayout:
+    """execd's interpreter and package: host paths staged read-only under /opt/opensandbox."""
 
-    root: Path
+    binds: dict[str, str]  # staged name -> host path; in the jail at EXECD_MOUNT/<name>
+    python: str  # the interpreter, as the jail sees it
+    path: tuple[str, ...]  # sys.path entries to add, as the jail sees them
+    library_path: str = ""  # where its libpython is, as the jail sees it (its RUNPATH is a host path)
 
-    @property
-    def tmp(self) -> Path:
-        return self.root / "tmp"
-
-    @property
-    def home(self) -> Path:
-        return self.root / "home"
-
-    @property
-    def workspace(self) -> Path:
-        return self.root / "workspace"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "jail.log"
-
-    def make(self) -> None:
-        for path in (self.tmp, self.home, self.workspace):
-            path.mkdir(parents=True, exist_ok=True)
-        self.tmp.chmod(0o1777)
+    def jail_path(self, name: str) -> str:
+        return f"{EXECD_MOUNT}/{name}"
 
 
-def runtime_paths() -> list[str]:
-    """What the jail's Python needs to import execd: the interpreter's prefixes and our package."""
-    package_root = Path(opensandbox_platform.__file__).resolve().parents[1]
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(package_root)}
-    return sorted({os.path.realpath(p) for p in paths})
+def runtime_layout() -> RuntimeLayout:
+    """The server's own interpreter (sys.base_prefix), its environment's site-packages (for
+    execd's optional dependencies) and this package, wherever they are on the host."""
+    base = os.path.realpath(sys.base_prefix)
+    executable = os.path.realpath(sys.executable)
+    if not executable.startswith(base.rstrip("/") + "/"):
+        raise RuntimeError(f"the interpreter {executable} is not under its prefix {base}")
+    binds = {"python": base}
+    path: list[str] = []
+    package_root = str(Path(opensandbox_platform.__file__).resolve().parents[1])
+    site = os.path.realpath(sysconfig.get_paths()["purelib"])
+    if site != package_root:
+        binds["src"] = package_root
+        path.append(f"{EXECD_MOUNT}/src")
+    if site.startswith(base.rstrip("/") + "/"):  # no virtual environment: under the prefix
+        path.append(f"{EXECD_MOUNT}/python/{os.path.relpath(site, base)}")
+    else:
+        binds["site"] = site
+        path.append(f"{EXECD_MOUNT}/site")
+    python = f"{EXECD_MOUNT}/python/{os.path.relpath(executable, base)}"
+    libraries = sysconfig.get_config_var("LIBDIR") or ""
+    library_path = ""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and os.path.realpath(libraries).startswith(base.rstrip("/") + "/"):
+        library_path = f"{EXECD_MOUNT}/python/{os.path.relpath(os.path.realpath(libraries), base)}"
+    return RuntimeLayout(binds=binds, python=python, path=tuple(path), library_path=library_path)
 
 
-def _under(path: str, parents: Iterable[str]) -> bool:
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
-
-
-def host_root_args() -> list[str]:
+def masks(exists: Callable[[str], bool] = os.path.exists) -> list[str]:
+    """bwrap arguments that mask what exists of MASKED_FILES and MASKED_DIRS."""
     args: list[str] = []
-    for name in sorted(os.listdir("/")):
-        path = "/" + name
-        if path in PRIVATE or path == "/sys":
-            continue
-        if os.path.islink(path):
-            args += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            args += ["--ro-bind", path, path]
+    for path in MASKED_FILES:
+        if exists(path):
+            args += ["--ro-bind", "/dev/null", path]
+    for path in MASKED_DIRS:
+        if exists(path):
+            args += ["--tmpfs", path, "--remount-ro", path]
     return args
+
+
+def root_args(stage_dir: str, parts: Iterable[HostPart], layout: RuntimeLayout) -> list[str]:
+    """The root: the private tmpfs, the host's /usr and public /etc entries, execd's runtime."""
+    args = ["--bind", f"{stage_dir}/rw", "/"]
+    for part in parts:
+        if part.link is not None:
+            args += ["--symlink", part.link, part.path]
+        else:
+            args += ["--ro-bind", part.path, part.path]
+    for name in layout.binds:
+        args += ["--ro-bind", f"{stage_dir}/rt/{name}", layout.jail_path(name)]
+    return args
+
+
+def image_root_args(stage_dir: str, layout: RuntimeLayout) -> list[str]:
+    """The root of an image: its overlay (staging.py mounts it), then execd's runtime."""
+    args = ["--bind", f"{stage_dir}/root", "/"]
+    for name in layout.binds:
+        args += ["--ro-bind", f"{stage_dir}/rt/{name}", layout.jail_path(name)]
+    return args
+
+
+def mountpoints(parts: Iterable[HostPart], layout: RuntimeLayout) -> list[tuple[str, bool]]:
+    """Mount points staging.py creates in the root beforehand (with the right owner and mode)."""
+    points = [(p.path, os.path.isdir(p.path)) for p in parts if p.link is None]
+    return points + [(layout.jail_path(name), True) for name in layout.binds]
+
+
+@dataclass(frozen=True)
+class Fds:
+    info: int
+    userns_block: int
+    seccomp: int
+    ctl: int
+    evt: int
+    keep: int  # held by jail_init for the jail's life (slirp4netns' exit pipe)
 
 
 def bwrap_args(
     sandbox_id: str,
-    dirs: JailDirs,
     *,
-    root_args: list[str],
-    hidden: Iterable[Path],
+    root: list[str],
+    layout: RuntimeLayout,
     run_size_bytes: int,
-    info_fd: int,
-    block_fd: int,
-    ctl_fd: int,
-    evt_fd: int,
+    fds: Fds,
+    proc_masks: list[str],
 ) -> list[str]:
-    args = [BWRAP, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", sandbox_id, "--new-session"]
-    args += root_args
-    args += ["--ro-bind", "/sys", "/sys", "--proc", "/proc", "--dev", "/dev"]
-    args += ["--size", str(run_size_bytes), "--tmpfs", "/run"]
-    args += ["--bind", str(dirs.tmp), "/tmp", "--bind", str(dirs.home), HOME, "--bind", str(dirs.workspace), WORKSPACE]
-    private = ("/tmp", HOME, "/run")
-    for path in runtime_paths():
-        if _under(path, private):
-            args += ["--ro-bind", path, path]
-    for hidden_path in hidden:
-        resolved = os.path.realpath(hidden_path)
-        if not os.path.exists(resolved) or _under(resolved, private):
-            continue
-        if os.path.isdir(resolved):
-            args += ["--tmpfs", resolved]
-        else:
-            args += ["--ro-bind", "/dev/null", resolved]
-    args += ["--remount-ro", "/", "--chdir", WORKSPACE]
-    if os.geteuid() == 0:  # bwrap keeps every capability of a root caller unless told otherwise
-        args += ["--cap-drop", "ALL"]
-        for cap in CAPABILITIES:
-            args += ["--cap-add", cap]
-    args += ["--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]
-    args += [sys.executable, "-m", JAIL_INIT, "--ctl-fd", str(ctl_fd), "--evt-fd", str(evt_fd)]
-    return args
+    args = [BWRAP, "--unshare-user", "--uid", "0", "--gid", "0", "--userns-block-fd", str(fds.userns_block)]
+    args += ["--info-fd", str(fds.info)]
+    args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    args += ["--hostname", sandbox_id, "--new-session"]
+    args += root
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm"]
+    args += ["--remount-ro", "/dev", "--ro-bind", "/sys", "/sys"]
+    args += proc_masks
+    args += ["--size", str(run_size_bytes), "--tmpfs", "/run", "--chdir", WORKSPACE]
+    for cap in CAPABILITIES:
+        args += ["--cap-add", cap]
+    if layout.library_path:  # jail_init drops it before it starts anything
+        args += ["--setenv", "LD_LIBRARY_PATH", layout.library_path]
+    args += ["--seccomp", str(fds.seccomp), "--"]
+    return args + jail_init_argv(layout, fds.ctl, fds.evt, fds.keep)
+
+
+def jail_init_argv(layout: RuntimeLayout, ctl_fd: int, evt_fd: int, keep_fd: int) -> list[str]:
+    """The jail's first process: isolated mode (no user site, no PYTHON* variables, no site
+    hooks), with only our package and its environment's site-packages on the path."""
+    boot = f"import sys; sys.path[:0] = {list(layout.path)!r}; from {JAIL_INIT} import main; main()"
+    fds = ["--ctl-fd", str(ctl_fd), "--evt-fd", str(evt_fd), "--keep-fd", str(keep_fd)]
+    return [layout.python, "-I", "-S", "-c", boot, *fds]
 
 
 def jail_env(sandbox_id: str, token: str, code_prestart: str = "") -> dict[str, str]:

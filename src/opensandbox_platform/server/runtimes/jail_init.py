@@ -8,7 +8,11 @@ Started by bwrap (which stays PID 1 of the jail's PID namespace) with two pipes 
 - `--ctl-fd`: the server writes one JSON line, the claim: `{"env", "cwd", "argv", "rlimits"}`.
   A jail can be started before anyone asks for a sandbox (a warm jail) and claimed later.
 
-execd listens on 127.0.0.1 on a port the kernel picks, so two jails can never race for a port.
+execd listens on 127.0.0.1:44772 of the jail's own network namespace; the server forwards a port
+of the host's loopback to it (runtimes/forward.py). Before anything else, every inherited file
+descriptor is closed but stdio, the two pipes and `--keep-fd`, the write end of slirp4netns' exit
+pipe: held for the jail's life, so slirp4netns ends with the jail even while the server is down.
+Once execd listens, its output and the entrypoint's go to /run/opensandbox/jail.log in the jail.
 When the entrypoint exits, execd stops and the jail ends with the entrypoint's exit code (as a
 container does); the server sees the jail's PID 1 go.
 """
@@ -30,6 +34,7 @@ import os
 import resource
 from typing import Any
 
+from opensandbox_platform.api.labels import EXECD_PORT
 from opensandbox_platform.daemon import logs
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import HttpServer
@@ -39,6 +44,7 @@ from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.procs import WATCHER
 
 log = logging.getLogger("jail")
+LOG_NAME = "jail.log"
 
 
 def _send(fd: int, event: dict[str, Any]) -> None:
@@ -86,8 +92,9 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     )
     app = ExecdApp(settings)
     server = HttpServer(app.dispatch)
-    listener = await server.start("127.0.0.1", 0)
+    listener = await server.start("127.0.0.1", EXECD_PORT)
     port = listener.sockets[0].getsockname()[1]
+    _log_inside(os.path.dirname(settings.envs_file))
     _send(evt_fd, {"event": "ready", "port": port})
     app.start_code()
 
@@ -123,11 +130,32 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     return code
 
 
+def _log_inside(directory: str) -> None:
+    """From now on, execd's and the entrypoint's output go to a file in the jail (its own
+    storage), not to the server's pipe: the server may be gone (a restart), and a program that
+    notices its output's reader is gone (`tail -f`) would end the sandbox with it."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+
+
+def close_inherited_fds(keep: tuple[int, ...]) -> None:
+    for fd in sorted(int(name) for name in os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jail_init", description=__doc__)
     parser.add_argument("--ctl-fd", type=int, required=True)
     parser.add_argument("--evt-fd", type=int, required=True)
+    parser.add_argument("--keep-fd", type=int, default=-1, help="an fd to hold for the jail's life, unused")
     args = parser.parse_args(argv)
+    close_inherited_fds(keep=(0, 1, 2, args.ctl_fd, args.evt_fd, args.keep_fd))
+    os.environ.pop("LD_LIBRARY_PATH", None)  # our interpreter's, not for the sandbox's programs
     logs.setup(os.environ.get("EXECD_LOG_LEVEL", "info"))
     sys.exit(asyncio.run(serve(args.ctl_fd, args.evt_fd)))
 

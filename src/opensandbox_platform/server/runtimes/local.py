@@ -1,15 +1,24 @@
 """The `local` runtime: every sandbox is a bubblewrap jail on this host, running execd.
 
+A jail is a user namespace whose root is an unprivileged host uid range of its own
+(runtimes/uidmap.py), with its own mount, PID, IPC, UTS, cgroup and network namespaces, a private
+size-limited root file system (runtimes/rootfs.py), a seccomp filter (runtimes/seccomp.py), cgroup
+limits, and outbound network through slirp4netns under an nftables policy (runtimes/netpolicy.py,
+runtimes/slirp.py). See docs/local-runtime.md and docs/security.md.
+
 A sandbox's record (what the API reports, plus where its jail is) is a JSON file in its own
 directory under the state dir, written before the jail is released to run anything, so a server
 that crashes or restarts finds every jail again. Expiry is a field of that record, enforced by the
 shared sweeper (expiry.py), also after a restart.
 
-Starting a jail (`_spawn`): bwrap reports the host pid of the jail's PID 1 on `--info-fd`, the
-server puts it in the sandbox's cgroups, then releases it through `--block-fd`; execd announces
-its port on a pipe (`jail_init`). Claiming it (`_claim`) sends the env, working directory and
-entrypoint down another pipe. With `warmPoolSize` > 0, jails are started ahead of creates and
-only claimed at create time (the sandbox id, which is the jail's hostname, is chosen at start).
+Starting a jail (`_spawn`): a thread of its own stages the root and the network namespace and
+starts bwrap (runtimes/staging.py), which reports the host pid of the jail's first process on
+`--info-fd` and waits on `--userns-block-fd`; the server writes the record, puts the pid in the
+sandbox's cgroups, starts slirp4netns, and lets the jail go. execd announces itself on a pipe
+(`jail_init`), and the server forwards a port of the host's loopback to it (runtimes/forward.py).
+Claiming the jail (`_claim`) sends the env, working directory and entrypoint down another pipe.
+With `warmPoolSize` > 0, jails are started ahead of creates and only claimed at create time (the
+sandbox id, which is the jail's hostname, is chosen at start).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -26,16 +36,17 @@ import shutil
 import signal
 import subprocess
 import uuid
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import times
-from opensandbox_platform.server import errors
+from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import guards, procfs
+from opensandbox_platform.server.runtimes import guards, images, netpolicy, procfs, rootfs, seccomp, slirp, staging
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -47,12 +58,16 @@ from opensandbox_platform.server.runtimes.base import (
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
+from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
+from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
 
 log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
-LOOPBACK = "127.0.0.1"
+LOG = "jail.log"
 REFILL_DELAY_SECONDS = 0.3
+LOG_LIMIT = 1 << 20  # bytes of a jail's output kept in its log
+MINIMAL_ROOT = "the host's /usr read-only with a private /etc, home, /tmp and /workspace"
 
 
 @dataclass
@@ -60,11 +75,15 @@ class Record:
     """One sandbox as stored on disk; `claimed` is False for a warm jail nobody asked for yet."""
 
     id: str
-    pid: int  # host pid of the jail's PID 1 (bwrap)
+    pid: int  # host pid of the jail's first process (bwrap's child, PID 1 of its namespace)
     start_ticks: int  # with `pid`, names that one process even after pid reuse
     token: str
     cgroups: dict[str, str]
-    port: int = 0
+    uid_slot: int = -1  # the host uid/gid range (runtimes/uidmap.py)
+    ports: dict[str, int] = field(default_factory=dict)  # sandbox port -> forwarded host port (loopback)
+    helper_pid: int = 0  # slirp4netns
+    helper_ticks: int = 0
+    root: str = MINIMAL_ROOT  # what the jail's root file system is (the status message says it)
     claimed: bool = False
     image: str = ""
     entrypoint: list[str] = field(default_factory=list)
@@ -117,11 +136,58 @@ class Jail:
     popen: subprocess.Popen[bytes]
     ctl_fd: int
     events: asyncio.StreamReader
-    transport: asyncio.ReadTransport
+    transport: _PipeReader
+
+
+@dataclass
+class _Pipes:
+    """The pipes and fds of one jail start; `child` are the ends bwrap inherits."""
+
+    info: tuple[int, int] = field(default_factory=os.pipe)
+    block: tuple[int, int] = field(default_factory=os.pipe)
+    ctl: tuple[int, int] = field(default_factory=os.pipe)
+    evt: tuple[int, int] = field(default_factory=os.pipe)
+    out: tuple[int, int] = field(default_factory=os.pipe)  # bwrap's stdout and stderr
+    exit: tuple[int, int] = field(default_factory=os.pipe)  # slirp4netns ends when jail_init's end closes
+    seccomp: int = -1
+
+    @property
+    def child(self) -> tuple[int, ...]:
+        return (self.info[1], self.block[0], self.ctl[0], self.evt[1], self.out[1], self.exit[1], self.seccomp)
+
+    def fds(self) -> jails.Fds:
+        return jails.Fds(
+            info=self.info[1],
+            userns_block=self.block[0],
+            seccomp=self.seccomp,
+            ctl=self.ctl[0],
+            evt=self.evt[1],
+            keep=self.exit[1],
+        )
+
+    def release(self) -> None:
+        """Close the server's end of --userns-block-fd (once: the number may be reused after)."""
+        _close(self.block[1])
+        self.block = (self.block[0], -1)
+
+    def close_child(self) -> None:
+        for fd in self.child:
+            _close(fd)
+
+    def close_all(self) -> None:
+        self.close_child()
+        for fd in (self.info[0], self.block[1], self.ctl[1], self.evt[0], self.out[0], self.exit[0]):
+            _close(fd)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class LocalRuntime:
-    # image.auth is accepted as image.uri is: a jail's root is the host's, no image is pulled.
+    # image.auth is accepted as image.uri is: no image is pulled.
     capabilities = Capabilities(runtime="local", image_auth=True, pause=True)
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
@@ -132,7 +198,23 @@ class LocalRuntime:
         self.hidden = [self.state_dir] + ([Path(config_path)] if config_path else [])
         self.records: dict[str, Record] = {}
         self.cgroups = Cgroups(enabled=self.local.use_cgroups)
-        self._root_args: list[str] = []
+        run_dir = Path(self.local.run_dir)
+        self.uids = UidSlots(
+            run_dir / "uids", self.local.uid_range_start, self.local.uid_range_slots, alive=procfs.alive
+        )
+        self._self = (os.getpid(), procfs.start_ticks(os.getpid()) or 0)
+        self.stage_dir = run_dir / "stage"
+        self.default_cpu = validation.cpu_millis(self.local.default_cpu) if self.local.default_cpu else None
+        self.default_memory = validation.memory_bytes(self.local.default_memory) if self.local.default_memory else None
+        self.images = images.ImageCache(self.state_dir / "images")
+        self._find_image = images.Lookup()
+        self._bpf = b""
+        self._layout: jails.RuntimeLayout | None = None
+        self._parts: list[rootfs.HostPart] = []
+        self._proc_masks: list[str] = []
+        self.ports = SandboxPorts()
+        self._helpers: dict[str, subprocess.Popen[bytes]] = {}
+        self._drains: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -153,24 +235,62 @@ class LocalRuntime:
     # -- lifecycle of the runtime --------------------------------------------------------------
 
     async def start(self) -> None:
-        if shutil.which(jails.BWRAP) is None:
-            raise RuntimeError("the local runtime needs bubblewrap: apt-get install bubblewrap")
+        self._check_host()
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         self._lock_state_dir()
-        self._root_args = jails.host_root_args()
+        self.uids.prepare()
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self._bpf = seccomp.compile_bpf()
+        self._layout = jails.runtime_layout()
+        self._parts = rootfs.host_parts()
+        self._proc_masks = jails.masks() + self._hidden_masks()
+        self.ports.start()
         await self._recover()
         self.expiry.start()
         if self.local.warm_pool_size:
             self._warm_task = asyncio.create_task(self._keep_warm(), name="warm-pool")
             self._tasks.append(self._warm_task)
         log.info(
-            "local runtime ready state_dir=%s sandboxes=%d cgroups=%s warm_pool=%d",
+            "local runtime ready state_dir=%s sandboxes=%d cgroups=%s warm_pool=%d network=%s",
             self.state_dir,
             len(self.records),
             ",".join(self.cgroups.available) or "none",
             self.local.warm_pool_size,
+            self.local.network,
         )
+
+    def _check_host(self) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError(
+                "the local runtime needs root (it maps each sandbox to a host uid range of its own and makes"
+                " its network namespace); run the server as root, or use the docker runtime"
+            )
+        needed = [jails.BWRAP, "nft"] + ([slirp.SLIRP4NETNS] if self.local.network == "outbound" else [])
+        missing = [program for program in needed if shutil.which(program) is None]
+        if missing:
+            raise RuntimeError(
+                f"the local runtime needs {', '.join(missing)}: apt-get install bubblewrap nftables slirp4netns"
+            )
+        for path in ("/etc/subuid", "/etc/subgid"):
+            with contextlib.suppress(OSError):
+                clash = overlaps(self.local.uid_range_start, self.local.uid_range_slots, Path(path).read_text())
+                if clash:
+                    log.warning("sandbox uid ranges overlap %s entries: %s", path, "; ".join(clash))
+
+    def _hidden_masks(self) -> list[str]:
+        """The server's state dir and config file, where a read-only host part would show them."""
+        assert self._layout is not None
+        shown = [(p.path, p.path) for p in self._parts if p.link is None]
+        shown += [(host, self._layout.jail_path(name)) for name, host in self._layout.binds.items()]
+        args: list[str] = []
+        for hidden in self.hidden:
+            resolved = os.path.realpath(hidden)
+            for host, inside in shown:
+                if resolved == host or resolved.startswith(host.rstrip("/") + "/"):
+                    target = inside + resolved[len(host) :]
+                    args += ["--tmpfs", target] if os.path.isdir(resolved) else ["--ro-bind", "/dev/null", target]
+        return args
 
     async def close(self) -> None:
         # A jail being started for the warm pool is let finish (then killed below): cut short,
@@ -189,6 +309,10 @@ class LocalRuntime:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        await self.ports.close_all()
+        for drain in self._drains.values():
+            drain.cancel()
+        await asyncio.gather(*self._drains.values(), return_exceptions=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -211,7 +335,7 @@ class LocalRuntime:
             except (OSError, ValueError, TypeError):
                 # A jail whose start was cut short before its pid was recorded: find it by name.
                 log.warning("removing a sandbox directory without a valid record path=%s", directory)
-                for pid in procfs.processes_mentioning(f"{directory}/"):
+                for pid in procfs.processes_mentioning(directory.name):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 self.cgroups.remove({c: str(p / directory.name) for c, p in self.cgroups.parents.items()})
@@ -222,18 +346,33 @@ class LocalRuntime:
                 continue
             self.records[record.id] = record
             if procfs.alive(record.pid, record.start_ticks):
+                await self._reattach(record)
                 self._watch(record)
             elif record.state in (State.RUNNING, State.PAUSED, State.PENDING):
                 record.transition(State.TERMINATED, "JAIL_GONE", "the jail ended while the server was down")
                 self._save(record)
 
+    async def _reattach(self, record: Record) -> None:
+        """After a restart: the jail's network namespace, and its forwarded ports on the same host ports."""
+        if not self.ports.attach_process(record.id, record.pid):
+            return
+        wanted = dict(record.ports)
+        for port, host_port in wanted.items():
+            await self._start_forward(record, int(port), host_port)
+        if record.ports != wanted:
+            self._save(record)
+
     # -- the API -------------------------------------------------------------------------------
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
-        jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        image = await self._image(spec.image)
+        if image is not None:  # warm jails have the minimal root: an image's jail starts now
+            jail = await self._spawn(str(uuid.uuid4()), image)
+        else:
+            jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
         record = jail.record
         try:
-            await self._claim(jail, spec)
+            await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
             raise
@@ -246,11 +385,27 @@ class LocalRuntime:
         record.created_at = times.rfc3339(now, digits=6)
         if spec.timeout_seconds is not None:
             record.expires_at = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
-        record.transition(State.RUNNING, "JAIL_RUNNING")
+        record.transition(State.RUNNING, "JAIL_RUNNING", self._root_message(record))
         self._save(record)
         self.records[record.id] = record
         self.expiry.wake()
         return record.info()
+
+    async def _image(self, ref: str) -> images.ImageInfo | None:
+        found = await self._find_image(ref) if self.local.images == "containers-storage" else None
+        if found is None and self.local.require_image:
+            raise ApiError(
+                400,
+                errors.INVALID_PARAMETER,
+                f"image {ref!r} is not in this host's containers storage (podman images), and local.requireImage"
+                " refuses the minimal root",
+            )
+        return found
+
+    def _root_message(self, record: Record) -> str:
+        if record.root == MINIMAL_ROOT:
+            return f"root: minimal ({MINIMAL_ROOT}); image {record.image!r} is not used"
+        return f"root: {record.root}"
 
     async def get(self, sandbox_id: str) -> SandboxInfo:
         return self._record(sandbox_id).info()
@@ -276,8 +431,12 @@ class LocalRuntime:
                 namespace = procfs.pid_namespace(record.pid)
                 if namespace is not None:
                     procfs.signal_namespace(namespace, signal.SIGSTOP)
+                    for _ in range(200):  # no event for it: the stops land as the processes run
+                        if procfs.all_stopped(namespace):
+                            break
+                        await asyncio.sleep(0.01)
                 record.paused_by = "signal"
-            record.transition(State.PAUSED, "JAIL_PAUSED")
+            record.transition(State.PAUSED, "JAIL_PAUSED", self._root_message(record))
             self._save(record)
 
     async def resume(self, sandbox_id: str) -> None:
@@ -289,7 +448,7 @@ class LocalRuntime:
             if record.paused_by == "freezer":
                 await self._await_freezer(record, "THAWED")
             record.paused_by = None
-            record.transition(State.RUNNING, "JAIL_RUNNING")
+            record.transition(State.RUNNING, "JAIL_RUNNING", self._root_message(record))
             self._save(record)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
@@ -309,98 +468,185 @@ class LocalRuntime:
             return record.info()
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
+        """Port N of the sandbox's own network namespace, forwarded from an ephemeral port of the
+        host's loopback (opened the first time anyone asks for N)."""
         record = self._record(sandbox_id)
-        if port == EXECD_PORT:
-            return Endpoint(f"{LOOPBACK}:{record.port}", {EXECD_TOKEN_HEADER: record.token})
-        # The jail shares the host's network namespace: its port N is the host's loopback port N.
-        return Endpoint(f"{LOOPBACK}:{port}")
+        host_port = await self._host_port(record, port)
+        headers = {EXECD_TOKEN_HEADER: record.token} if port == EXECD_PORT else {}
+        return Endpoint(f"{LOOPBACK}:{host_port}", headers)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, self._record(sandbox_id).state)
         return await self.endpoint(sandbox_id, port)
 
+    async def _host_port(self, record: Record, port: int) -> int:
+        known = self.ports.host_port(record.id, port)
+        if known is not None:
+            return known
+        async with self._lock(record.id):
+            known = self.ports.host_port(record.id, port)
+            if known is not None:
+                return known
+            if not self.ports.attached(record.id):
+                if str(port) in record.ports:
+                    return record.ports[str(port)]
+                raise ApiError(409, errors.INVALID_STATE, f"sandbox {record.id} is {record.state}")
+            host_port = await self._start_forward(record, port)
+            self._save(record)
+            return host_port
+
+    async def _start_forward(self, record: Record, port: int, host_port: int = 0) -> int:
+        bound = await self.ports.open(record.id, port, host_port)
+        record.ports[str(port)] = bound
+        return bound
+
     # -- jails ---------------------------------------------------------------------------------
 
-    async def _spawn(self, sandbox_id: str) -> Jail:
-        """Start a jail and wait (by event) until execd listens in it."""
-        dirs = jails.JailDirs(self.sandboxes_dir / sandbox_id)
-        dirs.make()
-        cgroups = self.cgroups.create(sandbox_id)
-        info_r, info_w = os.pipe()
-        block_r, block_w = os.pipe()
-        ctl_r, ctl_w = os.pipe()
-        evt_r, evt_w = os.pipe()
-        child_fds = (info_w, block_r, ctl_r, evt_w)
+    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None) -> Jail:
+        """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
+        listens in it."""
+        image_root = str(await self.images.ensure(image)) if image is not None else None
+        directory = self.sandboxes_dir / sandbox_id
+        directory.mkdir(mode=0o700)
+        try:
+            ids = self.uids.claim(self._self)
+        except NoFreeSlot as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ApiError(503, errors.START_FAILED, f"cannot start a sandbox: {exc}") from None
+        pipes = _Pipes(seccomp=seccomp.program_fd(self._bpf))
         token = secrets.token_urlsafe(24)
-        argv = jails.bwrap_args(
-            sandbox_id,
-            dirs,
-            root_args=self._root_args,
-            hidden=self.hidden,
-            run_size_bytes=self.local.tmp_size_mib << 20,
-            info_fd=info_w,
-            block_fd=block_r,
-            ctl_fd=ctl_r,
-            evt_fd=evt_w,
-        )
+        cgroups = self.cgroups.create(sandbox_id)
+        record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups, uid_slot=ids.slot)
+        if image is not None:
+            record.root = image.describe()
+        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
+        future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
-            popen = _start_bwrap(argv, child_fds, dirs.log, jails.jail_env(sandbox_id, token, self.local.code_prestart))
-        except BaseException:
-            for fd in (*child_fds, info_r, block_w, ctl_w, evt_r):
-                os.close(fd)
+            staged = await asyncio.shield(asyncio.wrap_future(future))
+        except BaseException as exc:
+            future.add_done_callback(functools.partial(_abandon, pipes))
             self.cgroups.remove(cgroups)
-            shutil.rmtree(dirs.root, ignore_errors=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, Exception):
+                log.error("jail start failed id=%s error=%s", sandbox_id, exc)
+                raise ApiError(500, errors.START_FAILED, f"the jail did not start: {exc}") from exc
             raise
-        for fd in child_fds:
-            os.close(fd)
-        self._children[sandbox_id] = popen
-        events, transport = await _pipe(evt_r)
-        info_reader, info_transport = await _pipe(info_r)
-        record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups)
-        jail = Jail(record, popen, ctl_w, events, transport)
+        pipes.close_child()
+        self._drain(sandbox_id, pipes.out[0], directory / LOG)
+        self._children[sandbox_id] = staged.popen
+        self.ports.attach(sandbox_id, staged.netns_fd)
+        record.pid = staged.pid
+        record.start_ticks = procfs.start_ticks(staged.pid) or 0
+        transport = _PipeReader(pipes.evt[0])
+        events = transport.reader
+        jail = Jail(record, staged.popen, pipes.ctl[1], events, transport)
         try:
-            timeout = self.local.start_timeout_seconds
-            info = await asyncio.wait_for(_read_json_object(info_reader), timeout)
-            record.pid = int(info["child-pid"])
-            record.start_ticks = procfs.start_ticks(record.pid) or 0
             self._save(record)  # from here on, a restarted server can find and remove it
             self.cgroups.set_limits(cgroups, None, None, self.local.max_processes)
             self.cgroups.attach(cgroups, record.pid)
-            os.write(block_w, b"go")
-            ready = await asyncio.wait_for(_read_event(events), timeout)
+            if self.local.network == "outbound":
+                await self._start_helper(record, staged.netns_fd, pipes.exit[0], directory / "slirp4netns.log")
+            os.write(pipes.block[1], b"1")  # go
+            pipes.release()
+            ready = await asyncio.wait_for(_read_event(events), self.local.start_timeout_seconds)
             if ready.get("event") != "ready":
-                raise self._start_failed(record, "execd did not start")
-            record.port = int(ready["port"])
+                raise _StartFailed("execd did not start")
+            await self._start_forward(record, EXECD_PORT)
             self._save(record)
             self._watch(record)
             return jail
         except BaseException as exc:
-            failure = (
-                self._start_failed(record, "the jail did not start in time") if isinstance(exc, TimeoutError) else None
-            )
-            os.close(ctl_w)
+            _close(jail.ctl_fd)
             transport.close()
-            if not record.pid:
-                _kill_before_known(popen)
+            pipes.release()  # bwrap's host side waits for this before it can end
+            await self._kill(record)
+            failure = None
+            if isinstance(exc, TimeoutError | _StartFailed):
+                failure = await self._start_failed(record, str(exc) or "the jail did not start in time")
             await self._destroy(record)
             if failure is not None:
                 raise failure from None
             raise
         finally:
-            info_transport.close()
-            os.close(block_w)
+            pipes.release()
+            _close(pipes.info[0])
+            _close(pipes.exit[0])
 
-    async def _claim(self, jail: Jail, spec: SandboxSpec) -> None:
+    def _plan(
+        self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str, image_root: str | None
+    ) -> staging.StagePlan:
+        assert self._layout is not None
+        stage = str(self.stage_dir)
+        if image_root is None:
+            root = jails.root_args(stage, self._parts, self._layout)
+            mountpoints = jails.mountpoints(self._parts, self._layout)
+            skeleton = rootfs.skeleton
+        else:
+            root = jails.image_root_args(stage, self._layout)
+            mountpoints = jails.mountpoints([], self._layout)
+            skeleton = rootfs.image_skeleton
+        argv = jails.bwrap_args(
+            sandbox_id,
+            root=root,
+            layout=self._layout,
+            run_size_bytes=self.local.tmp_size_mib << 20,
+            fds=pipes.fds(),
+            proc_masks=self._proc_masks,
+        )
+        outbound = self.local.network == "outbound"
+        return staging.StagePlan(
+            argv=argv,
+            env=jails.jail_env(sandbox_id, token, self.local.code_prestart),
+            pass_fds=pipes.child,
+            output_fd=pipes.out[1],
+            ids=ids,
+            stage_dir=stage,
+            disk_bytes=self.local.disk_size_mib << 20,
+            skeleton=skeleton(sandbox_id, netpolicy.SLIRP_DNS if outbound else None),
+            mountpoints=mountpoints,
+            image_root=image_root,
+            runtime_binds=dict(self._layout.binds),
+            ruleset=self._ruleset() if outbound else netpolicy.loopback_ruleset(),
+            sysctls=netpolicy.SYSCTLS,
+            info_fd=pipes.info[0],
+            timeout=self.local.start_timeout_seconds,
+            on_pid=lambda pid: self.uids.hold(ids.slot, (pid, procfs.start_ticks(pid) or 0)),
+        )
+
+    def _ruleset(self) -> str:
+        try:
+            host = netpolicy.host_addresses(Path("/proc/net/fib_trie").read_text())
+        except OSError:
+            host = []
+        return netpolicy.ruleset(host=host, allow=self.local.network_allow, deny=self.local.network_deny)
+
+    async def _start_helper(self, record: Record, netns_fd: int, exit_fd: int, log_path: Path) -> None:
+        helper = await slirp.start(netns_fd, exit_fd, log_path, self.local.start_timeout_seconds)
+        self._helpers[record.id] = helper
+        record.helper_pid = helper.pid
+        record.helper_ticks = procfs.start_ticks(helper.pid) or 0
+        with contextlib.suppress(OSError):  # its traffic's CPU and memory are the sandbox's
+            self.cgroups.attach(record.cgroups, helper.pid)
+        self._save(record)
+
+    async def _claim(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None = None) -> None:
         record = jail.record
-        self.cgroups.set_limits(record.cgroups, spec.cpu_millis, spec.memory_bytes, None)
+        memory = spec.memory_bytes or self.default_memory
+        self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
         rlimits: dict[str, list[int]] = {
             "RLIMIT_NOFILE": [self.local.open_files, self.local.open_files],
+            "RLIMIT_NPROC": [self.local.max_processes, self.local.max_processes],
             "RLIMIT_CORE": [0, 0],
         }
-        if spec.memory_bytes and "memory" not in record.cgroups:
+        if memory and "memory" not in record.cgroups:
             # No memory cgroup: the address-space limit is the only memory bound left.
-            rlimits["RLIMIT_AS"] = [spec.memory_bytes, spec.memory_bytes]
-        claim = {"env": spec.env, "cwd": jails.WORKSPACE, "argv": spec.entrypoint, "rlimits": rlimits}
+            rlimits["RLIMIT_AS"] = [memory, memory]
+        env, cwd, argv = dict(spec.env), jails.WORKSPACE, list(spec.entrypoint)
+        if image is not None:  # the image's defaults; the request's env and entrypoint win
+            env = {**image.env, **spec.env}
+            cwd = image.working_dir or jails.WORKSPACE
+            argv = argv or image.entrypoint + image.cmd
+        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits}
         try:
             os.write(jail.ctl_fd, json.dumps(claim).encode() + b"\n")
         finally:
@@ -408,17 +654,23 @@ class LocalRuntime:
         try:
             started = await asyncio.wait_for(_read_event(jail.events), self.local.start_timeout_seconds)
         except TimeoutError:
-            raise self._start_failed(record, "the entrypoint did not start in time") from None
+            await self._kill(record)
+            raise await self._start_failed(record, "the entrypoint did not start in time") from None
         finally:
             jail.transport.close()
         if started.get("event") != "started":
             message = started.get("message") or "the jail ended"
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {message}")
 
-    def _start_failed(self, record: Record, why: str) -> ApiError:
+    async def _start_failed(self, record: Record, why: str) -> ApiError:
+        """The error of a failed start, with the end of the jail's log (its processes are gone:
+        what they wrote is drained first)."""
+        drain = self._drains.get(record.id)
+        if drain is not None:
+            await asyncio.wait([drain], timeout=1)
         tail = ""
         with contextlib.suppress(OSError):
-            tail = (self.sandboxes_dir / record.id / "jail.log").read_text(errors="replace")[-2000:].strip()
+            tail = (self.sandboxes_dir / record.id / LOG).read_text(errors="replace")[-2000:].strip()
         log.error("jail start failed id=%s why=%s log=%s", record.id, why, tail)
         return ApiError(500, errors.START_FAILED, f"{why}: {tail.splitlines()[-1] if tail else 'no output'}")
 
@@ -433,8 +685,7 @@ class LocalRuntime:
 
     async def _discard(self, jail: Jail) -> None:
         """Destroy a jail nobody claimed, and close the server's ends of its pipes."""
-        with contextlib.suppress(OSError):
-            os.close(jail.ctl_fd)
+        _close(jail.ctl_fd)
         jail.transport.close()
         await self._destroy(jail.record)
 
@@ -472,7 +723,8 @@ class LocalRuntime:
             else:
                 record.transition(State.TERMINATED, "JAIL_EXITED", "the entrypoint exited")
             self._save(record)
-            self.cgroups.remove(record.cgroups)
+            await self._kill_helper(record)
+            await self._remove_cgroups(record)
 
         self._watchers[record.id] = asyncio.create_task(watch(), name=f"watch-{record.id}")
 
@@ -484,27 +736,70 @@ class LocalRuntime:
         await procfs.wait_exit(popen.pid)
         return popen.wait()
 
+    def _drain(self, sandbox_id: str, fd: int, path: Path) -> None:
+        """Copy the jail's output (bwrap's errors, execd's log) to its log file, up to LOG_LIMIT."""
+
+        async def drain() -> None:
+            pipe = _PipeReader(fd)
+            reader = pipe.reader
+            try:
+                with _append(path) as log_file:
+                    written = log_file.tell()
+                    while chunk := await reader.read(65536):
+                        if written < LOG_LIMIT:
+                            kept = chunk[: LOG_LIMIT - written]
+                            log_file.write(kept + (b"\n[the rest is dropped]\n" if len(kept) < len(chunk) else b""))
+                            log_file.flush()
+                            written += len(chunk)
+            finally:
+                pipe.close()
+
+        self._drains[sandbox_id] = asyncio.create_task(drain(), name=f"drain-{sandbox_id}")
+
+    async def _kill_helper(self, record: Record) -> None:
+        """Kill the jail's slirp4netns (found by pid and start time, also after a restart)."""
+        if record.helper_pid and procfs.alive(record.helper_pid, record.helper_ticks):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.helper_pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(procfs.wait_exit(record.helper_pid), 5)
+        helper = self._helpers.pop(record.id, None)
+        if helper is not None:
+            helper.poll()  # reaped if it is gone (our child only while this server started it)
+
+    async def _remove_cgroups(self, record: Record) -> None:
+        for _ in range(100):  # the last processes leave the cgroup just after PID 1 is gone
+            if self.cgroups.remove(record.cgroups):
+                return
+            await asyncio.sleep(0.01)
+
+    async def _kill(self, record: Record) -> None:
+        """Kill every process of the jail (and its slirp4netns) and wait until they are gone."""
+        if record.pid and procfs.alive(record.pid, record.start_ticks):
+            # PID 1 of the namespace: when it dies the kernel kills every process in it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGKILL)
+            self._thaw(record)  # a frozen process only dies once thawed
+            try:
+                await asyncio.wait_for(procfs.wait_exit(record.pid), 10)
+            except TimeoutError:
+                log.error("jail did not die id=%s pid=%d", record.id, record.pid)
+        await self._kill_helper(record)
+
     async def _destroy(self, record: Record) -> None:
         """Kill every process of the jail, then remove its cgroups, directory and record."""
         self._deleting.add(record.id)
         try:
-            if record.pid and procfs.alive(record.pid, record.start_ticks):
-                # PID 1 of the namespace: when it dies the kernel kills every process in it.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(record.pid, signal.SIGKILL)
-                self._thaw(record)  # a frozen process only dies once thawed
-                try:
-                    await asyncio.wait_for(procfs.wait_exit(record.pid), 10)
-                except TimeoutError:
-                    log.error("jail did not die id=%s pid=%d", record.id, record.pid)
+            await self.ports.close(record.id)
+            await self._kill(record)
             watcher = self._watchers.pop(record.id, None)
             if watcher is not None:
                 await asyncio.wait([watcher], timeout=5)
             await self._reap_child(record)
-            for _ in range(100):  # the last processes leave the cgroup just after PID 1 is gone
-                if self.cgroups.remove(record.cgroups):
-                    break
-                await asyncio.sleep(0.01)
+            await self._remove_cgroups(record)
+            drain = self._drains.pop(record.id, None)
+            if drain is not None:
+                await asyncio.wait([drain], timeout=5)
             self.records.pop(record.id, None)
             self._locks.pop(record.id, None)
             shutil.rmtree(self.sandboxes_dir / record.id, ignore_errors=True)
@@ -560,52 +855,54 @@ class LocalRuntime:
         os.replace(tmp, directory / RECORD)
 
 
-def _kill_before_known(popen: subprocess.Popen[bytes]) -> None:
-    """Kill a jail whose PID 1 was not reported yet: stop bwrap so it cannot clone any more, kill
-    what it cloned (the jail's PID 1, taking the namespace with it), then bwrap itself."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(popen.pid, signal.SIGSTOP)
-    for child in procfs.children(popen.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    popen.kill()
+def _append(path: Path) -> BinaryIO:
+    return open(path, "ab")
 
 
-def _start_bwrap(argv: list[str], fds: tuple[int, ...], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    # A new session: a Ctrl-C meant for the server must not reach the jails (they outlive it).
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen(
-            argv,
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            env=env,
-            start_new_session=True,
-        )
+class _StartFailed(Exception):
+    pass
 
 
-async def _pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
-    """Read the pipe `fd` on the event loop (closing the transport closes the fd)."""
-    reader = asyncio.StreamReader()
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0)
-    )
-    return reader, transport
+def _abandon(pipes: _Pipes, future: Future[staging.Staged]) -> None:
+    """A start given up while its thread still ran: once the thread is done, undo what it made."""
+    if not future.cancelled() and future.exception() is None:
+        staged = future.result()
+        staging.kill_unreleased(staged.popen)
+        _close(staged.netns_fd)
+    pipes.close_all()
 
 
-async def _read_json_object(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """bwrap's --info-fd output: one (multi-line) JSON object."""
-    data = b""
-    while True:
-        chunk = await reader.read(4096)
-        if not chunk:
-            raise RuntimeError(f"bwrap exited before reporting its pid: {data!r}")
-        data += chunk
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(data)
-            if isinstance(parsed, dict):
-                return parsed
+class _PipeReader:
+    """A pipe read on the event loop into a StreamReader; `close()` closes its fd, once.
+
+    Not `connect_read_pipe`: uvloop closes a pipe's fd, then its file object again (expecting
+    EBADF), and meanwhile a staging thread may have opened a file with that number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reader = asyncio.StreamReader()
+        self._loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.reader.feed_data(data)
+        else:
+            self.reader.feed_eof()
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 async def _read_event(events: asyncio.StreamReader) -> dict[str, Any]:

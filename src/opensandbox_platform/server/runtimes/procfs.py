@@ -96,3 +96,18 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (R, S, T, Z, ...)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def all_stopped(namespace: str) -> bool:
+    """Whether every live process of the PID namespace has stopped (a SIGSTOP lands when the
+    process next runs: on a busy machine, a moment after kill() returned)."""
+    return all(state(pid) in ("T", "t", "Z", "X", None) for pid in namespace_members(namespace))
