@@ -19,6 +19,7 @@ HOST_ETC = (
     "bash.bashrc",
     "ca-certificates.conf",
     "debian_version",
+    "fonts",  # fontconfig (matplotlib and other plotting code)
     "gai.conf",
     "host.conf",
     "inputrc",
@@ -27,6 +28,7 @@ HOST_ETC = (
     "ld.so.conf.d",
     "localtime",
     "magic",
+    "matplotlibrc",  # Debian's python3-matplotlib keeps its rc file here (the code interpreter's plots)
     "mime.types",
     "os-release",
     "pki/ca-trust/extracted",
@@ -34,6 +36,7 @@ HOST_ETC = (
     "profile",
     "protocols",
     "python3",
+    "python3.11",
     "services",
     "shells",
     "ssl/certs",
