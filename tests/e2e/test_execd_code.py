@@ -170,5 +170,5 @@ def test_client_gone_mid_run_interrupts_the_code(code_execd: Execd) -> None:
         next(r.iter_lines())  # the run started; now the client goes away
     started = time.monotonic()
     done = events(code_execd, {"code": "'next'", "context": context})
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20, "the abandoned sleep(60) was not interrupted"
     assert [e["results"] for e in done if e["type"] == "result"] == [{"text": "'next'"}]
