@@ -376,6 +376,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%", imagefs.inodesFree: "1%"}
 maxPods: 110
+# A pod's processes are bounded here, not in the pod spec (Kubernetes has no per-pod field): a fork
+# bomb in a sandbox must hit this, not the host's pid_max. Set it on production nodes too.
+podPidsLimit: 4096
 YAML
   start kubelet "$bin/kubelet" --config "$node/kubelet.yaml" --kubeconfig "$node/kubelet.kubeconfig" \
     --root-dir "$node/kubelet" --cert-dir "$node/kubelet/pki" \

@@ -44,6 +44,25 @@ CREATE_PENDING: Final = PREFIX + "create-pending"
 # entrypoint, extensions, createdAt)
 SANDBOX_REQUEST: Final = PREFIX + "sandbox-request"
 
+# The capabilities a sandbox's root keeps on every runtime (Docker's default set minus NET_RAW and
+# MKNOD): the local jail (within its own user namespace), docker's CapAdd after dropping ALL, and the
+# sandbox container of every pod the controller builds. execd needs SETUID/SETGID/CHOWN to run commands
+# as other users and manage their files; nothing here reaches outside the sandbox.
+SANDBOX_CAPABILITIES: Final = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "SETFCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+)
+
 # The execd port inside every sandbox, and the task-executor's.
 EXECD_PORT: Final = 44772
 # The header that carries a sandbox's execd token (local and docker runtimes; endpoints hand it out).

@@ -153,11 +153,26 @@ def pod_spec(
     short = {k: spec.pop(k) for k in SHORT_FORM if k in spec}
     if "containers" not in spec:
         spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
+    harden(spec)
     if execd_image:
         inject_execd(spec, execd_image)
     if task_executor:
         inject_task_executor(spec, task_executor)
     return spec
+
+
+def harden(spec: JSON) -> None:
+    """Defaults for untrusted code, where the template does not say otherwise: no ServiceAccount token,
+    the runtime's default seccomp profile, no privilege escalation (setuid binaries gain nothing), and
+    only the capabilities a sandbox needs (labels.SANDBOX_CAPABILITIES). What a template sets wins,
+    e.g. `runtimeClassName: gvisor` passes through."""
+    spec.setdefault("automountServiceAccountToken", False)
+    spec.setdefault("securityContext", {}).setdefault("seccompProfile", {"type": "RuntimeDefault"})
+    for container in spec["containers"]:
+        context = container.setdefault("securityContext", {})
+        context.setdefault("allowPrivilegeEscalation", False)
+        if "privileged" not in context:
+            context.setdefault("capabilities", {"drop": ["ALL"], "add": list(labels.SANDBOX_CAPABILITIES)})
 
 
 def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
@@ -205,6 +220,10 @@ def inject_execd(spec: JSON, execd_image: str) -> None:
             "imagePullPolicy": "IfNotPresent",
             "command": ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"],
             "volumeMounts": [mount],
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+            },
         },
     )
     main = spec["containers"][0]

@@ -9,6 +9,11 @@ def template(**spec: object) -> SandboxTemplate:
     return SandboxTemplate.model_validate({"spec": spec})
 
 
+def as_written(containers: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The containers without the security defaults every pod gets (tested on their own below)."""
+    return [{k: v for k, v in c.items() if k != "securityContext"} for c in containers]
+
+
 def test_short_form_becomes_the_sandbox_container_and_the_rest_passes_through() -> None:
     spec = pod_spec(
         template(
@@ -22,7 +27,7 @@ def test_short_form_becomes_the_sandbox_container_and_the_rest_passes_through() 
         ),
         execd_image=None,
     )
-    assert spec["containers"] == [
+    assert as_written(spec["containers"]) == [
         {
             "name": "sandbox",
             "image": "ubuntu:latest",
@@ -38,7 +43,30 @@ def test_short_form_becomes_the_sandbox_container_and_the_rest_passes_through() 
 
 def test_containers_win_over_the_short_form() -> None:
     spec = pod_spec(template(image="x", containers=[{"name": "main", "image": "y"}]), execd_image=None)
-    assert spec["containers"] == [{"name": "main", "image": "y"}]
+    assert as_written(spec["containers"]) == [{"name": "main", "image": "y"}]
+
+
+def test_untrusted_code_gets_safe_defaults_unless_the_template_says_otherwise() -> None:
+    spec = pod_spec(template(image="ubuntu"), execd_image="osb/execd:1")
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    main = spec["containers"][0]["securityContext"]
+    assert main["allowPrivilegeEscalation"] is False
+    assert main["capabilities"] == {"drop": ["ALL"], "add": list(labels.SANDBOX_CAPABILITIES)}
+    assert "SYS_ADMIN" not in main["capabilities"]["add"] and "NET_RAW" not in main["capabilities"]["add"]
+    assert spec["initContainers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    chosen = pod_spec(
+        template(
+            image="ubuntu",
+            automountServiceAccountToken=True,
+            securityContext={"seccompProfile": {"type": "Unconfined"}, "runAsNonRoot": True},
+            containers=[{"name": "main", "image": "y", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}],
+        ),
+        execd_image=None,
+    )
+    assert chosen["automountServiceAccountToken"] is True
+    assert chosen["securityContext"] == {"seccompProfile": {"type": "Unconfined"}, "runAsNonRoot": True}
+    assert chosen["containers"][0]["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"]}
 
 
 def test_execd_injection_wraps_the_entrypoint_and_gates_readiness() -> None:

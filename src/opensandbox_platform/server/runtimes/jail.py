@@ -25,25 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import opensandbox_platform
-from opensandbox_platform.api.labels import EXECD_MOUNT
+from opensandbox_platform.api.labels import EXECD_MOUNT, SANDBOX_CAPABILITIES
 from opensandbox_platform.server.runtimes.rootfs import HostPart
 
 BWRAP = "bwrap"
 JAIL_INIT = "opensandbox_platform.server.runtimes.jail_init"
-CAPABILITIES = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_SETFCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_AUDIT_WRITE",
-)
+CAPABILITIES = tuple(f"CAP_{c}" for c in SANDBOX_CAPABILITIES)
 HOME = "/root"
 WORKSPACE = "/workspace"
 EXECD_DIR = "/run/opensandbox"
