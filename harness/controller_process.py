@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from harness.paths import ROOT
+from harness.paths import ROOT, sandbox_token_key
 from harness.ports import free_port
 from harness.services import LocalCluster
 
@@ -34,6 +34,7 @@ class ControllerProcess:
             "--health-probe-bind-address", f"127.0.0.1:{self.health_port}",
             "--metrics-bind-address", "0",
             "--log-level", "4",
+            "--sandbox-token-key-file", str(sandbox_token_key()),
             *self.extra,
         ]  # fmt: skip
         log = self.log_path.open("ab")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.kube import pool_manifest
+from harness.paths import sandbox_token_key
 from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, real_node_pod_spec
 from harness.server_process import ServerSubprocess
 
@@ -26,7 +27,8 @@ class KubernetesServer(ServerSubprocess):
     def config(self) -> str:
         return (
             '[server]\nlogLevel = "INFO"\n\n[runtime]\ntype = "kubernetes"\n\n'
-            f'[kubernetes]\nnamespace = "{self.namespace}"\nkubeconfig = "{self.kubeconfig}"\n{self.extra_config}\n'
+            f'[kubernetes]\nnamespace = "{self.namespace}"\nkubeconfig = "{self.kubeconfig}"\n'
+            f'sandboxTokenKeyFile = "{sandbox_token_key()}"\n{self.extra_config}\n'
         )
 
 

@@ -16,3 +16,13 @@ DOCKER_SOCKET = ROOT / ".podman" / "docker.sock"  # podman's Docker API (tools/p
 def cache_dir() -> Path:
     """The tool cache (tools/build-tools.sh): $OSB_CACHE, by default ~/.cache/opensandbox-dev."""
     return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
+
+
+def sandbox_token_key() -> Path:
+    """The key the tests' controllers and servers derive sandbox pods' tokens from (created once)."""
+    path = cache_dir() / "sandbox-token.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(os.urandom(32).hex())
+        path.chmod(0o600)
+    return path

@@ -17,6 +17,10 @@ bindings) are "sandbox-k8s-<release>-<part>", unique per release and easy to fin
 {{- printf "%s-server" (include "osb.name" .) -}}
 {{- end -}}
 
+{{- define "osb.sandboxTokenKeyName" -}}
+{{- printf "%s-sandbox-token-key" (include "osb.name" .) -}}
+{{- end -}}
+
 {{- define "osb.metricsCertName" -}}
 {{- printf "%s-metrics-cert" (include "osb.name" .) -}}
 {{- end -}}

@@ -1,7 +1,8 @@
 {{/* The server's TOML file from server.config: one [section] per map, its keys as TOML values.
 Nested maps become inline tables and lists arrays (e.g. kubernetes.defaultPodSpec). apiKey is left
 out: it reaches the server from a Secret ($OPENSANDBOX_SERVER_API_KEY). kubernetes.namespace is
-the chart's namespace, where the server's Role is. */}}
+the chart's namespace, where the server's Role is; kubernetes.sandboxTokenKeyFile is the token key
+Secret the chart mounts in the server and the controller (osb.sandboxTokenKeyName). */}}
 {{- define "osb.tomlValue" -}}
 {{- if kindIs "map" . -}}
 { {{- $first := true -}}{{- range $k, $v := . -}}{{- if not (kindIs "invalid" $v) -}}{{- if not $first }}, {{ end -}}{{- $first = false -}}{{ toJson $k }} = {{ include "osb.tomlValue" $v }}{{- end -}}{{- end -}} }
@@ -16,6 +17,7 @@ the chart's namespace, where the server's Role is. */}}
 {{- $config := deepCopy .Values.server.config -}}
 {{- $k8s := default (dict) (get $config "kubernetes") -}}
 {{- $_ := set $k8s "namespace" (include "osb.namespace" .) -}}
+{{- $_ = set $k8s "sandboxTokenKeyFile" "/etc/opensandbox-sandbox-token/key" -}}
 {{- $_ = set $config "kubernetes" $k8s -}}
 # opensandbox-server configuration, rendered by the Helm chart from server.config.* (docs/server.md).
 {{- range $section, $keys := $config }}

@@ -83,6 +83,8 @@ EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main proce
 TASK_EXECUTOR_CONTAINER: Final = "task-executor"
 TASK_TARGET_ENV: Final = "OPENSANDBOX_MAIN_CONTAINER"
 TASK_DATA_VOLUME: Final = "opensandbox-tasks"
+TASK_EXECUTOR_TOKEN_ENV: Final = "TASK_EXECUTOR_ACCESS_TOKEN"  # its access token (api/tokens.py)
+TASK_EXECUTOR_TOKEN_HEADER: Final = "X-TASK-EXECUTOR-ACCESS-TOKEN"
 TASK_DATA_DIR: Final = "/var/lib/opensandbox-tasks"  # in the sidecar: an emptyDir, so state survives its restarts
 
 # Docker runtime: labels of sandbox containers. Upstream's `opensandbox.io/` names; user metadata

@@ -101,7 +101,7 @@ class BatchSandboxReconciler:
         self.manager = manager
         self.inflight = inflight
         self.controller = Controller(self.name, self.reconcile, manager.options.concurrency)
-        self.tasks = TaskDispatcher(self.controller.queue)
+        self.tasks = TaskDispatcher(self.controller.queue, manager.settings.pod_token)
         self.lost_notes: dict[str, list[str]] = {}  # direct mode: BatchSandbox key -> pods lost since
         self.tombstones: dict[str, list[PodInfo]] = {}  # deleted pooled BatchSandboxes -> pods to delete
 
@@ -277,8 +277,12 @@ class BatchSandboxReconciler:
 
     async def _bootstrap(self, bs: CachedObject, pod: PodInfo, body: JSON) -> None:
         url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
+        token = self.manager.settings.pod_token(pod.name)
+        headers = {labels.EXECD_TOKEN_HEADER: token} if token else None
         try:
-            async with self.manager.client.session.post(url, json=body, timeout=EXECD_TIMEOUT) as response:
+            async with self.manager.client.session.post(
+                url, json=body, headers=headers, timeout=EXECD_TIMEOUT
+            ) as response:
                 # 409: the main process already runs (an earlier attempt started it before we recorded it).
                 if response.status != 409:
                     response.raise_for_status()
@@ -352,6 +356,7 @@ class BatchSandboxReconciler:
                 owner=bs.raw,
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
+                token_key=settings.token_key,
             )
             try:
                 created = await self.manager.client.create(PODS, pod, bs.namespace)

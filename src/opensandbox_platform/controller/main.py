@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from opensandbox_platform.api import tokens
 from opensandbox_platform.api.crdgen import render
 from opensandbox_platform.controller.allocator import Allocator
 from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
@@ -104,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="imagePullPolicy of the task-executor sidecar (default: %(default)s)",
     )
     parser.add_argument(
+        "--sandbox-token-key-file",
+        help="a secret key (a file, e.g. a mounted Secret) from which each sandbox pod's access token for "
+        "execd and the task executor is derived; the server needs the same key (kubernetes.sandboxTokenKeyFile). "
+        "Without it, anyone who reaches a pod's IP can use its execd (default: none)",
+    )
+    parser.add_argument(
         "--pod-ready-deadline",
         type=float,
         default=300.0,
@@ -123,6 +130,7 @@ async def run(args: argparse.Namespace) -> None:
         task_executor_memory_limit=args.task_executor_memory_limit,
         task_executor_pull_policy=args.task_executor_image_pull_policy,
         pod_ready_deadline=args.pod_ready_deadline,
+        token_key=tokens.read_key(args.sandbox_token_key_file) if args.sandbox_token_key_file else None,
     )
     manager = Manager(
         client,

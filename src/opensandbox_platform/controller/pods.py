@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError
 
@@ -146,19 +146,32 @@ def owner_reference(obj: JSON) -> JSON:
 
 
 def pod_spec(
-    template: SandboxTemplate, execd_image: str | None, task_executor: TaskExecutorSidecar | None = None
+    template: SandboxTemplate,
+    execd_image: str | None,
+    task_executor: TaskExecutorSidecar | None = None,
+    token: str | None = None,
 ) -> JSON:
-    """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through."""
+    """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through.
+
+    `token` (api/tokens.py): what execd and the task executor of this pod require of every caller."""
     spec: dict[str, Any] = template.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     short = {k: spec.pop(k) for k in SHORT_FORM if k in spec}
     if "containers" not in spec:
         spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
     harden(spec)
     if execd_image:
-        inject_execd(spec, execd_image)
+        inject_execd(spec, execd_image, token)
     if task_executor:
-        inject_task_executor(spec, task_executor)
+        inject_task_executor(spec, task_executor, token)
     return spec
+
+
+def _give_token(container: JSON, env: str, header: str, token: str | None) -> list[JSON]:
+    """Puts the pod's token in the container's environment; returns the probe headers that carry it."""
+    if token is None:
+        return []
+    container.setdefault("env", []).append({"name": env, "value": token})
+    return [{"name": header, "value": token}]
 
 
 def harden(spec: JSON) -> None:
@@ -175,7 +188,7 @@ def harden(spec: JSON) -> None:
             context.setdefault("capabilities", {"drop": ["ALL"], "add": list(labels.SANDBOX_CAPABILITIES)})
 
 
-def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
+def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar, token: str | None = None) -> None:
     """The task-executor as a sidecar that runs tasks inside the first (main) container.
 
     It sees the main container's processes through the pod's shared PID namespace, finds them by the
@@ -187,8 +200,11 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
     main.setdefault("env", []).append({"name": labels.TASK_TARGET_ENV, "value": main["name"]})
     spec.setdefault("volumes", []).append({"name": labels.TASK_DATA_VOLUME, "emptyDir": {}})
     port = labels.TASK_EXECUTOR_PORT
+    executor: JSON = {}
+    _give_token(executor, labels.TASK_EXECUTOR_TOKEN_ENV, labels.TASK_EXECUTOR_TOKEN_HEADER, token)
     spec["containers"].append(
         {
+            **executor,
             "name": labels.TASK_EXECUTOR_CONTAINER,
             "image": sidecar.image,
             "imagePullPolicy": sidecar.pull_policy,
@@ -206,7 +222,7 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar) -> None:
     )
 
 
-def inject_execd(spec: JSON, execd_image: str) -> None:
+def inject_execd(spec: JSON, execd_image: str, token: str | None = None) -> None:
     """An init container copies execd into a shared emptyDir; the sandbox container starts through the
     bootstrap script, which runs execd beside the entrypoint (and keeps the sandbox up without one).
     The pod is Ready only when execd answers, so a claimed sandbox can always run commands."""
@@ -232,10 +248,9 @@ def inject_execd(spec: JSON, execd_image: str) -> None:
     if entrypoint:
         main["args"] = entrypoint
     main.setdefault("volumeMounts", []).append(mount)
-    main.setdefault(
-        "readinessProbe",
-        {"httpGet": {"path": "/ping", "port": labels.EXECD_PORT}, "periodSeconds": 1, "failureThreshold": 3},
-    )
+    headers = _give_token(main, "EXECD_ACCESS_TOKEN", labels.EXECD_TOKEN_HEADER, token)
+    probe: JSON = {"path": "/ping", "port": labels.EXECD_PORT, **({"httpHeaders": headers} if headers else {})}
+    main.setdefault("readinessProbe", {"httpGet": probe, "periodSeconds": 1, "failureThreshold": 3})
 
 
 def build_pod(
@@ -248,8 +263,12 @@ def build_pod(
     execd_image: str | None,
     annotations: dict[str, str] | None = None,
     task_executor: TaskExecutorSidecar | None = None,
+    token_key: bytes | None = None,
 ) -> JSON:
+    """A pod of a Pool or a BatchSandbox; with `token_key`, its execd and task executor require the
+    pod's token (api/tokens.py)."""
     meta = template.metadata
+    token = tokens.pod_token(token_key, name) if token_key else None
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -264,7 +283,7 @@ def build_pod(
             "annotations": {**((meta.annotations if meta else None) or {}), **(annotations or {})},
             "ownerReferences": [owner_reference(owner)],
         },
-        "spec": pod_spec(template, execd_image, task_executor),
+        "spec": pod_spec(template, execd_image, task_executor, token),
     }
 
 

@@ -325,6 +325,7 @@ class PoolReconciler:
                 owner=pool.raw,
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
+                token_key=settings.token_key,
             )
             key = f"{pool.namespace}/{pod_name}"
             self.creating.expect(pool.key, key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opensandbox_platform.api import tokens
 from opensandbox_platform.kube.client import JSON
 
 
@@ -18,6 +19,7 @@ class Settings:
     task_executor_memory_limit: str = "256Mi"
     task_executor_pull_policy: str = "IfNotPresent"  # the chart's taskExecutor.image.pullPolicy
     pod_ready_deadline: float = 300.0
+    token_key: bytes | None = None  # sandbox pods' access tokens (api/tokens.py); None: pods take any caller
     write_concurrency: int = 32  # writes in flight per reconcile (more only queue in the API server)
 
     def task_executor_resources(self) -> JSON:
@@ -25,3 +27,6 @@ class Settings:
             "requests": {"cpu": self.task_executor_cpu_request, "memory": self.task_executor_memory_request},
             "limits": {"cpu": self.task_executor_cpu_limit, "memory": self.task_executor_memory_limit},
         }
+
+    def pod_token(self, pod_name: str) -> str | None:
+        return tokens.pod_token(self.token_key, pod_name) if self.token_key else None

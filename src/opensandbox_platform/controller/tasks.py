@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -85,8 +86,9 @@ class BatchTasks:
 class TaskDispatcher:
     """Dispatches and follows tasks; one per controller (leader)."""
 
-    def __init__(self, queue: WorkQueue) -> None:
+    def __init__(self, queue: WorkQueue, pod_token: Callable[[str], str | None] = lambda _: None) -> None:
         self.queue = queue
+        self.pod_token = pod_token  # a pod's access token by its name (api/tokens.py)
         self.batches: dict[str, BatchTasks] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -141,16 +143,19 @@ class TaskDispatcher:
     async def _follow(self, key: str, index: int, pod: PodInfo, body: JSON) -> None:
         base = f"http://{pod.ip}:{labels.TASK_EXECUTOR_PORT}/tasks"
         poll = f"{base}/{body['id']}?output=false&wait={LONG_POLL}&since="
+        token = self.pod_token(pod.name)
+        headers = {labels.TASK_EXECUTOR_TOKEN_HEADER: token} if token else None
         delay = RETRY_MIN
         since: int | None = None
         while True:
             try:
                 if since is None:  # (again) after an error: the executor may have restarted
-                    async with self.session.post(f"{base}?output=false", json=body, timeout=SUBMIT_TIMEOUT) as r:
+                    submit = f"{base}?output=false"
+                    async with self.session.post(submit, json=body, headers=headers, timeout=SUBMIT_TIMEOUT) as r:
                         r.raise_for_status()
                         task = await r.json()
                 else:
-                    async with self.session.get(f"{poll}{since}", timeout=POLL_TIMEOUT) as r:
+                    async with self.session.get(f"{poll}{since}", headers=headers, timeout=POLL_TIMEOUT) as r:
                         r.raise_for_status()
                         task = await r.json()
             except (aiohttp.ClientError, TimeoutError, ValueError) as err:

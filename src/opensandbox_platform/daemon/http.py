@@ -512,3 +512,18 @@ def _body_for(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, header
             raise errors.bad_request("invalid Content-Length")
         return _Body(reader, writer, int(length_text), False, expect)
     return _Body(reader, writer, 0, False, False)
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison (hmac.compare_digest would pull in OpenSSL: ~4 MiB of RSS)."""
+    a, b = given.encode(), expected.encode()
+    diff = len(a) ^ len(b)
+    for i, byte in enumerate(b):
+        diff |= (a[i] if i < len(a) else 0) ^ byte
+    return diff == 0
+
+
+def require_token(request: Request, header: str, token: str | None) -> None:
+    """401 unless the request carries `token` in `header` (no token configured: anyone may call)."""
+    if token and not same_secret(request.headers.get(header.lower(), ""), token):
+        raise ApiError(401, errors.UNAUTHORIZED, f"invalid or missing header {header}")

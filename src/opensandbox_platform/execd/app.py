@@ -26,6 +26,7 @@ from opensandbox_platform.daemon.http import (
     Response,
     Router,
     StreamResponse,
+    require_token,
 )
 from opensandbox_platform.execd import files, sse
 from opensandbox_platform.execd.bootstrap import Bootstrap
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # the code interpreter is imported on first use
 
 log = logging.getLogger("execd")
 
-TOKEN_HEADER = EXECD_TOKEN_HEADER.lower()  # the HTTP layer lowercases header names
 CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
 EMPTY = Response()
 SMALL_FILE = 256 * 1024
@@ -59,15 +59,6 @@ class Settings:
     # free one and tells commands through $JUPYTER_PORT (sandboxes sharing the host's network).
     code_port: int | None = None
     code_prestart: str | None = None  # a language whose default context is created at start-up
-
-
-def _same(a: str, b: str) -> bool:
-    """Constant-time comparison (hmac.compare_digest would pull in OpenSSL: ~4 MiB of RSS)."""
-    given, expected = a.encode(), b.encode()
-    diff = len(given) ^ len(expected)
-    for i, byte in enumerate(expected):
-        diff |= (given[i] if i < len(given) else 0) ^ byte
-    return diff == 0
 
 
 class ExecdApp:
@@ -132,9 +123,7 @@ class ExecdApp:
         return r
 
     async def dispatch(self, request: Request) -> AnyResponse:
-        token = self.settings.access_token
-        if token and not _same(request.headers.get(TOKEN_HEADER, ""), token):
-            raise ApiError(401, errors.UNAUTHORIZED, f"invalid or missing header {EXECD_TOKEN_HEADER}")
+        require_token(request, EXECD_TOKEN_HEADER, self.settings.access_token)
         handler, request.params = self.router.resolve(request.method, request.path)
         return await handler(request)
 

@@ -97,6 +97,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
+    os.environ.pop("EXECD_ACCESS_TOKEN", None)  # commands inherit the environment; the token is not theirs
     process.run(serve(args, started), args.log_level, log)
 
 

@@ -192,6 +192,12 @@ class KubernetesSection(Section):
         le=3600,
         description="how long a create waits for its sandbox to be Running before it is deleted (504)",
     )
+    sandbox_token_key_file: str = Field(
+        default="",
+        description="the key sandbox pods' execd tokens are derived from (the controller's"
+        " --sandbox-token-key-file; the chart mounts the same Secret in both); endpoints then carry each pod's"
+        " token. Empty: endpoints carry none (pods whose controller has no key take any caller)",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of direct-mode sandbox containers"
     )

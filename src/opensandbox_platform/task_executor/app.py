@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 
+from opensandbox_platform.api.labels import TASK_EXECUTOR_TOKEN_HEADER
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
-from opensandbox_platform.daemon.http import AnyResponse, Request, Response, Router
+from opensandbox_platform.daemon.http import AnyResponse, Request, Response, Router, require_token
 from opensandbox_platform.task_executor.manager import TaskManager
 from opensandbox_platform.task_executor.openapi import SPEC
 from opensandbox_platform.task_executor.tasks import Task, not_found, parse_spec
@@ -21,8 +22,9 @@ NO_CONTENT = Response(status=204)
 
 
 class ExecutorApp:
-    def __init__(self, manager: TaskManager) -> None:
+    def __init__(self, manager: TaskManager, access_token: str | None = None) -> None:
         self.manager = manager
+        self.access_token = access_token
         self.router = Router()
         r = self.router
         r.add("GET", "/health", self.health)
@@ -35,6 +37,8 @@ class ExecutorApp:
         self._openapi = json.dumps(SPEC).encode()
 
     async def dispatch(self, request: Request) -> AnyResponse:
+        if request.path != "/health":  # the kubelet's readiness probe; it tells nothing about tasks
+            require_token(request, TASK_EXECUTOR_TOKEN_HEADER, self.access_token)
         handler, request.params = self.router.resolve(request.method, request.path)
         return await handler(request)
 

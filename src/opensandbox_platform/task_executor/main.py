@@ -13,7 +13,12 @@ import logging
 import os
 import time
 
-from opensandbox_platform.api.labels import TASK_EXECUTOR_PORT, TASK_TARGET_ENV
+from opensandbox_platform.api.labels import (
+    TASK_EXECUTOR_PORT,
+    TASK_EXECUTOR_TOKEN_ENV,
+    TASK_EXECUTOR_TOKEN_HEADER,
+    TASK_TARGET_ENV,
+)
 from opensandbox_platform.daemon import process
 from opensandbox_platform.daemon.http import HttpServer
 from opensandbox_platform.task_executor.app import ExecutorApp
@@ -49,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("TASK_EXECUTOR_MAIN_CONTAINER") or None,
         help=f"sidecar mode: run tasks in the container whose processes carry {TASK_TARGET_ENV}=<this name>",
     )
+    parser.add_argument(
+        "--access-token",
+        default=env(TASK_EXECUTOR_TOKEN_ENV) or None,
+        help=f"require this value in header {TASK_EXECUTOR_TOKEN_HEADER} on every request but /health "
+        f"(env {TASK_EXECUTOR_TOKEN_ENV}; the controller sets it in every pod)",
+    )
     parser.add_argument("--max-running", type=int, default=16, help="tasks running at once (default 16)")
     parser.add_argument(
         "--max-attempts", type=int, default=3, help="starts of a task interrupted by executor restarts (default 3)"
@@ -70,7 +81,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
     limits = Limits(args.max_running, args.max_attempts, args.kill_grace, args.output_tail)
     manager = TaskManager(Store(args.data_dir), Runner(args.main_container), limits)
     manager.recover()
-    server = HttpServer(ExecutorApp(manager).dispatch)
+    server = HttpServer(ExecutorApp(manager, args.access_token).dispatch)
     await server.start(args.host, args.port)
     log.info(
         "task-executor listening host=%s port=%d mode=%s tasks=%d startup_ms=%d",
@@ -89,6 +100,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
+    os.environ.pop(TASK_EXECUTOR_TOKEN_ENV, None)  # tasks inherit the environment; the token is not theirs
     process.run(serve(args, started), args.log_level, log)
 
 

@@ -251,7 +251,16 @@ CASES: dict[str, Case] = {
     "namespaceOverride": Case(
         {"namespaceOverride": "sandboxes"},
         lambda d: (namespaces(d), names(d, "Namespace"), flag(controller(d), "--namespace"), toml(d)["kubernetes"]),
-        ({"sandboxes"}, ["sandboxes"], "sandboxes", {"namespace": "sandboxes", "workloadProvider": "batchsandbox"}),
+        (
+            {"sandboxes"},
+            ["sandboxes"],
+            "sandboxes",
+            {
+                "namespace": "sandboxes",
+                "workloadProvider": "batchsandbox",
+                "sandboxTokenKeyFile": "/etc/opensandbox-sandbox-token/key",
+            },
+        ),
     ),
     # RBAC
     "rbac.create": Case(
@@ -440,3 +449,15 @@ def test_a_request_above_its_limit_raises_the_limit() -> None:
     assert limit(controller(docs), "limits", "memory") == "256Mi"
     assert limit(server(docs), "limits", "cpu") == "1500m"
     assert limit(controller(docs), "limits", "cpu") == "500m"
+
+
+def test_the_sandbox_token_key_reaches_the_controller_and_the_server() -> None:
+    """One Secret, mounted in both, named by the controller's flag and the server's config."""
+    docs = render()
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-sandbox-token-key")]
+    assert len(secret["data"]["key"]) >= 48
+    assert flag(controller(docs), "--sandbox-token-key-file") == "/etc/opensandbox-sandbox-token/key"
+    assert toml(docs)["kubernetes"]["sandboxTokenKeyFile"] == "/etc/opensandbox-sandbox-token/key"
+    for name in (CONTROLLER, SERVER):
+        volumes = get(docs, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "sandbox-token", "secret": {"secretName": secret["metadata"]["name"]}} in volumes

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from opensandbox_platform.daemon.errors import ApiError
-from opensandbox_platform.execd.app import _same
+from opensandbox_platform.daemon.http import same_secret as _same
 from opensandbox_platform.execd.commands import parse_run_request
 from opensandbox_platform.execd.envfile import Environment
 from opensandbox_platform.execd.sessions import MarkerScanner, _RunScanner

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
@@ -118,6 +118,7 @@ class KubernetesRuntime:
         self.kubeconfig = section.kubeconfig or None
         self.create_timeout = section.create_timeout_seconds
         self.settings = Settings(section.image_pull_policy, section.default_pod_spec)
+        self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
         self._pools: Informer[PoolEntry] | None = None
@@ -436,7 +437,10 @@ class KubernetesRuntime:
         if not entry.pod_ip:
             raise ApiError(404, POD_IP_NOT_AVAILABLE, f"sandbox {sandbox_id} has no pod IP yet ({entry.info.state})")
         host = f"[{entry.pod_ip}]" if ":" in entry.pod_ip else entry.pod_ip
-        return Endpoint(f"{host}:{port}")
+        headers = {}
+        if port == labels.EXECD_PORT and self.token_key and entry.pod_name:
+            headers[labels.EXECD_TOKEN_HEADER] = tokens.pod_token(self.token_key, entry.pod_name)
+        return Endpoint(f"{host}:{port}", headers)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)

@@ -176,6 +176,7 @@ class Entry:
     resource_version: str
     info: SandboxInfo
     pod_ip: str | None
+    pod_name: str | None  # its pod's token is derived from it (api/tokens.py)
     # For a waiting create: None while it may still become Running, else why it never will.
     failure: tuple[str, str] | None
     pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
@@ -214,6 +215,7 @@ def read_entry(raw: JSON) -> Entry:
     )
     sandboxes = status.get("sandboxes") or []
     pod_ip = sandboxes[0].get("podIP") if sandboxes else None
+    pod_name = sandboxes[0].get("podName") if sandboxes else None
     state, reason, message, since, failure = _state(meta, status, bool(pod_ip))
     template_spec = (spec.get("sandboxTemplate") or {}).get("spec") or {}
     info = SandboxInfo(
@@ -237,6 +239,7 @@ def read_entry(raw: JSON) -> Entry:
         resource_version=meta.get("resourceVersion", ""),
         info=info,
         pod_ip=pod_ip,
+        pod_name=pod_name,
         failure=failure,
         pending_since=times.parse_optional((meta.get("annotations") or {}).get(labels.CREATE_PENDING)),
     )
