@@ -34,18 +34,23 @@ from opensandbox.config.connection_sync import ConnectionConfigSync
 from opensandbox.models.execd import RunCommandOpts
 from opensandbox.models.filesystem import WriteEntry
 
+from harness.real_node import enabled as real_node_enabled
 from harness.server_process import runtimes_under_test
 from tests.security.targets import TARGETS, Target
 
 PROBE_SOURCE = Path(__file__).with_name("probe.c")
 PROBE = "/tmp/probe"  # where the tenant keeps it
-LIMITS = {"cpu": "1", "memory": "256Mi"}
 
 
 # -- the runtime and its server ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session", params=runtimes_under_test())
+def security_runtimes() -> list[str]:
+    """The e2e runtimes, and kubernetes when the real node is on (its pods are the sandboxes)."""
+    return [*runtimes_under_test(), *(["kubernetes"] if real_node_enabled() else [])]
+
+
+@pytest.fixture(scope="session", params=security_runtimes())
 def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     name: str = request.param
     builder = TARGETS.get(name)
@@ -166,7 +171,7 @@ def canaries(target: Target) -> Iterator[Canaries]:
 
 
 def _victim(target: Target) -> Victim:
-    sandbox = SandboxSync.create(target.image, connection_config=connection(target), resource=LIMITS)
+    sandbox = SandboxSync.create(target.image, connection_config=connection(target), resource=target.limits)
     secret = "osb-victim-" + secrets.token_hex(8)
     path = "/tmp/victim-secret.txt"
     sandbox.files.write_file(path, secret)
@@ -206,7 +211,7 @@ def _quote(arg: str) -> str:
 
 
 def new_tenant(target: Target, probe: bytes) -> SandboxSync:
-    sandbox = SandboxSync.create(target.image, connection_config=connection(target), resource=LIMITS)
+    sandbox = SandboxSync.create(target.image, connection_config=connection(target), resource=target.limits)
     sandbox.files.write_files([WriteEntry(path=PROBE, data=probe, mode=755)])
     return sandbox
 

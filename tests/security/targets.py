@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.controller_process import ControllerProcess
 from harness.docker_api import docker_api
+from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
+from harness.kubernetes_server import KubernetesServer, real_node_server_config
+from harness.paths import CRDS
+from harness.real_node import real_node
 from harness.server_process import running_server
+from harness.services import local_cluster
 from opensandbox_platform.server.runtimes import netpolicy
 
 METADATA = "169.254.169.254"
@@ -41,6 +48,7 @@ class Target:
     metadata_route: Callable[[str, int], AbstractContextManager[None]]
     metadata_listener: str  # the host address the metadata canary listens on
     max_processes: int = MAX_PROCESSES  # the tenant's pids limit
+    limits: dict[str, str] = field(default_factory=lambda: {"cpu": "1", "memory": "256Mi"})  # each sandbox's
     gaps: dict[str, str] = field(default_factory=dict)
 
 
@@ -164,7 +172,81 @@ DOCKER_GAPS = {
 }
 
 
+# -- kubernetes (the real node) -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kubernetes_target(workdir: Path) -> Iterator[Target]:
+    """Sandboxes are pods on the real node, built by the controller (its default pod hardening, the
+    per-pod execd token) from the server's direct-mode template."""
+    with local_cluster() as cluster, real_node(cluster) as node:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+        namespace = f"security-{secrets.token_hex(4)}"
+        cluster.kubectl("create", "namespace", namespace)
+        image = built_image("execd", EXECD_IMAGE)
+        node.load_image(image)
+        controller = ControllerProcess(cluster, namespace, "--execd-image", image).start()
+        server = KubernetesServer(workdir, namespace, cluster.kubeconfig, real_node_server_config()).start()
+        try:
+
+            def sandbox_address(sandbox_id: str) -> str:
+                raw = cluster.kubectl(
+                    "get", "bsbx", sandbox_id, "-n", namespace, "-o", "jsonpath={.status.sandboxes[0].podIP}"
+                )
+                return f"{raw}:44772" if raw else ""
+
+            @contextlib.contextmanager
+            def metadata_route(sandbox_id: str, port: int) -> Iterator[None]:
+                table = f"osb_security_{os.getpid()}"
+                dnat = f"ip saddr {POD_CIDR} ip daddr {METADATA} tcp dport 80 dnat to {NODE_BRIDGE}:{port}"
+                rules = f"""table ip {table} {{
+  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}
+  chain forward {{ type filter hook forward priority -1; ip daddr {METADATA} drop; }}
+}}
+"""
+                subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+                try:
+                    yield
+                finally:
+                    subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
+
+            yield Target(
+                name="kubernetes",
+                domain=server.domain,
+                server_port=server.port,
+                api_key="",
+                image=TEST_IMAGE,
+                state_dir=workdir,
+                host_addresses={"host": primary_address(), "bridge": NODE_BRIDGE},
+                gateway=NODE_BRIDGE,
+                sandbox_address=sandbox_address,
+                metadata_route=metadata_route,
+                metadata_listener=NODE_BRIDGE,
+                max_processes=POD_PIDS_LIMIT,
+                limits={"cpu": "250m", "memory": "256Mi"},  # the node has 2 CPUs for several sandboxes
+                gaps=KUBERNETES_GAPS,
+            )
+        finally:
+            server.stop()
+            controller.stop()
+            cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+NODE_BRIDGE = "10.77.0.1"  # the real node's bridge (tools/node.sh)
+POD_CIDR = "10.77.0.0/24"
+POD_PIDS_LIMIT = 4096  # the test node's kubelet podPidsLimit (tools/node.sh)
+KUBERNETES_GAPS = {
+    "test_cannot_connect_to_a_listener_on_the_hosts_bridge_address": "pods reach the node's address on their bridge;"
+    " a NetworkPolicy-enforcing CNI or a node firewall stops that",
+    "test_cannot_reach_the_second_sandboxs_execd_even_with_its_token": "pods share the pod network; the per-pod"
+    " token is the guard (a NetworkPolicy can deny pod-to-pod traffic too)",
+    "test_filling_the_disk_hits_the_sandboxs_own_quota": "a container's writable layer has no quota: the kubelet"
+    " evicts a pod over its ephemeral-storage limit after the fact instead of failing its writes",
+}
+
+
 TARGETS: dict[str, Callable[[Path], AbstractContextManager[Target]]] = {
     "local": local_target,
     "docker": docker_target,
+    "kubernetes": kubernetes_target,
 }

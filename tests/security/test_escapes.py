@@ -218,3 +218,10 @@ def test_a_setuid_binary_gives_no_privileges(tenant: Tenant, canaries: Canaries)
     output = [m.text for m in run.logs.stdout]
     assert output[0] == "ok ruid=65534 euid=65534", output  # no_new_privs: the setuid bit is ignored
     assert canaries.secret not in " ".join(output)
+
+
+def test_holds_no_kubernetes_credentials(tenant: Tenant) -> None:
+    """A pod's ServiceAccount token would let the tenant talk to the Kubernetes API as that account:
+    sandbox pods get none (automountServiceAccountToken: false), and no other runtime has one either."""
+    _, lines = tenant.sh("ls /var/run/secrets/kubernetes.io/serviceaccount/ 2>&1")
+    assert not any(line.strip() in ("token", "ca.crt", "namespace") for line in lines), lines
