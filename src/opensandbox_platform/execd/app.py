@@ -49,6 +49,8 @@ class Settings:
     ping_interval: float = 3.0
     interrupt_grace: float = 3.0
     metrics_interval: float = 1.0
+    max_sessions: int = 64  # bash sessions at once; one more is a 429
+    session_idle_timeout: float = 3600.0  # seconds unused before a session is deleted; 0: never
 
 
 def _same(a: str, b: str) -> bool:
@@ -73,7 +75,13 @@ class ExecdApp:
             ping_interval=settings.ping_interval,
             interrupt_grace=settings.interrupt_grace,
         )
-        self.sessions = SessionManager(self.environment, self.state_dir, ping_interval=settings.ping_interval)
+        self.sessions = SessionManager(
+            self.environment,
+            self.state_dir,
+            ping_interval=settings.ping_interval,
+            max_sessions=settings.max_sessions,
+            idle_timeout=settings.session_idle_timeout,
+        )
         self.sampler = Sampler()
         self.router = self._routes()
 
