@@ -20,6 +20,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import aiohttp
+
 from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
@@ -29,7 +31,7 @@ from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -38,6 +40,7 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     pool_image,
     read_entry,
 )
+from opensandbox_platform.server.runtimes.liveness import EngineMonitor, engine_call
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ POD_IP_NOT_AVAILABLE = "KUBERNETES::POD_IP_NOT_AVAILABLE"  # the SDK retries end
 POOL_NOT_FOUND = "KUBERNETES::POOL_NOT_FOUND"
 POOL_CAPACITY_EXHAUSTED = "KUBERNETES::POOL_CAPACITY_EXHAUSTED"
 FORBIDDEN = "KUBERNETES::FORBIDDEN"
+API_UNAVAILABLE = "KUBERNETES::API_UNAVAILABLE"
+API_NAME = "the Kubernetes API server"
+DISCARD_RETRY_SECONDS = 5.0
+DISCARD_ATTEMPTS = 120  # ten minutes of retries for a create's BatchSandbox the API server did not delete
 SYNC_TIMEOUT_SECONDS = 30.0
 
 
@@ -75,6 +82,8 @@ class KubernetesRuntime:
         self.namespace = section.namespace
         self.kubeconfig = section.kubeconfig or None
         self.create_timeout = section.create_timeout_seconds
+        self.api_timeout = section.api_timeout_seconds
+        self.engine = EngineMonitor(API_NAME, self._ping, section.health_interval_seconds, section.api_timeout_seconds)
         self.settings = Settings(section.image_pull_policy, section.default_pod_spec)
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -87,7 +96,7 @@ class KubernetesRuntime:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        client = self._client = KubeClient.from_config(self.kubeconfig)
+        client = self._client = KubeClient.from_config(self.kubeconfig, timeout=self.api_timeout)
         try:
             # Fail at start-up, with the API server's words, when the CRD or our permissions are missing.
             await client.list(BATCHSANDBOXES, self.namespace, limit=1)
@@ -107,9 +116,32 @@ class KubernetesRuntime:
         await asyncio.wait_for(
             asyncio.gather(self._sandboxes.synced.wait(), self._pools.synced.wait()), SYNC_TIMEOUT_SECONDS
         )
+        self.engine.start()
+
+    def health(self) -> RuntimeHealth:
+        """The API server's state, and whether both informers are connected (else the cache that
+        get and list read may be stale)."""
+        informers = {"sandboxInformer": self._sandboxes, "poolInformer": self._pools}
+        return self.engine.health(
+            **{name: bool(i is not None and i.connected and i.synced.is_set()) for name, i in informers.items()}
+        )
+
+    async def _ping(self) -> None:
+        await self.client.request("GET", "/version")
+
+    def unavailable_error(self, exc: BaseException) -> ApiError | None:
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {self.api_timeout:g}s (kubernetes.apiTimeoutSeconds)"
+        elif isinstance(exc, aiohttp.ClientError):
+            why = str(exc) or type(exc).__name__
+        else:
+            return None
+        self.engine.failed(why)
+        return ApiError(503, API_UNAVAILABLE, f"{API_NAME} is unavailable: {why}", {"Retry-After": "5"})
 
     async def close(self) -> None:
         """Creates still waiting are given up (their BatchSandboxes deleted); sandboxes keep running."""
+        await self.engine.close()
         for create in list(self._creates):
             create.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
@@ -165,6 +197,7 @@ class KubernetesRuntime:
         return entry
 
     # --- create -----------------------------------------------------------------------------------
+    @engine_call
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         task = asyncio.create_task(self._create(spec))
         self._creates.add(task)
@@ -238,15 +271,32 @@ class KubernetesRuntime:
         return ApiError(504, POD_READY_TIMEOUT, f"the sandbox was not Running within {self.create_timeout:g}s{detail}")
 
     async def _discard(self, sandbox_id: str) -> None:
-        """Delete a create's BatchSandbox (it may not exist); runs to the end even when cancelled."""
+        """Delete a create's BatchSandbox (it may not exist); runs to the end even when cancelled.
+        When the API server does not answer, the delete is retried in the background."""
         task = asyncio.ensure_future(self._delete_object(sandbox_id, None))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             await task
             raise
+        except (TimeoutError, aiohttp.ClientError):
+            retry = asyncio.create_task(self._discard_later(sandbox_id), name=f"discard-{sandbox_id}")
+            self._background.add(retry)
+            retry.add_done_callback(self._background.discard)
         except Exception:
             log.exception("could not delete the BatchSandbox of a failed create", extra={"sandbox": sandbox_id})
+
+    async def _discard_later(self, sandbox_id: str) -> None:
+        for _ in range(DISCARD_ATTEMPTS):
+            await asyncio.sleep(DISCARD_RETRY_SECONDS)
+            try:
+                await self._delete_object(sandbox_id, None)
+                return
+            except (TimeoutError, aiohttp.ClientError, KubeError) as err:
+                log.info(
+                    "retrying the delete of a failed create's BatchSandbox: %r", err, extra={"sandbox": sandbox_id}
+                )
+        log.error("gave up deleting the BatchSandbox of a failed create", extra={"sandbox": sandbox_id})
 
     async def _delete_object(self, name: str, uid: str | None) -> None:
         try:
@@ -266,6 +316,7 @@ class KubernetesRuntime:
     async def list(self) -> list[SandboxInfo]:
         return [entry.info for entry in self._entries.values()]
 
+    @engine_call
     async def delete(self, sandbox_id: str) -> None:
         entry = self._entry(sandbox_id)
         await self._delete_object(entry.name, entry.uid)
@@ -277,11 +328,13 @@ class KubernetesRuntime:
     async def resume(self, sandbox_id: str) -> None:
         raise guards.not_supported("resume", self.capabilities.runtime)
 
+    @engine_call
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         entry = self._entry(sandbox_id)
         guards.require_expiry(sandbox_id, entry.info.expires_at)
         return await self._patch(entry, {"spec": {"expireTime": times.rfc3339(expires_at, digits=6)}})
 
+    @engine_call
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         entry = self._entry(sandbox_id)
         if not patch:
