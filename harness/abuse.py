@@ -33,28 +33,26 @@ LOOPBACK = "127.0.0.1"
 # -- the attacks ---------------------------------------------------------------------------------
 
 
-async def huge_header(port: int, seconds: float, size: int) -> dict[str, int]:
-    """Requests with a `size`-byte header until `seconds` are up; counts the answers by status."""
+def huge_header(port: int, seconds: float, size: int) -> dict[str, int]:
+    """Requests with a `size`-byte header until `seconds` are up; counts the answers by status
+    ("reset": the server's refusal was lost in the reset of a connection we were still writing to)."""
     answers: dict[str, int] = {}
     deadline = time.monotonic() + seconds
     chunk = b"a" * (1 << 20)
     while time.monotonic() < deadline:
         status = "none"
         try:
-            reader, writer = await asyncio.open_connection(LOOPBACK, port)
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
-            sent = 0
-            with contextlib.suppress(ConnectionError):
-                while sent < size and not reader.at_eof():
-                    writer.write(chunk[: min(len(chunk), size - sent)])
-                    sent += len(chunk)
-                    await writer.drain()
-                writer.write(b"\r\n\r\n")
-                await writer.drain()
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-                line = await asyncio.wait_for(reader.readline(), 10)
-                status = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "none"
-            writer.close()
+            with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                with contextlib.suppress(OSError):  # the server stops reading: our writes fail
+                    for offset in range(0, size, len(chunk)):
+                        sock.sendall(chunk[: min(len(chunk), size - offset)])
+                    sock.sendall(b"\r\n\r\n")
+                try:
+                    line = sock.recv(4096).split(b"\r\n", 1)[0]
+                    status = line.split(b" ")[1].decode() if line.count(b" ") >= 2 else "none"
+                except OSError:
+                    status = "reset"
         except OSError:
             status = "connect-error"
         answers[status] = answers.get(status, 0) + 1
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.attack == "huge-header":
-        result = asyncio.run(huge_header(args.port, args.seconds, args.size))
+        result = huge_header(args.port, args.seconds, args.size)
     elif args.attack == "slowloris":
         result = asyncio.run(slowloris(args.port, args.seconds, args.connections, args.interval))
     else:

@@ -129,7 +129,7 @@ class Flavor:
             )
             return (
                 f'[runtime]\ntype = "docker"\nexecdImage = "{EXECD_IMAGE}"\n\n'
-                f'[docker]\nhost = "{docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'
+                f'[docker]\nhost = "{server.engine_host or docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'
             )
         return f'[local]\nstateDir = "{server.state_dir}"\n'
 
@@ -148,6 +148,7 @@ class ServerProcess(ServerSubprocess):
     api_key: str = ""
     extra_config: str = ""  # appended to the runtime's own section
     server_config: str = ""  # appended to the [server] section
+    engine_host: str = ""  # docker: this Docker API instead of the shared podman service
     runtime: str = "local"
     execd_from_image: bool = False  # docker: copy execd out of runtime.execdImage, not build/execd
 
