@@ -241,7 +241,7 @@ class Request:
         raw = await self.read_body(limit)
         if not raw.strip():
             if allow_empty:
-                return None
+                return {}  # no body: an empty object (a body of `null` is not one)
             raise errors.bad_request("request body is empty; a JSON document is required")
         try:
             return json.loads(raw)
@@ -344,7 +344,10 @@ class Router:
             raise errors.not_found(f"no route for {path}")
         handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if handler is None:
-            raise ApiError(405, errors.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
+            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+            raise ApiError(
+                405, errors.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}", {"allow": ", ".join(allowed)}
+            )
         return handler, params
 
 

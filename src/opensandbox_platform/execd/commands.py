@@ -58,8 +58,8 @@ class CommandSpec:
     gid: int | None = None
 
 
-# The largest uid/gid Linux knows ((uid_t)-1 means "unchanged" to setuid and friends).
-MAX_ID = 2**32 - 2
+# The largest uid/gid the API takes (an int32, as upstream's document says; Linux's go to 2**32 - 2).
+MAX_ID = 2**31 - 1
 # The longest timeout a command can ask for: ~24 days; asyncio's timers and poll(2) take it.
 MAX_TIMEOUT_MS = 2**31 - 1
 

@@ -145,7 +145,7 @@ class SessionManager:
         self._sweeper = asyncio.get_running_loop().call_later(interval, sweep)
 
     def create(self, body: Any, default_cwd: str) -> str:
-        if body is not None and not isinstance(body, dict):
+        if not isinstance(body, dict):
             raise errors.bad_request("request body must be a JSON object")
         self.reap_idle()
         if len(self._sessions) >= self.max_sessions:
@@ -155,12 +155,12 @@ class SessionManager:
                 f"{len(self._sessions)} sessions are open (the limit): delete one first",
                 {"retry-after": "1"},
             )
-        raw_cwd = (body or {}).get("cwd")
+        raw_cwd = body.get("cwd")
+        if raw_cwd is not None and (not isinstance(raw_cwd, str) or "\0" in raw_cwd):
+            raise errors.bad_request("'cwd' must be a string without NUL")
         env = self.environment.compose()
         cwd = default_cwd
         if raw_cwd:
-            if not isinstance(raw_cwd, str) or "\0" in raw_cwd:
-                raise errors.bad_request("'cwd' must be a string without NUL")
             try:
                 cwd = expand_path(raw_cwd, env)
             except KeyError as exc:
