@@ -146,7 +146,8 @@ def _nullable_optionals(schema: dict[str, Any], document: dict[str, Any], seen: 
             schema["properties"][name] = {"anyOf": [prop, {"type": "null"}]}
 
 
-_COUNTS = re.compile(r"(\d+) generated, (\d+) passed")
+_GENERATED = re.compile(r"(\d+) generated")
+_PASSED = re.compile(r"(\d+) generated, (\d+) passed")
 
 
 def run(
@@ -179,6 +180,6 @@ def run(
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=workdir)
     output = result.stdout + result.stderr
     (workdir / "schemathesis.out").write_text(output)
-    counts = _COUNTS.search(output)
-    generated, passed = (int(counts.group(1)), int(counts.group(2))) if counts else (0, 0)
+    generated = int(m.group(1)) if (m := _GENERATED.search(output)) else 0
+    passed = int(m.group(2)) if (m := _PASSED.search(output)) else 0
     return FuzzRun(result.returncode, output, generated, passed)

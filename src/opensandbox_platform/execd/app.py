@@ -53,6 +53,16 @@ class Settings:
     session_idle_timeout: float = 3600.0  # seconds unused before a session is deleted; 0: never
 
 
+def _flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter: absent, true/false or 1/0 (any case); anything else is a 400."""
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise errors.bad_request(f"query parameter {name!r} must be true or false", errors.MISSING_QUERY)
+    return lowered in ("true", "1")
+
+
 def _same(a: str, b: str) -> bool:
     """Constant-time comparison (hmac.compare_digest would pull in OpenSSL: ~4 MiB of RSS)."""
     given, expected = a.encode(), b.encode()
@@ -219,7 +229,7 @@ class ExecdApp:
 
     async def replace_contents(self, request: Request) -> AnyResponse:
         results = await asyncio.to_thread(files.replace, await request.json())
-        if (request.arg("verbose") or "").lower() in ("true", "1"):
+        if _flag(request.arg("verbose"), "verbose"):
             return Response.json(results)
         return EMPTY
 
