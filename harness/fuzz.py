@@ -97,7 +97,9 @@ def execd_document(target: Path) -> Path:
       decodes null: the SDK never sends it);
     - `/files/replace` without `verbose=true` answers 200 with an empty body (its description says
       so; its schema says JSON);
-    - an event stream's schema describes each event's `data` (a JSON document), not the event.
+    - an event stream's schema describes each event's `data` (a JSON document), not the event;
+    - a `Permission`'s `mode` may be left out: it has a default (755) in the same document, which
+      execd applies (the document also calls it required).
     `/code` and `/pty` are not fuzzed: execd answers 501 there on this branch.
     """
     document: dict[str, Any] = yaml.safe_load(EXECD_UPSTREAM_DOCUMENT.read_text())
@@ -115,6 +117,8 @@ def execd_document(target: Path) -> Path:
                     )
                     if stream is not None and "schema" in stream:
                         stream["schema"] = _sse_event(stream["schema"])
+    permission = document["components"]["schemas"]["Permission"]
+    permission["required"] = [name for name in permission.get("required", []) if name != "mode"]
     replace = document["paths"]["/files/replace"]["post"]["responses"]["200"]
     replace.pop("content", None)
     target.write_text(json.dumps(document, default=str))  # YAML dates in examples

@@ -27,11 +27,15 @@ MAX_RETRY_AFTER = 60
 
 
 def default_concurrency(runtime_type: str) -> int:
-    """Creates in flight when `server.createConcurrency` is 0: a cold start on local and docker is
-    CPU-bound (a Python start-up, a container start), so one per CPU."""
+    """Creates in flight when `server.createConcurrency` is 0: a cold start on local is CPU-bound in
+    this host's Python (one per CPU); on docker most of a create is the engine's work, in its own
+    process (two per CPU, at least 4); on kubernetes it is the API server's and the controller's."""
+    cpus = max(os.cpu_count() or 1, 1)
     if runtime_type == "kubernetes":
         return KUBERNETES_CONCURRENCY
-    return max(os.cpu_count() or 1, 1)
+    if runtime_type == "docker":
+        return max(2 * cpus, 4)
+    return cpus
 
 
 class ClientGone(Exception):

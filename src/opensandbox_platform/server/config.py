@@ -60,8 +60,8 @@ class ServerSection(Section):
     create_concurrency: int = Field(
         default=0,
         ge=0,
-        description="creates run at once; 0: the runtime's default (local and docker: the number of CPUs,"
-        " kubernetes: 256)",
+        description="creates run at once; 0: the runtime's default (local: the number of CPUs, docker: twice"
+        " that and at least 4, kubernetes: 256)",
     )
     create_queue_size: int = Field(
         default=32, ge=0, description="creates waiting for a slot; one more is refused with 429 and Retry-After"
