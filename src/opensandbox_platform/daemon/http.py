@@ -80,6 +80,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, env: M
         parser.add_argument(
             f"--{flag}",
             dest=f"limit_{name}",
+            metavar="SECONDS" if kind is float else "N",
             type=kind,
             default=kind(raw) if raw else getattr(defaults, name),
             help=f"{help_text} (env {variable}; default {getattr(defaults, name)})",

@@ -29,7 +29,8 @@ class ServerSection(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log verbosity")
     api_key: str = Field(
         default="",
-        description=f"when set, every request but /health needs header OPEN-SANDBOX-API-KEY (env {API_KEY_ENV})",
+        description="when set, every request but /health, /ready, /version and the API docs needs header"
+        f" OPEN-SANDBOX-API-KEY (env {API_KEY_ENV})",
     )
     eip: str = Field(
         default="", description="public host[:port] used in server-proxy endpoints (default: the request's)"
