@@ -41,19 +41,25 @@ ATTACK_NAMES = {
 }
 
 
+def open_fds(server: ServerProcess) -> int:
+    assert server.proc is not None
+    return len(list(Path(f"/proc/{server.proc.pid}/fd").iterdir()))
+
+
 def health_during(server: ServerProcess, seconds: float, attack: str | None) -> dict[str, Any]:
+    most_fds = open_fds(server)
     with probing(server.port) as probe:
         counts: dict[str, Any] = {}
         if attack is None:
             time.sleep(seconds)
         else:
             proc = attack_process(ATTACK_NAMES[attack], server.port, seconds, **ATTACKS[attack])
-            out, _ = proc.communicate(timeout=seconds + 120)
+            while proc.poll() is None:
+                most_fds = max(most_fds, open_fds(server))
+                time.sleep(0.2)
+            out, _ = proc.communicate(timeout=120)
             counts = json.loads(out.strip().splitlines()[-1])
-    figures: dict[str, Any] = {"health": probe.summary(), "attack": counts}
-    assert server.proc is not None
-    figures["server_fds_after"] = len(list(Path(f"/proc/{server.proc.pid}/fd").iterdir()))
-    return figures
+    return {"health": probe.summary(), "attack": counts, "server_fds_max": most_fds}
 
 
 async def burst(server: ServerProcess, n: int) -> dict[str, Any]:

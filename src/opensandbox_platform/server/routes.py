@@ -32,13 +32,16 @@ from opensandbox_platform.server.models import (
     SandboxModel,
 )
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo
+from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo, State
 
 log = logging.getLogger("opensandbox.server")
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 503)}
 router = APIRouter(tags=["sandboxes"], responses=ERRORS)  # type: ignore[arg-type]
 SandboxId = Annotated[str, Path(alias="sandboxId", min_length=1)]
+# The states a list filter may name (any case): a typo is a 400, not an empty page.
+STATES = (State.PENDING, State.RUNNING, State.PAUSED, State.STOPPING, State.TERMINATED, State.FAILED, "Unknown")
+STATE_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in STATES) + ")$"
 # What `_parse_metadata_filter` accepts: `k=v` pairs joined by `&` (the value may hold `=`).
 METADATA_FILTER_PATTERN = r"^(?:[^&=]*=[^&]*(?:&[^&=]*=[^&]*)*)?$"
 Port = Annotated[int, Path(ge=1, le=65535, description="a port of the sandbox, 1-65535")]
@@ -100,7 +103,13 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
 @router.get("/sandboxes", response_model=ListSandboxesResponse, response_model_exclude_none=True)
 async def list_sandboxes(
     request: Request,
-    state: Annotated[list[str] | None, Query(description="repeatable; any of them matches")] = None,
+    state: Annotated[
+        list[str],
+        Query(
+            description="repeatable, any case; any of them matches",
+            json_schema_extra={"items": {"type": "string", "pattern": STATE_PATTERN}},  # checked below
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies a query list's default
     metadata: Annotated[
         str | None,
         Query(
@@ -111,7 +120,10 @@ async def list_sandboxes(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> JSONResponse:
-    wanted_states = {s.lower() for s in state or [] if s}
+    wanted_states = {s.lower() for s in state}
+    unknown = wanted_states - {name.lower() for name in STATES}
+    if unknown:
+        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(STATES)}")
     wanted_metadata = _parse_metadata_filter(metadata)
     items = [
         info
