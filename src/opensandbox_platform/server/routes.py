@@ -39,8 +39,19 @@ log = logging.getLogger("opensandbox.server")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 503)}
 router = APIRouter(tags=["sandboxes"], responses=ERRORS)  # type: ignore[arg-type]
 SandboxId = Annotated[str, Path(alias="sandboxId", min_length=1)]
-# The states a list filter may name (any case): a typo is a 400, not an empty page.
-STATES = (State.PENDING, State.RUNNING, State.PAUSED, State.STOPPING, State.TERMINATED, State.FAILED, "Unknown")
+# The states a list filter may name (any case): the lifecycle spec's and the SDK's, including those
+# no runtime here reports (Pausing, Resuming); another name (a typo) is a 400, not an empty page.
+STATES = (
+    State.PENDING,
+    State.RUNNING,
+    "Pausing",
+    State.PAUSED,
+    "Resuming",
+    State.STOPPING,
+    State.TERMINATED,
+    State.FAILED,
+    "Unknown",
+)
 STATE_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in STATES) + ")$"
 # What `_parse_metadata_filter` accepts: `k=v` pairs joined by `&` (the value may hold `=`).
 METADATA_FILTER_PATTERN = r"^(?:[^&=]*=[^&]*(?:&[^&=]*=[^&]*)*)?$"
