@@ -56,6 +56,8 @@ class FuzzRun:
 
 def server_config(sandbox_id: str, execd_port: int = 44772) -> str:
     return f"""
+max-stream-events = 3
+
 [checks]
 enabled = true
 
@@ -78,6 +80,9 @@ enabled = false
 
 
 EXECD_CONFIG = """
+# /metrics/watch streams an event a second for as long as it is read: read a few.
+max-stream-events = 3
+
 [checks]
 enabled = true
 positive_data_acceptance = { enabled = false }
