@@ -67,7 +67,11 @@ def main(argv: list[str]) -> None:
             failed = True
             print(run.tail(), flush=True)
 
-        endpoint = httpx.get(f"{server.url}/v1/sandboxes/{sandbox_id}/endpoints/44772", headers=server.headers()).json()
+        # A sandbox of its own: the server's run may have left the first one paused (it fuzzes pause too).
+        execd_sandbox = _create(server)
+        endpoint = httpx.get(
+            f"{server.url}/v1/sandboxes/{execd_sandbox}/endpoints/44772", headers=server.headers()
+        ).json()
         started = time.monotonic()
         run = fuzz.run(
             fuzz.execd_document(work / "execd-api.json"),
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> None:
             print(run.tail(), flush=True)
 
         listed = httpx.get(f"{server.url}/v1/sandboxes", params={"pageSize": 200}, headers=server.headers()).json()
-        results["sandboxes_left_by_the_fuzzer"] = len(listed["items"]) - 1
+        results["sandboxes_left_by_the_fuzzers"] = len(listed["items"]) - 2
         for item in listed["items"]:
             httpx.delete(f"{server.url}/v1/sandboxes/{item['id']}", headers=server.headers(), timeout=30)
     write("fuzz", results)
