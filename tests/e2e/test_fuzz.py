@@ -55,7 +55,8 @@ def test_the_server_survives_fuzzing_and_matches_its_document(fuzzed: ServerProc
         assert result.ok, result.tail()
         assert result.generated > 300 and result.passed == result.generated, result.tail(1500)
         assert "Server error" not in result.output
-        # The sandbox the run used is still healthy after it.
+        # The sandbox the run used is still healthy after it (once resumed: the run fuzzes pause too).
+        httpx.post(f"{fuzzed.url}/v1/sandboxes/{sandbox_id}/resume", headers=fuzzed.headers(), timeout=30)
         ping = httpx.get(f"{fuzzed.url}/v1/sandboxes/{sandbox_id}/proxy/44772/ping", headers=fuzzed.headers())
         assert ping.status_code == 200
     finally:
