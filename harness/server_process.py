@@ -129,7 +129,7 @@ class Flavor:
             )
             return (
                 f'[runtime]\ntype = "docker"\nexecdImage = "{EXECD_IMAGE}"\n\n'
-                f'[docker]\nhost = "{docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'
+                f'[docker]\nhost = "{server.engine_host or docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'
             )
         return f'[local]\nstateDir = "{server.state_dir}"\n'
 
@@ -147,6 +147,8 @@ FLAVORS = {
 class ServerProcess(ServerSubprocess):
     api_key: str = ""
     extra_config: str = ""  # appended to the runtime's own section
+    server_config: str = ""  # appended to the [server] section
+    engine_host: str = ""  # docker: this Docker API instead of the shared podman service
     runtime: str = "local"
     execd_from_image: bool = False  # docker: copy execd out of runtime.execdImage, not build/execd
 
@@ -163,7 +165,7 @@ class ServerProcess(ServerSubprocess):
         return self.workdir / "state"
 
     def config(self) -> str:
-        server = f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n\n'
+        server = f'[server]\napiKey = "{self.api_key}"\nlogLevel = "INFO"\n{self.server_config}\n\n'
         return f"{server}{self.flavor.config(self)}{self.extra_config}\n"
 
     def headers(self) -> dict[str, str]:
@@ -220,9 +222,11 @@ def only_local(server: ServerProcess, why: str) -> None:
 
 @contextmanager
 def running_server(
-    workdir: Path, api_key: str = "", extra_config: str = "", runtime: str = "local"
+    workdir: Path, api_key: str = "", extra_config: str = "", runtime: str = "local", server_config: str = ""
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(workdir, api_key=api_key, extra_config=extra_config, runtime=runtime).start()
+    server = ServerProcess(
+        workdir, api_key=api_key, extra_config=extra_config, runtime=runtime, server_config=server_config
+    ).start()
     try:
         yield server
     finally:

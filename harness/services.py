@@ -79,3 +79,45 @@ def podman_docker_host() -> Iterator[str]:
     finally:
         if started:
             _run(str(TOOLS / "podman.sh"), "down")
+
+
+@dataclass
+class PodmanService:
+    """A `podman system service` of the caller's own (same storage as every other): a test may
+    stop it (SIGSTOP) without stalling anyone else's engine."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+
+@contextmanager
+def private_podman_service(workdir: Path) -> Iterator[PodmanService]:
+    import signal
+    import time
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = workdir / "docker.sock"
+    with open(workdir / "podman-service.log", "ab") as log:
+        proc = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", f"unix://{sock}"], stdout=log, stderr=log, cwd=workdir
+        )
+    service = PodmanService(proc, sock)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() or _run("curl", "-sf", "--unix-socket", str(sock), "http://d/_ping").returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"podman service did not start: {(workdir / 'podman-service.log').read_text()}")
+            time.sleep(0.1)
+        yield service
+    finally:
+        proc.send_signal(signal.SIGCONT)  # whatever a test did to it
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

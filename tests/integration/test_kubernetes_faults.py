@@ -137,7 +137,7 @@ def test_an_api_server_outage_mid_burst_fails_creates_cleanly_and_leaves_nothing
         for status, code, retry_after in result.failures:
             assert status in (503, 504, 429), (status, code)
             if status == 503:
-                assert code == "KUBERNETES::UNAVAILABLE" and retry_after, (status, code, retry_after)
+                assert code == "KUBERNETES::API_UNAVAILABLE" and retry_after, (status, code, retry_after)
         # Failed creates are deleted once the API server answers again: only the ones clients hold stay.
         eventually(lambda: batchsandboxes(kube, namespace) <= result.ids, timeout=60, what="no leftovers")
         assert result.ids <= batchsandboxes(kube, namespace), "a sandbox a client holds was deleted"

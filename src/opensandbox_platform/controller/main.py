@@ -16,6 +16,7 @@ from opensandbox_platform.controller.manager import Manager, Options, pod_namesp
 from opensandbox_platform.controller.pool import PoolReconciler
 from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.daemon import logs
+from opensandbox_platform.daemon.http import add_limit_arguments, limits_from_args
 from opensandbox_platform.daemon.process import stop_on_signals
 from opensandbox_platform.kube.client import KubeClient
 from opensandbox_platform.kube.serving import (
@@ -116,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="replace idle pool pods not Ready after this many seconds (default: 300)",
     )
+    # Limits of the probe and metrics listeners (env OPENSANDBOX_CONTROLLER_HTTP_<FLAG>).
+    add_limit_arguments(parser, "OPENSANDBOX_CONTROLLER_HTTP")
     return parser.parse_args(argv)
 
 
@@ -147,6 +150,7 @@ async def run(args: argparse.Namespace) -> None:
     for reconciler in (PoolReconciler, Allocator, BatchSandboxReconciler):
         reconciler(manager, inflight).setup()
     servers = []
+    limits = limits_from_args(args)
     host, port = split_address(args.health_probe_bind_address)
     if port:
         servers.append(
@@ -154,13 +158,14 @@ async def run(args: argparse.Namespace) -> None:
                 host,
                 port,
                 {"/healthz": probe_route(lambda: True), "/readyz": probe_route(lambda: manager.synced)},
+                limits=limits,
             )
         )
     host, port = split_address(args.metrics_bind_address)
     if port:
         auth = MetricsAuth(client) if args.metrics_secure else None
         tls = tls_context(args.metrics_cert_dir) if args.metrics_secure else None
-        servers.append(await serve(host, port, {"/metrics": metrics_route(auth)}, tls))
+        servers.append(await serve(host, port, {"/metrics": metrics_route(auth)}, tls, limits))
     log.info(
         "starting",
         extra={

@@ -7,30 +7,96 @@ terminator the moment the last event is written, and writes wait for the socket 
 command's output is read only as fast as the client consumes it.
 
 Scope: HTTP/1.1 and 1.0, keep-alive, Content-Length and chunked request bodies (with
-`Expect: 100-continue`), fixed, chunked-streamed and sendfile responses. No TLS, no HTTP/2, no
-pipelining beyond sequential processing, no upgrades.
+`Expect: 100-continue`), fixed, chunked-streamed and sendfile responses, HEAD (the GET route's
+headers without its body). TLS only when the caller passes an SSL context (the controller's metrics
+server; execd never imports ssl). No HTTP/2, no pipelining beyond sequential processing, no upgrades.
+
+Limits (`Limits`, from flags or environment variables with `add_limit_arguments`): a request line
+longer than `max_request_line` is a 414, a head larger than `max_head_bytes` a 431; the first
+request's head must be complete `head_timeout` seconds after the connection opened, a later
+request's within `head_timeout` of its first byte (else 408 and close); a connection idle between
+requests is closed after `keep_alive_timeout`; at most `max_connections` connections are held,
+the longest idle one is closed to make room for a new one, and a new one is refused (503) only when
+every connection is serving a request (daemon/connections.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.connections import ConnectionTable
 from opensandbox_platform.daemon.errors import ApiError
 
 log = logging.getLogger("daemon.http")
 
-MAX_HEAD = 64 * 1024
 READ_CHUNK = 256 * 1024
-IDLE_TIMEOUT = 600.0
 # A request body left unread by a handler is drained (to keep the connection) only up to this size.
 MAX_DRAIN = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one listener accepts; the defaults suit every daemon (see the module's docstring)."""
+
+    max_head_bytes: int = 64 * 1024
+    max_request_line: int = 8 * 1024
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 60.0
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.max_request_line < 16 or self.max_head_bytes < self.max_request_line:
+            raise ValueError("max_head_bytes must be at least max_request_line, which must be at least 16")
+        if self.head_timeout <= 0 or self.keep_alive_timeout <= 0 or self.max_connections < 1:
+            raise ValueError("timeouts must be positive and max_connections at least 1")
+
+
+# (flag, Limits field, type, what it is); the environment variable is <PREFIX>_<FLAG in upper snake case>.
+_LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("max-connections", "max_connections", int, "connections held at once; the longest idle is closed for a new one"),
+    ("header-timeout", "head_timeout", float, "seconds a request's head may take to arrive (408 after)"),
+    ("keepalive-timeout", "keep_alive_timeout", float, "seconds an idle connection is kept between requests"),
+    ("max-header-bytes", "max_head_bytes", int, "largest request head (431 above)"),
+    ("max-request-line", "max_request_line", int, "longest request line (414 above)"),
+)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, env: Mapping[str, str] = os.environ) -> None:
+    """The listener's limits as flags, each defaulting to `<env_prefix>_<FLAG>` or the built-in value."""
+    defaults = Limits()
+    for flag, name, kind, help_text in _LIMIT_FLAGS:
+        variable = f"{env_prefix}_{flag.upper().replace('-', '_')}"
+        raw = env.get(variable)
+        parser.add_argument(
+            f"--{flag}",
+            dest=f"limit_{name}",
+            metavar="SECONDS" if kind is float else "N",
+            type=kind,
+            default=kind(raw) if raw else getattr(defaults, name),
+            help=f"{help_text} (env {variable}; default {getattr(defaults, name)})",
+        )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    return Limits(**{name: getattr(args, f"limit_{name}") for _, name, _, _ in _LIMIT_FLAGS})
+
+
+def limits_from_env(env_prefix: str, env: Mapping[str, str] = os.environ) -> Limits:
+    """The same limits read from the environment only (a daemon without flags of its own: the jail init)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_limit_arguments(parser, env_prefix, env)
+    return limits_from_args(parser.parse_args([]))
+
 
 _REASONS = {
     100: "Continue",
@@ -42,14 +108,18 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     411: "Length Required",
     413: "Payload Too Large",
+    414: "URI Too Long",
     416: "Range Not Satisfiable",
     422: "Unprocessable Entity",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
+    503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
@@ -172,12 +242,14 @@ class Request:
         raw = await self.read_body(limit)
         if not raw.strip():
             if allow_empty:
-                return None
+                return {}  # no body: an empty object (a body of `null` is not one)
             raise errors.bad_request("request body is empty; a JSON document is required")
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise errors.bad_request(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise errors.bad_request("request body is nested too deeply") from None
 
 
 class Response:
@@ -250,6 +322,7 @@ class Router:
         self._dynamic.append((segments, {method: handler}))
 
     def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        """The handler and path parameters; HEAD is served by the GET handler (the writer drops the body)."""
         methods = self._static.get(path)
         params: dict[str, str] = {}
         if methods is None:
@@ -270,9 +343,12 @@ class Router:
                     break
         if methods is None:
             raise errors.not_found(f"no route for {path}")
-        handler = methods.get(method)
+        handler = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
         if handler is None:
-            raise ApiError(405, errors.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
+            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+            raise ApiError(
+                405, errors.METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}", {"allow": ", ".join(allowed)}
+            )
         return handler, params
 
 
@@ -299,23 +375,39 @@ class _Protocol(asyncio.StreamReaderProtocol):
 class HttpServer:
     """Serves `dispatch` (routing, auth and error mapping live in the app) over HTTP/1.1."""
 
-    def __init__(self, dispatch: Handler) -> None:
+    def __init__(self, dispatch: Handler, limits: Limits | None = None) -> None:
         self._dispatch = dispatch
+        self.limits = limits or Limits()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._table: ConnectionTable[asyncio.StreamWriter] = ConnectionTable(self.limits.max_connections)
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
         loop = asyncio.get_running_loop()
 
         def factory() -> _Protocol:
-            return _Protocol(asyncio.StreamReader(limit=MAX_HEAD, loop=loop), self._on_connect)
+            return _Protocol(asyncio.StreamReader(limit=self.limits.max_head_bytes, loop=loop), self._on_connect)
 
-        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024, ssl=ssl)
         return self._server
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._table)
 
     def _on_connect(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
     ) -> None:
+        admitted, victims = self._table.admit(writer)
+        for victim in victims:
+            victim.close()  # its task sees EOF and ends
+        if not admitted:
+            busy = ApiError(503, errors.RUNTIME_ERROR, "too many connections", {"retry-after": "1"})
+            response = error_response(busy)
+            response.headers.update({"connection": "close", "content-length": str(len(response.body))})
+            writer.write(_head(503, response.headers) + response.body)
+            writer.close()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer, lost))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
@@ -331,9 +423,11 @@ class HttpServer:
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
     ) -> None:
+        # The first request's head must be complete head_timeout after the connection opened.
+        deadline: float | None = asyncio.get_running_loop().time() + self.limits.head_timeout
         try:
-            while await self._one_request(reader, writer, lost):
-                pass
+            while await self._one_request(reader, writer, lost, deadline):
+                deadline = None
         except (ClientGone, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except asyncio.CancelledError:
@@ -341,21 +435,67 @@ class HttpServer:
         except Exception:
             log.exception("connection failed")
         finally:
+            self._table.remove(writer)
             writer.close()
 
+    async def _read_head(self, reader: asyncio.StreamReader, deadline: float | None) -> bytes | None:
+        """A request's head up to its empty line; None when the client closed or stayed idle."""
+        loop = asyncio.get_running_loop()
+        limits = self.limits
+        try:
+            if deadline is None:  # keep-alive: wait for the next request's first byte
+                first = await asyncio.wait_for(reader.read(1), limits.keep_alive_timeout)
+                deadline = loop.time() + limits.head_timeout
+            else:
+                async with asyncio.timeout_at(deadline):
+                    first = await reader.read(1)
+        except TimeoutError:
+            return None
+        if not first:
+            return None
+        lines: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    try:
+                        line = await reader.readuntil(b"\r\n")
+                    except asyncio.LimitOverrunError:
+                        raise _too_large(request_line=not lines) from None
+                    if first:
+                        line, first = first + line, b""
+                    size += len(line)
+                    if size > limits.max_head_bytes:
+                        raise _too_large(request_line=not lines)
+                    if not lines:
+                        if line == b"\r\n":
+                            continue  # a stray CRLF between requests
+                        if len(line) > limits.max_request_line:
+                            raise _too_large(request_line=True)
+                    lines.append(line)
+                    if line == b"\r\n":
+                        return b"".join(lines)
+        except TimeoutError:
+            raise ApiError(408, errors.INVALID_REQUEST_BODY, "the request head did not arrive in time") from None
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip() or any(line.strip() for line in lines):
+                log.debug("connection closed inside a request head")
+            return None
+
     async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lost: asyncio.Future[None]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        lost: asyncio.Future[None],
+        deadline: float | None,
     ) -> bool:
         """Serve one request; True to keep the connection for another."""
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                log.debug("connection closed inside a request head")
+            head = await self._read_head(reader, deadline)
+        except ApiError as exc:
+            await self._write(writer, error_response(exc), False)
             return False
-        except asyncio.LimitOverrunError:
-            too_large = ApiError(431, errors.INVALID_REQUEST_BODY, "request head too large")
-            await self._write(writer, error_response(too_large), False)
+        if head is None:
             return False
         started = time.monotonic()
         try:
@@ -363,6 +503,7 @@ class HttpServer:
         except ApiError as exc:
             await self._write(writer, error_response(exc), False)
             return False
+        self._table.busy(writer)
 
         connection = headers.get("connection", "").lower()
         keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
@@ -394,7 +535,10 @@ class HttpServer:
 
         if not body.done and not await body.drain(MAX_DRAIN):
             keep_alive = False
-        keep_alive = await self._write(writer, response, keep_alive, chunked_ok=version == "HTTP/1.1")
+        keep_alive = await self._write(
+            writer, response, keep_alive, chunked_ok=version == "HTTP/1.1", head_only=method == "HEAD"
+        )
+        self._table.idle(writer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request method=%s path=%s status=%d ms=%.1f",
@@ -406,13 +550,21 @@ class HttpServer:
         return keep_alive
 
     async def _write(
-        self, writer: asyncio.StreamWriter, response: AnyResponse, keep_alive: bool, chunked_ok: bool = True
+        self,
+        writer: asyncio.StreamWriter,
+        response: AnyResponse,
+        keep_alive: bool,
+        chunked_ok: bool = True,
+        head_only: bool = False,
     ) -> bool:
+        """Write the response (for HEAD: its head only, as GET's would be); True to keep the connection."""
         headers = dict(response.headers)  # responses may be shared (e.g. the empty 200)
-        if isinstance(response, StreamResponse) and not chunked_ok:
+        if isinstance(response, StreamResponse) and not chunked_ok and not head_only:
             keep_alive = False  # HTTP/1.0: the body ends when the connection closes
         if not keep_alive:
             headers["connection"] = "close"
+        if head_only:
+            return await self._write_head_only(writer, response, headers, keep_alive, chunked_ok)
         if isinstance(response, Response):
             headers["content-length"] = str(len(response.body))
             writer.write(_head(response.status, headers) + response.body)
@@ -430,6 +582,31 @@ class HttpServer:
                 response.file.close()
             return keep_alive
         return await self._write_stream(writer, response, headers, keep_alive, chunked_ok)
+
+    async def _write_head_only(
+        self,
+        writer: asyncio.StreamWriter,
+        response: AnyResponse,
+        headers: dict[str, str],
+        keep_alive: bool,
+        chunked: bool,
+    ) -> bool:
+        """A HEAD answer: the headers a GET would get, and no body (a body would be read by the
+        client as the start of the next response on this connection)."""
+        if isinstance(response, Response):
+            headers["content-length"] = str(len(response.body))
+        elif isinstance(response, FileResponse):
+            headers["content-length"] = str(response.count)
+            response.file.close()
+        else:
+            if chunked:
+                headers["transfer-encoding"] = "chunked"
+            aclose = getattr(response.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        writer.write(_head(response.status, headers))
+        await writer.drain()
+        return keep_alive
 
     async def _write_stream(
         self,
@@ -472,6 +649,12 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
     lines.extend(f"{name}: {value}" for name, value in headers.items())
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _too_large(request_line: bool) -> ApiError:
+    if request_line:
+        return ApiError(414, errors.INVALID_REQUEST_BODY, "request line too long")
+    return ApiError(431, errors.INVALID_REQUEST_BODY, "request head too large")
 
 
 def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:

@@ -59,6 +59,18 @@ class Settings:
     # free one and tells commands through $JUPYTER_PORT (sandboxes sharing the host's network).
     code_port: int | None = None
     code_prestart: str | None = None  # a language whose default context is created at start-up
+    max_sessions: int = 64  # bash sessions at once; one more is a 429
+    session_idle_timeout: float = 3600.0  # seconds unused before a session is deleted; 0: never
+
+
+def _flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter: absent, true/false or 1/0 (any case); anything else is a 400."""
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise errors.bad_request(f"query parameter {name!r} must be true or false", errors.MISSING_QUERY)
+    return lowered in ("true", "1")
 
 
 class ExecdApp:
@@ -74,7 +86,13 @@ class ExecdApp:
             ping_interval=settings.ping_interval,
             interrupt_grace=settings.interrupt_grace,
         )
-        self.sessions = SessionManager(self.environment, self.state_dir, ping_interval=settings.ping_interval)
+        self.sessions = SessionManager(
+            self.environment,
+            self.state_dir,
+            ping_interval=settings.ping_interval,
+            max_sessions=settings.max_sessions,
+            idle_timeout=settings.session_idle_timeout,
+        )
         self.sampler = Sampler()
         port = settings.code_port
         self.readiness = Readiness(code_settings.jupyter_port(os.environ) if port is None else port)
@@ -229,7 +247,7 @@ class ExecdApp:
 
     async def replace_contents(self, request: Request) -> AnyResponse:
         results = await asyncio.to_thread(files.replace, await request.json())
-        if (request.arg("verbose") or "").lower() in ("true", "1"):
+        if _flag(request.arg("verbose"), "verbose"):
             return Response.json(results)
         return EMPTY
 

@@ -58,12 +58,18 @@ class CommandSpec:
     gid: int | None = None
 
 
-def _optional_int(body: Mapping[str, Any], name: str, minimum: int = 0) -> int | None:
+# The largest uid/gid the API takes (an int32, as upstream's document says; Linux's go to 2**32 - 2).
+MAX_ID = 2**31 - 1
+# The longest timeout a command can ask for: ~24 days; asyncio's timers and poll(2) take it.
+MAX_TIMEOUT_MS = 2**31 - 1
+
+
+def optional_int(body: Mapping[str, Any], name: str, maximum: int, minimum: int = 0) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise errors.bad_request(f"'{name}' must be an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise errors.bad_request(f"'{name}' must be an integer from {minimum} to {maximum}")
     return value
 
 
@@ -101,9 +107,9 @@ def parse_run_request(body: Any, environment: Environment, default_cwd: str, she
     background = body.get("background", False)
     if not isinstance(background, bool):
         raise errors.bad_request("'background' must be a boolean")
-    timeout_ms = _optional_int(body, "timeout")
-    uid = _optional_int(body, "uid")
-    gid = _optional_int(body, "gid")
+    timeout_ms = optional_int(body, "timeout", MAX_TIMEOUT_MS)
+    uid = optional_int(body, "uid", MAX_ID)
+    gid = optional_int(body, "gid", MAX_ID)
     if gid is not None and uid is None:
         raise errors.bad_request("'gid' requires 'uid'")
     if uid is not None and gid is None:
@@ -121,8 +127,8 @@ def _is_env_map(value: Any) -> bool:
 def resolve_cwd(raw: Any, env: Mapping[str, str], default_cwd: str) -> str:
     if raw is None or raw == "":
         return default_cwd
-    if not isinstance(raw, str):
-        raise errors.bad_request("'cwd' must be a string")
+    if not isinstance(raw, str) or "\0" in raw:
+        raise errors.bad_request("'cwd' must be a string without NUL")
     try:
         cwd = expand_path(raw, env)
     except KeyError as exc:

@@ -11,7 +11,7 @@ import pwd
 import re
 import shutil
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from opensandbox_platform.daemon import errors, times
@@ -56,35 +56,35 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+# The largest numeric owner or group a request may give (an int32, as uids are in the API).
+MAX_ID = 2**31 - 1
+
+
 def resolve_uid(owner: Any) -> int:
-    """A user name or numeric id -> uid; None/"" -> -1 (leave unchanged)."""
-    if owner is None or owner == "":
-        return -1
-    if isinstance(owner, int) and not isinstance(owner, bool):
-        return owner
-    if not isinstance(owner, str):
-        raise errors.bad_request(f"invalid owner {owner!r}", errors.INVALID_FILE_METADATA)
-    try:
-        return pwd.getpwnam(owner).pw_uid
-    except KeyError:
-        if owner.isdigit():
-            return int(owner)
-        raise errors.bad_request(f"unknown user {owner!r}", errors.INVALID_FILE_METADATA) from None
+    """A user name, or a numeric id written as a string (the API's owner is a string) -> uid;
+    None/"" -> -1 (leave unchanged)."""
+    return _resolve_id(owner, "owner", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def resolve_gid(group: Any) -> int:
-    if group is None or group == "":
+    return _resolve_id(group, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _resolve_id(value: Any, what: str, lookup: Callable[[str], int]) -> int:
+    if value is None or value == "":
         return -1
-    if isinstance(group, int) and not isinstance(group, bool):
-        return group
-    if not isinstance(group, str):
-        raise errors.bad_request(f"invalid group {group!r}", errors.INVALID_FILE_METADATA)
+    if not isinstance(value, str) or "\0" in value:
+        raise errors.bad_request(
+            f"invalid {what} {value!r}: a name or a numeric id, as a string", errors.INVALID_FILE_METADATA
+        )
     try:
-        return grp.getgrnam(group).gr_gid
+        return lookup(value)
     except KeyError:
-        if group.isdigit():
-            return int(group)
-        raise errors.bad_request(f"unknown group {group!r}", errors.INVALID_FILE_METADATA) from None
+        if value.isascii() and value.isdigit() and int(value) <= MAX_ID:
+            return int(value)
+        raise errors.bad_request(
+            f"unknown {'user' if what == 'owner' else what} {value!r}", errors.INVALID_FILE_METADATA
+        ) from None
 
 
 def _type(st_mode: int) -> str:

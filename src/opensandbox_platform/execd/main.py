@@ -17,7 +17,7 @@ import time
 
 from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import process
-from opensandbox_platform.daemon.http import HttpServer
+from opensandbox_platform.daemon.http import HttpServer, add_limit_arguments, limits_from_args
 from opensandbox_platform.execd.app import ExecdApp, Settings
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE
 from opensandbox_platform.execd.procs import WATCHER
@@ -65,6 +65,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="create LANGUAGE's default code context (a Jupyter kernel) at start-up, e.g. python "
         "(env EXECD_CODE_PRESTART); the code interpreter's readiness port opens once it answers",
     )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=int(os.environ.get("EXECD_MAX_SESSIONS", Settings.max_sessions)),
+        help=f"bash sessions at once; more is a 429 (env EXECD_MAX_SESSIONS; default {Settings.max_sessions})",
+    )
+    parser.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=float(os.environ.get("EXECD_SESSION_IDLE_TIMEOUT", Settings.session_idle_timeout)),
+        help="seconds a session may go unused before it is deleted; 0: never"
+        f" (env EXECD_SESSION_IDLE_TIMEOUT; default {Settings.session_idle_timeout:g})",
+    )
+    add_limit_arguments(parser, "EXECD")
     return parser.parse_args(argv)
 
 
@@ -76,9 +90,11 @@ async def serve(args: argparse.Namespace, started: float) -> None:
         envs_file=args.envs_file,
         state_dir=args.state_dir,
         code_prestart=args.code_prestart,
+        max_sessions=args.max_sessions,
+        session_idle_timeout=args.session_idle_timeout,
     )
     app = ExecdApp(settings)
-    server = HttpServer(app.dispatch)
+    server = HttpServer(app.dispatch, limits_from_args(args))
     await server.start(args.host, args.port)
     app.start_code()
     log.info(

@@ -25,7 +25,7 @@ from typing import Any
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.execd import procs, sse
-from opensandbox_platform.execd.commands import new_id, resolve_cwd, stream_output
+from opensandbox_platform.execd.commands import MAX_TIMEOUT_MS, new_id, optional_int, resolve_cwd, stream_output
 from opensandbox_platform.execd.envfile import Environment, expand_path
 
 log = logging.getLogger("execd.sessions")
@@ -81,6 +81,11 @@ class Session:
         self.lock = asyncio.Lock()
         self.shell: _Shell | None = None
         self.killed_reason: str | None = None
+        self.last_used = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the session was last created or ran code (0 while code runs)."""
+        return 0.0 if self.lock.locked() else now - self.last_used
 
 
 def _shell_argv() -> list[str]:
@@ -89,25 +94,73 @@ def _shell_argv() -> list[str]:
 
 
 class SessionManager:
-    def __init__(self, environment: Environment, state_dir: str, *, ping_interval: float = 3.0) -> None:
+    """The sessions: at most `max_sessions` at once (one more is a 429), and a session unused for
+    `idle_timeout` seconds (0: never) is deleted by a sweep, so abandoned shells do not pile up."""
+
+    def __init__(
+        self,
+        environment: Environment,
+        state_dir: str,
+        *,
+        ping_interval: float = 3.0,
+        max_sessions: int = 64,
+        idle_timeout: float = 3600.0,
+    ) -> None:
         self.environment = environment
         self.state_dir = state_dir
         self.ping_interval = ping_interval
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
         self._sessions: dict[str, Session] = {}
         self._argv = _shell_argv()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def reap_idle(self) -> list[str]:
+        """Delete the sessions unused for longer than `idle_timeout`; their ids."""
+        if not self.idle_timeout:
+            return []
+        now = time.monotonic()
+        expired = [s.id for s in self._sessions.values() if s.idle_for(now) > self.idle_timeout]
+        for session_id in expired:
+            self.delete(session_id)
+            log.info("session deleted after %gs unused id=%s", self.idle_timeout, session_id)
+        return expired
+
+    def _schedule_sweep(self) -> None:
+        if not self.idle_timeout or self._sweeper is not None or not self._sessions:
+            return
+
+        def sweep() -> None:
+            self._sweeper = None
+            self.reap_idle()
+            self._schedule_sweep()
+
+        interval = min(max(self.idle_timeout / 4, 0.05), 60.0)
+        self._sweeper = asyncio.get_running_loop().call_later(interval, sweep)
+
     def create(self, body: Any, default_cwd: str) -> str:
-        if body is not None and not isinstance(body, dict):
+        if not isinstance(body, dict):
             raise errors.bad_request("request body must be a JSON object")
-        raw_cwd = (body or {}).get("cwd")
+        self.reap_idle()
+        if len(self._sessions) >= self.max_sessions:
+            raise ApiError(
+                429,
+                errors.TOO_MANY_SESSIONS,
+                f"{len(self._sessions)} sessions are open (the limit): delete one first",
+                {"retry-after": "1"},
+            )
+        raw_cwd = body.get("cwd")
+        if raw_cwd is not None and (not isinstance(raw_cwd, str) or "\0" in raw_cwd):
+            raise errors.bad_request("'cwd' must be a string without NUL")
         env = self.environment.compose()
         cwd = default_cwd
         if raw_cwd:
-            if not isinstance(raw_cwd, str):
-                raise errors.bad_request("'cwd' must be a string")
             try:
                 cwd = expand_path(raw_cwd, env)
             except KeyError as exc:
@@ -120,6 +173,7 @@ class SessionManager:
         session = Session(new_id(), cwd, env)
         session.shell = self._start_shell(session)
         self._sessions[session.id] = session
+        self._schedule_sweep()
         log.info("session created id=%s", session.id)
         return session.id
 
@@ -153,9 +207,7 @@ class SessionManager:
         command = body.get("command")
         if not isinstance(command, str) or not command.strip():
             raise errors.bad_request("'command' must be a non-empty string")
-        timeout = body.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0):
-            raise errors.bad_request("'timeout' must be an integer >= 0 (milliseconds)")
+        timeout = optional_int(body, "timeout", MAX_TIMEOUT_MS)
         cwd = None
         if body.get("cwd"):
             cwd = resolve_cwd(body["cwd"], session.env, session.cwd)
@@ -170,8 +222,11 @@ class SessionManager:
         disconnected: asyncio.Future[None],
     ) -> AsyncIterator[bytes]:
         async with session.lock:
-            async for frame in self._run_locked(session, command, cwd, timeout_ms, disconnected):
-                yield frame
+            try:
+                async for frame in self._run_locked(session, command, cwd, timeout_ms, disconnected):
+                    yield frame
+            finally:
+                session.last_used = time.monotonic()
 
     async def _run_locked(
         self,
@@ -255,6 +310,9 @@ class SessionManager:
         log.info("session deleted id=%s", session_id)
 
     def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for session in self._sessions.values():
             if session.shell is not None:
                 session.shell.close()

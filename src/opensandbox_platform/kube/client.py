@@ -140,15 +140,19 @@ class KubeClient:
         self.credentials = credentials
 
     @classmethod
-    def from_config(cls, kubeconfig: str | None = None, *, max_connections: int = 32) -> KubeClient:
-        """From a kubeconfig file, else the in-cluster service account, else $KUBECONFIG/~/.kube/config."""
+    def from_config(
+        cls, kubeconfig: str | None = None, *, max_connections: int = 32, timeout: float = 30.0
+    ) -> KubeClient:
+        """From a kubeconfig file, else the in-cluster service account, else $KUBECONFIG/~/.kube/config.
+
+        `timeout` bounds every request but watches (which have their own silence timeout)."""
         config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
         if config is None or config.user is None:
             raise ValueError("the kubeconfig has no current context with a user")
         ssl_context = verify_cluster(config.cluster, config.user, config.abs_file, trust_env=False)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=max_connections),
-            timeout=aiohttp.ClientTimeout(total=30),
+            timeout=aiohttp.ClientTimeout(total=timeout),
             raise_for_status=False,
         )
         return cls(session, config.cluster.server, Credentials(config.user))

@@ -57,6 +57,9 @@ class Informer(Generic[T]):
 
     store: dict[str, T] = field(default_factory=dict)
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    # False from a failed list or watch until the next list succeeds or the next event arrives:
+    # the cache may then be stale (readiness reports it).
+    connected: bool = False
     _versions: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (uid, resourceVersion)
     _handlers: list[Handler[T]] = field(default_factory=list)
     _indexers: dict[str, Indexer[T]] = field(default_factory=dict)
@@ -194,6 +197,7 @@ class Informer(Generic[T]):
             code = raw.get("code", 500)
             raise KubeError(code, raw.get("reason", ""), raw.get("message", ""))
         self._rv = raw["metadata"]["resourceVersion"]
+        self.connected = True
         if kind == "BOOKMARK":
             return
         if kind == "DELETED":
@@ -213,6 +217,7 @@ class Informer(Generic[T]):
                 if need_list:
                     self._rv = await self._list()
                     need_list = False
+                    self.connected = True
                     self.synced.set()
                 await self._watch_once()
                 backoff = 0.1
@@ -221,6 +226,7 @@ class Informer(Generic[T]):
                     log.info("watch expired, relisting", extra={"resource": self.resource.plural})
                     need_list = True
                     continue
+                self.connected = False
                 log.warning("watch failed: %s", err, extra={"resource": self.resource.plural})
                 need_list = need_list or err.status >= 500
             except (
@@ -229,6 +235,7 @@ class Informer(Generic[T]):
                 ValueError,
                 KeyError,
             ) as err:  # connection trouble, torn stream
+                self.connected = False
                 log.warning("watch broke: %r", err, extra={"resource": self.resource.plural})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

@@ -1,7 +1,9 @@
 """The controller's small HTTP endpoints: health probes (:8081) and Prometheus metrics (:8443).
 
-A tiny asyncio HTTP/1.1 server (GET only, one request per connection) instead of a web framework:
-it runs in every controller replica under a 128Mi limit. Metrics are served over HTTPS with
+The small daemons' HTTP/1.1 server (daemon/http.py: GET and HEAD here) instead of a web framework:
+it runs in every controller replica under a 128Mi limit, and brings the same listener limits as
+execd's (head size and time, idle connections, a connection cap; `--max-connections`,
+`--header-timeout`, ... of the controller). Metrics are served over HTTPS with
 Kubernetes authentication and authorization when `secure` (as kubebuilder projects do): the
 caller's bearer token goes through a TokenReview, then a SubjectAccessReview for `get` on the
 non-resource URL `/metrics`.
@@ -21,6 +23,8 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from opensandbox_platform.daemon.http import AnyResponse, HttpServer, Limits, Request
+from opensandbox_platform.daemon.http import Response as HttpResponse
 from opensandbox_platform.kube.client import SUBJECT_ACCESS_REVIEWS, TOKEN_REVIEWS, KubeClient
 
 log = logging.getLogger(__name__)
@@ -44,38 +48,20 @@ def split_address(address: str, default_host: str = "0.0.0.0") -> tuple[str, int
 
 
 async def serve(
-    host: str, port: int, routes: dict[str, Route], ssl_context: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    routes: dict[str, Route],
+    ssl_context: ssl.SSLContext | None = None,
+    limits: Limits | None = None,
 ) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            request_line, *header_lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = request_line.split(" ", 2)
-            headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
-            route = routes.get(target.split("?", 1)[0])
-            if method != "GET" or route is None:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            else:
-                status, ctype, body = await route(headers)
-            writer.write(
-                f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ValueError,
-            ConnectionError,
-            ssl.SSLError,
-        ):
-            pass
-        finally:
-            writer.close()
+    async def dispatch(request: Request) -> AnyResponse:
+        route = routes.get(request.path)
+        if request.method not in ("GET", "HEAD") or route is None:
+            return HttpResponse(b"not found\n", 404, content_type="text/plain")
+        status, ctype, body = await route(request.headers)
+        return HttpResponse(body, status, content_type=ctype)
 
-    return await asyncio.start_server(handle, host, port, ssl=ssl_context)
+    return await HttpServer(dispatch, limits).start(host, port, ssl=ssl_context)
 
 
 def self_signed_context(host_name: str = "opensandbox-controller-metrics") -> ssl.SSLContext:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import errors, proxy
+from opensandbox_platform.server import errors, openapi, proxy
+from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
+from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
+
+RUNTIME_UNAVAILABLE = "SANDBOX::RUNTIME_UNAVAILABLE"
 
 
 def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
@@ -53,12 +59,28 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     )
     app.state.config = config
     app.state.runtime = runtime
+    app.state.admission = Admission(
+        config.server.create_concurrency or default_concurrency(config.runtime.type),
+        config.server.create_queue_size,
+        config.server.create_queue_timeout_seconds,
+    )
     errors.install(app)
     app.add_middleware(AuthAndRequestId, api_key=config.server.api_key)
 
     @app.get("/health", tags=["health"])
-    async def health() -> dict[str, str]:
-        return {"status": "healthy"}
+    async def health() -> dict[str, Any]:
+        """The server is up (always 200); `runtime` says whether its engine answers."""
+        state = runtime.health()
+        return {"status": "healthy", "runtime": {"type": config.runtime.type, "ready": state.ready, **state.detail}}
+
+    @app.get("/ready", tags=["health"], responses={503: {"model": ErrorResponse}})
+    async def ready() -> JSONResponse:
+        """200 while the runtime can serve sandboxes; 503 while its engine is unreachable."""
+        state = runtime.health()
+        if not state.ready:
+            message = str(state.detail.get("message") or f"the {config.runtime.type} runtime is not ready")
+            return JSONResponse(errors.error_body(RUNTIME_UNAVAILABLE, message), 503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ready"})
 
     @app.get("/version", tags=["health"])
     async def version() -> dict[str, str]:
@@ -66,4 +88,12 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
 
     app.include_router(router, prefix="/v1")
     app.include_router(router, include_in_schema=False)
+    generate = app.openapi
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.refine(generate(), config, runtime.capabilities)
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     return app

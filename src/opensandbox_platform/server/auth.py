@@ -16,7 +16,7 @@ log = logging.getLogger("opensandbox.server")
 
 API_KEY_HEADER = b"open-sandbox-api-key"
 REQUEST_ID_HEADER = b"x-request-id"
-OPEN_PATHS = ("/health", "/version", "/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/health", "/ready", "/version", "/docs", "/redoc", "/openapi.json")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -76,18 +76,25 @@ class AuthAndRequestId:
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008, "reason": denied[0]})
                 return
-            await _json(send_with_id, 401, errors.error_body(*denied))
+            # Closing: the body of a request without a valid key is never read.
+            await _json(send_with_id, 401, errors.error_body(*denied), close=True)
             return
         try:
             await self.app(scope, receive, send_with_id)
+        except errors.StreamAborted as exc:
+            # The response has begun: returning without finishing it makes uvicorn close the
+            # connection without the chunked terminator.
+            log.warning("response aborted on %s %s: %s", scope.get("method", "WS"), scope["path"], exc)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method", "WS"), scope["path"])
             if scope["type"] == "http" and not started:
                 await _json(send_with_id, 500, errors.error_body(errors.INTERNAL_ERROR, "internal error"))
 
 
-async def _json(send: Send, status: int, body: dict[str, str]) -> None:
+async def _json(send: Send, status: int, body: dict[str, str], close: bool = False) -> None:
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -30,14 +30,53 @@ class ServerSection(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log verbosity")
     api_key: str = Field(
         default="",
-        description=f"when set, every request but /health needs header OPEN-SANDBOX-API-KEY (env {API_KEY_ENV})",
+        description="when set, every request but /health, /ready, /version and the API docs needs header"
+        f" OPEN-SANDBOX-API-KEY (env {API_KEY_ENV})",
     )
     eip: str = Field(
         default="", description="public host[:port] used in server-proxy endpoints (default: the request's)"
     )
     max_sandbox_timeout_seconds: int = Field(
-        default=7 * 24 * 3600, ge=60, description="the largest `timeout` a create may ask for"
+        default=7 * 24 * 3600,
+        ge=60,
+        description="the largest `timeout` a create may ask for, and how far ahead a renew may move the expiry",
     )
+    max_connections: int = Field(
+        default=4096,
+        ge=16,
+        description="client connections held at once; a new one closes the one idle the longest, and is"
+        " refused (503) only when all are serving requests (lowered to what RLIMIT_NOFILE allows)",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="a request's head must arrive within this many seconds (else 408)"
+    )
+    keep_alive_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="an idle keep-alive connection is closed after this many seconds"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="largest request head (request line and headers); 431 above"
+    )
+    max_request_line_bytes: int = Field(
+        default=8 * 1024, ge=256, description="longest request line (method, URL, version); 414 above"
+    )
+    create_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="creates run at once; 0: the runtime's default (local: the number of CPUs, docker: twice"
+        " that and at least 4, kubernetes: 256)",
+    )
+    create_queue_size: int = Field(
+        default=32, ge=0, description="creates waiting for a slot; one more is refused with 429 and Retry-After"
+    )
+    create_queue_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="how long a create may wait for a slot before it is refused with 503"
+    )
+
+    @model_validator(mode="after")
+    def _head_holds_its_line(self) -> ServerSection:
+        if self.max_header_bytes < self.max_request_line_bytes:
+            raise ValueError("server.maxHeaderBytes must be at least server.maxRequestLineBytes")
+        return self
 
 
 class RuntimeSection(Section):
@@ -148,6 +187,20 @@ class DockerSection(Section):
     )
     pull_timeout_seconds: float = Field(default=300.0, gt=0, description="how long a create may wait for an image pull")
     start_timeout_seconds: float = Field(default=30.0, gt=0, description="how long execd may take to start")
+    api_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="bound of every other Engine API call; a stalled engine makes the call a 503 after it",
+    )
+    health_interval_seconds: float = Field(
+        default=5.0, gt=0, description="how often the engine is pinged for /health and /ready"
+    )
+    liveness_interval_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="how often each Running sandbox's execd is pinged; two failures in a row make it Failed"
+        " (EXECD_UNREACHABLE); 0: never",
+    )
     default_cpu: str = Field(default="", description="CPU limit when a create gives none (e.g. 1, 500m; empty: none)")
     default_memory: str = Field(default="", description="memory limit when a create gives none (e.g. 2Gi; empty: none)")
     pids_limit: int = Field(default=4096, ge=16, description="pids limit of each sandbox container")
@@ -197,6 +250,15 @@ class KubernetesSection(Section):
         description="the key sandbox pods' execd tokens are derived from (the controller's"
         " --sandbox-token-key-file; the chart mounts the same Secret in both); endpoints then carry each pod's"
         " token. Empty: endpoints carry none (pods whose controller has no key take any caller)",
+    )
+    api_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="bound of every Kubernetes API call but watches; an API server that does not answer"
+        " makes the call a 503",
+    )
+    health_interval_seconds: float = Field(
+        default=5.0, gt=0, description="how often the API server is asked /version for /health and /ready"
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of direct-mode sandbox containers"

@@ -6,10 +6,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from opensandbox_platform.daemon.errors import ApiError
 
-__all__ = ["ApiError", "error_body", "install", "invalid", "not_found"]
+__all__ = ["ApiError", "StreamAborted", "error_body", "install", "invalid", "not_found"]
 
 NOT_FOUND = "SANDBOX::NOT_FOUND"
 INVALID_PARAMETER = "SANDBOX::INVALID_PARAMETER"
@@ -27,6 +28,11 @@ INVALID_API_KEY = "INVALID_API_KEY"
 BACKEND_CONNECTION_FAILED = "BACKEND_CONNECTION_FAILED"
 BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
 BACKEND_RESPONSE_FAILED = "BACKEND_RESPONSE_FAILED"
+
+
+class StreamAborted(Exception):
+    """Raised inside a streamed response body: the response ends without its end-of-body marker
+    and the connection is closed, so the client sees an error instead of a clean, short body."""
 
 
 def not_found(sandbox_id: str) -> ApiError:
@@ -62,4 +68,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "GENERAL::UNKNOWN_ERROR")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)

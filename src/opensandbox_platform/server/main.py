@@ -13,6 +13,7 @@ import uvicorn
 from opensandbox_platform.daemon import logs
 from opensandbox_platform.server import config as configuration
 from opensandbox_platform.server.app import create_app, default_runtime
+from opensandbox_platform.server.listener import limits_of, protocol_class
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,8 +70,18 @@ def main(argv: list[str] | None = None) -> None:
             config.server.host,
         )
     app = create_app(config, default_runtime(config, args.config))
+    limits = limits_of(config.server)
     # log_config=None: uvicorn's own loggers go through the same logfmt handler as ours.
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=level.lower(), log_config=None)
+    uvicorn.run(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=level.lower(),
+        log_config=None,
+        http=protocol_class(limits),
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # uvicorn takes a float too
+        backlog=4096,
+    )
 
 
 if __name__ == "__main__":

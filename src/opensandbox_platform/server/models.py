@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
+from opensandbox_platform.api import labels
 from opensandbox_platform.server.runtimes.base import SandboxInfo
+
+# What metadata keys and values may be (Kubernetes label rules, the platform's prefixes reserved),
+# written once: validation.py checks with them, and the OpenAPI document states them, so a client
+# (or a fuzzer) can tell a valid request from the schema alone. ECMAScript and Python read them alike.
+_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_RESERVED = "|".join(re.escape(prefix) for prefix in labels.RESERVED_PREFIXES)
+LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY_PATTERN = rf"^(?!{_RESERVED})(?:{_DNS_LABEL}(?:\.{_DNS_LABEL})*/)?{LABEL_NAME}$"
+LABEL_VALUE_PATTERN = rf"^(?:{LABEL_NAME})?$"
+ENV_NAME_PATTERN = "^[^=\u0000]+$"
+NO_NUL_PATTERN = "^[^\u0000]*$"
+_LABEL_VALUE = {"type": "string", "pattern": LABEL_VALUE_PATTERN}
+_LABEL_KEYS = {"pattern": LABEL_KEY_PATTERN, "maxLength": 253 + 1 + 63}
+Metadata = Annotated[
+    dict[str, str],
+    WithJsonSchema({"type": "object", "propertyNames": _LABEL_KEYS, "additionalProperties": _LABEL_VALUE}),
+]
+MetadataPatch = Annotated[
+    dict[str, str | None],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": _LABEL_KEYS,
+            "additionalProperties": {"anyOf": [_LABEL_VALUE, {"type": "null"}]},
+            "description": "JSON merge patch: null deletes a key",
+        }
+    ),
+]
+Env = Annotated[
+    dict[str, str | None],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": ENV_NAME_PATTERN},
+            "additionalProperties": {"anyOf": [{"type": "string", "pattern": NO_NUL_PATTERN}, {"type": "null"}]},
+        }
+    ),
+]
+Argument = Annotated[str, Field(min_length=1, pattern="^[^\x00]+$")]
 
 
 class Wire(BaseModel):
@@ -31,16 +72,18 @@ class PlatformSpec(Wire):
 
 
 class CreateSandboxRequest(Wire):
-    image: ImageSpec | None = None
+    image: ImageSpec
     snapshot_id: str | None = None
     template_id: str | None = None
     platform: PlatformSpec | None = None
-    timeout: int | None = Field(None, description="seconds, at least 60; null means no automatic expiry")
+    timeout: int | None = Field(
+        None, ge=60, description="seconds, at least 60 (at most server.maxSandboxTimeoutSeconds); null: no expiry"
+    )
     resource_limits: dict[str, str] | None = None
     resource_requests: dict[str, str] | None = None
-    env: dict[str, str | None] | None = None
-    metadata: dict[str, str] | None = None
-    entrypoint: list[str] | None = None
+    env: Env | None = None
+    metadata: Metadata | None = None
+    entrypoint: list[Argument] = Field(min_length=1)
     network_policy: dict[str, Any] | None = None
     credential_proxy: dict[str, Any] | None = None
     secure_access: bool = False

@@ -16,12 +16,13 @@ import httpx
 import websockets
 from fastapi import Request, WebSocket
 from starlette.background import BackgroundTask
+from starlette.requests import HTTPConnection
 from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection
 
 from opensandbox_platform.server import errors
-from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.errors import ApiError, StreamAborted
 from opensandbox_platform.server.runtimes.base import Endpoint
 
 log = logging.getLogger("opensandbox.proxy")
@@ -56,7 +57,30 @@ def new_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=TIMEOUT, limits=limits, follow_redirects=False, trust_env=False)
 
 
+# Segments of `/sandboxes/{id}/proxy/{port}` when a path is split at "/" (the empty one before the
+# first slash included), plus one under /v1.
+_PREFIX_SEGMENTS = 5
+
+
+def raw_tail(connection: HTTPConnection, port: int) -> str:
+    """The path after `/proxy/{port}` exactly as the client sent it (still percent-encoded), so
+    the sandbox receives the same bytes: decoding and re-encoding would turn `%2F` into `/`, and
+    a decoded control character cannot be put back into a URL at all."""
+    raw = connection.scope.get("raw_path") or connection.url.path.encode()
+    segments = bytes(raw).split(b"/")
+    skip = _PREFIX_SEGMENTS + (1 if connection.url.path.startswith("/v1/") else 0)
+    return b"/".join(segments[skip:]).decode("latin-1")
+
+
+def _prefix(connection: HTTPConnection) -> str:
+    """`[/v1]/sandboxes/{id}/proxy/{port}` as the client addressed it (decoded)."""
+    segments = connection.url.path.split("/")
+    return "/".join(segments[: _PREFIX_SEGMENTS + (1 if connection.url.path.startswith("/v1/") else 0)])
+
+
 def _target(upstream: Endpoint, path: str, query: str, scheme: str) -> str:
+    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in path + query):
+        raise errors.invalid("the proxied path and query must be URL-encoded (no spaces or control characters)")
     url = f"{scheme}://{upstream.address}/{path.lstrip('/')}"
     return f"{url}?{query}" if query else url
 
@@ -73,12 +97,15 @@ async def forward_http(client: httpx.AsyncClient, request: Request, upstream: En
         ("x-forwarded-for", client_host),
     ]
     has_body = request.method not in ("GET", "HEAD", "OPTIONS")
-    outgoing = client.build_request(
-        request.method,
-        _target(upstream, path, request.url.query, "http"),
-        headers=headers,
-        content=request.stream() if has_body else None,
-    )
+    try:
+        outgoing = client.build_request(
+            request.method,
+            _target(upstream, path, request.url.query, "http"),
+            headers=headers,
+            content=request.stream() if has_body else None,
+        )
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise errors.invalid(f"cannot proxy this request: {exc}") from None
     try:
         response = await client.send(outgoing, stream=True)
     except httpx.ConnectError as exc:
@@ -91,8 +118,7 @@ async def forward_http(client: httpx.AsyncClient, request: Request, upstream: En
     location = out_headers.get("location")
     if location and location.startswith("/"):
         # Keep redirects inside the proxy prefix.
-        prefix = request.url.path[: len(request.url.path) - len(path)].rstrip("/")
-        out_headers["location"] = prefix + location
+        out_headers["location"] = _prefix(request) + location
     return StreamingResponse(
         _relay_body(response),
         status_code=response.status_code,
@@ -105,8 +131,10 @@ async def _relay_body(response: httpx.Response):  # type: ignore[no-untyped-def]
     try:
         async for chunk in response.aiter_raw():
             yield chunk
-    except httpx.HTTPError as exc:  # the sandbox broke the stream: end ours too
-        log.warning("upstream stream ended early error=%s", exc)
+    except httpx.HTTPError as exc:
+        # The sandbox broke its stream (execd died, the sandbox was deleted): break ours too,
+        # without the end-of-body marker, so the client sees an error and not a short success.
+        raise StreamAborted(f"the sandbox's stream broke: {exc}") from None
 
 
 async def forward_websocket(websocket: WebSocket, upstream: Endpoint, path: str) -> None:

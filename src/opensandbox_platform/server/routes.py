@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 import math
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -13,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from opensandbox_platform.server import errors, proxy, validation
+from opensandbox_platform.server.admission import Admission, ClientGone
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import (
@@ -21,17 +25,37 @@ from opensandbox_platform.server.models import (
     EndpointModel,
     ErrorResponse,
     ListSandboxesResponse,
+    MetadataPatch,
     PaginationInfo,
     RenewRequest,
     RenewResponse,
     SandboxModel,
 )
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo
+from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo, State
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500)}
+log = logging.getLogger("opensandbox.server")
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 503)}
 router = APIRouter(tags=["sandboxes"], responses=ERRORS)  # type: ignore[arg-type]
 SandboxId = Annotated[str, Path(alias="sandboxId", min_length=1)]
+# The states a list filter may name (any case): the lifecycle spec's and the SDK's, including those
+# no runtime here reports (Pausing, Resuming); another name (a typo) is a 400, not an empty page.
+STATES = (
+    State.PENDING,
+    State.RUNNING,
+    "Pausing",
+    State.PAUSED,
+    "Resuming",
+    State.STOPPING,
+    State.TERMINATED,
+    State.FAILED,
+    "Unknown",
+)
+STATE_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in STATES) + ")$"
+# What `_parse_metadata_filter` accepts: `k=v` pairs joined by `&` (the value may hold `=`).
+METADATA_FILTER_PATTERN = r"^(?:[^&=]*=[^&]*(?:&[^&=]*=[^&]*)*)?$"
+Port = Annotated[int, Path(ge=1, le=65535, description="a port of the sandbox, 1-65535")]
 
 
 def as_json(model: BaseModel, status_code: int = 200) -> JSONResponse:
@@ -50,22 +74,67 @@ def config_of(request: Request | WebSocket) -> Config:
     return config
 
 
-@router.post("/sandboxes", status_code=202, response_model=CreateSandboxResponse, response_model_exclude_none=True)
-async def create_sandbox(request: Request, body: CreateSandboxRequest) -> JSONResponse:
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.post(
+    "/sandboxes",
+    status_code=202,
+    response_model=CreateSandboxResponse,
+    response_model_exclude_none=True,
+    responses={429: {"model": ErrorResponse, "description": "too many creates in flight; see Retry-After"}},
+)
+async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Response:
     runtime = runtime_of(request)
     spec = validation.create_spec(body, config_of(request).server.max_sandbox_timeout_seconds, runtime.capabilities)
-    return as_json(CreateSandboxResponse.of(await runtime.create(spec)), 202)
+    admission: Admission = request.app.state.admission
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        async with admission.slot(gone):
+            info = await runtime.create(spec)
+        if gone.done():
+            # Nobody will learn this sandbox's id: remove it rather than leave it running until
+            # its timeout (forever with `timeout: null`).
+            log.info("client went away during its create; deleting id=%s", info.id)
+            await runtime.delete(info.id)
+            return Response(status_code=499)  # not sent: the connection is gone
+    except ClientGone:
+        log.info("client went away while its create waited; nothing was created")
+        return Response(status_code=499)
+    finally:
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+    return as_json(CreateSandboxResponse.of(info), 202)
 
 
 @router.get("/sandboxes", response_model=ListSandboxesResponse, response_model_exclude_none=True)
 async def list_sandboxes(
     request: Request,
-    state: Annotated[list[str] | None, Query(description="repeatable; any of them matches")] = None,
-    metadata: Annotated[str | None, Query(description="URL-encoded k=v&k2=v2; all must match")] = None,
+    state: Annotated[
+        list[str],
+        Query(
+            description="repeatable, any case; any of them matches",
+            json_schema_extra={"items": {"type": "string", "pattern": STATE_PATTERN}},  # checked below
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies a query list's default
+    metadata: Annotated[
+        str | None,
+        Query(
+            description="URL-encoded k=v&k2=v2; all must match",
+            json_schema_extra={"pattern": METADATA_FILTER_PATTERN},  # checked below, with its own error code
+        ),
+    ] = None,
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> JSONResponse:
-    wanted_states = {s.lower() for s in state or [] if s}
+    wanted_states = {s.lower() for s in state}
+    unknown = wanted_states - {name.lower() for name in STATES}
+    if unknown:
+        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(STATES)}")
     wanted_metadata = _parse_metadata_filter(metadata)
     items = [
         info
@@ -115,7 +184,7 @@ async def delete_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
 async def patch_metadata(
     request: Request,
     sandbox_id: SandboxId,
-    patch: Annotated[dict[str, str | None], Body(description="JSON merge patch: null deletes a key")],
+    patch: Annotated[MetadataPatch, Body()],
 ) -> JSONResponse:
     validation.check_metadata(patch)
     info: SandboxInfo = await runtime_of(request).patch_metadata(sandbox_id, patch)
@@ -146,10 +215,15 @@ async def _require_pause(runtime: Runtime, sandbox_id: str, call: str) -> None:
 
 @router.post("/sandboxes/{sandboxId}/renew-expiration", response_model=RenewResponse)
 async def renew_expiration(request: Request, sandbox_id: SandboxId, body: RenewRequest) -> RenewResponse:
-    expires_at = body.expires_at if body.expires_at.tzinfo else body.expires_at.replace(tzinfo=dt.UTC)
-    if expires_at <= dt.datetime.now(dt.UTC):
-        raise ApiError(400, errors.INVALID_EXPIRATION, "expiresAt must be in the future")
-    info = await runtime_of(request).renew(sandbox_id, expires_at)
+    runtime = runtime_of(request)
+    try:
+        expires_at = validation.renewed_expiry(
+            body.expires_at, dt.datetime.now(dt.UTC), config_of(request).server.max_sandbox_timeout_seconds
+        )
+    except ApiError:
+        await runtime.get(sandbox_id)  # an unknown sandbox is a 404 first, whatever the date
+        raise
+    info = await runtime.renew(sandbox_id, expires_at)
     assert info.expires_at is not None
     return RenewResponse(expires_at=info.expires_at)
 
@@ -158,12 +232,11 @@ async def renew_expiration(request: Request, sandbox_id: SandboxId, body: RenewR
 async def get_endpoint(
     request: Request,
     sandbox_id: SandboxId,
-    port: Annotated[int, Path()],
+    port: Port,
     use_server_proxy: bool = False,
-    expires: int | None = None,
+    # Signed endpoints are refused (400) on every runtime: not offered in the OpenAPI document.
+    expires: Annotated[str | None, Query(include_in_schema=False)] = None,
 ) -> EndpointModel:
-    if not 1 <= port <= 65535:
-        raise ApiError(400, errors.INVALID_PORT, f"port {port} is outside 1-65535")
     if expires is not None:
         raise ApiError(400, errors.API_NOT_SUPPORTED, "signed endpoints need the kubernetes gateway ingress")
     runtime = runtime_of(request)
@@ -179,23 +252,37 @@ async def get_endpoint(
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-@router.api_route("/sandboxes/{sandboxId}/proxy/{port}", methods=PROXY_METHODS, include_in_schema=False)
-@router.api_route("/sandboxes/{sandboxId}/proxy/{port}/{path:path}", methods=PROXY_METHODS, tags=["proxy"])
-async def proxy_http(request: Request, sandbox_id: SandboxId, port: int, path: str = "") -> Response:
+async def proxy_http(request: Request, sandbox_id: SandboxId, port: Port, path: str = "") -> Response:
+    """HTTP into the sandbox's port: status, headers and body are the sandbox's, streamed both ways."""
     upstream = await runtime_of(request).upstream(sandbox_id, port)
     client: httpx.AsyncClient = request.app.state.http
-    return await proxy.forward_http(client, request, upstream, path)
+    return await proxy.forward_http(client, request, upstream, proxy.raw_tail(request, port))
+
+
+# One route per method, each with its own operationId; the form without a path is the same relay.
+for _method in PROXY_METHODS:
+    router.add_api_route(
+        "/sandboxes/{sandboxId}/proxy/{port}/{path:path}",
+        proxy_http,
+        methods=[_method],
+        tags=["proxy"],
+        operation_id=f"proxy_{_method.lower()}",
+        responses={502: {"model": ErrorResponse}, 504: {"model": ErrorResponse}},
+    )
+router.add_api_route("/sandboxes/{sandboxId}/proxy/{port}", proxy_http, methods=PROXY_METHODS, include_in_schema=False)
 
 
 @router.websocket("/sandboxes/{sandboxId}/proxy/{port}")
 @router.websocket("/sandboxes/{sandboxId}/proxy/{port}/{path:path}")
 async def proxy_websocket(websocket: WebSocket, sandbox_id: SandboxId, port: int, path: str = "") -> None:
     try:
+        if not 1 <= port <= 65535:
+            raise ApiError(400, errors.INVALID_PORT, f"port {port} is outside 1-65535")
         upstream = await runtime_of(websocket).upstream(sandbox_id, port)
     except ApiError as exc:
         await websocket.close(code=1008, reason=exc.code)
         return
-    await proxy.forward_websocket(websocket, upstream, path)
+    await proxy.forward_websocket(websocket, upstream, proxy.raw_tail(websocket, port))
 
 
 @router.post("/metrics/events", status_code=204, response_class=Response, tags=["metrics"])

@@ -3,20 +3,24 @@ quantities, timeouts. The same checks for every runtime."""
 
 from __future__ import annotations
 
+import datetime as dt
 import platform
 import re
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.models import CreateSandboxRequest
+from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Capabilities, SandboxSpec
+from opensandbox_platform.server.runtimes.base import MAX_CPU_MILLIS, Capabilities, SandboxSpec
 
 MIN_TIMEOUT_SECONDS = 60
-_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+# Sanity bound of memory on every runtime (CPUs: base.MAX_CPU_MILLIS, or the runtime's own bound):
+# beyond it a number is a typo that cgroups or engines would refuse with a 500.
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB
+_NAME = re.compile(LABEL_NAME)
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti)?")
 _FACTORS = {
     None: 1,
     "k": 1000,
@@ -33,9 +37,14 @@ _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm6
 CORE_ONLY = Capabilities(runtime="server's")
 
 
+def host_arch() -> str:
+    """This host's architecture as platform.arch names it (amd64, arm64)."""
+    return _ARCH.get(platform.machine(), platform.machine())
+
+
 def is_dns_subdomain(name: str) -> bool:
     """RFC 1123 subdomain, as Kubernetes names and label-key prefixes must be."""
-    return 0 < len(name) <= 253 and all(_DNS_LABEL.match(part) for part in name.split("."))
+    return 0 < len(name) <= 253 and all(_DNS_LABEL.fullmatch(part) for part in name.split("."))
 
 
 def is_reserved_key(key: str) -> bool:
@@ -48,12 +57,12 @@ def check_label_key(key: str) -> None:
     if is_reserved_key(key):
         reserved = next(p for p in labels.RESERVED_PREFIXES if key.startswith(p))
         raise ApiError(400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r}: the prefix {reserved} is reserved")
-    if not _NAME.match(name) or (prefix and not is_dns_subdomain(prefix)):
+    if not _NAME.fullmatch(name) or (prefix and not is_dns_subdomain(prefix)):
         raise ApiError(400, errors.INVALID_METADATA_LABEL, f"metadata key {key!r} is not a valid Kubernetes label key")
 
 
 def check_label_value(key: str, value: str) -> None:
-    if value and not _NAME.match(value):
+    if value and not _NAME.fullmatch(value):
         raise ApiError(
             400,
             errors.INVALID_METADATA_LABEL,
@@ -69,32 +78,54 @@ def check_metadata(metadata: dict[str, str | None]) -> None:
             check_label_value(key, value)
 
 
-def cpu_millis(value: str, field: str = "resourceLimits.cpu") -> int:
-    match = _QUANTITY.match(value.strip())
+def cpu_millis(value: str, field: str = "resourceLimits.cpu", maximum: int = MAX_CPU_MILLIS) -> int:
+    match = _QUANTITY.fullmatch(value.strip())
     if not match or match.group(2) not in (None, "m"):
         raise errors.invalid(f"{field} {value!r} is not a CPU quantity (e.g. 1, 0.5, 500m)")
     number = float(match.group(1))
     millis = int(number) if match.group(2) == "m" else int(number * 1000)
     if millis <= 0:
         raise errors.invalid(f"{field} must be positive")
+    if millis > maximum:
+        raise errors.invalid(f"{field} {value!r} is more than the {maximum / 1000:g} CPUs allowed here")
     return millis
 
 
 def memory_bytes(value: str, field: str = "resourceLimits.memory") -> int:
-    match = _QUANTITY.match(value.strip())
+    match = _QUANTITY.fullmatch(value.strip())
     if not match or match.group(2) == "m":
         raise errors.invalid(f"{field} {value!r} is not a memory quantity (e.g. 512Mi, 2Gi)")
     amount = int(float(match.group(1)) * _FACTORS[match.group(2)])
     if amount < 16 << 20:
         raise errors.invalid(f"{field} must be at least 16Mi")
+    if amount > MAX_MEMORY_BYTES:
+        raise errors.invalid(f"{field} {value!r} is more than 1Pi")
     return amount
+
+
+def renewed_expiry(wanted: dt.datetime, now: dt.datetime, max_timeout: int) -> dt.datetime:
+    """A renew's `expiresAt` (UTC when it names no zone): after now, at most `max_timeout` seconds
+    ahead (server.maxSandboxTimeoutSeconds, as for a create's timeout). It may be earlier than the
+    current expiry: the SDK 1.1.1 documents that a renew "may shorten, preserve, or extend" it."""
+    try:
+        expires_at = (wanted if wanted.tzinfo else wanted.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+        latest = now + dt.timedelta(seconds=max_timeout)
+    except (OverflowError, ValueError):
+        raise ApiError(400, errors.INVALID_EXPIRATION, "expiresAt is out of range") from None
+    if expires_at <= now:
+        raise ApiError(400, errors.INVALID_EXPIRATION, "expiresAt must be in the future")
+    if expires_at > latest:
+        raise ApiError(
+            400,
+            errors.INVALID_EXPIRATION,
+            f"expiresAt must be at most {max_timeout} seconds from now (server.maxSandboxTimeoutSeconds)",
+        )
+    return expires_at
 
 
 def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
-    if body.image is None:
-        raise errors.invalid("image is required")
     if not body.entrypoint:
         raise errors.invalid("entrypoint must be a non-empty list of strings")
     if not all(body.entrypoint):
@@ -102,13 +133,15 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
     if body.timeout is not None and not MIN_TIMEOUT_SECONDS <= body.timeout <= max_timeout:
         raise errors.invalid(f"timeout must be between {MIN_TIMEOUT_SECONDS} and {max_timeout} seconds, or null")
     if body.platform is not None:
-        host_arch = _ARCH.get(platform.machine(), platform.machine())
-        if body.platform.os != "linux" or body.platform.arch != host_arch:
-            raise errors.invalid(f"platform must be linux/{host_arch} on this host")
+        arch = host_arch()
+        if body.platform.os != "linux" or body.platform.arch != arch:
+            raise errors.invalid(f"platform must be linux/{arch} on this host")
     env = {k: v for k, v in (body.env or {}).items() if v is not None}
-    for key in env:
+    for key, value in env.items():
         if not key or "=" in key or "\0" in key:
             raise errors.invalid(f"env name {key!r} is not valid")
+        if "\0" in value:
+            raise errors.invalid(f"env value of {key!r} contains NUL")
     metadata = body.metadata or {}
     check_metadata(dict(metadata))
     limits = body.resource_limits or {}
@@ -123,7 +156,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
         metadata=dict(metadata),
         extensions=dict(body.extensions or {}),
         timeout_seconds=body.timeout,
-        cpu_millis=cpu_millis(limits["cpu"]) if limits.get("cpu") else None,
+        cpu_millis=cpu_millis(limits["cpu"], maximum=capabilities.max_cpu_millis) if limits.get("cpu") else None,
         memory_bytes=memory_bytes(limits["memory"]) if limits.get("memory") else None,
         cpu_request_millis=requests.get("cpu"),
         memory_request_bytes=requests.get("memory"),
@@ -133,21 +166,42 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
     return spec
 
 
+POOL_REF_FIELD = f"extensions.{labels.EXTENSION_POOL_REF}"
+
+
+def served_fields(capabilities: Capabilities) -> dict[str, bool]:
+    """The optional create fields and whether the runtime honours them (False: no runtime yet).
+    The OpenAPI document leaves out what a runtime refuses (server/openapi.py)."""
+    return {
+        "snapshotId": False,
+        "templateId": False,
+        "networkPolicy": False,
+        "credentialProxy": False,
+        "volumes": False,
+        "lifecycle": False,
+        "secureAccess": False,
+        POOL_REF_FIELD: capabilities.pool_ref,
+        "image.auth": capabilities.image_auth,
+        "resourceRequests": capabilities.resource_requests,
+    }
+
+
 def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) -> None:
     """400 `SANDBOX::API_NOT_SUPPORTED` naming the first field of the request the runtime cannot honour."""
     pooled = bool(body.extensions and body.extensions.get(labels.EXTENSION_POOL_REF))
-    asked = {  # field: (its value in the request, whether the runtime serves it); False: no runtime yet
-        "snapshotId": (body.snapshot_id, False),
-        "templateId": (body.template_id, False),
-        "networkPolicy": (body.network_policy, False),
-        "credentialProxy": (body.credential_proxy, False),
-        "volumes": (body.volumes, False),
-        "lifecycle": (body.lifecycle, False),
-        "secureAccess": (body.secure_access, False),
-        f"extensions.{labels.EXTENSION_POOL_REF}": (pooled, capabilities.pool_ref),
-        "image.auth": (_image_auth(body), capabilities.image_auth),
-        "resourceRequests": (body.resource_requests, capabilities.resource_requests),
+    values = {
+        "snapshotId": body.snapshot_id,
+        "templateId": body.template_id,
+        "networkPolicy": body.network_policy,
+        "credentialProxy": body.credential_proxy,
+        "volumes": body.volumes,
+        "lifecycle": body.lifecycle,
+        "secureAccess": body.secure_access,
+        POOL_REF_FIELD: pooled,
+        "image.auth": _image_auth(body),
+        "resourceRequests": body.resource_requests,
     }
+    asked = {name: (values[name], served) for name, served in served_fields(capabilities).items()}
     for name, (value, served) in asked.items():
         if value and not served:
             raise guards.not_supported(name, capabilities.runtime)

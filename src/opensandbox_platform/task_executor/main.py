@@ -20,7 +20,7 @@ from opensandbox_platform.api.labels import (
     TASK_TARGET_ENV,
 )
 from opensandbox_platform.daemon import process
-from opensandbox_platform.daemon.http import HttpServer
+from opensandbox_platform.daemon.http import HttpServer, add_limit_arguments, limits_from_args
 from opensandbox_platform.task_executor.app import ExecutorApp
 from opensandbox_platform.task_executor.manager import Limits, TaskManager
 from opensandbox_platform.task_executor.runner import Runner
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (env TASK_EXECUTOR_LOG_LEVEL)",
     )
+    add_limit_arguments(parser, "TASK_EXECUTOR")
     return parser.parse_args(argv)
 
 
@@ -81,7 +82,7 @@ async def serve(args: argparse.Namespace, started: float) -> None:
     limits = Limits(args.max_running, args.max_attempts, args.kill_grace, args.output_tail)
     manager = TaskManager(Store(args.data_dir), Runner(args.main_container), limits)
     manager.recover()
-    server = HttpServer(ExecutorApp(manager, args.access_token).dispatch)
+    server = HttpServer(ExecutorApp(manager, args.access_token).dispatch, limits_from_args(args))
     await server.start(args.host, args.port)
     log.info(
         "task-executor listening host=%s port=%d mode=%s tasks=%d startup_ms=%d",

@@ -45,4 +45,4 @@ def test_router_matches_params_and_reports_404_and_405() -> None:
     assert missing.value.status == 404
     with pytest.raises(ApiError) as wrong_method:
         router.resolve("POST", "/command/status/abc")
-    assert wrong_method.value.status == 405
+    assert wrong_method.value.status == 405 and wrong_method.value.headers == {"allow": "GET, HEAD"}

@@ -10,10 +10,12 @@ from harness.ports import free_port
 from opensandbox_platform.server.app import create_app
 
 
-def test_health_answers_200() -> None:
-    response = TestClient(create_app()).get("/health")
+def test_health_answers_200_with_the_runtime_state_and_ready_follows_it() -> None:
+    client = TestClient(create_app())
+    response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "healthy"}
+    assert response.json() == {"status": "healthy", "runtime": {"type": "local", "ready": True}}
+    assert client.get("/ready").json() == {"status": "ready"}
 
 
 def test_server_program_listens_where_told(tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ STATES = [
     ({"Status": "exited", "ExitCode": 3}, (State.FAILED, "CONTAINER_EXITED_ERROR")),
     ({"Status": "exited", "ExitCode": 137, "OOMKilled": True}, (State.FAILED, "CONTAINER_OOM_KILLED")),
     ({"Status": "dead", "ExitCode": 0}, (State.TERMINATED, "CONTAINER_EXITED")),
+    ({"Status": "removing", "ExitCode": 137}, (State.STOPPING, "CONTAINER_REMOVING")),
     ({"Status": "weird"}, ("Unknown", "CONTAINER_STATE_UNKNOWN")),
 ]
 
@@ -95,6 +96,18 @@ def test_failed_message_names_the_exit_code_and_times_are_parsed() -> None:
     assert state.changed_at == NOW
     never = model.ContainerState.from_inspect({"Status": "created", "StartedAt": "0001-01-01T00:00:00Z"})
     assert never.changed_at is None
+
+
+def test_a_sandbox_being_deleted_is_stopping_and_one_without_execd_is_failed() -> None:
+    labels = model.Labels("sb", "img", ["true"], NOW, None)
+    killed = model.ContainerState("exited", exit_code=137)
+    deleting = model.sandbox_info(labels, killed, None, {}, deleting=True)
+    assert (deleting.state, deleting.reason) == (State.STOPPING, "DELETING")
+    running = model.ContainerState("running")
+    dead = model.sandbox_info(labels, running, None, {}, execd_dead="connection refused")
+    assert (dead.state, dead.reason) == (State.FAILED, "EXECD_UNREACHABLE") and "connection refused" in dead.message
+    exited = model.sandbox_info(labels, model.ContainerState("exited", exit_code=0), None, {}, execd_dead="gone")
+    assert exited.state == State.TERMINATED  # the container's own end says more than the probe
 
 
 def test_state_from_the_list_reads_the_exit_code_from_the_status_text() -> None:

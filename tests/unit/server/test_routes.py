@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from opensandbox_platform.server.app import create_app
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import not_found
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -34,6 +34,9 @@ class MemoryRuntime:
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def health(self) -> RuntimeHealth:
+        return RuntimeHealth(ready=True)
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         self.add(f"sb-{len(self.sandboxes)}", "Running", spec.metadata, len(self.sandboxes))

@@ -1,4 +1,7 @@
+import datetime as dt
+
 import pytest
+from pydantic import ValidationError
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.server import validation
@@ -63,12 +66,21 @@ def test_a_full_request_becomes_a_spec() -> None:
 
 @pytest.mark.parametrize(
     "fields",
+    [{"timeout": 59}, {"entrypoint": []}, {"entrypoint": [""]}, {"image": None}, {"image": {"uri": ""}}],
+)
+def test_the_schema_refuses_what_the_openapi_document_says(fields: dict[str, object]) -> None:
+    """Required image and entrypoint, timeout >= 60: in the model, so the OpenAPI document says so."""
+    with pytest.raises(ValidationError):
+        request(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields",
     [
-        {"timeout": 59},
         {"timeout": 3601},
-        {"entrypoint": []},
-        {"entrypoint": [""]},
-        {"image": None},
+        {"env": {"A": "a\u0000b"}},
+        {"resourceLimits": {"cpu": "1000000000"}},
+        {"resourceLimits": {"memory": "99999999Ti"}},
         {"snapshotId": "s"},
         {"secureAccess": True},
         {"extensions": {"poolRef": "p"}},
@@ -80,6 +92,37 @@ def test_unsupported_or_invalid_requests(fields: dict[str, object]) -> None:
     with pytest.raises(ApiError) as err:
         validation.create_spec(request(**fields), 3600)
     assert err.value.status == 400
+
+
+def test_docker_refuses_more_cpus_than_the_host_has() -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(resourceLimits={"cpu": "100000"}), 3600, DockerRuntime.capabilities)
+    assert err.value.status == 400 and "CPUs" in err.value.message
+
+
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "ok"),
+    [
+        (NOW + dt.timedelta(seconds=30), True),
+        (NOW + dt.timedelta(seconds=3600), True),
+        (NOW + dt.timedelta(seconds=3601), False),
+        (NOW, False),
+        (NOW - dt.timedelta(days=1), False),
+        (dt.datetime(9999, 12, 31), False),
+        (dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(-dt.timedelta(hours=23))), False),
+        ((NOW + dt.timedelta(minutes=5)).replace(tzinfo=None), True),  # no zone: UTC
+    ],
+)
+def test_renew_must_be_in_the_future_and_within_the_max_timeout(wanted: dt.datetime, ok: bool) -> None:
+    if ok:
+        assert validation.renewed_expiry(wanted, NOW, 3600).tzinfo is not None
+    else:
+        with pytest.raises(ApiError) as err:
+            validation.renewed_expiry(wanted, NOW, 3600)
+        assert (err.value.status, err.value.code) == (400, "SANDBOX::INVALID_EXPIRATION")
 
 
 def test_null_timeout_means_no_expiry() -> None:

@@ -12,11 +12,15 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
+MAX_CPU_MILLIS = 1_000_000
+
 
 class State:
     PENDING = "Pending"
     RUNNING = "Running"
     PAUSED = "Paused"
+    STOPPING = "Stopping"
     TERMINATED = "Terminated"
     FAILED = "Failed"
 
@@ -48,6 +52,7 @@ class Capabilities:
     image_auth: bool = False  # `image.auth`: registry credentials for the image
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
+    max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 
 @dataclass
@@ -73,6 +78,15 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class RuntimeHealth:
+    """What `/health` reports of the runtime and `/ready` decides on: `ready` is False while the
+    engine behind it (the Docker Engine API, the Kubernetes API server) cannot be reached."""
+
+    ready: bool
+    detail: dict[str, object] = field(default_factory=dict)
+
+
 def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> None:
     """Applies a metadata patch in place (JSON merge patch: None removes the key)."""
     for key, value in patch.items():
@@ -88,6 +102,9 @@ class Runtime(Protocol):
 
     async def start(self) -> None:
         """Recover existing sandboxes and start background work (expiry)."""
+
+    def health(self) -> RuntimeHealth:
+        """The runtime's last known state (never waits on the engine: a cached check)."""
 
     async def close(self) -> None:
         """Stop background work; sandboxes keep running."""

@@ -26,14 +26,17 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import secrets
 import tarfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiodocker.exceptions import DockerError
 
 from opensandbox_platform.api import labels as L
@@ -46,18 +49,25 @@ from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
     State,
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
+from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
 
 log = logging.getLogger("opensandbox.docker")
 
 LOG_TAIL_CHARS = 4000
+HOST_CPU_MILLIS = (os.cpu_count() or 1) * 1000
+ENGINE_UNAVAILABLE = "DOCKER::ENGINE_UNAVAILABLE"
+ENGINE_NAME = "the Docker Engine API"
+DOCKER_NOT_CONNECTED = 900  # aiodocker's status for a connection error
 Json = dict[str, Any]
 JsonList = list[Json]  # (at module level: `list` in the class body is the method)
+Targets = list[tuple[str, Endpoint]]
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Sandbox:
     metadata: dict[str, str]
     state: str = State.RUNNING  # the last one seen; the proxy uses it to refuse a paused sandbox
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    execd_dead: str = ""  # why the liveness probe gave up on its execd (the container still runs)
 
     @property
     def id(self) -> str:
@@ -80,7 +91,8 @@ class Sandbox:
 
 
 class DockerRuntime:
-    capabilities = Capabilities(runtime="docker", image_auth=True, pause=True)
+    # The engine refuses more CPUs than the host has (with a 500 of its own): a 400 here instead.
+    capabilities = Capabilities(runtime="docker", image_auth=True, pause=True, max_cpu_millis=HOST_CPU_MILLIS)
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -97,6 +109,17 @@ class DockerRuntime:
         self._execd_lock = asyncio.Lock()
         self._pull_locks: dict[str, asyncio.Lock] = {}
         self._found_programs: set[tuple[str, str]] = set()  # (image id, argv[0]) known to exist
+        self._deleting: set[str] = set()  # ids being deleted: listed as Stopping, not as what the engine says
+        self._abandoned: dict[str, float] = {}  # ids whose create the engine never answered: removed later
+        self.engine = EngineMonitor(
+            ENGINE_NAME, self._ping, self.settings.health_interval_seconds, self.settings.api_timeout_seconds
+        )
+        self.probe = ExecdProbe(
+            self._probe_targets,
+            self._execd_died,
+            interval=self.settings.liveness_interval_seconds,
+            timeout=min(self.settings.api_timeout_seconds, 5.0),
+        )
         self.expiry = ExpirySweeper(
             sandbox_ids=lambda: list(self.sandboxes),
             expiry_of=self._expiry_of,
@@ -123,12 +146,13 @@ class DockerRuntime:
         return value
 
     async def start(self) -> None:
-        self._docker = aiodocker.Docker(url=self.settings.host or None)
+        timeout = aiohttp.ClientTimeout(total=self.settings.api_timeout_seconds)
+        self._docker = aiodocker.Docker(url=self.settings.host or None, timeout=timeout)
         try:
             version = await self.docker.version()
-        except DockerError as exc:
+        except (DockerError, TimeoutError, aiohttp.ClientError) as exc:
             await self._docker.close()
-            raise RuntimeError(f"cannot reach the Docker Engine API: {exc.message}") from None
+            raise RuntimeError(f"cannot reach the Docker Engine API: {getattr(exc, 'message', exc)!s}") from None
         self.store.directory.mkdir(parents=True, exist_ok=True)
         self._seccomp = self._seccomp_option(version)
         await self._remove_helpers()
@@ -136,6 +160,8 @@ class DockerRuntime:
             await self._execd_archive()
         await self._recover()
         self.expiry.start()
+        self.engine.start()
+        self.probe.start()
         log.info(
             "docker runtime ready engine=%s api=%s sandboxes=%d",
             version.get("Version"),
@@ -145,6 +171,8 @@ class DockerRuntime:
 
     async def close(self) -> None:
         await self.expiry.close()
+        await self.probe.close()
+        await self.engine.close()
         if self._docker is not None:
             await self._docker.close()
             self._docker = None
@@ -172,6 +200,10 @@ class DockerRuntime:
 
     # -- the API -------------------------------------------------------------------------------
 
+    def health(self) -> RuntimeHealth:
+        return self.engine.health()
+
+    @engine_call
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         sandbox_id = str(uuid.uuid4())
         now = times.now()
@@ -195,7 +227,13 @@ class DockerRuntime:
         try:
             container = await self.docker.containers.create(body, name=model.container_name(sandbox_id))
         except DockerError as exc:
+            if exc.status == DOCKER_NOT_CONNECTED:
+                raise
             raise ApiError(500, errors.START_FAILED, f"cannot create the container: {exc.message}") from None
+        except BaseException:
+            # No answer: the engine may still make the container once it wakes up.
+            self._abandoned[sandbox_id] = time.monotonic()
+            raise
         try:
             await self._check_entrypoint(container.id, image, spec, working_dir)
             await container.put_archive("/", execd_files)  # type: ignore[no-untyped-call]
@@ -203,8 +241,9 @@ class DockerRuntime:
             await self._wait_ready(container.id)
             inspect = await self._inspect(container.id)
         except BaseException as exc:
-            await asyncio.shield(self._remove_container(container.id))
-            if isinstance(exc, DockerError):
+            if not await asyncio.shield(self._remove_container(container.id)):
+                self._abandoned[sandbox_id] = time.monotonic()
+            if isinstance(exc, DockerError) and exc.status != DOCKER_NOT_CONNECTED:
                 raise ApiError(500, errors.START_FAILED, f"cannot start the sandbox: {exc.message}") from None
             raise
         sandbox = self._adopt(inspect)
@@ -215,10 +254,12 @@ class DockerRuntime:
             sandbox.labels, model.ContainerState.from_inspect(inspect["State"]), sandbox.expires_at, sandbox.metadata
         )
 
+    @engine_call
     async def get(self, sandbox_id: str) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
         return await self._info(sandbox)
 
+    @engine_call
     async def list(self) -> list[SandboxInfo]:
         infos = []
         for item in await self._list_containers():
@@ -228,8 +269,16 @@ class DockerRuntime:
             state = model.ContainerState.from_list(item)
             known = self.sandboxes.get(labels.id)
             if known is not None:
-                infos.append(model.sandbox_info(labels, state, known.expires_at, known.metadata))
-                known.state = model.map_state(state)[0]
+                info = model.sandbox_info(
+                    labels,
+                    state,
+                    known.expires_at,
+                    known.metadata,
+                    deleting=labels.id in self._deleting,
+                    execd_dead=known.execd_dead,
+                )
+                infos.append(info)
+                known.state = info.state
                 continue
             override = self.store.load(labels.id)
             expires_at = override.expires_at if override else labels.expires_at
@@ -238,11 +287,13 @@ class DockerRuntime:
             )
         return infos
 
+    @engine_call
     async def delete(self, sandbox_id: str) -> None:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
             await self._destroy(sandbox)
 
+    @engine_call
     async def pause(self, sandbox_id: str) -> None:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
@@ -250,6 +301,7 @@ class DockerRuntime:
             await self._call(self.docker.containers.container(sandbox.container_id).pause(), sandbox)
             sandbox.state = State.PAUSED
 
+    @engine_call
     async def resume(self, sandbox_id: str) -> None:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
@@ -257,6 +309,7 @@ class DockerRuntime:
             await self._call(self.docker.containers.container(sandbox.container_id).unpause(), sandbox)
             sandbox.state = State.RUNNING
 
+    @engine_call
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
@@ -266,6 +319,7 @@ class DockerRuntime:
             self.expiry.wake()
         return await self._info(sandbox)
 
+    @engine_call
     async def patch_metadata(self, sandbox_id: str, patch: dict[str, str | None]) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
         async with sandbox.lock:
@@ -273,6 +327,7 @@ class DockerRuntime:
             self._save(sandbox)
         return await self._info(sandbox)
 
+    @engine_call
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         sandbox = await self._sandbox(sandbox_id)
         if port == L.EXECD_PORT:
@@ -286,6 +341,7 @@ class DockerRuntime:
             raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no network address")
         return Endpoint(f"{sandbox.ip}:{port}")
 
+    @engine_call
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._sandbox(sandbox_id)).state)
         return await self.endpoint(sandbox_id, port)
@@ -333,8 +389,16 @@ class DockerRuntime:
                 raise errors.not_found(sandbox.id) from None
             raise
         state = model.ContainerState.from_inspect(inspect["State"])
-        sandbox.state = model.map_state(state)[0]
-        return model.sandbox_info(sandbox.labels, state, sandbox.expires_at, sandbox.metadata)
+        info = model.sandbox_info(
+            sandbox.labels,
+            state,
+            sandbox.expires_at,
+            sandbox.metadata,
+            deleting=sandbox.id in self._deleting,
+            execd_dead=sandbox.execd_dead,
+        )
+        sandbox.state = info.state
+        return info
 
     async def _expect_state(self, sandbox: Sandbox, wanted: str) -> None:
         current = (await self._info(sandbox)).state
@@ -352,11 +416,16 @@ class DockerRuntime:
 
     async def _destroy(self, sandbox: Sandbox) -> None:
         """Remove the container with its anonymous volumes, then what the server kept of it."""
+        self._deleting.add(sandbox.id)
         try:
             await self.docker.containers.container(sandbox.container_id).delete(force=True, v=True)
         except DockerError as exc:
+            if exc.status == DOCKER_NOT_CONNECTED:
+                raise
             if exc.status != 404:
                 raise ApiError(500, errors.INTERNAL_ERROR, f"cannot delete {sandbox.id}: {exc.message}") from None
+        finally:
+            self._deleting.discard(sandbox.id)
         self._forget(sandbox)
 
     def _forget(self, sandbox: Sandbox) -> None:
@@ -475,12 +544,64 @@ class DockerRuntime:
     async def _list_containers(self) -> JsonList:
         return await docker_api.list_containers(self.docker, L.DOCKER_ID)
 
-    async def _remove_container(self, container_id: str) -> None:
+    async def _remove_container(self, container_id: str) -> bool:
+        """Remove a container (by id or name); False when the engine could not be asked (never raises)."""
         try:
             await self.docker.containers.container(container_id).delete(force=True, v=True)
         except DockerError as exc:
             if exc.status != 404:
                 log.error("cannot remove container %s: %s", container_id[:12], exc.message)
+                return exc.status != DOCKER_NOT_CONNECTED
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            log.warning("cannot remove container %s now: %r", container_id[:12], exc)
+            return False
+        return True
+
+    # -- the engine's health and execd's liveness ------------------------------------------------
+
+    def unavailable_error(self, exc: BaseException) -> ApiError | None:
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {self.settings.api_timeout_seconds:g}s (docker.apiTimeoutSeconds)"
+        elif isinstance(exc, aiohttp.ClientError) or (
+            isinstance(exc, DockerError) and exc.status == DOCKER_NOT_CONNECTED
+        ):
+            why = str(getattr(exc, "message", "") or exc)
+        else:
+            return None
+        self.engine.failed(why)
+        return ApiError(503, ENGINE_UNAVAILABLE, f"{ENGINE_NAME} is unavailable: {why}", {"Retry-After": "5"})
+
+    async def _ping(self) -> None:
+        """The engine monitor's check; once it answers, containers of abandoned creates are removed."""
+        async with self.docker._query("_ping", versioned_api=False) as response:
+            await response.read()
+        await self._remove_abandoned()
+
+    async def _remove_abandoned(self) -> None:
+        """Creates whose engine did not answer may have left a container (made once the engine woke
+        up): remove `sandbox-<id>` until the engine has answered long enough for any such request to
+        have been served."""
+        settle = 2 * self.settings.api_timeout_seconds
+        for sandbox_id, since in list(self._abandoned.items()):
+            if sandbox_id in self.sandboxes or not await self._remove_container(model.container_name(sandbox_id)):
+                continue
+            if time.monotonic() - since > settle and self.engine.reachable:
+                del self._abandoned[sandbox_id]
+                self.store.delete(sandbox_id)
+
+    def _probe_targets(self) -> Targets:
+        host = model.endpoint_host(self.settings)
+        return [
+            (s.id, Endpoint(f"{host}:{s.port}", {L.EXECD_TOKEN_HEADER: s.token}))
+            for s in self.sandboxes.values()
+            if s.state == State.RUNNING and s.port is not None and not s.execd_dead and s.id not in self._deleting
+        ]
+
+    def _execd_died(self, sandbox_id: str, why: str) -> None:
+        sandbox = self.sandboxes.get(sandbox_id)
+        if sandbox is not None:
+            sandbox.execd_dead = why
+            sandbox.state = State.FAILED
 
     # -- expiry (the sweeper's view of the index) ----------------------------------------------
 

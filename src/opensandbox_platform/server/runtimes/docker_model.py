@@ -20,6 +20,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
+from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
 from opensandbox_platform.server.runtimes.seccomp import docker_profile
 
 EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
@@ -151,7 +152,9 @@ def map_state(state: ContainerState) -> tuple[str, str, str]:
         return State.RUNNING, "CONTAINER_RESTARTING", ""
     if status in ("created", "configured", "initialized"):
         return State.PENDING, "CONTAINER_STARTING", ""
-    if status in ("exited", "dead", "stopped", "removing"):
+    if status in ("removing", "stopping"):
+        return State.STOPPING, "CONTAINER_REMOVING", "the sandbox is being deleted"
+    if status in ("exited", "dead", "stopped"):
         code = state.exit_code or 0
         if state.oom_killed:
             return State.FAILED, "CONTAINER_OOM_KILLED", "the sandbox ran out of memory and was killed"
@@ -163,9 +166,23 @@ def map_state(state: ContainerState) -> tuple[str, str, str]:
 
 
 def sandbox_info(
-    labels: Labels, state: ContainerState, expires_at: dt.datetime | None, metadata: dict[str, str]
+    labels: Labels,
+    state: ContainerState,
+    expires_at: dt.datetime | None,
+    metadata: dict[str, str],
+    *,
+    deleting: bool = False,
+    execd_dead: str = "",
 ) -> SandboxInfo:
+    """The API's view. A sandbox being deleted is Stopping (its container passes through exited
+    states on the way out, which are not its outcome); a running container whose execd the
+    liveness probe gave up on is Failed, `EXECD_UNREACHABLE`."""
     api_state, reason, message = map_state(state)
+    if deleting:
+        api_state, reason, message = State.STOPPING, "DELETING", "the sandbox is being deleted"
+    elif execd_dead and api_state == State.RUNNING:
+        api_state, reason = State.FAILED, EXECD_DEAD
+        message = f"execd, the sandbox's command daemon, is not answering: {execd_dead}"
     return SandboxInfo(
         id=labels.id,
         image=labels.image,

@@ -11,8 +11,9 @@
 - get and list are served from the informer's cache; the server's own writes (renew, metadata, delete)
   are applied to that cache at once, so a client reads what it just wrote; a sandbox another replica
   created a moment ago, or a Pending one, is read from the API server before an answer.
-- An unreachable or failing API server is a 503 with Retry-After (logged once per outage); a create
-  holds its POST up to HOLD_SECONDS while the API server comes back.
+- An unreachable or failing API server is a 503 with Retry-After (logged once per outage by the
+  EngineMonitor, which /health and /ready report); a create holds its POST up to HOLD_SECONDS while
+  the API server comes back.
 - `timeout` is `spec.expireTime`: the controller deletes the BatchSandbox then, also while the
   server is down. Pause and resume are not supported (`capabilities`: the routes refuse them).
 """
@@ -38,7 +39,7 @@ from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -48,6 +49,7 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     pool_image,
     read_entry,
 )
+from opensandbox_platform.server.runtimes.liveness import EngineMonitor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,12 +60,12 @@ POD_IP_NOT_AVAILABLE = "KUBERNETES::POD_IP_NOT_AVAILABLE"  # the SDK retries end
 POOL_NOT_FOUND = "KUBERNETES::POOL_NOT_FOUND"
 POOL_CAPACITY_EXHAUSTED = "KUBERNETES::POOL_CAPACITY_EXHAUSTED"
 FORBIDDEN = "KUBERNETES::FORBIDDEN"
-UNAVAILABLE = "KUBERNETES::UNAVAILABLE"
+API_UNAVAILABLE = "KUBERNETES::API_UNAVAILABLE"
+API_NAME = "the Kubernetes API server"
 SYNC_TIMEOUT_SECONDS = 30.0
 HOLD_SECONDS = 5.0  # a create's POST retries this long while the API server is unreachable
 ABANDON_GRACE_SECONDS = 30.0  # a pending create older than createTimeoutSeconds plus this is abandoned
-RETRY_AFTER_SECONDS = 2
-TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,32 +78,6 @@ class PoolEntry:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-
-class Outage:
-    """Logs an API-server outage once when it starts and once when it ends, not per request."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-
-    def failed(self, err: BaseException) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
-            log.warning("the Kubernetes API server is unreachable; answering 503 until it is back: %s", err)
-
-    def ok(self) -> None:
-        if self.since is not None:
-            log.warning("the Kubernetes API server is back after %.1f s", time.monotonic() - self.since)
-            self.since = None
-
-
-def unavailable(err: BaseException) -> ApiError:
-    return ApiError(
-        503,
-        UNAVAILABLE,
-        f"the Kubernetes API server is unavailable: {err}",
-        {"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
 
 
 def read_pool(raw: JSON) -> PoolEntry:
@@ -117,6 +93,9 @@ class KubernetesRuntime:
         self.namespace = section.namespace
         self.kubeconfig = section.kubeconfig or None
         self.create_timeout = section.create_timeout_seconds
+        self.api_timeout = section.api_timeout_seconds
+        # Knows whether the API server answers (for /health and /ready), and logs an outage once.
+        self.engine = EngineMonitor(API_NAME, self._ping, section.health_interval_seconds, section.api_timeout_seconds)
         self.settings = Settings(section.image_pull_policy, section.default_pod_spec)
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
@@ -127,11 +106,10 @@ class KubernetesRuntime:
         self._waiters: dict[str, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._creates: set[asyncio.Task[SandboxInfo]] = set()
-        self._outage = Outage()
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        client = self._client = KubeClient.from_config(self.kubeconfig)
+        client = self._client = KubeClient.from_config(self.kubeconfig, timeout=self.api_timeout)
         try:
             # Fail at start-up, with the API server's words, when the CRD or our permissions are missing.
             await client.list(BATCHSANDBOXES, self.namespace, limit=1)
@@ -151,6 +129,34 @@ class KubernetesRuntime:
             asyncio.gather(self._sandboxes.synced.wait(), self._pools.synced.wait()), SYNC_TIMEOUT_SECONDS
         )
         self._spawn(self._sweep_abandoned(), "abandoned-creates")
+        self.engine.start()
+
+    def health(self) -> RuntimeHealth:
+        """The API server's state, and whether both informers are connected (else the cache that
+        get and list read may be stale)."""
+        informers = {"sandboxInformer": self._sandboxes, "poolInformer": self._pools}
+        return self.engine.health(
+            **{name: bool(i is not None and i.connected and i.synced.is_set()) for name, i in informers.items()}
+        )
+
+    async def _ping(self) -> None:
+        await self.client.request("GET", "/version")
+
+    def unavailable_error(self, exc: BaseException) -> ApiError | None:
+        """The 503 for a call the API server did not serve (no connection, no answer in time, 429 or
+        5xx); None for any other error."""
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {self.api_timeout:g}s (kubernetes.apiTimeoutSeconds)"
+        elif isinstance(exc, aiohttp.ClientError | OSError):
+            why = str(exc) or type(exc).__name__
+        elif isinstance(exc, KubeError) and exc.transient:
+            why = str(exc)
+        else:
+            return None
+        self.engine.failed(why)
+        return ApiError(
+            503, API_UNAVAILABLE, f"{API_NAME} is unavailable: {why}", {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        )
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         task = asyncio.ensure_future(work)
@@ -160,6 +166,7 @@ class KubernetesRuntime:
 
     async def close(self) -> None:
         """Creates still waiting are given up (their BatchSandboxes deleted); sandboxes keep running."""
+        await self.engine.close()
         for create in list(self._creates):
             create.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
@@ -236,19 +243,15 @@ class KubernetesRuntime:
         return self._entries.get(sandbox_id, fresh)
 
     async def _call(self, request: Awaitable[T]) -> T:
-        """An API-server call; an outage (no connection, 429, 5xx) becomes a 503 with Retry-After."""
+        """An API-server call; an outage (no connection, no answer, 429, 5xx) becomes a 503 with Retry-After."""
         try:
             result = await request
-        except KubeError as err:
-            if not err.transient:
-                self._outage.ok()
+        except Exception as exc:
+            error = self.unavailable_error(exc)
+            if error is None:
                 raise
-            self._outage.failed(err)
-            raise unavailable(err) from None
-        except TRANSPORT_ERRORS as err:
-            self._outage.failed(err)
-            raise unavailable(err) from None
-        self._outage.ok()
+            raise error from None
+        self.engine.ok()
         return result
 
     # --- create -----------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
     State,
@@ -68,6 +69,9 @@ LOG = "jail.log"
 REFILL_DELAY_SECONDS = 0.3
 LOG_LIMIT = 1 << 20  # bytes of a jail's output kept in its log
 MINIMAL_ROOT = "the host's /usr read-only with a private /etc, home, /tmp and /workspace"
+EXECD_EXITED = "EXECD_EXITED"
+# When execd ends because the entrypoint did, the jail's PID 1 follows within milliseconds.
+EXECD_EXIT_GRACE_SECONDS = 1.0
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Record:
     message: str = ""
     last_transition_at: str = ""
     paused_by: str | None = None  # "freezer" or "signal"
+    execd_pid: int = 0  # host pid of the jail init, which is execd (0: unknown)
+    execd_ticks: int = 0
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -364,6 +370,9 @@ class LocalRuntime:
 
     # -- the API -------------------------------------------------------------------------------
 
+    def health(self) -> RuntimeHealth:
+        return RuntimeHealth(ready=True)  # no engine: the jails are this process's children
+
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         image = await self._image(spec.image)
         if image is not None:  # warm jails have the minimal root: an image's jail starts now
@@ -552,6 +561,7 @@ class LocalRuntime:
             if ready.get("event") != "ready":
                 raise _StartFailed("execd did not start")
             await self._start_forward(record, EXECD_PORT)
+            record.execd_pid, record.execd_ticks = _execd_process(record.pid)
             self._save(record)
             self._watch(record)
             return jail
@@ -711,14 +721,18 @@ class LocalRuntime:
             await asyncio.wait_for(self._closing.wait(), seconds)
 
     def _watch(self, record: Record) -> None:
-        """Notice the jail ending on its own (entrypoint exited, killed from outside)."""
+        """Notice the jail ending on its own (entrypoint exited, killed from outside), and execd
+        dying while the jail lives on (its other processes keep PID 1 alive)."""
 
         async def watch() -> None:
+            await self._watch_execd(record)
             await procfs.wait_exit(record.pid)
             code = await self._reap_child(record)
             if record.id in self._deleting or not record.claimed or record.id not in self.records:
                 return
-            if code:
+            if record.reason == EXECD_EXITED:
+                pass  # the jail's exit code is execd's death, not the entrypoint's
+            elif code:
                 record.transition(State.FAILED, "JAIL_EXITED", f"the entrypoint exited with code {code}")
             else:
                 record.transition(State.TERMINATED, "JAIL_EXITED", "the entrypoint exited")
@@ -727,6 +741,33 @@ class LocalRuntime:
             await self._remove_cgroups(record)
 
         self._watchers[record.id] = asyncio.create_task(watch(), name=f"watch-{record.id}")
+
+    async def _watch_execd(self, record: Record) -> None:
+        """Returns when the jail ends, or execd has ended without it (then the sandbox is Failed)."""
+        if not record.execd_pid:
+            return
+        jail = asyncio.ensure_future(procfs.wait_exit(record.pid))
+        execd = asyncio.ensure_future(
+            procfs.wait_exit(record.execd_pid)
+            if procfs.alive(record.execd_pid, record.execd_ticks)
+            else asyncio.sleep(0)
+        )
+        try:
+            await asyncio.wait({jail, execd}, return_when=asyncio.FIRST_COMPLETED)
+            if not jail.done():
+                await asyncio.wait({jail}, timeout=EXECD_EXIT_GRACE_SECONDS)
+            if jail.done() or record.id in self._deleting or record.id not in self.records:
+                return
+            log.warning("execd exited while the jail lives on id=%s", record.id)
+            record.transition(
+                State.FAILED,
+                EXECD_EXITED,
+                "execd, the sandbox's command daemon, exited; the sandbox's other processes still run",
+            )
+            self._save(record)
+        finally:
+            for task in (jail, execd):
+                task.cancel()
 
     async def _reap_child(self, record: Record) -> int | None:
         """Reap the outer bwrap if this server started it; its exit code is the jail's."""
@@ -857,6 +898,15 @@ class LocalRuntime:
 
 def _append(path: Path) -> BinaryIO:
     return open(path, "ab")
+
+
+def _execd_process(jail_pid: int) -> tuple[int, int]:
+    """(pid, start ticks) of the jail init (execd), the only child of the jail's PID 1 until the
+    entrypoint starts; (0, 0) if that cannot be told."""
+    children = procfs.children(jail_pid)
+    if len(children) != 1:
+        return 0, 0
+    return children[0], procfs.start_ticks(children[0]) or 0
 
 
 class _StartFailed(Exception):
