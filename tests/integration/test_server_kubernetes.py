@@ -121,7 +121,7 @@ def test_a_sandbox_that_never_runs_is_a_504_after_the_create_timeout_and_is_dele
     """A pod no node can take (more memory than any has) stays Pending. (Not a pooled entrypoint: the
     controller would start it through execd at a kwok pod's IP, which leads off this machine.)"""
     started = time.monotonic()
-    response = api.post("/sandboxes", json=create_body(resourceLimits={"memory": "1Pi"}))
+    response = api.post("/sandboxes", json=create_body(resourceLimits={"memory": "1000Ti"}))
     assert response.status_code == 504, response.text
     assert response.json()["code"] == "KUBERNETES::POD_READY_TIMEOUT"
     assert CREATE_TIMEOUT - 0.5 <= time.monotonic() - started <= CREATE_TIMEOUT + 5
