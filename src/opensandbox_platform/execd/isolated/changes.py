@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
 MAX_CHANGES = 100_000
+SET_ID = stat.S_ISUID | stat.S_ISGID
 CHUNK = 1024 * 1024
 
 
@@ -126,8 +127,8 @@ def same_entry(upper: os.stat_result, lower: os.stat_result, compare: Callable[[
     """Whether an upper entry shows what the real one already is (type, mode, owner, content)."""
     if stat.S_IFMT(upper.st_mode) != stat.S_IFMT(lower.st_mode):
         return False
-    if stat.S_IMODE(upper.st_mode) != stat.S_IMODE(lower.st_mode):
-        return False
+    if (stat.S_IMODE(upper.st_mode) ^ stat.S_IMODE(lower.st_mode)) & ~SET_ID:
+        return False  # set-id bits are never committed (commit.py), so they are no change either
     if (upper.st_uid, upper.st_gid) != (lower.st_uid, lower.st_gid):
         return False
     if stat.S_ISDIR(upper.st_mode):

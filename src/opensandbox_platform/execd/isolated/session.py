@@ -268,7 +268,7 @@ class Session:
         view = layout.View(
             stage=self.stage,
             skeletons=os.path.join(self.dir, "k"),
-            cwd=_existing_dir(self.cwd),
+            cwd=_existing_dir(self.cwd, layout.session_cwd(self.spec)),
             uid=uid,
             gid=gid,
             info_fd=info_w,
@@ -830,8 +830,9 @@ def build_skeleton(source: str, target: str, placeholders: dict[str, bool]) -> f
     return frozenset(copied)
 
 
-def _existing_dir(path: str) -> str:
-    return path if os.path.isdir(path) else "/"
+def _existing_dir(*paths: str) -> str:
+    """Where the session's first process starts: the first of `paths` that exists (execd's view)."""
+    return next((path for path in paths if os.path.isdir(path)), "/")
 
 
 def _read_info(fd: int) -> bytes:

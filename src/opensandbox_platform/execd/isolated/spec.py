@@ -246,6 +246,9 @@ def parse_create(
                 raise errors.bad_request(f"binds[{i}].dest cannot be /")
             if exists is not None and not exists(source):
                 raise errors.bad_request(f"binds[{i}].source does not exist: {source}")
+            # The session's root is read-only: a mount point can only be made in its private /tmp.
+            if exists is not None and not exists(dest) and not under(dest, "/tmp"):
+                raise errors.bad_request(f"binds[{i}].dest must exist in the sandbox (or be under /tmp): {dest}")
             binds.append(Bind(source, dest, readonly))
     targets = [o.path for o in overlays] + extra + [b.dest for b in binds]
     if len(set(targets)) != len(targets):
