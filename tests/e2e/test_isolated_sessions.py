@@ -185,6 +185,28 @@ async def test_writes_stay_in_the_overlay_until_commit(sandbox: Sandbox, execd: 
         assert (code, out) == (0, "print(1)\nprint(2)\nnew")
 
 
+async def test_an_overlay_of_the_whole_root(sandbox: Sandbox, execd: Client, project: str) -> None:
+    """`/` holds mount points (a container's /etc/hosts, a jail's host directories): the kernel
+    refuses an overlay of it in a user namespace, so execd copies its top level and overlays each
+    directory; the session sees one copy-on-write root either way."""
+    request = CreateIsolatedSessionRequest(overlays=[IsolatedOverlaySpec(path="/")])
+    async with sandbox.isolation.session(request) as session:
+        code, out, _ = await run(
+            session,
+            "echo conf > /etc/osb-session.conf && mkdir -p /usr/local/share/osb && echo x > /usr/local/share/osb/x "
+            f"&& echo y >> {project}/README && rm {project}/old.txt && mkdir /osb-top && cat /etc/osb-session.conf",
+        )
+        assert (code, out) == (0, "conf")
+        kinds = changed(await diff(execd, session.session_id))
+        assert kinds["/etc/osb-session.conf"] == "added" and kinds["/usr/local/share/osb/x"] == "added"
+        assert kinds[f"{project}/README"] == "modified" and kinds[f"{project}/old.txt"] == "deleted"
+        assert kinds["/osb-top"] == "added"
+        real = await sh(sandbox, f"ls /etc/osb-session.conf /usr/local/share/osb /osb-top {project}/old.txt 2>&1; true")
+        assert "No such file" in real and f"{project}/old.txt" in real.splitlines()[-1]
+        # the session's /tmp is still its own
+        assert (await run(session, "ls -A /tmp | wc -l"))[1] == "0"
+
+
 async def test_sdk_commit_applies_everything_and_reports_it(sandbox: Sandbox, execd: Client, project: str) -> None:
     session = await sandbox.isolation.create(workspace(project))
     try:
@@ -324,6 +346,23 @@ async def test_background_run_logs_are_paged(sandbox: Sandbox, execd: Client, pr
             collected += response.content
             cursor = int(response.headers["EXECD-ISOLATED-TAIL-CURSOR"])
         assert collected.decode() == text and cursor == len(text.encode())
+    finally:
+        await session.delete()
+
+
+async def test_a_run_log_keeps_16_mib(sandbox: Sandbox, project: str) -> None:
+    session = await sandbox.isolation.create(workspace(project))
+    try:
+        handle = await session.run_background("head -c 17825792 /dev/zero | tr '\\0' x; echo; echo end")
+        deadline = time.monotonic() + 60
+        while (status := await session.run_status(handle.run_id)).running:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert status.exit_code == 0
+        logs = await session.run_logs(handle.run_id)
+        assert len(logs.text) == 16 * 1024 * 1024 and logs.cursor == 16 * 1024 * 1024
+        assert set(logs.text) == {"x"}  # the first 16 MiB; the rest was read and dropped
+        assert (await session.run_logs(handle.run_id, cursor=logs.cursor)).text == ""
     finally:
         await session.delete()
 

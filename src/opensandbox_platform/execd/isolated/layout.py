@@ -26,6 +26,14 @@ SPECIAL_FS = frozenset(
     }
 )  # fmt: skip
 CONTROL_DIR = "/dev/.osb"  # where a session sees its control directory (run scripts, log pipes)
+# What root keeps in a `balanced` session (Docker's default set minus NET_RAW and MKNOD): they hold
+# only inside the session's own user namespace, over files whose owner it maps (execd's uid), so
+# they let the session's root write a root-owned 0555 directory of its overlays as a container's
+# root could, and nothing outside. A `strict` session, and any uid but 0, keeps none.
+ROOT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
+    "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,7 @@ class View:
     hide: tuple[str, ...]  # directories replaced by an empty tmpfs (execd's state)
     mask_files: tuple[str, ...]  # files replaced by /dev/null (execd's env file)
     tmp_bytes: int
+    caps: tuple[str, ...] = ()  # capabilities kept inside the session's user namespace
 
 
 def bwrap_argv(bwrap: str, spec: SessionSpec, layers: Sequence[Layer], view: View, command: Sequence[str]) -> list[str]:
@@ -196,6 +205,8 @@ def bwrap_argv(bwrap: str, spec: SessionSpec, layers: Sequence[Layer], view: Vie
     if not spec.share_net:
         argv.append("--unshare-net")
     argv += ["--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]
+    for cap in view.caps:
+        argv += ["--cap-add", cap]
     argv += ["--info-fd", str(view.info_fd)]
     root = next((layer for layer in layers if layer.path == "/"), None)
     if root is not None and root.kind == "overlay":

@@ -65,7 +65,11 @@ class Capabilities:
             "hardening": {
                 "init_mode": "pid1" if os.getpid() == 1 else "subreaper",
                 "signal_shield": os.getpid() == 1,
-                "cap_drop": {"state": "active", "message": "isolated sessions run with no capabilities"}
+                "cap_drop": {
+                    "state": "active",
+                    "message": "sessions hold no capability of the sandbox's; a balanced session's root keeps "
+                    "Docker's default set inside its own user namespace only, a strict one none",
+                }
                 if self.available
                 else {"state": "unsupported", "message": self.message},
                 "seccomp": {"state": "disabled", "message": "execd installs no seccomp filter of its own"},

@@ -276,6 +276,7 @@ class Session:
             hide=self.settings.hide,
             mask_files=self.settings.mask_files,
             tmp_bytes=self.settings.tmp_bytes,
+            caps=layout.ROOT_CAPS if uid == 0 and self.spec.profile == "balanced" else (),
         )
         script = shell.init_script(ctl_w, self.settings.bash, close=(info_w,))
         command = [self.settings.bash, "--noprofile", "--norc", "-c", script]
