@@ -111,16 +111,22 @@ def workspace(path: str) -> CreateIsolatedSessionRequest:
 # -- capabilities -------------------------------------------------------------------------------
 
 
-async def test_capabilities_are_measured_and_complete(sandbox: Sandbox, server: ServerProcess) -> None:
+async def test_capabilities_are_measured_and_complete(sandbox: Sandbox, execd: Client, server: ServerProcess) -> None:
     caps = await sandbox.isolation.capabilities()
     assert caps.available, caps.message
     assert caps.isolator == "bubblewrap" and caps.version
     assert caps.diff_supported and caps.commit_supported and caps.userns_available and caps.setpriv_available
-    extra = caps.model_extra or {}
-    # A container masks parts of its /proc, so a new one cannot be mounted there: the session sees
-    # the sandbox's (see docs/isolated-sessions.md). A jail's /proc is its own and fully visible.
-    if extra:
-        assert extra.get("proc") == ("private" if server.runtime == "local" else "shared"), extra
+    assert caps.hardening is not None and caps.hardening.cap_drop is not None
+    # Our fields beyond the SDK's model (which drops them): what was measured.
+    extra = (await raw(execd, "GET", "/v1/isolated/capabilities")).json()
+    assert extra["overlay"]["supported"] and extra["steps"]["overlay"] == "ok", extra
+    # A new /proc cannot be mounted in a user namespace unless the sandbox's own is fully visible:
+    # a container masks parts of it, and bwrap (the local jail) binds /proc/sys, /proc/irq, /proc/bus
+    # read-only. The session then sees the sandbox's, read-only (see docs/isolated-sessions.md).
+    assert extra["proc"] == "shared" and "cannot be mounted" in extra["message"], extra
+    assert "Operation not permitted" in extra["steps"]["namespaces (private /proc: True)"]
+    # Where execd's state is an overlayfs (a container's root), upper layers go to a private tmpfs.
+    assert extra["overlay"]["upper"] == ("disk" if server.runtime == "local" else "tmpfs"), extra
 
 
 # -- overlays, diff, commit -------------------------------------------------------------------------
