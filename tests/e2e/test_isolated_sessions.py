@@ -228,6 +228,38 @@ async def test_sdk_commit_applies_everything_and_reports_it(sandbox: Sandbox, ex
         await session.delete()
 
 
+async def test_the_copy_fallback_where_overlayfs_is_missing(server: ServerProcess) -> None:
+    """Without overlayfs in a user namespace (a kernel before 5.11), a session's copy-on-write layers
+    are copies of their trees; `EXECD_ISOLATED_METHOD=copy` makes execd use them here."""
+    config = ConnectionConfig(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
+    sandbox = await Sandbox.create(
+        server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"],
+        env={"EXECD_ISOLATED_METHOD": "copy"},
+    )  # fmt: skip
+    try:
+        project = "/workspace/copy-fallback"
+        await sh(sandbox, f"mkdir -p {project}/sub && echo a > {project}/a.txt && echo s > {project}/sub/s.txt")
+        endpoint = await sandbox.get_endpoint(EXECD_PORT)
+        async with Client(base_url=f"http://{endpoint.endpoint}", headers=dict(endpoint.headers)) as execd:
+            caps = (await raw(execd, "GET", "/v1/isolated/capabilities")).json()
+            assert caps["commit_supported"] and caps["overlay"]["method"] == "copies of the trees", caps
+            session = await sandbox.isolation.create(workspace(project))
+            await run(session, "echo b > b.txt; rm a.txt; echo more >> sub/s.txt")
+            await sh(sandbox, f"echo later > {project}/later.txt")  # a real change meanwhile is no deletion
+            assert changed(await diff(execd, session.session_id)) == {
+                f"{project}/a.txt": "deleted", f"{project}/b.txt": "added", f"{project}/sub/s.txt": "modified"
+            }  # fmt: skip
+            assert await sh(sandbox, f"ls {project}") == "a.txt\nlater.txt\nsub"
+            response = await isolated_session_commit.asyncio_detailed(uuid.UUID(session.session_id), client=execd)
+            assert response.status_code == 200 and not json.loads(response.content)["failed"]
+            assert await sh(sandbox, f"ls {project}; cat {project}/sub/s.txt") == "b.txt\nlater.txt\nsub\ns\nmore"
+            assert changed(await diff(execd, session.session_id)) == {}
+            await session.delete()
+    finally:
+        await sandbox.kill()
+        await sandbox.close()
+
+
 async def test_discard_leaves_the_real_workspace_untouched(sandbox: Sandbox, execd: Client, project: str) -> None:
     session = await sandbox.isolation.create(workspace(project))
     try:

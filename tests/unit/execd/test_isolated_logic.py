@@ -359,3 +359,41 @@ def test_commit_applies_each_change_and_never_follows_symlinks(trees: tuple[Path
     assert (real / "trap" / "planted").exists() and list(outside.iterdir()) == []
     assert not [p for p in real.rglob("*") if p.name.startswith(commit.TEMP_PREFIX)]
     assert walk(real, upper) == []  # committed: nothing left to show
+
+
+def test_without_overlayfs_every_overlay_is_a_copy() -> None:
+    spec = create({"workspace": {"path": "/workspace"}})
+    layers = layout.plan_layers(spec, layout.parse_mountinfo(MOUNTINFO), ["/state"], kind_of, listdir, copy=True)
+    assert [(layer.path, layer.kind, layer.deep) for layer in layers] == [
+        ("/workspace", "copy", False),  # the top holds a mount point: a skeleton, as with overlayfs
+        ("/workspace/data", "copy", True),
+        ("/workspace/src", "copy", True),
+    ]
+    assert len({layer.n for layer in layers}) == 3
+
+
+def test_a_deep_copy_and_its_diff(tmp_path: Path) -> None:
+    from opensandbox_platform.execd.isolated.session import build_copy
+
+    real = tmp_path / "real"
+    (real / "a" / "b").mkdir(parents=True)
+    (real / "a" / "b" / "f").write_text("f\n")
+    (real / "top").write_text("t\n")
+    (real / "link").symlink_to("top")
+    os.chmod(real / "a", 0o555)
+    copy = tmp_path / "copy"
+    budget = [1 << 20]
+    manifest = build_copy(str(real), str(copy), budget)
+    assert manifest == {"a", "a/b", "a/b/f", "top", "link"} and budget[0] == (1 << 20) - 4
+    assert stat.S_IMODE((copy / "a").stat().st_mode) == 0o555 and os.readlink(copy / "link") == "top"
+    assert walk(real, copy, manifest=manifest, deep=True) == []  # a fresh copy is no change
+    os.chmod(copy / "a", 0o755)
+    (copy / "a" / "b" / "f").unlink()
+    (copy / "new").write_text("n\n")
+    (real / "a" / "b" / "later").write_text("appeared after the copy\n")
+    os.chmod(real / "a", 0o755)
+    found = {c.path: c.kind for c in walk(real, copy, manifest=manifest, deep=True)}
+    assert found == {"/w/a/b/f": "deleted", "/w/new": "added"}
+    with pytest.raises(ApiError) as caught:
+        build_copy(str(real), str(tmp_path / "too-big"), [2])
+    assert caught.value.status == 503

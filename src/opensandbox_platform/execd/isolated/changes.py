@@ -153,16 +153,19 @@ class Walker:
         *,
         skip: frozenset[str] = frozenset(),
         manifest: frozenset[str] | None = None,
+        deep: bool = False,
     ) -> None:
-        """For a copy layer's skeleton, `manifest` is what the skeleton held when it was made (an
-        entry of the real directory that is not in the skeleton was deleted only if it was there
-        then) and `skip` the names of other layers' mount points."""
+        """For a copy layer, `manifest` is what its copy held when it was made (relative paths: an
+        entry of the real directory that is not in the copy was deleted only if it was there then),
+        `skip` the names of other layers' mount points at its top, and `deep` says the copy is of the
+        whole tree (every directory of it is compared whole, not only its top)."""
         self.root = root
         self.upper_fd = upper_fd
         self.lower_fd = lower_fd
         self.limit = limit
         self.skip = skip
         self.manifest = manifest
+        self.deep = deep
         self.count = 0
         self.truncated = False
 
@@ -190,8 +193,8 @@ class Walker:
                 for name in sorted(os.listdir(lower)):
                     if name in present or (top and name in self.skip):
                         continue
-                    if top and self.manifest is not None and name not in self.manifest:
-                        continue  # appeared in the real directory after the skeleton was made
+                    if self.manifest is not None and join(rel, name) not in self.manifest:
+                        continue  # appeared in the real directory after the copy was made
                     lst = lstat_at(lower, name)
                     if lst is not None:
                         yield from self._deleted(join(rel, name), lst)
@@ -247,7 +250,7 @@ class Walker:
         except OSError:
             return
         try:
-            opaque = is_opaque(sub)
+            opaque = self.deep or is_opaque(sub)
             sub_lower: int | None = None
             if lst is None or lower is None:
                 yield from self._emit(Change(session_path(self.root, path), path, "added", "directory", 0))

@@ -91,6 +91,7 @@ class Layer:
     kind: str
     n: int = -1
     placeholders: tuple[tuple[str, bool], ...] = ()  # copy layers: (name, is a directory)
+    deep: bool = False  # a copy of the whole tree (where overlayfs is not available)
 
 
 def depth(path: str) -> int:
@@ -107,10 +108,13 @@ def plan_layers(
     hidden: Sequence[str],
     kind_of: Callable[[str], str],
     listdir: Callable[[str], list[str]],
+    *,
+    copy: bool = False,
 ) -> list[Layer]:
     """The layers of every overlay entry, shallow first (bwrap mounts in argument order, so a deeper
     mount lands on top of a shallower one). `kind_of(path)` is `dir`, `file`, `symlink`, `other` or
-    `missing` (not following symlinks); `listdir` lists a directory of execd's view."""
+    `missing` (not following symlinks); `listdir` lists a directory of execd's view. With `copy`
+    (no overlayfs here), what would be an overlay is a copy of the whole tree instead."""
     visible: dict[str, Mount] = {}
     for m in mounts:  # a later mount on the same point is the one that is seen
         visible[m.mountpoint] = m
@@ -122,6 +126,11 @@ def plan_layers(
     def number(kind: str) -> int:
         counter[kind] += 1
         return counter[kind] - 1
+
+    def cow(index: int, path: str) -> Layer:
+        if copy:
+            return Layer(index, path, "copy", number("copy"), deep=True)
+        return Layer(index, path, "overlay", number("overlay"))
 
     def elsewhere(path: str, entry_path: str) -> bool:
         """The session gets `path` from something other than this entry's layers."""
@@ -152,10 +161,10 @@ def plan_layers(
                 if below:
                     decompose(index, entry_path, child, below)
                 else:
-                    layers.append(Layer(index, child, "overlay", number("overlay")))
+                    layers.append(cow(index, child))
             elif kind == "dir":
                 placeholders.append((name, True))
-                layers.append(Layer(index, child, "overlay", number("overlay")))
+                layers.append(cow(index, child))
             # files, symlinks and the rest are copied into the skeleton
         layers.insert(at, Layer(index, directory, "copy", n, tuple(placeholders)))
 
@@ -175,7 +184,7 @@ def plan_layers(
         if cuts:
             decompose(index, entry.path, entry.path, cuts)
         else:
-            layers.append(Layer(index, entry.path, "overlay", number("overlay")))
+            layers.append(cow(index, entry.path))
     return sorted(layers, key=lambda layer: depth(layer.path))
 
 

@@ -30,6 +30,13 @@ log = logging.getLogger("execd.isolated")
 
 TOO_MANY_SESSIONS = "TOO_MANY_SESSIONS"
 TOMBSTONES = 64
+USERNS_HINT = (
+    ". The sandbox may not create user namespaces: Docker's default seccomp profile and Kubernetes' "
+    "RuntimeDefault refuse unshare(CLONE_NEWUSER) and mount to a container without CAP_SYS_ADMIN (podman's "
+    "default profile allows them); a host may also forbid them (user.max_user_namespaces = 0, "
+    "kernel.apparmor_restrict_unprivileged_userns = 1). Run the sandbox with a seccomp profile that allows "
+    "them (e.g. Localhost or Unconfined) to use isolated sessions"
+)
 
 
 def _env_int(env: dict[str, str], name: str, default: int) -> int:
@@ -43,7 +50,8 @@ def _env_int(env: dict[str, str], name: str, default: int) -> int:
 @dataclass
 class Capabilities:
     available: bool = False
-    overlay: bool = False
+    overlay: bool = False  # copy-on-write layers (overlayfs, or the copy fallback)
+    method: str = ""  # overlayfs | copy
     message: str = ""
     overlay_message: str = ""
     version: str = ""
@@ -79,11 +87,13 @@ class Capabilities:
             # Ours, beyond the SDK's model (its parser keeps them as additional properties):
             "overlay": {
                 "supported": self.overlay,
-                "method": "overlayfs in a user namespace (userxattr)" if self.overlay else None,
+                "method": {"overlayfs": "overlayfs in a user namespace (userxattr)", "copy": "copies of the trees"}.get(
+                    self.method
+                ),
                 "upper": self.upper or None,
                 "message": self.overlay_message or None,
             },
-            "proc": "private" if self.private_proc else "shared",
+            "proc": ("private" if self.private_proc else "shared") if self.available else None,
             "max_sessions": max_sessions,
             "kernel": os.uname().release,
             "probe_ms": round(self.probe_ms, 1),
@@ -93,8 +103,9 @@ class Capabilities:
             out["message"] = message
         elif not self.private_proc and self.available:
             out["message"] = (
-                "a new /proc cannot be mounted here (the container masks parts of its /proc): sessions see "
-                "the sandbox's /proc read-only, so its process list, and cannot reach other processes' files"
+                "a new /proc cannot be mounted here (the sandbox's own is not fully visible: parts of it are "
+                "masked or bound read-only, as containers and bubblewrap do): sessions see the sandbox's /proc "
+                "read-only, so its process list, and cannot reach other processes' files"
             )
         return out
 
@@ -107,6 +118,10 @@ class IsolatedSessions:
         self.root = os.path.join(self.state_dir, "isolated")
         self.max_sessions = _env_int(env, "EXECD_ISOLATED_MAX_SESSIONS", 16)
         self.default_idle = _env_int(env, "EXECD_ISOLATED_IDLE_TIMEOUT", 1800)
+        self.method = env.get("EXECD_ISOLATED_METHOD", "auto")  # auto | overlay | copy
+        if self.method not in ("auto", "overlay", "copy"):
+            log.warning("ignoring EXECD_ISOLATED_METHOD=%r: auto, overlay or copy", self.method)
+            self.method = "auto"
         envs_file = environment.file.path
         self.settings = Settings(
             state_dir=self.state_dir,
@@ -115,6 +130,7 @@ class IsolatedSessions:
             bash=shutil.which("bash", path=env.get("PATH")) or "",
             tmpfs_bytes=_env_int(env, "EXECD_ISOLATED_TMPFS_MIB", 1024) << 20,
             tmp_bytes=_env_int(env, "EXECD_ISOLATED_TMP_MIB", 512) << 20,
+            copy_max_bytes=_env_int(env, "EXECD_ISOLATED_COPY_MAX_MIB", 1024) << 20,
             hide=(self.state_dir,),
             mask_files=(envs_file,) if envs_file and os.path.isfile(envs_file) else (),
             ping_interval=ping_interval,
@@ -170,14 +186,36 @@ class IsolatedSessions:
                         caps.available, caps.private_proc = True, private
                         break
                     caps.message = error
+                    if "(unshare)" in error:
+                        caps.message += USERNS_HINT
+                        break  # without a user namespace, no /proc choice helps
                 if not caps.available:
                     return caps
                 caps.message = ""
-                # 2. an overlay: write through it, find it in the diff, the real directory untouched.
-                error = await self._try(SessionSpec(overlays=(Overlay(scratch),), share_net=True), overlay=True)
-                caps.steps["overlay"] = error or "ok"
-                caps.overlay = error is None
-                caps.overlay_message = f"copy-on-write overlays are not available here: {error}" if error else ""
+                # 2. an overlay: write through it, find it in the diff, the real directory untouched;
+                # without overlayfs (or when asked), the fallback: copies of the trees.
+                spec = SessionSpec(overlays=(Overlay(scratch),), share_net=True)
+                error = "not tried (EXECD_ISOLATED_METHOD=copy)"
+                if self.method != "copy":
+                    error = await self._try(spec, overlay=True)
+                    caps.steps["overlay"] = error or "ok"
+                if error is None:
+                    caps.overlay, caps.method = True, "overlayfs"
+                elif self.method != "overlay":
+                    self.settings = replace(self.settings, copy=True)
+                    copy_error = await self._try(spec, overlay=True)
+                    caps.steps["copy"] = copy_error or "ok"
+                    if copy_error is None:
+                        caps.overlay, caps.method = True, "copy"
+                        caps.overlay_message = (
+                            f"no overlayfs in a user namespace here ({error}): a session's copy-on-write "
+                            f"layers are copies of their trees, made when it starts (at most "
+                            f"{self.settings.copy_max_bytes >> 20} MiB per session)"
+                        )
+                    else:
+                        error = copy_error
+                if not caps.overlay:
+                    caps.overlay_message = f"copy-on-write overlays are not available here: {error}"
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return caps

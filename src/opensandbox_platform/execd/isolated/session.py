@@ -63,6 +63,8 @@ class Settings:
     start_timeout: float = 15.0
     max_active_runs: int = 16
     max_kept_runs: int = 64
+    copy: bool = False  # no overlayfs here: copy-on-write layers are copies of the whole tree
+    copy_max_bytes: int = 1 << 30
 
 
 LayerChanges = tuple[layout.Layer, list[changes.Change]]
@@ -240,17 +242,21 @@ class Session:
     def _prepare(self, mounts: list[layout.Mount]) -> None:
         """Plan the layers, make the session's directories and the copy layers' skeletons."""
         hidden = [self.settings.state_dir, self.settings.root]
-        self.layers = layout.plan_layers(self.spec, mounts, hidden, kind_of, _listdir)
+        self.layers = layout.plan_layers(self.spec, mounts, hidden, kind_of, _listdir, copy=self.settings.copy)
         os.makedirs(self.stage, mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(self.dir, "logs"), mode=0o700, exist_ok=True)
         skeletons = os.path.join(self.dir, "k")
         shutil.rmtree(skeletons, ignore_errors=True)
         os.makedirs(skeletons, mode=0o700)
         self.manifests = {}
+        budget = [self.settings.copy_max_bytes]
         for layer in self.layers:
             if layer.kind == "copy":
                 target = os.path.join(skeletons, str(layer.n))
-                self.manifests[layer.n] = build_skeleton(layer.path, target, dict(layer.placeholders))
+                if layer.deep:
+                    self.manifests[layer.n] = build_copy(layer.path, target, budget)
+                else:
+                    self.manifests[layer.n] = build_skeleton(layer.path, target, dict(layer.placeholders))
 
     async def start(self, mounts: list[layout.Mount]) -> None:
         uid, gid = self.identity()
@@ -641,6 +647,7 @@ class Session:
                 lower,
                 skip=frozenset(name for name, _ in layer.placeholders),
                 manifest=self.manifests.get(layer.n, frozenset()),
+                deep=layer.deep,
             )
         return changes.Walker(layer.path, self._uppers[layer.n], lower)
 
@@ -828,6 +835,63 @@ def build_skeleton(source: str, target: str, placeholders: dict[str, bool]) -> f
         copied.add(name)
     os.chown(target, st.st_uid, st.st_gid)
     os.chmod(target, stat.S_IMODE(st.st_mode))
+    return frozenset(copied)
+
+
+def build_copy(source: str, target: str, budget: list[int]) -> frozenset[str]:
+    """A copy of the whole tree under `source` (modes, owners, times; symlinks as symlinks; named
+    pipes; no sockets or devices; never into another filesystem), taken from `budget[0]` bytes.
+    Returns the relative paths copied. 503 when the budget runs out."""
+    copied: set[str] = set()
+    device = os.lstat(source).st_dev
+    dirs: list[tuple[str, os.stat_result]] = []
+
+    def walk(src: str, dst: str, rel: str) -> None:
+        try:
+            entries = list(os.scandir(src))
+        except OSError as exc:
+            log.warning("copy of %s: cannot list %s: %s", source, src, exc)
+            return
+        for entry in entries:
+            path, into = entry.path, os.path.join(dst, entry.name)
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(into, 0o700)
+                    if st.st_dev == device:  # a mount point below: an empty directory
+                        walk(path, into, name)
+                    dirs.append((into, st))
+                elif stat.S_ISREG(st.st_mode):
+                    budget[0] -= st.st_size
+                    if budget[0] < 0:
+                        raise ApiError(
+                            503,
+                            errors.NOT_SUPPORTED,
+                            f"{source} is too large to copy (this sandbox has no overlayfs, so a session's "
+                            f"copy-on-write layers are copies; EXECD_ISOLATED_COPY_MAX_MIB bounds them)",
+                        )
+                    shutil.copy2(path, into, follow_symlinks=False)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(path), into)
+                elif stat.S_ISFIFO(st.st_mode):
+                    os.mkfifo(into, stat.S_IMODE(st.st_mode))
+                else:
+                    continue
+                os.chown(into, st.st_uid, st.st_gid, follow_symlinks=False)
+            except OSError as exc:
+                log.warning("copy of %s: cannot copy %s: %s", source, path, exc)
+                continue
+            copied.add(name)
+
+    st = os.stat(source)
+    os.mkdir(target, 0o700)
+    walk(source, target, "")
+    dirs.append((target, st))
+    for path, dst in reversed(dirs):  # modes and times last, deepest first (a 0555 directory is filled first)
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IMODE(dst.st_mode))
+            os.utime(path, ns=(dst.st_atime_ns, dst.st_mtime_ns))
     return frozenset(copied)
 
 
