@@ -103,7 +103,12 @@ async def diff_and_commit(sandbox: Sandbox, n: int) -> dict[str, Any]:
 
 async def runtime_figures(server: ServerProcess, n: int) -> dict[str, Any]:
     config = ConnectionConfig(domain=server.domain, request_timeout=timedelta(seconds=120), disable_metrics=True)
-    sandbox = await Sandbox.create(server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
+    sandbox = await Sandbox.create(
+        server.image,
+        connection_config=config,
+        entrypoint=["tail", "-f", "/dev/null"],
+        extensions={"bootstrap.execd.isolation": "enable"},
+    )
     try:
         await sandbox.commands.run(
             "mkdir -p /workspace/bench && cd /workspace/bench && for i in $(seq 1 200); do echo $i > f$i; done"

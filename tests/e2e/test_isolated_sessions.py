@@ -37,12 +37,17 @@ from opensandbox.models.isolated import (
 from harness.server_process import ServerProcess
 
 EXECD_PORT = 44772
+# Upstream's extension that turns on execd's bwrap isolation: a runtime whose hardening forbids user
+# namespaces in a sandbox is asked to allow them for this one (docs/isolated-sessions.md).
+ISOLATION = {"bootstrap.execd.isolation": "enable"}
 
 
 @pytest.fixture
 async def sandbox(server: ServerProcess) -> AsyncIterator[Sandbox]:
     config = ConnectionConfig(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
-    sb = await Sandbox.create(server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"])
+    sb = await Sandbox.create(
+        server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"], extensions=ISOLATION
+    )
     yield sb
     await sb.kill()
     await sb.close()
@@ -234,7 +239,7 @@ async def test_the_copy_fallback_where_overlayfs_is_missing(server: ServerProces
     config = ConnectionConfig(domain=server.domain, protocol="http", request_timeout=timedelta(seconds=60))
     sandbox = await Sandbox.create(
         server.image, connection_config=config, entrypoint=["tail", "-f", "/dev/null"],
-        env={"EXECD_ISOLATED_METHOD": "copy"},
+        env={"EXECD_ISOLATED_METHOD": "copy"}, extensions=ISOLATION,
     )  # fmt: skip
     try:
         project = "/workspace/copy-fallback"
