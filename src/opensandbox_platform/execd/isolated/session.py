@@ -433,7 +433,8 @@ class Session:
         for run in self.runs.values():
             run.close()
         self._stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        # Its upper layers and copies can be large: removed off the event loop.
+        asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, self.dir, True)
 
     # -- idleness ---------------------------------------------------------------------------
 
