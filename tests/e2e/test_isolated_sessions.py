@@ -352,6 +352,19 @@ async def test_shell_state_timeouts_and_exit(sandbox: Sandbox, project: str) -> 
         await session.delete()
 
 
+async def test_a_client_that_leaves_mid_run_does_not_wedge_the_session(sandbox: Sandbox, project: str) -> None:
+    session = await sandbox.isolation.create(workspace(project))
+    try:
+        with pytest.raises(TimeoutError):  # the SDK's stream is closed: execd sees it at its next write
+            await asyncio.wait_for(session.run("trap '' INT; echo start; sleep 60; echo never"), 1.5)
+        started = time.monotonic()
+        code, out, _ = await run(session, "echo after")
+        assert (code, out) == (0, "after")  # nothing of the abandoned run, which was stopped
+        assert time.monotonic() - started < 20
+    finally:
+        await session.delete()
+
+
 async def test_background_run_logs_are_paged(sandbox: Sandbox, execd: Client, project: str) -> None:
     session = await sandbox.isolation.create(workspace(project))
     try:

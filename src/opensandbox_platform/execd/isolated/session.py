@@ -24,7 +24,7 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -497,14 +497,18 @@ class Session:
         try:
             async with self.lock:
                 yield sse.event("init", text=run_id)
-                async for frame in self._run_locked(spec, disconnected):
-                    yield frame
+                frames = self._run_locked(spec, disconnected)
+                try:
+                    async for frame in frames:
+                        yield frame
+                finally:  # a client that left closes us: the run is wound down under the lock
+                    await frames.aclose()
         finally:
             self.foreground -= 1
             self.last_run_at = time.time()
             self.touch()
 
-    async def _run_locked(self, spec: RunSpec, disconnected: asyncio.Future[None]) -> AsyncIterator[bytes]:
+    async def _run_locked(self, spec: RunSpec, disconnected: asyncio.Future[None]) -> AsyncGenerator[bytes, None]:
         if self.status != "active":
             yield sse.event(
                 "error", error=sse.error_value("SessionError", "137", [f"session is {self.status}: {self.reason}"])
@@ -527,11 +531,12 @@ class Session:
             timer = loop.call_later(spec.timeout_seconds, self.interrupt, reason)
         output = _Output({"stdout": self._fds["stdout"], "stderr": self._fds["stderr"]}, ended)
         scanned = _Scanned(output, token.encode())
+        streamed = False
         try:
             async for frame in stream_output(scanned, self.settings.ping_interval, disconnected):
                 yield frame
-            if disconnected.done():
-                self.interrupt("the client went away")
+            streamed = not disconnected.done()
+            if not streamed:
                 return
             if scanned.trailer_done:
                 code, pwd = scanned.result()
@@ -547,6 +552,10 @@ class Session:
             else:
                 yield sse.event("error", error=sse.error_value("CommandExecError", str(code), [message]))
         finally:
+            if not streamed and not scanned.done and not ended.done():
+                # The client went away (its stream was closed, or it stopped reading): interrupt.
+                self.interrupt("the client went away")
+                await self._settle(scanned)
             if timer is not None:
                 timer.cancel()
             if self._escalation is not None:
@@ -554,6 +563,15 @@ class Session:
                 self._escalation = None
             self._shell_ended = None
             self._unlink(script)
+
+    async def _settle(self, scanned: _Scanned) -> None:
+        """After the client left: drop the run's output until it ends (interrupted, escalated if it
+        ignores SIGINT), so the next run starts on a quiet shell."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * self.settings.interrupt_grace + 5
+        never: asyncio.Future[None] = loop.create_future()
+        while loop.time() < deadline and await scanned.next(1.0, never) is not None:
+            pass
 
     def interrupt(self, reason: str = "interrupted") -> None:
         """SIGINT to the session's processes (background runs ignore it), SIGKILL to all of them but
