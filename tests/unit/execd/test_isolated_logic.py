@@ -397,3 +397,65 @@ def test_a_deep_copy_and_its_diff(tmp_path: Path) -> None:
     with pytest.raises(ApiError) as caught:
         build_copy(str(real), str(tmp_path / "too-big"), [2])
     assert caught.value.status == 503
+
+
+# -- the files API's resolution (a temp directory as the session's root) ------------------------
+
+
+@pytest.fixture
+def session_root(tmp_path: Path) -> tuple[Path, Path, Any]:
+    from opensandbox_platform.execd.isolated.sessionfs import SessionFS
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "w").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("host\n")
+    (root / "w" / "abs").symlink_to(str(outside))  # planted by the session's code
+    (root / "w" / "up").symlink_to("../../..")
+    (root / "w" / "self").symlink_to("/proc/self/root")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    yield root, outside, SessionFS(fd)
+    os.close(fd)
+
+
+def test_paths_resolve_inside_the_session(session_root: tuple[Path, Path, Any]) -> None:
+    root, outside, fs = session_root
+    # An absolute symlink resolves from the session's root: here it leads nowhere.
+    with pytest.raises(ApiError) as caught:
+        fs.open_read("/w/abs/secret")
+    assert caught.value.status == 404
+    # `..` stops at the root; the magic /proc links are refused.
+    with pytest.raises(ApiError):
+        fs.open_read("/w/up/secret")
+    with pytest.raises(ApiError):
+        fs.info(["/w/self/etc/passwd"])
+    # A write through a planted symlink never reaches its target outside the session...
+    with pytest.raises(ApiError):
+        fs.open_target({"path": "/w/abs/planted", "_mode": 0o644, "_uid": -1, "_gid": -1})
+    assert list(outside.iterdir()) == [outside / "secret"]
+    # ... while one pointing inside the session (absolute, as the session sees it) is followed.
+    (root / "w" / "real").mkdir()
+    (root / "w" / "inside").symlink_to("/w/real")
+    target = fs.open_target({"path": "/w/inside/f", "_mode": 0o644, "_uid": -1, "_gid": -1})
+    target.write(b"x")
+    target.finish()
+    assert (root / "w" / "real" / "f").read_bytes() == b"x"
+    fs.makedirs("/w/a/b")
+    fs.make_dirs({"/w/a/b/c": {"mode": 700}})
+    assert stat.S_IMODE((root / "w" / "a" / "b" / "c").stat().st_mode) == 0o700
+    fs.move([{"src": "/w/a/b/c", "dest": "/w/c"}])
+    listed = sorted(e["path"] for e in fs.list_dir("/w", "1"))
+    assert listed == ["/w/a", "/w/abs", "/w/c", "/w/inside", "/w/real", "/w/self", "/w/up"]
+    fs.delete_dirs(["/w/a"])
+    with pytest.raises(ApiError):
+        fs.delete_dirs(["/"])
+
+
+def test_a_named_pipe_is_never_opened_blocking(session_root: tuple[Path, Path, Any]) -> None:
+    root, _, fs = session_root
+    os.mkfifo(root / "w" / "pipe")
+    with pytest.raises(ApiError) as caught:
+        fs.open_read("/w/pipe")
+    assert caught.value.status == 400
+    with pytest.raises(ApiError):
+        fs.replace({"/w/pipe": {"old": "a", "new": "b"}})
