@@ -172,7 +172,10 @@ class IsolatedSessions:
             caps.version = await _version(self.settings.bwrap)
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             disk = nsetup.upper_capable(self.root)
-            caps.upper = "disk" if disk else "tmpfs"
+            fs = nsetup.FS_NAMES.get(nsetup.fs_magic(self.root), "unknown")
+            caps.upper = (
+                f"the state directory ({fs})" if disk else f"a tmpfs of each session's (the state directory is {fs})"
+            )
             self.settings = replace(self.settings, disk_upper=disk)
             scratch = os.path.join(self.root, "probe-lower")
             os.makedirs(scratch, exist_ok=True)

@@ -34,6 +34,15 @@ MS_NODEV = 0x4
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 OVERLAYFS_MAGIC = 0x794C7630
+FS_NAMES = {
+    OVERLAYFS_MAGIC: "overlayfs",
+    0x01021994: "tmpfs",
+    0xEF53: "ext4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x6969: "nfs",
+    0x65735546: "fuse",
+}
 
 _libc: ctypes.CDLL | None = None
 
