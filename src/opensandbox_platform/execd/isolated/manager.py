@@ -34,8 +34,9 @@ USERNS_HINT = (
     ". The sandbox may not create user namespaces: Docker's default seccomp profile and Kubernetes' "
     "RuntimeDefault refuse unshare(CLONE_NEWUSER) and mount to a container without CAP_SYS_ADMIN (podman's "
     "default profile allows them); a host may also forbid them (user.max_user_namespaces = 0, "
-    "kernel.apparmor_restrict_unprivileged_userns = 1). Run the sandbox with a seccomp profile that allows "
-    "them (e.g. Localhost or Unconfined) to use isolated sessions"
+    "kernel.apparmor_restrict_unprivileged_userns = 1). Create the sandbox with extensions "
+    '{"bootstrap.execd.isolation": "enable"} (the local and docker runtimes then allow them to it), or run it '
+    "with a seccomp profile that allows them (Kubernetes: Localhost or Unconfined)"
 )
 
 

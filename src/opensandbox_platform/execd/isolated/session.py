@@ -517,7 +517,7 @@ class Session:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         token = f"__OSB_{os.urandom(12).hex()}__"
-        script = f"r-{token}.sh"
+        script = f"r-{os.urandom(8).hex()}.sh"  # not the token: an error message naming the file must not end the run
         self._write_script(script, spec.code)
         ended: asyncio.Future[int] = loop.create_future()
         self._shell_ended = ended
