@@ -27,6 +27,14 @@ CREATED_BY_SERVER: Final = "opensandbox-server"
 
 # The create extension that claims a warm pod of a Pool (kubernetes runtime's pooled mode).
 EXTENSION_POOL_REF: Final = "poolRef"
+# Upstream's create extension that turns on execd's bwrap isolation ("enable"): the local and docker
+# runtimes then let that sandbox create user namespaces and mount in them (docs/isolated-sessions.md).
+EXTENSION_EXECD_ISOLATION: Final = "bootstrap.execd.isolation"
+
+
+def wants_isolation(extensions: dict[str, str]) -> bool:
+    return extensions.get(EXTENSION_EXECD_ISOLATION, "").lower() == "enable"
+
 
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint

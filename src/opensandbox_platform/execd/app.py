@@ -34,6 +34,7 @@ from opensandbox_platform.execd.code import settings as code_settings
 from opensandbox_platform.execd.code.readiness import Readiness
 from opensandbox_platform.execd.commands import CommandManager, parse_run_request
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
+from opensandbox_platform.execd.isolated.routes import IsolatedApi
 from opensandbox_platform.execd.metrics import Sampler
 from opensandbox_platform.execd.sessions import SessionManager
 
@@ -93,6 +94,7 @@ class ExecdApp:
             max_sessions=settings.max_sessions,
             idle_timeout=settings.session_idle_timeout,
         )
+        self.isolated = IsolatedApi(self.environment, self.state_dir, settings.ping_interval, settings.interrupt_grace)
         self.sampler = Sampler()
         port = settings.code_port
         self.readiness = Readiness(code_settings.jupyter_port(os.environ) if port is None else port)
@@ -135,6 +137,7 @@ class ExecdApp:
         r.add("DELETE", "/code/contexts", self.delete_contexts)
         r.add("GET", "/code/contexts/{id}", self.get_context)
         r.add("DELETE", "/code/contexts/{id}", self.delete_context)
+        self.isolated.register(r)  # /v1/isolated/... (execd/isolated/)
         for method in ("GET", "POST", "DELETE"):
             for path in ("/pty", "/pty/{id}"):
                 r.add(method, path, self.not_supported)
@@ -153,6 +156,7 @@ class ExecdApp:
             await self._code.shutdown()
         await self.commands.shutdown()
         self.sessions.shutdown()
+        self.isolated.shutdown()
         self.bootstrap.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
             shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -455,9 +455,13 @@ def _positive(text: str | None, name: str, minimum: int) -> int:
 # -- upload ---------------------------------------------------------------------------------
 
 
-async def upload(content_type: str, body: AsyncIterator[bytes]) -> int:
+async def upload(
+    content_type: str, body: AsyncIterator[bytes], open_target: Callable[[dict[str, Any]], _Target] | None = None
+) -> int:
     """Write the files of a multipart body: each `metadata` part (JSON: path, mode, owner, group)
-    is followed by the `file` part holding its content. Returns the number of files written."""
+    is followed by the `file` part holding its content. Returns the number of files written.
+    `open_target` opens each file (default: the path in execd's own filesystem)."""
+    opener = open_target or _Target.open
     from opensandbox_platform.execd.multipart import boundary_of
 
     parser = MultipartParser(boundary_of(content_type))
@@ -476,7 +480,7 @@ async def upload(content_type: str, body: AsyncIterator[bytes]) -> int:
                             raise errors.bad_request(
                                 "a 'file' part must follow its 'metadata' part", errors.INVALID_FILE
                             )
-                        target = _Target.open(metadata)
+                        target = opener(metadata)
                         metadata = None
                 elif isinstance(ev, PartData):
                     if meta_buf is not None:

@@ -229,3 +229,13 @@ def test_seccomp_option_builtin_default_or_a_path(tmp_path: Path) -> None:
     assert model.seccomp_option("builtin", True, path) == (str(path), str(path))  # podman reads a file
     inline, write = model.seccomp_option("builtin", False, path)  # Docker takes the profile itself
     assert write is None and json.loads(inline)["defaultAction"] == "SCMP_ACT_ERRNO"
+
+
+def test_seccomp_option_for_isolated_sessions(tmp_path: Path) -> None:
+    path = tmp_path / "seccomp-userns.json"
+    inline, _ = model.seccomp_option("builtin", False, path, userns=True)
+    names = {
+        n for entry in json.loads(inline)["syscalls"] for n in entry["names"] if entry["action"] == "SCMP_ACT_ALLOW"
+    }
+    assert {"unshare", "mount", "pivot_root", "umount2"} <= names
+    assert model.seccomp_option("default", True, path, userns=True) == ("", None)  # the engine's, as it is

@@ -34,6 +34,18 @@ def test_libseccomp_compiles_it() -> None:
     assert program and len(program) % 8 == 0  # struct sock_filter entries
 
 
+def test_the_isolated_sessions_variant_adds_namespaces_and_mounts_only() -> None:
+    """A sandbox created with extensions {"bootstrap.execd.isolation": "enable"} (execd's bwrap sessions)."""
+    default = {r.name for r in seccomp.rules() if r.action == seccomp.ALLOW}
+    userns = seccomp.rules(userns=True)
+    allowed = {r.name for r in userns if r.action == seccomp.ALLOW}
+    assert allowed - default == set(seccomp.NESTED_NAMESPACES)
+    assert not allowed & (FORBIDDEN - set(seccomp.NESTED_NAMESPACES))
+    (clone,) = [r for r in userns if r.name == "clone"]
+    assert clone.args == ()  # namespace flags allowed
+    assert seccomp.compile_bpf(userns)
+
+
 PROBE = """
 import ctypes, os, socket, sys
 from opensandbox_platform.server.runtimes import seccomp

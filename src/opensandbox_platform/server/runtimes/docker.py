@@ -105,6 +105,7 @@ class DockerRuntime:
         )
         self._docker: aiodocker.Docker | None = None
         self._seccomp = ""
+        self._seccomp_userns = ""
         self._execd_tar: bytes | None = None
         self._execd_lock = asyncio.Lock()
         self._pull_locks: dict[str, asyncio.Lock] = {}
@@ -134,15 +135,16 @@ class DockerRuntime:
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
-    def _seccomp_option(self, version: dict[str, Any]) -> str:
+    def _seccomp_option(self, version: dict[str, Any], *, userns: bool = False) -> str:
         components = version.get("Components") or []
         podman = any("podman" in str(c.get("Name", "")).lower() for c in components)
+        name = "seccomp-userns.json" if userns else "seccomp.json"
         value, write_to = model.seccomp_option(
-            self.settings.seccomp_profile, podman, self.store.directory / "profiles" / "seccomp.json"
+            self.settings.seccomp_profile, podman, self.store.directory / "profiles" / name, userns=userns
         )
         if write_to is not None:  # not beside the sandboxes' *.json files: those are overrides
             Path(write_to).parent.mkdir(exist_ok=True)
-            Path(write_to).write_text(json.dumps(seccomp.docker_profile(), indent=1))
+            Path(write_to).write_text(json.dumps(seccomp.docker_profile(seccomp.rules(userns=userns)), indent=1))
         return value
 
     async def start(self) -> None:
@@ -155,6 +157,7 @@ class DockerRuntime:
             raise RuntimeError(f"cannot reach the Docker Engine API: {getattr(exc, 'message', exc)!s}") from None
         self.store.directory.mkdir(parents=True, exist_ok=True)
         self._seccomp = self._seccomp_option(version)
+        self._seccomp_userns = self._seccomp_option(version, userns=True)  # isolated sessions asked for
         await self._remove_helpers()
         if self.settings.execd_binary:  # a wrong path fails the start, not every create
             await self._execd_archive()
@@ -222,7 +225,7 @@ class DockerRuntime:
             settings=self.settings,
             cpu_millis=spec.cpu_millis or self.default_cpu,
             memory_bytes=spec.memory_bytes or self.default_memory,
-            seccomp=self._seccomp,
+            seccomp=self._seccomp_userns if L.wants_isolation(spec.extensions) else self._seccomp,
         )
         try:
             container = await self.docker.containers.create(body, name=model.container_name(sandbox_id))

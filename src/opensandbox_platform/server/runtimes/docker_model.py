@@ -21,7 +21,7 @@ from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
 from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
-from opensandbox_platform.server.runtimes.seccomp import docker_profile
+from opensandbox_platform.server.runtimes.seccomp import docker_profile, rules
 
 EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
 EXECD_BINARY = L.EXECD_MOUNT + "/execd"
@@ -310,16 +310,20 @@ def image_path(image_env: list[str], request_env: dict[str, str]) -> str:
     return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def seccomp_option(setting: str, engine_is_podman: bool, profile_path: Path) -> tuple[str, str | None]:
+def seccomp_option(
+    setting: str, engine_is_podman: bool, profile_path: Path, *, userns: bool = False
+) -> tuple[str, str | None]:
     """(the `seccomp=` value, the file to write the builtin profile to first, if any). Docker takes the
-    profile itself; podman's compatible API reads a file on its host (the server's, then)."""
+    profile itself; podman's compatible API reads a file on its host (the server's, then). `userns`:
+    the builtin profile's isolated-sessions variant (the engine's default and a profile of the
+    operator's are used as they are)."""
     if setting == "default":
         return "", None
     if setting != "builtin":
         return setting, None
     if engine_is_podman:
         return str(profile_path), str(profile_path)
-    return json.dumps(docker_profile(), separators=(",", ":")), None
+    return json.dumps(docker_profile(rules(userns=userns)), separators=(",", ":")), None
 
 
 # -- overrides: what changed after the create ------------------------------------------------

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
+from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER, wants_isolation
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
@@ -215,6 +215,7 @@ class LocalRuntime:
         self.images = images.ImageCache(self.state_dir / "images")
         self._find_image = images.Lookup()
         self._bpf = b""
+        self._bpf_userns = b""
         self._layout: jails.RuntimeLayout | None = None
         self._parts: list[rootfs.HostPart] = []
         self._proc_masks: list[str] = []
@@ -248,6 +249,7 @@ class LocalRuntime:
         self.uids.prepare()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self._bpf = seccomp.compile_bpf()
+        self._bpf_userns = seccomp.compile_bpf(seccomp.rules(userns=True))  # isolated sessions asked for
         self._layout = jails.runtime_layout()
         self._parts = rootfs.host_parts()
         self._proc_masks = jails.masks() + self._hidden_masks()
@@ -375,8 +377,9 @@ class LocalRuntime:
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         image = await self._image(spec.image)
-        if image is not None:  # warm jails have the minimal root: an image's jail starts now
-            jail = await self._spawn(str(uuid.uuid4()), image)
+        userns = wants_isolation(spec.extensions)
+        if image is not None or userns:  # warm jails: the minimal root, the default filter
+            jail = await self._spawn(str(uuid.uuid4()), image, userns=userns)
         else:
             jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
         record = jail.record
@@ -511,9 +514,9 @@ class LocalRuntime:
 
     # -- jails ---------------------------------------------------------------------------------
 
-    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None) -> Jail:
+    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None, *, userns: bool = False) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
-        listens in it."""
+        listens in it. `userns`: its filter lets it make user namespaces (isolated sessions)."""
         image_root = str(await self.images.ensure(image)) if image is not None else None
         directory = self.sandboxes_dir / sandbox_id
         directory.mkdir(mode=0o700)
@@ -522,7 +525,7 @@ class LocalRuntime:
         except NoFreeSlot as exc:
             shutil.rmtree(directory, ignore_errors=True)
             raise ApiError(503, errors.START_FAILED, f"cannot start a sandbox: {exc}") from None
-        pipes = _Pipes(seccomp=seccomp.program_fd(self._bpf))
+        pipes = _Pipes(seccomp=seccomp.program_fd(self._bpf_userns if userns else self._bpf))
         token = secrets.token_urlsafe(24)
         cgroups = self.cgroups.create(sandbox_id)
         record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups, uid_slot=ids.slot)

@@ -93,13 +93,23 @@ class Rule:
     args: tuple[Arg, ...] = ()
 
 
-def rules() -> list[Rule]:
+# What a sandbox that asked for execd's isolated sessions may do on top (labels.wants_isolation):
+# bubblewrap and execd make user, mount, PID, IPC, UTS and network namespaces and mount overlays,
+# tmpfs and binds in them. More kernel surface for that sandbox only (docs/isolated-sessions.md).
+NESTED_NAMESPACES = ("unshare", "mount", "umount2", "pivot_root")
+
+
+def rules(*, userns: bool = False) -> list[Rule]:
     """The filter as data: each rule allows (or fails with an errno) one system call, under
-    conditions on its arguments; several rules for one call are alternatives."""
+    conditions on its arguments; several rules for one call are alternatives. `userns`: the
+    isolated-sessions variant (NESTED_NAMESPACES and clone with namespace flags allowed)."""
     result = [Rule(name) for name in _ALLOWED.split()]
     result.append(Rule("socket", args=(Arg(0, "ne", AF_VSOCK),)))
     result += [Rule("personality", args=(Arg(0, "eq", value),)) for value in PERSONALITIES]
-    result.append(Rule("clone", args=(Arg(0, "masked_eq", 0, CLONE_NAMESPACE_FLAGS),)))
+    if userns:
+        result += [Rule(name) for name in ("clone", *NESTED_NAMESPACES)]
+    else:
+        result.append(Rule("clone", args=(Arg(0, "masked_eq", 0, CLONE_NAMESPACE_FLAGS),)))
     result.append(Rule("clone3", action=errno.ENOSYS))
     return result
 
