@@ -290,6 +290,18 @@ async def test_sessions_keep_cwd_and_exports(sandbox: Sandbox, work: Path) -> No
     assert err.value.status_code == 404
 
 
+async def test_session_syntax_error_reports_the_error_and_keeps_the_session(sandbox: Sandbox) -> None:
+    # bash names the run's script file in the message; the run must still end on its own exit code.
+    session = await sandbox.commands.create_session()
+    broken = await sandbox.commands.run_in_session(session, "echo before\nif then fi")
+    assert broken.exit_code == 2 and broken.error is not None
+    assert stdout(broken) == ["before"]
+    assert any("syntax error" in m.text for m in broken.logs.stderr)
+    after = await sandbox.commands.run_in_session(session, "echo after")
+    assert after.exit_code == 0 and stdout(after) == ["after"]
+    await sandbox.commands.delete_session(session)
+
+
 async def test_session_output_without_trailing_newline_and_timeout(sandbox: Sandbox) -> None:
     session = await sandbox.commands.create_session()
     partial = await sandbox.commands.run_in_session(session, "printf 'a\\nb'")

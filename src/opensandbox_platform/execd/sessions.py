@@ -245,7 +245,8 @@ class SessionManager:
         shell = session.shell
         session.killed_reason = None
         token = f"__OSB_{os.urandom(12).hex()}__"
-        script = os.path.join(self.state_dir, f"session-{session.id}-{token}.sh")
+        # The script's name must not contain the token: bash names the file in its error messages.
+        script = os.path.join(self.state_dir, f"session-{session.id}-{os.urandom(6).hex()}.sh")
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, (command if command.endswith("\n") else command + "\n").encode())
