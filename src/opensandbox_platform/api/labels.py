@@ -108,6 +108,13 @@ DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when c
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+# Snapshot images (docker commit) carry their id and their record (base64 JSON); a container restored
+# from one carries the id too, which makes the snapshot in use (docs/snapshots.md).
+DOCKER_SNAPSHOT: Final = DOCKER_PREFIX + "snapshot-id"
+DOCKER_SNAPSHOT_RECORD: Final = DOCKER_PREFIX + "snapshot"
+# The label keys the runtime set on a container (JSON list): a container also carries its image's
+# labels, and one from a snapshot image carries its source sandbox's, which must not count.
+DOCKER_OWN_LABELS: Final = DOCKER_PREFIX + "own-labels"
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

@@ -17,6 +17,7 @@ from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
+from opensandbox_platform.server.snapshot_routes import router as snapshot_router
 
 RUNTIME_UNAVAILABLE = "SANDBOX::RUNTIME_UNAVAILABLE"
 
@@ -86,8 +87,9 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    app.include_router(router, prefix="/v1")
-    app.include_router(router, include_in_schema=False)
+    for routes in (router, snapshot_router):
+        app.include_router(routes, prefix="/v1")
+        app.include_router(routes, include_in_schema=False)
     generate = app.openapi
 
     def document() -> dict[str, Any]:

@@ -126,9 +126,11 @@ def renewed_expiry(wanted: dt.datetime, now: dt.datetime, max_timeout: int) -> d
 def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
-    if not body.entrypoint:
+    if (body.image is None) == (not body.snapshot_id):
+        raise errors.invalid("give exactly one of image and snapshotId")
+    if body.image is not None and not body.entrypoint:
         raise errors.invalid("entrypoint must be a non-empty list of strings")
-    if not all(body.entrypoint):
+    if body.entrypoint is not None and not all(body.entrypoint):
         raise errors.invalid("entrypoint must not contain empty strings")
     if body.timeout is not None and not MIN_TIMEOUT_SECONDS <= body.timeout <= max_timeout:
         raise errors.invalid(f"timeout must be between {MIN_TIMEOUT_SECONDS} and {max_timeout} seconds, or null")
@@ -150,8 +152,8 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
             raise guards.not_supported(f"resourceLimits.{name}", capabilities.runtime)
     requests = _resource_requests(body.resource_requests or {})
     spec = SandboxSpec(
-        image=body.image.uri,
-        entrypoint=list(body.entrypoint),
+        image=body.image.uri if body.image else "",
+        entrypoint=list(body.entrypoint or []),  # empty with a snapshot: the snapshot's
         env=env,
         metadata=dict(metadata),
         extensions=dict(body.extensions or {}),
@@ -161,6 +163,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
         cpu_request_millis=requests.get("cpu"),
         memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
+        snapshot_id=body.snapshot_id or None,
     )
     _check_requests_within_limits(spec)
     return spec
@@ -173,7 +176,7 @@ def served_fields(capabilities: Capabilities) -> dict[str, bool]:
     """The optional create fields and whether the runtime honours them (False: no runtime yet).
     The OpenAPI document leaves out what a runtime refuses (server/openapi.py)."""
     return {
-        "snapshotId": False,
+        "snapshotId": capabilities.snapshots,
         "templateId": False,
         "networkPolicy": False,
         "credentialProxy": False,

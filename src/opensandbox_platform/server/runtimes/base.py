@@ -8,6 +8,7 @@ refuse the rest before it is called. Errors are `server.errors.ApiError` (404 fo
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,6 +41,7 @@ class SandboxSpec:
     cpu_request_millis: int | None = None  # resourceRequests (only where capabilities.resource_requests)
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
+    snapshot_id: str | None = None  # restore this snapshot (`image` and the rest default to what it holds)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Capabilities:
     image_auth: bool = False  # `image.auth`: registry credentials for the image
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
+    snapshots: bool = False  # snapshots of sandboxes, and `snapshotId` on create
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 
@@ -67,6 +70,26 @@ class SandboxInfo:
     state: str
     reason: str
     message: str
+    last_transition_at: dt.datetime
+    snapshot_id: str = ""  # the snapshot it was restored from
+
+
+class SnapshotState:
+    CREATING = "Creating"
+    READY = "Ready"
+    FAILED = "Failed"
+    DELETING = "Deleting"
+
+
+@dataclass
+class SnapshotInfo:
+    id: str
+    sandbox_id: str
+    name: str | None
+    state: str
+    reason: str
+    message: str
+    created_at: dt.datetime
     last_transition_at: dt.datetime
 
 
@@ -130,3 +153,14 @@ class Runtime(Protocol):
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         """Where the server's proxy connects for `port`, with the headers it adds."""
+
+    # Snapshots (capabilities.snapshots; docs/snapshots.md). 404 `SNAPSHOT::NOT_FOUND` for an
+    # unknown id, 409 for a sandbox that is not Running or a snapshot that is in use.
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        """Start capturing the sandbox's files; the answer is Creating (or already Ready)."""
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo: ...
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]: ...
+
+    async def delete_snapshot(self, snapshot_id: str) -> None: ...

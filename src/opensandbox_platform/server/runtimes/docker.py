@@ -21,6 +21,7 @@ way we need are in docker_api.py.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import io
@@ -44,17 +45,20 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api, guards, seccomp
+from opensandbox_platform.server.runtimes import docker_api, docker_snapshots, guards, seccomp
 from opensandbox_platform.server.runtimes import docker_model as model
+from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     State,
     merge_metadata,
 )
+from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
 
@@ -92,7 +96,9 @@ class Sandbox:
 
 class DockerRuntime:
     # The engine refuses more CPUs than the host has (with a 500 of its own): a 400 here instead.
-    capabilities = Capabilities(runtime="docker", image_auth=True, pause=True, max_cpu_millis=HOST_CPU_MILLIS)
+    capabilities = Capabilities(
+        runtime="docker", image_auth=True, pause=True, snapshots=True, max_cpu_millis=HOST_CPU_MILLIS
+    )
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -104,6 +110,7 @@ class DockerRuntime:
             validation.memory_bytes(self.settings.default_memory) if self.settings.default_memory else None
         )
         self._docker: aiodocker.Docker | None = None
+        self.snapshots = DockerSnapshots(lambda: self.docker)
         self._seccomp = ""
         self._seccomp_userns = ""
         self._execd_tar: bytes | None = None
@@ -173,6 +180,7 @@ class DockerRuntime:
         )
 
     async def close(self) -> None:
+        await self.snapshots.close()
         await self.expiry.close()
         await self.probe.close()
         await self.engine.close()
@@ -208,6 +216,8 @@ class DockerRuntime:
 
     @engine_call
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        if spec.snapshot_id:
+            spec = await self._restoring(spec, spec.snapshot_id)
         sandbox_id = str(uuid.uuid4())
         now = times.now()
         image = await self._ensure_image(spec.image, spec.image_auth)
@@ -311,6 +321,40 @@ class DockerRuntime:
             await self._expect_state(sandbox, State.PAUSED)
             await self._call(self.docker.containers.container(sandbox.container_id).unpause(), sandbox)
             sandbox.state = State.RUNNING
+
+    async def _restoring(self, spec: SandboxSpec, snapshot_id: str) -> SandboxSpec:
+        """A create from a snapshot: its image, and its entrypoint, env and resources as defaults."""
+        try:
+            record = await self.snapshots.find(snapshot_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise snaps.unknown_for_create(snapshot_id) from None
+            raise
+        snaps.require_ready(record.info())
+        return snaps.restored(spec, record.held, image=docker_snapshots.image_ref(snapshot_id))
+
+    @engine_call
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        sandbox = await self._sandbox(sandbox_id)
+        async with sandbox.lock:
+            inspect = await self._inspect(sandbox.container_id)
+            state = model.map_state(model.ContainerState.from_inspect(inspect.get("State") or {}))[0]
+            if state != State.RUNNING or sandbox.id in self._deleting:
+                raise snaps.not_running(sandbox_id, state)
+            held = docker_snapshots.held_of(inspect, sandbox.labels.image, sandbox.labels.entrypoint)
+            return self.snapshots.begin(sandbox.container_id, sandbox_id, name, held).info()
+
+    @engine_call
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return (await self.snapshots.find(snapshot_id)).info()
+
+    @engine_call
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return await self.snapshots.list()
+
+    @engine_call
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.snapshots.delete(snapshot_id)
 
     @engine_call
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:

@@ -49,6 +49,7 @@ class Labels:
     expires_at: dt.datetime | None
     metadata: dict[str, str] = field(default_factory=dict)
     extensions: dict[str, str] = field(default_factory=dict)
+    snapshot_id: str = ""
 
 
 def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
@@ -60,17 +61,24 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         L.DOCKER_ENTRYPOINT: json.dumps(spec.entrypoint),
         L.DOCKER_CREATED_AT: times.rfc3339(created_at, digits=6),
     }
+    if spec.snapshot_id:
+        labels[L.DOCKER_SNAPSHOT] = spec.snapshot_id
     if spec.timeout_seconds is None:
         labels[L.DOCKER_MANUAL_CLEANUP] = "true"
     else:
         labels[L.DOCKER_EXPIRES_AT] = times.rfc3339(created_at + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
     labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
     labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
+    labels[L.DOCKER_OWN_LABELS] = json.dumps(sorted(labels))
     return labels
 
 
 def decode_labels(labels: dict[str, str]) -> Labels | None:
-    """None for a container that is not a sandbox of ours (or whose labels are damaged)."""
+    """None for a container that is not a sandbox of ours (or whose labels are damaged). Only the
+    labels the runtime set count, where it recorded them (not those inherited from the image)."""
+    with contextlib.suppress(ValueError, TypeError):
+        own = set(json.loads(labels.get(L.DOCKER_OWN_LABELS, "null")) or labels)
+        labels = {k: v for k, v in labels.items() if k in own}
     try:
         sandbox_id = labels[L.DOCKER_ID]
         entrypoint = json.loads(labels.get(L.DOCKER_ENTRYPOINT, "[]"))
@@ -89,6 +97,7 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
         expires_at=expires_at,
         metadata=_with_prefix(labels, L.DOCKER_METADATA_PREFIX),
         extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
+        snapshot_id=labels.get(L.DOCKER_SNAPSHOT, ""),
     )
 
 
@@ -195,6 +204,7 @@ def sandbox_info(
         reason=reason,
         message=message,
         last_transition_at=state.changed_at or labels.created_at,
+        snapshot_id=labels.snapshot_id,
     )
 
 

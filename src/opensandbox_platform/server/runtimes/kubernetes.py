@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import datetime as dt
 import logging
 import time
@@ -39,7 +40,14 @@ from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import (
+    Capabilities,
+    Endpoint,
+    RuntimeHealth,
+    SandboxInfo,
+    SandboxSpec,
+    SnapshotInfo,
+)
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -448,6 +456,18 @@ class KubernetesRuntime:
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)
         return await self.endpoint(sandbox_id, port)
+
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
 
 
 def _create_error(err: KubeError) -> ApiError:

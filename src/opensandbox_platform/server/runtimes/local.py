@@ -24,6 +24,7 @@ sandbox id, which is the jail's hostname, is chosen at start).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import fcntl
@@ -36,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,19 +50,23 @@ from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards, images, netpolicy, procfs, rootfs, seccomp, slirp, staging
 from opensandbox_platform.server.runtimes import jail as jails
+from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     State,
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
-from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
+from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, layer_path
+from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
+from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps, slot_range
 
 log = logging.getLogger("opensandbox.local")
 
@@ -102,6 +108,12 @@ class Record:
     paused_by: str | None = None  # "freezer" or "signal"
     execd_pid: int = 0  # host pid of the jail init, which is execd (0: unknown)
     execd_ticks: int = 0
+    # What a snapshot of it holds besides its files (runtimes/local_snapshots.py).
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    image_digest: str = ""  # its root's image ("": the minimal root)
+    snapshot_id: str = ""  # the snapshot it was restored from
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -126,6 +138,7 @@ class Record:
             reason=self.reason,
             message=self.message,
             last_transition_at=times.parse(self.last_transition_at or self.created_at),
+            snapshot_id=self.snapshot_id,
         )
 
     def transition(self, state: str, reason: str, message: str = "") -> None:
@@ -194,7 +207,7 @@ def _close(fd: int) -> None:
 
 class LocalRuntime:
     # image.auth is accepted as image.uri is: no image is pulled.
-    capabilities = Capabilities(runtime="local", image_auth=True, pause=True)
+    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, snapshots=True)
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
@@ -213,6 +226,8 @@ class LocalRuntime:
         self.default_cpu = validation.cpu_millis(self.local.default_cpu) if self.local.default_cpu else None
         self.default_memory = validation.memory_bytes(self.local.default_memory) if self.local.default_memory else None
         self.images = images.ImageCache(self.state_dir / "images")
+        # A snapshot holds at most what the sandbox's disk holds (a sparse file counts in full).
+        self.snapshots = LocalSnapshots(self.state_dir / "snapshots", self.local.disk_size_mib << 20)
         self._find_image = images.Lookup()
         self._bpf = b""
         self._bpf_userns = b""
@@ -233,6 +248,7 @@ class LocalRuntime:
             delete=self._expire,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._captures: set[asyncio.Task[None]] = set()
         self._warm: asyncio.Queue[Jail] = asyncio.Queue()
         self._warm_wanted = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
@@ -248,6 +264,7 @@ class LocalRuntime:
         self._lock_state_dir()
         self.uids.prepare()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.snapshots.start()
         self._bpf = seccomp.compile_bpf()
         self._bpf_userns = seccomp.compile_bpf(seccomp.rules(userns=True))  # isolated sessions asked for
         self._layout = jails.runtime_layout()
@@ -306,6 +323,8 @@ class LocalRuntime:
         self._closing.set()
         self._warm_wanted.set()
         await self.expiry.close()
+        if self._captures:  # a capture cut short would leave its jail frozen
+            await asyncio.wait(self._captures, timeout=60)
         if self._warm_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._warm_task), self.local.start_timeout_seconds)
@@ -356,6 +375,8 @@ class LocalRuntime:
             if procfs.alive(record.pid, record.start_ticks):
                 await self._reattach(record)
                 self._watch(record)
+                if record.state == State.RUNNING:
+                    self._thaw(record)  # a snapshot's capture cut short by a stop leaves it frozen
             elif record.state in (State.RUNNING, State.PAUSED, State.PENDING):
                 record.transition(State.TERMINATED, "JAIL_GONE", "the jail ended while the server was down")
                 self._save(record)
@@ -376,12 +397,17 @@ class LocalRuntime:
         return RuntimeHealth(ready=True)  # no engine: the jails are this process's children
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        if spec.snapshot_id:
+            return await self._create_from_snapshot(spec, spec.snapshot_id)
         image = await self._image(spec.image)
         userns = wants_isolation(spec.extensions)
         if image is not None or userns:  # warm jails: the minimal root, the default filter
             jail = await self._spawn(str(uuid.uuid4()), image, userns=userns)
         else:
             jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        return await self._finish_create(jail, spec, image)
+
+    async def _finish_create(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None) -> SandboxInfo:
         record = jail.record
         try:
             await self._claim(jail, spec, image)
@@ -392,6 +418,10 @@ class LocalRuntime:
         record.claimed = True
         record.image = spec.image
         record.entrypoint = list(spec.entrypoint)
+        record.env = {**(image.env if image is not None else {}), **spec.env}  # what ran: a snapshot holds it
+        record.cpu_millis, record.memory_bytes = spec.cpu_millis, spec.memory_bytes
+        record.image_digest = image.digest if image is not None else ""
+        record.snapshot_id = spec.snapshot_id or ""
         record.metadata = dict(spec.metadata)
         record.extensions = dict(spec.extensions)
         record.created_at = times.rfc3339(now, digits=6)
@@ -414,6 +444,47 @@ class LocalRuntime:
             )
         return found
 
+    async def _create_from_snapshot(self, spec: SandboxSpec, snapshot_id: str) -> SandboxInfo:
+        snapshot = self.snapshots.snapshots.get(snapshot_id)
+        if snapshot is None:
+            raise snaps.unknown_for_create(snapshot_id)
+        snaps.require_ready(snapshot.info())
+        spec = snaps.restored(spec, snapshot.held)
+        image = await self._snapshot_image(snapshot.held.image, snapshot.image_digest)
+        restore = self.snapshots.restorer(snapshot, self._jail_paths(image is not None))
+        self.snapshots.restoring[snapshot_id] = self.snapshots.restoring.get(snapshot_id, 0) + 1
+        try:
+            jail = await self._spawn(str(uuid.uuid4()), image, userns=wants_isolation(spec.extensions), restore=restore)
+            return await self._finish_create(jail, spec, image)
+        finally:
+            self.snapshots.restoring[snapshot_id] -= 1
+
+    async def _snapshot_image(self, ref: str, digest: str) -> images.ImageInfo | None:
+        """The image root a snapshot was taken over: the host's image if it is still that digest (its
+        env and working directory come along), else the unpacked root still in the cache."""
+        if not digest:
+            return None
+        found = await self._find_image(ref)
+        if found is not None and found.digest == digest:
+            return found
+        cached = images.ImageInfo(ref=ref, digest=digest, layers=[])
+        if self.images.root(cached).is_dir():
+            return cached
+        raise ApiError(
+            409,
+            errors.SNAPSHOT_INVALID_STATE,
+            f"the image {ref} ({digest[:19]}) the snapshot was taken over is no longer on this host",
+        )
+
+    def _jail_paths(self, image_root: bool) -> frozenset[str]:
+        """Paths of a jail's root that its start makes (mount points, bwrap's links): a restore
+        leaves them alone."""
+        assert self._layout is not None
+        parts = [] if image_root else self._parts
+        points = [path for path, _ in jails.mountpoints(parts, self._layout)]
+        links = [part.path for part in parts if part.link is not None]
+        return frozenset(path.strip("/") for path in points + links)
+
     def _root_message(self, record: Record) -> str:
         if record.root == MINIMAL_ROOT:
             return f"root: minimal ({MINIMAL_ROOT}); image {record.image!r} is not used"
@@ -435,33 +506,83 @@ class LocalRuntime:
             record = self._record(sandbox_id)
             if record.state != State.RUNNING:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {record.state}, not Running")
-            if self.cgroups.freezer_state(record.cgroups) is not None:
-                self.cgroups.set_frozen(record.cgroups, True)
-                await self._await_freezer(record, "FROZEN")
-                record.paused_by = "freezer"
-            else:
-                namespace = procfs.pid_namespace(record.pid)
-                if namespace is not None:
-                    procfs.signal_namespace(namespace, signal.SIGSTOP)
-                    for _ in range(200):  # no event for it: the stops land as the processes run
-                        if procfs.all_stopped(namespace):
-                            break
-                        await asyncio.sleep(0.01)
-                record.paused_by = "signal"
+            await self._stop(record)
             record.transition(State.PAUSED, "JAIL_PAUSED", self._root_message(record))
             self._save(record)
+
+    async def _stop(self, record: Record) -> None:
+        """Stop every process of the jail: its freezer cgroup, else SIGSTOP to its PID namespace."""
+        if self.cgroups.freezer_state(record.cgroups) is not None:
+            self.cgroups.set_frozen(record.cgroups, True)
+            await self._await_freezer(record, "FROZEN")
+            record.paused_by = "freezer"
+        else:
+            namespace = procfs.pid_namespace(record.pid)
+            if namespace is not None:
+                procfs.signal_namespace(namespace, signal.SIGSTOP)
+                for _ in range(200):  # no event for it: the stops land as the processes run
+                    if procfs.all_stopped(namespace):
+                        break
+                    await asyncio.sleep(0.01)
+            record.paused_by = "signal"
+
+    async def _continue(self, record: Record) -> None:
+        self._thaw(record)
+        if record.paused_by == "freezer":
+            await self._await_freezer(record, "THAWED")
+        record.paused_by = None
 
     async def resume(self, sandbox_id: str) -> None:
         async with self._lock(sandbox_id):
             record = self._record(sandbox_id)
             if record.state != State.PAUSED:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {record.state}, not Paused")
-            self._thaw(record)
-            if record.paused_by == "freezer":
-                await self._await_freezer(record, "THAWED")
-            record.paused_by = None
+            await self._continue(record)
             record.transition(State.RUNNING, "JAIL_RUNNING", self._root_message(record))
             self._save(record)
+
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        async with self._lock(sandbox_id):
+            record = self._record(sandbox_id)
+            if record.state != State.RUNNING:
+                raise snaps.not_running(sandbox_id, record.state)
+            held = snaps.Held(record.image, list(record.entrypoint), dict(record.env), record.cpu_millis,
+                              record.memory_bytes)  # fmt: skip
+            snapshot = self.snapshots.begin(sandbox_id, name, held, record.image_digest)
+        task = asyncio.create_task(self._capture(record, snapshot), name=f"snapshot-{snapshot.id}")
+        self._captures.add(task)
+        task.add_done_callback(self._captures.discard)
+        return snapshot.info()
+
+    async def _capture(self, record: Record, snapshot: LocalSnapshot) -> None:
+        """Freeze the jail, archive its writable layer, let it go on (under the sandbox's lock: no
+        pause, resume or delete in between)."""
+        async with self._lock(record.id):
+            if self.records.get(record.id) is not record or record.state != State.RUNNING:
+                await self.snapshots.fail(snapshot, f"the sandbox was {record.state} before its capture began")
+                return
+            overlay = bool(record.image_digest)
+            try:
+                layer = layer_path(record.pid, str(self.stage_dir), overlay)
+            except ApiError as exc:
+                await self.snapshots.fail(snapshot, exc.message)
+                return
+            ids = slot_range(self.local.uid_range_start, record.uid_slot)
+            await self._stop(record)
+            try:
+                await self.snapshots.capture(snapshot, layer, ids.start, overlay)
+            finally:
+                await self._continue(record)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return self.snapshots.get(snapshot_id).info()
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return self.snapshots.infos()
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        users = [r.id for r in self.records.values() if r.snapshot_id == snapshot_id]
+        await self.snapshots.delete(snapshot_id, users)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         async with self._lock(sandbox_id):
@@ -514,7 +635,14 @@ class LocalRuntime:
 
     # -- jails ---------------------------------------------------------------------------------
 
-    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None, *, userns: bool = False) -> Jail:
+    async def _spawn(
+        self,
+        sandbox_id: str,
+        image: images.ImageInfo | None = None,
+        *,
+        userns: bool = False,
+        restore: Callable[[str, int], None] | None = None,
+    ) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
         listens in it. `userns`: its filter lets it make user namespaces (isolated sessions)."""
         image_root = str(await self.images.ensure(image)) if image is not None else None
@@ -532,6 +660,7 @@ class LocalRuntime:
         if image is not None:
             record.root = image.describe()
         plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
+        plan.restore = restore
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
             staged = await asyncio.shield(asyncio.wrap_future(future))

@@ -57,6 +57,9 @@ class StagePlan:
     timeout: float
     # An image's unpacked root: the lower layer of an overlay whose upper is the private tmpfs.
     image_root: str | None = None
+    # Called in the thread with the root's writable layer and the sandbox's first host id, once the
+    # skeleton and mount points are there: lays a snapshot's files out (runtimes/local_snapshots.py).
+    restore: Callable[[str, int], None] | None = field(default=None, repr=False)
     # Called in the thread with the jail's pid before its maps are written (the uid range's holder).
     on_pid: Callable[[int], None] | None = field(default=None, repr=False)
 
@@ -132,6 +135,8 @@ def _stage_files(plan: StagePlan) -> None:
         _make(os.path.join(top, entry.path), entry, owner)
     for path, is_dir in plan.mountpoints:
         _mountpoint(top, path, is_dir, owner)
+    if plan.restore is not None:
+        plan.restore(top, owner)
     os.mkdir(os.path.join(stage, "rt"))
     for name, host_path in plan.runtime_binds.items():
         target = os.path.join(stage, "rt", name)

@@ -1,0 +1,239 @@
+"""Snapshots through the official SDK (opensandbox 1.1.1), on the local and docker runtimes:
+a sandbox created from a snapshot sees its files, env and entrypoint; list/get/delete; a 200 MiB
+workspace; bad input; a hostile sandbox's snapshot harms nothing and leaks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from opensandbox import Sandbox, SandboxManager
+from opensandbox.config import ConnectionConfig
+from opensandbox.exceptions import SandboxApiException
+from opensandbox.models.sandboxes import SnapshotFilter
+
+from harness.images import TEST_IMAGE
+from harness.server_process import ServerProcess
+
+SMALL = {"cpu": "500m", "memory": "1Gi"}
+
+
+def config(server: ServerProcess) -> ConnectionConfig:
+    return ConnectionConfig(domain=server.domain, api_key=server.api_key or None, disable_metrics=True)
+
+
+def images(server: ServerProcess) -> list[str]:
+    """local: the minimal root and an image's overlay (whiteouts, opaque directories); docker: the image."""
+    return [server.image, TEST_IMAGE] if server.runtime == "local" else [server.image]
+
+
+@contextlib.asynccontextmanager
+async def sandbox(server: ServerProcess, image: str | None = None, **kwargs: Any) -> AsyncIterator[Sandbox]:
+    sb = await Sandbox.create(image, connection_config=config(server), resource=SMALL, **kwargs)
+    try:
+        yield sb
+    finally:
+        with contextlib.suppress(SandboxApiException):
+            await sb.kill()
+        await sb.close()
+
+
+async def ready(manager: SandboxManager, snapshot_id: str, timeout: float = 120) -> Any:
+    """Poll the snapshot (as the spec says to) until it is no longer Creating."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await manager.get_snapshot(snapshot_id)
+        if info.status.state != "Creating":
+            return info
+        assert asyncio.get_running_loop().time() < deadline, f"snapshot {snapshot_id} still Creating"
+        await asyncio.sleep(0.1)
+
+
+async def run(sb: Sandbox, command: str) -> str:
+    execution = await sb.commands.run(command)
+    assert execution.error is None, execution.error
+    return "".join(m.text for m in execution.logs.stdout)
+
+
+PREPARE = """
+set -e
+mkdir -p /workspace/project/src /root/.cache/pip /opt/tool
+echo 'print("hello")' > /workspace/project/src/main.py
+echo cached > /root/.cache/pip/wheel
+printf '#!/bin/sh\\necho tool-ran\\n' > /opt/tool/run && chmod 0750 /opt/tool/run
+ln -s ../project/src/main.py /workspace/link-to-main
+echo gone > /workspace/deleted && rm /workspace/deleted
+mkfifo /workspace/fifo
+echo done
+"""
+CHECK = """
+cat /workspace/project/src/main.py; cat /root/.cache/pip/wheel; /opt/tool/run
+stat -c '%a' /opt/tool/run; readlink /workspace/link-to-main; test -e /workspace/deleted || echo no-deleted
+test -p /workspace/fifo && echo fifo; echo "FROM_SNAPSHOT=$FROM_SNAPSHOT"
+"""
+
+
+async def test_a_sandbox_from_a_snapshot_sees_its_files_env_and_entrypoint(server: ServerProcess) -> None:
+    manager = await SandboxManager.create(config(server))
+    for image in images(server):
+        async with sandbox(server, image, env={"FROM_SNAPSHOT": "kept"}, entrypoint=["sleep", "infinity"]) as source:
+            assert (await run(source, PREPARE)).strip() == "done"
+            if image == TEST_IMAGE:  # over an image: a file of the image removed, a directory replaced
+                await run(source, "rm /etc/debian_version; rm -rf /usr/share/doc && mkdir /usr/share/doc")
+            snapshot = await source.create_snapshot(name=f"checkpoint {image}")
+            assert snapshot.status.state in ("Creating", "Ready") and snapshot.sandbox_id == source.id
+            info = await ready(manager, snapshot.id)
+            assert info.status.state == "Ready", info.status
+            assert info.name == f"checkpoint {image}" and info.status.reason == "snapshot_ready"
+            await run(source, "echo after > /workspace/after-snapshot")
+
+        restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=config(server), resource=SMALL)
+        try:
+            got = await run(restored, CHECK)
+            assert got.split("\n") == [
+                'print("hello")', "cached", "tool-ran", "750", "../project/src/main.py", "no-deleted", "fifo",
+                "FROM_SNAPSHOT=kept", "",
+            ]  # fmt: skip
+            assert "after" not in await run(restored, "ls /workspace")
+            fetched = await manager.get_sandbox_info(restored.id)
+            assert fetched.entrypoint == ["tail", "-f", "/dev/null"]  # the SDK always sends its default
+            if image == TEST_IMAGE:
+                assert (await run(restored, "ls /etc/debian_version /usr/share/doc 2>&1 | wc -l")).strip() == "1"
+            # what the jail writes itself is this sandbox's, not the snapshot's
+            assert restored.id[:12] in await run(restored, "cat /etc/hostname")
+        finally:
+            await restored.kill()
+            await restored.close()
+        await manager.delete_snapshot(snapshot.id)
+    await manager.close()
+
+
+async def test_list_get_delete_and_delete_in_use_is_refused(server: ServerProcess) -> None:
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        await run(source, "echo one > /workspace/one")
+        first = await source.create_snapshot(name="first")
+        second = await source.create_snapshot()
+        for snap in (first, second):
+            assert (await ready(manager, snap.id)).status.state == "Ready"
+        listed = await manager.list_snapshots(SnapshotFilter(sandbox_id=source.id))
+        assert {s.id for s in listed.snapshot_infos} == {first.id, second.id}
+        named = await manager.list_snapshots(SnapshotFilter(name="first"))
+        assert [s.id for s in named.snapshot_infos] == [first.id]
+        ready_only = await manager.list_snapshots(SnapshotFilter(sandbox_id=source.id, states=["Failed"]))
+        assert ready_only.snapshot_infos == []
+
+    restored = await Sandbox.create(snapshot_id=first.id, connection_config=config(server), resource=SMALL)
+    assert (await manager.get_sandbox_info(restored.id)).snapshot_id == first.id
+    with pytest.raises(SandboxApiException) as refused:
+        await manager.delete_snapshot(first.id)
+    assert refused.value.status_code == 409 and "in use" in str(refused.value)
+    await manager.delete_snapshot(second.id)  # not in use: gone
+    await restored.kill()
+    await restored.close()
+    await manager.delete_snapshot(first.id)
+    for gone in (first.id, second.id):
+        with pytest.raises(SandboxApiException) as missing:
+            await manager.get_snapshot(gone)
+        assert missing.value.status_code == 404
+    await manager.close()
+
+
+async def test_a_200_mib_workspace(server: ServerProcess) -> None:
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        digest = await run(
+            source, "head -c 209715200 /dev/urandom > /workspace/big && sha256sum /workspace/big | cut -d' ' -f1"
+        )
+        snapshot = await source.create_snapshot()
+        assert (await ready(manager, snapshot.id)).status.state == "Ready"
+    async with sandbox(server, None, snapshot_id=snapshot.id) as restored:
+        assert await run(restored, "sha256sum /workspace/big | cut -d' ' -f1") == digest
+    await manager.delete_snapshot(snapshot.id)
+    await manager.close()
+
+
+def raw(server: ServerProcess, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{server.url}/v1{path}", headers=server.headers(), timeout=60, **kwargs)
+
+
+async def test_bad_input_is_a_4xx_with_code_and_message(server: ServerProcess) -> None:
+    cases = [
+        ("POST", "/sandboxes/no-such-sandbox/snapshots", {"json": {}}, 404, "SANDBOX::NOT_FOUND"),
+        ("GET", "/snapshots/snap-unknown", {}, 404, "SNAPSHOT::NOT_FOUND"),
+        ("DELETE", "/snapshots/snap-unknown", {}, 404, "SNAPSHOT::NOT_FOUND"),
+        ("GET", "/snapshots?state=Bogus", {}, 400, "SANDBOX::INVALID_PARAMETER"),
+        ("POST", "/sandboxes", {"json": {"snapshotId": "snap-unknown"}}, 400, "SANDBOX::INVALID_PARAMETER"),
+        (
+            "POST",
+            "/sandboxes",
+            {"json": {"snapshotId": "x", "image": {"uri": "a"}, "entrypoint": ["a"]}},
+            400,
+            "SANDBOX::INVALID_PARAMETER",
+        ),  # fmt: skip
+        ("POST", "/sandboxes", {"json": {"entrypoint": ["a"]}}, 400, "SANDBOX::INVALID_PARAMETER"),
+        ("POST", "/sandboxes", {"json": {"image": {"uri": "a"}}}, 400, "SANDBOX::INVALID_PARAMETER"),
+    ]
+    for method, path, kwargs, status, code in cases:
+        answer = raw(server, method, path, **kwargs)
+        assert (answer.status_code, answer.json()["code"]) == (status, code), (path, answer.text)
+        assert answer.json()["message"]
+    async with sandbox(server, server.image) as sb:
+        for body in ({"name": ""}, {"name": "x" * 300}, {"name": "a\nb"}, {"unknown": 1}):
+            answer = raw(server, "POST", f"/sandboxes/{sb.id}/snapshots", json=body)
+            assert (answer.status_code, answer.json()["code"]) == (400, "SANDBOX::INVALID_PARAMETER"), body
+        await sb.pause()
+        paused = raw(server, "POST", f"/sandboxes/{sb.id}/snapshots", json={})
+        assert (paused.status_code, paused.json()["code"]) == (409, "SNAPSHOT::INVALID_SOURCE_STATE")
+        assert raw(server, "GET", f"/snapshots?sandboxId={sb.id}").json()["items"] == []  # nothing half-made
+
+
+HOSTILE = """
+set -e
+ln -s /etc/shadow /workspace/shadow-link
+ln -s / /workspace/root-link
+mkdir -p /workspace/dir && ln -s /etc /workspace/dir/etc
+cp /bin/sh /workspace/suid-sh && chmod 4755 /workspace/suid-sh
+mknod /workspace/null-dev c 1 3 2>/dev/null || echo no-mknod
+echo ok
+"""
+
+
+async def test_a_hostile_sandbox_cannot_reach_the_host_through_its_snapshot(server: ServerProcess) -> None:
+    manager = await SandboxManager.create(config(server))
+    shadow = open("/etc/shadow", "rb").read() if os.path.exists("/etc/shadow") else b""  # noqa: ASYNC230
+    async with sandbox(server, server.image) as source:
+        assert (await run(source, HOSTILE)).strip().endswith("ok")
+        snapshot = await source.create_snapshot()
+        assert (await ready(manager, snapshot.id)).status.state == "Ready"
+    async with sandbox(server, None, snapshot_id=snapshot.id) as restored:
+        got = await run(restored, "readlink /workspace/shadow-link /workspace/root-link /workspace/dir/etc; "
+                                  "stat -c '%a' /workspace/suid-sh; test -e /workspace/null-dev && echo dev || echo no-dev")  # fmt: skip
+        assert got.split() == ["/etc/shadow", "/", "/etc", "4755", "no-dev"]
+        # the links are the sandbox's own: they resolve inside it, to its files
+        assert "root:" not in (await run(restored, "cat /workspace/shadow-link 2>&1 || true")) or not shadow
+    if shadow:
+        assert open("/etc/shadow", "rb").read() == shadow  # noqa: ASYNC230
+    await manager.delete_snapshot(snapshot.id)
+    await manager.close()
+
+
+async def test_a_huge_sparse_file_fails_the_snapshot_instead_of_filling_the_disk(server: ServerProcess) -> None:
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        await run(source, "truncate -s 64G /workspace/sparse && echo ok")
+        snapshot = await source.create_snapshot()
+        info = await ready(manager, snapshot.id, timeout=60)
+        assert info.status.state == "Failed", info.status
+        assert info.status.reason == "snapshot_too_large" and "MiB" in (info.status.message or "")
+        assert (await run(source, "echo still-running")).strip() == "still-running"  # thawed after the capture
+        answer = raw(server, "POST", "/sandboxes", json={"snapshotId": snapshot.id, "entrypoint": ["sleep", "60"]})
+        assert (answer.status_code, answer.json()["code"]) == (409, "SNAPSHOT::INVALID_STATE")
+    await manager.delete_snapshot(snapshot.id)  # a failed snapshot can be deleted
+    await manager.close()
