@@ -8,11 +8,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 CRDS = ROOT / "config" / "crds.yaml"  # generated from api/crds.py (`make crds`)
-EXECD_BINARY = ROOT / "build" / "execd" / "opensandbox-execd"  # tools/build-execd.sh (make execd-binary)
-EXECD_BOOTSTRAP = ROOT / "images" / "execd-bootstrap.sh"
+# tools/build-execd.sh (make execd-binary): what sandboxes get at /opt/opensandbox (execd, execd-lib/,
+# bootstrap.sh), and the executable in it.
+EXECD_DIR = ROOT / "build" / "execd" / "opensandbox"
+EXECD_BINARY = EXECD_DIR / "execd"
 DOCKER_SOCKET = ROOT / ".podman" / "docker.sock"  # podman's Docker API (tools/podman.sh)
 
 
 def cache_dir() -> Path:
     """The tool cache (tools/build-tools.sh): $OSB_CACHE, by default ~/.cache/opensandbox-dev."""
     return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
+# tools/build-task-executor.sh: the one-dir build's executable.
+TASK_EXECUTOR_BINARY = ROOT / "build" / "task-executor" / "opensandbox-task-executor" / "opensandbox-task-executor"

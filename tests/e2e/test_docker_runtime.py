@@ -24,7 +24,7 @@ CAP_BITS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "NET_RAW": 13, "SYS_ADMIN": 21
 
 @pytest.fixture(scope="module")
 def docker_server(tmp_path_factory: pytest.TempPathFactory, docker_host: str) -> Iterator[ServerProcess]:
-    """A docker server that takes execd out of the execd image (no execdBinary/execdBootstrap)."""
+    """A docker server that takes execd out of the execd image (no execdDir)."""
     reason = docker_unavailable()
     if reason:
         pytest.skip(f"docker runtime: {reason}")
@@ -73,8 +73,13 @@ def test_execd_from_the_image_labels_limits_and_security_defaults(docker_server:
         assert labels["opensandbox.io/metadata.team"] == "t1" and labels["opensandbox.io/extensions.ext"] == "v"
         assert json.loads(labels["opensandbox.io/entrypoint"]) == ["tail", "-f", "/dev/null"]
         assert labels["opensandbox.io/expires-at"] == response.json()["expiresAt"].replace("+00:00", "Z")
-        assert container["Config"]["Entrypoint"] == ["/opt/opensandbox/bootstrap.sh"]
+        assert container["Config"]["Entrypoint"] == ["/opt/opensandbox/bin/bootstrap.sh"]
         assert container["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
+        # execd is the execd image's, in one read-only volume named after that image's id
+        (mount,) = [m for m in container["Mounts"] if m.get("Destination") == "/opt/opensandbox/bin"]
+        image_id = docker_api("GET", f"/images/{EXECD_IMAGE}/json").json()["Id"].removeprefix("sha256:")
+        assert mount["Type"] == "volume" and mount["Name"] == f"opensandbox-execd-{image_id[:16]}"
+        assert mount["RW"] is False
         host = container["HostConfig"]
         assert host["Memory"] == 512 << 20 and host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 512
         assert "no-new-privileges" in " ".join(host["SecurityOpt"])
@@ -86,6 +91,9 @@ def test_execd_from_the_image_labels_limits_and_security_defaults(docker_server:
             try:
                 run = await sb.commands.run("grep -E '^(NoNewPrivs|CapEff)' /proc/self/status | tr -s '\\t' ' '")
                 as_root = await sb.commands.run("id -u")
+                # root in the sandbox cannot change the execd every sandbox shares
+                tamper = await sb.commands.run("touch /opt/opensandbox/bin/execd")
+                assert tamper.exit_code != 0
                 return [m.text for m in run.logs.stdout], as_root.exit_code
             finally:
                 await sb.close()

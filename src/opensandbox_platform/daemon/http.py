@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote
 
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
@@ -304,13 +305,17 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> asyncio.Server:
+        """Serve on `host`:`port`, or on `sock` when given (already listening: daemon/listen.py)."""
         loop = asyncio.get_running_loop()
 
         def factory() -> _Protocol:
             return _Protocol(asyncio.StreamReader(limit=MAX_HEAD, loop=loop), self._on_connect)
 
-        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         return self._server
 
     def _on_connect(
@@ -377,7 +382,7 @@ class HttpServer:
         request = Request(
             method,
             unquote(raw_path),
-            parse_qs(raw_query, keep_blank_values=True) if raw_query else {},
+            parse_query(raw_query) if raw_query else {},
             headers,
             body,
             lost,
@@ -466,6 +471,30 @@ class HttpServer:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep_alive
+
+
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def unquote(text: str) -> str:
+    """urllib.parse.unquote (UTF-8, malformed sequences replaced), without importing urllib.parse
+    (and with it ipaddress) into every sandbox's execd."""
+    if "%" not in text:
+        return text
+    raw = _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), text.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "replace")
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """urllib.parse.parse_qs(query, keep_blank_values=True): `&`-separated `name=value` pairs, `+`
+    meaning a space, percent-decoded; empty fields are skipped."""
+    result: dict[str, list[str]] = {}
+    for field in query.split("&"):
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        result.setdefault(unquote(name.replace("+", " ")), []).append(unquote(value.replace("+", " ")))
+    return result
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:

@@ -1,4 +1,10 @@
-"""`opensandbox-execd`: the daemon inside every sandbox (commands, sessions, files, metrics)."""
+"""`opensandbox-execd`: the daemon inside every sandbox (commands, sessions, files, metrics).
+
+Start-up order (docs/execd.md, "Start-up"): the arguments, then the listening socket, and only then
+asyncio and the routes. A connection that comes while execd still starts waits in the backlog and is
+answered once the event loop runs, instead of being refused. Whatever only some requests need
+(files, sessions, metrics, the code interpreter) is imported when one first comes.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +16,28 @@ if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse
-import asyncio
 import logging
 import os
+import socket
 import time
 
-from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER
-from opensandbox_platform.daemon import process
-from opensandbox_platform.daemon.http import HttpServer
-from opensandbox_platform.execd.app import ExecdApp, Settings
-from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE
-from opensandbox_platform.execd.procs import WATCHER
+from opensandbox_platform.daemon.cli import HelpFormatter
+from opensandbox_platform.daemon.listen import listen_early
 
 log = logging.getLogger("execd")
+
+# (api.labels' EXECD_PORT, EXECD_TOKEN_HEADER and envfile's DEFAULT_ENVS_FILE, not imported: this
+# module runs before anything else is loaded; tests/unit/execd/test_main.py checks they agree.)
+EXECD_PORT = 44772
+TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
+DEFAULT_ENVS_FILE = "/opt/opensandbox/.env"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="opensandbox-execd",
         description="The daemon inside every sandbox: commands (SSE), sessions, files and metrics.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--host", default=os.environ.get("EXECD_HOST", "0.0.0.0"), help="address to listen on")
     parser.add_argument(
@@ -40,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--access-token",
         default=os.environ.get("EXECD_ACCESS_TOKEN") or None,
-        help=f"require this value in header {EXECD_TOKEN_HEADER} on every request (env EXECD_ACCESS_TOKEN)",
+        help=f"require this value in header {TOKEN_HEADER} on every request (env EXECD_ACCESS_TOKEN)",
     )
     parser.add_argument(
         "--log-level",
@@ -68,7 +77,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, started: float) -> None:
+async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
+    import asyncio
+    import gc
+
+    from opensandbox_platform.daemon import process
+    from opensandbox_platform.daemon.http import HttpServer
+    from opensandbox_platform.execd.app import ExecdApp, Settings
+    from opensandbox_platform.execd.procs import WATCHER
+
     loop = asyncio.get_running_loop()
     WATCHER.install(loop)
     settings = Settings(
@@ -79,8 +96,10 @@ async def serve(args: argparse.Namespace, started: float) -> None:
     )
     app = ExecdApp(settings)
     server = HttpServer(app.dispatch)
-    await server.start(args.host, args.port)
+    await server.start(args.host, args.port, sock)
     app.start_code()
+    gc.freeze()  # what start-up made lives as long as execd: no collection needs to look at it again
+    gc.enable()
     log.info(
         "execd listening host=%s port=%d auth=%s startup_ms=%d",
         args.host,
@@ -96,8 +115,20 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
+    import gc
+
+    gc.disable()  # start-up makes many objects and frees few: collections would only cost time
     args = parse_args(argv)
-    process.run(serve(args, started), args.log_level, log)
+    error: OSError | None = None
+    try:
+        sock = listen_early(args.host, args.port)
+    except OSError as exc:  # e.g. the port is taken
+        sock, error = None, exc
+    from opensandbox_platform.daemon import process  # asyncio and the rest: once the socket listens
+
+    if error is not None:
+        process.cannot_start(error, args.log_level, log)
+    process.run(serve(args, started, sock), args.log_level, log)
 
 
 if __name__ == "__main__":

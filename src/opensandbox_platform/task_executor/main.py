@@ -1,4 +1,8 @@
-"""`opensandbox-task-executor`: runs BatchSandbox tasks, as a sidecar in the pod or on its own."""
+"""`opensandbox-task-executor`: runs BatchSandbox tasks, as a sidecar in the pod or on its own.
+
+Start-up order, as execd's: the arguments, then the listening socket, then asyncio, the task store
+(recovered from the data dir) and the routes; a request that comes meanwhile waits in the backlog.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,12 @@ if "ssl" not in sys.modules:
 import argparse
 import logging
 import os
+import socket
 import time
 
 from opensandbox_platform.api.labels import TASK_EXECUTOR_PORT, TASK_TARGET_ENV
-from opensandbox_platform.daemon import process
-from opensandbox_platform.daemon.http import HttpServer
-from opensandbox_platform.task_executor.app import ExecutorApp
-from opensandbox_platform.task_executor.manager import Limits, TaskManager
-from opensandbox_platform.task_executor.runner import Runner
-from opensandbox_platform.task_executor.tasks import Store
+from opensandbox_platform.daemon.cli import HelpFormatter
+from opensandbox_platform.daemon.listen import listen_early
 
 log = logging.getLogger("task-executor")
 
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(
         prog="opensandbox-task-executor",
+        formatter_class=HelpFormatter,
         description="Runs tasks (command, args, env, workingDir, timeoutSeconds) and reports their state over "
         "HTTP (OpenAPI at /openapi.json). With --main-container it is a sidecar: tasks run inside that "
         "container of the pod (needs shareProcessNamespace and CAP_SYS_ADMIN); without, they run here.",
@@ -66,12 +68,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, started: float) -> None:
+async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
+    import gc
+
+    from opensandbox_platform.daemon import process
+    from opensandbox_platform.daemon.http import HttpServer
+    from opensandbox_platform.task_executor.app import ExecutorApp
+    from opensandbox_platform.task_executor.manager import Limits, TaskManager
+    from opensandbox_platform.task_executor.runner import Runner
+    from opensandbox_platform.task_executor.tasks import Store
+
     limits = Limits(args.max_running, args.max_attempts, args.kill_grace, args.output_tail)
     manager = TaskManager(Store(args.data_dir), Runner(args.main_container), limits)
     manager.recover()
     server = HttpServer(ExecutorApp(manager).dispatch)
-    await server.start(args.host, args.port)
+    await server.start(args.host, args.port, sock)
+    gc.freeze()  # what start-up made lives as long as the executor: no collection needs to look at it again
+    gc.enable()
     log.info(
         "task-executor listening host=%s port=%d mode=%s tasks=%d startup_ms=%d",
         args.host,
@@ -88,8 +101,20 @@ async def serve(args: argparse.Namespace, started: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
+    import gc
+
+    gc.disable()  # start-up makes many objects and frees few: collections would only cost time
     args = parse_args(argv)
-    process.run(serve(args, started), args.log_level, log)
+    error: OSError | None = None
+    try:
+        sock = listen_early(args.host, args.port)
+    except OSError as exc:  # e.g. the port is taken
+        sock, error = None, exc
+    from opensandbox_platform.daemon import process  # asyncio and the rest: once the socket listens
+
+    if error is not None:
+        process.cannot_start(error, args.log_level, log)
+    process.run(serve(args, started, sock), args.log_level, log)
 
 
 if __name__ == "__main__":
