@@ -166,7 +166,16 @@ def bench_breakdown(runs: int) -> dict[str, Any] | None:
             trace = Path(directory) / "trace"
             argv = [str(EXECD_BINARY), "--host", "127.0.0.1", "--port", str(port), "--state-dir", directory]
             proc = subprocess.Popen(
-                ["strace", "-f", "-ttt", "-e", "trace=execve,openat,listen,accept4,write,sendto", "-o", str(trace), *argv],
+                [
+                    "strace",
+                    "-f",
+                    "-ttt",
+                    "-e",
+                    "trace=execve,openat,listen,accept4,write,sendto",
+                    "-o",
+                    str(trace),
+                    *argv,
+                ],
                 env={**os.environ, "EXECD_LOG_LEVEL": "warning", "EXECD_ENVS": f"{directory}/.env"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -18,5 +18,7 @@ DOCKER_SOCKET = ROOT / ".podman" / "docker.sock"  # podman's Docker API (tools/p
 def cache_dir() -> Path:
     """The tool cache (tools/build-tools.sh): $OSB_CACHE, by default ~/.cache/opensandbox-dev."""
     return Path(os.environ.get("OSB_CACHE", Path.home() / ".cache" / "opensandbox-dev"))
+
+
 # tools/build-task-executor.sh: the one-dir build's executable.
 TASK_EXECUTOR_BINARY = ROOT / "build" / "task-executor" / "opensandbox-task-executor" / "opensandbox-task-executor"

@@ -352,6 +352,7 @@ class BatchSandboxReconciler:
                 owner=bs.raw,
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
+                execd_install=settings.execd_install,
             )
             try:
                 created = await self.manager.client.create(PODS, pod, bs.namespace)

@@ -80,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="BatchSandboxes reconciled at once (default: 16)")
     parser.add_argument("--execd-image", help="inject execd from this image into every sandbox pod")
     parser.add_argument(
+        "--execd-install",
+        choices=["post-start", "init-container"],
+        default="post-start",
+        help="how execd is copied into a pod: by the postStart hook of an installer container started before "
+        "the sandbox container (one kubelet sync), or by an init container (the kubelet starts the sandbox "
+        "only after its next relist, ~0.5 s later on average) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--task-executor-image",
         help="image of the task-executor sidecar (Pools with taskExecutor.enabled and direct-mode "
         "BatchSandboxes with a taskTemplate; a Pool's taskExecutor.image wins)",
@@ -116,6 +124,7 @@ async def run(args: argparse.Namespace) -> None:
     client = KubeClient.from_config(args.kubeconfig)
     settings = Settings(
         execd_image=args.execd_image,
+        execd_install=args.execd_install,
         task_executor_image=args.task_executor_image,
         task_executor_cpu_request=args.task_executor_cpu_request,
         task_executor_memory_request=args.task_executor_memory_request,

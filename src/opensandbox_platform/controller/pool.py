@@ -322,6 +322,7 @@ class PoolReconciler:
                 owner=pool.raw,
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
+                execd_install=settings.execd_install,
             )
             key = f"{pool.namespace}/{pod_name}"
             self.creating.expect(pool.key, key)

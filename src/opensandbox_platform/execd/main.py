@@ -16,18 +16,17 @@ if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse
-import logging
 import os
-import socket
+import socket  # (imported by daemon.listen anyway)
 import time
 
 from opensandbox_platform.daemon.cli import HelpFormatter
 from opensandbox_platform.daemon.listen import listen_early
 
-log = logging.getLogger("execd")
+LOGGER = "execd"  # (logging itself is imported once the socket listens)
 
 # (api.labels' EXECD_PORT, EXECD_TOKEN_HEADER and envfile's DEFAULT_ENVS_FILE, not imported: this
-# module runs before anything else is loaded; tests/unit/execd/test_main.py checks they agree.)
+# module runs before anything else is loaded; tests/unit/daemon/test_start_up.py checks they agree.)
 EXECD_PORT = 44772
 TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 DEFAULT_ENVS_FILE = "/opt/opensandbox/.env"
@@ -80,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
     import asyncio
     import gc
+    import logging
 
     from opensandbox_platform.daemon import process
     from opensandbox_platform.daemon.http import HttpServer
@@ -100,6 +100,7 @@ async def serve(args: argparse.Namespace, started: float, sock: socket.socket | 
     app.start_code()
     gc.freeze()  # what start-up made lives as long as execd: no collection needs to look at it again
     gc.enable()
+    log = logging.getLogger(LOGGER)
     log.info(
         "execd listening host=%s port=%d auth=%s startup_ms=%d",
         args.host,
@@ -124,8 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         sock = listen_early(args.host, args.port)
     except OSError as exc:  # e.g. the port is taken
         sock, error = None, exc
+    import logging
+
     from opensandbox_platform.daemon import process  # asyncio and the rest: once the socket listens
 
+    log = logging.getLogger(LOGGER)
     if error is not None:
         process.cannot_start(error, args.log_level, log)
     process.run(serve(args, started, sock), args.log_level, log)

@@ -13,16 +13,18 @@ if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
 import argparse
-import logging
 import os
-import socket
+import socket  # (imported by daemon.listen anyway)
 import time
 
-from opensandbox_platform.api.labels import TASK_EXECUTOR_PORT, TASK_TARGET_ENV
 from opensandbox_platform.daemon.cli import HelpFormatter
 from opensandbox_platform.daemon.listen import listen_early
 
-log = logging.getLogger("task-executor")
+LOGGER = "task-executor"  # (logging itself is imported once the socket listens)
+# (api.labels' TASK_EXECUTOR_PORT and TASK_TARGET_ENV, not imported: this module runs before anything
+# else is loaded; tests/unit/daemon/test_start_up.py checks they agree.)
+TASK_EXECUTOR_PORT = 5758
+TASK_TARGET_ENV = "OPENSANDBOX_MAIN_CONTAINER"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
     import gc
+    import logging
 
     from opensandbox_platform.daemon import process
     from opensandbox_platform.daemon.http import HttpServer
@@ -85,6 +88,7 @@ async def serve(args: argparse.Namespace, started: float, sock: socket.socket | 
     await server.start(args.host, args.port, sock)
     gc.freeze()  # what start-up made lives as long as the executor: no collection needs to look at it again
     gc.enable()
+    log = logging.getLogger(LOGGER)
     log.info(
         "task-executor listening host=%s port=%d mode=%s tasks=%d startup_ms=%d",
         args.host,
@@ -110,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         sock = listen_early(args.host, args.port)
     except OSError as exc:  # e.g. the port is taken
         sock, error = None, exc
+    import logging
+
     from opensandbox_platform.daemon import process  # asyncio and the rest: once the socket listens
 
+    log = logging.getLogger(LOGGER)
     if error is not None:
         process.cannot_start(error, args.log_level, log)
     process.run(serve(args, started, sock), args.log_level, log)

@@ -537,6 +537,7 @@ class _Steps:
         fields = [f"{step}_ms={seconds * 1000:.0f}" for step, seconds in self.spent]
         return " ".join([*fields, f"ms={(self.last - self.started) * 1000:.0f}"])
 
+
 A = TypeVar("A")
 B = TypeVar("B")
 

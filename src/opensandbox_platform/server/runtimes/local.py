@@ -35,7 +35,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import guards, procfs
+from opensandbox_platform.server.runtimes import guards, jail_bytecode, procfs
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -159,6 +159,7 @@ class LocalRuntime:
         self.state_dir.chmod(0o700)
         self._lock_state_dir()
         self._root_args = jails.host_root_args()
+        await asyncio.to_thread(jail_bytecode.precompile)  # (before the first jail: it compiles nothing then)
         await self._recover()
         self.expiry.start()
         if self.local.warm_pool_size:
