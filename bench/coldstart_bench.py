@@ -303,7 +303,14 @@ async def sandboxes_memory(server: ServerProcess, count: int) -> list[dict[str, 
         figures = []
         for sb, rss in zip(sandboxes, own, strict=True):
             memory = container_memory(f"sandbox-{sb.id}")
-            figures.append({**memory, "execd_rss_mib": round(rss.get("VmRSS", 0), 2),
+            # The sandbox's own cgroup: anonymous memory and page cache charged to it (v1, else v2 names).
+            stat = await sb.commands.run(
+                "cat /sys/fs/cgroup/memory/memory.stat 2>/dev/null || cat /sys/fs/cgroup/memory.stat"
+            )
+            values = dict(line.text.split()[:2] for line in stat.logs.stdout if len(line.text.split()) >= 2)
+            cgroup = {f"cgroup_{key}_mib": round(int(values[key]) / MiB, 2)
+                      for key in ("rss", "cache", "mapped_file", "shmem", "anon", "file") if key in values}  # fmt: skip
+            figures.append({**memory, **cgroup, "execd_rss_mib": round(rss.get("VmRSS", 0), 2),
                             "execd_rss_anon_mib": round(rss.get("RssAnon", 0), 2),
                             "execd_rss_file_mib": round(rss.get("RssFile", 0), 2)})  # fmt: skip
         return figures
@@ -336,6 +343,9 @@ def bench_memory(count: int, baseline: str | None) -> dict[str, Any]:
             server = ServerProcess(Path(tmp), runtime="docker").start()
             try:
                 sandboxes = asyncio.run(sandboxes_memory(server, count))
+            except Exception:
+                print(server.logs()[-4000:])
+                raise
             finally:
                 server.stop()
         results["reference_sleep_only"] = container_memory(made[0])

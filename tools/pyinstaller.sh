@@ -44,12 +44,15 @@ exclude_args() {
 #   lines in frozen programs);
 # - bytecode compiled without column tables (PYTHONNODEBUGRANGES: tracebacks lose only their ^^^
 #   markers) and with --optimize 2 (no docstrings; the daemons' asserts only narrow types): smaller
-#   code objects, less memory per imported module.
+#   code objects, less memory per imported module;
+# - the bytecode archive stored, not zlib-compressed (PYINSTALLER_ZLIB_COMPRESSION_LEVEL=0): 2.3 MiB
+#   more on disk, ~6 ms (11%) less to start, as measured with bench/coldstart_bench.py.
 build_daemon() {
   local out=$1 name=$2 module=$3 contents=$4
   shift 4
   exclude_args "${excludes[@]}" "$@"
-  PYTHONNODEBUGRANGES=1 build_program onedir "$out" "$name" "$module" --contents-directory "$contents" \
+  PYTHONNODEBUGRANGES=1 PYINSTALLER_ZLIB_COMPRESSION_LEVEL=0 \
+    build_program onedir "$out" "$name" "$module" --contents-directory "$contents" \
     --additional-hooks-dir "$top/tools/pyinstaller-hooks" --optimize 2 "${excluded_args[@]}" "${daemon_args[@]}"
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -121,3 +122,26 @@ def test_a_container_that_exits_before_execd_is_a_500_and_is_removed(docker_serv
     assert response.status_code in (400, 500), response.text
     assert set(response.json()) == {"code", "message"}
     assert {c["Id"] for c in docker_containers()} == before
+
+
+def test_a_lost_execd_volume_fails_one_create_and_is_made_again(tmp_path: Path, docker_host: str) -> None:
+    """Someone removed execd's volume (a prune) while the server ran: the create that finds it empty
+    fails (execd never starts), and the next one fills the volume again."""
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(f"docker runtime: {reason}")
+    server = ServerProcess(tmp_path, runtime="docker", extra_config="startTimeoutSeconds = 5\n").start()
+    try:
+        first = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert first.status_code == 202, first.text
+        (mount,) = [m for m in inspect(first.json()["id"])["Mounts"] if m.get("Destination") == "/opt/opensandbox/bin"]
+        assert httpx.delete(f"{server.url}/v1/sandboxes/{first.json()['id']}", timeout=60).status_code == 204
+        assert docker_api("DELETE", f"/volumes/{mount['Name']}").status_code in (200, 204)
+
+        lost = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert lost.status_code == 500 and lost.json()["code"] == "SANDBOX::START_FAILED", lost.text
+        again = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert again.status_code == 202, again.text
+        assert httpx.delete(f"{server.url}/v1/sandboxes/{again.json()['id']}", timeout=60).status_code == 204
+    finally:
+        server.stop()

@@ -15,12 +15,11 @@ import sys
 if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
-import argparse
 import os
 import socket  # (imported by daemon.listen anyway)
 import time
 
-from opensandbox_platform.daemon.cli import HelpFormatter
+from opensandbox_platform.daemon.cli import Args, Option, parse
 from opensandbox_platform.daemon.listen import listen_early
 
 LOGGER = "execd"  # (logging itself is imported once the socket listens)
@@ -32,51 +31,45 @@ TOKEN_HEADER = "X-EXECD-ACCESS-TOKEN"
 DEFAULT_ENVS_FILE = "/opt/opensandbox/.env"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="opensandbox-execd",
-        description="The daemon inside every sandbox: commands (SSE), sessions, files and metrics.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--host", default=os.environ.get("EXECD_HOST", "0.0.0.0"), help="address to listen on")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("EXECD_PORT", EXECD_PORT)),
-        help=f"port (default {EXECD_PORT})",
-    )
-    parser.add_argument(
-        "--access-token",
-        default=os.environ.get("EXECD_ACCESS_TOKEN") or None,
-        help=f"require this value in header {TOKEN_HEADER} on every request (env EXECD_ACCESS_TOKEN)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("EXECD_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (env EXECD_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--envs-file",
-        default=os.environ.get("EXECD_ENVS", DEFAULT_ENVS_FILE),
-        help="KEY=VALUE file read before every command; commands.set_env appends to it (env EXECD_ENVS)",
-    )
-    parser.add_argument(
-        "--state-dir",
-        default=os.environ.get("EXECD_STATE_DIR"),
-        help="where background command logs and session scripts live (default: a new temp dir)",
-    )
-    parser.add_argument(
-        "--code-prestart",
-        default=os.environ.get("EXECD_CODE_PRESTART") or None,
-        metavar="LANGUAGE",
-        help="create LANGUAGE's default code context (a Jupyter kernel) at start-up, e.g. python "
-        "(env EXECD_CODE_PRESTART); the code interpreter's readiness port opens once it answers",
-    )
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> Args:
+    env = os.environ.get
+    options = [
+        Option("--host", env("EXECD_HOST", "0.0.0.0"), help="address to listen on"),
+        Option("--port", int(env("EXECD_PORT", EXECD_PORT)), type=int, help=f"port (default {EXECD_PORT})"),
+        Option(
+            "--access-token",
+            env("EXECD_ACCESS_TOKEN") or None,
+            help=f"require this value in header {TOKEN_HEADER} on every request (env EXECD_ACCESS_TOKEN)",
+        ),
+        Option(
+            "--log-level",
+            env("EXECD_LOG_LEVEL", "info"),
+            choices=["debug", "info", "warning", "error"],
+            help="log verbosity (env EXECD_LOG_LEVEL)",
+        ),
+        Option(
+            "--envs-file",
+            env("EXECD_ENVS", DEFAULT_ENVS_FILE),
+            help="KEY=VALUE file read before every command; commands.set_env appends to it (env EXECD_ENVS)",
+        ),
+        Option(
+            "--state-dir",
+            env("EXECD_STATE_DIR"),
+            help="where background command logs and session scripts live (default: a new temp dir)",
+        ),
+        Option(
+            "--code-prestart",
+            env("EXECD_CODE_PRESTART") or None,
+            metavar="LANGUAGE",
+            help="create LANGUAGE's default code context (a Jupyter kernel) at start-up, e.g. python "
+            "(env EXECD_CODE_PRESTART); the code interpreter's readiness port opens once it answers",
+        ),
+    ]
+    description = "The daemon inside every sandbox: commands (SSE), sessions, files and metrics."
+    return parse(argv, "opensandbox-execd", description, options)
 
 
-async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
+async def serve(args: Args, started: float, sock: socket.socket | None) -> None:
     import asyncio
     import gc
     import logging

@@ -12,12 +12,11 @@ import sys
 if "ssl" not in sys.modules:
     sys.modules["ssl"] = None  # type: ignore[assignment]
 
-import argparse
 import os
 import socket  # (imported by daemon.listen anyway)
 import time
 
-from opensandbox_platform.daemon.cli import HelpFormatter
+from opensandbox_platform.daemon.cli import Args, Option, parse
 from opensandbox_platform.daemon.listen import listen_early
 
 LOGGER = "task-executor"  # (logging itself is imported once the socket listens)
@@ -27,50 +26,46 @@ TASK_EXECUTOR_PORT = 5758
 TASK_TARGET_ENV = "OPENSANDBOX_MAIN_CONTAINER"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> Args:
     env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="opensandbox-task-executor",
-        formatter_class=HelpFormatter,
-        description="Runs tasks (command, args, env, workingDir, timeoutSeconds) and reports their state over "
+    options = [
+        Option("--host", env("TASK_EXECUTOR_HOST", "0.0.0.0"), help="address (default 0.0.0.0)"),
+        Option(
+            "--port",
+            int(env("TASK_EXECUTOR_PORT", TASK_EXECUTOR_PORT)),
+            type=int,
+            help=f"port (default {TASK_EXECUTOR_PORT})",
+        ),
+        Option(
+            "--data-dir",
+            env("TASK_EXECUTOR_DATA_DIR", "/var/lib/opensandbox-tasks"),
+            help="where task state and output live; keep it across restarts (default %(default)s)",
+        ),
+        Option(
+            "--main-container",
+            env("TASK_EXECUTOR_MAIN_CONTAINER") or None,
+            help=f"sidecar mode: run tasks in the container whose processes carry {TASK_TARGET_ENV}=<this name>",
+        ),
+        Option("--max-running", 16, type=int, help="tasks running at once (default 16)"),
+        Option("--max-attempts", 3, type=int, help="starts of a task interrupted by executor restarts (default 3)"),
+        Option("--kill-grace", 3.0, type=float, help="seconds from SIGTERM to SIGKILL on timeout/cancel (default 3)"),
+        Option("--output-tail", 4096, type=int, help="bytes of output returned (default 4096)"),
+        Option(
+            "--log-level",
+            env("TASK_EXECUTOR_LOG_LEVEL", "info"),
+            choices=["debug", "info", "warning", "error"],
+            help="log verbosity (env TASK_EXECUTOR_LOG_LEVEL)",
+        ),
+    ]
+    description = (
+        "Runs tasks (command, args, env, workingDir, timeoutSeconds) and reports their state over "
         "HTTP (OpenAPI at /openapi.json). With --main-container it is a sidecar: tasks run inside that "
-        "container of the pod (needs shareProcessNamespace and CAP_SYS_ADMIN); without, they run here.",
+        "container of the pod (needs shareProcessNamespace and CAP_SYS_ADMIN); without, they run here."
     )
-    parser.add_argument("--host", default=env("TASK_EXECUTOR_HOST", "0.0.0.0"), help="address (default 0.0.0.0)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(env("TASK_EXECUTOR_PORT", TASK_EXECUTOR_PORT)),
-        help=f"port (default {TASK_EXECUTOR_PORT})",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=env("TASK_EXECUTOR_DATA_DIR", "/var/lib/opensandbox-tasks"),
-        help="where task state and output live; keep it across restarts (default %(default)s)",
-    )
-    parser.add_argument(
-        "--main-container",
-        default=env("TASK_EXECUTOR_MAIN_CONTAINER") or None,
-        help=f"sidecar mode: run tasks in the container whose processes carry {TASK_TARGET_ENV}=<this name>",
-    )
-    parser.add_argument("--max-running", type=int, default=16, help="tasks running at once (default 16)")
-    parser.add_argument(
-        "--max-attempts", type=int, default=3, help="starts of a task interrupted by executor restarts (default 3)"
-    )
-    parser.add_argument(
-        "--kill-grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL on timeout/cancel (default 3)"
-    )
-    parser.add_argument("--output-tail", type=int, default=4096, help="bytes of output returned (default 4096)")
-    parser.add_argument(
-        "--log-level",
-        default=env("TASK_EXECUTOR_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (env TASK_EXECUTOR_LOG_LEVEL)",
-    )
-    return parser.parse_args(argv)
+    return parse(argv, "opensandbox-task-executor", description, options)
 
 
-async def serve(args: argparse.Namespace, started: float, sock: socket.socket | None) -> None:
+async def serve(args: Args, started: float, sock: socket.socket | None) -> None:
     import gc
     import logging
 

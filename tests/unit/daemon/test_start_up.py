@@ -16,7 +16,7 @@ import pytest
 
 from harness.ports import free_port
 from opensandbox_platform.api import labels
-from opensandbox_platform.daemon import http
+from opensandbox_platform.daemon import cli, http
 from opensandbox_platform.daemon.cli import HelpFormatter
 from opensandbox_platform.daemon.listen import listen_early
 from opensandbox_platform.execd import envfile
@@ -55,7 +55,8 @@ def test_nothing_heavy_before_the_socket_listens(module: str) -> None:
         import sys, json
         import {module} as main
         main.parse_args(["--host", "127.0.0.1", "--port", "0"])
-        heavy = ["asyncio", "logging", "typing", "shutil", "bz2", "lzma", "ssl", "dataclasses", "urllib.parse"]
+        heavy = ["asyncio", "logging", "typing", "shutil", "bz2", "lzma", "ssl", "dataclasses", "urllib.parse",
+                 "argparse", "gettext", "locale"]
         print(json.dumps([m for m in heavy if sys.modules.get(m) is not None]))
     """)
     assert json.loads(out) == []
@@ -176,6 +177,54 @@ def test_help_formatter_without_shutil(monkeypatch: pytest.MonkeyPatch) -> None:
     assert formatter._width == 58  # as argparse's: the columns less 2
     monkeypatch.setenv("COLUMNS", "not a number")
     assert HelpFormatter("prog")._width >= 18
+
+
+OPTIONS = [
+    cli.Option("--host", "0.0.0.0"),
+    cli.Option("--port", 44772, type=int),
+    cli.Option("--grace", 3.0, type=float),
+    cli.Option("--level", "info", choices=["debug", "info"]),
+    cli.Option("--token", None),
+]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--host", "127.0.0.1", "--port", "1"],
+        ["--port=2", "--host=::", "--grace", "0.5", "--level", "debug"],
+        ["--token", "abc=def"],
+        ["--token=-x"],
+        ["--port", "1", "--port", "2"],
+    ],
+)
+def test_the_fast_path_reads_what_argparse_reads(argv: list[str]) -> None:
+    expected = vars(cli.argparser("p", "", OPTIONS).parse_args(argv))
+    assert cli._fast(argv, OPTIONS) == expected
+    assert vars(cli.parse(argv, "p", "", OPTIONS)) == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--ho", "1.2.3.4"],  # an abbreviation
+        ["--port", "x"],  # not an int
+        ["--level", "loud"],  # not a choice
+        ["--token", "-x"],  # a value that looks like a flag
+        ["--port"],  # no value
+        ["-h"],
+        ["positional"],
+    ],
+)
+def test_anything_else_goes_to_argparse(argv: list[str]) -> None:
+    assert cli._fast(argv, OPTIONS) is None
+
+
+def test_argparse_decides_the_rest() -> None:
+    assert cli.parse(["--ho", "1.2.3.4"], "p", "", OPTIONS).host == "1.2.3.4"
+    with pytest.raises(SystemExit):
+        cli.parse(["--port", "x"], "p", "", OPTIONS)
 
 
 def test_jail_bytecode_written_for_what_a_jail_imports(tmp_path: Path) -> None:

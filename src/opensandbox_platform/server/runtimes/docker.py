@@ -205,6 +205,8 @@ class DockerRuntime:
             steps.done("ready")
         except BaseException as exc:
             await asyncio.shield(self._remove_container(container.id))
+            if isinstance(exc, DockerError) or (isinstance(exc, ApiError) and exc.code == errors.START_FAILED):
+                self._execd_volume = None  # the next create checks that execd's volume is (still) complete
             if isinstance(exc, DockerError):
                 raise ApiError(500, errors.START_FAILED, f"cannot start the sandbox: {exc.message}") from None
             raise
@@ -445,11 +447,15 @@ class DockerRuntime:
             ) from None
 
     async def _remove_stale_execd_volumes(self, current: str) -> None:
-        """Volumes of other execd versions: removed unless a sandbox still uses one (then the Engine
-        refuses, and a later start tries again)."""
+        """Volumes of other execd versions made over an hour ago: removed unless a sandbox still uses
+        one (then the Engine refuses, and a later server start tries again). Younger ones may belong to
+        another server on this engine (another version, or execd from the image where this one has
+        it from a directory) that has not created its first sandbox yet."""
         found = await self.docker.volumes.list(filters={"label": [L.DOCKER_EXECD_VOLUME]})  # type: ignore[no-untyped-call]
         for volume in found.get("Volumes") or []:
-            if volume.get("Name") != current:
+            created = model.docker_time(volume.get("CreatedAt"))
+            old = created is not None and times.now() - created > STALE_EXECD_VOLUME
+            if volume.get("Name") != current and old:
                 with contextlib.suppress(DockerError):
                     await DockerVolume(self.docker, volume["Name"]).delete()  # type: ignore[no-untyped-call]
 
@@ -519,6 +525,7 @@ class DockerRuntime:
 
 
 HELPER_MOUNT = "/opensandbox-execd"  # where a helper container has execd's volume
+STALE_EXECD_VOLUME = dt.timedelta(hours=1)
 
 
 class _Steps:

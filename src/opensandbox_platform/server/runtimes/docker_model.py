@@ -125,7 +125,7 @@ class ContainerState:
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
-            changed_at=_docker_time(changed),
+            changed_at=docker_time(changed),
         )
 
     @classmethod
@@ -136,7 +136,7 @@ class ContainerState:
         return cls(status=status, exit_code=int(match.group(1)) if match else None)
 
 
-def _docker_time(value: Any) -> dt.datetime | None:
+def docker_time(value: Any) -> dt.datetime | None:
     """Docker's RFC 3339 with nanoseconds; "0001-01-01T00:00:00Z" means never."""
     if not isinstance(value, str) or value.startswith("0001-"):
         return None
