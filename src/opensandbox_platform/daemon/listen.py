@@ -24,7 +24,10 @@ def listen_early(host: str, port: int, backlog: int = BACKLOG) -> socket.socket 
         socket.inet_pton(family, host.split("%", 1)[0])
     except (OSError, ValueError):
         return None
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP as asyncio's own sockets have: its transports set TCP_NODELAY only on sockets whose
+    # proto says TCP, and an accepted socket inherits the listening one's (with proto 0, Nagle held
+    # back every SSE event written after an unacknowledged one: ~40 ms per command).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

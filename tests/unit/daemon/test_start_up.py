@@ -239,3 +239,28 @@ def test_jail_bytecode_written_for_what_a_jail_imports(tmp_path: Path) -> None:
         source = copy / module
         assert list((source.parent / "__pycache__").glob(source.stem + ".cpython-*.pyc")), module
     assert not (copy / "controller" / "__pycache__").exists()  # only what jails need
+
+
+def test_connections_on_an_early_socket_get_tcp_nodelay() -> None:
+    """asyncio sets TCP_NODELAY on a transport only when its socket's proto is TCP (an SSE stream's
+    events written back to back otherwise wait for the client's delayed ACK: ~40 ms a command)."""
+    import asyncio
+
+    async def check() -> int:
+        sock = listen_early("127.0.0.1", 0)
+        assert sock is not None and sock.proto == socket.IPPROTO_TCP
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            raw = writer.get_extra_info("socket")
+            seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            nodelay = await asyncio.wait_for(seen, 5)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(check()) == 1

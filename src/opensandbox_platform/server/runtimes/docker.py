@@ -3,8 +3,8 @@
 Create: pull the image if it is missing (with the request's image.auth), create the container in one
 call (labels carry the sandbox id, the request and its expiry; execd's volume is mounted read-only;
 see docker_model.py), check that the entrypoint's program exists in it, start it, and wait for
-execd's "listening" line in the container's log stream (an event, not a poll; bounded) while its
-inspect (the published port) runs beside. Anything that fails removes the container again.
+execd's "listening" line in its output, attached before the start (an event, not a poll; bounded)
+while its inspect (the published port) runs beside. Anything that fails removes the container again.
 
 execd (one-dir: execd, execd-lib/, bootstrap.sh) lives in one named volume per version, shared by
 every sandbox and mounted read-only at /opt/opensandbox/bin: made once, by the first create that
@@ -34,7 +34,7 @@ import secrets
 import tarfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -198,10 +198,12 @@ class DockerRuntime:
         try:
             await self._check_entrypoint(container.id, image, spec, working_dir)
             steps.done("check")
-            await container.start()
-            steps.done("start")
-            # The published port is known once started: read it while execd starts.
-            _, inspect = await _both(self._wait_ready(container.id), self._inspect(container.id))
+            async with docker_api.attach_output(self.docker, container.id) as output:
+                steps.done("attach")
+                await container.start()
+                steps.done("start")
+                # The published port is known once started: read it while execd starts.
+                _, inspect = await _both(self._wait_ready(container.id, output), self._inspect(container.id))
             steps.done("ready")
         except BaseException as exc:
             await asyncio.shield(self._remove_container(container.id))
@@ -475,17 +477,16 @@ class DockerRuntime:
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {program} is not in the image")
         self._found_programs.add(key)
 
-    async def _wait_ready(self, container_id: str) -> None:
-        """Follow the container's log until execd says it listens; the stream ends if it exits."""
+    async def _wait_ready(self, container_id: str, output: AsyncIterator[str]) -> None:
+        """Read the container's output until execd says it listens; the output ends if it exits."""
         seen = ""
         timeout = self.settings.start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
-                async with docker_api.follow_logs(self.docker, container_id) as chunks:
-                    async for chunk in chunks:
-                        seen = (seen + chunk)[-LOG_TAIL_CHARS:]
-                        if model.READY_LINE in seen:
-                            return
+                async for chunk in output:
+                    seen = (seen + chunk)[-LOG_TAIL_CHARS:]
+                    if model.READY_LINE in seen:
+                        return
         except TimeoutError:
             raise self._start_failed(container_id, f"execd did not start within {timeout:g} s", seen) from None
         state = (await self._inspect(container_id)).get("State") or {}
