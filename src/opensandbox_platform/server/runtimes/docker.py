@@ -453,11 +453,13 @@ class DockerRuntime:
         one (then the Engine refuses, and a later server start tries again). Younger ones may belong to
         another server on this engine (another version, or execd from the image where this one has
         it from a directory) that has not created its first sandbox yet."""
-        found = await self.docker.volumes.list(filters={"label": [L.DOCKER_EXECD_VOLUME]})  # type: ignore[no-untyped-call]
+        found = await self.docker.volumes.list()  # type: ignore[no-untyped-call]
         for volume in found.get("Volumes") or []:
+            # By name: the engine made one without our label when a create found it gone (a prune).
+            ours = str(volume.get("Name", "")).startswith(model.EXECD_VOLUME_PREFIX)
             created = model.docker_time(volume.get("CreatedAt"))
             old = created is not None and times.now() - created > STALE_EXECD_VOLUME
-            if volume.get("Name") != current and old:
+            if ours and volume.get("Name") != current and old:
                 with contextlib.suppress(DockerError):
                     await DockerVolume(self.docker, volume["Name"]).delete()  # type: ignore[no-untyped-call]
 
@@ -579,6 +581,7 @@ def _dir_tar(directory: Path) -> bytes:
             info = tar.gettarinfo(str(path), str(path.relative_to(directory)))
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
+            info.mtime = 0  # the same files, the same digest: a rebuild of the same execd reuses its volume
             if info.isfile():
                 with path.open("rb") as fh:
                     tar.addfile(info, fh)
