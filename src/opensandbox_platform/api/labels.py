@@ -115,6 +115,7 @@ DOCKER_SNAPSHOT_RECORD: Final = DOCKER_PREFIX + "snapshot"
 # The label keys the runtime set on a container (JSON list): a container also carries its image's
 # labels, and one from a snapshot image carries its source sandbox's, which must not count.
 DOCKER_OWN_LABELS: Final = DOCKER_PREFIX + "own-labels"
+DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holding execd (value: its content key)
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)
