@@ -37,6 +37,7 @@ MAX_DEPTH = 512
 CHUNK = 1 << 20
 
 DIR, FILE, SYMLINK, FIFO, WHITEOUT = "dir", "file", "symlink", "fifo", "whiteout"
+OPTIONAL = frozenset({"size", "digest", "target", "opaque"})  # Entry's fields with a default
 
 
 class TooLarge(Exception):
@@ -57,7 +58,8 @@ class Entry:
     opaque: bool = False  # DIR: an overlay opaque directory (hides the lower layer's content)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in ("", False) or k in ("path", "kind")}
+        # the optional fields only where set (`0 in ("", False)` is true: uid 0 must not be dropped)
+        return {k: v for k, v in asdict(self).items() if k not in OPTIONAL or v not in ("", 0, False)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Entry:

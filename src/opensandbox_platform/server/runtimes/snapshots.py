@@ -16,6 +16,8 @@ ACCEPTED = "snapshot_accepted"
 READY = "snapshot_ready"
 CAPTURE_FAILED = "snapshot_capture_failed"
 TOO_LARGE = "snapshot_too_large"
+# A restore's entrypoint when the request names none (specs/sandbox-lifecycle.yml).
+DEFAULT_ENTRYPOINT = ("tail", "-f", "/dev/null")
 
 
 @dataclass
@@ -36,11 +38,13 @@ def new_id() -> str:
 
 def restored(spec: SandboxSpec, held: Held, image: str | None = None) -> SandboxSpec:
     """The create of a sandbox from a snapshot: what the request names wins, the rest is the
-    snapshot's (its env under the request's). `image`: what the runtime starts it from."""
+    snapshot's (its env under the request's), but for the entrypoint, which the spec defaults to
+    `tail -f /dev/null` (the snapshot holds no process to go on with). `image`: what the runtime
+    starts it from."""
     return dataclasses.replace(
         spec,
         image=image if image is not None else held.image,
-        entrypoint=spec.entrypoint or list(held.entrypoint),
+        entrypoint=spec.entrypoint or list(DEFAULT_ENTRYPOINT),
         env={**held.env, **spec.env},
         cpu_millis=spec.cpu_millis or held.cpu_millis,
         memory_bytes=spec.memory_bytes or held.memory_bytes,

@@ -72,6 +72,7 @@ class SnapshotStore:
 
     def prepare(self) -> None:
         (self.directory / "blobs" / "tmp").mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(exist_ok=True)
         self.directory.chmod(0o700)
 
     # -- records -------------------------------------------------------------------------------
