@@ -246,3 +246,37 @@ async def test_a_huge_sparse_file_fails_the_snapshot_instead_of_filling_the_disk
         assert (answer.status_code, answer.json()["code"]) == (409, "SNAPSHOT::INVALID_STATE")
     await manager.delete_snapshot(snapshot.id)  # a failed snapshot can be deleted
     await manager.close()
+
+
+async def test_hard_links_count_per_name_so_a_restore_fits_the_sandbox(server: ServerProcess) -> None:
+    """A restore writes each name as a file: 12 names of a 100 MiB file would be 1.2 GiB in the new
+    sandbox, more than its disk; the capture refuses it rather than a restore failing or filling."""
+    if server.runtime != "local":
+        pytest.skip("docker: a commit keeps hard links as such (the engine's layer)")
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        await run(
+            source, "head -c 104857600 /dev/zero > /tmp/data && for i in $(seq 12); do ln /tmp/data /tmp/l$i; done"
+        )
+        snapshot = await source.create_snapshot()
+        info = await ready(manager, snapshot.id)
+        assert (info.status.state, info.status.reason) == ("Failed", "snapshot_too_large"), info.status
+    await manager.delete_snapshot(snapshot.id)
+    await manager.close()
+
+
+async def test_a_restore_lands_only_in_the_new_sandbox(server: ServerProcess, tmp_path: Path) -> None:
+    """Links the source planted to host paths stay links inside the new sandbox: nothing of the
+    snapshot is written through them on the host."""
+    host_dir = tmp_path / "host-target"  # exists on the host only
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        await run(source, f"ln -s {host_dir} /workspace/door && mkdir -p {host_dir} && echo planted > {host_dir}/f")
+        snapshot = await source.create_snapshot()
+        assert (await ready(manager, snapshot.id)).status.state == "Ready"
+    async with sandbox(server, None, snapshot_id=snapshot.id) as restored:
+        assert (await run(restored, "cat /workspace/door/f")).strip() == "planted"  # its own copy, inside it
+        await run(restored, "echo written-inside > /workspace/door/g")
+    assert not host_dir.exists()
+    await manager.delete_snapshot(snapshot.id)
+    await manager.close()
