@@ -215,6 +215,12 @@ class DockerSection(Section):
     working_dir: str = Field(
         default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
     )
+    snapshot_max_size_mib: int = Field(
+        default=4096,
+        ge=1,
+        description="the largest writable layer a snapshot commits (apparent size: a sparse file counts in full);"
+        " a larger one makes the snapshot Failed (snapshot_too_large)",
+    )
 
     def state_path(self) -> Path:
         if self.state_dir:

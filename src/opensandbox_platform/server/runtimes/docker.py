@@ -116,7 +116,7 @@ class DockerRuntime:
             validation.memory_bytes(self.settings.default_memory) if self.settings.default_memory else None
         )
         self._docker: aiodocker.Docker | None = None
-        self.snapshots = DockerSnapshots(lambda: self.docker)
+        self.snapshots = DockerSnapshots(lambda: self.docker, self.settings.snapshot_max_size_mib << 20)
         self._seccomp = ""
         self._seccomp_userns = ""
         self._execd_dir_tar: bytes | None = None  # docker.execdDir as a tar, read once
@@ -360,7 +360,7 @@ class DockerRuntime:
             if state != State.RUNNING or sandbox.id in self._deleting:
                 raise snaps.not_running(sandbox_id, state)
             held = docker_snapshots.held_of(inspect, sandbox.labels.image, sandbox.labels.entrypoint)
-            return self.snapshots.begin(sandbox.container_id, sandbox_id, name, held).info()
+            return self.snapshots.begin(sandbox.container_id, sandbox_id, name, held, sandbox.lock).info()
 
     @engine_call
     async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:

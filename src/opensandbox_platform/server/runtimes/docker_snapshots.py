@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -74,6 +75,13 @@ class Record:
             return None
 
 
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"the sandbox's files are too large to snapshot: its writable layer is {size >> 20} MiB, more than"
+        f" {limit >> 20} MiB (docker.snapshotMaxSizeMib; sparse files count in full)"
+    )
+
+
 def image_ref(snapshot_id: str) -> str:
     return f"{REPOSITORY}:{snapshot_id}"
 
@@ -92,8 +100,9 @@ def held_of(inspect: dict[str, Any], image: str, entrypoint: list[str]) -> Held:
 
 
 class DockerSnapshots:
-    def __init__(self, docker: Callable[[], aiodocker.Docker]) -> None:
+    def __init__(self, docker: Callable[[], aiodocker.Docker], max_bytes: int) -> None:
         self._docker = docker
+        self.max_bytes = max_bytes
         self.pending: dict[str, Record] = {}  # Creating, and Failed (this server's memory only)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -101,31 +110,51 @@ class DockerSnapshots:
     def docker(self) -> aiodocker.Docker:
         return self._docker()
 
-    def begin(self, container_id: str, sandbox_id: str, name: str | None, held: Held) -> Record:
+    def begin(self, container_id: str, sandbox_id: str, name: str | None, held: Held, lock: asyncio.Lock) -> Record:
+        """Start the commit in the background, under the sandbox's `lock` (no pause, resume, delete
+        or other capture of it in between)."""
         now = times.rfc3339(digits=6)
         record = Record(snaps.new_id(), sandbox_id, name, held, created_at=now, last_transition_at=now)
         self.pending[record.id] = record
-        task = asyncio.create_task(self._commit(container_id, record), name=f"snapshot-{record.id}")
+        task = asyncio.create_task(self._locked_commit(container_id, record, lock), name=f"snapshot-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return record
 
+    async def _locked_commit(self, container_id: str, record: Record, lock: asyncio.Lock) -> None:
+        async with lock:
+            await self._commit(container_id, record)
+
     async def _commit(self, container_id: str, record: Record) -> None:
+        """Pause the container, measure its writable layer, commit it, let it go on. The runtime
+        pauses (not the commit) so the size measured is the size committed: a sandbox must not
+        make the engine write a 64 GiB sparse file into an image."""
         ready = Record(**{**asdict(record), "held": record.held})
         ready.state, ready.reason = SnapshotState.READY, snaps.READY
         ready.last_transition_at = times.rfc3339(digits=6)
         changes = [f"LABEL {L.DOCKER_SNAPSHOT}={record.id}", f"LABEL {L.DOCKER_SNAPSHOT_RECORD}={ready.encode()}"]
+        container = self.docker.containers.container(container_id)
         try:
-            await self.docker.containers.container(container_id).commit(
-                repository=REPOSITORY, tag=record.id, changes=changes, pause=True
-            )
+            await container.pause()
+            try:
+                size = (await container.show(size="true")).get("SizeRw") or 0
+                if size > self.max_bytes:
+                    self._fail(record, snaps.TOO_LARGE, _too_large(size, self.max_bytes))
+                    return
+                await container.commit(repository=REPOSITORY, tag=record.id, changes=changes, pause=False, config={})
+            finally:
+                with contextlib.suppress(DockerError):
+                    await container.unpause()
         except DockerError as exc:
             log.warning("snapshot commit failed id=%s error=%s", record.id, exc.message)
-            record.state, record.reason = SnapshotState.FAILED, snaps.CAPTURE_FAILED
-            record.message = f"the commit failed: {exc.message}"
-            record.last_transition_at = times.rfc3339(digits=6)
+            self._fail(record, snaps.CAPTURE_FAILED, f"the commit failed: {exc.message}")
             return
         self.pending.pop(record.id, None)
+
+    @staticmethod
+    def _fail(record: Record, reason: str, message: str) -> None:
+        record.state, record.reason, record.message = SnapshotState.FAILED, reason, message
+        record.last_transition_at = times.rfc3339(digits=6)
 
     async def close(self) -> None:
         if self._tasks:
