@@ -19,6 +19,7 @@ from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import SnapshotFilter
 
 from harness.images import TEST_IMAGE
+from harness.ports import free_port
 from harness.server_process import ServerProcess
 
 SMALL = {"cpu": "500m", "memory": "1Gi"}
@@ -282,3 +283,35 @@ async def test_a_restore_lands_only_in_the_new_sandbox(server: ServerProcess, tm
     assert not host_dir.exists()
     await manager.delete_snapshot(snapshot.id)
     await manager.close()
+
+
+async def test_snapshots_and_their_use_survive_a_server_restart(tmp_path: Path, runtime_name: str) -> None:
+    own = ServerProcess(tmp_path, runtime=runtime_name).start()
+    try:
+        manager = await SandboxManager.create(config(own))
+        async with sandbox(own, own.image) as source:
+            await run(source, "echo kept > /workspace/kept")
+            snapshot = await source.create_snapshot(name="survivor")
+            assert (await ready(manager, snapshot.id)).status.state == "Ready"
+        restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=config(own), resource=SMALL)
+        await restored.close()
+        await manager.close()
+
+        own.stop(cleanup=False)
+        own.port = free_port()
+        own.start()
+
+        manager = await SandboxManager.create(config(own))
+        info = await manager.get_snapshot(snapshot.id)
+        assert (info.status.state, info.name) == ("Ready", "survivor")
+        assert (await manager.get_sandbox_info(restored.id)).snapshot_id == snapshot.id
+        with pytest.raises(SandboxApiException) as refused:
+            await manager.delete_snapshot(snapshot.id)  # still in use by the restored sandbox
+        assert refused.value.status_code == 409
+        async with sandbox(own, None, snapshot_id=snapshot.id) as again:
+            assert (await run(again, "cat /workspace/kept")).strip() == "kept"
+        await manager.kill_sandbox(restored.id)
+        await manager.delete_snapshot(snapshot.id)
+        await manager.close()
+    finally:
+        own.stop()

@@ -215,3 +215,23 @@ def test_pause_without_the_capability_is_refused_after_the_404_of_an_unknown_san
 def test_pause_with_the_capability_reaches_the_runtime(client: TestClient, runtime: MemoryRuntime) -> None:
     assert client.post("/v1/sandboxes/a/pause").status_code == 202
     assert runtime.paused == ["a"]
+
+
+def test_snapshots_without_the_capability_are_501_naming_the_runtime(client: TestClient) -> None:
+    """The kubernetes runtime's answer (it declares no snapshots), after a 404 for an unknown sandbox."""
+    assert client.post("/v1/sandboxes/nope/snapshots", json={}).json()["code"] == "SANDBOX::NOT_FOUND"
+    for method, path in [
+        ("POST", "/v1/sandboxes/a/snapshots"),
+        ("GET", "/v1/snapshots"),
+        ("GET", "/snapshots/snap-x"),
+        ("DELETE", "/v1/snapshots/snap-x"),
+    ]:
+        refused = client.request(method, path, json={} if method == "POST" else None)
+        assert refused.status_code == 501, (path, refused.text)
+        assert refused.json() == {
+            "code": "SANDBOX::API_NOT_SUPPORTED",
+            "message": "snapshots are not supported by the memory runtime",
+        }
+    create = client.post("/v1/sandboxes", json={"snapshotId": "snap-x", "entrypoint": ["true"]})
+    assert create.status_code == 400 and create.json()["code"] == "SANDBOX::API_NOT_SUPPORTED"
+    assert "snapshotId" in create.json()["message"]
