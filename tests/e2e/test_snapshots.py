@@ -186,7 +186,13 @@ async def test_bad_input_is_a_4xx_with_code_and_message(server: ServerProcess) -
         answer = raw(server, method, path, **kwargs)
         assert (answer.status_code, answer.json()["code"]) == (status, code), (path, answer.text)
         assert answer.json()["message"]
+    manager = await SandboxManager.create(config(server))
     async with sandbox(server, server.image) as sb:
+        accepted = raw(server, "POST", f"/sandboxes/{sb.id}/snapshots", json={"name": "raw"})
+        assert accepted.status_code == 202 and accepted.json()["status"]["state"] in ("Creating", "Ready")
+        assert accepted.headers["location"] == f"/v1/snapshots/{accepted.json()['id']}"
+        await ready(manager, accepted.json()["id"])
+        await manager.delete_snapshot(accepted.json()["id"])
         for body in ({"name": ""}, {"name": "x" * 300}, {"name": "a\nb"}, {"unknown": 1}):
             answer = raw(server, "POST", f"/sandboxes/{sb.id}/snapshots", json=body)
             assert (answer.status_code, answer.json()["code"]) == (400, "SANDBOX::INVALID_PARAMETER"), body
@@ -194,6 +200,26 @@ async def test_bad_input_is_a_4xx_with_code_and_message(server: ServerProcess) -
         paused = raw(server, "POST", f"/sandboxes/{sb.id}/snapshots", json={})
         assert (paused.status_code, paused.json()["code"]) == (409, "SNAPSHOT::INVALID_SOURCE_STATE")
         assert raw(server, "GET", f"/snapshots?sandboxId={sb.id}").json()["items"] == []  # nothing half-made
+    await manager.close()
+
+
+async def test_a_sandbox_whose_entrypoint_ended_is_not_captured(server: ServerProcess) -> None:
+    body = {"image": {"uri": server.image}, "entrypoint": ["sh", "-c", "sleep 1"], "timeout": 300,
+            "resourceLimits": SMALL}  # fmt: skip
+    created = raw(server, "POST", "/sandboxes", json=body)
+    assert created.status_code == 202, created.text
+    sandbox_id = created.json()["id"]
+    try:
+        for _ in range(300):
+            state = raw(server, "GET", f"/sandboxes/{sandbox_id}").json()["status"]["state"]
+            if state not in ("Pending", "Running"):
+                break
+            await asyncio.sleep(0.1)
+        answer = raw(server, "POST", f"/sandboxes/{sandbox_id}/snapshots", json={})
+        assert (answer.status_code, answer.json()["code"]) == (409, "SNAPSHOT::INVALID_SOURCE_STATE"), answer.text
+        assert state in answer.json()["message"]
+    finally:
+        raw(server, "DELETE", f"/sandboxes/{sandbox_id}")
 
 
 def host_file(path: str) -> bytes:

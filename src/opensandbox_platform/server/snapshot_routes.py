@@ -49,7 +49,9 @@ async def create_snapshot(
         await runtime.get(sandbox_id)  # an unknown sandbox is a 404 first, as on every runtime
         _supported(runtime)
     info = await runtime.create_snapshot(sandbox_id, body.name if body else None)
-    return as_json(SnapshotModel.of(info), 202)
+    answer = as_json(SnapshotModel.of(info), 202)
+    answer.headers["Location"] = f"/v1/snapshots/{info.id}"  # where to poll (the spec's header)
+    return answer
 
 
 @router.get("/snapshots", response_model=ListSnapshotsResponse, response_model_exclude_none=True)

@@ -27,15 +27,15 @@ from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api
+from opensandbox_platform.server.runtimes import docker_api, docker_model
 from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import SnapshotInfo, SnapshotState
 from opensandbox_platform.server.runtimes.snapshots import Held
 
 log = logging.getLogger("opensandbox.docker.snapshots")
 REPOSITORY = "opensandbox-snapshot"
-# execd's own variables (docker_model.execd_env): the next sandbox gets its own
-EXECD_ENV = ("EXECD", "EXECD_ACCESS_TOKEN", "EXECD_PORT", "EXECD_ENVS", "OPENSANDBOX_ID")
+# execd's own variables: the next sandbox gets its own
+EXECD_ENV = frozenset(docker_model.execd_env("", ""))
 
 
 @dataclass
