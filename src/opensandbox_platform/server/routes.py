@@ -52,7 +52,14 @@ STATES = (
     State.FAILED,
     "Unknown",
 )
-STATE_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in STATES) + ")$"
+
+
+def any_case_pattern(names: tuple[str, ...]) -> str:
+    """A regex (for the OpenAPI document) matching any of `names` in any case."""
+    return "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in names) + ")$"
+
+
+STATE_PATTERN = any_case_pattern(STATES)
 # What `_parse_metadata_filter` accepts: `k=v` pairs joined by `&` (the value may hold `=`).
 METADATA_FILTER_PATTERN = r"^(?:[^&=]*=[^&]*(?:&[^&=]*=[^&]*)*)?$"
 Port = Annotated[int, Path(ge=1, le=65535, description="a port of the sandbox, 1-65535")]

@@ -21,7 +21,7 @@ from opensandbox_platform.server.models import (
     PaginationInfo,
     SnapshotModel,
 )
-from opensandbox_platform.server.routes import as_json, runtime_of
+from opensandbox_platform.server.routes import any_case_pattern, as_json, runtime_of
 from opensandbox_platform.server.runtimes.base import Runtime, SnapshotState
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 501, 503)}
@@ -29,6 +29,7 @@ router = APIRouter(tags=["snapshots"], responses=ERRORS)  # type: ignore[arg-typ
 SandboxId = Annotated[str, Path(alias="sandboxId", min_length=1)]
 SnapshotId = Annotated[str, Path(alias="snapshotId", min_length=1)]
 STATES = (SnapshotState.CREATING, SnapshotState.READY, SnapshotState.FAILED, SnapshotState.DELETING)
+STATE_PATTERN = any_case_pattern(STATES)
 
 
 def _supported(runtime: Runtime) -> None:
@@ -59,7 +60,13 @@ async def list_snapshots(
     request: Request,
     sandbox_id: Annotated[str | None, Query(alias="sandboxId")] = None,
     name: str | None = None,
-    state: Annotated[list[str], Query(description="repeatable, any case; any of them matches")] = [],  # noqa: B006
+    state: Annotated[
+        list[str],
+        Query(
+            description="repeatable, any case; any of them matches",
+            json_schema_extra={"items": {"type": "string", "pattern": STATE_PATTERN}},  # checked below
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies a query list's default
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> JSONResponse:

@@ -153,7 +153,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
     requests = _resource_requests(body.resource_requests or {})
     spec = SandboxSpec(
         image=body.image.uri if body.image else "",
-        entrypoint=list(body.entrypoint or []),  # empty with a snapshot: the snapshot's
+        entrypoint=list(body.entrypoint or []),  # empty with a snapshot: runtimes/snapshots.restored defaults it
         env=env,
         metadata=dict(metadata),
         extensions=dict(body.extensions or {}),
