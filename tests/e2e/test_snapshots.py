@@ -341,3 +341,28 @@ async def test_snapshots_and_their_use_survive_a_server_restart(tmp_path: Path, 
         await manager.close()
     finally:
         own.stop()
+
+
+async def test_a_snapshot_of_a_restored_sandbox(server: ServerProcess) -> None:
+    """A chain: B is taken of a sandbox restored from A. B holds A's files and its own; deleting A
+    while B exists is either done (local: B holds its own copy) or a 409 (docker: B's image is built
+    over A's), never a 500, and B restores either way."""
+    manager = await SandboxManager.create(config(server))
+    async with sandbox(server, server.image) as source:
+        await run(source, "echo a > /workspace/a")
+        first = await source.create_snapshot()
+        assert (await ready(manager, first.id)).status.state == "Ready"
+    async with sandbox(server, None, snapshot_id=first.id) as middle:
+        await run(middle, "echo b > /workspace/b && rm /workspace/a && echo a2 > /workspace/a2")
+        second = await middle.create_snapshot()
+        assert (await ready(manager, second.id)).status.state == "Ready"
+    answer = raw(server, "DELETE", f"/snapshots/{first.id}")
+    assert answer.status_code in (204, 409), answer.text
+    if answer.status_code == 409:
+        assert answer.json()["code"] == "SNAPSHOT::IN_USE" and answer.json()["message"]
+    async with sandbox(server, None, snapshot_id=second.id) as last:
+        assert (await run(last, "ls /workspace")).split() == ["a2", "b"]
+    await manager.delete_snapshot(second.id)
+    if answer.status_code == 409:
+        await manager.delete_snapshot(first.id)  # once B is gone
+    await manager.close()
