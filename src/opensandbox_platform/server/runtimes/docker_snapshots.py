@@ -149,6 +149,10 @@ class DockerSnapshots:
             log.warning("snapshot commit failed id=%s error=%s", record.id, exc.message)
             self._fail(record, snaps.CAPTURE_FAILED, f"the commit failed: {exc.message}")
             return
+        except Exception as exc:  # the engine gone, a timeout: never left Creating
+            log.warning("snapshot commit failed id=%s error=%r", record.id, exc)
+            self._fail(record, snaps.CAPTURE_FAILED, f"the commit failed: {type(exc).__name__}")
+            return
         self.pending.pop(record.id, None)
 
     @staticmethod

@@ -101,6 +101,10 @@ class LocalSnapshots:
                 log.warning("snapshot capture failed id=%s error=%s", snapshot.id, exc)
                 await self._fail(snapshot, snaps.CAPTURE_FAILED, f"the capture failed: {exc.strerror or exc}")
                 return
+            except Exception:  # never left Creating: a bug here must still end the snapshot
+                log.exception("snapshot capture failed id=%s", snapshot.id)
+                await self._fail(snapshot, snaps.CAPTURE_FAILED, "the capture failed: internal error")
+                return
             snapshot.size_bytes = captured.bytes
             snapshot.files = sum(1 for e in captured.entries if e.kind == filetree.FILE)
             snapshot.skipped = captured.skipped[:100]
