@@ -366,3 +366,30 @@ async def test_a_snapshot_of_a_restored_sandbox(server: ServerProcess) -> None:
     if answer.status_code == 409:
         await manager.delete_snapshot(first.id)  # once B is gone
     await manager.close()
+
+
+async def test_the_local_store_is_bounded_in_total(tmp_path: Path, runtime_name: str) -> None:
+    """Snapshot after snapshot of new data cannot fill the host's disk: once the store could go above
+    local.snapshotStoreMaxMib, a capture is Failed (and deleting a snapshot makes room again)."""
+    if runtime_name != "local":
+        pytest.skip("docker: the engine's image storage is the operator's (docker.snapshotMaxSizeMib per snapshot)")
+    own = ServerProcess(tmp_path, extra_config="diskSizeMib = 32\nsnapshotStoreMaxMib = 48").start()
+    try:
+        manager = await SandboxManager.create(config(own))
+        async with sandbox(own, own.image) as source:
+            await run(source, "head -c 20971520 /dev/urandom > /workspace/one")
+            first = await source.create_snapshot()
+            assert (await ready(manager, first.id)).status.state == "Ready"
+            await run(source, "head -c 20971520 /dev/urandom > /workspace/one")
+            second = await source.create_snapshot()
+            info = await ready(manager, second.id)
+            assert (info.status.state, info.status.reason) == ("Failed", "snapshot_too_large")
+            assert "snapshotStoreMaxMib" in (info.status.message or "")
+            await manager.delete_snapshot(first.id)
+            third = await source.create_snapshot()
+            assert (await ready(manager, third.id)).status.state == "Ready"
+        for snapshot in (second, third):
+            await manager.delete_snapshot(snapshot.id)
+        await manager.close()
+    finally:
+        own.stop()

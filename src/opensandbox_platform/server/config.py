@@ -152,6 +152,12 @@ class LocalSection(Section):
         " uidRangeStart + N*65536 ...",
     )
     uid_range_slots: int = Field(default=16384, ge=1, description="how many sandboxes (ranges) this host can hold")
+    snapshot_store_max_mib: int = Field(
+        default=10240,
+        ge=16,
+        description="the most the snapshots under the state dir may hold together: a capture that could take the"
+        " store above it is Failed (snapshot_too_large); each snapshot holds at most diskSizeMib",
+    )
 
     @field_validator("network_allow", "network_deny")
     @classmethod

@@ -237,7 +237,9 @@ class LocalRuntime:
         self.default_memory = validation.memory_bytes(self.local.default_memory) if self.local.default_memory else None
         self.images = images.ImageCache(self.state_dir / "images")
         # A snapshot holds at most what the sandbox's disk holds (a sparse file counts in full).
-        self.snapshots = LocalSnapshots(self.state_dir / "snapshots", self.local.disk_size_mib << 20)
+        self.snapshots = LocalSnapshots(
+            self.state_dir / "snapshots", self.local.disk_size_mib << 20, self.local.snapshot_store_max_mib << 20
+        )
         self._find_image = images.Lookup()
         self._bpf = b""
         self._bpf_userns = b""

@@ -45,9 +45,10 @@ def layer_path(jail_pid: int, stage_dir: str, overlay: bool) -> str:
 
 
 class LocalSnapshots:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, store_max_bytes: int) -> None:
         self.store = SnapshotStore(directory)
-        self.max_bytes = max_bytes
+        self.max_bytes = max_bytes  # one snapshot (the sandbox's disk)
+        self.store_max_bytes = store_max_bytes  # all of them together
         self.snapshots: dict[str, LocalSnapshot] = {}
         self.restoring: dict[str, int] = {}  # snapshot id -> creates laying it out now (it is in use)
 
@@ -87,11 +88,15 @@ class LocalSnapshots:
 
     async def capture(self, snapshot: LocalSnapshot, layer: str, id_offset: int, overlay: bool) -> None:
         """Archive the layer into the snapshot; Ready, or Failed with the reason (never raises)."""
-        budget = filetree.Budget(self.max_bytes, MAX_ENTRIES)
-        work = functools.partial(
-            filetree.capture, layer, self.store.put_blob, budget, id_offset=id_offset, overlay=overlay
-        )
         async with self.store.lock:
+            room = self.store_max_bytes - await asyncio.to_thread(self.store.total_bytes)
+            if room < self.max_bytes:  # counted before sharing: a capture may add up to its whole size
+                await self._fail(snapshot, snaps.TOO_LARGE, _store_full(room, self.store_max_bytes))
+                return
+            budget = filetree.Budget(self.max_bytes, MAX_ENTRIES)
+            work = functools.partial(
+                filetree.capture, layer, self.store.put_blob, budget, id_offset=id_offset, overlay=overlay
+            )
             try:
                 captured = await asyncio.to_thread(work)
             except filetree.TooLarge as exc:
@@ -148,3 +153,10 @@ class LocalSnapshots:
                 log.info("restore of %s left out %d entries (the jail's own)", snapshot.id, len(skipped))
 
         return restore
+
+
+def _store_full(room: int, limit: int) -> str:
+    return (
+        f"the snapshot store is full: {max(room, 0) >> 20} MiB left of {limit >> 20} MiB"
+        " (local.snapshotStoreMaxMib), less than a snapshot may take (local.diskSizeMib); delete snapshots"
+    )

@@ -157,12 +157,12 @@ class SnapshotStore:
             stale.unlink(missing_ok=True)
         return removed
 
-    def stored_bytes(self, digests: set[str]) -> int:
-        """What these blobs take on disk (each once)."""
+    def total_bytes(self) -> int:
+        """What every blob takes on disk."""
         total = 0
-        for digest in digests:
-            with contextlib.suppress(OSError, ValueError):
-                total += self.blob_path(digest).stat().st_size
+        for blob in self.blobs.glob("*/*"):
+            with contextlib.suppress(OSError):
+                total += blob.stat().st_size
         return total
 
 
