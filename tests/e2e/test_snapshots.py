@@ -204,8 +204,12 @@ async def test_bad_input_is_a_4xx_with_code_and_message(server: ServerProcess) -
 
 
 async def test_a_sandbox_whose_entrypoint_ended_is_not_captured(server: ServerProcess) -> None:
-    body = {"image": {"uri": server.image}, "entrypoint": ["sh", "-c", "sleep 1"], "timeout": 300,
-            "resourceLimits": SMALL}  # fmt: skip
+    body = {
+        "image": {"uri": server.image},
+        "entrypoint": ["sh", "-c", "sleep 1"],
+        "timeout": 300,
+        "resourceLimits": SMALL,
+    }
     created = raw(server, "POST", "/sandboxes", json=body)
     assert created.status_code == 202, created.text
     sandbox_id = created.json()["id"]

@@ -559,8 +559,13 @@ class LocalRuntime:
             record = self._record(sandbox_id)
             if record.state != State.RUNNING:
                 raise snaps.not_running(sandbox_id, record.state)
-            held = snaps.Held(record.image, list(record.entrypoint), dict(record.env), record.cpu_millis,
-                              record.memory_bytes)  # fmt: skip
+            held = snaps.Held(
+                image=record.image,
+                entrypoint=list(record.entrypoint),
+                env=dict(record.env),
+                cpu_millis=record.cpu_millis,
+                memory_bytes=record.memory_bytes,
+            )
             snapshot = self.snapshots.begin(sandbox_id, name, held, record.image_digest)
         task = asyncio.create_task(self._capture(record, snapshot), name=f"snapshot-{snapshot.id}")
         self._captures.add(task)
