@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import math
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -52,6 +52,9 @@ STATES = (
     State.FAILED,
     "Unknown",
 )
+
+
+T = TypeVar("T")
 
 
 def any_case_pattern(names: tuple[str, ...]) -> str:
@@ -138,10 +141,7 @@ async def list_sandboxes(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> JSONResponse:
-    wanted_states = {s.lower() for s in state}
-    unknown = wanted_states - {name.lower() for name in STATES}
-    if unknown:
-        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(STATES)}")
+    wanted_states = wanted(state, STATES)
     wanted_metadata = _parse_metadata_filter(metadata)
     items = [
         info
@@ -150,21 +150,27 @@ async def list_sandboxes(
         and all(info.metadata.get(k) == v for k, v in wanted_metadata)
     ]
     items.sort(key=lambda info: info.created_at, reverse=True)
+    window, pagination = paged(items, page, page_size)
+    return as_json(ListSandboxesResponse(items=[SandboxModel.of(info) for info in window], pagination=pagination))
+
+
+def wanted(states: list[str], known: tuple[str, ...]) -> set[str]:
+    """A list filter's states, lowercased; one not in `known` (any case) is a 400, not an empty page."""
+    found = {s.lower() for s in states}
+    unknown = found - {name.lower() for name in known}
+    if unknown:
+        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(known)}")
+    return found
+
+
+def paged(items: list[T], page: int, page_size: int) -> tuple[list[T], PaginationInfo]:
+    """Page `page` (from 1) of `items`, and the pagination block the lists answer with."""
     total = len(items)
-    total_pages = math.ceil(total / page_size) if total else 0
-    window = items[(page - 1) * page_size : page * page_size]
-    return as_json(
-        ListSandboxesResponse(
-            items=[SandboxModel.of(info) for info in window],
-            pagination=PaginationInfo(
-                page=page,
-                page_size=page_size,
-                total_items=total,
-                total_pages=total_pages,
-                has_next_page=page < total_pages,
-            ),
-        )
+    pages = math.ceil(total / page_size) if total else 0
+    info = PaginationInfo(
+        page=page, page_size=page_size, total_items=total, total_pages=pages, has_next_page=page < pages
     )
+    return items[(page - 1) * page_size : page * page_size], info
 
 
 def _parse_metadata_filter(raw: str | None) -> list[tuple[str, str]]:

@@ -6,7 +6,6 @@ A runtime that cannot take snapshots answers every one of them 501 `SANDBOX::API
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
@@ -18,10 +17,9 @@ from opensandbox_platform.server.models import (
     CreateSnapshotRequest,
     ErrorResponse,
     ListSnapshotsResponse,
-    PaginationInfo,
     SnapshotModel,
 )
-from opensandbox_platform.server.routes import any_case_pattern, as_json, runtime_of
+from opensandbox_platform.server.routes import any_case_pattern, as_json, paged, runtime_of, wanted
 from opensandbox_platform.server.runtimes.base import Runtime, SnapshotState
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 501, 503)}
@@ -72,29 +70,17 @@ async def list_snapshots(
 ) -> JSONResponse:
     runtime = runtime_of(request)
     _supported(runtime)
-    wanted = {s.lower() for s in state}
-    unknown = wanted - {s.lower() for s in STATES}
-    if unknown:
-        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(STATES)}")
+    states = wanted(state, STATES)
     items = [
         info
         for info in await runtime.list_snapshots()
         if (sandbox_id is None or info.sandbox_id == sandbox_id)
         and (name is None or info.name == name)
-        and (not wanted or info.state.lower() in wanted)
+        and (not states or info.state.lower() in states)
     ]
     items.sort(key=lambda info: info.created_at, reverse=True)
-    total = len(items)
-    pages = math.ceil(total / page_size) if total else 0
-    window = items[(page - 1) * page_size : page * page_size]
-    return as_json(
-        ListSnapshotsResponse(
-            items=[SnapshotModel.of(info) for info in window],
-            pagination=PaginationInfo(
-                page=page, page_size=page_size, total_items=total, total_pages=pages, has_next_page=page < pages
-            ),
-        )
-    )
+    window, pagination = paged(items, page, page_size)
+    return as_json(ListSnapshotsResponse(items=[SnapshotModel.of(info) for info in window], pagination=pagination))
 
 
 @router.get("/snapshots/{snapshotId}", response_model=SnapshotModel, response_model_exclude_none=True)
