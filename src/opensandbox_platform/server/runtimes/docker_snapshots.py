@@ -1,5 +1,6 @@
-"""Snapshots of docker sandboxes: a container commit (paused for its duration, by the engine) to a
-local image `opensandbox-snapshot:<id>`, labelled with the snapshot's id and record.
+"""Snapshots of docker sandboxes: a container commit (the runtime pauses the container and checks
+its writable layer's size first) to a local image `opensandbox-snapshot:<id>`, labelled with the
+snapshot's id and record.
 
 The image is the record of a Ready snapshot, so snapshots survive a server restart and another
 server on the same engine sees them. A capture in progress, and one that failed, live in this

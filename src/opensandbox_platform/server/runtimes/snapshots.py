@@ -58,7 +58,7 @@ def not_running(sandbox_id: str, state: str) -> ApiError:
 
 
 def require_ready(info: SnapshotInfo) -> None:
-    """A create can only restore a Ready snapshot (400 naming the state otherwise)."""
+    """A create can only restore a Ready snapshot (409 naming the state otherwise)."""
     if info.state != SnapshotState.READY:
         raise ApiError(
             409,
