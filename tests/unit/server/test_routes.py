@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -235,3 +236,18 @@ def test_snapshots_without_the_capability_are_501_naming_the_runtime(client: Tes
     create = client.post("/v1/sandboxes", json={"snapshotId": "snap-x", "entrypoint": ["true"]})
     assert create.status_code == 400 and create.json()["code"] == "SANDBOX::API_NOT_SUPPORTED"
     assert "snapshotId" in create.json()["message"]
+
+
+def create_schema(runtime: MemoryRuntime) -> dict[str, Any]:
+    for client in client_for(runtime):
+        schema: dict[str, Any] = client.get("/openapi.json").json()["components"]["schemas"]["CreateSandboxRequest"]
+    return schema
+
+
+def test_the_document_requires_an_image_where_snapshots_are_not_served(runtime: MemoryRuntime) -> None:
+    without = create_schema(runtime)
+    assert "snapshotId" not in without["properties"] and {"image", "entrypoint"} <= set(without["required"])
+    runtime.capabilities = Capabilities("memory", snapshots=True)
+    with_snapshots = create_schema(runtime)
+    assert "snapshotId" in with_snapshots["properties"]
+    assert not {"image", "entrypoint"} & set(with_snapshots.get("required", []))  # either: validation.py
