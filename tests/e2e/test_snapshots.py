@@ -1,5 +1,5 @@
 """Snapshots through the official SDK (opensandbox 1.1.1), on the local and docker runtimes:
-a sandbox created from a snapshot sees its files, env and entrypoint; list/get/delete; a 200 MiB
+a sandbox created from a snapshot sees its files and env; list/get/delete; a 200 MiB
 workspace; bad input; a hostile sandbox's snapshot harms nothing and leaks nothing.
 """
 
@@ -80,7 +80,7 @@ test -p /workspace/fifo && echo fifo; echo "FROM_SNAPSHOT=$FROM_SNAPSHOT"
 """
 
 
-async def test_a_sandbox_from_a_snapshot_sees_its_files_env_and_entrypoint(server: ServerProcess) -> None:
+async def test_a_sandbox_from_a_snapshot_sees_its_files_and_env(server: ServerProcess) -> None:
     manager = await SandboxManager.create(config(server))
     for image in images(server):
         async with sandbox(server, image, env={"FROM_SNAPSHOT": "kept"}, entrypoint=["sleep", "infinity"]) as source:
@@ -103,7 +103,7 @@ async def test_a_sandbox_from_a_snapshot_sees_its_files_env_and_entrypoint(serve
             ]  # fmt: skip
             assert "after" not in await run(restored, "ls /workspace")
             fetched = await manager.get_sandbox_info(restored.id)
-            assert fetched.entrypoint == ["tail", "-f", "/dev/null"]  # the SDK always sends its default
+            assert fetched.entrypoint == ["tail", "-f", "/dev/null"]  # not the source's: the SDK sends its default
             if image == TEST_IMAGE:
                 got = await run(restored, "test -e /etc/debian_version || echo no-file; ls -A /usr/share/doc | wc -l")
                 assert got.split() == ["no-file", "0"]  # the whiteout and the opaque directory held
@@ -128,11 +128,15 @@ async def test_list_get_delete_and_delete_in_use_is_refused(server: ServerProces
         assert {s.id for s in listed.snapshot_infos} == {first.id, second.id}
         named = await manager.list_snapshots(SnapshotFilter(name="first"))
         assert [s.id for s in named.snapshot_infos] == [first.id]
-        ready_only = await manager.list_snapshots(SnapshotFilter(sandbox_id=source.id, states=["Failed"]))
-        assert ready_only.snapshot_infos == []
+        failed_only = await manager.list_snapshots(SnapshotFilter(sandbox_id=source.id, states=["Failed"]))
+        assert failed_only.snapshot_infos == []
 
     restored = await Sandbox.create(snapshot_id=first.id, connection_config=config(server), resource=SMALL)
     assert (await manager.get_sandbox_info(restored.id)).snapshot_id == first.id
+    bare = raw(server, "POST", "/sandboxes", json={"snapshotId": first.id, "resourceLimits": SMALL, "timeout": 300})
+    assert bare.status_code == 202, bare.text
+    assert bare.json()["entrypoint"] == ["tail", "-f", "/dev/null"]  # the spec's default for a restore
+    assert raw(server, "DELETE", f"/sandboxes/{bare.json()['id']}").status_code == 204
     with pytest.raises(SandboxApiException) as refused:
         await manager.delete_snapshot(first.id)
     assert refused.value.status_code == 409 and "in use" in str(refused.value)
