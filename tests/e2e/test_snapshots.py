@@ -160,9 +160,23 @@ async def test_a_200_mib_workspace(server: ServerProcess) -> None:
         snapshot = await source.create_snapshot()
         assert (await ready(manager, snapshot.id)).status.state == "Ready"
     async with sandbox(server, None, snapshot_id=snapshot.id) as restored:
+        if server.runtime == "local":  # the restored pages are the new sandbox's memory, not the server's
+            assert memory_charged(server, restored.id) >= 200 << 20
         assert await run(restored, "sha256sum /workspace/big | cut -d' ' -f1") == digest
+    if server.runtime == "local":  # so a memory limit below the files is refused up front, not a 500 later
+        small = {"snapshotId": snapshot.id, "resourceLimits": {"cpu": "500m", "memory": "256Mi"}, "timeout": 300}
+        refused = raw(server, "POST", "/sandboxes", json=small)
+        assert (refused.status_code, refused.json()["code"]) == (400, "SANDBOX::INVALID_PARAMETER"), refused.text
+        assert "resourceLimits.memory" in refused.json()["message"]
     await manager.delete_snapshot(snapshot.id)
     await manager.close()
+
+
+def memory_charged(server: ServerProcess, sandbox_id: str) -> int:
+    """What the local sandbox's memory cgroup holds (its tmpfs pages included)."""
+    record = next(r for r in server.records() if r["id"] == sandbox_id)
+    memory = Path(record["cgroups"]["memory"])  # type: ignore[index]
+    return int((memory / "memory.usage_in_bytes").read_text())
 
 
 def raw(server: ServerProcess, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -27,6 +27,7 @@ import asyncio
 import builtins
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import functools
 import json
@@ -37,7 +38,6 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,10 +74,12 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
-from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, layer_path
+from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps, slot_range
 
+# What a restored sandbox needs on top of its files within its memory limit (execd, a shell, a command).
+RESTORE_HEADROOM = 128 << 20
 log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
@@ -463,6 +465,7 @@ class LocalRuntime:
             raise snaps.unknown_for_create(snapshot_id)
         snaps.require_ready(snapshot.info())
         spec = snaps.restored(spec, snapshot.held)
+        self._check_room(spec, snapshot.size_bytes)
         image = await self._snapshot_image(snapshot.held.image, snapshot.image_digest)
         restore = self.snapshots.restorer(snapshot, self._jail_paths(image is not None))
         self.snapshots.restoring[snapshot_id] = self.snapshots.restoring.get(snapshot_id, 0) + 1
@@ -471,6 +474,16 @@ class LocalRuntime:
             return await self._finish_create(jail, spec, image)
         finally:
             self.snapshots.restoring[snapshot_id] -= 1
+
+    def _check_room(self, spec: SandboxSpec, files_bytes: int) -> None:
+        """A jail's files are memory of its own (its tmpfs): the memory limit must hold the snapshot's
+        files and leave room to run (400 naming the field, before anything starts)."""
+        memory = spec.memory_bytes or self.default_memory
+        if memory and "memory" in self.cgroups.parents and memory < files_bytes + RESTORE_HEADROOM:
+            raise errors.invalid(
+                f"resourceLimits.memory ({memory >> 20} MiB) must be above the snapshot's files"
+                f" ({files_bytes >> 20} MiB, kept in memory on the local runtime) plus {RESTORE_HEADROOM >> 20} MiB"
+            )
 
     async def _snapshot_image(self, ref: str, digest: str) -> images.ImageInfo | None:
         """The image root a snapshot was taken over: the host's image if it is still that digest (its
@@ -659,7 +672,7 @@ class LocalRuntime:
         image: images.ImageInfo | None = None,
         *,
         userns: bool = False,
-        restore: Callable[[str, int], None] | None = None,
+        restore: Restore | None = None,
     ) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
         listens in it. `userns`: its filter lets it make user namespaces (isolated sessions)."""
@@ -678,7 +691,7 @@ class LocalRuntime:
         if image is not None:
             record.root = image.describe()
         plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
-        plan.restore = restore
+        plan.restore = functools.partial(restore, cgroups) if restore is not None else None
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
             staged = await asyncio.shield(asyncio.wrap_future(future))
@@ -792,7 +805,14 @@ class LocalRuntime:
     async def _claim(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None = None) -> None:
         record = jail.record
         memory = spec.memory_bytes or self.default_memory
-        self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
+        try:
+            self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not memory:
+                raise
+            raise errors.invalid(  # the kernel cannot reclaim tmpfs pages: a restore's files did not fit
+                f"resourceLimits.memory ({memory >> 20} MiB) is below what the sandbox already holds in memory"
+            ) from None
         rlimits: dict[str, list[int]] = {
             "RLIMIT_NOFILE": [self.local.open_files, self.local.open_files],
             "RLIMIT_NPROC": [self.local.max_processes, self.local.max_processes],

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,12 +28,16 @@ from opensandbox_platform.server import errors
 from opensandbox_platform.server.runtimes import filetree, procfs
 from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.snapshots import Held
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot, SnapshotStore
 
 log = logging.getLogger("opensandbox.local.snapshots")
 
 MAX_ENTRIES = 1_000_000
+RESTORE_TIMEOUT = 600.0  # seconds: a whole diskSizeMib of small files on a loaded host
+# Called with the new jail's cgroups, its writable layer and its first host id (runtimes/staging.py).
+Restore = Callable[[dict[str, str], str, int], None]
 # What the jail's start makes itself in its root: never taken from a snapshot (bwrap's mounts, the
 # files staging writes for this sandbox's name and network).
 JAIL_OWNED = frozenset({"proc", "dev", "sys", "run", "etc/hostname", "etc/hosts", "etc/resolv.conf"})
@@ -141,16 +148,27 @@ class LocalSnapshots:
             self.store.remove(snapshot_id)
             await asyncio.to_thread(self.store.collect)
 
-    def restorer(self, snapshot: LocalSnapshot, protected: frozenset[str]) -> Callable[[str, int], None]:
-        """What staging calls with the new jail's layer and id offset, in its thread."""
-        entries = self.store.entries(snapshot.id)
+    def restorer(self, snapshot: LocalSnapshot, protected: frozenset[str]) -> Restore:
+        """What staging calls, in its thread, with the new jail's cgroups, layer and id offset: runs
+        runtimes/restore_job.py in those cgroups (the restored files' pages are the sandbox's)."""
+        job = {"store": str(self.store.directory), "snapshot": snapshot.id, "protected": sorted(protected | JAIL_OWNED)}
 
-        def restore(layer: str, id_offset: int) -> None:
-            skipped = filetree.restore(
-                layer, entries, self.store.open_blob, id_offset=id_offset, protected=protected | JAIL_OWNED
-            )
+        def restore(cgroups: dict[str, str], layer: str, id_offset: int) -> None:
+            command = [sys.executable, "-m", "opensandbox_platform.server.runtimes.restore_job"]
+            helper = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                Cgroups.attach(cgroups, helper.pid)  # before it reads its job, so before it writes a byte
+                request = json.dumps({**job, "layer": layer, "id_offset": id_offset}).encode()
+                out, err = helper.communicate(request, timeout=RESTORE_TIMEOUT)
+            finally:
+                if helper.poll() is None:
+                    helper.kill()
+                    helper.wait()
+            if helper.returncode != 0:
+                raise RuntimeError(f"the restore of {snapshot.id} failed: {err.decode(errors='replace')[-500:]}")
+            skipped = json.loads(out)["skipped"]
             if skipped:
-                log.info("restore of %s left out %d entries (the jail's own)", snapshot.id, len(skipped))
+                log.info("restore of %s left out %d entries (the jail's own)", snapshot.id, skipped)
 
         return restore
 
