@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from opensandbox_platform.server.runtimes import filetree
+from opensandbox_platform.server.runtimes.base import Held
 from opensandbox_platform.server.runtimes.filetree import Entry
-from opensandbox_platform.server.runtimes.snapshots import Held
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot, SnapshotStore
 
 

@@ -82,6 +82,17 @@ class SnapshotState:
 
 
 @dataclass
+class Held:
+    """The sandbox a snapshot was taken of, besides its files: a restore starts from these."""
+
+    image: str
+    entrypoint: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
 class SnapshotInfo:
     id: str
     sandbox_id: str

@@ -30,8 +30,7 @@ from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import docker_api, docker_model
 from opensandbox_platform.server.runtimes import snapshots as snaps
-from opensandbox_platform.server.runtimes.base import SnapshotInfo, SnapshotState
-from opensandbox_platform.server.runtimes.snapshots import Held
+from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotState
 
 log = logging.getLogger("opensandbox.docker.snapshots")
 REPOSITORY = "opensandbox-snapshot"

@@ -64,6 +64,7 @@ from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    Held,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
@@ -572,7 +573,7 @@ class LocalRuntime:
             record = self._record(sandbox_id)
             if record.state != State.RUNNING:
                 raise snaps.not_running(sandbox_id, record.state)
-            held = snaps.Held(
+            held = Held(
                 image=record.image,
                 entrypoint=list(record.entrypoint),
                 env=dict(record.env),

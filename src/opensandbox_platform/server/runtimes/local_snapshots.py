@@ -27,9 +27,8 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.runtimes import filetree, procfs
 from opensandbox_platform.server.runtimes import snapshots as snaps
-from opensandbox_platform.server.runtimes.base import SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotState
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
-from opensandbox_platform.server.runtimes.snapshots import Held
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot, SnapshotStore
 
 log = logging.getLogger("opensandbox.local.snapshots")

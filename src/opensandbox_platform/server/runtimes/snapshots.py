@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from dataclasses import dataclass, field
 
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes.base import SandboxSpec, SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SandboxSpec, SnapshotInfo, SnapshotState
 
 # Machine-readable reasons of a snapshot's state (the SDK's examples).
 ACCEPTED = "snapshot_accepted"
@@ -18,17 +17,6 @@ CAPTURE_FAILED = "snapshot_capture_failed"
 TOO_LARGE = "snapshot_too_large"
 # A restore's entrypoint when the request names none (specs/sandbox-lifecycle.yml).
 DEFAULT_ENTRYPOINT = ("tail", "-f", "/dev/null")
-
-
-@dataclass
-class Held:
-    """The sandbox a snapshot was taken of, besides its files: a restore starts from these."""
-
-    image: str
-    entrypoint: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cpu_millis: int | None = None
-    memory_bytes: int | None = None
 
 
 def new_id() -> str:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from opensandbox_platform.daemon import times
-from opensandbox_platform.server.runtimes.base import SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotState
 from opensandbox_platform.server.runtimes.filetree import CHUNK, Entry
-from opensandbox_platform.server.runtimes.snapshots import Held
 
 RECORD = "snapshot.json"
 ENTRIES = "entries.json"
