@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,20 @@ async def sandbox(server: ServerProcess, image: str | None = None, **kwargs: Any
         await sb.close()
 
 
+TAKEN: set[str] = set()  # every snapshot a test waited for: removed at the end even if the test failed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leave_no_snapshot(server: ServerProcess) -> Iterator[None]:
+    """A docker snapshot is an image on the (shared) engine: none of ours may outlive the module."""
+    yield
+    for snapshot_id in sorted(TAKEN):
+        raw(server, "DELETE", f"/snapshots/{snapshot_id}")  # 204; 404 if deleted or the other runtime's
+
+
 async def ready(manager: SandboxManager, snapshot_id: str, timeout: float = 120) -> Any:
     """Poll the snapshot (as the spec says to) until it is no longer Creating."""
+    TAKEN.add(snapshot_id)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         info = await manager.get_snapshot(snapshot_id)
