@@ -17,6 +17,8 @@ log = logging.getLogger("opensandbox.server")
 API_KEY_HEADER = b"open-sandbox-api-key"
 REQUEST_ID_HEADER = b"x-request-id"
 OPEN_PATHS = ("/health", "/ready", "/version", "/docs", "/redoc", "/openapi.json")
+# Routes that check their own credentials: /metrics (the key or a bearer token, server/metrics.py).
+SELF_CHECKED = ("/metrics",)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,6 +35,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def is_open(path: str) -> bool:
+    if path in SELF_CHECKED:
+        return True
     return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS) or path.startswith("/docs")
 
 
