@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opensandbox_platform.api.labels import EXECD_TOKEN_HEADER
-from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon import errors, websocket
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import (
     AnyResponse,
@@ -36,6 +36,7 @@ from opensandbox_platform.execd.commands import CommandManager, parse_run_reques
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
 from opensandbox_platform.execd.isolated.routes import IsolatedApi
 from opensandbox_platform.execd.metrics import Sampler
+from opensandbox_platform.execd.pty import MAX_MESSAGE, PtyManager
 from opensandbox_platform.execd.sessions import SessionManager
 
 if TYPE_CHECKING:  # the code interpreter is imported on first use
@@ -62,6 +63,7 @@ class Settings:
     code_prestart: str | None = None  # a language whose default context is created at start-up
     max_sessions: int = 64  # bash sessions at once; one more is a 429
     session_idle_timeout: float = 3600.0  # seconds unused before a session is deleted; 0: never
+    max_terminals: int = 16  # PTY sessions at once; one more is a 429
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -96,6 +98,7 @@ class ExecdApp:
         )
         self.isolated = IsolatedApi(self.environment, self.state_dir, settings.ping_interval, settings.interrupt_grace)
         self.sampler = Sampler()
+        self.ptys = PtyManager(self.environment, settings.max_terminals)
         port = settings.code_port
         self.readiness = Readiness(code_settings.jupyter_port(os.environ) if port is None else port)
         if port == 0:
@@ -138,9 +141,10 @@ class ExecdApp:
         r.add("GET", "/code/contexts/{id}", self.get_context)
         r.add("DELETE", "/code/contexts/{id}", self.delete_context)
         self.isolated.register(r)  # /v1/isolated/... (execd/isolated/)
-        for method in ("GET", "POST", "DELETE"):
-            for path in ("/pty", "/pty/{id}"):
-                r.add(method, path, self.not_supported)
+        r.add("POST", "/pty", self.create_pty)
+        r.add("GET", "/pty/{id}", self.pty_status)
+        r.add("DELETE", "/pty/{id}", self.delete_pty)
+        r.add("GET", "/pty/{id}/ws", self.pty_socket)
         return r
 
     async def dispatch(self, request: Request) -> AnyResponse:
@@ -156,6 +160,7 @@ class ExecdApp:
             await self._code.shutdown()
         await self.commands.shutdown()
         self.sessions.shutdown()
+        self.ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
@@ -165,9 +170,6 @@ class ExecdApp:
 
     async def ping(self, request: Request) -> AnyResponse:
         return EMPTY
-
-    async def not_supported(self, request: Request) -> AnyResponse:
-        raise ApiError(501, errors.NOT_SUPPORTED, f"{request.path} is not supported by this execd")
 
     async def apply_bootstrap(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.apply(await request.json(allow_empty=True)))
@@ -215,6 +217,34 @@ class ExecdApp:
     async def delete_session(self, request: Request) -> AnyResponse:
         self.sessions.delete(request.params["id"])
         return EMPTY
+
+    # -- terminals (execd/pty.py) ---------------------------------------------------------------
+
+    async def create_pty(self, request: Request) -> AnyResponse:
+        session = self.ptys.create(await request.json(allow_empty=True), self.bootstrap.cwd)
+        return Response.json({"session_id": session.id})
+
+    async def pty_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.ptys.get(request.params["id"]).wire())
+
+    async def delete_pty(self, request: Request) -> AnyResponse:
+        self.ptys.delete(request.params["id"])
+        return EMPTY
+
+    async def pty_socket(self, request: Request) -> AnyResponse:
+        session = self.ptys.get(request.params["id"])
+        if request.arg("pty") is not None and not _flag(request.arg("pty"), "pty"):
+            raise ApiError(501, errors.NOT_SUPPORTED, "pipe mode (pty=0) is not supported: terminals only")
+        since_text = request.arg("since")
+        if since_text is not None and not since_text.isdigit():
+            raise errors.bad_request(f"invalid since {since_text!r}: a byte offset >= 0 is required")
+        since = None if since_text is None else int(since_text)
+        takeover = _flag(request.arg("takeover"), "takeover")
+        if session.client is not None and not session.client.closed.done() and not takeover:
+            raise ApiError(409, "ALREADY_CONNECTED", "another client holds this terminal; ask takeover=1")
+        return websocket.accept(
+            request.method, request.headers, lambda ws: session.attach(ws, since, takeover), MAX_MESSAGE
+        )
 
     # -- files -------------------------------------------------------------------------------
 
