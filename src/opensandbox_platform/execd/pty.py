@@ -100,6 +100,7 @@ class PtySession:
     client_offset: int = 0  # output below this offset has been sent to the client
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_code: int | None = None
+    hung_up: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reader: asyncio.Task[None] | None = None
 
@@ -224,7 +225,9 @@ class PtySession:
             try:
                 written = os.write(self.master, view)
             except BlockingIOError:
-                await _writable(loop, self.master)  # the program is not reading: so neither do we
+                # The program is not reading: so neither do we (until it does, exits or is deleted).
+                if not await _writable(loop, self.master, self.child.exited, self.hung_up):
+                    return False
                 continue
             except OSError:
                 return False
@@ -236,6 +239,7 @@ class PtySession:
         whatever is left of the program's process group SIGKILL a moment later."""
         if self._reader is not None:
             self._reader.cancel()
+        _resolve(self.hung_up)
         with contextlib.suppress(OSError):
             os.close(self.master)
         if self.running:
@@ -270,13 +274,15 @@ def _resolve(future: asyncio.Future[Any]) -> None:
         future.set_result(None)
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int, *ended: asyncio.Future[Any]) -> bool:
+    """True once `fd` can be written; False if one of `ended` happens first."""
     ready: asyncio.Future[Any] = loop.create_future()
     loop.add_writer(fd, _resolve, ready)
     try:
-        await ready
+        await asyncio.wait([ready, *ended], return_when=asyncio.FIRST_COMPLETED)
     finally:
         loop.remove_writer(fd)
+    return ready.done()
 
 
 async def _error(ws: WebSocket, code: str, message: str) -> None:
