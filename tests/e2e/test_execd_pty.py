@@ -10,6 +10,7 @@ import json
 import struct
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,19 +30,24 @@ def execd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Execd]:
         yield proc
 
 
-def new_session(execd: Execd, **body: str) -> str:
-    response = httpx.post(f"{execd.url}/pty", json=body, headers=execd.headers())
+async def call(execd: Execd, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=execd.url, headers=execd.headers()) as client:
+        return await client.request(method, path, **kwargs)
+
+
+async def new_session(execd: Execd, **body: str) -> str:
+    response = await call(execd, "POST", "/pty", json=body)
     assert response.status_code == 200, response.text
     return str(response.json()["session_id"])
 
 
 @pytest.fixture
 async def terminal(execd: Execd) -> AsyncIterator[tuple[str, ClientConnection]]:
-    session = new_session(execd)
+    session = await new_session(execd)
     async with connect(f"ws://{execd.endpoint}/pty/{session}/ws?since=0", additional_headers=execd.headers()) as ws:
         assert json.loads(await ws.recv()) == {"type": "connected", "session_id": session, "mode": "pty"}
         yield session, ws
-    httpx.delete(f"{execd.url}/pty/{session}", headers=execd.headers())
+    await call(execd, "DELETE", f"/pty/{session}")
 
 
 async def read_until(ws: ClientConnection, needle: bytes, timeout: float = 15) -> bytes:
@@ -73,7 +79,7 @@ async def test_echo_resize_and_exit_code(terminal: tuple[str, ClientConnection],
     assert {"type": "pong"} in [json.loads(m) for m in messages]
     assert json.loads(messages[-1]) == {"type": "exit", "exit_code": 7}
     assert ws.close_code == 1000
-    status = httpx.get(f"{execd.url}/pty/{session}", headers=execd.headers()).json()
+    status = (await call(execd, "GET", f"/pty/{session}")).json()
     assert status["running"] is False and status["output_offset"] > 0
 
 
@@ -114,19 +120,19 @@ async def test_a_second_client_is_refused_unless_it_takes_over_and_replay_catche
 
 
 async def test_the_token_is_required_and_unknown_sessions_are_404(execd: Execd) -> None:
-    session = new_session(execd)
+    session = await new_session(execd)
     with pytest.raises(websockets.InvalidStatus) as refused:
         await connect(f"ws://{execd.endpoint}/pty/{session}/ws")
     assert refused.value.response.status_code == 401
     with pytest.raises(websockets.InvalidStatus) as missing:
         await connect(f"ws://{execd.endpoint}/pty/nope/ws", additional_headers=execd.headers())
     assert missing.value.response.status_code == 404
-    assert httpx.post(f"{execd.url}/pty", json={"cwd": "/no/such/dir"}, headers=execd.headers()).status_code == 404
-    assert httpx.delete(f"{execd.url}/pty/{session}", headers=execd.headers()).status_code == 200
+    assert (await call(execd, "POST", "/pty", json={"cwd": "/no/such/dir"})).status_code == 404
+    assert (await call(execd, "DELETE", f"/pty/{session}")).status_code == 200
 
 
 async def test_a_command_instead_of_a_shell_reports_its_exit_code(execd: Execd) -> None:
-    session = new_session(execd, command="printf done; exit 3")
+    session = await new_session(execd, command="printf done; exit 3")
     async with connect(f"ws://{execd.endpoint}/pty/{session}/ws?since=0", additional_headers=execd.headers()) as ws:
         frames = [m async for m in ws]
     assert any(isinstance(f, bytes) and b"done" in f for f in frames)
@@ -134,17 +140,13 @@ async def test_a_command_instead_of_a_shell_reports_its_exit_code(execd: Execd) 
 
 
 # --- a hostile user ------------------------------------------------------------------------------------------
-def rss_kib(execd: Execd) -> int:
-    return execd.rss_kib()
-
-
 async def test_a_huge_frame_is_refused_and_execd_lives_on(terminal: tuple[str, ClientConnection], execd: Execd) -> None:
     _, ws = terminal
     await ws.send(b"\x00" + b"x" * (1024 * 1024))
     with pytest.raises(websockets.ConnectionClosed):
         await read_until(ws, b"never", timeout=15)
     assert ws.close_code == 1009
-    assert httpx.get(f"{execd.url}/ping", headers=execd.headers()).status_code == 200
+    assert (await call(execd, "GET", "/ping")).status_code == 200
 
 
 async def test_output_nobody_reads_and_input_nobody_reads_stay_bounded(execd: Execd) -> None:
@@ -152,25 +154,25 @@ async def test_output_nobody_reads_and_input_nobody_reads_stay_bounded(execd: Ex
     line discipline drops what does not fit its buffer, or makes execd's write wait, which stops
     execd reading frames). execd's memory stays bounded by its buffers (socket, one frame, the
     replay) while both go on."""
-    before = rss_kib(execd)
-    session = new_session(execd, command="yes flood-flood-flood")
+    before = execd.rss_kib()
+    session = await new_session(execd, command="yes flood-flood-flood")
     url = f"ws://{execd.endpoint}/pty/{session}/ws"
     reader_that_never_reads = await connect(url, additional_headers=execd.headers(), max_queue=1)
     await asyncio.sleep(3)  # yes writes as fast as it can; we read nothing
-    grown_output = rss_kib(execd) - before
+    grown_output = execd.rss_kib() - before
     assert reader_that_never_reads.state.name == "OPEN"
     reader_that_never_reads.transport.abort()  # a close handshake would wait behind the unread output
-    httpx.delete(f"{execd.url}/pty/{session}", headers=execd.headers())
-    session = new_session(execd, command="sleep 600")
+    await call(execd, "DELETE", f"/pty/{session}")
+    session = await new_session(execd, command="sleep 600")
     ws = await connect(f"ws://{execd.endpoint}/pty/{session}/ws", additional_headers=execd.headers())
     chunk = b"\x00" + b"i" * 60_000
     with contextlib.suppress(TimeoutError):
         for _ in range(300):  # 18 MB: more than every buffer on the way
             await asyncio.wait_for(ws.send(chunk), 2)
-    grown_input = rss_kib(execd) - before
+    grown_input = execd.rss_kib() - before
     print(f"execd grew {grown_output} KiB under unread output, {grown_input} KiB under unread input")
     ws.transport.abort()
-    assert httpx.delete(f"{execd.url}/pty/{session}", headers=execd.headers()).status_code == 200
+    assert (await call(execd, "DELETE", f"/pty/{session}")).status_code == 200
     assert grown_output < 16 * 1024 and grown_input < 16 * 1024, (grown_output, grown_input)
 
 
@@ -178,7 +180,7 @@ async def test_sessions_are_capped(execd: Execd, tmp_path: Path) -> None:
     made = []
     try:
         while True:
-            response = httpx.post(f"{execd.url}/pty", json={"command": "sleep 600"}, headers=execd.headers())
+            response = await call(execd, "POST", "/pty", json={"command": "sleep 600"})
             if response.status_code != 200:
                 break
             made.append(response.json()["session_id"])
@@ -186,4 +188,4 @@ async def test_sessions_are_capped(execd: Execd, tmp_path: Path) -> None:
         assert response.status_code == 429 and response.json()["code"] == "TOO_MANY_SESSIONS"
     finally:
         for session in made:
-            httpx.delete(f"{execd.url}/pty/{session}", headers=execd.headers())
+            await call(execd, "DELETE", f"/pty/{session}")

@@ -92,7 +92,9 @@ async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return reader, writer
 
 
-def _frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0, size: int | None = None) -> bytes:  # fmt: skip
+def _frame(
+    opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, rsv: int = 0, size: int | None = None
+) -> bytes:
     size = len(payload) if size is None else size
     first = (0x80 if fin else 0) | rsv | opcode
     if size < 126:
@@ -153,7 +155,7 @@ async def test_a_peers_close_is_echoed_and_the_connection_ends(port: int) -> Non
 
 async def test_pings_from_a_peer_that_never_reads_do_not_grow_memory(port: int) -> None:
     """The pongs wait for the socket to drain: the server stops reading, TCP pushes back."""
-    reader, writer = await _raw(port)
+    _, writer = await _raw(port)
     batch = _frame(websocket.PING, b"p" * 125) * 8000  # ~1 MB
     sent = 0
     try:

@@ -21,7 +21,6 @@ from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.runtimes import docker_api
 from tests.unit.server.test_routes import MemoryRuntime
 
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -130,11 +129,12 @@ async def test_engine_calls_are_timed_and_failures_counted() -> None:
     app.router.add_get("/api/v1/namespaces/ns/pods/broken", answer(503))
     runner = await _serve(app)
     port = runner.addresses[0][1]
-    names = ("kubernetes", "GET", "pods")
-    count = value(
-        "opensandbox_server_engine_request_duration_seconds_count", engine="kubernetes", method="GET", resource="pods"
-    )
-    errors = {kind: value("opensandbox_server_engine_request_errors_total", **dict(zip(("engine", "method", "resource"), names, strict=True)), error=kind) for kind in ("server_error", "connection")}  # fmt: skip
+    labels = {"engine": "kubernetes", "method": "GET", "resource": "pods"}
+    count = value("opensandbox_server_engine_request_duration_seconds_count", **labels)
+    errors = {
+        kind: value("opensandbox_server_engine_request_errors_total", **labels, error=kind)
+        for kind in ("server_error", "connection")
+    }
     trace = metrics.engine_trace("kubernetes", metrics.kubernetes_resource)
     async with aiohttp.ClientSession(trace_configs=[trace]) as session:
         async with session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ns/pods") as ok:
@@ -144,7 +144,6 @@ async def test_engine_calls_are_timed_and_failures_counted() -> None:
         await runner.cleanup()
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(f"http://127.0.0.1:{port}/api/v1/namespaces/ns/pods")
-    labels = dict(zip(("engine", "method", "resource"), names, strict=True))
     assert value("opensandbox_server_engine_request_duration_seconds_count", **labels) == count + 3
     assert value("opensandbox_server_engine_request_errors_total", **labels, error="server_error") == (
         errors["server_error"] + 1
