@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
+from opensandbox_platform.daemon.http import Upgrade
 
 log = logging.getLogger("daemon.websocket")
 
@@ -60,16 +61,6 @@ class Message:
 
 
 Run = Callable[["WebSocket"], Awaitable[None]]
-
-
-class Upgrade:
-    """A route's answer that switches the connection to WebSocket (daemon/http.py writes the 101)."""
-
-    def __init__(self, key: str, run: Run, max_message: int) -> None:
-        self.status = 101
-        self.headers = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-accept": accept_key(key)}
-        self.run = run
-        self.max_message = max_message
 
 
 def _sha1(data: bytes) -> bytes:
@@ -108,7 +99,8 @@ def accept(method: str, headers: dict[str, str], run: Run, max_message: int = 10
         valid = False
     if not valid:
         raise errors.bad_request("Sec-WebSocket-Key must be 16 bytes in base64")
-    return Upgrade(key, run, max_message)
+    headers = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-accept": accept_key(key)}
+    return Upgrade(headers, run, max_message)
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
