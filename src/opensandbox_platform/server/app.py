@@ -69,6 +69,15 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
         config.server.create_queue_timeout_seconds,
     )
     errors.install(app)
+    if config.console.enabled:  # the web console (server/console/)
+        from opensandbox_platform.server.console import routes as console
+        from opensandbox_platform.server.console.session import Signer
+
+        app.state.console_signer = Signer(config.server.api_key, config.console.session_hours * 3600)
+        app.include_router(console.router)
+        app.mount("/console/static", console.static_files(), name="console-static")
+        app.add_middleware(console.SecurityHeaders)
+
     app.add_middleware(AuthAndRequestId, api_key=config.server.api_key)
     app.add_middleware(metrics.RequestMetrics)  # outermost: 401s are counted too
 

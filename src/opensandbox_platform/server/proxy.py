@@ -169,8 +169,9 @@ async def forward_websocket(websocket: WebSocket, upstream: Endpoint, path: str)
         await relay_frames(websocket, backend)
 
 
-async def relay_frames(websocket: WebSocket, backend: ClientConnection) -> None:
-    """Relays messages both ways until either side closes (the other is then closed with its code)."""
+async def relay_frames(websocket: WebSocket, backend: ClientConnection, max_client_message: int = 0) -> None:
+    """Relays messages both ways until either side closes (the other is then closed with its code).
+    With `max_client_message`, a larger message from the client closes both with 1009."""
     to_sandbox = metrics.PROXY_BYTES.labels("websocket", "to_sandbox")
     from_sandbox = metrics.PROXY_BYTES.labels("websocket", "from_sandbox")
 
@@ -179,6 +180,12 @@ async def relay_frames(websocket: WebSocket, backend: ClientConnection) -> None:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 await backend.close(message.get("code", 1000))
+                return
+            data = message.get("bytes") or message.get("text") or b""
+            if max_client_message and len(data) > max_client_message:
+                await backend.close(1009)
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await websocket.close(code=1009, reason="message too big")
                 return
             if message.get("bytes") is not None:
                 to_sandbox.inc(len(message["bytes"]))

@@ -1,0 +1,242 @@
+// The OpenSandbox console: the sandbox list (#/) and a sandbox's page with its terminal (#/sandbox/ID).
+// Everything a sandbox or a user controls (ids, metadata, messages, terminal output) is put into the
+// page as text (textContent, xterm.js): never as HTML. No inline script: the CSP forbids it.
+"use strict";
+
+(() => {
+  const API = "/console/api";
+  const view = document.getElementById("view");
+  let session = null;
+  let refreshTimer = null;
+  let openTerminal = null; // {term, socket, onResize}
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (key === "class") node.className = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value);
+    }
+    for (const child of children) {
+      node.append(child instanceof Node ? child : document.createTextNode(child == null ? "" : String(child)));
+    }
+    return node;
+  }
+
+  async function call(path, options) {
+    const init = Object.assign({ credentials: "same-origin", headers: {} }, options || {});
+    if (init.method && init.method !== "GET") init.headers["X-Console-CSRF"] = session ? session.csrf : "";
+    const response = await fetch(API + path, init);
+    if (response.status === 401) {
+      location.assign("/console/login");
+      throw new Error("not logged in");
+    }
+    const body = response.status === 204 ? null : await response.json();
+    if (!response.ok) throw new Error((body && body.message) || response.statusText);
+    return body;
+  }
+
+  function when(value) {
+    return value ? new Date(value).toLocaleString() : "never";
+  }
+
+  function metadataText(metadata) {
+    return Object.entries(metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  }
+
+  function stopTimers() {
+    if (refreshTimer) clearInterval(refreshTimer);
+    refreshTimer = null;
+    if (openTerminal) {
+      openTerminal.socket.close();
+      openTerminal.term.dispose();
+      window.removeEventListener("resize", openTerminal.onResize);
+      openTerminal = null;
+    }
+  }
+
+  // -- the list -----------------------------------------------------------------------------
+
+  const listState = { state: "", metadata: "", page: 1 };
+
+  function renderList() {
+    const stateSelect = el("select", { id: "state-filter" },
+      ...["", "Pending", "Running", "Paused", "Stopping", "Terminated", "Failed"].map(
+        (s) => el("option", { value: s }, s || "any state")));
+    stateSelect.value = listState.state;
+    const metadataInput = el("input", { id: "metadata-filter", placeholder: "metadata k=v&k2=v2", value: listState.metadata });
+    const apply = () => { listState.state = stateSelect.value; listState.metadata = metadataInput.value.trim(); listState.page = 1; load(); };
+    stateSelect.addEventListener("change", apply);
+    metadataInput.addEventListener("change", apply);
+    const body = el("tbody", { id: "sandboxes" });
+    const status = el("span", { id: "list-status" });
+    const prev = el("button", { type: "button", onclick: () => { listState.page -= 1; load(); } }, "Previous");
+    const next = el("button", { type: "button", onclick: () => { listState.page += 1; load(); } }, "Next");
+    view.replaceChildren(
+      el("h2", {}, "Sandboxes"),
+      el("div", { class: "filters" }, stateSelect, metadataInput, status),
+      el("table", {}, el("thead", {}, el("tr", {}, ...["Id", "State", "Image", "Created", "Expires", "Metadata"].map((h) => el("th", {}, h)))), body),
+      el("div", { class: "pager" }, prev, el("span", { id: "page" }), next),
+    );
+
+    async function load() {
+      const query = new URLSearchParams({ page: String(listState.page), pageSize: "20" });
+      if (listState.state) query.append("state", listState.state);
+      if (listState.metadata) query.set("metadata", listState.metadata);
+      try {
+        const page = await call(`/sandboxes?${query}`);
+        body.replaceChildren(...page.items.map((s) => el("tr", { "data-id": s.id },
+          el("td", { class: "id" }, el("a", { href: `#/sandbox/${encodeURIComponent(s.id)}` }, s.id)),
+          el("td", {}, el("span", { class: `state ${s.status.state}` }, s.status.state)),
+          el("td", {}, s.image && s.image.uri),
+          el("td", {}, when(s.createdAt)),
+          el("td", {}, when(s.expiresAt)),
+          el("td", {}, metadataText(s.metadata)),
+        )));
+        const info = page.pagination;
+        document.getElementById("page").textContent = `page ${info.page} of ${Math.max(info.totalPages, 1)} (${info.totalItems} sandboxes)`;
+        prev.disabled = info.page <= 1;
+        next.disabled = !info.hasNextPage;
+        status.textContent = "";
+      } catch (err) {
+        status.textContent = err.message;
+        status.className = "error";
+      }
+    }
+    load();
+    refreshTimer = setInterval(load, 5000);
+  }
+
+  // -- one sandbox --------------------------------------------------------------------------
+
+  function renderSandbox(id) {
+    const details = el("dl", { id: "details" });
+    const message = el("p", { id: "sandbox-message" });
+    const termBox = el("div", { id: "terminal", hidden: "" });
+    const renew = (seconds) => async () => {
+      try {
+        const out = await call(`/sandboxes/${encodeURIComponent(id)}/renew`, {
+          method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ seconds }),
+        });
+        message.textContent = `Renewed: expires ${when(out.expiresAt)}`;
+        message.className = "";
+        load();
+      } catch (err) {
+        message.textContent = err.message;
+        message.className = "error";
+      }
+    };
+    const termButton = el("button", { type: "button", id: "open-terminal" }, "Open terminal");
+    termButton.addEventListener("click", () => { termButton.disabled = true; startTerminal(id, termBox, message); });
+    if (!session.terminal) {
+      termButton.disabled = true;
+      termButton.title = session.terminalMissing || "the terminal is off (console.terminal)";
+    }
+    view.replaceChildren(
+      el("p", {}, el("a", { href: "#/" }, "← all sandboxes")),
+      el("h2", {}, "Sandbox ", el("span", { class: "id" }, id)),
+      details,
+      el("div", { class: "actions" },
+        el("button", { type: "button", id: "renew-10m", onclick: renew(600) }, "Expire in 10 min"),
+        el("button", { type: "button", id: "renew-1h", onclick: renew(3600) }, "Expire in 1 h"),
+        termButton),
+      message,
+      termBox,
+    );
+
+    async function load() {
+      try {
+        const s = await call(`/sandboxes/${encodeURIComponent(id)}`);
+        const rows = [
+          ["State", el("span", { class: `state ${s.status.state}`, id: "sandbox-state" }, s.status.state)],
+          ["Reason", [s.status.reason, s.status.message].filter(Boolean).join(": ")],
+          ["Image", s.image && s.image.uri],
+          ["Entrypoint", (s.entrypoint || []).join(" ")],
+          ["Created", when(s.createdAt)],
+          ["Expires", el("span", { id: "sandbox-expires" }, when(s.expiresAt))],
+          ["Metadata", metadataText(s.metadata)],
+        ];
+        details.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+      } catch (err) {
+        message.textContent = err.message;
+        message.className = "error";
+      }
+    }
+    load();
+    refreshTimer = setInterval(load, 5000);
+  }
+
+  // -- the terminal: execd's PTY protocol through the server ---------------------------------
+
+  const STDIN = 0x00, STDOUT = 0x01, REPLAY = 0x03;
+
+  function startTerminal(id, box, message) {
+    box.hidden = false;
+    const term = new window.Terminal({
+      cursorBlink: true, convertEol: false, scrollback: 5000, fontSize: 14,
+      // A sandbox's OSC 8 hyperlinks are not followed: a click never leaves the console.
+      linkHandler: { activate: () => {} },
+    });
+    const fit = new window.FitAddon.FitAddon();
+    term.loadAddon(fit);
+    term.open(box);
+    fit.fit();
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}${API}/sandboxes/${encodeURIComponent(id)}/terminal`);
+    socket.binaryType = "arraybuffer";
+    const encoder = new TextEncoder();
+    const sendResize = () => {
+      if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
+    };
+    socket.addEventListener("open", () => { sendResize(); term.focus(); });
+    socket.addEventListener("message", (event) => {
+      if (typeof event.data === "string") {
+        const control = JSON.parse(event.data);
+        if (control.type === "exit") term.write(`\r\n[the shell exited with ${Number(control.exit_code)}]\r\n`);
+        return;
+      }
+      const bytes = new Uint8Array(event.data);
+      if (bytes[0] === STDOUT) term.write(bytes.subarray(1));
+      else if (bytes[0] === REPLAY) term.write(bytes.subarray(9));
+    });
+    socket.addEventListener("close", (event) => {
+      message.textContent = `Terminal closed (${event.code}${event.reason ? ": " + event.reason : ""})`;
+    });
+    term.onData((data) => {
+      if (socket.readyState !== WebSocket.OPEN) return;
+      const input = encoder.encode(data);
+      const frame = new Uint8Array(input.length + 1);
+      frame[0] = STDIN;
+      frame.set(input, 1);
+      socket.send(frame);
+    });
+    term.onResize(sendResize);
+    const onResize = () => fit.fit();
+    window.addEventListener("resize", onResize);
+    openTerminal = { term, socket, onResize };
+    window.consoleTerminal = term; // for the browser tests: the screen's text is term.buffer's
+  }
+
+  // -- routing ------------------------------------------------------------------------------
+
+  function route() {
+    stopTimers();
+    const match = location.hash.match(/^#\/sandbox\/(.+)$/);
+    if (match) renderSandbox(decodeURIComponent(match[1]));
+    else renderList();
+  }
+
+  document.getElementById("logout").addEventListener("click", async () => {
+    await fetch("/console/logout", { method: "POST", credentials: "same-origin", headers: { "X-Console-CSRF": session ? session.csrf : "" } })
+      .catch(() => {});
+    location.assign("/console/login");
+  });
+
+  (async () => {
+    session = await call("/session");
+    document.getElementById("runtime").textContent = `runtime: ${session.runtime}`;
+    if (session.open) document.getElementById("logout").hidden = true;
+    window.addEventListener("hashchange", route);
+    route();
+  })().catch((err) => { view.replaceChildren(el("p", { class: "error" }, err.message)); });
+})();
