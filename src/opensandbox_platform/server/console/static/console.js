@@ -173,7 +173,7 @@
   function startTerminal(id, box, message) {
     box.hidden = false;
     const term = new window.Terminal({
-      cursorBlink: true, convertEol: false, scrollback: 5000, fontSize: 14,
+      cursorBlink: true, scrollback: 5000, fontSize: 14, lineHeight: 1.15,
       // A sandbox's OSC 8 hyperlinks are not followed: a click never leaves the console.
       linkHandler: { activate: () => {} },
     });
