@@ -199,6 +199,43 @@ def test_the_console_shows_the_sandbox_and_a_working_terminal(
     assert not browser.find_elements(By.CSS_SELECTOR, "#view script, #view img")
 
 
+def test_files_and_resources_of_the_sandbox(
+    browser: WebDriver, server: ServerProcess, sandbox: SandboxSync, tmp_path: Path
+) -> None:
+    hostile_name = '<img src=x onerror="window.__pwned=3">'
+    sandbox.files.write_file(f"/tmp/{hostile_name}", "<html><script>window.__pwned=4</script></html>")
+    browser.get(f"{server.url}/console/#/sandbox/{sandbox.id}")
+    wait(browser, lambda d: d.find_element(By.ID, "resources-text").text.startswith("CPU "))
+    path = browser.find_element(By.ID, "files-path")
+    path.clear()
+    path.send_keys("/tmp")
+    browser.find_element(By.ID, "files-go").click()
+    row = wait(
+        browser,
+        lambda d: d.find_element(
+            By.CSS_SELECTOR, f'tr[data-path="/tmp/{hostile_name.replace(chr(34), chr(92) + chr(34))}"]'
+        ),
+    )
+    assert hostile_name in row.text
+    link = row.find_element(By.CSS_SELECTOR, "a.file").get_attribute("href")
+    got = fetch(browser, str(link))
+    assert got["status"] == 200 and got["body"] == "<html><script>window.__pwned=4</script></html>"
+    cookie = browser.get_cookie("osb_console")["value"]  # type: ignore[index]
+    with httpx.Client(base_url=server.url, cookies={"osb_console": cookie}) as client:
+        head = client.get(str(link)).headers
+    assert head["content-type"] == "application/octet-stream" and head["content-disposition"].startswith("attachment;")
+
+    local = tmp_path / "from-the-browser.txt"
+    local.write_text("uploaded through the console\n")
+    browser.find_element(By.ID, "upload-file").send_keys(str(local))
+    browser.find_element(By.ID, "upload").click()
+    wait(browser, lambda d: d.find_element(By.ID, "sandbox-message").text == "Uploaded /tmp/from-the-browser.txt")
+    assert sandbox.files.read_file("/tmp/from-the-browser.txt") == "uploaded through the console\n"
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-path="/tmp/from-the-browser.txt"]'))
+    shot(browser, "console-files.png")
+    assert browser.execute_script("return window.__pwned === undefined && document.images.length === 0")
+
+
 def test_changes_need_the_csrf_token_and_this_origin(
     browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
 ) -> None:

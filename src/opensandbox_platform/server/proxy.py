@@ -122,7 +122,7 @@ async def forward_http(client: httpx.AsyncClient, request: Request, upstream: En
         # Keep redirects inside the proxy prefix.
         out_headers["location"] = _prefix(request) + location
     return StreamingResponse(
-        _relay_body(response),
+        relay_body(response),
         status_code=response.status_code,
         headers=out_headers,
         background=BackgroundTask(response.aclose),
@@ -135,7 +135,8 @@ async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[
         yield chunk
 
 
-async def _relay_body(response: httpx.Response):  # type: ignore[no-untyped-def]
+async def relay_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body as it comes, counted as bytes from the sandbox."""
     counter = metrics.PROXY_BYTES.labels("http", "from_sandbox")
     try:
         async for chunk in response.aiter_raw():

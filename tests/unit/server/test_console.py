@@ -4,6 +4,9 @@ visitor without it gets, the login's cookie, CSRF and Origin checks, the CSP, th
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from opensandbox_platform.server.app import create_app
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.console.session import COOKIE, Signer
+from opensandbox_platform.server.runtimes.base import Endpoint
 from tests.unit.server.test_routes import MemoryRuntime
 
 KEY = "the-key"
@@ -141,3 +145,71 @@ def test_the_switches() -> None:
         assert client.get("/console/api/session").json()["open"] is True
     for client in make_client(secureCookie=False):
         assert "secure" not in logged_in(client).lower()
+
+
+class HostileExecd(http.server.BaseHTTPRequestHandler):
+    """What a sandbox that replaced its execd may answer the console."""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if "nope" in self.path:
+            self.reply(404, "application/json", b'{"code": "FILE_NOT_FOUND", "message": "no such file"}')
+        elif path == "/directories/list" and "huge" in self.path:
+            self.reply(200, "application/json", b"[" + b'{"path": "/x"},' * 400_000 + b"{}]")
+        elif path == "/directories/list":
+            entries = [{"path": "/a", "type": "script", "size": "9", "extra": "<b>"}, "junk", {"path": 7}]
+            self.reply(200, "application/json", json.dumps(entries).encode())
+        elif path == "/metrics":
+            self.reply(200, "application/json", json.dumps({"cpu_count": "<script>", "cpu_used_pct": 1}).encode())
+        elif path == "/files/download":
+            self.reply(200, "text/html", b"<script>alert(1)</script>", {"content-disposition": "inline"})
+        else:
+            self.reply(500, "text/plain", b"?")
+
+    def reply(self, status: int, content_type: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None: ...
+
+
+@pytest.fixture
+def hostile() -> Iterator[TestClient]:
+    execd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileExecd)
+    threading.Thread(target=execd.serve_forever, daemon=True).start()
+    runtime = MemoryRuntime()
+    runtime.add("sb-1", "Running", {}, 0)
+    port = execd.server_address[1]
+
+    async def upstream(sandbox_id: str, _: int) -> Endpoint:
+        await runtime.get(sandbox_id)
+        return Endpoint(f"127.0.0.1:{port}")
+
+    runtime.upstream = upstream  # type: ignore[method-assign]
+    config = Config.model_validate({"server": {"apiKey": KEY}})
+    try:
+        with TestClient(create_app(config, runtime), base_url="https://testserver") as client:
+            logged_in(client)
+            yield client
+    finally:
+        execd.shutdown()
+
+
+def test_what_a_hostile_execd_answers_is_capped_checked_and_never_rendered(hostile: TestClient) -> None:
+    listing = hostile.get("/console/api/sandboxes/sb-1/files", params={"path": "/"}).json()
+    assert listing["entries"] == [{"path": "/a", "type": "other", "size": None, "modifiedAt": None, "mode": None}]
+    huge = hostile.get("/console/api/sandboxes/sb-1/files", params={"path": "/huge"})
+    assert huge.status_code == 502 and huge.json()["code"] == "BACKEND_RESPONSE_FAILED"
+    assert hostile.get("/console/api/sandboxes/sb-1/resources").status_code == 502
+    missing = hostile.get("/console/api/sandboxes/sb-1/files", params={"path": "/nope"})
+    assert missing.status_code == 404  # execd's own 4xx is passed on, as {code, message}
+    download = hostile.get("/console/api/sandboxes/sb-1/files/download", params={"path": "/x/<evil>.html"})
+    assert download.headers["content-type"] == "application/octet-stream"
+    assert download.headers["content-disposition"] == 'attachment; filename="_evil_.html"'
+    assert download.headers["x-content-type-options"] == "nosniff"
+    assert hostile.get("/console/api/sandboxes/nope/resources").status_code == 404

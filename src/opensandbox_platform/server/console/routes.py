@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,12 +26,13 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import websockets
 from fastapi import APIRouter, Depends, Query, Request, WebSocket
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection
 from starlette.staticfiles import StaticFiles
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.server import errors, proxy, routes
+from opensandbox_platform.server import errors, metrics, proxy, routes
 from opensandbox_platform.server.console.session import COOKIE, CSRF_HEADER, Signer
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import RenewRequest
@@ -40,6 +44,8 @@ VENDOR = STATIC / "vendor"
 PREFIX = "/console"
 MAX_LOGIN_BODY = 4096
 MAX_TERMINAL_MESSAGE = 64 * 1024  # execd's own limit for one client message (execd/pty.py)
+MAX_EXECD_JSON = 4 * 1024 * 1024  # a directory listing or a metrics sample from the sandbox's execd
+MAX_ENTRIES = 2000  # entries of one directory shown
 CSP = (
     "default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; font-src 'self'; "
     # xterm.js sizes its rows with <style> elements it creates: inline styles, never inline script.
@@ -185,6 +191,145 @@ async def renew(request: Request, sandbox_id: routes.SandboxId) -> JSONResponse:
     expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
     renewed = await routes.renew_expiration(request, sandbox_id, RenewRequest(expires_at=expires_at))
     return JSONResponse(renewed.model_dump(mode="json", by_alias=True))
+
+
+# -- files and resources, from the sandbox's execd -----------------------------------------------
+# execd runs inside the sandbox, so its answers are the sandbox's: sizes are capped, JSON is
+# checked and reduced to known fields, and a download is always an attachment of opaque bytes.
+
+
+async def _execd_get(request: Request, sandbox_id: str, path: str, params: dict[str, str]) -> Any:
+    """execd's JSON answer to GET `path` (at most MAX_EXECD_JSON bytes); its own 4xx passed on."""
+    upstream = await routes.runtime_of(request).upstream(sandbox_id, labels.EXECD_PORT)
+    client: httpx.AsyncClient = request.app.state.http
+    try:
+        async with client.stream(
+            "GET", f"http://{upstream.address}{path}", params=params, headers=upstream.headers, timeout=30
+        ) as response:
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_EXECD_JSON:
+                    raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, "execd's answer is too large to show")
+    except httpx.HTTPError as exc:
+        raise ApiError(502, errors.BACKEND_CONNECTION_FAILED, f"cannot reach the sandbox's execd: {exc}") from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, "execd answered with something that is not JSON") from None
+    if response.status_code != 200:
+        _raise_execd_error(response.status_code, data)
+    return data
+
+
+def _raise_execd_error(status: int, data: Any) -> None:
+    known = isinstance(data, dict) and isinstance(data.get("code"), str) and isinstance(data.get("message"), str)
+    if 400 <= status < 500 and known:
+        raise ApiError(status, data["code"][:100], data["message"][:500])
+    raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, f"execd answered {status}")
+
+
+def _entry(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("path"), str):
+        return None
+    size = raw.get("size")
+    return {
+        "path": raw["path"],
+        "type": raw.get("type") if raw.get("type") in ("file", "directory", "symlink", "other") else "other",
+        "size": size if isinstance(size, int) and not isinstance(size, bool) else None,
+        "modifiedAt": raw.get("modified_at") if isinstance(raw.get("modified_at"), str) else None,
+        "mode": raw.get("mode") if isinstance(raw.get("mode"), int) else None,
+    }
+
+
+@router.get("/api/sandboxes/{sandboxId}/files", dependencies=[Depends(require_login)])
+async def list_files(
+    request: Request, sandbox_id: routes.SandboxId, path: Annotated[str, Query(min_length=1)]
+) -> JSONResponse:
+    """One directory's entries (execd's `/directories/list`, depth 1), at most MAX_ENTRIES."""
+    raw = await _execd_get(request, sandbox_id, "/directories/list", {"path": path, "depth": "1"})
+    entries = [e for e in map(_entry, raw if isinstance(raw, list) else []) if e is not None]
+    return JSONResponse({"path": path, "entries": entries[:MAX_ENTRIES], "truncated": len(entries) > MAX_ENTRIES})
+
+
+@router.get("/api/sandboxes/{sandboxId}/files/download", dependencies=[Depends(require_login)])
+async def download(
+    request: Request, sandbox_id: routes.SandboxId, path: Annotated[str, Query(min_length=1)]
+) -> StreamingResponse:
+    """The file's bytes, streamed, always as an attachment of opaque type: never shown in the page."""
+    upstream = await routes.runtime_of(request).upstream(sandbox_id, labels.EXECD_PORT)
+    client: httpx.AsyncClient = request.app.state.http
+    outgoing = client.build_request(
+        "GET", f"http://{upstream.address}/files/download", params={"path": path}, headers=upstream.headers
+    )
+    try:
+        response = await client.send(outgoing, stream=True)
+    except httpx.HTTPError as exc:
+        raise ApiError(502, errors.BACKEND_CONNECTION_FAILED, f"cannot reach the sandbox's execd: {exc}") from None
+    if response.status_code != 200:
+        body = await response.aread()
+        await response.aclose()
+        with contextlib.suppress(ValueError):
+            _raise_execd_error(response.status_code, json.loads(body[:MAX_EXECD_JSON]))
+        raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, f"execd answered {response.status_code}")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.rstrip("/").rsplit("/", 1)[-1])[:100] or "download"
+    headers = {"content-disposition": f'attachment; filename="{name}"', "cache-control": "no-store"}
+    if response.headers.get("content-length", "").isdigit():
+        headers["content-length"] = response.headers["content-length"]
+    return StreamingResponse(
+        proxy.relay_body(response),
+        media_type="application/octet-stream",
+        headers=headers,
+        background=BackgroundTask(response.aclose),
+    )
+
+
+@router.post("/api/sandboxes/{sandboxId}/files/upload", dependencies=[Depends(require_csrf)], response_class=Response)
+async def upload(request: Request, sandbox_id: routes.SandboxId, path: Annotated[str, Query(min_length=1)]) -> Response:
+    """The request's body becomes the file `path` (execd's multipart upload, streamed: never held)."""
+    if not path.startswith("/") or "\x00" in path:
+        raise errors.invalid("upload needs an absolute path")
+    upstream = await routes.runtime_of(request).upstream(sandbox_id, labels.EXECD_PORT)
+    client: httpx.AsyncClient = request.app.state.http
+    boundary = secrets.token_hex(16)
+    head = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="metadata"\r\ncontent-type: application/json\r\n\r\n'
+        f"{json.dumps({'path': path})}\r\n"
+        f'--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="upload"\r\n'
+        "content-type: application/octet-stream\r\n\r\n"
+    ).encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        async for chunk in request.stream():
+            metrics.PROXY_BYTES.labels("http", "to_sandbox").inc(len(chunk))
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    try:
+        response = await client.post(
+            f"http://{upstream.address}/files/upload",
+            content=body(),
+            headers={**upstream.headers, "content-type": f"multipart/form-data; boundary={boundary}"},
+        )
+    except httpx.HTTPError as exc:
+        raise ApiError(502, errors.BACKEND_CONNECTION_FAILED, f"cannot reach the sandbox's execd: {exc}") from None
+    if response.status_code not in (200, 204):
+        with contextlib.suppress(ValueError):
+            _raise_execd_error(response.status_code, json.loads(response.content[:MAX_EXECD_JSON]))
+        raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, f"execd answered {response.status_code}")
+    return Response(status_code=204)
+
+
+@router.get("/api/sandboxes/{sandboxId}/resources", dependencies=[Depends(require_login)])
+async def resources(request: Request, sandbox_id: routes.SandboxId) -> JSONResponse:
+    """A CPU and memory sample (execd's `/metrics`), its numbers only."""
+    raw = await _execd_get(request, sandbox_id, "/metrics", {})
+    fields = ("cpu_count", "cpu_used_pct", "mem_total_mib", "mem_used_mib", "timestamp")
+    sample = {k: raw.get(k) for k in fields} if isinstance(raw, dict) else {}
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in sample.values()) or len(sample) < 5:
+        raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, "execd's metrics are not what they should be")
+    return JSONResponse(sample, headers={"cache-control": "no-store"})
 
 
 # -- the terminal -----------------------------------------------------------------------------

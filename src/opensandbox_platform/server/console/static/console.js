@@ -8,6 +8,7 @@
   const view = document.getElementById("view");
   let session = null;
   let refreshTimer = null;
+  let resourceTimer = null;
   let openTerminal = null; // {term, socket, onResize}
 
   function el(tag, attrs, ...children) {
@@ -46,7 +47,8 @@
 
   function stopTimers() {
     if (refreshTimer) clearInterval(refreshTimer);
-    refreshTimer = null;
+    if (resourceTimer) clearInterval(resourceTimer);
+    refreshTimer = resourceTimer = null;
     if (openTerminal) {
       openTerminal.socket.close();
       openTerminal.term.dispose();
@@ -126,6 +128,21 @@
         message.className = "error";
       }
     };
+    const chart = el("canvas", { id: "resources-chart", width: "600", height: "120" });
+    const samples = [];
+    async function sampleResources() {
+      try {
+        const r = await call(`/sandboxes/${encodeURIComponent(id)}/resources`);
+        samples.push(r);
+        if (samples.length > 60) samples.shift();
+        document.getElementById("resources-text").textContent =
+          `CPU ${r.cpu_used_pct.toFixed(1)}% of ${r.cpu_count} · memory ${r.mem_used_mib.toFixed(0)} of ${r.mem_total_mib.toFixed(0)} MiB`;
+        drawChart(chart, samples);
+      } catch (err) {
+        document.getElementById("resources-text").textContent = err.message;
+      }
+    }
+    const files = fileBrowser(id, message);
     const termButton = el("button", { type: "button", id: "open-terminal" }, "Open terminal");
     termButton.addEventListener("click", () => { termButton.disabled = true; startTerminal(id, termBox, message); });
     if (!session.terminal) {
@@ -142,7 +159,15 @@
         termButton),
       message,
       termBox,
+      el("h3", {}, "Resources"),
+      el("p", { id: "resources-text" }, "…"),
+      chart,
+      el("h3", {}, "Files"),
+      files.box,
     );
+    files.open("/");
+    sampleResources();
+    resourceTimer = setInterval(sampleResources, 2000);
 
     async function load() {
       try {
@@ -164,6 +189,77 @@
     }
     load();
     refreshTimer = setInterval(load, 5000);
+  }
+
+  // CPU (blue) and memory (orange) in percent, the last 60 samples (2 minutes).
+  function drawChart(canvas, samples) {
+    const g = canvas.getContext("2d");
+    const w = canvas.width, h = canvas.height;
+    g.clearRect(0, 0, w, h);
+    g.strokeStyle = "#e3e6ea";
+    for (const pct of [0, 50, 100]) { g.beginPath(); g.moveTo(0, h - pct * h / 100); g.lineTo(w, h - pct * h / 100); g.stroke(); }
+    const line = (color, value) => {
+      g.strokeStyle = color;
+      g.beginPath();
+      samples.forEach((s, i) => {
+        const x = (i / 59) * w, y = h - Math.max(0, Math.min(100, value(s))) * h / 100;
+        if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+      });
+      g.stroke();
+    };
+    line("#2a6fdb", (s) => s.cpu_used_pct);
+    line("#e07b00", (s) => (s.mem_total_mib ? (100 * s.mem_used_mib) / s.mem_total_mib : 0));
+  }
+
+  // A directory at a time: entries (directories open, files download), and an upload into it.
+  function fileBrowser(id, message) {
+    const base = `${API}/sandboxes/${encodeURIComponent(id)}/files`;
+    const pathInput = el("input", { id: "files-path", value: "/", size: "50" });
+    const body = el("tbody", { id: "files" });
+    const picker = el("input", { type: "file", id: "upload-file" });
+    const box = el("div", { class: "files" },
+      el("div", { class: "filters" }, pathInput,
+        el("button", { type: "button", id: "files-go", onclick: () => open(pathInput.value) }, "List"),
+        el("button", { type: "button", onclick: () => open(parent(pathInput.value)) }, "Up"),
+        picker, el("button", { type: "button", id: "upload", onclick: () => upload() }, "Upload here")),
+      el("table", {}, el("thead", {}, el("tr", {}, ...["Name", "Type", "Size", "Modified"].map((h) => el("th", {}, h)))), body));
+    const parent = (path) => path.replace(/\/+$/, "").replace(/\/[^/]*$/, "") || "/";
+    const join = (dir, name) => (dir.endsWith("/") ? dir : dir + "/") + name;
+
+    async function open(path) {
+      pathInput.value = path;
+      try {
+        const listing = await call(`/sandboxes/${encodeURIComponent(id)}/files?${new URLSearchParams({ path })}`);
+        body.replaceChildren(...listing.entries.map((e) => {
+          const name = e.path.split("/").pop();
+          const link = e.type === "directory"
+            ? el("a", { href: "#", class: "dir", onclick: (ev) => { ev.preventDefault(); open(e.path); } }, name + "/")
+            : e.type === "file"
+              ? el("a", { href: `${base}/download?${new URLSearchParams({ path: e.path })}`, download: name, class: "file" }, name)
+              : el("span", {}, name);
+          return el("tr", { "data-path": e.path }, el("td", {}, link), el("td", {}, e.type), el("td", {}, e.size == null ? "" : e.size), el("td", {}, when(e.modifiedAt)));
+        }));
+      } catch (err) {
+        message.textContent = err.message;
+        message.className = "error";
+      }
+    }
+
+    async function upload() {
+      const file = picker.files[0];
+      if (!file) return;
+      const target = join(pathInput.value, file.name);
+      try {
+        await call(`/sandboxes/${encodeURIComponent(id)}/files/upload?${new URLSearchParams({ path: target })}`, { method: "POST", body: file });
+        message.textContent = `Uploaded ${target}`;
+        message.className = "";
+        open(pathInput.value);
+      } catch (err) {
+        message.textContent = err.message;
+        message.className = "error";
+      }
+    }
+    return { box, open };
   }
 
   // -- the terminal: execd's PTY protocol through the server ---------------------------------
