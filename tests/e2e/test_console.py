@@ -205,7 +205,7 @@ def test_files_and_resources_of_the_sandbox(
     hostile_name = '<img src=x onerror="window.__pwned=3">'
     sandbox.files.write_file(f"/tmp/{hostile_name}", "<html><script>window.__pwned=4</script></html>")
     browser.get(f"{server.url}/console/#/sandbox/{sandbox.id}")
-    wait(browser, lambda d: d.find_element(By.ID, "resources-text").text.startswith("CPU "))
+    wait(browser, lambda d: d.find_element(By.ID, "resources-text").text.startswith("CPU (blue) "))
     path = browser.find_element(By.ID, "files-path")
     path.clear()
     path.send_keys("/tmp")

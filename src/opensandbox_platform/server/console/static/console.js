@@ -136,7 +136,7 @@
         samples.push(r);
         if (samples.length > 60) samples.shift();
         document.getElementById("resources-text").textContent =
-          `CPU ${r.cpu_used_pct.toFixed(1)}% of ${r.cpu_count} · memory ${r.mem_used_mib.toFixed(0)} of ${r.mem_total_mib.toFixed(0)} MiB`;
+          `CPU (blue) ${r.cpu_used_pct.toFixed(1)}% of ${r.cpu_count} · memory (orange) ${r.mem_used_mib.toFixed(0)} of ${r.mem_total_mib.toFixed(0)} MiB`;
         drawChart(chart, samples);
       } catch (err) {
         document.getElementById("resources-text").textContent = err.message;
@@ -206,6 +206,11 @@
         if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
       });
       g.stroke();
+      const last = samples.length - 1; // the newest sample as a dot (one sample alone makes no line)
+      g.fillStyle = color;
+      g.beginPath();
+      g.arc((last / 59) * w, h - Math.max(0, Math.min(100, value(samples[last]))) * h / 100, 3, 0, 2 * Math.PI);
+      g.fill();
     };
     line("#2a6fdb", (s) => s.cpu_used_pct);
     line("#e07b00", (s) => (s.mem_total_mib ? (100 * s.mem_used_mib) / s.mem_total_mib : 0));
