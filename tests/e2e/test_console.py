@@ -45,9 +45,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, runtime_name: str) -> Iterator[ServerProcess]:
     assert (VENDOR / "xterm.js").is_file(), "xterm.js is not vendored: run tools/vendor-console.sh"
-    with running_server(tmp_path_factory.mktemp("console"), api_key=KEY) as srv:
+    with running_server(tmp_path_factory.mktemp(f"console-{runtime_name}"), api_key=KEY, runtime=runtime_name) as srv:
         yield srv
 
 
@@ -69,7 +69,8 @@ def sandbox(server: ServerProcess) -> Iterator[SandboxSync]:
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+def browser(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> Iterator[WebDriver]:
+    """A fresh browser (no cookie) per server."""
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or a driver
     options = Options()
     options.binary_location = str(CHROMIUM)

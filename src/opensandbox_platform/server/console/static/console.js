@@ -289,7 +289,12 @@
     const sendResize = () => {
       if (socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "resize", cols: term.cols, rows: term.rows }));
     };
-    socket.addEventListener("open", () => { sendResize(); term.focus(); });
+    const pending = []; // what is typed before the socket is open is sent once it is
+    socket.addEventListener("open", () => {
+      sendResize();
+      for (const frame of pending.splice(0)) socket.send(frame);
+      term.focus();
+    });
     socket.addEventListener("message", (event) => {
       if (typeof event.data === "string") {
         const control = JSON.parse(event.data);
@@ -304,12 +309,12 @@
       message.textContent = `Terminal closed (${event.code}${event.reason ? ": " + event.reason : ""})`;
     });
     term.onData((data) => {
-      if (socket.readyState !== WebSocket.OPEN) return;
       const input = encoder.encode(data);
       const frame = new Uint8Array(input.length + 1);
       frame[0] = STDIN;
       frame.set(input, 1);
-      socket.send(frame);
+      if (socket.readyState === WebSocket.OPEN) socket.send(frame);
+      else if (socket.readyState === WebSocket.CONNECTING && pending.length < 1000) pending.push(frame);
     });
     term.onResize(sendResize);
     const onResize = () => fit.fit();
