@@ -10,6 +10,7 @@ stay text (no element, no script run).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -108,6 +109,19 @@ def log_in(driver: WebDriver, server: ServerProcess, key: str) -> None:
     driver.find_element(By.ID, "login").click()
 
 
+def cookie_of(server: ServerProcess) -> str:
+    """A console session of its own (a login without a browser)."""
+    with httpx.Client(base_url=server.url) as client:
+        assert client.post("/console/login", data={"api_key": KEY}).status_code in (200, 303)
+        return str(client.cookies["osb_console"])
+
+
+def ensure_logged_in(driver: WebDriver, server: ServerProcess) -> None:
+    if driver.get_cookie("osb_console") is None:
+        log_in(driver, server, KEY)
+        wait(driver, lambda d: d.get_cookie("osb_console"))
+
+
 def shot(driver: WebDriver, name: str) -> None:
     """Screenshots go to $OSB_CONSOLE_SCREENSHOTS (the README's are made so), else nowhere."""
     folder = os.environ.get("OSB_CONSOLE_SCREENSHOTS")
@@ -203,6 +217,7 @@ def test_the_console_shows_the_sandbox_and_a_working_terminal(
 def test_files_and_resources_of_the_sandbox(
     browser: WebDriver, server: ServerProcess, sandbox: SandboxSync, tmp_path: Path
 ) -> None:
+    ensure_logged_in(browser, server)
     hostile_name = '<img src=x onerror="window.__pwned=3">'
     sandbox.files.write_file(f"/tmp/{hostile_name}", "<html><script>window.__pwned=4</script></html>")
     browser.get(f"{server.url}/console/#/sandbox/{sandbox.id}")
@@ -240,7 +255,7 @@ def test_files_and_resources_of_the_sandbox(
 def test_changes_need_the_csrf_token_and_this_origin(
     browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
 ) -> None:
-    assert browser.get_cookie("osb_console") is not None, "runs after the login of the test above"
+    ensure_logged_in(browser, server)
     renew = f"/console/api/sandboxes/{sandbox.id}/renew"
     assert fetch(browser, renew, "POST", {"content-type": "application/json"})["status"] == 403
     cookie = browser.get_cookie("osb_console")["value"]  # type: ignore[index]
@@ -254,9 +269,9 @@ def test_changes_need_the_csrf_token_and_this_origin(
 
 
 async def test_a_foreign_page_cannot_open_a_terminal_with_the_cookie(
-    browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
+    server: ServerProcess, sandbox: SandboxSync
 ) -> None:
-    cookie = browser.get_cookie("osb_console")["value"]  # type: ignore[index]
+    cookie = cookie_of(server)
     url = f"ws://{server.domain}/console/api/sandboxes/{sandbox.id}/terminal"
     with pytest.raises(websockets.InvalidStatus):
         async with websockets.connect(
@@ -265,3 +280,9 @@ async def test_a_foreign_page_cannot_open_a_terminal_with_the_cookie(
             pass
     async with websockets.connect(url, additional_headers={"cookie": f"osb_console={cookie}"}) as ws:
         assert '"connected"' in str(await ws.recv())  # the same cookie from no browser page: allowed
+        await ws.send(b"\x00" + b"x" * 100_000)  # one message above the 64 KiB a terminal takes
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            async with asyncio.timeout(15):
+                while True:
+                    await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
