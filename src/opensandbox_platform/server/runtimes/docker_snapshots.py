@@ -137,7 +137,10 @@ class DockerSnapshots:
         try:
             await container.pause()
             try:
-                size = (await container.show(size="true")).get("SizeRw") or 0
+                size = (await container.show(size="true")).get("SizeRw")
+                if not isinstance(size, int) or size < 0:  # fail closed: never commit what was not measured
+                    self._fail(record, snaps.CAPTURE_FAILED, f"the engine did not report the layer's size ({size!r})")
+                    return
                 if size > self.max_bytes:
                     self._fail(record, snaps.TOO_LARGE, _too_large(size, self.max_bytes))
                     return
