@@ -382,13 +382,18 @@ class HttpServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._table: ConnectionTable[asyncio.StreamWriter] = ConnectionTable(self.limits.max_connections)
 
-    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
+    async def start(self, host: str | None, port: int | None, ssl: Any = None, sock: Any = None) -> asyncio.Server:
+        """Listen on host:port, or on `sock`, a bound socket (made in another network namespace)."""
         loop = asyncio.get_running_loop()
 
         def factory() -> _Protocol:
             return _Protocol(asyncio.StreamReader(limit=self.limits.max_head_bytes, loop=loop), self._on_connect)
 
-        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024, ssl=ssl)
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024)
+        else:
+            assert port is not None
+            self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024, ssl=ssl)
         return self._server
 
     @property
