@@ -76,6 +76,10 @@ EXECD_PORT: Final = 44772
 # The header that carries a sandbox's execd token (local and docker runtimes; endpoints hand it out).
 EXECD_TOKEN_HEADER: Final = "X-EXECD-ACCESS-TOKEN"
 TASK_EXECUTOR_PORT: Final = 5758
+# The egress API (network policy) inside every sandbox that has a policy, and its token's header
+# (upstream's names); the sandbox itself never holds that token (docs/network-policy.md).
+EGRESS_PORT: Final = 18080
+EGRESS_TOKEN_HEADER: Final = "OPENSANDBOX-EGRESS-AUTH"
 SANDBOX_CONTAINER: Final = "sandbox"
 
 # execd injection: the init container copies the execd image's /opensandbox/ into a shared emptyDir
@@ -108,6 +112,13 @@ DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when c
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+
+# The egress sidecar of a kubernetes sandbox (a native sidecar: an init container that keeps running)
+EGRESS_CONTAINER: Final = "egress"
+EGRESS_STATE_VOLUME: Final = "opensandbox-egress"
+EGRESS_STATE_DIR: Final = "/var/lib/opensandbox-egress"
+POLICY_APPLIED: Final = PREFIX + "policy-applied"  # pooled pods: the claim's networkPolicy is enforced
+DOCKER_EGRESS_FOR: Final = DOCKER_PREFIX + "egress-for"  # docker: the egress sidecar of this sandbox id
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from opensandbox_platform.api.labels import EGRESS_TOKEN_HEADER
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import AnyResponse, Request, Response, Router, require_token
 from opensandbox_platform.egress import policy as P
 from opensandbox_platform.egress.enforcer import Enforcer
 
-TOKEN_HEADER = "OPENSANDBOX-EGRESS-AUTH"
+TOKEN_HEADER = EGRESS_TOKEN_HEADER
 MAX_BODY = 1 << 20
 INVALID_POLICY = "INVALID_POLICY"
 

@@ -13,8 +13,10 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 LIBRARY = "libnftables.so.1"
 CLONE_NEWNET = 0x40000000
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -58,7 +60,7 @@ class Nft:
     def __init__(self, netns_fd: int | None = None) -> None:
         self._lib = library()
         self._lock = threading.Lock()
-        self._ctx = self._new() if netns_fd is None else _in_namespace(netns_fd, self._new)
+        self._ctx = self._new() if netns_fd is None else in_namespace(netns_fd, self._new)
 
     def _new(self) -> int:
         ctx = self._lib.nft_ctx_new(0)
@@ -104,8 +106,9 @@ class Nft:
                 self._ctx = 0
 
 
-def _in_namespace(netns_fd: int, make: Any) -> int:
-    """`make()` in a new thread that entered the network namespace first (the thread then ends)."""
+def in_namespace(netns_fd: int, make: Callable[[], T]) -> T:
+    """`make()` in a new thread that entered the network namespace first (the thread then ends):
+    a netlink or network socket it opens stays in that namespace."""
     result: list[Any] = []
 
     def run() -> None:
@@ -122,7 +125,8 @@ def _in_namespace(netns_fd: int, make: Any) -> int:
     thread.join()
     if isinstance(result[0], BaseException):
         raise result[0]
-    return int(result[0])
+    found: T = result[0]
+    return found
 
 
 def denied_counts(listing: Any) -> dict[str, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
 MAX_CPU_MILLIS = 1_000_000
@@ -40,6 +40,8 @@ class SandboxSpec:
     cpu_request_millis: int | None = None  # resourceRequests (only where capabilities.resource_requests)
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
+    # networkPolicy, validated and normalized (egress/policy.py); None: no policy, no enforcer
+    network_policy: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Capabilities:
     image_auth: bool = False  # `image.auth`: registry credentials for the image
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
+    network_policy: bool = False  # `networkPolicy` and the /networkpolicy routes (docs/network-policy.md)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 
@@ -130,3 +133,6 @@ class Runtime(Protocol):
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         """Where the server's proxy connects for `port`, with the headers it adds."""
+
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        """Where the server reaches the sandbox's egress API, with its token; None: no policy."""

@@ -349,6 +349,10 @@ class DockerRuntime:
         guards.require_running(sandbox_id, (await self._sandbox(sandbox_id)).state)
         return await self.endpoint(sandbox_id, port)
 
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        await self._sandbox(sandbox_id)
+        return None
+
     # -- sandboxes -----------------------------------------------------------------------------
 
     async def _sandbox(self, sandbox_id: str) -> Sandbox:

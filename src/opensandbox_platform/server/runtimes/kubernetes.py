@@ -449,6 +449,10 @@ class KubernetesRuntime:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)
         return await self.endpoint(sandbox_id, port)
 
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        self._entry(sandbox_id)
+        return None
+
 
 def _create_error(err: KubeError) -> ApiError:
     if err.status in (400, 422):
