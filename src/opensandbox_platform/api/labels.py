@@ -119,6 +119,11 @@ EGRESS_STATE_VOLUME: Final = "opensandbox-egress"
 EGRESS_STATE_DIR: Final = "/var/lib/opensandbox-egress"
 POLICY_APPLIED: Final = PREFIX + "policy-applied"  # pooled pods: the claim's networkPolicy is enforced
 DOCKER_EGRESS_FOR: Final = DOCKER_PREFIX + "egress-for"  # docker: the egress sidecar of this sandbox id
+DOCKER_EGRESS: Final = DOCKER_PREFIX + "egress"  # docker: "true" on a sandbox container with a network policy
+# docker: the sandbox's bootstrap script waits on this FIFO before its entrypoint until the egress
+# sidecar enforces the policy (images/execd-bootstrap.sh)
+START_GATE_ENV: Final = "OPENSANDBOX_START_GATE"
+START_GATE: Final = "/tmp/.opensandbox-start-gate"
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

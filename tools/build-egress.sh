@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the egress sidecar as one self-contained executable (PyInstaller, one-file):
+# build/egress/opensandbox-egress. It carries libnftables and the libraries it links (from this
+# machine's nftables package: apt-get install nftables), loaded through ctypes, and dnspython.
+#   tools/build-egress.sh            build (cached intermediates in build/egress/work)
+#   tools/build-egress.sh --check    build, then start it (--help) to see that it runs
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=$top/build/egress
+log() { printf '[build-egress] %s\n' "$*" >&2; }
+source "$top/tools/pyinstaller.sh"
+
+lib=$(ldconfig -p | awk '$1 == "libnftables.so.1" {print $NF; exit}')
+[[ -n $lib ]] || { log "libnftables.so.1 is missing: apt-get install nftables"; exit 1; }
+# PyInstaller collects what an added library links (libmnl, libnftnl, libjansson, libgmp, libxtables).
+# dnspython's names need the idna codec, which needs unicodedata (the daemons' builds leave it out).
+kept=()
+for module in "${excludes[@]}"; do [[ $module == unicodedata ]] || kept+=("$module"); done
+exclude_args "${kept[@]}" aiohttp prometheus_client uvloop httptools aiodocker
+build_program onefile "$out" opensandbox-egress opensandbox_platform.egress.main "${excluded_args[@]}" \
+  --add-binary "$lib:." --collect-submodules dns
+
+if [[ ${1:-} == --check ]]; then
+  "$out/opensandbox-egress" --help >/dev/null
+  log "check passed: --help"
+fi
