@@ -112,6 +112,7 @@ DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when c
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holding execd (value: its content key)
 
 # The egress sidecar of a kubernetes sandbox (a native sidecar: an init container that keeps running)
 EGRESS_CONTAINER: Final = "egress"

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from opensandbox_platform.daemon import process
-from opensandbox_platform.daemon.http import HttpServer, add_limit_arguments, limits_from_args
+from opensandbox_platform.daemon.cli import add_options, limit_options
+from opensandbox_platform.daemon.http import HttpServer, limits_from_args
 from opensandbox_platform.egress import policy as P
 from opensandbox_platform.egress.app import TOKEN_HEADER, EgressApp
 from opensandbox_platform.egress.dns import DnsFilter, bind_sockets, parse_upstream, upstreams_from_resolv_conf
@@ -78,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity (env EGRESS_LOG_LEVEL)",
     )
-    add_limit_arguments(parser, "EGRESS")
+    add_options(parser, limit_options("EGRESS"))
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,14 @@ from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
 from opensandbox_platform.server.runtimes.seccomp import docker_profile, rules
 
 EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
-EXECD_BINARY = L.EXECD_MOUNT + "/execd"
+# execd's files (execd, execd-lib/, bootstrap.sh) come from one volume shared by every sandbox,
+# mounted read-only; /opt/opensandbox itself stays the container's (the env file lives there).
+EXECD_DIR = L.EXECD_MOUNT + "/bin"
+EXECD_BINARY = EXECD_DIR + "/execd"
+EXECD_BOOTSTRAP = EXECD_DIR + "/bootstrap.sh"
+EXECD_VOLUME_PREFIX = "opensandbox-execd-"
+# The last member of the volume's archive: present once the volume holds all of execd.
+EXECD_VOLUME_COMPLETE = ".complete"
 # Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
 READY_LINE = 'msg="execd listening"'
 EGRESS_READY_LINE = 'msg="egress listening"'
@@ -122,7 +129,7 @@ class ContainerState:
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
-            changed_at=_docker_time(changed),
+            changed_at=docker_time(changed),
         )
 
     @classmethod
@@ -133,7 +140,7 @@ class ContainerState:
         return cls(status=status, exit_code=int(match.group(1)) if match else None)
 
 
-def _docker_time(value: Any) -> dt.datetime | None:
+def docker_time(value: Any) -> dt.datetime | None:
     """Docker's RFC 3339 with nanoseconds; "0001-01-01T00:00:00Z" means never."""
     if not isinstance(value, str) or value.startswith("0001-"):
         return None
@@ -240,6 +247,15 @@ def egress_config(
     }
 
 
+def execd_volume_name(key: str) -> str:
+    """The volume holding one version of execd: `key` is a digest of its content."""
+    return EXECD_VOLUME_PREFIX + key[:16]
+
+
+def execd_mount(volume: str) -> dict[str, Any]:
+    return {"Type": "volume", "Source": volume, "Target": EXECD_DIR, "ReadOnly": True}
+
+
 def execd_env(sandbox_id: str, token: str) -> dict[str, str]:
     """How execd (started by the bootstrap script) is configured: as in the local runtime, a token
     per sandbox, which the endpoint hands out as the `L.EXECD_TOKEN_HEADER` header."""
@@ -263,16 +279,19 @@ def container_config(
     cpu_millis: int | None,
     memory_bytes: int | None,
     seccomp: str = "",
+    execd_volume: str,
 ) -> dict[str, Any]:
-    """The body of POST /containers/create: the bootstrap script as entrypoint (execd in the
-    background, then the user's entrypoint as its command), execd's port published on an
-    ephemeral host port, and the security defaults. With a network policy, the bootstrap script
-    holds the entrypoint back until the egress sidecar enforces it (`L.START_GATE`)."""
+    """The body of POST /containers/create, everything in this one call: the bootstrap script as
+    entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
+    mounted read-only, execd's port published on an ephemeral host port, and the security defaults.
+    With a network policy, the bootstrap script holds the entrypoint back until the egress sidecar
+    enforces it (`L.START_GATE`)."""
     env = {**spec.env, **execd_env(sandbox_id, token)}
     if spec.network_policy is not None:
         env[L.START_GATE_ENV] = L.START_GATE
         labels = {**labels, L.DOCKER_EGRESS: "true"}
     host_config: dict[str, Any] = {
+        "Mounts": [execd_mount(execd_volume)],
         "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},
         "CapDrop": ["ALL"],
         "CapAdd": list(CAPABILITIES),
@@ -291,7 +310,7 @@ def container_config(
         host_config["Runtime"] = settings.oci_runtime
     return {
         "Image": spec.image,
-        "Entrypoint": [L.EXECD_BOOTSTRAP],
+        "Entrypoint": [EXECD_BOOTSTRAP],
         "Cmd": list(spec.entrypoint),
         "Hostname": sandbox_id[:63],
         "Env": [f"{k}={v}" for k, v in env.items()],

@@ -52,7 +52,17 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import guards, images, netpolicy, procfs, rootfs, seccomp, slirp, staging
+from opensandbox_platform.server.runtimes import (
+    guards,
+    images,
+    jail_bytecode,
+    netpolicy,
+    procfs,
+    rootfs,
+    seccomp,
+    slirp,
+    staging,
+)
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -263,6 +273,7 @@ class LocalRuntime:
         self._layout = jails.runtime_layout()
         self._parts = rootfs.host_parts()
         self._proc_masks = jails.masks() + self._hidden_masks()
+        await asyncio.to_thread(jail_bytecode.precompile)  # (before the first jail: it compiles nothing then)
         self.ports.start()
         await self._recover()
         self.expiry.start()

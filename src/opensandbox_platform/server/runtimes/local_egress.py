@@ -62,7 +62,7 @@ class JailEgress:
         try:
             await dns_filter.serve(udp, tcp)
             api = HttpServer(EgressApp(enforcer, token).dispatch)
-            await api.start(None, None, sock=listener)
+            await api.start("", 0, sock=listener)
         except BaseException:
             for sock in (udp, tcp, listener):
                 sock.close()
