@@ -32,6 +32,11 @@ log = logging.getLogger("egress.dns")
 
 Upstream = tuple[str, int]
 MAX_UDP = 65535
+# Queries forwarded at once; more are dropped (a client retries). A sandbox flooding its resolver
+# must not grow the filter's tasks and sockets without bound: the local runtime's filter runs in
+# the server's event loop.
+MAX_IN_FLIGHT = 128
+TCP_IDLE_SECONDS = 10.0  # a TCP client silent this long is closed
 
 
 def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf") -> list[Upstream]:
@@ -67,7 +72,12 @@ def addresses(response: dns.message.Message) -> Answer:
 
 class DnsFilter:
     def __init__(
-        self, enforcer: Enforcer, upstreams: Sequence[Upstream], mark: int | None = None, timeout: float = 2.0
+        self,
+        enforcer: Enforcer,
+        upstreams: Sequence[Upstream],
+        mark: int | None = None,
+        timeout: float = 2.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         if not upstreams:
             raise ValueError("the DNS filter needs an upstream resolver (none in /etc/resolv.conf?)")
@@ -75,6 +85,10 @@ class DnsFilter:
         self.upstreams = list(upstreams)
         self.mark = mark
         self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.dropped = 0  # queries dropped while max_in_flight were forwarded
+        self._tcp_clients = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._transports: list[asyncio.BaseTransport] = []
 
@@ -94,10 +108,17 @@ class DnsFilter:
             await server.wait_closed()
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= self.max_in_flight:  # a flood of connections: each would hold an fd
+            self.dropped += 1
+            writer.close()
+            return
+        self._tcp_clients += 1
         try:
             while True:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-                reply = await self.answer(await reader.readexactly(length), tcp=True)
+                async with asyncio.timeout(TCP_IDLE_SECONDS):
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    query = await reader.readexactly(length)
+                reply = await self.answer(query, tcp=True)
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)
@@ -105,11 +126,22 @@ class DnsFilter:
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
     # --- answering --------------------------------------------------------------------------------
     async def answer(self, wire: bytes, tcp: bool = False) -> bytes | None:
-        """The reply to one query (None: drop it, as for garbage)."""
+        """The reply to one query (None: drop it, as for garbage or a query above the bound)."""
+        if self.in_flight >= self.max_in_flight:
+            self.dropped += 1
+            return None
+        self.in_flight += 1
+        try:
+            return await self._answer(wire, tcp)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, wire: bytes, tcp: bool) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
