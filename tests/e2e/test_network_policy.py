@@ -29,7 +29,6 @@ from harness.images import EGRESS_IMAGE, built_image
 from harness.server_process import ServerProcess, running_server
 
 
-
 @pytest.fixture(scope="module")
 def internet() -> Iterator[FakeInternet]:
     with FakeInternet() as net:
@@ -81,8 +80,8 @@ async def resolves(sb: Sandbox, name: str) -> str:
 async def fetch(sb: Sandbox, address: str, port: int = 80) -> str:
     """What the fake internet's HTTP server on `address` says it is (`host=NAME`), or "failed"."""
     script = (
-        f"r=$(timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{port} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 "
-        "&& cat <&3' 2>/dev/null | tail -n1); echo \"${r:-failed}\""
+        f'r=$(timeout 5 bash -c \'exec 3<>/dev/tcp/{address}/{port} && printf "GET / HTTP/1.0\\r\\n\\r\\n" >&3 '
+        '&& cat <&3\' 2>/dev/null | tail -n1); echo "${r:-failed}"'
     )
     return await sh(sb, script)
 
@@ -97,7 +96,7 @@ async def ask_resolver(sb: Sandbox, resolver: str, port: int, name: str) -> str:
     """The rcode and answer count of a query the sandbox sends itself over UDP to resolver:port:
     "NOERROR 1", "NXDOMAIN 0", or "no answer"."""
     script = (
-        f"timeout 4 bash -c 'exec 3<>/dev/udp/{resolver}/{port} && printf \"{dns_query(name)}\" >&3 "
+        f'timeout 4 bash -c \'exec 3<>/dev/udp/{resolver}/{port} && printf "{dns_query(name)}" >&3 '
         "&& timeout 3 dd bs=512 count=1 <&3 2>/dev/null' | od -An -v -tu1 | tr -s ' \\n' ' '"
     )
     octets = [int(x) for x in (await sh(sb, script)).split()]
@@ -149,7 +148,7 @@ async def test_the_sandbox_cannot_flush_the_rules_or_change_its_policy(
         status = await sh(
             sb,
             "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/18080 && printf \"PATCH /policy HTTP/1.0\\r\\n"
-            "Content-Length: 37\\r\\n\\r\\n[{\\\"action\\\":\\\"allow\\\",\\\"target\\\":\\\"bad.test\\\"}]\" >&3 "
+            'Content-Length: 37\\r\\n\\r\\n[{\\"action\\":\\"allow\\",\\"target\\":\\"bad.test\\"}]" >&3 '
             "&& head -n1 <&3' || echo unreachable",
         )
         assert "401" in status or "unreachable" in status, status
@@ -157,9 +156,7 @@ async def test_the_sandbox_cannot_flush_the_rules_or_change_its_policy(
         assert await resolves(sb, "bad.test") == ""
 
 
-async def test_a_dns_flood_does_not_take_the_filter_down(
-    policy_server: ServerProcess, internet: FakeInternet
-) -> None:
+async def test_a_dns_flood_does_not_take_the_filter_down(policy_server: ServerProcess, internet: FakeInternet) -> None:
     async with sandbox_with(policy_server, deny_except_good()) as sb:
         query = dns_query("a.good.test")
         # 4000 UDP queries as fast as bash sends them, and 300 TCP connections held open
