@@ -118,7 +118,9 @@ DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holdin
 EGRESS_CONTAINER: Final = "egress"
 EGRESS_STATE_VOLUME: Final = "opensandbox-egress"
 EGRESS_STATE_DIR: Final = "/var/lib/opensandbox-egress"
-POLICY_APPLIED: Final = PREFIX + "policy-applied"  # pooled pods: the claim's networkPolicy is enforced
+# On a BatchSandbox (direct mode): JSON {"policy": {defaultAction, egress}, "upstreamDns": [...]}; the
+# controller injects the egress sidecar into its pods (controller/pods.py inject_egress)
+NETWORK_POLICY: Final = PREFIX + "network-policy"
 DOCKER_EGRESS_FOR: Final = DOCKER_PREFIX + "egress-for"  # docker: the egress sidecar of this sandbox id
 DOCKER_EGRESS: Final = DOCKER_PREFIX + "egress"  # docker: "true" on a sandbox container with a network policy
 # docker: the sandbox's bootstrap script waits on this FIFO before its entrypoint until the egress
