@@ -112,7 +112,7 @@ async def test_policy_is_enforced_in_the_pod_and_changed_at_run_time(
         status = await sh(
             sb,
             "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/18080 && printf \"GET /policy HTTP/1.0\\r\\n"
-            'X-EXECD-ACCESS-TOKEN: $EXECD_ACCESS_TOKEN\\r\\nOPENSANDBOX-EGRESS-AUTH: $EXECD_ACCESS_TOKEN\\r\\n\\r\\n" >&3 '
+            'OPENSANDBOX-EGRESS-AUTH: $EXECD_ACCESS_TOKEN\\r\\n\\r\\n" >&3 '
             "&& head -n1 <&3'",
         )
         assert "401" in status, status
