@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import sys
 import tempfile
 import time
@@ -136,10 +137,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runtimes", default="local,docker")
     args = parser.parse_args(argv)
     figures: dict[str, Any] = {"n": args.n}
-    with FakeInternet() as internet, tempfile.TemporaryDirectory(prefix="egress-bench-") as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="egress-bench-"))  # kept when a run fails: the servers' logs
+    with FakeInternet() as internet:
         for runtime in [r.strip() for r in args.runtimes.split(",") if r.strip()]:
             with podman_docker_host() if runtime == "docker" else contextlib.nullcontext():
-                figures[runtime] = asyncio.run(run_runtime(runtime, internet, args.n, Path(tmp)))
+                figures[runtime] = asyncio.run(run_runtime(runtime, internet, args.n, tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
     write("egress", figures)
 
 

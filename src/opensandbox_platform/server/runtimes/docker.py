@@ -270,7 +270,8 @@ class DockerRuntime:
                 egress_token = await self._start_egress(sandbox_id, container.id, spec.network_policy)
                 steps.done("egress")
         except BaseException as exc:
-            await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
+            if spec.network_policy is not None:
+                await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
             if not await asyncio.shield(self._remove_container(container.id)):
                 self._abandoned[sandbox_id] = time.monotonic()
             if isinstance(exc, DockerError) or (isinstance(exc, ApiError) and exc.code == errors.START_FAILED):
@@ -417,6 +418,9 @@ class DockerRuntime:
         async with execution.start(detach=False) as stream:
             while await stream.read_out() is not None:
                 pass
+        code = (await execution.inspect()).get("ExitCode")
+        if code != 0:  # the entrypoint would never start: fail the create instead
+            raise ApiError(500, errors.START_FAILED, f"cannot open the sandbox's start gate (exit code {code})")
         return token
 
     # -- sandboxes -----------------------------------------------------------------------------
