@@ -263,12 +263,15 @@ class DockerRuntime:
                 await container.start()
                 steps.done("start")
                 # The published port is known once started: read it while execd starts.
-                _, inspect = await _both(self._wait_ready(container.id, output), self._inspect(container.id))
+                ready = _both(self._wait_ready(container.id, output), self._inspect(container.id))
+                egress_token = ""
+                if spec.network_policy is None:
+                    _, inspect = await ready
+                else:  # the sidecar joins the namespace as soon as it exists, while execd starts
+                    egress = self._start_egress(sandbox_id, container.id, spec.network_policy)
+                    (_, inspect), egress_token = await _both(ready, egress)
+                    await self._open_start_gate(container.id)
             steps.done("ready")
-            egress_token = ""
-            if spec.network_policy is not None:
-                egress_token = await self._start_egress(sandbox_id, container.id, spec.network_policy)
-                steps.done("egress")
         except BaseException as exc:
             if spec.network_policy is not None:
                 await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
@@ -401,9 +404,8 @@ class DockerRuntime:
         return sandbox.egress_token
 
     async def _start_egress(self, sandbox_id: str, container_id: str, policy: dict[str, Any]) -> str:
-        """Start the sandbox's egress sidecar in its network namespace, wait until it enforces the
-        policy (its "listening" line comes after the ruleset is loaded), then let the entrypoint go
-        (the bootstrap script waits on L.START_GATE). Returns the sidecar's token."""
+        """Start the sandbox's egress sidecar in its network namespace and wait until it enforces the
+        policy (its "listening" line comes after the ruleset is loaded). Returns its token."""
         token = secrets.token_urlsafe(24)
         egress = self.config.egress
         await self._ensure_image(egress.image, None)
@@ -412,6 +414,11 @@ class DockerRuntime:
         async with docker_api.attach_output(self.docker, sidecar.id) as output:
             await sidecar.start()
             await self._wait_ready(sidecar.id, output, model.EGRESS_READY_LINE, "the egress sidecar")
+        return token
+
+    async def _open_start_gate(self, container_id: str) -> None:
+        """Let the entrypoint go: the bootstrap script waits on the FIFO L.START_GATE, which it made
+        before execd started (so once execd is ready, writing to it cannot make a plain file)."""
         execution = await self.docker.containers.container(container_id).exec(
             ["sh", "-c", f"printf go > {L.START_GATE}"], stdout=True, stderr=True
         )
@@ -421,7 +428,6 @@ class DockerRuntime:
         code = (await execution.inspect()).get("ExitCode")
         if code != 0:  # the entrypoint would never start: fail the create instead
             raise ApiError(500, errors.START_FAILED, f"cannot open the sandbox's start gate (exit code {code})")
-        return token
 
     # -- sandboxes -----------------------------------------------------------------------------
 
