@@ -1,5 +1,5 @@
-# opensandbox/egress: the egress sidecar (network policy), the self-contained opensandbox-egress
-# executable with libnftables inside it. It runs in the sandbox's network namespace with
+# opensandbox/egress: the egress sidecar (network policy), the self-contained one-dir opensandbox-egress
+# program with libnftables inside it. It runs in the sandbox's network namespace with
 # CAP_NET_ADMIN (the only container of a sandbox that has it); see docs/network-policy.md.
 #
 # Build the executable first (it is copied in, not built here): tools/build-egress.sh
@@ -8,8 +8,8 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
-COPY --chmod=0755 build/egress/opensandbox-egress /usr/local/bin/opensandbox-egress
+COPY build/egress/opensandbox-egress/ /opt/opensandbox-egress/
 
 USER 0
 EXPOSE 18080
-ENTRYPOINT ["/usr/local/bin/opensandbox-egress"]
+ENTRYPOINT ["/opt/opensandbox-egress/opensandbox-egress"]

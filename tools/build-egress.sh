@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the egress sidecar as one self-contained executable (PyInstaller, one-file):
-# build/egress/opensandbox-egress. It carries libnftables and the libraries it links (from this
-# machine's nftables package: apt-get install nftables), loaded through ctypes, and dnspython.
+# Builds the egress sidecar as a self-contained one-dir program (PyInstaller, as execd: nothing is
+# unpacked at start): build/egress/opensandbox-egress/ (the executable opensandbox-egress beside
+# egress-lib/). It carries libnftables and the libraries it links (from this machine's nftables
+# package: apt-get install nftables), loaded through ctypes, and dnspython.
 #   tools/build-egress.sh            build (cached intermediates in build/egress/work)
 #   tools/build-egress.sh --check    build, then start it (--help) to see that it runs
 set -euo pipefail
@@ -16,11 +17,13 @@ lib=$(ldconfig -p | awk '$1 == "libnftables.so.1" {print $NF; exit}')
 # dnspython's names need the idna codec, which needs unicodedata (the daemons' builds leave it out).
 kept=()
 for module in "${excludes[@]}"; do [[ $module == unicodedata ]] || kept+=("$module"); done
-exclude_args "${kept[@]}" aiohttp prometheus_client uvloop httptools aiodocker
-build_program onefile "$out" opensandbox-egress opensandbox_platform.egress.main "${excluded_args[@]}" \
-  --add-binary "$lib:." --collect-submodules dns
+excludes=("${kept[@]}")
+daemon_args=(--add-binary "$lib:." --collect-submodules dns)
+rm -f "$out/opensandbox-egress"  # the one-file build of earlier versions
+build_daemon "$out" opensandbox-egress opensandbox_platform.egress.main egress-lib \
+  aiohttp prometheus_client uvloop httptools aiodocker
 
 if [[ ${1:-} == --check ]]; then
-  "$out/opensandbox-egress" --help >/dev/null
+  "$out/opensandbox-egress/opensandbox-egress" --help >/dev/null
   log "check passed: --help"
 fi
