@@ -19,7 +19,7 @@ kept=()
 for module in "${excludes[@]}"; do [[ $module == unicodedata ]] || kept+=("$module"); done
 excludes=("${kept[@]}")
 daemon_args=(--add-binary "$lib:." --collect-submodules dns)
-rm -f "$out/opensandbox-egress"  # the one-file build of earlier versions
+[[ -d "$out/opensandbox-egress" ]] || rm -f "$out/opensandbox-egress"  # the one-file build of earlier versions
 build_daemon "$out" opensandbox-egress opensandbox_platform.egress.main egress-lib \
   aiohttp prometheus_client uvloop httptools aiodocker
 

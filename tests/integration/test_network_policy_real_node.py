@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,10 @@ from harness.egress_probes import ask_resolver, fetch, resolves, sh
 from harness.fake_internet import FakeInternet
 from harness.images import EGRESS_IMAGE, EXECD_IMAGE, TEST_IMAGE, built_image
 from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
+from harness.paths import sandbox_token_key
 from harness.real_node import RealNode
 from harness.services import LocalCluster
-from opensandbox_platform.api import labels
+from opensandbox_platform.api import labels, tokens
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,17 @@ async def created(server: KubernetesServer, **kwargs: Any) -> AsyncIterator[Sand
         with contextlib.suppress(SandboxApiException):
             await sb.kill()
         await sb.close()
+
+
+def sidecar_pid(token: str) -> int:
+    wanted = f"OPENSANDBOX_EGRESS_TOKEN={token}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def sandbox_pod(kube: Client, namespace: str, sandbox_id: str) -> Pod:
@@ -139,25 +153,15 @@ async def test_policy_is_enforced_in_the_pod_and_changed_at_run_time(
 
 
 async def test_the_policy_survives_a_sidecar_restart(
-    server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str, cluster: LocalCluster
+    server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str
 ) -> None:
     policy = NetworkPolicy(default_action="deny", egress=[NetworkRule(action="allow", target="*.good.test")])
     async with created(server, network_policy=policy) as sb:
         await sb.patch_egress_rules([NetworkRule(action="allow", target="other.test")])
         pod = sandbox_pod(kube, namespace, sb.id).metadata.name
-        # the sidecar's process ends (as in a crash); the kubelet starts it again in the same pod
-        cluster.kubectl(
-            "exec",
-            "-n",
-            namespace,
-            pod,
-            "-c",
-            labels.EGRESS_CONTAINER,
-            "--",
-            "/bin/sh",
-            "-c",
-            "kill -9 $(cat /proc/1/task/1/children)",
-        )
+        # the sidecar's process ends (as in a crash; the real node's containers are this machine's
+        # processes, found by the sidecar's token); the kubelet starts it again in the same pod
+        os.kill(sidecar_pid(tokens.egress_token(tokens.read_key(sandbox_token_key()), pod)), signal.SIGKILL)
         for _ in range(100):
             restarted = sandbox_pod(kube, namespace, sb.id).status.initContainerStatuses[0]
             if restarted.restartCount >= 1 and restarted.started:
