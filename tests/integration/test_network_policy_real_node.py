@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,15 @@ def server(
 
 
 @contextlib.asynccontextmanager
-async def created(server: KubernetesServer, **kwargs: Any) -> AsyncIterator[Sandbox]:
-    config = ConnectionConfig(domain=server.domain, disable_metrics=True)
-    sb = await Sandbox.create(TEST_IMAGE, connection_config=config, resource=SMALL, **kwargs)
+async def created(server: KubernetesServer, kube: Client, namespace: str, **kwargs: Any) -> AsyncIterator[Sandbox]:
+    # the server waits up to createTimeoutSeconds (90) for the pod; a first start of a newly loaded
+    # image can take longer than the SDK's default 30 s on this shared machine
+    config = ConnectionConfig(domain=server.domain, disable_metrics=True, request_timeout=timedelta(seconds=100))
+    try:
+        sb = await Sandbox.create(TEST_IMAGE, connection_config=config, resource=SMALL, **kwargs)
+    except Exception:  # say why: the pods' container states
+        pods = [(p.metadata.name, p.status.to_dict()) for p in kube.list(Pod, namespace=namespace)]
+        raise AssertionError(f"create failed; pods: {pods}") from None
     try:
         yield sb
     finally:
@@ -106,7 +113,7 @@ async def test_policy_is_enforced_in_the_pod_and_changed_at_run_time(
     server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str
 ) -> None:
     policy = NetworkPolicy(default_action="deny", egress=[NetworkRule(action="allow", target="*.good.test")])
-    async with created(server, network_policy=policy) as sb:
+    async with created(server, kube, namespace, network_policy=policy) as sb:
         pod = sandbox_pod(kube, namespace, sb.id)
         (sidecar,) = pod.spec.initContainers[:1]
         assert sidecar.name == labels.EGRESS_CONTAINER and sidecar.restartPolicy == "Always"
@@ -156,7 +163,7 @@ async def test_the_policy_survives_a_sidecar_restart(
     server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str
 ) -> None:
     policy = NetworkPolicy(default_action="deny", egress=[NetworkRule(action="allow", target="*.good.test")])
-    async with created(server, network_policy=policy) as sb:
+    async with created(server, kube, namespace, network_policy=policy) as sb:
         await sb.patch_egress_rules([NetworkRule(action="allow", target="other.test")])
         pod = sandbox_pod(kube, namespace, sb.id).metadata.name
         # the sidecar's process ends (as in a crash; the real node's containers are this machine's
@@ -180,7 +187,7 @@ async def test_the_policy_survives_a_sidecar_restart(
 async def test_no_policy_no_sidecar_and_pooled_policies_are_refused(
     server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str
 ) -> None:
-    async with created(server) as sb:
+    async with created(server, kube, namespace) as sb:
         pod = sandbox_pod(kube, namespace, sb.id)
         assert labels.EGRESS_CONTAINER not in [c.name for c in pod.spec.initContainers or []]
         assert await fetch(sb, internet.address("bad.test")) == "host=bad.test"
