@@ -5,9 +5,10 @@ runtimes (the kubernetes runtime's sidecar is measured by hand: see docs/network
               *.good.test), interleaved (the machine is shared: only figures of one run compare):
               p50/p99 and the difference. local: the server loads the ruleset and starts the DNS
               filter in the jail's namespace; docker: the egress sidecar starts in the container's.
-  connect     inside one sandbox with and one without the policy, N times in a bash loop: a lookup
-              of a.good.test (getent) and a TCP connection to its address, in microseconds per
-              lookup+connect; with the policy every lookup goes through the DNS filter.
+  connect     inside one sandbox with and one without the policy, N times in a bash loop: a DNS
+              query for a.good.test to the fake internet's resolver (over one UDP socket) and a TCP
+              connection to its address, in microseconds per lookup+connect; with the policy every
+              query is redirected to the DNS filter, which forwards it and adds the address.
   patch       PATCH of the egress API (the SDK's patch_egress_rules, alternately allowing and
               removing bad.test): the call returns once the kernel holds the new ruleset, so this is
               "policy change -> enforced"; p50/p99.
@@ -40,7 +41,7 @@ from opensandbox.config import ConnectionConfig  # noqa: E402
 from opensandbox.models.sandboxes import NetworkPolicy, NetworkRule  # noqa: E402
 
 from bench.common import summary_ms, write  # noqa: E402
-from harness.egress_probes import sh  # noqa: E402
+from harness.egress_probes import dns_query, sh  # noqa: E402
 from harness.fake_internet import FakeInternet  # noqa: E402
 from harness.images import EGRESS_IMAGE, built_image  # noqa: E402
 from harness.server_process import ServerProcess, running_server  # noqa: E402
@@ -68,25 +69,29 @@ async def create_latency(server: ServerProcess, n: int) -> dict[str, Any]:
     return result
 
 
-async def connect_cost(sb: Sandbox, address: str, n: int) -> float:
-    """Microseconds per lookup of a.good.test + TCP connection to its address, from inside `sb`."""
+async def connect_cost(sb: Sandbox, internet: FakeInternet, n: int) -> float:
+    """Microseconds per lookup of a.good.test + TCP connection to its address, from inside `sb`.
+    The query goes to the fake internet's resolver itself (not through the sandbox's resolv.conf,
+    which without a policy leads to this host's resolvers: off the machine); under a policy it is
+    redirected to the DNS filter, which forwards it there."""
+    query = dns_query("a.good.test")
     script = (
-        "s=$(date +%s%N); "
-        f"for i in $(seq {n}); do getent ahostsv4 a.good.test >/dev/null; "
-        f"exec 3<>/dev/tcp/{address}/80; exec 3>&-; done; "
+        f"exec 3<>/dev/udp/{internet.dns}/53; s=$(date +%s%N); "
+        f"for i in $(seq {n}); do printf '{query}' >&3; dd bs=512 count=1 <&3 2>/dev/null >/dev/null; "
+        f"exec 4<>/dev/tcp/{internet.address('a.good.test')}/80; exec 4>&-; done; "
         f"e=$(date +%s%N); echo $(( (e - s) / {n} / 1000 ))"
     )
     return float(await sh(sb, script))
 
 
-async def connect_overhead(server: ServerProcess, address: str, n: int) -> dict[str, Any]:
+async def connect_overhead(server: ServerProcess, internet: FakeInternet, n: int) -> dict[str, Any]:
     plain = await Sandbox.create(server.image, connection_config=config(server))
     guarded = await Sandbox.create(server.image, connection_config=config(server), network_policy=POLICY)
     try:
         rounds: dict[str, list[float]] = {"no_policy": [], "policy": []}
         for _ in range(5):  # interleaved rounds of n each
-            rounds["no_policy"].append(await connect_cost(plain, address, n))
-            rounds["policy"].append(await connect_cost(guarded, address, n))
+            rounds["no_policy"].append(await connect_cost(plain, internet, n))
+            rounds["policy"].append(await connect_cost(guarded, internet, n))
     finally:
         for sb in (plain, guarded):
             await sb.kill()
@@ -125,7 +130,7 @@ async def run_runtime(runtime: str, internet: FakeInternet, n: int, workdir: Pat
         print(f"[{runtime}] create x{n} with and without a policy", flush=True)
         create = await create_latency(server, n)
         print(f"[{runtime}] lookup+connect", flush=True)
-        connect = await connect_overhead(server, internet.address("a.good.test"), 50)
+        connect = await connect_overhead(server, internet, 50)
         print(f"[{runtime}] patch x{4 * n}", flush=True)
         patch = await patch_latency(server, 4 * n)
     return {"create": create, "connect": connect, "patch_to_enforced": patch}
