@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import errors, networkpolicy, openapi, proxy
+from opensandbox_platform.server import errors, metrics, networkpolicy, openapi, proxy
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
@@ -34,6 +34,10 @@ def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
     from opensandbox_platform.server.runtimes.local import LocalRuntime
 
     return LocalRuntime(config, config_path)
+
+
+async def _states(runtime: Runtime) -> list[str]:
+    return [info.state for info in await runtime.list()]
 
 
 def create_app(config: Config | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -65,7 +69,17 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
         config.server.create_queue_timeout_seconds,
     )
     errors.install(app)
+    if config.console.enabled:  # the web console (server/console/)
+        from opensandbox_platform.server.console import routes as console
+        from opensandbox_platform.server.console.session import Signer
+
+        app.state.console_signer = Signer(config.server.api_key, config.console.session_hours * 3600)
+        app.include_router(console.router)
+        app.mount("/console/static", console.static_files(), name="console-static")
+        app.add_middleware(console.SecurityHeaders)
+
     app.add_middleware(AuthAndRequestId, api_key=config.server.api_key)
+    app.add_middleware(metrics.RequestMetrics)  # outermost: 401s are counted too
 
     @app.get("/health", tags=["health"])
     async def health() -> dict[str, Any]:
@@ -85,6 +99,22 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     @app.get("/version", tags=["health"])
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+    if config.server.metrics:
+
+        @app.get("/metrics", tags=["health"], response_class=Response, responses={401: {"model": ErrorResponse}})
+        async def prometheus(request: Request) -> Response:
+            """Prometheus metrics (docs/observability.md): the API key or `server.metricsToken` as a
+            bearer token, when either is configured."""
+            if not metrics.authorized(dict(request.headers), config.server.api_key, config.server.metrics_token):
+                body = errors.error_body(errors.INVALID_API_KEY, "metrics need the API key or server.metricsToken")
+                return JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+            await metrics.refresh_sandboxes(config.runtime.type, lambda: _states(runtime))
+            admission: Admission = app.state.admission
+            metrics.CREATES_RUNNING.set(admission.running)
+            metrics.CREATES_WAITING.set(admission.waiting)
+            payload, content_type = metrics.exposition()
+            return Response(payload, media_type=content_type)
 
     for routes in (router, networkpolicy.router):
         app.include_router(routes, prefix="/v1")

@@ -17,6 +17,10 @@ log = logging.getLogger("opensandbox.server")
 API_KEY_HEADER = b"open-sandbox-api-key"
 REQUEST_ID_HEADER = b"x-request-id"
 OPEN_PATHS = ("/health", "/ready", "/version", "/docs", "/redoc", "/openapi.json")
+# Routes that check their own credentials: /metrics (the key or a bearer token, server/metrics.py)
+# and the web console (its session cookie, server/console/).
+SELF_CHECKED = ("/metrics",)
+SELF_CHECKED_PREFIXES = ("/console",)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,6 +37,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def is_open(path: str) -> bool:
+    if path in SELF_CHECKED or any(path == p or path.startswith(p + "/") for p in SELF_CHECKED_PREFIXES):
+        return True
     return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS) or path.startswith("/docs")
 
 
