@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import errors, metrics, openapi, proxy
+from opensandbox_platform.server import errors, metrics, networkpolicy, openapi, proxy
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
@@ -117,7 +117,7 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
             payload, content_type = metrics.exposition()
             return Response(payload, media_type=content_type)
 
-    for routes in (router, snapshot_router):
+    for routes in (router, snapshot_router, networkpolicy.router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, include_in_schema=False)
     generate = app.openapi

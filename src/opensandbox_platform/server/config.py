@@ -290,6 +290,24 @@ class KubernetesSection(Section):
         return value
 
 
+class EgressSection(Section):
+    """Network policies (`networkPolicy` of a create; docs/network-policy.md)."""
+
+    image: str = Field(
+        default="opensandbox/egress:dev",
+        description="the egress sidecar's image (docker runtime; kubernetes: the controller's --egress-image)",
+    )
+    upstream_dns: list[str] = Field(
+        default_factory=list,
+        description="resolvers (host[:port]) the DNS filter forwards allowed queries to (local and docker"
+        " runtimes); empty: this host's /etc/resolv.conf (local), the sidecar's (docker)",
+    )
+    max_rules: int = Field(default=256, ge=1, le=4096, description="rules a sandbox's policy may have")
+    min_ttl_seconds: float = Field(
+        default=60.0, ge=1, description="an allowed name's addresses stay allowed at least this long after a lookup"
+    )
+
+
 class ConsoleSection(Section):
     enabled: bool = Field(
         default=True,
@@ -313,6 +331,7 @@ class Config(Section):
     local: LocalSection = LocalSection()
     docker: DockerSection = DockerSection()
     kubernetes: KubernetesSection = KubernetesSection()
+    egress: EgressSection = EgressSection()
 
     def state_dir(self) -> Path:
         if self.local.state_dir:

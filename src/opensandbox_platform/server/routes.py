@@ -101,7 +101,10 @@ async def _client_gone(request: Request) -> None:
 )
 async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Response:
     runtime = runtime_of(request)
-    spec = validation.create_spec(body, config_of(request).server.max_sandbox_timeout_seconds, runtime.capabilities)
+    config = config_of(request)
+    spec = validation.create_spec(
+        body, config.server.max_sandbox_timeout_seconds, runtime.capabilities, config.egress.max_rules
+    )
     admission: Admission = request.app.state.admission
     gone = asyncio.ensure_future(_client_gone(request))
     started, created = time.perf_counter(), False

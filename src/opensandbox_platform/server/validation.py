@@ -8,6 +8,7 @@ import platform
 import re
 
 from opensandbox_platform.api import labels
+from opensandbox_platform.egress import policy as egress_policy
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
@@ -123,7 +124,12 @@ def renewed_expiry(wanted: dt.datetime, now: dt.datetime, max_timeout: int) -> d
     return expires_at
 
 
-def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
+def create_spec(
+    body: CreateSandboxRequest,
+    max_timeout: int,
+    capabilities: Capabilities = CORE_ONLY,
+    max_rules: int = egress_policy.DEFAULT_MAX_RULES,
+) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
     if (body.image is None) == (not body.snapshot_id):
@@ -164,6 +170,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
         memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
         snapshot_id=body.snapshot_id or None,
+        network_policy=network_policy(body.network_policy, max_rules) if body.network_policy is not None else None,
     )
     _check_requests_within_limits(spec)
     return spec
@@ -172,13 +179,21 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
 POOL_REF_FIELD = f"extensions.{labels.EXTENSION_POOL_REF}"
 
 
+def network_policy(raw: object, max_rules: int) -> dict[str, object]:
+    """A networkPolicy checked and normalized (egress/policy.py); 400 naming what is wrong."""
+    try:
+        return egress_policy.parse_policy(raw, max_rules).to_json()
+    except egress_policy.PolicyError as exc:
+        raise errors.invalid(f"networkPolicy: {exc}") from None
+
+
 def served_fields(capabilities: Capabilities) -> dict[str, bool]:
     """The optional create fields and whether the runtime honours them (False: no runtime yet).
     The OpenAPI document leaves out what a runtime refuses (server/openapi.py)."""
     return {
         "snapshotId": capabilities.snapshots,
         "templateId": False,
-        "networkPolicy": False,
+        "networkPolicy": capabilities.network_policy,
         "credentialProxy": False,
         "volumes": False,
         "lifecycle": False,
@@ -195,7 +210,7 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
     values = {
         "snapshotId": body.snapshot_id,
         "templateId": body.template_id,
-        "networkPolicy": body.network_policy,
+        "networkPolicy": body.network_policy is not None,
         "credentialProxy": body.credential_proxy,
         "volumes": body.volumes,
         "lifecycle": body.lifecycle,

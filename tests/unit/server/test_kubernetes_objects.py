@@ -216,3 +216,15 @@ def test_config_keys_of_the_kubernetes_runtime(tmp_path: Any) -> None:
     path.write_text('[kubernetes.defaultPodSpec]\ncontainers = [{name = "x"}]\n')
     with pytest.raises(ConfigError, match="must not set containers"):
         load(path)
+
+
+def test_a_network_policy_becomes_the_annotation_the_controller_reads() -> None:
+    from opensandbox_platform.controller.pods import egress_request
+
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "*.good.test"}]}
+    obj = build_batchsandbox("id", spec(network_policy=policy), Settings(egress_upstream_dns=("10.0.0.53",)), NOW)
+    assert egress_request(obj["metadata"]["annotations"]) == (policy, ("10.0.0.53",))
+    assert read_entry({**obj, "metadata": {**obj["metadata"], "namespace": "ns"}}).has_policy
+    plain = build_batchsandbox("id", spec(), Settings(), NOW)
+    assert labels.NETWORK_POLICY not in plain["metadata"]["annotations"]
+    assert not read_entry({**plain, "metadata": {**plain["metadata"], "namespace": "ns"}}).has_policy

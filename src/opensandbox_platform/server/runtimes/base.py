@@ -11,7 +11,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
 MAX_CPU_MILLIS = 1_000_000
@@ -42,6 +42,8 @@ class SandboxSpec:
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
     snapshot_id: str | None = None  # restore this snapshot (`image` and the rest default to what it holds)
+    # networkPolicy, validated and normalized (egress/policy.py); None: no policy, no enforcer
+    network_policy: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Capabilities:
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
     snapshots: bool = False  # snapshots of sandboxes, and `snapshotId` on create
+    network_policy: bool = False  # `networkPolicy` and the /networkpolicy routes (docs/network-policy.md)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 
@@ -175,3 +178,5 @@ class Runtime(Protocol):
     async def list_snapshots(self) -> builtins.list[SnapshotInfo]: ...
 
     async def delete_snapshot(self, snapshot_id: str) -> None: ...
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        """Where the server reaches the sandbox's egress API, with its token; None: no policy."""

@@ -34,6 +34,8 @@ EXECD_VOLUME_PREFIX = "opensandbox-execd-"
 EXECD_VOLUME_COMPLETE = ".complete"
 # Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
 READY_LINE = 'msg="execd listening"'
+EGRESS_READY_LINE = 'msg="egress listening"'
+EGRESS_MEMORY = 64 << 20
 UNKNOWN = "Unknown"
 _EXITED = re.compile(r"Exited \((-?\d+)\)")
 
@@ -225,6 +227,36 @@ def endpoint_host(settings: DockerSection) -> str:
     return "127.0.0.1" if settings.publish_host in ("", "0.0.0.0", "::") else settings.publish_host
 
 
+def egress_name(sandbox_id: str) -> str:
+    return f"sandbox-{sandbox_id}-egress"
+
+
+def egress_config(
+    sandbox_id: str, container_id: str, policy: dict[str, Any], token: str, image: str, upstream_dns: list[str]
+) -> dict[str, Any]:
+    """The egress sidecar of a sandbox with a network policy: in the sandbox container's network
+    namespace, the only container of the sandbox with NET_ADMIN (it loads the ruleset there); its
+    own file system keeps the policy in force across its restarts."""
+    env = {"OPENSANDBOX_EGRESS_TOKEN": token, "OPENSANDBOX_EGRESS_RULES": json.dumps(policy)}
+    if upstream_dns:
+        env["OPENSANDBOX_EGRESS_UPSTREAM"] = ",".join(upstream_dns)
+    return {
+        "Image": image,
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "Labels": {L.DOCKER_EGRESS_FOR: sandbox_id},
+        "HostConfig": {
+            "NetworkMode": f"container:{container_id}",
+            "CapDrop": ["ALL"],
+            "CapAdd": ["NET_ADMIN"],
+            "SecurityOpt": ["no-new-privileges"],
+            "Memory": EGRESS_MEMORY,
+            "MemorySwap": EGRESS_MEMORY,
+            "PidsLimit": 64,
+            "RestartPolicy": {"Name": "on-failure"},
+        },
+    }
+
+
 def execd_volume_name(key: str) -> str:
     """The volume holding one version of execd: `key` is a digest of its content."""
     return EXECD_VOLUME_PREFIX + key[:16]
@@ -261,8 +293,13 @@ def container_config(
 ) -> dict[str, Any]:
     """The body of POST /containers/create, everything in this one call: the bootstrap script as
     entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
-    mounted read-only, execd's port published on an ephemeral host port, and the security defaults."""
+    mounted read-only, execd's port published on an ephemeral host port, and the security defaults.
+    With a network policy, the bootstrap script holds the entrypoint back until the egress sidecar
+    enforces it (`L.START_GATE`)."""
     env = {**spec.env, **execd_env(sandbox_id, token)}
+    if spec.network_policy is not None:
+        env[L.START_GATE_ENV] = L.START_GATE
+        labels = {**labels, L.DOCKER_EGRESS: "true"}
     host_config: dict[str, Any] = {
         "Mounts": [execd_mount(execd_volume)],
         "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},

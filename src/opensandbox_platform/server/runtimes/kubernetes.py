@@ -94,7 +94,7 @@ def read_pool(raw: JSON) -> PoolEntry:
 
 
 class KubernetesRuntime:
-    capabilities = Capabilities(runtime="kubernetes", pool_ref=True, resource_requests=True)
+    capabilities = Capabilities(runtime="kubernetes", pool_ref=True, resource_requests=True, network_policy=True)
 
     def __init__(self, config: Config) -> None:
         section = config.kubernetes
@@ -104,7 +104,7 @@ class KubernetesRuntime:
         self.api_timeout = section.api_timeout_seconds
         # Knows whether the API server answers (for /health and /ready), and logs an outage once.
         self.engine = EngineMonitor(API_NAME, self._ping, section.health_interval_seconds, section.api_timeout_seconds)
-        self.settings = Settings(section.image_pull_policy, section.default_pod_spec)
+        self.settings = Settings(section.image_pull_policy, section.default_pod_spec, tuple(config.egress.upstream_dns))
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -277,6 +277,8 @@ class KubernetesRuntime:
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
         pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        if spec.network_policy is not None:
+            self._check_network_policy(pool)
         image = await self._pool_image(pool) if pool else None
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
@@ -452,6 +454,8 @@ class KubernetesRuntime:
         headers = {}
         if port == labels.EXECD_PORT and self.token_key and entry.pod_name:
             headers[labels.EXECD_TOKEN_HEADER] = tokens.pod_token(self.token_key, entry.pod_name)
+        if port == labels.EGRESS_PORT and entry.has_policy and self.token_key and entry.pod_name:
+            headers[labels.EGRESS_TOKEN_HEADER] = tokens.egress_token(self.token_key, entry.pod_name)
         return Endpoint(f"{host}:{port}", headers)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
@@ -469,6 +473,29 @@ class KubernetesRuntime:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         raise guards.not_supported("snapshots", self.capabilities.runtime)
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        entry = await self._fresh_entry(sandbox_id)
+        if not entry.has_policy:
+            return None
+        guards.require_running(sandbox_id, entry.info.state)
+        return await self.endpoint(sandbox_id, labels.EGRESS_PORT)
+
+    def _check_network_policy(self, pool: str | None) -> None:
+        """A policy is enforced by a sidecar the controller puts into a new pod: a pooled pod, made
+        before the create, has none (400), and without the token key the sandbox could change it."""
+        if pool:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "networkPolicy with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods"
+                " have no egress sidecar (create without poolRef; docs/network-policy.md)",
+            )
+        if self.token_key is None:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "networkPolicy needs kubernetes.sandboxTokenKeyFile (the egress sidecar's token is derived from it)",
+            )
 
 
 def _create_error(err: KubeError) -> ApiError:

@@ -43,7 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER, wants_isolation
+from opensandbox_platform.api.labels import (
+    EGRESS_PORT,
+    EGRESS_TOKEN_HEADER,
+    EXECD_PORT,
+    EXECD_TOKEN_HEADER,
+    wants_isolation,
+)
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
@@ -75,6 +81,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
+from opensandbox_platform.server.runtimes.local_egress import JailEgress
 from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps, slot_range
@@ -127,6 +134,8 @@ class Record:
     memory_bytes: int | None = None
     image_digest: str = ""  # its root's image ("": the minimal root)
     snapshot_id: str = ""  # the snapshot it was restored from
+    network_policy: dict[str, Any] | None = None  # the create's (None: no enforcer); runtimes/local_egress.py
+    egress_token: str = ""
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -220,7 +229,7 @@ def _close(fd: int) -> None:
 
 class LocalRuntime:
     # image.auth is accepted as image.uri is: no image is pulled.
-    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, snapshots=True)
+    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, snapshots=True, network_policy=True)
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
@@ -255,6 +264,7 @@ class LocalRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._egress: dict[str, JailEgress] = {}
         self._deleting: set[str] = set()
         self.expiry = ExpirySweeper(
             sandbox_ids=lambda: list(self.records),
@@ -352,6 +362,9 @@ class LocalRuntime:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        for egress in self._egress.values():
+            await egress.close()
+        self._egress.clear()
         await self.ports.close_all()
         for drain in self._drains.values():
             drain.cancel()
@@ -398,9 +411,15 @@ class LocalRuntime:
                 self._save(record)
 
     async def _reattach(self, record: Record) -> None:
-        """After a restart: the jail's network namespace, and its forwarded ports on the same host ports."""
+        """After a restart: the jail's network namespace, its policy's enforcer, and its forwarded
+        ports on the same host ports."""
         if not self.ports.attach_process(record.id, record.pid):
             return
+        if record.network_policy is not None:
+            try:
+                await self._start_egress(record)
+            except Exception:  # the kernel still holds its ruleset; lookups fail (closed)
+                log.exception("cannot enforce the network policy again id=%s", record.id)
         wanted = dict(record.ports)
         for port, host_port in wanted.items():
             await self._start_forward(record, int(port), host_port)
@@ -426,6 +445,10 @@ class LocalRuntime:
     async def _finish_create(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None) -> SandboxInfo:
         record = jail.record
         try:
+            if spec.network_policy is not None:  # enforced before the entrypoint starts
+                record.network_policy = spec.network_policy
+                record.egress_token = secrets.token_urlsafe(24)
+                await self._start_egress(record)
             await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
@@ -638,11 +661,34 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         host_port = await self._host_port(record, port)
         headers = {EXECD_TOKEN_HEADER: record.token} if port == EXECD_PORT else {}
+        if port == EGRESS_PORT and record.egress_token:
+            headers = {EGRESS_TOKEN_HEADER: record.egress_token}
         return Endpoint(f"{LOOPBACK}:{host_port}", headers)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, self._record(sandbox_id).state)
         return await self.endpoint(sandbox_id, port)
+
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        record = self._record(sandbox_id)
+        if record.network_policy is None:
+            return None
+        guards.require_running(sandbox_id, record.state)
+        return await self.endpoint(sandbox_id, EGRESS_PORT)
+
+    async def _start_egress(self, record: Record) -> None:
+        netns = self.ports.netns(record.id)
+        if netns is None:
+            raise ApiError(409, errors.INVALID_STATE, f"sandbox {record.id} has no network namespace")
+        assert record.network_policy is not None
+        self._egress[record.id] = await JailEgress.start(
+            netns, record.network_policy, record.egress_token, self.config.egress, self.sandboxes_dir / record.id
+        )
+
+    async def _stop_egress(self, record: Record) -> None:
+        egress = self._egress.pop(record.id, None)
+        if egress is not None:
+            await egress.close()
 
     async def _host_port(self, record: Record, port: int) -> int:
         known = self.ports.host_port(record.id, port)
@@ -1002,6 +1048,7 @@ class LocalRuntime:
         """Kill every process of the jail, then remove its cgroups, directory and record."""
         self._deleting.add(record.id)
         try:
+            await self._stop_egress(record)
             await self.ports.close(record.id)
             await self._kill(record)
             watcher = self._watchers.pop(record.id, None)
