@@ -473,6 +473,7 @@ class KubernetesRuntime:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         raise guards.not_supported("snapshots", self.capabilities.runtime)
+
     async def egress(self, sandbox_id: str) -> Endpoint | None:
         entry = await self._fresh_entry(sandbox_id)
         if not entry.has_policy:
