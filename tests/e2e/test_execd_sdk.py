@@ -671,7 +671,8 @@ BAD_REQUESTS = [
     ("PUT", "/command", None, 405, "METHOD_NOT_ALLOWED"),
     ("POST", "/code", {"code": ""}, 400, "INVALID_REQUEST_BODY"),
     ("GET", "/code/contexts/no-such-context", None, 404, "CONTEXT_NOT_FOUND"),
-    ("POST", "/pty", {}, 501, "NOT_SUPPORTED"),
+    ("POST", "/pty", {"command": ""}, 400, "INVALID_REQUEST_BODY"),
+    ("GET", "/pty/no-such-terminal", None, 404, "SESSION_GONE"),
 ]
 
 

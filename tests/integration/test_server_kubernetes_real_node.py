@@ -166,7 +166,8 @@ async def test_an_entrypoint_that_cannot_start_fails_the_create_and_leaves_nothi
         )
     assert failed.value.status_code == 400
     assert failed.value.error.code == "SANDBOX::START_FAILED", failed.value.error
-    assert list(kube.list(BatchSandbox, namespace=namespace)) == []
+    # The failed create's BatchSandbox is deleted behind the answer (with retries), not before it.
+    eventually(lambda: not list(kube.list(BatchSandbox, namespace=namespace)), what="the BatchSandbox deleted")
 
 
 async def test_the_server_proxy_reaches_execd_in_the_pod(
