@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import errors, openapi, proxy
+from opensandbox_platform.server import diagnostics, errors, openapi, proxy, unsupported
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
@@ -86,8 +86,9 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    app.include_router(router, prefix="/v1")
-    app.include_router(router, include_in_schema=False)
+    for routes in (router, diagnostics.router, unsupported.router):
+        app.include_router(routes, prefix="/v1")
+        app.include_router(routes, include_in_schema=False)
     generate = app.openapi
 
     def document() -> dict[str, Any]:

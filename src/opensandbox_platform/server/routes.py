@@ -15,6 +15,7 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from opensandbox_platform.api import labels
 from opensandbox_platform.server import errors, proxy, validation
 from opensandbox_platform.server.admission import Admission, ClientGone
 from opensandbox_platform.server.config import Config
@@ -32,7 +33,8 @@ from opensandbox_platform.server.models import (
     SandboxModel,
 )
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo, State
+from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.events import Reason
 
 log = logging.getLogger("opensandbox.server")
 
@@ -101,6 +103,7 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
             log.info("client went away during its create; deleting id=%s", info.id)
             await runtime.delete(info.id)
             return Response(status_code=499)  # not sent: the connection is gone
+        _record_created(runtime, spec, info)
     except ClientGone:
         log.info("client went away while its create waited; nothing was created")
         return Response(status_code=499)
@@ -160,6 +163,15 @@ async def list_sandboxes(
     )
 
 
+def _record_created(runtime: Runtime, spec: SandboxSpec, info: SandboxInfo) -> None:
+    pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+    expiry = f"expires {info.expires_at.isoformat()}" if info.expires_at else "no expiry"
+    runtime.events.record(info.id, Reason.CREATED, f"image {spec.image}, {expiry}")
+    if pool:
+        runtime.events.record(info.id, Reason.CLAIMED, f"a warm pod of Pool {pool}")
+    runtime.events.record(info.id, Reason.STARTED, f"{info.state}: {info.message or info.reason}")
+
+
 def _parse_metadata_filter(raw: str | None) -> list[tuple[str, str]]:
     if not raw:
         return []
@@ -176,7 +188,9 @@ async def get_sandbox(request: Request, sandbox_id: SandboxId) -> JSONResponse:
 
 @router.delete("/sandboxes/{sandboxId}", status_code=204, response_class=Response)
 async def delete_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
-    await runtime_of(request).delete(sandbox_id)
+    runtime = runtime_of(request)
+    await runtime.delete(sandbox_id)
+    runtime.events.gone(sandbox_id, Reason.DELETED, "deleted through the API")
     return Response(status_code=204)
 
 
@@ -196,6 +210,7 @@ async def pause_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
     runtime = runtime_of(request)
     await _require_pause(runtime, sandbox_id, "pause")
     await runtime.pause(sandbox_id)
+    runtime.events.record(sandbox_id, Reason.PAUSED, "paused through the API")
     return Response(status_code=202)
 
 
@@ -204,6 +219,7 @@ async def resume_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
     runtime = runtime_of(request)
     await _require_pause(runtime, sandbox_id, "resume")
     await runtime.resume(sandbox_id)
+    runtime.events.record(sandbox_id, Reason.RESUMED, "resumed through the API")
     return Response(status_code=202)
 
 
@@ -225,6 +241,7 @@ async def renew_expiration(request: Request, sandbox_id: SandboxId, body: RenewR
         raise
     info = await runtime.renew(sandbox_id, expires_at)
     assert info.expires_at is not None
+    runtime.events.record(sandbox_id, Reason.RENEWED, f"expires {info.expires_at.isoformat()}")
     return RenewResponse(expires_at=info.expires_at)
 
 

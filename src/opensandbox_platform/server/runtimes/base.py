@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from opensandbox_platform.server.runtimes.events import EventList, EventLog
 
 # The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
 MAX_CPU_MILLIS = 1_000_000
@@ -87,6 +89,16 @@ class RuntimeHealth:
     detail: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass
+class LogText:
+    """A sandbox's output as `diagnostics/logs` returns it; `warnings` say what could not be honoured
+    (a `since` on a log without times) or is missing."""
+
+    text: str
+    truncated: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
 def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> None:
     """Applies a metadata patch in place (JSON merge patch: None removes the key)."""
     for key, value in patch.items():
@@ -99,6 +111,9 @@ def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> No
 class Runtime(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
+
+    # The server's own events of each sandbox (the routes and the runtime record into it).
+    events: EventLog
 
     async def start(self) -> None:
         """Recover existing sandboxes and start background work (expiry)."""
@@ -130,3 +145,12 @@ class Runtime(Protocol):
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         """Where the server's proxy connects for `port`, with the headers it adds."""
+
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The entrypoint's and execd's output (scope `all`: every container of a pod too)."""
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        """What the engine knows happened (pod events, an OOM kill, the exit), oldest first."""
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        """The engine's description of the sandbox (container, pod, jail record), secrets left out."""

@@ -49,12 +49,14 @@ from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
     State,
     merge_metadata,
 )
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
 
@@ -92,7 +94,9 @@ class Sandbox:
 
 class DockerRuntime:
     # The engine refuses more CPUs than the host has (with a 500 of its own): a 400 here instead.
-    capabilities = Capabilities(runtime="docker", image_auth=True, pause=True, max_cpu_millis=HOST_CPU_MILLIS)
+    capabilities = Capabilities(
+        runtime="docker", image_auth=True, pause=True, resource_requests=True, max_cpu_millis=HOST_CPU_MILLIS
+    )
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -121,6 +125,7 @@ class DockerRuntime:
             interval=self.settings.liveness_interval_seconds,
             timeout=min(self.settings.api_timeout_seconds, 5.0),
         )
+        self.events = EventLog()
         self.expiry = ExpirySweeper(
             sandbox_ids=lambda: list(self.sandboxes),
             expiry_of=self._expiry_of,
@@ -538,6 +543,30 @@ class DockerRuntime:
         log.error("sandbox start failed container=%s why=%s log=%s", container_id[:12], why, output[-2000:])
         return ApiError(500, errors.START_FAILED, f"{why}: {lines[-1] if lines else 'no output'}")
 
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    @engine_call
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The container's output (execd's log and the entrypoint's, stdout and stderr)."""
+        sandbox = await self._sandbox(sandbox_id)
+        params: dict[str, Any] = {"stdout": True, "stderr": True}
+        if tail is not None:
+            params["tail"] = tail
+        if since is not None:
+            params["since"] = int(since.timestamp())
+        lines = await self.docker.containers.container(sandbox.container_id).log(**params)
+        return LogText("".join(lines))
+
+    @engine_call
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        sandbox = await self._sandbox(sandbox_id)
+        return model.container_events(await self._inspect(sandbox.container_id))
+
+    @engine_call
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        sandbox = await self._sandbox(sandbox_id)
+        return model.redacted_inspect(await self._inspect(sandbox.container_id))
+
     # -- Docker helpers ------------------------------------------------------------------------
 
     async def _inspect(self, container: str) -> dict[str, Any]:
@@ -616,6 +645,7 @@ class DockerRuntime:
         sandbox = self.sandboxes.get(sandbox_id)
         if sandbox is not None:
             await self._destroy(sandbox)
+            self.events.gone(sandbox_id, Reason.EXPIRED, f"its expiry {sandbox.expires_at} passed")
 
 
 def _execd_tar(files: dict[str, bytes]) -> bytes:

@@ -19,6 +19,7 @@ from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.events import Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
 from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
 from opensandbox_platform.server.runtimes.seccomp import docker_profile, rules
@@ -249,6 +250,12 @@ def container_config(
         host_config["MemorySwap"] = memory_bytes  # no swap on top of the limit
     if cpu_millis:
         host_config["NanoCpus"] = cpu_millis * 1_000_000
+    # resourceRequests: a relative CPU weight (1 CPU = Docker's default 1024 shares) and a soft
+    # memory floor the engine reclaims down to under pressure.
+    if spec.cpu_request_millis:
+        host_config["CpuShares"] = max(2, spec.cpu_request_millis * 1024 // 1000)
+    if spec.memory_request_bytes:
+        host_config["MemoryReservation"] = spec.memory_request_bytes
     if settings.network:
         host_config["NetworkMode"] = settings.network
     if settings.oci_runtime:
@@ -380,3 +387,41 @@ class OverrideStore:
         if not self.directory.is_dir():
             return set()
         return {p.stem for p in self.directory.glob("*.json")}
+
+
+# Environment variables whose values never leave the server in `diagnostics/inspect`.
+SECRET_ENV = ("EXECD_ACCESS_TOKEN",)
+
+
+def redacted_inspect(inspect: dict[str, Any]) -> dict[str, Any]:
+    """A container's inspect without execd's token (the create's own env is the caller's)."""
+    config = dict(inspect.get("Config") or {})
+    config["Env"] = [
+        f"{key}=<redacted>" if key in SECRET_ENV else f"{key}={value}"
+        for key, _, value in (str(entry).partition("=") for entry in config.get("Env") or [])
+    ]
+    return {**inspect, "Config": config}
+
+
+def container_events(inspect: dict[str, Any]) -> list[SandboxEvent]:
+    """What a container's state tells of its life: created, started, finished (an OOM kill, the exit code)."""
+    state = inspect.get("State") or {}
+    found: list[SandboxEvent] = []
+    created = _docker_time(inspect.get("Created"))
+    if created:
+        found.append(
+            SandboxEvent(created, "ContainerCreated", f"container {str(inspect.get('Id', ''))[:12]}", "container")
+        )
+    started = _docker_time(state.get("StartedAt"))
+    if started:
+        found.append(SandboxEvent(started, "ContainerStarted", f"status {state.get('Status', '')}", "container"))
+    finished = _docker_time(state.get("FinishedAt"))
+    if state.get("OOMKilled"):
+        message = "the kernel killed the sandbox's process for exceeding its memory limit"
+        found.append(SandboxEvent(finished or times.now(), Reason.OOM_KILLED, message, "container", "Warning"))
+    if finished and str(state.get("Status", "")).lower() in ("exited", "dead"):
+        code = state.get("ExitCode")
+        found.append(
+            SandboxEvent(finished, Reason.EXITED, f"exit code {code}", "container", "Warning" if code else "Normal")
+        )
+    return found

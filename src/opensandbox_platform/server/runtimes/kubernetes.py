@@ -21,25 +21,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
-from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
+from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import (
+    Capabilities,
+    Endpoint,
+    LogText,
+    RuntimeHealth,
+    SandboxInfo,
+    SandboxSpec,
+)
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -106,6 +115,7 @@ class KubernetesRuntime:
         self._waiters: dict[str, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._creates: set[asyncio.Task[SandboxInfo]] = set()
+        self.events = EventLog()
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -209,6 +219,8 @@ class KubernetesRuntime:
         current = self._entries.get(entry.name)
         if current is not None and current.uid == entry.uid:
             del self._entries[entry.name]
+        if entry.name not in self._deleted and entry.info.expires_at and entry.info.expires_at <= times.now():
+            self.events.gone(entry.name, Reason.EXPIRED, f"its expireTime {entry.info.expires_at.isoformat()} passed")
         self._deleted.discard(entry.name)
         waiter = self._waiters.get(entry.name)
         if waiter is not None and not waiter.done():
@@ -448,6 +460,70 @@ class KubernetesRuntime:
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)
         return await self.endpoint(sandbox_id, port)
+
+    # --- diagnostics ------------------------------------------------------------------------------
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The pod's `sandbox` container (the entrypoint and execd); scope `all`: every container."""
+        entry = await self._fresh_entry(sandbox_id)
+        if not entry.pod_name:
+            return LogText("", warnings=[f"sandbox {sandbox_id} has no pod yet ({entry.info.state})"])
+        pod = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
+        names = [c["name"] for c in pod["spec"].get("initContainers") or []] + [
+            c["name"] for c in pod["spec"]["containers"]
+        ]
+        chosen = names if scope == "all" else [labels.SANDBOX_CONTAINER]
+        params: dict[str, str | int] = {}
+        if tail is not None:
+            params["tailLines"] = tail
+        if since is not None:
+            params["sinceSeconds"] = max(1, int((times.now() - since).total_seconds()))
+        parts, warnings = [], []
+        for name in chosen:
+            params["container"] = name
+            path = f"{PODS.path(self.namespace, entry.pod_name)}/log"
+            try:
+                text = await self._call(self.client.text(path, params))
+            except KubeError as err:
+                warnings.append(f"container {name}: {err.message}")
+                continue
+            parts.append(text if len(chosen) == 1 else f"==> container {name} <==\n{text}")
+        return LogText("".join(parts), warnings=warnings)
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        """Kubernetes Events of the BatchSandbox (the controller's) and of its pod (the scheduler's,
+        the kubelet's: pulls, OOM kills, probes)."""
+        entry = await self._fresh_entry(sandbox_id)
+        found: list[SandboxEvent] = []
+        for kind, name in (("BatchSandbox", entry.name), ("Pod", entry.pod_name)):
+            if not name:
+                continue
+            selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+            listed = await self._call(self.client.list(EVENTS, self.namespace, fieldSelector=selector))
+            found.extend(kube_event(item, kind.lower()) for item in listed.get("items") or [])
+        return sorted(found, key=lambda event: event.at)
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        entry = await self._fresh_entry(sandbox_id)
+        found: dict[str, Any] = {
+            "batchSandbox": await self._call(self.client.get(BATCHSANDBOXES, entry.name, self.namespace))
+        }
+        if entry.pod_name:
+            with contextlib.suppress(KubeError):
+                found["pod"] = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
+        return found
+
+
+def kube_event(item: JSON, source: str) -> SandboxEvent:
+    """A core/v1 Event as a sandbox event (its last time, reason and message; repeats counted)."""
+    at = (
+        times.parse_optional(item.get("lastTimestamp"))
+        or times.parse_optional(item.get("eventTime"))
+        or times.parse_optional((item.get("metadata") or {}).get("creationTimestamp"))
+        or times.now()
+    )
+    count = int(item.get("count") or 1)
+    message = str(item.get("message") or "") + (f" (x{count})" if count > 1 else "")
+    return SandboxEvent(at, str(item.get("reason") or ""), message, source, str(item.get("type") or "Normal"))
 
 
 def _create_error(err: KubeError) -> ApiError:

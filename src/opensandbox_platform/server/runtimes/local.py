@@ -51,6 +51,7 @@ from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
@@ -58,6 +59,7 @@ from opensandbox_platform.server.runtimes.base import (
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
@@ -238,6 +240,7 @@ class LocalRuntime:
         self._warm_task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._lock_fd: int | None = None
+        self.events = EventLog()
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
@@ -739,6 +742,7 @@ class LocalRuntime:
                 record.transition(State.FAILED, "JAIL_EXITED", f"the entrypoint exited with code {code}")
             else:
                 record.transition(State.TERMINATED, "JAIL_EXITED", "the entrypoint exited")
+            self.events.record(record.id, Reason.EXITED, record.message, warning=bool(code))
             self._save(record)
             await self._kill_helper(record)
             await self._remove_cgroups(record)
@@ -767,6 +771,7 @@ class LocalRuntime:
                 EXECD_EXITED,
                 "execd, the sandbox's command daemon, exited; the sandbox's other processes still run",
             )
+            self.events.record(record.id, Reason.EXITED, record.message, warning=True)
             self._save(record)
         finally:
             for task in (jail, execd):
@@ -877,6 +882,40 @@ class LocalRuntime:
         record = self.records.get(sandbox_id)
         if record is not None:
             await self._destroy(record)
+            self.events.gone(sandbox_id, Reason.EXPIRED, f"its expiry {record.expires_at} passed")
+
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The jail's output: bwrap's errors, execd's log and the entrypoint's output, in one file
+        (lines carry no times of their own: `since` is not honoured)."""
+        self._record(sandbox_id)
+        path = self.sandboxes_dir / sandbox_id / LOG
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            data = b""
+        text = data.decode(errors="replace")
+        warnings = ["since is not supported by the local runtime's log (its lines carry no times)"] if since else []
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return LogText(text, truncated=len(data) >= LOG_LIMIT, warnings=warnings)
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        record = self._record(sandbox_id)
+        at = times.parse(record.last_transition_at or record.created_at)
+        found = [SandboxEvent(at, record.reason, f"{record.state}: {record.message}".rstrip(": "), source="jail")]
+        kills = self.cgroups.oom_kills(record.cgroups)
+        if kills:
+            message = f"the kernel killed {kills} process(es) of the sandbox for exceeding its memory limit"
+            found.append(SandboxEvent(times.now(), Reason.OOM_KILLED, message, source="cgroup", type="Warning"))
+        return found
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        record = self._record(sandbox_id)
+        data = {k: v for k, v in asdict(record).items() if k not in ("_info", "token")}
+        data["freezer"] = self.cgroups.freezer_state(record.cgroups)
+        return data
 
     # -- helpers -------------------------------------------------------------------------------
 
