@@ -107,6 +107,7 @@ DOCKER_EXPIRES_AT: Final = DOCKER_PREFIX + "expires-at"  # expiry at create (ren
 DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when created with timeout null
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
+DOCKER_SECURE_ACCESS: Final = DOCKER_PREFIX + "secure-access"  # "true": endpoints need a signed token
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,9 @@ from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
+from opensandbox_platform.server.signing import Signer, SigningKey
+
+log = logging.getLogger("opensandbox.server")
 
 RUNTIME_UNAVAILABLE = "SANDBOX::RUNTIME_UNAVAILABLE"
 
@@ -34,6 +38,16 @@ def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
     from opensandbox_platform.server.runtimes.local import LocalRuntime
 
     return LocalRuntime(config, config_path)
+
+
+def signer_of(config: Config) -> Signer:
+    keys = [SigningKey(k.id, k.secret.encode(), k.retire_at) for k in config.server.signing_keys]
+    if keys:
+        return Signer(keys)
+    log.warning(
+        "server.signingKeys is empty: signed endpoints and secureAccess tokens use a random key of this process"
+    )
+    return Signer.ephemeral()
 
 
 def create_app(config: Config | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -58,6 +72,7 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.signer = signer_of(config)
     app.state.runtime = runtime
     app.state.admission = Admission(
         config.server.create_concurrency or default_concurrency(config.runtime.type),

@@ -123,6 +123,22 @@ def renewed_expiry(wanted: dt.datetime, now: dt.datetime, max_timeout: int) -> d
     return expires_at
 
 
+def signed_expiry(expires: str, now: dt.datetime, max_seconds: int) -> int:
+    """A signed endpoint's `expires` (Unix epoch seconds): in the future, at most `max_seconds` ahead."""
+    if not expires.isdigit() or len(expires) > 12:
+        raise ApiError(400, errors.INVALID_EXPIRATION, f"expires {expires!r} is not Unix epoch seconds")
+    value = int(expires)
+    if value <= now.timestamp():
+        raise ApiError(400, errors.INVALID_EXPIRATION, "expires must be in the future")
+    if value > now.timestamp() + max_seconds:
+        raise ApiError(
+            400,
+            errors.INVALID_EXPIRATION,
+            f"expires must be at most {max_seconds} seconds from now (server.maxSignedEndpointSeconds)",
+        )
+    return value
+
+
 def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
@@ -161,6 +177,7 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
         cpu_request_millis=requests.get("cpu"),
         memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
+        secure_access=body.secure_access,
     )
     _check_requests_within_limits(spec)
     return spec
@@ -179,7 +196,7 @@ def served_fields(capabilities: Capabilities) -> dict[str, bool]:
         "credentialProxy": False,
         "volumes": False,
         "lifecycle": False,
-        "secureAccess": False,
+        "secureAccess": True,  # every runtime: the server's proxy enforces it
         POOL_REF_FIELD: capabilities.pool_ref,
         "image.auth": capabilities.image_auth,
         "resourceRequests": capabilities.resource_requests,

@@ -82,7 +82,6 @@ def test_the_schema_refuses_what_the_openapi_document_says(fields: dict[str, obj
         {"resourceLimits": {"cpu": "1000000000"}},
         {"resourceLimits": {"memory": "99999999Ti"}},
         {"snapshotId": "s"},
-        {"secureAccess": True},
         {"extensions": {"poolRef": "p"}},
         {"platform": {"os": "windows", "arch": "amd64"}},
         {"networkPolicy": {"defaultAction": "deny"}},
@@ -140,7 +139,6 @@ KUBERNETES = KubernetesRuntime.capabilities
     ("capabilities", "fields", "named"),
     [
         (LOCAL, {"resourceRequests": {"cpu": "1"}}, "resourceRequests is not supported by the local runtime"),
-        (DOCKER, {"resourceRequests": {"memory": "1Gi"}}, "resourceRequests is not supported by the docker runtime"),
         (LOCAL, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the local runtime"),
         (DOCKER, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the docker runtime"),
         (

@@ -42,6 +42,7 @@ class SandboxSpec:
     cpu_request_millis: int | None = None  # resourceRequests (only where capabilities.resource_requests)
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
+    secure_access: bool = False  # endpoints only through the server, with a signed token
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class SandboxInfo:
     reason: str
     message: str
     last_transition_at: dt.datetime
+    secure_access: bool = False
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Endpoint:
 
     address: str
     headers: dict[str, str] = field(default_factory=dict)
+    secure_access: bool = False  # the sandbox's: reached only through the server, with a token
 
 
 @dataclass

@@ -342,12 +342,12 @@ class DockerRuntime:
             if sandbox.port is None:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no published execd port")
             address = f"{model.endpoint_host(self.settings)}:{sandbox.port}"
-            return Endpoint(address, {L.EXECD_TOKEN_HEADER: sandbox.token})
+            return Endpoint(address, {L.EXECD_TOKEN_HEADER: sandbox.token}, sandbox.labels.secure_access)
         # Other ports are not published: the container's address on its network, reachable from
         # this host (as upstream's bridge mode does).
         if not sandbox.ip:
             raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no network address")
-        return Endpoint(f"{sandbox.ip}:{port}")
+        return Endpoint(f"{sandbox.ip}:{port}", secure_access=sandbox.labels.secure_access)
 
     @engine_call
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:

@@ -50,6 +50,7 @@ class Labels:
     expires_at: dt.datetime | None
     metadata: dict[str, str] = field(default_factory=dict)
     extensions: dict[str, str] = field(default_factory=dict)
+    secure_access: bool = False
 
 
 def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
@@ -65,6 +66,8 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         labels[L.DOCKER_MANUAL_CLEANUP] = "true"
     else:
         labels[L.DOCKER_EXPIRES_AT] = times.rfc3339(created_at + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
+    if spec.secure_access:
+        labels[L.DOCKER_SECURE_ACCESS] = "true"
     labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
     labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
     return labels
@@ -90,6 +93,7 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
         expires_at=expires_at,
         metadata=_with_prefix(labels, L.DOCKER_METADATA_PREFIX),
         extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
+        secure_access=labels.get(L.DOCKER_SECURE_ACCESS) == "true",
     )
 
 
@@ -196,6 +200,7 @@ def sandbox_info(
         reason=reason,
         message=message,
         last_transition_at=state.changed_at or labels.created_at,
+        secure_access=labels.secure_access,
     )
 
 

@@ -455,7 +455,7 @@ class KubernetesRuntime:
         headers = {}
         if port == labels.EXECD_PORT and self.token_key and entry.pod_name:
             headers[labels.EXECD_TOKEN_HEADER] = tokens.pod_token(self.token_key, entry.pod_name)
-        return Endpoint(f"{host}:{port}", headers)
+        return Endpoint(f"{host}:{port}", headers, entry.info.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)

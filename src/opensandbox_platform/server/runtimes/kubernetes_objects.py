@@ -61,6 +61,7 @@ def build_batchsandbox(
         "entrypoint": spec.entrypoint,
         "extensions": spec.extensions,
         "createdAt": times.rfc3339(now, digits=6),
+        **({"secureAccess": True} if spec.secure_access else {}),
     }
     body: JSON = {"replicas": 1}
     expiry = requested_expiry(spec, now)
@@ -231,6 +232,7 @@ def read_entry(raw: JSON) -> Entry:
         reason=reason,
         message=message,
         last_transition_at=since or created,
+        secure_access=request.get("secureAccess") is True,
     )
     return Entry(
         namespace=meta.get("namespace", ""),

@@ -104,6 +104,7 @@ class Record:
     paused_by: str | None = None  # "freezer" or "signal"
     execd_pid: int = 0  # host pid of the jail init, which is execd (0: unknown)
     execd_ticks: int = 0
+    secure_access: bool = False
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -128,6 +129,7 @@ class Record:
             reason=self.reason,
             message=self.message,
             last_transition_at=times.parse(self.last_transition_at or self.created_at),
+            secure_access=self.secure_access,
         )
 
     def transition(self, state: str, reason: str, message: str = "") -> None:
@@ -397,6 +399,7 @@ class LocalRuntime:
         record.entrypoint = list(spec.entrypoint)
         record.metadata = dict(spec.metadata)
         record.extensions = dict(spec.extensions)
+        record.secure_access = spec.secure_access
         record.created_at = times.rfc3339(now, digits=6)
         if spec.timeout_seconds is not None:
             record.expires_at = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
@@ -488,7 +491,7 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         host_port = await self._host_port(record, port)
         headers = {EXECD_TOKEN_HEADER: record.token} if port == EXECD_PORT else {}
-        return Endpoint(f"{LOOPBACK}:{host_port}", headers)
+        return Endpoint(f"{LOOPBACK}:{host_port}", headers, record.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, self._record(sandbox_id).state)
