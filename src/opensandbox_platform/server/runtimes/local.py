@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import uuid
 from concurrent.futures import Future
@@ -42,11 +43,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER, wants_isolation
-from opensandbox_platform.daemon import times
+from opensandbox_platform.daemon import openat2, times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import guards, images, netpolicy, procfs, rootfs, seccomp, slirp, staging
+from opensandbox_platform.server.runtimes import (
+    guards,
+    images,
+    netpolicy,
+    procfs,
+    rootfs,
+    seccomp,
+    slirp,
+    staging,
+)
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -68,6 +78,7 @@ log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
 LOG = "jail.log"
+JAIL_LOG = "run/opensandbox/jail.log"  # in the jail's root: where jail_init sends execd's and the entrypoint's output
 REFILL_DELAY_SECONDS = 0.3
 LOG_LIMIT = 1 << 20  # bytes of a jail's output kept in its log
 MINIMAL_ROOT = "the host's /usr read-only with a private /etc, home, /tmp and /workspace"
@@ -890,19 +901,19 @@ class LocalRuntime:
     # -- diagnostics ---------------------------------------------------------------------------
 
     async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
-        """The jail's output: bwrap's errors, execd's log and the entrypoint's output, in one file
-        (lines carry no times of their own: `since` is not honoured)."""
-        self._record(sandbox_id)
-        path = self.sandboxes_dir / sandbox_id / LOG
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            data = b""
-        text = data.decode(errors="replace")
+        """The jail's start-up output (bwrap's errors, execd's first lines; drained by the server),
+        then execd's log and the entrypoint's output, which the jail writes to its own
+        /run/opensandbox/jail.log. Lines carry no times of their own: `since` is not honoured."""
+        record = self._record(sandbox_id)
+        started = await asyncio.to_thread(_tail_bytes, self.sandboxes_dir / sandbox_id / LOG)
+        inside = b""
+        if procfs.alive(record.pid, record.start_ticks):
+            inside = await asyncio.to_thread(jail_log, record.pid, LOG_LIMIT)
+        text = (started + inside).decode(errors="replace")
         warnings = ["since is not supported by the local runtime's log (its lines carry no times)"] if since else []
         if tail is not None:
             text = "".join(text.splitlines(keepends=True)[-tail:])
-        return LogText(text, truncated=len(data) >= LOG_LIMIT, warnings=warnings)
+        return LogText(text, truncated=len(inside) >= LOG_LIMIT, warnings=warnings)
 
     async def runtime_events(self, sandbox_id: str) -> EventList:
         record = self._record(sandbox_id)
@@ -939,6 +950,35 @@ class LocalRuntime:
         del data["_info"]
         tmp.write_text(json.dumps(data))
         os.replace(tmp, directory / RECORD)
+
+
+def _tail_bytes(path: Path, limit: int = LOG_LIMIT) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def jail_log(pid: int, limit: int) -> bytes:
+    """The last `limit` bytes of the jail's /run/opensandbox/jail.log, read as root from a file the
+    sandbox controls: resolved inside the jail's root (a symlink to /etc/shadow is the jail's
+    /etc/shadow, `..` stops at its root), and only a regular file (a FIFO would block)."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        resolve = openat2.RESOLVE_IN_ROOT | openat2.RESOLVE_NO_MAGICLINKS
+        fd = openat2.openat2(root, JAIL_LOG, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, resolve=resolve)
+    except OSError:
+        return b""
+    finally:
+        os.close(root)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return b"[the jail's log is not a regular file]\n"
+        f.seek(max(0, info.st_size - limit))
+        return f.read(limit)
 
 
 def _append(path: Path) -> BinaryIO:
