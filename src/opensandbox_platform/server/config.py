@@ -82,6 +82,11 @@ class ServerSection(Section):
         description="keys of signed endpoints and secureAccess tokens ({id, secret, retireAt}); the first"
         " without retireAt signs, every one verifies; empty: a random key per server process",
     )
+    allowed_host_paths: list[str] = Field(
+        default_factory=list,
+        description="host directories under which `host` volumes may be mounted (absolute; symlinks in them are"
+        " refused); empty: host volumes are refused",
+    )
     max_signed_endpoint_seconds: int = Field(
         default=7 * 24 * 3600, ge=60, description="how far ahead a signed endpoint's expiry may be"
     )

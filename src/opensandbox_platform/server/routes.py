@@ -93,7 +93,10 @@ async def _client_gone(request: Request) -> None:
 )
 async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Response:
     runtime = runtime_of(request)
-    spec = validation.create_spec(body, config_of(request).server.max_sandbox_timeout_seconds, runtime.capabilities)
+    server = config_of(request).server
+    spec = validation.create_spec(
+        body, server.max_sandbox_timeout_seconds, runtime.capabilities, server.allowed_host_paths
+    )
     admission: Admission = request.app.state.admission
     gone = asyncio.ensure_future(_client_gone(request))
     try:

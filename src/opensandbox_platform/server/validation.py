@@ -8,7 +8,7 @@ import platform
 import re
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.server import errors
+from opensandbox_platform.server import errors, volumes
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
 from opensandbox_platform.server.runtimes import guards
@@ -139,7 +139,12 @@ def signed_expiry(expires: str, now: dt.datetime, max_seconds: int) -> int:
     return value
 
 
-def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capabilities = CORE_ONLY) -> SandboxSpec:
+def create_spec(
+    body: CreateSandboxRequest,
+    max_timeout: int,
+    capabilities: Capabilities = CORE_ONLY,
+    allowed_host_paths: list[str] | None = None,
+) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
     if not body.entrypoint:
@@ -178,7 +183,11 @@ def create_spec(body: CreateSandboxRequest, max_timeout: int, capabilities: Capa
         memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
         secure_access=body.secure_access,
+        volumes=volumes.parse(body.volumes, allowed_host_paths or [], capabilities.volumes),
     )
+    for volume in spec.volumes:
+        if isinstance(volume.backend, volumes.PvcBackend) and volume.backend.storage:
+            memory_bytes(volume.backend.storage, f"volumes {volume.name}: pvc.storage")
     _check_requests_within_limits(spec)
     return spec
 
@@ -194,7 +203,7 @@ def served_fields(capabilities: Capabilities) -> dict[str, bool]:
         "templateId": False,
         "networkPolicy": False,
         "credentialProxy": False,
-        "volumes": False,
+        "volumes": bool(capabilities.volumes),
         "lifecycle": False,
         "secureAccess": True,  # every runtime: the server's proxy enforces it
         POOL_REF_FIELD: capabilities.pool_ref,

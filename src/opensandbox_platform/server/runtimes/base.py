@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from opensandbox_platform.server.runtimes.events import EventList, EventLog
+from opensandbox_platform.server.volumes import VolumeSpec
 
 # The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
 MAX_CPU_MILLIS = 1_000_000
@@ -43,6 +44,7 @@ class SandboxSpec:
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
     secure_access: bool = False  # endpoints only through the server, with a signed token
+    volumes: list[VolumeSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Capabilities:
     image_auth: bool = False  # `image.auth`: registry credentials for the image
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
+    volumes: frozenset[str] = frozenset()  # volume backends it mounts (host, pvc)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 

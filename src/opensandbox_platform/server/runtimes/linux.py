@@ -130,6 +130,41 @@ def bind_idmapped(source: str, target: str, userns_fd: int) -> None:
         os.close(tree)
 
 
+def clone_tree(source_fd: int) -> int:
+    """A detached copy of the mount of the directory `source_fd` (itself only, not what is mounted
+    below it), made in the caller's mount namespace (a copy must be made where its source is
+    mounted), to attach elsewhere with `attach_idmapped`."""
+    return _syscall(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(source_fd),
+        b"",
+        ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_EMPTY_PATH),
+    )
+
+
+def attach_idmapped(tree_fd: int, target: str, userns_fd: int, *, readonly: bool) -> None:
+    """Mount a detached tree (`clone_tree`) at `target`, nosuid and nodev, its owners seen through
+    the user namespace `userns_fd` (owner N on disk is that namespace's N)."""
+    flags = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+    attr = _MountAttr(flags, 0, 0, userns_fd)
+    _syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_uint(_AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _syscall(
+        _SYS_MOVE_MOUNT,
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_int(_AT_FDCWD),
+        target.encode(),
+        ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+    )
+
+
 def bind_readonly(source: str, target: str) -> None:
     """A read-only, nosuid, nodev bind mount (a bind ignores flags until it is remounted)."""
     mount(source, target, None, MS_BIND | MS_REC)

@@ -56,6 +56,7 @@ from opensandbox_platform.server.runtimes import (
     seccomp,
     slirp,
     staging,
+    volume_dirs,
 )
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes.base import (
@@ -73,6 +74,7 @@ from opensandbox_platform.server.runtimes.events import EventList, EventLog, Rea
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
+from opensandbox_platform.server.volumes import PvcBackend
 
 log = logging.getLogger("opensandbox.local")
 
@@ -116,6 +118,7 @@ class Record:
     execd_pid: int = 0  # host pid of the jail init, which is execd (0: unknown)
     execd_ticks: int = 0
     secure_access: bool = False
+    owned_volumes: list[str] = field(default_factory=list)  # named volumes deleted with the sandbox
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -209,13 +212,14 @@ def _close(fd: int) -> None:
 
 class LocalRuntime:
     # image.auth is accepted as image.uri is: no image is pulled.
-    capabilities = Capabilities(runtime="local", image_auth=True, pause=True)
+    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, volumes=frozenset({"host", "pvc"}))
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.local = config.local
         self.state_dir = config.state_dir()
         self.sandboxes_dir = self.state_dir / "sandboxes"
+        self.volumes_dir = self.state_dir / "volumes"  # pvc volumes: one directory per claimName
         self.hidden = [self.state_dir] + ([Path(config_path)] if config_path else [])
         self.records: dict[str, Record] = {}
         self.cgroups = Cgroups(enabled=self.local.use_cgroups)
@@ -394,15 +398,28 @@ class LocalRuntime:
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
         image = await self._image(spec.image)
         userns = wants_isolation(spec.extensions)
-        if image is not None or userns:  # warm jails: the minimal root, the default filter
-            jail = await self._spawn(str(uuid.uuid4()), image, userns=userns)
-        else:
-            jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        opened = await asyncio.to_thread(self._open_volumes, spec)
+        try:
+            if image is not None or userns or opened:  # warm jails: the minimal root, the default filter, no mounts
+                jail = await self._spawn(str(uuid.uuid4()), image, userns=userns, volumes=opened)
+            else:
+                jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        except BaseException:
+            self._remove_created_volumes(opened)
+            raise
+        finally:
+            volume_dirs.close_all(opened)
         record = jail.record
+        record.owned_volumes = [
+            v.spec.backend.claim_name
+            for v in opened
+            if v.created and isinstance(v.spec.backend, PvcBackend) and v.spec.backend.delete_on_sandbox_termination
+        ]
         try:
             await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
+            self._remove_created_volumes(opened)
             raise
         now = times.now()
         record.claimed = True
@@ -531,9 +548,17 @@ class LocalRuntime:
 
     # -- jails ---------------------------------------------------------------------------------
 
-    async def _spawn(self, sandbox_id: str, image: images.ImageInfo | None = None, *, userns: bool = False) -> Jail:
+    async def _spawn(
+        self,
+        sandbox_id: str,
+        image: images.ImageInfo | None = None,
+        *,
+        userns: bool = False,
+        volumes: volume_dirs.Opened | None = None,
+    ) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
-        listens in it. `userns`: its filter lets it make user namespaces (isolated sessions)."""
+        listens in it. `userns`: its filter lets it make user namespaces (isolated sessions);
+        `volumes`: directories mounted into it."""
         image_root = str(await self.images.ensure(image)) if image is not None else None
         directory = self.sandboxes_dir / sandbox_id
         directory.mkdir(mode=0o700)
@@ -548,7 +573,7 @@ class LocalRuntime:
         record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups, uid_slot=ids.slot)
         if image is not None:
             record.root = image.describe()
-        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
+        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root, volumes or [])
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
             staged = await asyncio.shield(asyncio.wrap_future(future))
@@ -556,6 +581,8 @@ class LocalRuntime:
             future.add_done_callback(functools.partial(_abandon, pipes))
             self.cgroups.remove(cgroups)
             shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, staging.VolumeGone):
+                raise ApiError(400, errors.INVALID_PARAMETER, str(exc)) from None
             if isinstance(exc, Exception):
                 log.error("jail start failed id=%s error=%s", sandbox_id, exc)
                 raise ApiError(500, errors.START_FAILED, f"the jail did not start: {exc}") from exc
@@ -603,7 +630,14 @@ class LocalRuntime:
             _close(pipes.exit[0])
 
     def _plan(
-        self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str, image_root: str | None
+        self,
+        sandbox_id: str,
+        directory: Path,
+        ids: IdRange,
+        pipes: _Pipes,
+        token: str,
+        image_root: str | None,
+        volumes: volume_dirs.Opened,
     ) -> staging.StagePlan:
         assert self._layout is not None
         stage = str(self.stage_dir)
@@ -622,7 +656,9 @@ class LocalRuntime:
             run_size_bytes=self.local.tmp_size_mib << 20,
             fds=pipes.fds(),
             proc_masks=self._proc_masks,
+            volumes=[(f"{stage}/vol/{i}", v.spec.mount_path, v.spec.read_only) for i, v in enumerate(volumes)],
         )
+        mountpoints = mountpoints + [(v.spec.mount_path, True) for v in volumes]
         outbound = self.local.network == "outbound"
         return staging.StagePlan(
             argv=argv,
@@ -641,6 +677,7 @@ class LocalRuntime:
             info_fd=pipes.info[0],
             timeout=self.local.start_timeout_seconds,
             on_pid=lambda pid: self.uids.hold(ids.slot, (pid, procfs.start_ticks(pid) or 0)),
+            volumes=[(v.tree, v.spec.read_only) for v in volumes],
         )
 
     def _ruleset(self) -> str:
@@ -866,6 +903,8 @@ class LocalRuntime:
             self.records.pop(record.id, None)
             self._locks.pop(record.id, None)
             shutil.rmtree(self.sandboxes_dir / record.id, ignore_errors=True)
+            for claim in record.owned_volumes:  # deleteOnSandboxTermination, made by its create
+                volume_dirs.remove_named(self.volumes_dir, PvcBackend(claim))
         finally:
             self._deleting.discard(record.id)
 
@@ -897,6 +936,21 @@ class LocalRuntime:
         if record is not None:
             await self._destroy(record)
             self.events.gone(sandbox_id, Reason.EXPIRED, f"its expiry {record.expires_at} passed")
+
+    def _open_volumes(self, spec: SandboxSpec) -> volume_dirs.Opened:
+        opened = volume_dirs.open_all(spec.volumes, self.volumes_dir)
+        try:
+            return volume_dirs.with_trees(opened)
+        except OSError as exc:
+            volume_dirs.close_all(opened)
+            self._remove_created_volumes(opened)
+            raise ApiError(500, errors.START_FAILED, f"cannot mount the volumes: {exc}") from None
+
+    def _remove_created_volumes(self, opened: volume_dirs.Opened) -> None:
+        """A failed create leaves no named volume it made."""
+        for volume in opened:
+            if volume.created and isinstance(volume.spec.backend, PvcBackend):
+                volume_dirs.remove_named(self.volumes_dir, volume.spec.backend)
 
     # -- diagnostics ---------------------------------------------------------------------------
 
