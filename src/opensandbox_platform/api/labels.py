@@ -108,6 +108,8 @@ DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when c
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
 DOCKER_SECURE_ACCESS: Final = DOCKER_PREFIX + "secure-access"  # "true": endpoints need a signed token
+DOCKER_OWNED_VOLUMES: Final = DOCKER_PREFIX + "owned-volumes"  # named volumes removed with it (JSON list)
+DOCKER_VOLUME_CREATED_BY: Final = DOCKER_PREFIX + "created-by-sandbox"  # on a named volume a create made
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.

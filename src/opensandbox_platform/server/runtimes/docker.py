@@ -44,7 +44,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api, guards, seccomp
+from opensandbox_platform.server.runtimes import docker_api, docker_volumes, guards, seccomp
 from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
@@ -95,7 +95,12 @@ class Sandbox:
 class DockerRuntime:
     # The engine refuses more CPUs than the host has (with a 500 of its own): a 400 here instead.
     capabilities = Capabilities(
-        runtime="docker", image_auth=True, pause=True, resource_requests=True, max_cpu_millis=HOST_CPU_MILLIS
+        runtime="docker",
+        image_auth=True,
+        pause=True,
+        resource_requests=True,
+        volumes=frozenset({"host", "pvc"}),
+        max_cpu_millis=HOST_CPU_MILLIS,
     )
 
     def __init__(self, config: Config) -> None:
@@ -218,9 +223,30 @@ class DockerRuntime:
         image = await self._ensure_image(spec.image, spec.image_auth)
         execd_files = await self._execd_archive()
         token = secrets.token_urlsafe(24)
+        labels = model.encode_labels(sandbox_id, spec, now)
+        binds = self.settings.state_path() / "binds"
+        prepared = await docker_volumes.prepare(self.docker, sandbox_id, spec.volumes, binds)
+        labels.update(docker_volumes.owned_label(prepared))
+        try:
+            return await self._create_container(sandbox_id, spec, image, execd_files, token, labels, prepared)
+        except BaseException:
+            await asyncio.shield(docker_volumes.remove(self.docker, prepared.created))
+            raise
+        finally:
+            docker_volumes.release(prepared)
+
+    async def _create_container(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        image: dict[str, Any],
+        execd_files: bytes,
+        token: str,
+        labels: dict[str, str],
+        prepared: docker_volumes.Prepared,
+    ) -> SandboxInfo:
         image_config = image.get("Config") or {}
         working_dir = image_config.get("WorkingDir") or self.settings.working_dir
-        labels = model.encode_labels(sandbox_id, spec, now)
         body = model.container_config(
             sandbox_id,
             spec,
@@ -231,6 +257,7 @@ class DockerRuntime:
             cpu_millis=spec.cpu_millis or self.default_cpu,
             memory_bytes=spec.memory_bytes or self.default_memory,
             seccomp=self._seccomp_userns if L.wants_isolation(spec.extensions) else self._seccomp,
+            mounts=prepared.mounts,
         )
         try:
             container = await self.docker.containers.create(body, name=model.container_name(sandbox_id))
@@ -435,6 +462,7 @@ class DockerRuntime:
         finally:
             self._deleting.discard(sandbox.id)
         self._forget(sandbox)
+        await docker_volumes.remove(self.docker, sandbox.labels.owned_volumes)
 
     def _forget(self, sandbox: Sandbox) -> None:
         self.sandboxes.pop(sandbox.id, None)

@@ -51,6 +51,7 @@ class Labels:
     metadata: dict[str, str] = field(default_factory=dict)
     extensions: dict[str, str] = field(default_factory=dict)
     secure_access: bool = False
+    owned_volumes: list[str] = field(default_factory=list)  # named volumes removed with the sandbox
 
 
 def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
@@ -94,7 +95,16 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
         metadata=_with_prefix(labels, L.DOCKER_METADATA_PREFIX),
         extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
         secure_access=labels.get(L.DOCKER_SECURE_ACCESS) == "true",
+        owned_volumes=_json_list(labels.get(L.DOCKER_OWNED_VOLUMES)),
     )
+
+
+def _json_list(value: str | None) -> list[str]:
+    try:
+        found = json.loads(value or "[]")
+    except ValueError:
+        return []
+    return [str(item) for item in found] if isinstance(found, list) else []
 
 
 def _with_prefix(labels: dict[str, str], prefix: str) -> dict[str, str]:
@@ -237,6 +247,7 @@ def container_config(
     cpu_millis: int | None,
     memory_bytes: int | None,
     seccomp: str = "",
+    mounts: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The body of POST /containers/create: the bootstrap script as entrypoint (execd in the
     background, then the user's entrypoint as its command), execd's port published on an
@@ -261,6 +272,8 @@ def container_config(
         host_config["CpuShares"] = max(2, spec.cpu_request_millis * 1024 // 1000)
     if spec.memory_request_bytes:
         host_config["MemoryReservation"] = spec.memory_request_bytes
+    if mounts:
+        host_config["Mounts"] = mounts
     if settings.network:
         host_config["NetworkMode"] = settings.network
     if settings.oci_runtime:

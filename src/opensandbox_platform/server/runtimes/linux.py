@@ -25,6 +25,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
+MNT_DETACH = 2
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -60,8 +61,8 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     _check(_libc.mount(_bytes(source), target.encode(), _bytes(fstype), flags, _bytes(data)), f"mount {target}")
 
 
-def umount(target: str) -> None:
-    _check(_libc.umount2(target.encode(), 0), f"umount {target}")
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 # The new mount API (Linux >= 5.12 for idmapped mounts), x86-64 system call numbers.
@@ -142,11 +143,13 @@ def clone_tree(source_fd: int) -> int:
     )
 
 
-def attach_idmapped(tree_fd: int, target: str, userns_fd: int, *, readonly: bool) -> None:
-    """Mount a detached tree (`clone_tree`) at `target`, nosuid and nodev, its owners seen through
-    the user namespace `userns_fd` (owner N on disk is that namespace's N)."""
-    flags = _MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
-    attr = _MountAttr(flags, 0, 0, userns_fd)
+def attach_tree(tree_fd: int, target: str, userns_fd: int | None, *, readonly: bool) -> None:
+    """Mount a detached tree (`clone_tree`) at `target`, nosuid and nodev; with `userns_fd`, its
+    owners seen through that user namespace (owner N on disk is that namespace's N)."""
+    flags = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+    if userns_fd is not None:
+        flags |= _MOUNT_ATTR_IDMAP
+    attr = _MountAttr(flags, 0, 0, userns_fd or 0)
     _syscall(
         _SYS_MOUNT_SETATTR,
         ctypes.c_int(tree_fd),

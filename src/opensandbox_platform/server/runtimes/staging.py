@@ -200,7 +200,7 @@ def _mount_volumes(plan: StagePlan, pid: int) -> None:
     try:
         for index, (fd, readonly) in enumerate(plan.volumes):
             try:
-                linux.attach_idmapped(fd, os.path.join(plan.stage_dir, "vol", str(index)), userns, readonly=readonly)
+                linux.attach_tree(fd, os.path.join(plan.stage_dir, "vol", str(index)), userns, readonly=readonly)
             except FileNotFoundError:
                 raise VolumeGone(f"volume {index}: its directory was removed while the sandbox started") from None
     finally:

@@ -1,0 +1,119 @@
+"""Volumes of the docker runtime: `host` as a bind mount of the checked directory, `pvc` as a
+Docker named volume (made when missing and createIfNotExists; removed with the sandbox when the
+create made it and asked for deleteOnSandboxTermination).
+
+The engine takes a bind's source as a path and resolves it again when the container starts, so a
+path checked here could be a symlink by then (another sandbox sharing the directory can swap it).
+The checked directory is therefore mounted first at a path only the server can write
+(`<stateDir>/binds/<id>/<n>`), and that path is what the engine binds; it is unmounted once the
+container has started (the container keeps its own copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from opensandbox_platform.api import labels as L
+from opensandbox_platform.server import errors
+from opensandbox_platform.server.runtimes import linux, volume_dirs
+from opensandbox_platform.server.volumes import HostBackend, PvcBackend, VolumeSpec
+
+
+@dataclass
+class Prepared:
+    mounts: list[dict[str, Any]] = field(default_factory=list)  # HostConfig.Mounts
+    created: list[str] = field(default_factory=list)  # named volumes this create made
+    owned: list[str] = field(default_factory=list)  # of those, the ones deleted with the sandbox
+    staged: list[str] = field(default_factory=list)  # the server's own mounts of checked directories
+
+
+def _stage_host(volume: VolumeSpec, backend: HostBackend, target: Path) -> None:
+    """Mount the checked directory (no symlink on the way, subPath beneath it) at `target`."""
+    base = volume_dirs.open_host(backend.path)
+    try:
+        fd = volume_dirs.open_beneath(base, volume.sub_path, create=False, label=volume.name)
+    finally:
+        os.close(base)
+    try:
+        tree = linux.clone_tree(fd)
+    finally:
+        os.close(fd)
+    try:
+        target.mkdir(mode=0o700, parents=True)
+        linux.attach_tree(tree, str(target), None, readonly=volume.read_only)
+    finally:
+        os.close(tree)
+
+
+def release(prepared: Prepared) -> None:
+    """Unmount the server's staging mounts (a started container keeps its own copies)."""
+    for path in prepared.staged:
+        with contextlib.suppress(OSError):
+            linux.umount(path, linux.MNT_DETACH)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    if prepared.staged:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(prepared.staged[0]))
+    prepared.staged.clear()
+
+
+async def prepare(docker: aiodocker.Docker, sandbox_id: str, volumes: list[VolumeSpec], binds: Path) -> Prepared:
+    """The mounts of a create; on failure, what it made is removed again (`release` and `remove`
+    after the container started, or failed)."""
+    prepared = Prepared()
+    try:
+        for index, volume in enumerate(volumes):
+            mount: dict[str, Any] = {"Target": volume.mount_path, "ReadOnly": volume.read_only}
+            if isinstance(volume.backend, HostBackend):
+                target = binds / sandbox_id / str(index)
+                prepared.staged.append(str(target))
+                await asyncio.to_thread(_stage_host, volume, volume.backend, target)
+                mount.update(Type="bind", Source=str(target), BindOptions={"Propagation": "rprivate"})
+            else:
+                await _ensure_named(docker, sandbox_id, volume.backend, prepared)
+                mount.update(Type="volume", Source=volume.backend.claim_name)
+                if volume.sub_path:
+                    mount["VolumeOptions"] = {"Subpath": volume.sub_path}
+            prepared.mounts.append(mount)
+    except BaseException:
+        release(prepared)
+        await remove(docker, prepared.created)
+        raise
+    return prepared
+
+
+async def _ensure_named(docker: aiodocker.Docker, sandbox_id: str, backend: PvcBackend, prepared: Prepared) -> None:
+    name = backend.claim_name
+    try:
+        await docker.volumes.get(name)  # type: ignore[no-untyped-call]
+        return
+    except DockerError as exc:
+        if exc.status != 404:
+            raise
+    if not backend.create_if_not_exists:
+        raise errors.invalid(f"volume {name} does not exist (createIfNotExists is false)")
+    await docker.volumes.create({"Name": name, "Labels": {L.DOCKER_VOLUME_CREATED_BY: sandbox_id}})  # type: ignore[no-untyped-call]
+    prepared.created.append(name)
+    if backend.delete_on_sandbox_termination:
+        prepared.owned.append(name)
+
+
+async def remove(docker: aiodocker.Docker, names: list[str]) -> None:
+    """Remove named volumes (those still in use by another container stay: the engine refuses)."""
+    for name in names:
+        with contextlib.suppress(DockerError):
+            await (await docker.volumes.get(name)).delete()  # type: ignore[no-untyped-call]
+
+
+def owned_label(prepared: Prepared) -> dict[str, str]:
+    return {L.DOCKER_OWNED_VOLUMES: json.dumps(prepared.owned)} if prepared.owned else {}
