@@ -35,7 +35,7 @@ crds:  ## regenerate config/crds.yaml and the chart's copy from the models in ap
 	$(UV) run opensandbox-controller print-crds > config/crds.yaml
 	cp config/crds.yaml charts/opensandbox-controller/files/crds.yaml
 
-execd-binary:  ## build the self-contained execd: build/execd/opensandbox-execd (PyInstaller)
+execd-binary:  ## build the self-contained execd: build/execd/opensandbox/ (PyInstaller one-dir + bootstrap.sh)
 	tools/setup.sh run
 	tools/build-execd.sh --check
 
@@ -44,7 +44,7 @@ execd-image:  ## the execd image localhost/opensandbox/execd:dev (what the tests
 	tools/build-image.sh execd localhost/opensandbox/execd:dev
 
 TASK_EXECUTOR_IMG ?= opensandbox/task-executor:dev
-task-executor-binary:  ## build the self-contained task-executor: build/task-executor/opensandbox-task-executor
+task-executor-binary:  ## build the self-contained task-executor: build/task-executor/opensandbox-task-executor/ (one-dir)
 	tools/setup.sh run
 	tools/build-task-executor.sh --check
 

@@ -1,6 +1,8 @@
 """Docker runtime benchmark: `Sandbox.create` -> first `commands.run("true")` through the server
 with `runtime.type = "docker"` (podman's Docker API at DOCKER_HOST), direct and through the
-server proxy, and the time a delete takes. Prints the figures and writes bench/results/docker.json.
+server proxy, and the time a delete takes; the create's steps (p50 of each, from the server's
+`sandbox created` log lines: image inspect, container create, entrypoint check, start, execd ready).
+Prints the figures and writes bench/results/docker.json.
 
 Run: `uv run python bench/docker_bench.py [--n 15]` (or `make bench BENCH=docker`), with podman's
 service up (`make podman-up`; `source .podman/env`) and build/execd built (`make execd-binary`).
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +58,17 @@ async def create_to_first_command(server: ServerProcess, n: int, proxy: bool) ->
     }
 
 
+def create_steps(log: str) -> dict[str, float]:
+    """The p50 of each step of the runtime's creates (its `sandbox created` lines), the first one left
+    out (it also makes execd's volume)."""
+    lines = [line for line in log.splitlines() if 'msg="sandbox created"' in line][1:]
+    steps: dict[str, list[float]] = {}
+    for line in lines:
+        for step, value in re.findall(r"\b(\w*ms)=(\d+)", line):
+            steps.setdefault(step, []).append(float(value))
+    return {step: statistics.median(values) for step, values in steps.items()}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=15, help="create -> first command samples per variant")
@@ -69,6 +84,8 @@ def main(argv: list[str]) -> None:
             for name, proxy in (("direct", False), ("server_proxy", True)):
                 results[name] = asyncio.run(create_to_first_command(server, args.n, proxy))
                 print(name, results[name]["create_to_first_command"], flush=True)
+            results["server_create_steps_p50_ms"] = create_steps(server.logs())
+            print("server's create steps (p50 ms)", results["server_create_steps_p50_ms"], flush=True)
         finally:
             server.stop()
     write("docker", {"params": vars(args), **results})

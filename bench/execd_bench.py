@@ -1,8 +1,9 @@
 """execd benchmark: command round trip, small-file write+read, download/upload throughput, output
 streaming, start-up time and idle memory. Prints the figures and writes bench/results/execd.json.
 
-Run: `uv run python bench/execd_bench.py` (add `--binary build/execd/opensandbox-execd` to measure
-the PyInstaller executable too). All traffic goes to 127.0.0.1.
+Run: `uv run python bench/execd_bench.py` (the packaged build, build/execd/opensandbox/execd, is
+measured too when it exists; `--binary PATH` names another). All traffic goes to 127.0.0.1.
+bench/coldstart_bench.py measures start-up more closely (next to python3 -m http.server).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def rss_kib(pid: int) -> int:
 
 
 def tree_rss_kib(pid: int) -> int:
-    """RSS of a process and its children (a PyInstaller one-file build is two processes)."""
+    """RSS of a process and its children (an earlier one-file build was two processes)."""
     total = rss_kib(pid)
     children = Path(f"/proc/{pid}/task/{pid}/children")
     if children.exists():
@@ -237,7 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     results["python_module"] = bench_startup([sys.executable, "-m", "opensandbox_platform.execd.main"], 10)
     if args.binary:
         results["binary"] = bench_startup([args.binary], 10)
-        results["binary"]["size_mib"] = round(Path(args.binary).stat().st_size / MiB, 1)
+        binary = Path(args.binary)
+        # a one-dir build: the executable and its libraries beside it (execd-lib/)
+        files = [binary, *(p for p in binary.parent.glob("execd-lib/**/*") if p.is_file())]
+        results["binary"]["size_mib"] = round(sum(p.stat().st_size for p in files) / MiB, 1)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

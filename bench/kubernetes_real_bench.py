@@ -3,14 +3,19 @@
   pooled        `Sandbox.create(extensions={"poolRef"})` → first `commands.run("true")` done, over N runs
                 (the SDK's defaults: keep-alive entrypoint, no env: a pure claim)
   pooled_env    the same with `env` and an entrypoint: the controller starts them through execd first
-  direct        `Sandbox.create(image)` (a cold pod: schedule, execd init container, readiness) → first
-                command, for comparison
+  direct        `Sandbox.create(image)` (a cold pod: schedule, execd copied in, the sandbox starts,
+                readiness) → first command, once per way execd gets into the pod (the controller's
+                `--execd-install`: `post-start`, the default, and `init-container`, upstream's), each
+                with its own controller. Each run's breakdown comes from a watch on the namespace's
+                pods, as this client saw them (ms after the create call): the pod created, scheduled,
+                execd copied (the installer running / the init container ended), the sandbox
+                container running, the pod Ready; then the create's return and the first command's end.
 
 Run: `uv run python -m bench kubernetes_real` or `uv run python -m bench.kubernetes_real_bench [--n
-50] [--direct 10]`. Prints a notice and writes nothing when the real node is off. Each pooled run
-starts when the Pool has its whole buffer idle and Ready (read from the pods; the refill is not
-timed); every sandbox is killed after its run. One namespace with its own controller
-(`--execd-image`) and server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes
+50] [--direct 10] [--install post-start,init-container]`. Prints a notice and writes nothing when the
+real node is off. Each pooled run starts when the Pool has its whole buffer idle and Ready (read from
+the pods; the refill is not timed); every sandbox is killed after its run. One namespace with its own
+controller (`--execd-image`) and server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes
 bench/results/kubernetes-real.json.
 """
 
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import statistics
 import sys
 import tempfile
 import time
@@ -34,14 +41,16 @@ from opensandbox.config import ConnectionConfig  # noqa: E402
 
 from bench.common import summary_ms, wait_pool_available, write  # noqa: E402
 from harness.controller_process import ControllerProcess  # noqa: E402
-from harness.images import EXECD_IMAGE, TEST_IMAGE  # noqa: E402
+from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image  # noqa: E402
 from harness.kubernetes_server import SMALL, KubernetesServer, real_node_server_config, real_pool  # noqa: E402
 from harness.paths import CRDS  # noqa: E402
 from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
 from harness.real_node import enabled as real_node_enabled  # noqa: E402
 from harness.services import local_cluster  # noqa: E402
+from opensandbox_platform.api import labels  # noqa: E402
 from opensandbox_platform.api.resources import POOLS  # noqa: E402
-from opensandbox_platform.kube.client import KubeClient  # noqa: E402
+from opensandbox_platform.controller.pods import EXECD_INSTALLER  # noqa: E402
+from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError  # noqa: E402
 
 POOL = "real"
 
@@ -59,6 +68,93 @@ async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> tu
         await sb.kill()
         await sb.close()
     return elapsed, created
+
+
+class PodMilestones:
+    """When this client first saw each step of every pod in the namespace (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, float]] = {}  # pod name -> milestone -> time
+        self.batchsandbox: dict[str, str] = {}  # pod name -> its BatchSandbox
+
+    def observe(self, pod: JSON) -> None:
+        now = time.perf_counter()
+        name = pod["metadata"]["name"]
+        marks = self.seen.setdefault(name, {})
+        owner = (pod["metadata"].get("labels") or {}).get(labels.BATCHSANDBOX)
+        if owner:
+            self.batchsandbox[name] = owner
+        status = pod.get("status") or {}
+        reached = {"created": True, "scheduled": bool((pod.get("spec") or {}).get("nodeName"))}
+        for cs in status.get("initContainerStatuses") or []:
+            if cs.get("name") == EXECD_INSTALLER and "terminated" in (cs.get("state") or {}):
+                reached["execd_copied"] = True
+        for cs in status.get("containerStatuses") or []:
+            running = "running" in (cs.get("state") or {})
+            if cs.get("name") == EXECD_INSTALLER and running:  # its postStart hook has run by then
+                reached["execd_copied"] = True
+            if cs.get("name") == labels.SANDBOX_CONTAINER and running:
+                reached["sandbox_running"] = True
+        reached["ready"] = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        for mark, yes in reached.items():
+            if yes:
+                marks.setdefault(mark, now)
+
+    def of(self, sandbox_id: str, started: float) -> dict[str, float]:
+        for name, owner in self.batchsandbox.items():
+            if owner == sandbox_id:
+                return {f"{mark}_ms": round((at - started) * 1000, 1) for mark, at in self.seen[name].items()}
+        return {}
+
+
+async def watch_pods(client: KubeClient, namespace: str, milestones: PodMilestones) -> None:
+    while True:
+        with contextlib.suppress(KubeError, OSError, asyncio.TimeoutError):
+            async for event in client.watch(PODS, namespace, timeoutSeconds=300):
+                if event.get("type") in ("ADDED", "MODIFIED"):
+                    milestones.observe(event["object"])
+
+
+async def direct_runs(config: ConnectionConfig, client: KubeClient, namespace: str, n: int) -> dict[str, Any]:
+    milestones = PodMilestones()
+    watcher = asyncio.create_task(watch_pods(client, namespace, milestones))
+    try:
+        await asyncio.sleep(0.5)  # the watch is open
+        totals, creates, breakdowns = [], [], []
+        for _ in range(n):
+            started = time.perf_counter()
+            sb = await Sandbox.create(
+                TEST_IMAGE, connection_config=config, resource=SMALL, entrypoint=["sleep", "infinity"]
+            )
+            created = time.perf_counter() - started
+            try:
+                execution = await sb.commands.run("true")
+                elapsed = time.perf_counter() - started
+                assert execution.error is None and execution.exit_code in (0, None), execution
+                steps = milestones.of(sb.id, started)
+            finally:
+                await sb.kill()
+                await sb.close()
+            totals.append(elapsed)
+            creates.append(created)
+            breakdowns.append(
+                {**steps, "create_returned_ms": round(created * 1000, 1), "first_command_ms": round(elapsed * 1000, 1)}
+            )
+        marks = sorted(
+            {k for b in breakdowns for k in b}, key=lambda k: statistics.median(b[k] for b in breakdowns if k in b)
+        )
+        return {
+            "create_to_first_command": summary_ms(totals),
+            "create_only": summary_ms(creates),
+            "breakdown_p50_ms": {k: round(statistics.median(b[k] for b in breakdowns if k in b), 1) for k in marks},
+            "runs": breakdowns,
+        }
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: argparse.Namespace) -> Any:
@@ -85,12 +181,18 @@ async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: a
             results[f"{name}_create_only"] = summary_ms([created for _, created in samples])
             print(f"{name}: {results[name]}\n  of which Sandbox.create: {results[f'{name}_create_only']}", flush=True)
         await client.patch(POOLS, POOL, {"spec": {"minBufferSize": 0, "maxBufferSize": 0}}, namespace)
-        direct = [await create_to_first_command(config, entrypoint=["sleep", "infinity"]) for _ in range(args.direct)]
-        results["direct"] = summary_ms([total for total, _ in direct])
-        print(f"direct: {results['direct']}", flush=True)
     finally:
         await client.aclose()
     return results
+
+
+async def run_direct(server: KubernetesServer, kubeconfig: str, namespace: str, n: int) -> dict[str, Any]:
+    config = ConnectionConfig(domain=server.domain, disable_metrics=True, request_timeout=timedelta(seconds=120))
+    client = KubeClient.from_config(kubeconfig)
+    try:
+        return await direct_runs(config, client, namespace, n)
+    finally:
+        await client.aclose()
 
 
 def main(argv: list[str]) -> None:
@@ -98,6 +200,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=50, help="runs of each pooled variant")
     parser.add_argument("--direct", type=int, default=10, help="direct (cold) runs")
     parser.add_argument("--pool", type=int, default=3, help="the Pool's idle buffer")
+    parser.add_argument(
+        "--install",
+        default="post-start,init-container",
+        help="the controller's --execd-install values to measure direct runs with (comma-separated)",
+    )
     args = parser.parse_args(argv)
     if not real_node_enabled():
         print(f"kubernetes_real: skipped, the real node is off ({ENV_SWITCH}=0)")
@@ -111,15 +218,25 @@ def main(argv: list[str]) -> None:
             print(f"kubernetes_real: skipped: {off}")
             return
         try:
-            node.load_image(EXECD_IMAGE)
+            node.load_image(built_image("execd", EXECD_IMAGE))  # (rebuilt when its sources changed)
             cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
             cluster.kubectl("create", "namespace", namespace)
-            controller = ControllerProcess(cluster, namespace, "--execd-image", EXECD_IMAGE, "--log-level", "2")
-            controller.start()
+            installs = [i.strip() for i in args.install.split(",") if i.strip()]
+            flags = ("--execd-image", EXECD_IMAGE, "--log-level", "2")
+            controller = ControllerProcess(cluster, namespace, *flags, "--execd-install", installs[0]).start()
             server = KubernetesServer(Path(tmp), namespace, cluster.kubeconfig, real_node_server_config())
             try:
                 server.start()
-                figures = asyncio.run(run(server, namespace, str(cluster.kubeconfig), args))
+                kubeconfig = str(cluster.kubeconfig)
+                figures = asyncio.run(run(server, namespace, kubeconfig, args)) if args.n else {}
+                for i, install in enumerate(installs):
+                    if i:  # another way to copy execd: another controller
+                        controller.stop()
+                        controller = ControllerProcess(cluster, namespace, *flags, "--execd-install", install).start()
+                    direct = asyncio.run(run_direct(server, kubeconfig, namespace, args.direct))
+                    figures[f"direct_{install.replace('-', '_')}"] = direct
+                    print(f"direct ({install}): {direct['create_to_first_command']}", flush=True)
+                    print(f"  breakdown p50: {direct['breakdown_p50_ms']}", flush=True)
             finally:
                 server.stop()
                 controller.stop()

@@ -234,6 +234,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=30, help="create -> first command samples per variant")
     parser.add_argument("--sandboxes", type=int, default=200, help="sandboxes running during the API test")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput test")
+    parser.add_argument("--only-cold", action="store_true", help="only the phase without a warm pool")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {}
@@ -241,6 +242,9 @@ def main(argv: list[str]) -> None:
         work = Path(tmp)
         results["cold"] = with_server(work / "cold", "warmPoolSize = 0", lambda s: create_to_first_command(s, args.n))
         print("cold", results["cold"]["create_to_first_command"], flush=True)
+        if args.only_cold:
+            write("server-cold", {"params": vars(args), **results})
+            return
         results["warm_pool_2"] = with_server(
             work / "warm", "warmPoolSize = 2", lambda s: create_to_first_command(s, args.n)
         )

@@ -8,8 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 CRDS = ROOT / "config" / "crds.yaml"  # generated from api/crds.py (`make crds`)
-EXECD_BINARY = ROOT / "build" / "execd" / "opensandbox-execd"  # tools/build-execd.sh (make execd-binary)
-EXECD_BOOTSTRAP = ROOT / "images" / "execd-bootstrap.sh"
+# tools/build-execd.sh (make execd-binary): what sandboxes get at /opt/opensandbox (execd, execd-lib/,
+# bootstrap.sh), and the executable in it.
+EXECD_DIR = ROOT / "build" / "execd" / "opensandbox"
+EXECD_BINARY = EXECD_DIR / "execd"
 DOCKER_SOCKET = ROOT / ".podman" / "docker.sock"  # podman's Docker API (tools/podman.sh)
 
 
@@ -26,3 +28,7 @@ def sandbox_token_key() -> Path:
         path.write_text(os.urandom(32).hex())
         path.chmod(0o600)
     return path
+
+
+# tools/build-task-executor.sh: the one-dir build's executable.
+TASK_EXECUTOR_BINARY = ROOT / "build" / "task-executor" / "opensandbox-task-executor" / "opensandbox-task-executor"

@@ -40,7 +40,7 @@ from harness.docker_api import (
 )
 from harness.images import EXECD_IMAGE, TEST_IMAGE
 from harness.jails import kill_recorded_jails
-from harness.paths import EXECD_BINARY, EXECD_BOOTSTRAP
+from harness.paths import EXECD_DIR
 from harness.ports import free_port
 
 
@@ -122,11 +122,7 @@ class Flavor:
     def config(self, server: ServerProcess) -> str:
         if self.name == "docker":
             # execd from the build (what `make test` just rebuilt) unless the test wants the image's.
-            execd = (
-                ""
-                if server.execd_from_image
-                else f'execdBinary = "{EXECD_BINARY}"\nexecdBootstrap = "{EXECD_BOOTSTRAP}"\n'
-            )
+            execd = "" if server.execd_from_image else f'execdDir = "{EXECD_DIR}"\n'
             return (
                 f'[runtime]\ntype = "docker"\nexecdImage = "{EXECD_IMAGE}"\n\n'
                 f'[docker]\nhost = "{server.engine_host or docker_host()}"\nstateDir = "{server.state_dir}"\n{execd}'

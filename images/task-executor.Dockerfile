@@ -1,6 +1,7 @@
-# opensandbox/task-executor: the self-contained task-executor executable, run as a sidecar.
+# opensandbox/task-executor: the self-contained task-executor (a one-dir build: the executable beside its
+# libraries, nothing unpacked at start), run as a sidecar.
 #
-# Build the executable first (it is copied in, not built here): tools/build-task-executor.sh
+# Build it first (it is copied in, not built here): tools/build-task-executor.sh
 #   podman build -f images/task-executor.Dockerfile -t opensandbox/task-executor:dev .
 # (`make docker-build-task-executor` does both.)
 #
@@ -13,8 +14,8 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
-COPY --chmod=0755 build/task-executor/opensandbox-task-executor /usr/local/bin/opensandbox-task-executor
+COPY build/task-executor/opensandbox-task-executor/ /opt/opensandbox-task-executor/
 
 USER 0
 EXPOSE 5758
-ENTRYPOINT ["/usr/local/bin/opensandbox-task-executor"]
+ENTRYPOINT ["/opt/opensandbox-task-executor/opensandbox-task-executor"]

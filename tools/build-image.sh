@@ -11,7 +11,7 @@
 # with the few system libraries they link (glibc's, resolved with ldd on this machine: the build
 # needs this glibc) into an image FROM scratch: no shell, no package manager, no Python.
 # execd's and the task executor's images are FROM localhost/opensandbox-test-base:latest
-# (tools/test-image.sh): execd's init container needs `cp`; both are one-file executables.
+# (tools/test-image.sh): execd's init container needs `cp`; both are one-dir builds too.
 # An unqualified IMAGE (opensandbox/controller:dev) is also tagged docker.io/IMAGE: that is the
 # name a kubelet looks for, so an image loaded into a node's runtime is found with pullPolicy Never.
 set -euo pipefail

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local test cluster's programs from the Go module proxy, once per machine:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kwok, helm.
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kwok, helm, and the
+#   container registry (CNCF distribution, tools/registry.sh).
 # Binaries land in $OSB_CACHE/bin (default ~/.cache/opensandbox-dev/bin); a stamp per tool records
 # the version built, so a warm run returns at once. Go is used only here, for test tooling.
 set -euo pipefail
@@ -66,4 +67,7 @@ build_simple etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" go.etcd.io/etcd/serv
 build_simple kwok "sigs.k8s.io/kwok@$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 build_simple helm "helm.sh/helm/v3@$HELM_VERSION" helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+build_simple registry "github.com/distribution/distribution/v3@$REGISTRY_VERSION" \
+  github.com/distribution/distribution/v3/cmd/registry \
+  "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
 log "tools ready in $bin"

@@ -295,6 +295,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Root = "$node/runc"
         SystemdCgroup = false
 
+  # Registries (tools/registry.sh) are trusted per host in certs.d/HOST:PORT/hosts.toml (read per pull).
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$node/certs.d"
+
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$node/cni/net.d"
@@ -394,7 +398,7 @@ status() { alive containerd && alive kubelet && node_ready; }
 
 up() {
   check_host
-  if status; then log "already up: node $NODE_NAME"; return; fi
+  if status; then log "already up: node $NODE_NAME"; "$top/tools/registry.sh" up; return; fi
   down
   mkdir -p "$node"
   pki_up
@@ -404,6 +408,7 @@ up() {
   pause_image
   load_image "$TEST_IMAGE"
   kubelet_up
+  "$top/tools/registry.sh" up || die "the registry did not start; see $state/logs/registry-registry.log"
   log "ready: node $NODE_NAME ($NODE_IP), label $NODE_LABEL, taint $NODE_TAINT_KEY=true:NoSchedule"
 }
 
@@ -447,6 +452,7 @@ down() {
   local m
   for m in $(mounts_under); do umount "$m" 2>/dev/null || umount -l "$m" || die "could not unmount $m"; done
   [[ -z $(mounts_under) ]] || die "mounts are left below $node: $(mounts_under | tr '\n' ' ')"
+  "$top/tools/registry.sh" down-all  # they listen on the bridge's address
   net_down
   if [[ -f $node/sysctl.saved ]]; then
     sysctl -q -w $(cat "$node/sysctl.saved") >/dev/null || log "could not restore sysctls from $node/sysctl.saved"

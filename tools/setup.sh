@@ -13,8 +13,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # interpreter's Python kernel (python3-ipykernel) and the data stack agents expect come from Debian.
 RUN_DEBS=(bubblewrap slirp4netns nftables libseccomp2 util-linux curl
   python3-ipykernel python3-numpy python3-pandas python3-matplotlib)
-# gcc: the security battery's probe (tests/security/probe.c) is built statically.
-TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2 gcc libc6-dev)
+# gcc: the security battery's probe (tests/security/probe.c) is built statically; apache2-utils:
+# htpasswd, for the test registry's optional auth (tools/registry.sh).
+TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2 gcc libc6-dev
+  apache2-utils)
 
 ensure_debs() {
   local missing=() p

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ CAP_BITS = {"CHOWN": 0, "SETGID": 6, "SETUID": 7, "NET_RAW": 13, "SYS_ADMIN": 21
 
 @pytest.fixture(scope="module")
 def docker_server(tmp_path_factory: pytest.TempPathFactory, docker_host: str) -> Iterator[ServerProcess]:
-    """A docker server that takes execd out of the execd image (no execdBinary/execdBootstrap)."""
+    """A docker server that takes execd out of the execd image (no execdDir)."""
     reason = docker_unavailable()
     if reason:
         pytest.skip(f"docker runtime: {reason}")
@@ -73,8 +74,13 @@ def test_execd_from_the_image_labels_limits_and_security_defaults(docker_server:
         assert labels["opensandbox.io/metadata.team"] == "t1" and labels["opensandbox.io/extensions.ext"] == "v"
         assert json.loads(labels["opensandbox.io/entrypoint"]) == ["tail", "-f", "/dev/null"]
         assert labels["opensandbox.io/expires-at"] == response.json()["expiresAt"].replace("+00:00", "Z")
-        assert container["Config"]["Entrypoint"] == ["/opt/opensandbox/bootstrap.sh"]
+        assert container["Config"]["Entrypoint"] == ["/opt/opensandbox/bin/bootstrap.sh"]
         assert container["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
+        # execd is the execd image's, in one read-only volume named after that image's id
+        (mount,) = [m for m in container["Mounts"] if m.get("Destination") == "/opt/opensandbox/bin"]
+        image_id = docker_api("GET", f"/images/{EXECD_IMAGE}/json").json()["Id"].removeprefix("sha256:")
+        assert mount["Type"] == "volume" and mount["Name"] == f"opensandbox-execd-{image_id[:16]}"
+        assert mount["RW"] is False
         host = container["HostConfig"]
         assert host["Memory"] == 512 << 20 and host["NanoCpus"] == 500_000_000 and host["PidsLimit"] == 512
         assert "no-new-privileges" in " ".join(host["SecurityOpt"])
@@ -86,6 +92,9 @@ def test_execd_from_the_image_labels_limits_and_security_defaults(docker_server:
             try:
                 run = await sb.commands.run("grep -E '^(NoNewPrivs|CapEff)' /proc/self/status | tr -s '\\t' ' '")
                 as_root = await sb.commands.run("id -u")
+                # root in the sandbox cannot change the execd every sandbox shares
+                tamper = await sb.commands.run("touch /opt/opensandbox/bin/execd")
+                assert tamper.exit_code != 0
                 return [m.text for m in run.logs.stdout], as_root.exit_code
             finally:
                 await sb.close()
@@ -113,3 +122,26 @@ def test_a_container_that_exits_before_execd_is_a_500_and_is_removed(docker_serv
     assert response.status_code in (400, 500), response.text
     assert set(response.json()) == {"code", "message"}
     assert {c["Id"] for c in docker_containers()} == before
+
+
+def test_a_lost_execd_volume_fails_one_create_and_is_made_again(tmp_path: Path, docker_host: str) -> None:
+    """Someone removed execd's volume (a prune) while the server ran: the create that finds it empty
+    fails (execd never starts), and the next one fills the volume again."""
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(f"docker runtime: {reason}")
+    server = ServerProcess(tmp_path, runtime="docker", extra_config="startTimeoutSeconds = 5\n").start()
+    try:
+        first = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert first.status_code == 202, first.text
+        (mount,) = [m for m in inspect(first.json()["id"])["Mounts"] if m.get("Destination") == "/opt/opensandbox/bin"]
+        assert httpx.delete(f"{server.url}/v1/sandboxes/{first.json()['id']}", timeout=60).status_code == 204
+        assert docker_api("DELETE", f"/volumes/{mount['Name']}").status_code in (200, 204)
+
+        lost = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert lost.status_code == 500 and lost.json()["code"] == "SANDBOX::START_FAILED", lost.text
+        again = httpx.post(f"{server.url}/v1/sandboxes", json=CREATE, timeout=120)
+        assert again.status_code == 202, again.text
+        assert httpx.delete(f"{server.url}/v1/sandboxes/{again.json()['id']}", timeout=60).status_code == 204
+    finally:
+        server.stop()

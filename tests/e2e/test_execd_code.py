@@ -68,9 +68,7 @@ def rss_kib(pid: int) -> int:
 
 
 def execd_rss_kib(execd: Execd) -> int:
-    """The daemon's own RSS (for the one-file build: the bootloader's child, where Python runs)."""
-    if os.environ.get("EXECD_BINARY"):  # the bootloader's only child is execd itself
-        return sum(rss_kib(p) for p in [execd.pid, *children(execd.pid)])
+    """The daemon's own RSS (the packaged build is one process too: its bootloader execs itself)."""
     return rss_kib(execd.pid)
 
 

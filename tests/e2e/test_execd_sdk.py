@@ -747,8 +747,9 @@ def podman(*args: str, check: bool = True) -> str:
 
 
 def test_packaged_executable_in_an_image_without_python(tmp_path: Path, docker_host: str) -> None:
-    """The upstream layout: an init step copies execd and bootstrap.sh into a shared volume, then the
-    sandbox container (no Python in it) runs `bootstrap.sh <entrypoint>` as PID 1.
+    """The upstream layout: an init step copies execd (one-dir: execd, execd-lib/) and bootstrap.sh
+    into a shared volume, then the sandbox container (no Python in it) runs `bootstrap.sh
+    <entrypoint>` as PID 1.
 
     `docker_host` makes sure podman is set up and the test image exists. `make test` builds the
     executable first; elsewhere a missing build is a skip, in CI a failure."""
@@ -775,7 +776,7 @@ def test_packaged_executable_in_an_image_without_python(tmp_path: Path, docker_h
             mount,
             tag,
             "-c",
-            "cp ./execd ./bootstrap.sh /opt/opensandbox/",
+            "cp -a ./. /opt/opensandbox/",
         )
         podman(
             "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:44772", "-v", mount,

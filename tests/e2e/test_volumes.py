@@ -54,6 +54,9 @@ async def run(sb: Sandbox, command: str) -> tuple[list[str], int | None]:
     return stdout(execution), execution.exit_code
 
 
+HOST_HOSTNAME = Path("/etc/hostname").read_text().strip()
+
+
 def host_dir(allowed: Path, name: str) -> Path:
     path = allowed / name
     shutil.rmtree(path, ignore_errors=True)
@@ -68,7 +71,8 @@ async def test_host_volume_is_shared_with_the_host_as_the_sandboxs_root(vserver:
     async with created(vserver, [volume]) as sb:
         out, code = await run(
             sb,
-            "cat /mnt/data/from-host.txt && echo written > /mnt/data/from-sandbox.txt && stat -c %u /mnt/data/from-host.txt",
+            "cat /mnt/data/from-host.txt && echo written > /mnt/data/from-sandbox.txt"
+            " && stat -c %u /mnt/data/from-host.txt",
         )
         assert code == 0 and out == ["hello from the host", "0"], out  # the host's root owns it: the sandbox's root
     written = data / "from-sandbox.txt"
@@ -81,9 +85,10 @@ async def test_read_only_volume_cannot_be_written_or_remounted(vserver: ServerPr
     (data / "keep.txt").write_text("keep\n")
     volume = Volume(name="ro", mount_path="/mnt/ro", host=Host(path=str(data)), read_only=True)
     async with created(vserver, [volume]) as sb:
-        out, code = await run(
+        out, _ = await run(
             sb,
-            "cat /mnt/ro/keep.txt; echo x > /mnt/ro/keep.txt; rm -f /mnt/ro/keep.txt; touch /mnt/ro/new; mount -o remount,rw /mnt/ro; echo x > /mnt/ro/keep.txt; echo done",
+            "cat /mnt/ro/keep.txt; echo x > /mnt/ro/keep.txt; rm -f /mnt/ro/keep.txt; touch /mnt/ro/new;"
+            " mount -o remount,rw /mnt/ro; echo x > /mnt/ro/keep.txt; echo done",
         )
         assert out[0] == "keep" and out[-1] == "done"
     assert (data / "keep.txt").read_text() == "keep\n" and not (data / "new").exists()
@@ -227,4 +232,4 @@ async def test_a_sandbox_cannot_leave_its_volume_through_symlinks_it_makes(
         )
     # The links resolve inside the sandbox: its own /etc, never the host's.
     assert (data / "escape").is_symlink()
-    assert out and out[0] != Path("/etc/hostname").read_text().strip()
+    assert out and out[0] != HOST_HOSTNAME

@@ -224,7 +224,9 @@ async def test_sdk_through_the_chart_installed_server(cluster: LocalCluster, nam
     # The README's way from a laptop: kubectl port-forward to the Service, the SDK through the server proxy.
     with port_forward(cluster, namespace, f"svc/{installed}-server", 8080) as local:
         async with httpx.AsyncClient(timeout=10) as http:
-            assert (await http.get(f"http://127.0.0.1:{local}/health")).json() == {"status": "healthy"}
+            health = (await http.get(f"http://127.0.0.1:{local}/health")).json()
+            assert health["status"] == "healthy" and health["runtime"]["type"] == "kubernetes", health
+            assert health["runtime"]["ready"] is True, health
         forwarded = ConnectionConfig(domain=f"127.0.0.1:{local}", disable_metrics=True, use_server_proxy=True)
         async with sandbox_of(
             image="ignored:latest",

@@ -129,14 +129,32 @@ async def test_direct_sandbox_on_the_real_node_runs_commands(
         assert info.status.state == "Running" and info.entrypoint == ["sleep", "infinity"]
         pod = sandbox_pod(kube, namespace, sb.id)
         assert pod.spec.nodeName == node.name and pod.status.podIP.startswith(POD_NETWORK_PREFIX)
-        assert [c.name for c in pod.spec.initContainers] == ["execd-installer"]
-        assert pod.spec.containers[0].resources.limits == {"cpu": "250m", "memory": str(128 << 20)}
+        # execd's installer starts first; its postStart hook copies execd before the sandbox starts
+        assert [c.name for c in pod.spec.containers] == ["execd-installer", "sandbox"] and not pod.spec.initContainers
+        assert pod.metadata.annotations["kubectl.kubernetes.io/default-container"] == "sandbox"
+        assert pod.spec.containers[1].resources.limits == {"cpu": "250m", "memory": str(128 << 20)}
         assert await stdout_of(sb, "echo $GREETING; id -u") == "hello-direct\n0"
         await sb.files.write_file("/tmp/direct.txt", "direct")
         assert await sb.files.read_file("/tmp/direct.txt") == "direct"
 
         await sb.kill()
         eventually(lambda: gone(kube, Pod, pod.metadata.name, namespace), timeout=60, what="the pod removed")
+
+
+async def test_a_direct_sandbox_whose_entrypoint_exits_ends_beside_the_idle_installer(
+    server: KubernetesServer, kube: Client, namespace: str, node: RealNode
+) -> None:
+    """execd's installer keeps idling in the pod (the pod stays Running): the sandbox container's exit
+    is what ends the sandbox, as when an init container copied execd."""
+    async with created(server, entrypoint=["sh", "-c", "sleep 8; exit 3"]) as sb:  # (Running first)
+        deadline = asyncio.get_running_loop().time() + 60
+        while (info := await sb.get_info()).status.state != "Failed":
+            assert asyncio.get_running_loop().time() < deadline, info.status
+            await asyncio.sleep(0.2)
+        assert info.status.reason == "SANDBOX_EXITED_ERROR", info.status
+        pod = sandbox_pod(kube, namespace, sb.id)
+        statuses = {c.name: c.state for c in pod.status.containerStatuses}
+        assert statuses["sandbox"].terminated.exitCode == 3 and statuses["execd-installer"].running is not None
 
 
 async def test_an_entrypoint_that_cannot_start_fails_the_create_and_leaves_nothing(

@@ -111,6 +111,7 @@ DOCKER_SECURE_ACCESS: Final = DOCKER_PREFIX + "secure-access"  # "true": endpoin
 DOCKER_OWNED_VOLUMES: Final = DOCKER_PREFIX + "owned-volumes"  # named volumes removed with it (JSON list)
 DOCKER_VOLUME_CREATED_BY: Final = DOCKER_PREFIX + "created-by-sandbox"  # on a named volume a create made
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holding execd (value: its content key)
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

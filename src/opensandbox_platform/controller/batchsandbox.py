@@ -357,6 +357,7 @@ class BatchSandboxReconciler:
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
                 token_key=settings.token_key,
+                execd_install=settings.execd_install,
             )
             try:
                 created = await self.manager.client.create(PODS, pod, bs.namespace)

@@ -16,7 +16,8 @@ from opensandbox_platform.controller.manager import Manager, Options, pod_namesp
 from opensandbox_platform.controller.pool import PoolReconciler
 from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.daemon import logs
-from opensandbox_platform.daemon.http import add_limit_arguments, limits_from_args
+from opensandbox_platform.daemon.cli import add_options, limit_options
+from opensandbox_platform.daemon.http import limits_from_args
 from opensandbox_platform.daemon.process import stop_on_signals
 from opensandbox_platform.kube.client import KubeClient
 from opensandbox_platform.kube.serving import (
@@ -82,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="BatchSandboxes reconciled at once (default: 16)")
     parser.add_argument("--execd-image", help="inject execd from this image into every sandbox pod")
     parser.add_argument(
+        "--execd-install",
+        choices=["post-start", "init-container"],
+        default="post-start",
+        help="how execd is copied into a pod: by the postStart hook of an installer container started before "
+        "the sandbox container (one kubelet sync), or by an init container (the kubelet starts the sandbox "
+        "only after its next relist, ~0.5 s later on average) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--task-executor-image",
         help="image of the task-executor sidecar (Pools with taskExecutor.enabled and direct-mode "
         "BatchSandboxes with a taskTemplate; a Pool's taskExecutor.image wins)",
@@ -118,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="replace idle pool pods not Ready after this many seconds (default: 300)",
     )
     # Limits of the probe and metrics listeners (env OPENSANDBOX_CONTROLLER_HTTP_<FLAG>).
-    add_limit_arguments(parser, "OPENSANDBOX_CONTROLLER_HTTP")
+    add_options(parser, limit_options("OPENSANDBOX_CONTROLLER_HTTP"))
     return parser.parse_args(argv)
 
 
@@ -126,6 +135,7 @@ async def run(args: argparse.Namespace) -> None:
     client = KubeClient.from_config(args.kubeconfig)
     settings = Settings(
         execd_image=args.execd_image,
+        execd_install=args.execd_install,
         task_executor_image=args.task_executor_image,
         task_executor_cpu_request=args.task_executor_cpu_request,
         task_executor_memory_request=args.task_executor_memory_request,

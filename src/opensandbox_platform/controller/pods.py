@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,11 @@ class PodCreateError(Exception):
 
 
 SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "ports")
+# How execd gets into a pod (inject_execd): the controller's --execd-install.
+EXECD_POST_START = "post-start"
+EXECD_INIT_CONTAINER = "init-container"
+EXECD_INSTALLER = "execd-installer"
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 # Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
 LOST_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated", "UnexpectedAdmissionError"})
 
@@ -45,6 +51,7 @@ class PodInfo:
     entrypoint_applied: bool
     evicting: bool = False  # an idle pod a person marked for deletion (labels.EVICT)
     failure: str | None = None  # a container's waiting reason that means it cannot run (CrashLoopBackOff, ...)
+    restart_policy: str = "Always"
 
     @property
     def key(self) -> str:
@@ -57,8 +64,15 @@ class PodInfo:
 
     @property
     def finished(self) -> bool:
-        """The sandbox's main container ran to completion (restartPolicy Never/OnFailure)."""
-        return self.phase in ("Succeeded", "Failed") and not self.lost
+        """The sandbox's main container ran to completion (restartPolicy Never/OnFailure): the pod
+        ended, or the sandbox container ended for good while execd's installer still idles beside it
+        (the pod stays Running then)."""
+        if self.phase in ("Succeeded", "Failed"):
+            return not self.lost
+        code = self.main_exit_code
+        return code is not None and (
+            self.restart_policy == "Never" or (self.restart_policy == "OnFailure" and code == 0)
+        )
 
     @property
     def claimed(self) -> bool:
@@ -101,6 +115,7 @@ def slim_pod(raw: JSON) -> PodInfo:
         entrypoint_applied=labels.ENTRYPOINT_APPLIED in (meta.get("annotations") or {}),
         evicting=labels.EVICT in pod_labels,
         failure=failure,
+        restart_policy=sys.intern(spec.get("restartPolicy") or "Always"),
     )
 
 
@@ -150,6 +165,7 @@ def pod_spec(
     execd_image: str | None,
     task_executor: TaskExecutorSidecar | None = None,
     token: str | None = None,
+    execd_install: str = EXECD_POST_START,
 ) -> JSON:
     """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through.
 
@@ -160,7 +176,7 @@ def pod_spec(
         spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
     harden(spec)
     if execd_image:
-        inject_execd(spec, execd_image, token)
+        inject_execd(spec, execd_image, token, execd_install)
     if task_executor:
         inject_task_executor(spec, task_executor, token)
     return spec
@@ -188,6 +204,11 @@ def harden(spec: JSON) -> None:
             context.setdefault("capabilities", {"drop": ["ALL"], "add": list(labels.SANDBOX_CAPABILITIES)})
 
 
+def main_container(spec: JSON) -> JSON:
+    """The sandbox's own container: the first one, after execd's installer when that comes first."""
+    return next(c for c in spec["containers"] if c.get("name") != EXECD_INSTALLER)
+
+
 def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar, token: str | None = None) -> None:
     """The task-executor as a sidecar that runs tasks inside the first (main) container.
 
@@ -196,7 +217,7 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar, token: str | 
     root, to read another container's /proc entries). Task state lives in an emptyDir, so it survives
     a restart of the sidecar. Ready once its API answers, so a task is dispatched to a Ready pod."""
     spec["shareProcessNamespace"] = True
-    main = spec["containers"][0]
+    main = main_container(spec)
     main.setdefault("env", []).append({"name": labels.TASK_TARGET_ENV, "value": main["name"]})
     spec.setdefault("volumes", []).append({"name": labels.TASK_DATA_VOLUME, "emptyDir": {}})
     port = labels.TASK_EXECUTOR_PORT
@@ -222,27 +243,62 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar, token: str | 
     )
 
 
-def inject_execd(spec: JSON, execd_image: str, token: str | None = None) -> None:
-    """An init container copies execd into a shared emptyDir; the sandbox container starts through the
-    bootstrap script, which runs execd beside the entrypoint (and keeps the sandbox up without one).
-    The pod is Ready only when execd answers, so a claimed sandbox can always run commands."""
+def _installer_security() -> JSON:
+    """The installer only copies files (cp -a keeps owners and modes): no other capability."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+    }
+
+
+def inject_execd(spec: JSON, execd_image: str, token: str | None = None, install: str = EXECD_POST_START) -> None:
+    """execd's directory is copied from its image into a shared emptyDir; the sandbox container starts
+    through the bootstrap script, which runs execd beside the entrypoint (and keeps the sandbox up
+    without one). The pod is Ready only when execd answers, so a claimed sandbox can always run commands.
+
+    The copy (`install`):
+    - EXECD_POST_START (default): by the postStart hook of an `execd-installer` container placed
+      before the sandbox container. The kubelet starts a pod's containers one after the other and
+      runs each one's postStart hook before it starts the next (the order Istio's
+      holdApplicationUntilProxyStarts relies on), so the files are there when the sandbox container
+      starts, in the same kubelet sync. The installer then waits, idle, until the pod goes (a
+      container that ended would be restarted, or end the pod's Running phase).
+    - EXECD_INIT_CONTAINER: by an init container, as upstream does. The kubelet only starts the
+      sandbox container once it has seen the init container exit, at its next relist of the
+      container runtime (every second): half a second more per cold start, on average.
+    """
     mount = {"name": labels.EXECD_VOLUME, "mountPath": labels.EXECD_MOUNT}
     spec.setdefault("volumes", []).append({"name": labels.EXECD_VOLUME, "emptyDir": {}})
-    spec.setdefault("initContainers", []).insert(
-        0,
-        {
-            "name": "execd-installer",
-            "image": execd_image,
-            "imagePullPolicy": "IfNotPresent",
-            "command": ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"],
-            "volumeMounts": [mount],
-            "securityContext": {
-                "allowPrivilegeEscalation": False,
-                "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+    copy = ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"]
+    main = main_container(spec)
+    if install == EXECD_INIT_CONTAINER:
+        spec.setdefault("initContainers", []).insert(
+            0,
+            {
+                "name": EXECD_INSTALLER,
+                "image": execd_image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": copy,
+                "volumeMounts": [mount],
+                "securityContext": _installer_security(),
             },
-        },
-    )
-    main = spec["containers"][0]
+        )
+    else:
+        spec["containers"].insert(
+            0,
+            {
+                "name": EXECD_INSTALLER,
+                "image": execd_image,
+                "imagePullPolicy": "IfNotPresent",
+                # Idle until SIGTERM (then at once: `sleep` as PID 1 would ignore it until the grace ends).
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"],
+                "lifecycle": {"postStart": {"exec": {"command": copy}}},
+                "volumeMounts": [mount],
+                "securityContext": _installer_security(),
+                # Explicit, so that a namespace's LimitRange default does not add its own per container.
+                "resources": {"requests": {"cpu": "1m", "memory": "4Mi"}},
+            },
+        )
     entrypoint = [*(main.pop("command", None) or []), *(main.pop("args", None) or [])]
     main["command"] = [labels.EXECD_BOOTSTRAP]
     if entrypoint:
@@ -264,11 +320,16 @@ def build_pod(
     annotations: dict[str, str] | None = None,
     task_executor: TaskExecutorSidecar | None = None,
     token_key: bytes | None = None,
+    execd_install: str = EXECD_POST_START,
 ) -> JSON:
     """A pod of a Pool or a BatchSandbox; with `token_key`, its execd and task executor require the
     pod's token (api/tokens.py)."""
     meta = template.metadata
     token = tokens.pod_token(token_key, name) if token_key else None
+    spec = pod_spec(template, execd_image, task_executor, token, execd_install)
+    extra = dict(annotations or {})
+    if spec["containers"][0].get("name") == EXECD_INSTALLER:  # kubectl logs/exec: the sandbox, not the installer
+        extra[DEFAULT_CONTAINER] = main_container(spec)["name"]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -280,10 +341,10 @@ def build_pod(
                 **pod_labels,
                 labels.MANAGED_BY: labels.MANAGED_BY_VALUE,
             },
-            "annotations": {**((meta.annotations if meta else None) or {}), **(annotations or {})},
+            "annotations": {**((meta.annotations if meta else None) or {}), **extra},
             "ownerReferences": [owner_reference(owner)],
         },
-        "spec": pod_spec(template, execd_image, task_executor, token),
+        "spec": spec,
     }
 
 

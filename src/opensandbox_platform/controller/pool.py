@@ -326,6 +326,7 @@ class PoolReconciler:
                 execd_image=settings.execd_image,
                 task_executor=sidecar,
                 token_key=settings.token_key,
+                execd_install=settings.execd_install,
             )
             key = f"{pool.namespace}/{pod_name}"
             self.creating.expect(pool.key, key)

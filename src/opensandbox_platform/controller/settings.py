@@ -11,6 +11,7 @@ from opensandbox_platform.kube.client import JSON
 @dataclass
 class Settings:
     execd_image: str | None = None
+    execd_install: str = "post-start"  # how execd gets into a pod: pods.EXECD_POST_START or EXECD_INIT_CONTAINER
     task_executor_image: str | None = None
     # The task-executor sidecar's resources when a Pool does not set them (the chart's taskExecutor.resources).
     task_executor_cpu_request: str = "100m"

@@ -11,7 +11,7 @@ Scope: HTTP/1.1 and 1.0, keep-alive, Content-Length and chunked request bodies (
 headers without its body). TLS only when the caller passes an SSL context (the controller's metrics
 server; execd never imports ssl). No HTTP/2, no pipelining beyond sequential processing, no upgrades.
 
-Limits (`Limits`, from flags or environment variables with `add_limit_arguments`): a request line
+Limits (`Limits`, from flags or environment variables: daemon/cli.py's `limit_options`): a request line
 longer than `max_request_line` is a 414, a head larger than `max_head_bytes` a 431; the first
 request's head must be complete `head_timeout` seconds after the connection opened, a later
 request's within `head_timeout` of its first byte (else 408 and close); a connection idle between
@@ -22,18 +22,18 @@ every connection is serving a request (daemon/connections.py).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote
 
 from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.cli import LIMIT_DEFAULTS, limit_options, limit_values
 from opensandbox_platform.daemon.connections import ConnectionTable
 from opensandbox_platform.daemon.errors import ApiError
 
@@ -44,58 +44,52 @@ READ_CHUNK = 256 * 1024
 MAX_DRAIN = 1024 * 1024
 
 
-@dataclass(frozen=True)
 class Limits:
-    """What one listener accepts; the defaults suit every daemon (see the module's docstring)."""
+    """What one listener accepts; the defaults suit every daemon (see the module's docstring).
+    (A plain class: a dataclass costs every daemon's start-up its import and generated methods.)"""
 
-    max_head_bytes: int = 64 * 1024
-    max_request_line: int = 8 * 1024
-    head_timeout: float = 10.0
-    keep_alive_timeout: float = 60.0
-    max_connections: int = 1024
+    __slots__ = ("head_timeout", "keep_alive_timeout", "max_connections", "max_head_bytes", "max_request_line")
 
-    def __post_init__(self) -> None:
-        if self.max_request_line < 16 or self.max_head_bytes < self.max_request_line:
+    def __init__(
+        self,
+        *,
+        max_head_bytes: int = int(LIMIT_DEFAULTS["max_head_bytes"]),
+        max_request_line: int = int(LIMIT_DEFAULTS["max_request_line"]),
+        head_timeout: float = LIMIT_DEFAULTS["head_timeout"],
+        keep_alive_timeout: float = LIMIT_DEFAULTS["keep_alive_timeout"],
+        max_connections: int = int(LIMIT_DEFAULTS["max_connections"]),
+    ) -> None:
+        if max_request_line < 16 or max_head_bytes < max_request_line:
             raise ValueError("max_head_bytes must be at least max_request_line, which must be at least 16")
-        if self.head_timeout <= 0 or self.keep_alive_timeout <= 0 or self.max_connections < 1:
+        if head_timeout <= 0 or keep_alive_timeout <= 0 or max_connections < 1:
             raise ValueError("timeouts must be positive and max_connections at least 1")
+        self.max_head_bytes = max_head_bytes
+        self.max_request_line = max_request_line
+        self.head_timeout = head_timeout
+        self.keep_alive_timeout = keep_alive_timeout
+        self.max_connections = max_connections
+
+    def _values(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Limits) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "Limits(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__) + ")"
 
 
-# (flag, Limits field, type, what it is); the environment variable is <PREFIX>_<FLAG in upper snake case>.
-_LIMIT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("max-connections", "max_connections", int, "connections held at once; the longest idle is closed for a new one"),
-    ("header-timeout", "head_timeout", float, "seconds a request's head may take to arrive (408 after)"),
-    ("keepalive-timeout", "keep_alive_timeout", float, "seconds an idle connection is kept between requests"),
-    ("max-header-bytes", "max_head_bytes", int, "largest request head (431 above)"),
-    ("max-request-line", "max_request_line", int, "longest request line (414 above)"),
-)
-
-
-def add_limit_arguments(parser: argparse.ArgumentParser, env_prefix: str, env: Mapping[str, str] = os.environ) -> None:
-    """The listener's limits as flags, each defaulting to `<env_prefix>_<FLAG>` or the built-in value."""
-    defaults = Limits()
-    for flag, name, kind, help_text in _LIMIT_FLAGS:
-        variable = f"{env_prefix}_{flag.upper().replace('-', '_')}"
-        raw = env.get(variable)
-        parser.add_argument(
-            f"--{flag}",
-            dest=f"limit_{name}",
-            metavar="SECONDS" if kind is float else "N",
-            type=kind,
-            default=kind(raw) if raw else getattr(defaults, name),
-            help=f"{help_text} (env {variable}; default {getattr(defaults, name)})",
-        )
-
-
-def limits_from_args(args: argparse.Namespace) -> Limits:
-    return Limits(**{name: getattr(args, f"limit_{name}") for _, name, _, _ in _LIMIT_FLAGS})
+def limits_from_args(args: Any) -> Limits:
+    """The limits from arguments parsed with daemon/cli.py's `limit_options`."""
+    return Limits(**limit_values(args))
 
 
 def limits_from_env(env_prefix: str, env: Mapping[str, str] = os.environ) -> Limits:
     """The same limits read from the environment only (a daemon without flags of its own: the jail init)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_limit_arguments(parser, env_prefix, env)
-    return limits_from_args(parser.parse_args([]))
+    return Limits(**{o.dest.removeprefix("limit_"): o.default for o in limit_options(env_prefix, env)})
 
 
 _REASONS = {
@@ -382,13 +376,17 @@ class HttpServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._table: ConnectionTable[asyncio.StreamWriter] = ConnectionTable(self.limits.max_connections)
 
-    async def start(self, host: str, port: int, ssl: Any = None) -> asyncio.Server:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None, ssl: Any = None) -> asyncio.Server:
+        """Serve on `host`:`port`, or on `sock` when given (already listening: daemon/listen.py)."""
         loop = asyncio.get_running_loop()
 
         def factory() -> _Protocol:
             return _Protocol(asyncio.StreamReader(limit=self.limits.max_head_bytes, loop=loop), self._on_connect)
 
-        self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024, ssl=ssl)
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=1024, ssl=ssl)
+        else:
+            self._server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024, ssl=ssl)
         return self._server
 
     @property
@@ -518,7 +516,7 @@ class HttpServer:
         request = Request(
             method,
             unquote(raw_path),
-            parse_qs(raw_query, keep_blank_values=True) if raw_query else {},
+            parse_query(raw_query) if raw_query else {},
             headers,
             body,
             lost,
@@ -643,6 +641,30 @@ class HttpServer:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
         return keep_alive
+
+
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def unquote(text: str) -> str:
+    """urllib.parse.unquote (UTF-8, malformed sequences replaced), without importing urllib.parse
+    (and with it ipaddress) into every sandbox's execd."""
+    if "%" not in text:
+        return text
+    raw = _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), text.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "replace")
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """urllib.parse.parse_qs(query, keep_blank_values=True): `&`-separated `name=value` pairs, `+`
+    meaning a space, percent-decoded; empty fields are skipped."""
+    result: dict[str, list[str]] = {}
+    for field in query.split("&"):
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        result.setdefault(unquote(name.replace("+", " ")), []).append(unquote(value.replace("+", " ")))
+    return result
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, NoReturn
 
 from opensandbox_platform.daemon import logs
 
@@ -18,8 +18,14 @@ def run(serve: Coroutine[Any, Any, None], log_level: str, log: logging.Logger) -
     try:
         asyncio.run(serve)
     except OSError as exc:
-        log.error("cannot start error=%s", exc)
-        sys.exit(1)
+        cannot_start(exc, log_level, log)
+
+
+def cannot_start(exc: OSError, log_level: str, log: logging.Logger) -> NoReturn:
+    """Logs why the daemon cannot start (as a logfmt line on stderr) and exits 1."""
+    logs.setup(log_level)
+    log.error("cannot start error=%s", exc)
+    sys.exit(1)
 
 
 def stop_on_signals() -> asyncio.Event:

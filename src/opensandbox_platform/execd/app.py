@@ -10,10 +10,7 @@ import asyncio
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opensandbox_platform.api.labels import EXECD_TOKEN_HEADER
@@ -28,18 +25,17 @@ from opensandbox_platform.daemon.http import (
     StreamResponse,
     require_token,
 )
-from opensandbox_platform.execd import files, sse
+from opensandbox_platform.execd import sse
 from opensandbox_platform.execd.bootstrap import Bootstrap
-from opensandbox_platform.execd.code import settings as code_settings
-from opensandbox_platform.execd.code.readiness import Readiness
+from opensandbox_platform.execd.code.readiness import JUPYTER_PORT, Readiness, jupyter_port
 from opensandbox_platform.execd.commands import CommandManager, parse_run_request
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
 from opensandbox_platform.execd.isolated.routes import IsolatedApi
-from opensandbox_platform.execd.metrics import Sampler
-from opensandbox_platform.execd.sessions import SessionManager
 
-if TYPE_CHECKING:  # the code interpreter is imported on first use
+if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
     from opensandbox_platform.execd.code.contexts import CodeContexts
+    from opensandbox_platform.execd.metrics import Sampler
+    from opensandbox_platform.execd.sessions import SessionManager
 
 log = logging.getLogger("execd")
 
@@ -48,20 +44,36 @@ EMPTY = Response()
 SMALL_FILE = 256 * 1024
 
 
-@dataclass
 class Settings:
-    access_token: str | None = None
-    envs_file: str = DEFAULT_ENVS_FILE
-    state_dir: str | None = None
-    ping_interval: float = 3.0
-    interrupt_grace: float = 3.0
-    metrics_interval: float = 1.0
-    # The code interpreter's readiness port: None reads $JUPYTER_PORT (default 44771); 0 picks a
-    # free one and tells commands through $JUPYTER_PORT (sandboxes sharing the host's network).
-    code_port: int | None = None
-    code_prestart: str | None = None  # a language whose default context is created at start-up
-    max_sessions: int = 64  # bash sessions at once; one more is a 429
-    session_idle_timeout: float = 3600.0  # seconds unused before a session is deleted; 0: never
+    """execd's settings. (A plain class, as the other classes execd needs at start: a dataclass
+    generates its methods with exec() at import, about a millisecond each at every start.)"""
+
+    def __init__(
+        self,
+        *,
+        access_token: str | None = None,
+        envs_file: str = DEFAULT_ENVS_FILE,
+        state_dir: str | None = None,
+        ping_interval: float = 3.0,
+        interrupt_grace: float = 3.0,
+        metrics_interval: float = 1.0,
+        code_port: int | None = None,
+        code_prestart: str | None = None,
+        max_sessions: int = 64,
+        session_idle_timeout: float = 3600.0,
+    ) -> None:
+        self.access_token = access_token
+        self.envs_file = envs_file
+        self.state_dir = state_dir
+        self.ping_interval = ping_interval
+        self.interrupt_grace = interrupt_grace
+        self.metrics_interval = metrics_interval
+        # The code interpreter's readiness port: None reads $JUPYTER_PORT (default 44771); 0 picks a
+        # free one and tells commands through $JUPYTER_PORT (sandboxes sharing the host's network).
+        self.code_port = code_port
+        self.code_prestart = code_prestart  # a language whose default context is created at start-up
+        self.max_sessions = max_sessions  # bash sessions at once; one more is a 429
+        self.session_idle_timeout = session_idle_timeout  # seconds unused before a session is deleted; 0: never
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -74,10 +86,22 @@ def _flag(value: str | None, name: str) -> bool:
     return lowered in ("true", "1")
 
 
+def _new_temp_dir(prefix: str) -> str:
+    """tempfile.mkdtemp without importing tempfile (random, hashlib, shutil: ~1 MiB in every sandbox)."""
+    parent = os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
 class ExecdApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.state_dir = settings.state_dir or tempfile.mkdtemp(prefix="execd-")
+        self.state_dir = settings.state_dir or _new_temp_dir("execd-")
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.environment = Environment(settings.envs_file)
         self.bootstrap = Bootstrap(self.environment, os.getcwd())
@@ -87,19 +111,13 @@ class ExecdApp:
             ping_interval=settings.ping_interval,
             interrupt_grace=settings.interrupt_grace,
         )
-        self.sessions = SessionManager(
-            self.environment,
-            self.state_dir,
-            ping_interval=settings.ping_interval,
-            max_sessions=settings.max_sessions,
-            idle_timeout=settings.session_idle_timeout,
-        )
+        self._sessions: SessionManager | None = None
+        self._sampler: Sampler | None = None
         self.isolated = IsolatedApi(self.environment, self.state_dir, settings.ping_interval, settings.interrupt_grace)
-        self.sampler = Sampler()
         port = settings.code_port
-        self.readiness = Readiness(code_settings.jupyter_port(os.environ) if port is None else port)
+        self.readiness = Readiness(jupyter_port(os.environ) if port is None else port)
         if port == 0:
-            self.environment.daemon[code_settings.JUPYTER_PORT] = str(self.readiness.port)
+            self.environment.daemon[JUPYTER_PORT] = str(self.readiness.port)
         self._code: CodeContexts | None = None
         self._code_started: asyncio.Task[None] | None = None
         self.bootstrap.on_apply.append(self._bootstrap_applied)
@@ -155,11 +173,38 @@ class ExecdApp:
         if self._code is not None:
             await self._code.shutdown()
         await self.commands.shutdown()
-        self.sessions.shutdown()
+        if self._sessions is not None:
+            self._sessions.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
+            import shutil
+
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    @property
+    def sessions(self) -> SessionManager:
+        """The bash sessions, created (and their module imported) on first use."""
+        if self._sessions is None:
+            from opensandbox_platform.execd.sessions import SessionManager
+
+            self._sessions = SessionManager(
+                self.environment,
+                self.state_dir,
+                ping_interval=self.settings.ping_interval,
+                max_sessions=self.settings.max_sessions,
+                idle_timeout=self.settings.session_idle_timeout,
+            )
+        return self._sessions
+
+    @property
+    def sampler(self) -> Sampler:
+        """The metrics sampler, created (and its module imported) on first use."""
+        if self._sampler is None:
+            from opensandbox_platform.execd.metrics import Sampler
+
+            self._sampler = Sampler()
+        return self._sampler
 
     # -- health and bootstrap ----------------------------------------------------------------
 
@@ -185,8 +230,8 @@ class ExecdApp:
         command_id = request.arg("id")
         if not command_id:
             raise errors.bad_request("query parameter 'id' is required", errors.MISSING_QUERY)
-        if command_id in self.sessions:
-            self.sessions.interrupt(command_id, self.settings.interrupt_grace)
+        if self._sessions is not None and command_id in self._sessions:
+            self._sessions.interrupt(command_id, self.settings.interrupt_grace)
         else:
             self.commands.interrupt(command_id)
         return EMPTY
@@ -216,50 +261,72 @@ class ExecdApp:
         self.sessions.delete(request.params["id"])
         return EMPTY
 
-    # -- files -------------------------------------------------------------------------------
+    # -- files (execd/files.py, imported on first use) ---------------------------------------
 
     async def files_info(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         return Response.json(await asyncio.to_thread(files.files_info, request.args("path")))
 
     async def delete_files(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         files.delete_files(request.args("path"))
         return EMPTY
 
     async def delete_directories(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         await asyncio.to_thread(files.delete_dirs, request.args("path"))
         return EMPTY
 
     async def move_files(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         await asyncio.to_thread(files.move, await request.json())
         return EMPTY
 
     async def set_permissions(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         files.set_permissions(await request.json())
         return EMPTY
 
     async def make_directories(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         files.make_dirs(await request.json())
         return EMPTY
 
     async def search_files(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         found = await asyncio.to_thread(files.search, request.arg("path"), request.arg("pattern"))
         return Response.json(found)
 
     async def list_directory(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         entries = await asyncio.to_thread(files.list_dir, request.arg("path"), request.arg("depth"))
         return Response.json(entries)
 
     async def replace_contents(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         results = await asyncio.to_thread(files.replace, await request.json())
         if _flag(request.arg("verbose"), "verbose"):
             return Response.json(results)
         return EMPTY
 
     async def upload_files(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         await files.upload(request.headers.get("content-type", ""), request.iter_body())
         return EMPTY
 
     async def download_file(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.execd import files
+
         path = request.arg("path")
         offset, limit = request.arg("offset"), request.arg("limit")
         range_header = request.headers.get("range")
@@ -382,7 +449,7 @@ class ExecdApp:
         return StreamResponse(self._metrics_stream(request.disconnected), headers=dict(sse.SSE_HEADERS))
 
     async def _metrics_stream(self, disconnected: asyncio.Future[None]) -> AsyncIterator[bytes]:
-        sampler = Sampler(self.sampler.sources)  # its own CPU baseline
+        sampler = type(self.sampler)(self.sampler.sources)  # its own CPU baseline
         while not disconnected.done():
             yield b"data: " + json.dumps(await sampler.sample(), separators=(",", ":")).encode() + b"\n\n"
             await asyncio.wait([disconnected], timeout=self.settings.metrics_interval)

@@ -34,6 +34,19 @@ class OutputSource(Protocol):
     async def next(self, idle_after: float | None = None, cancel: asyncio.Future[Any] | None = None) -> Output: ...
 
 
+def which(program: str, path: str | None = None) -> str | None:
+    """The executable `program` found on `path` (default $PATH), as shutil.which finds it (shutil
+    itself imports bz2 and lzma: not worth it in every sandbox for this)."""
+    if "/" in program:
+        return program if os.access(program, os.X_OK) and not os.path.isdir(program) else None
+    search = os.environ.get("PATH", os.defpath) if path is None else path
+    for directory in search.split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def exit_code(status: int) -> int:
     """A wait status as a shell would report it: the exit code, or 128 + the signal number."""
     if os.WIFSIGNALED(status):

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -89,8 +88,8 @@ class Session:
 
 
 def _shell_argv() -> list[str]:
-    bash = shutil.which("bash")
-    return [bash, "--noprofile", "--norc"] if bash else [shutil.which("sh") or "/bin/sh"]
+    bash = procs.which("bash")
+    return [bash, "--noprofile", "--norc"] if bash else [procs.which("sh") or "/bin/sh"]
 
 
 class SessionManager:

@@ -208,11 +208,11 @@ class DockerSection(Section):
         default="", description="address endpoints name for published ports (default publishHost; loopback for 0.0.0.0)"
     )
     network: str = Field(default="", description="network sandboxes join (default: the engine's default bridge)")
-    execd_binary: str = Field(
+    execd_dir: str = Field(
         default="",
-        description="execd executable to copy into sandboxes (with execdBootstrap); default: from runtime.execdImage",
+        description="directory holding execd, execd-lib/ and bootstrap.sh (tools/build-execd.sh's"
+        " build/execd/opensandbox) to give sandboxes; default: runtime.execdImage's /opensandbox/",
     )
-    execd_bootstrap: str = Field(default="", description="bootstrap script to copy with execdBinary")
     state_dir: str = Field(
         default="", description="renewed expiries and patched metadata (default $XDG_STATE_HOME/opensandbox/docker)"
     )
@@ -246,12 +246,6 @@ class DockerSection(Section):
     working_dir: str = Field(
         default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
     )
-
-    @model_validator(mode="after")
-    def _execd_files_together(self) -> DockerSection:
-        if bool(self.execd_binary) != bool(self.execd_bootstrap):
-            raise ValueError("docker.execdBinary and docker.execdBootstrap go together")
-        return self
 
     def state_path(self) -> Path:
         if self.state_dir:

@@ -1,6 +1,21 @@
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import SandboxTemplate
-from opensandbox_platform.controller.pods import build_pod, pod_spec, slim_pod, template_revision
+from opensandbox_platform.controller.pods import (
+    DEFAULT_CONTAINER,
+    EXECD_INIT_CONTAINER,
+    EXECD_INSTALLER,
+    PodInfo,
+    build_pod,
+    main_container,
+    pod_spec,
+    slim_pod,
+    template_revision,
+)
 
 OWNER = {"apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool", "metadata": {"name": "p", "uid": "u1"}}
 
@@ -50,11 +65,15 @@ def test_untrusted_code_gets_safe_defaults_unless_the_template_says_otherwise() 
     spec = pod_spec(template(image="ubuntu"), execd_image="osb/execd:1")
     assert spec["automountServiceAccountToken"] is False
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    main = spec["containers"][0]["securityContext"]
+    main = main_container(spec)["securityContext"]
     assert main["allowPrivilegeEscalation"] is False
     assert main["capabilities"] == {"drop": ["ALL"], "add": list(labels.SANDBOX_CAPABILITIES)}
     assert "SYS_ADMIN" not in main["capabilities"]["add"] and "NET_RAW" not in main["capabilities"]["add"]
-    assert spec["initContainers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    installer = spec["containers"][0]["securityContext"]
+    assert installer == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+    }
     chosen = pod_spec(
         template(
             image="ubuntu",
@@ -71,13 +90,73 @@ def test_untrusted_code_gets_safe_defaults_unless_the_template_says_otherwise() 
 
 def test_execd_injection_wraps_the_entrypoint_and_gates_readiness() -> None:
     spec = pod_spec(template(image="ubuntu", command=["sleep"], args=["infinity"]), execd_image="osb/execd:1")
-    init = spec["initContainers"][0]
-    assert init["image"] == "osb/execd:1"
-    main = spec["containers"][0]
+    installer, main = spec["containers"]
+    # The installer comes first: the kubelet runs its postStart copy before it starts the sandbox.
+    assert installer["name"] == EXECD_INSTALLER and installer["image"] == "osb/execd:1"
+    copy = installer["lifecycle"]["postStart"]["exec"]["command"]
+    assert copy == ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"]
+    assert installer["resources"] == {"requests": {"cpu": "1m", "memory": "4Mi"}}
+    assert "initContainers" not in spec
+    assert main["name"] == "sandbox" and main_container(spec) is main
     assert main["command"] == [labels.EXECD_BOOTSTRAP]
     assert main["args"] == ["sleep", "infinity"]
     assert main["readinessProbe"]["httpGet"]["port"] == labels.EXECD_PORT
     assert {"name": labels.EXECD_VOLUME, "emptyDir": {}} in spec["volumes"]
+    mount = {"name": labels.EXECD_VOLUME, "mountPath": labels.EXECD_MOUNT}
+    assert installer["volumeMounts"] == main["volumeMounts"] == [mount]
+
+
+def test_execd_installer_idles_until_the_pod_goes(tmp_path: Path) -> None:
+    """Its command exits at once on SIGTERM (as PID 1, `sleep` would ignore it for the whole grace)."""
+    spec = pod_spec(template(image="ubuntu"), execd_image="osb/execd:1")
+    command = spec["containers"][0]["command"]
+    proc = subprocess.Popen(command)
+    time.sleep(0.3)
+    assert proc.poll() is None
+    proc.terminate()
+    assert proc.wait(5) == 0
+
+
+def test_execd_by_init_container_as_upstream() -> None:
+    spec = pod_spec(template(image="ubuntu"), execd_image="osb/execd:1", execd_install=EXECD_INIT_CONTAINER)
+    (init,) = spec["initContainers"]
+    assert init["name"] == EXECD_INSTALLER and init["image"] == "osb/execd:1"
+    assert init["command"] == ["/bin/sh", "-c", f"cp -a {labels.EXECD_IMAGE_DIR}/. {labels.EXECD_MOUNT}/"]
+    assert [c["name"] for c in spec["containers"]] == ["sandbox"]
+
+
+def test_pods_with_the_installer_name_their_default_container() -> None:
+    pod = build_pod(
+        name="p", namespace="ns", template=template(image="ubuntu"), pod_labels={}, owner=OWNER, execd_image="e:1"
+    )
+    assert pod["metadata"]["annotations"][DEFAULT_CONTAINER] == "sandbox"
+    plain = build_pod(
+        name="p", namespace="ns", template=template(image="ubuntu"), pod_labels={}, owner=OWNER, execd_image=None
+    )
+    assert DEFAULT_CONTAINER not in plain["metadata"]["annotations"]
+
+
+def test_a_sandbox_that_exited_beside_the_idle_installer_is_finished() -> None:
+    """The installer keeps the pod Running; the sandbox container's end is what counts."""
+
+    def pod_with(policy: str, code: int | None) -> PodInfo:
+        pod = build_pod(
+            name="p", namespace="ns", template=template(image="u", restartPolicy=policy), pod_labels={}, owner=OWNER,
+            execd_image="e:1",
+        )  # fmt: skip
+        pod["metadata"].update(uid="u", resourceVersion="1", creationTimestamp="2026-01-01T00:00:00Z")
+        sandbox: dict[str, Any] = {"name": "sandbox", "state": {"running": {}}}
+        if code is not None:
+            sandbox["state"] = {"terminated": {"exitCode": code}}
+        installer = {"name": EXECD_INSTALLER, "state": {"running": {}}}
+        pod["status"] = {"phase": "Running", "containerStatuses": [installer, sandbox]}
+        return slim_pod(pod)
+
+    assert pod_with("Never", 0).finished and pod_with("Never", 3).finished
+    assert pod_with("Never", 3).main_exit_code == 3 and not pod_with("Never", 3).lost
+    assert pod_with("OnFailure", 0).finished and not pod_with("OnFailure", 1).finished  # 1: restarted
+    assert not pod_with("Always", 0).finished  # restarted
+    assert not pod_with("Never", None).finished
 
 
 def test_revision_changes_with_the_template_only() -> None:

@@ -48,9 +48,10 @@ def test_the_sidecar_shares_the_pid_namespace_and_marks_the_main_container() -> 
 def test_the_sidecar_targets_the_first_of_full_containers_and_keeps_execd() -> None:
     template = SandboxTemplate.model_validate({"spec": {"containers": [{"name": "app", "image": "x"}]}})
     spec = pod_spec(template, "execd:1", TaskExecutorSidecar("exec:1", RESOURCES))
-    assert [c["name"] for c in spec["containers"]] == ["app", labels.TASK_EXECUTOR_CONTAINER]
-    assert spec["containers"][1]["args"][:2] == ["--main-container", "app"]
-    assert spec["initContainers"][0]["name"] == "execd-installer"
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["execd-installer", "app", labels.TASK_EXECUTOR_CONTAINER]
+    assert spec["containers"][2]["args"][:2] == ["--main-container", "app"]
+    assert {"name": labels.TASK_TARGET_ENV, "value": "app"} in spec["containers"][1]["env"]
 
 
 def test_pool_sidecar_defaults_and_overrides() -> None:

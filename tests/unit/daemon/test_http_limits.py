@@ -4,13 +4,13 @@ bodies nested too deeply. A real HttpServer on 127.0.0.1 with small limits, raw 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 
+from opensandbox_platform.daemon import cli
 from opensandbox_platform.daemon import http as httpserver
 from opensandbox_platform.daemon.http import HttpServer, Limits, Request, Response, StreamResponse
 
@@ -175,10 +175,10 @@ async def test_json_nested_too_deeply_is_a_400(server: tuple[HttpServer, int]) -
 
 
 def test_limits_come_from_flags_then_environment_then_defaults() -> None:
-    parser = argparse.ArgumentParser()
-    httpserver.add_limit_arguments(parser, "EXECD", {"EXECD_MAX_CONNECTIONS": "7", "EXECD_HEADER_TIMEOUT": "2.5"})
-    limits = httpserver.limits_from_args(parser.parse_args(["--keepalive-timeout", "9"]))
-    assert limits == Limits(max_connections=7, head_timeout=2.5, keep_alive_timeout=9.0)
+    options = cli.limit_options("EXECD", {"EXECD_MAX_CONNECTIONS": "7", "EXECD_HEADER_TIMEOUT": "2.5"})
+    for argv in (["--keepalive-timeout", "9"], ["--keepalive-t", "9"]):  # the fast path and argparse's
+        limits = httpserver.limits_from_args(cli.parse(argv, "execd", "", options))
+        assert limits == Limits(max_connections=7, head_timeout=2.5, keep_alive_timeout=9.0)
     assert httpserver.limits_from_env("TASK_EXECUTOR", {"TASK_EXECUTOR_MAX_HEADER_BYTES": "9000"}) == Limits(
         max_head_bytes=9000
     )

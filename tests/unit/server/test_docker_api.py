@@ -7,7 +7,7 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import aiodocker
 import pytest
@@ -97,17 +97,42 @@ async def test_list_containers_filters_by_label_and_returns_plain_json() -> None
     assert call.arguments["params"] == {"all": "true", "filters": '{"label": ["opensandbox.io/id"]}'}
 
 
-def frame(stream: int, text: str) -> bytes:
-    data = text.encode()
-    return bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+def test_the_stream_class_we_build_still_takes_what_we_give_it() -> None:
+    from aiodocker.stream import Message, Stream
+
+    assert list(inspect.signature(Stream.__init__).parameters)[:4] == ["self", "docker", "setup", "timeout"]
+    assert inspect.iscoroutinefunction(Stream.__aenter__) and inspect.iscoroutinefunction(Stream.read_out)
+    assert Message._fields == ("stream", "data")
 
 
-async def test_follow_logs_streams_stdout_and_stderr_and_closes_the_response() -> None:
-    response = Response(200, frame(1, "starting\n") + frame(2, 'msg="execd listening"\n'))
-    docker = FakeDocker(response)
-    async with docker_api.follow_logs(as_docker(docker), "c1") as chunks:
+class FakeStream:
+    """aiodocker's Stream as attach_output uses it: made with a setup, entered, read until None."""
+
+    made: ClassVar[list[FakeStream]] = []
+
+    def __init__(self, docker: Any, setup: Any, timeout: Any) -> None:
+        self.setup, self.timeout, self.closed = setup, timeout, False
+        self.messages = [(1, b"starting\n"), (2, b'msg="execd listening"\n')]
+        FakeStream.made.append(self)
+
+    async def __aenter__(self) -> FakeStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.closed = True
+
+    async def read_out(self) -> Any:
+        from aiodocker.stream import Message
+
+        return Message(*self.messages.pop(0)) if self.messages else None
+
+
+async def test_attach_output_streams_stdout_and_stderr_and_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(docker_api, "Stream", FakeStream)
+    async with docker_api.attach_output(as_docker(FakeDocker(None)), "c1") as chunks:
         assert [chunk async for chunk in chunks] == ["starting\n", 'msg="execd listening"\n']
-    assert response.closed
-    (call,) = docker.calls
-    assert call.arguments["path"] == "containers/c1/logs" and call.arguments["timeout"] is None
-    assert call.arguments["params"] == {"stdout": True, "stderr": True, "follow": True}
+    (stream,) = FakeStream.made
+    assert stream.closed and stream.timeout.total is None and stream.timeout.sock_read is None
+    url, body, tty = await stream.setup()
+    assert url.path == "containers/c1/attach" and body is None and tty is False  # no inspect to learn it
+    assert dict(url.query) == {"stream": "1", "stdout": "1", "stderr": "1", "logs": "0"}

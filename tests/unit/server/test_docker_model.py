@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from opensandbox_platform.api import labels as L
-from opensandbox_platform.server.config import Config, ConfigError, DockerSection, load
+from opensandbox_platform.server.config import Config, DockerSection, load
 from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes.base import SandboxSpec, State
-from opensandbox_platform.server.runtimes.docker import _execd_tar
+from opensandbox_platform.server.runtimes.docker import _dir_tar, _rerooted_tar
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
 
@@ -128,14 +130,20 @@ def test_container_config_from_a_spec() -> None:
         settings=settings,
         cpu_millis=500,
         memory_bytes=256 << 20,
+        execd_volume="opensandbox-execd-abc",
     )
     assert body["Image"] == "localhost/img:1"
-    assert body["Entrypoint"] == ["/opt/opensandbox/bootstrap.sh"] and body["Cmd"] == ["python", "app.py"]
+    assert body["Entrypoint"] == ["/opt/opensandbox/bin/bootstrap.sh"] and body["Cmd"] == ["python", "app.py"]
     assert body["Hostname"] == "sb-1" and body["WorkingDir"] == "/workspace" and body["Labels"] == labels
     env = dict(e.split("=", 1) for e in body["Env"])
     assert env["A"] == "1" and env["EXECD_ACCESS_TOKEN"] == "tok"  # the request cannot replace the token
-    assert env["EXECD"] == "/opt/opensandbox/execd" and env["OPENSANDBOX_ID"] == "sb-1"
+    assert env["EXECD"] == "/opt/opensandbox/bin/execd" and env["OPENSANDBOX_ID"] == "sb-1"
+    assert env["EXECD_ENVS"] == "/opt/opensandbox/.env"  # beside the read-only volume, in the container's own files
     host = body["HostConfig"]
+    # execd comes in the create itself: one shared volume, read-only (no archive upload per sandbox)
+    assert host["Mounts"] == [
+        {"Type": "volume", "Source": "opensandbox-execd-abc", "Target": "/opt/opensandbox/bin", "ReadOnly": True}
+    ]
     assert host["PortBindings"] == {"44772/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
     assert host["CapDrop"] == ["ALL"] and "CAP_NET_RAW" not in host["CapAdd"] and "CAP_SETUID" in host["CapAdd"]
     assert host["SecurityOpt"] == ["no-new-privileges"] and host["PidsLimit"] == 100
@@ -153,6 +161,7 @@ def test_no_limits_no_network_no_runtime_by_default() -> None:
         settings=DockerSection(),
         cpu_millis=None,
         memory_bytes=None,
+        execd_volume="v",
     )
     assert not {"Memory", "NanoCpus", "NetworkMode", "Runtime"} & set(body["HostConfig"])
 
@@ -200,14 +209,65 @@ def test_override_store(tmp_path: Path) -> None:
     assert store.ids() == {"b"}
 
 
-def test_execd_tar_puts_both_files_under_opt_opensandbox() -> None:
-    data = _execd_tar({"execd": b"ELF", "bootstrap.sh": b"#!/bin/sh\n"})
+def test_execd_dir_becomes_the_volume_archive_complete_last(tmp_path: Path) -> None:
+    (tmp_path / "execd-lib" / "python3.11").mkdir(parents=True)
+    (tmp_path / "execd").write_bytes(b"ELF")
+    (tmp_path / "execd").chmod(0o755)
+    (tmp_path / "bootstrap.sh").write_bytes(b"#!/bin/sh\n")
+    (tmp_path / "bootstrap.sh").chmod(0o755)
+    (tmp_path / "execd-lib" / "libpython3.11.so.1.0").write_bytes(b"lib")
+    data = _dir_tar(tmp_path)
+    os.utime(tmp_path / "execd", (1, 1))  # rebuilt: same content, other times
+    assert hashlib.sha256(data).hexdigest() == hashlib.sha256(_dir_tar(tmp_path)).hexdigest()  # a stable name
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = {m.name: m for m in tar.getmembers()}
-        assert list(members) == ["opt", "opt/opensandbox", "opt/opensandbox/bootstrap.sh", "opt/opensandbox/execd"]
-        assert all(m.mode == 0o755 and m.uid == 0 for m in members.values())
-        extracted = tar.extractfile(members["opt/opensandbox/execd"])
+        assert list(members)[-1] == model.EXECD_VOLUME_COMPLETE  # written last: a complete volume has it
+        assert {"execd", "bootstrap.sh", "execd-lib", "execd-lib/libpython3.11.so.1.0"} <= set(members)
+        assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+        assert members["execd"].mode & 0o777 == 0o755
+        extracted = tar.extractfile(members["execd"])
         assert extracted is not None and extracted.read() == b"ELF"
+    assert_ends_at_its_end_blocks(data)
+    (tmp_path / "bootstrap.sh").unlink()
+    with pytest.raises(RuntimeError, match=r"bootstrap\.sh"):
+        _dir_tar(tmp_path)
+
+
+def assert_ends_at_its_end_blocks(data: bytes) -> None:
+    """No padding after the two zero blocks: podman's PUT archive fails on it (containers/buildah#6573)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        last = tar.getmembers()[-1]
+    end_of_last = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    assert len(data) == end_of_last + 2 * tarfile.BLOCKSIZE
+    assert data[end_of_last:] == bytes(2 * tarfile.BLOCKSIZE)
+
+
+def test_execd_image_archive_rerooted_at_the_volume() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("opensandbox/", None), ("opensandbox/execd", b"ELF"), ("opensandbox/bootstrap.sh", b"#")):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer) as archive:
+        data = _rerooted_tar(archive)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["execd", "bootstrap.sh", model.EXECD_VOLUME_COMPLETE]
+    assert_ends_at_its_end_blocks(data)
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w").close()
+    empty.seek(0)
+    with tarfile.open(fileobj=empty) as archive, pytest.raises(ValueError):
+        _rerooted_tar(archive)
+
+
+def test_execd_volume_name() -> None:
+    assert model.execd_volume_name("0123456789abcdef0123") == "opensandbox-execd-0123456789abcdef"
 
 
 def test_docker_config_keys(tmp_path: Path) -> None:
@@ -215,9 +275,8 @@ def test_docker_config_keys(tmp_path: Path) -> None:
     path.write_text('[docker]\npublishHost = "0.0.0.0"\npullTimeoutSeconds = 5\ndefaultMemory = "1Gi"\n')
     config = load(path)
     assert config.docker.publish_host == "0.0.0.0" and config.docker.pull_timeout_seconds == 5
-    path.write_text('[docker]\nexecdBinary = "/x"\n')
-    with pytest.raises(ConfigError, match="go together"):
-        load(path)
+    path.write_text('[docker]\nexecdDir = "/x"\n')
+    assert load(path).docker.execd_dir == "/x"
     assert Config().docker.state_path().name == "docker"
     assert json.dumps(Config().docker.model_dump())  # every key has a plain default
 
@@ -253,6 +312,7 @@ def test_resource_requests_are_cpu_shares_and_a_memory_reservation() -> None:
         settings=DockerSection(),
         cpu_millis=None,
         memory_bytes=None,
+        execd_volume="v",
     )
     assert body["HostConfig"]["CpuShares"] == 256 and body["HostConfig"]["MemoryReservation"] == 128 << 20
     assert (
@@ -266,6 +326,7 @@ def test_resource_requests_are_cpu_shares_and_a_memory_reservation() -> None:
             settings=DockerSection(),
             cpu_millis=None,
             memory_bytes=None,
+            execd_volume="v",
         )["HostConfig"]
     )
 

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.paths import TASK_EXECUTOR_BINARY
 from harness.ports import free_port
 
-BINARY = Path(__file__).resolve().parents[3] / "build" / "task-executor" / "opensandbox-task-executor"
+BINARY = TASK_EXECUTOR_BINARY  # the one-dir build (tools/build-task-executor.sh)
 
 
 class Executor:

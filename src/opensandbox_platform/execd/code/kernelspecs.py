@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 SYSTEM_DIRS = ("/usr/local/share/jupyter", "/usr/share/jupyter")
 # Names clients use for a language, mapped to what kernelspecs write in their `language` field.
@@ -31,12 +30,31 @@ ALIASES = {
 MAX_SPEC_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
 class KernelSpec:
-    name: str
-    language: str
-    argv: tuple[str, ...]
-    display_name: str
+    """One kernelspec. (A plain class: execd scans for kernels at every start, and a dataclass
+    costs a millisecond of exec() to define.)"""
+
+    __slots__ = ("argv", "display_name", "language", "name")
+
+    def __init__(self, name: str, language: str, argv: tuple[str, ...], display_name: str) -> None:
+        self.name = name
+        self.language = language
+        self.argv = argv
+        self.display_name = display_name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KernelSpec) and (self.name, self.language, self.argv, self.display_name) == (
+            other.name,
+            other.language,
+            other.argv,
+            other.display_name,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.language, self.argv, self.display_name))
+
+    def __repr__(self) -> str:
+        return f"KernelSpec({self.name!r}, {self.language!r}, {self.argv!r}, {self.display_name!r})"
 
 
 def canonical_language(language: str) -> str:

@@ -15,8 +15,19 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Mapping
 
 log = logging.getLogger("execd.code")
+
+JUPYTER_PORT = "JUPYTER_PORT"
+DEFAULT_JUPYTER_PORT = 44771
+
+
+def jupyter_port(env: Mapping[str, str]) -> int:
+    text = env.get(JUPYTER_PORT, "").strip()
+    if text.isdigit() and 0 <= int(text) < 65536:
+        return int(text)
+    return DEFAULT_JUPYTER_PORT
 
 
 class _CloseAtOnce(asyncio.Protocol):

@@ -7,6 +7,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# The readiness port's settings live with it (readiness.py: execd imports that one at start, this
+# one when /code is first used).
+from opensandbox_platform.execd.code.readiness import DEFAULT_JUPYTER_PORT, JUPYTER_PORT, jupyter_port
+
+__all__ = ["DEFAULT_JUPYTER_PORT", "JUPYTER_PORT", "CodeSettings", "jupyter_port"]
+
 log = logging.getLogger("execd.code")
 
 MAX_CONTEXTS = "EXECD_CODE_MAX_CONTEXTS"
@@ -14,8 +20,6 @@ IDLE_TIMEOUT = "EXECD_CODE_IDLE_TIMEOUT"
 START_TIMEOUT = "EXECD_CODE_START_TIMEOUT"
 PRESTART = "EXECD_CODE_PRESTART"
 PYTHON = "EXECD_CODE_PYTHON"
-JUPYTER_PORT = "JUPYTER_PORT"
-DEFAULT_JUPYTER_PORT = 44771
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,3 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         log.warning("ignoring %s=%r: a number >= %g is required; using %g", name, text, minimum, default)
         return default
     return value
-
-
-def jupyter_port(env: Mapping[str, str]) -> int:
-    text = env.get(JUPYTER_PORT, "").strip()
-    if text.isdigit() and 0 <= int(text) < 65536:
-        return int(text)
-    return DEFAULT_JUPYTER_PORT

@@ -1,7 +1,7 @@
 """The Docker Engine calls aiodocker's public API does not make the way the docker runtime needs.
 
-Each wraps aiodocker's private `Docker._query` / `_query_json` exactly once, with the reason the
-public API does not do; tests/unit/server/test_docker_api.py fails when aiodocker changes them.
+Each wraps aiodocker's private `Docker._query` / `_query_json`, or its `Stream`, exactly once, with the
+reason the public API does not do; tests/unit/server/test_docker_api.py fails when aiodocker changes them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Any
 
 import aiodocker
 from aiodocker.exceptions import DockerError
-from aiodocker.multiplexed import multiplexed_result_stream
+from aiodocker.stream import Stream
+from aiohttp import ClientTimeout
+from yarl import URL
 
 
 async def path_exists(docker: aiodocker.Docker, container_id: str, path: str) -> bool:
@@ -35,11 +37,22 @@ async def list_containers(docker: aiodocker.Docker, label: str) -> list[dict[str
 
 
 @asynccontextmanager
-async def follow_logs(docker: aiodocker.Docker, container_id: str) -> AsyncIterator[AsyncIterator[str]]:
-    """The container's stdout and stderr as they come (a container without a TTY); the stream is
-    closed on leaving the context. The public `log(follow=True)` first inspects the container to
-    learn whether it has a TTY: one more round trip on every create, for an answer we know."""
-    params = {"stdout": True, "stderr": True, "follow": True}
-    async with docker._query(f"containers/{container_id}/logs", params=params, timeout=None) as resp:
-        chunks: AsyncIterator[str] = multiplexed_result_stream(resp, is_tty=False)  # type: ignore[no-untyped-call]
-        yield chunks
+async def attach_output(docker: aiodocker.Docker, container_id: str) -> AsyncIterator[AsyncIterator[str]]:
+    """The container's stdout and stderr from now on, as the container writes them (no TTY); the
+    stream ends when the container exits, and is closed on leaving the context. Attached before the
+    container starts, as `docker run` does, nothing it prints is missed. (Following its log instead,
+    podman handed each line over ~0.2 s late: it polls its log file.) The public `attach()` first
+    inspects the container to learn whether it has a TTY: one more round trip, for an answer we know;
+    the Stream it returns is the one made here."""
+
+    async def setup() -> tuple[URL, bytes | None, bool]:
+        query = {"stream": "1", "stdout": "1", "stderr": "1", "logs": "0"}
+        return URL(f"containers/{container_id}/attach").with_query(query), None, False
+
+    async with Stream(docker, setup, ClientTimeout(total=None, sock_read=None)) as stream:
+
+        async def chunks() -> AsyncIterator[str]:
+            while (message := await stream.read_out()) is not None:
+                yield message.data.decode(errors="replace")
+
+        yield chunks()

@@ -25,7 +25,14 @@ from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
 from opensandbox_platform.server.runtimes.seccomp import docker_profile, rules
 
 EXECD_PORT_KEY = f"{L.EXECD_PORT}/tcp"
-EXECD_BINARY = L.EXECD_MOUNT + "/execd"
+# execd's files (execd, execd-lib/, bootstrap.sh) come from one volume shared by every sandbox,
+# mounted read-only; /opt/opensandbox itself stays the container's (the env file lives there).
+EXECD_DIR = L.EXECD_MOUNT + "/bin"
+EXECD_BINARY = EXECD_DIR + "/execd"
+EXECD_BOOTSTRAP = EXECD_DIR + "/bootstrap.sh"
+EXECD_VOLUME_PREFIX = "opensandbox-execd-"
+# The last member of the volume's archive: present once the volume holds all of execd.
+EXECD_VOLUME_COMPLETE = ".complete"
 # Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
 READY_LINE = 'msg="execd listening"'
 UNKNOWN = "Unknown"
@@ -135,7 +142,7 @@ class ContainerState:
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
-            changed_at=_docker_time(changed),
+            changed_at=docker_time(changed),
         )
 
     @classmethod
@@ -146,7 +153,7 @@ class ContainerState:
         return cls(status=status, exit_code=int(match.group(1)) if match else None)
 
 
-def _docker_time(value: Any) -> dt.datetime | None:
+def docker_time(value: Any) -> dt.datetime | None:
     """Docker's RFC 3339 with nanoseconds; "0001-01-01T00:00:00Z" means never."""
     if not isinstance(value, str) or value.startswith("0001-"):
         return None
@@ -224,6 +231,15 @@ def endpoint_host(settings: DockerSection) -> str:
     return "127.0.0.1" if settings.publish_host in ("", "0.0.0.0", "::") else settings.publish_host
 
 
+def execd_volume_name(key: str) -> str:
+    """The volume holding one version of execd: `key` is a digest of its content."""
+    return EXECD_VOLUME_PREFIX + key[:16]
+
+
+def execd_mount(volume: str) -> dict[str, Any]:
+    return {"Type": "volume", "Source": volume, "Target": EXECD_DIR, "ReadOnly": True}
+
+
 def execd_env(sandbox_id: str, token: str) -> dict[str, str]:
     """How execd (started by the bootstrap script) is configured: as in the local runtime, a token
     per sandbox, which the endpoint hands out as the `L.EXECD_TOKEN_HEADER` header."""
@@ -247,13 +263,15 @@ def container_config(
     cpu_millis: int | None,
     memory_bytes: int | None,
     seccomp: str = "",
+    execd_volume: str,
     mounts: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The body of POST /containers/create: the bootstrap script as entrypoint (execd in the
-    background, then the user's entrypoint as its command), execd's port published on an
-    ephemeral host port, and the security defaults."""
+    """The body of POST /containers/create, everything in this one call: the bootstrap script as
+    entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
+    mounted read-only, execd's port published on an ephemeral host port, and the security defaults."""
     env = {**spec.env, **execd_env(sandbox_id, token)}
     host_config: dict[str, Any] = {
+        "Mounts": [execd_mount(execd_volume)],
         "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},
         "CapDrop": ["ALL"],
         "CapAdd": list(CAPABILITIES),
@@ -272,15 +290,14 @@ def container_config(
         host_config["CpuShares"] = max(2, spec.cpu_request_millis * 1024 // 1000)
     if spec.memory_request_bytes:
         host_config["MemoryReservation"] = spec.memory_request_bytes
-    if mounts:
-        host_config["Mounts"] = mounts
+    host_config["Mounts"].extend(mounts or [])
     if settings.network:
         host_config["NetworkMode"] = settings.network
     if settings.oci_runtime:
         host_config["Runtime"] = settings.oci_runtime
     return {
         "Image": spec.image,
-        "Entrypoint": [L.EXECD_BOOTSTRAP],
+        "Entrypoint": [EXECD_BOOTSTRAP],
         "Cmd": list(spec.entrypoint),
         "Hostname": sandbox_id[:63],
         "Env": [f"{k}={v}" for k, v in env.items()],
@@ -425,15 +442,15 @@ def container_events(inspect: dict[str, Any]) -> list[SandboxEvent]:
     """What a container's state tells of its life: created, started, finished (an OOM kill, the exit code)."""
     state = inspect.get("State") or {}
     found: list[SandboxEvent] = []
-    created = _docker_time(inspect.get("Created"))
+    created = docker_time(inspect.get("Created"))
     if created:
         found.append(
             SandboxEvent(created, "ContainerCreated", f"container {str(inspect.get('Id', ''))[:12]}", "container")
         )
-    started = _docker_time(state.get("StartedAt"))
+    started = docker_time(state.get("StartedAt"))
     if started:
         found.append(SandboxEvent(started, "ContainerStarted", f"status {state.get('Status', '')}", "container"))
-    finished = _docker_time(state.get("FinishedAt"))
+    finished = docker_time(state.get("FinishedAt"))
     if state.get("OOMKilled"):
         message = "the kernel killed the sandbox's process for exceeding its memory limit"
         found.append(SandboxEvent(finished or times.now(), Reason.OOM_KILLED, message, "container", "Warning"))

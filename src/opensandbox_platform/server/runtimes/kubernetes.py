@@ -33,6 +33,7 @@ import aiohttp
 
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
+from opensandbox_platform.controller import pods
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
@@ -463,7 +464,8 @@ class KubernetesRuntime:
 
     # --- diagnostics ------------------------------------------------------------------------------
     async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
-        """The pod's `sandbox` container (the entrypoint and execd); scope `all`: every container."""
+        """The pod's main container (the entrypoint and execd; not execd's installer, which comes
+        first); scope `all`: every container."""
         entry = await self._fresh_entry(sandbox_id)
         if not entry.pod_name:
             return LogText("", warnings=[f"sandbox {sandbox_id} has no pod yet ({entry.info.state})"])
@@ -471,7 +473,7 @@ class KubernetesRuntime:
         names = [c["name"] for c in pod["spec"].get("initContainers") or []] + [
             c["name"] for c in pod["spec"]["containers"]
         ]
-        chosen = names if scope == "all" else [labels.SANDBOX_CONTAINER]
+        chosen = names if scope == "all" else [pods.main_container(pod["spec"])["name"]]
         params: dict[str, str | int] = {}
         if tail is not None:
             params["tailLines"] = tail

@@ -50,6 +50,7 @@ from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import (
     guards,
     images,
+    jail_bytecode,
     netpolicy,
     procfs,
     rootfs,
@@ -273,6 +274,7 @@ class LocalRuntime:
         self._layout = jails.runtime_layout()
         self._parts = rootfs.host_parts()
         self._proc_masks = jails.masks() + self._hidden_masks()
+        await asyncio.to_thread(jail_bytecode.precompile)  # (before the first jail: it compiles nothing then)
         self.ports.start()
         await self._recover()
         self.expiry.start()
