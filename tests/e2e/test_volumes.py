@@ -8,7 +8,8 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ from opensandbox import Sandbox
 from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import PVC, Host, Volume
 
+from harness.docker_api import docker_api
 from harness.server_process import ServerProcess, running_server
 from tests.e2e.test_server_sdk import config, stdout
 
@@ -36,6 +38,22 @@ def vserver(tmp_path_factory: pytest.TempPathFactory, runtime_name: str, allowed
         server_config=f'allowedHostPaths = ["{allowed}"]',
     ) as server:
         yield server
+
+
+@pytest.fixture
+def claim(vserver: ServerProcess) -> Iterator[Callable[[str], str]]:
+    """Claim names of this test's own (the docker engine's named volumes outlive servers), removed
+    afterwards."""
+    made: list[str] = []
+
+    def name(base: str) -> str:
+        made.append(f"{base}-{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield name
+    if vserver.runtime == "docker":
+        for volume in made:
+            docker_api("DELETE", f"/volumes/{volume}", params={"force": "true"})
 
 
 @contextlib.asynccontextmanager
@@ -94,29 +112,31 @@ async def test_read_only_volume_cannot_be_written_or_remounted(vserver: ServerPr
     assert (data / "keep.txt").read_text() == "keep\n" and not (data / "new").exists()
 
 
-async def test_pvc_volume_outlives_its_sandbox_and_is_shared_by_the_next(vserver: ServerProcess) -> None:
-    volume = Volume(name="cache", mount_path="/cache", pvc=PVC(claim_name="parity-cache"))
+async def test_pvc_volume_outlives_its_sandbox_and_is_shared_by_the_next(
+    vserver: ServerProcess, claim: Callable[[str], str]
+) -> None:
+    cache = claim("cache")
+    volume = Volume(name="cache", mount_path="/cache", pvc=PVC(claim_name=cache))
     async with created(vserver, [volume]) as first:
         _, code = await run(first, "echo persisted > /cache/state && mkdir -p /cache/sub && echo in-sub > /cache/sub/f")
         assert code == 0
     # Deleted; the next sandbox mounting the same claim reads what the first wrote (a subPath too).
-    sub = Volume(
-        name="sub", mount_path="/sub", pvc=PVC(claim_name="parity-cache", create_if_not_exists=False), sub_path="sub"
-    )
+    sub = Volume(name="sub", mount_path="/sub", pvc=PVC(claim_name=cache, create_if_not_exists=False), sub_path="sub")
     async with created(vserver, [volume, sub]) as second:
         out, _ = await run(second, "cat /cache/state /sub/f")
         assert out == ["persisted", "in-sub"]
 
 
-async def test_pvc_delete_on_termination_removes_only_what_the_create_made(vserver: ServerProcess) -> None:
+async def test_pvc_delete_on_termination_removes_only_what_the_create_made(
+    vserver: ServerProcess, claim: Callable[[str], str]
+) -> None:
+    scratch = claim("scratch")
     temporary = Volume(
-        name="tmp", mount_path="/scratch", pvc=PVC(claim_name="parity-scratch", delete_on_sandbox_termination=True)
+        name="tmp", mount_path="/scratch", pvc=PVC(claim_name=scratch, delete_on_sandbox_termination=True)
     )
     async with created(vserver, [temporary]) as sb:
         assert (await run(sb, "echo x > /scratch/f"))[1] == 0
-    async with created(
-        vserver, [Volume(name="tmp", mount_path="/scratch", pvc=PVC(claim_name="parity-scratch"))]
-    ) as sb:
+    async with created(vserver, [Volume(name="tmp", mount_path="/scratch", pvc=PVC(claim_name=scratch))]) as sb:
         out, _ = await run(sb, "ls /scratch | wc -l")
         assert out == ["0"]  # a new, empty volume: the first was removed with its sandbox
 
@@ -233,3 +253,22 @@ async def test_a_sandbox_cannot_leave_its_volume_through_symlinks_it_makes(
     # The links resolve inside the sandbox: its own /etc, never the host's.
     assert (data / "escape").is_symlink()
     assert out and out[0] != HOST_HOSTNAME
+
+
+async def test_a_subpath_another_sandbox_made_a_symlink_is_refused(
+    vserver: ServerProcess, claim: Callable[[str], str]
+) -> None:
+    """A sandbox sharing a named volume replaces the directory others mount by subPath with a
+    symlink to / : the next create refuses it rather than mounting the server's (or engine's) root."""
+    shared = claim("shared")
+    whole = Volume(name="all", mount_path="/shared", pvc=PVC(claim_name=shared))
+    async with created(vserver, [whole]) as attacker:
+        _, code = await run(attacker, "ln -s / /shared/work && ln -s ../../../../../../../../etc /shared/up")
+        assert code == 0
+    for sub_path in ("work", "up", "work/etc"):
+        victim = Volume(name="w", mount_path="/w", pvc=PVC(claim_name=shared), sub_path=sub_path)
+        with pytest.raises(SandboxApiException) as refused:
+            async with created(vserver, [victim]):
+                pass
+        assert refused.value.status_code == 400 and "symlink" in str(refused.value), sub_path
+    assert not list((vserver.state_dir / "binds").glob("*/*")), "staging mounts were left behind"

@@ -2,6 +2,11 @@
 Docker named volume (made when missing and createIfNotExists; removed with the sandbox when the
 create made it and asked for deleteOnSandboxTermination).
 
+A named volume with a subPath is bound like a host directory: its subPath opened beneath the
+volume's mountpoint the same checked way (another sandbox sharing the volume may have made that
+subPath a symlink), since the engine's own volume subpath option (API 1.45) is missing in podman 4.
+That needs the volume on the server's host (the `local` driver); otherwise it is refused.
+
 The engine takes a bind's source as a path and resolves it again when the container starts, so a
 path checked here could be a symlink by then (another sandbox sharing the directory can swap it).
 The checked directory is therefore mounted first at a path only the server can write
@@ -36,11 +41,12 @@ class Prepared:
     staged: list[str] = field(default_factory=list)  # the server's own mounts of checked directories
 
 
-def _stage_host(volume: VolumeSpec, backend: HostBackend, target: Path) -> None:
-    """Mount the checked directory (no symlink on the way, subPath beneath it) at `target`."""
-    base = volume_dirs.open_host(backend.path)
+def _stage(volume: VolumeSpec, base_path: str, target: Path, *, create: bool) -> None:
+    """Mount the checked directory (no symlink on the way, subPath beneath it; with `create`, the
+    subPath's missing directories made) at `target`."""
+    base = volume_dirs.open_host(base_path)
     try:
-        fd = volume_dirs.open_beneath(base, volume.sub_path, create=False, label=volume.name)
+        fd = volume_dirs.open_beneath(base, volume.sub_path, create=create, label=volume.name)
     finally:
         os.close(base)
     try:
@@ -75,16 +81,19 @@ async def prepare(docker: aiodocker.Docker, sandbox_id: str, volumes: list[Volum
         for index, volume in enumerate(volumes):
             mount: dict[str, Any] = {"Target": volume.mount_path, "ReadOnly": volume.read_only}
             if isinstance(volume.backend, HostBackend):
-                target = binds / sandbox_id / str(index)
-                prepared.staged.append(str(target))
-                await asyncio.to_thread(_stage_host, volume, volume.backend, target)
-                mount.update(Type="bind", Source=str(target), BindOptions={"Propagation": "rprivate"})
+                base_path, create = volume.backend.path, False
             else:
-                await _ensure_named(docker, sandbox_id, volume.backend, prepared)
-                mount.update(Type="volume", Source=volume.backend.claim_name)
-                if volume.sub_path:
-                    mount["VolumeOptions"] = {"Subpath": volume.sub_path}
-            prepared.mounts.append(mount)
+                found = await _ensure_named(docker, sandbox_id, volume.backend, prepared)
+                if not volume.sub_path:
+                    prepared.mounts.append({**mount, "Type": "volume", "Source": volume.backend.claim_name})
+                    continue
+                base_path, create = _local_mountpoint(found, volume.backend.claim_name), True
+            target = binds / sandbox_id / str(index)
+            prepared.staged.append(str(target))
+            await asyncio.to_thread(_stage, volume, base_path, target, create=create)
+            prepared.mounts.append(
+                {**mount, "Type": "bind", "Source": str(target), "BindOptions": {"Propagation": "rprivate"}}
+            )
     except BaseException:
         release(prepared)
         await remove(docker, prepared.created)
@@ -92,20 +101,37 @@ async def prepare(docker: aiodocker.Docker, sandbox_id: str, volumes: list[Volum
     return prepared
 
 
-async def _ensure_named(docker: aiodocker.Docker, sandbox_id: str, backend: PvcBackend, prepared: Prepared) -> None:
+async def _ensure_named(
+    docker: aiodocker.Docker, sandbox_id: str, backend: PvcBackend, prepared: Prepared
+) -> dict[str, Any]:
+    """The named volume's inspect, the volume made first when missing (and allowed)."""
     name = backend.claim_name
     try:
-        await docker.volumes.get(name)  # type: ignore[no-untyped-call]
-        return
+        found: dict[str, Any] = await (await docker.volumes.get(name)).show()  # type: ignore[no-untyped-call]
+        return found
     except DockerError as exc:
         if exc.status != 404:
             raise
     if not backend.create_if_not_exists:
         raise errors.invalid(f"volume {name} does not exist (createIfNotExists is false)")
-    await docker.volumes.create({"Name": name, "Labels": {L.DOCKER_VOLUME_CREATED_BY: sandbox_id}})  # type: ignore[no-untyped-call]
+    volume = await docker.volumes.create({"Name": name, "Labels": {L.DOCKER_VOLUME_CREATED_BY: sandbox_id}})  # type: ignore[no-untyped-call]
     prepared.created.append(name)
     if backend.delete_on_sandbox_termination:
         prepared.owned.append(name)
+    made: dict[str, Any] = await volume.show()
+    return made
+
+
+def _local_mountpoint(found: dict[str, Any], name: str) -> str:
+    """Where a named volume's files are on this host, for a subPath of it (see the module's note)."""
+    mountpoint = str(found.get("Mountpoint") or "")
+    if found.get("Driver", "local") != "local" or not os.path.isabs(mountpoint) or not os.path.isdir(mountpoint):
+        raise errors.ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"volume {name}: a subPath of a docker named volume needs a local-driver volume on the server's host",
+        )
+    return os.path.normpath(mountpoint)
 
 
 async def remove(docker: aiodocker.Docker, names: list[str]) -> None:
