@@ -24,6 +24,7 @@ BATCHSANDBOX: Final = PREFIX + "batchsandbox"  # claimed or direct pods: the own
 INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index within the BatchSandbox
 CREATED_BY: Final = PREFIX + "created-by"  # BatchSandboxes the server made for the lifecycle API
 CREATED_BY_SERVER: Final = "opensandbox-server"
+CREATED_FOR_SANDBOX: Final = PREFIX + "created-for-sandbox"  # a PVC or pull Secret a sandbox's create made
 
 # The create extension that claims a warm pod of a Pool (kubernetes runtime's pooled mode).
 EXTENSION_POOL_REF: Final = "poolRef"
@@ -84,6 +85,7 @@ EXECD_IMAGE_DIR: Final = "/opensandbox"
 EXECD_MOUNT: Final = "/opt/opensandbox"
 EXECD_BOOTSTRAP: Final = EXECD_MOUNT + "/bootstrap.sh"
 EXECD_VOLUME: Final = "opensandbox-execd"
+EXECD_INSTALLER: Final = "execd-installer"  # the container (first in a pod) that copies execd into EXECD_VOLUME
 EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main process with an env (pooled mode)
 
 # task-executor injection: a sidecar container sharing the pod's PID namespace; it finds the main

@@ -21,7 +21,7 @@ SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "por
 # How execd gets into a pod (inject_execd): the controller's --execd-install.
 EXECD_POST_START = "post-start"
 EXECD_INIT_CONTAINER = "init-container"
-EXECD_INSTALLER = "execd-installer"
+EXECD_INSTALLER = labels.EXECD_INSTALLER
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 # Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
 LOST_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated", "UnexpectedAdmissionError"})

@@ -85,7 +85,7 @@ class ServerSection(Section):
     allowed_host_paths: list[str] = Field(
         default_factory=list,
         description="host directories under which `host` volumes may be mounted (absolute; symlinks in them are"
-        " refused); empty: host volumes are refused",
+        " refused; on kubernetes, directories of the nodes); empty: host volumes are refused",
     )
     max_signed_endpoint_seconds: int = Field(
         default=7 * 24 * 3600, ge=60, description="how far ahead a signed endpoint's expiry may be"
@@ -287,6 +287,11 @@ class KubernetesSection(Section):
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of direct-mode sandbox containers"
+    )
+    default_volume_storage: str = Field(
+        default="1Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="storage request of a PersistentVolumeClaim a create makes for a `pvc` volume that names none",
     )
     default_pod_spec: dict[str, Any] = Field(
         default_factory=dict,

@@ -238,6 +238,15 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
             f"resourceRequests is not supported with extensions.{labels.EXTENSION_POOL_REF}: "
             "a claimed pod's resources are the Pool's",
         )
+    # A Pool's pods are made, and their images pulled, before any claim: it cannot add either.
+    for name in ("volumes", "image.auth"):
+        if pooled and values[name]:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                f"{name} is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's mounts and"
+                " image are the Pool's (put them in the Pool's template, or create without poolRef)",
+            )
 
 
 def _resource_requests(requests: dict[str, str]) -> dict[str, int]:

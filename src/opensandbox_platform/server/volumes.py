@@ -138,10 +138,17 @@ def _host(where: str, value: Any, allowed: list[str]) -> HostBackend:
     if not isinstance(value, dict):
         raise errors.invalid(f"{where}.host must be an object with a path")
     path = _clean_absolute(f"{where}.host.path", value.get("path"))
-    if not any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in allowed):
+    if allowed_root(path, allowed) is None:
         shown = ", ".join(allowed) if allowed else "none (server.allowedHostPaths is empty)"
         raise errors.invalid(f"{where}.host.path {path} is not under an allowed host path: {shown}")
     return HostBackend(path)
+
+
+def allowed_root(path: str, allowed: list[str]) -> str | None:
+    """The longest allowed prefix `path` is under (normalized), or None."""
+    roots = [posixpath.normpath(p) for p in allowed if p.startswith("/")]
+    under = [root for root in roots if path == root or path.startswith(root.rstrip("/") + "/")]
+    return max(under, key=len) if under else None
 
 
 def _pvc(where: str, value: Any) -> PvcBackend:

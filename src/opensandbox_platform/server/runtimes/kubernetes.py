@@ -33,7 +33,6 @@ import aiohttp
 
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.controller import pods
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
@@ -41,6 +40,7 @@ from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
+from opensandbox_platform.server.runtimes import kubernetes_owned as owned
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
@@ -96,7 +96,9 @@ def read_pool(raw: JSON) -> PoolEntry:
 
 
 class KubernetesRuntime:
-    capabilities = Capabilities(runtime="kubernetes", pool_ref=True, resource_requests=True)
+    capabilities = Capabilities(
+        runtime="kubernetes", pool_ref=True, resource_requests=True, image_auth=True, volumes=frozenset({"host", "pvc"})
+    )
 
     def __init__(self, config: Config) -> None:
         section = config.kubernetes
@@ -106,7 +108,12 @@ class KubernetesRuntime:
         self.api_timeout = section.api_timeout_seconds
         # Knows whether the API server answers (for /health and /ready), and logs an outage once.
         self.engine = EngineMonitor(API_NAME, self._ping, section.health_interval_seconds, section.api_timeout_seconds)
-        self.settings = Settings(section.image_pull_policy, section.default_pod_spec)
+        self.settings = Settings(
+            section.image_pull_policy,
+            section.default_pod_spec,
+            tuple(config.server.allowed_host_paths),
+            section.default_volume_storage,
+        )
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -286,6 +293,9 @@ class KubernetesRuntime:
         now = dt.datetime.now(dt.UTC)
         pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
         obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for)
+        made = await owned.make(
+            self.client, self._call, self.namespace, sandbox_id, spec, self.settings.default_volume_storage
+        )
         waiter: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._waiters[sandbox_id] = waiter
         started = time.perf_counter()
@@ -297,6 +307,7 @@ class KubernetesRuntime:
                 raise _create_error(err) from None
             posted = time.perf_counter()
             self._observe(read_entry(created))
+            await owned.adopt(self.client, self._call, self.namespace, made, created)
             try:
                 await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
@@ -315,6 +326,7 @@ class KubernetesRuntime:
         except BaseException:
             if sandbox_id in self._waiters:  # the POST may have created it
                 self._discard(sandbox_id)
+            await asyncio.shield(owned.remove(self.client, self.namespace, made))
             raise
         finally:
             self._waiters.pop(sandbox_id, None)
@@ -473,7 +485,8 @@ class KubernetesRuntime:
         names = [c["name"] for c in pod["spec"].get("initContainers") or []] + [
             c["name"] for c in pod["spec"]["containers"]
         ]
-        chosen = names if scope == "all" else [pods.main_container(pod["spec"])["name"]]
+        main = next(c["name"] for c in pod["spec"]["containers"] if c["name"] != labels.EXECD_INSTALLER)
+        chosen = names if scope == "all" else [main]
         params: dict[str, str | int] = {}
         if tail is not None:
             params["tailLines"] = tail

@@ -11,8 +11,10 @@ Pure functions (no I/O), so the mapping is unit-tested on its own:
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.validation import is_reserved_key
+from opensandbox_platform.server.volumes import HostBackend, PvcBackend, VolumeSpec, allowed_root
 
 STOPPING = "Stopping"  # a state the SDK knows; base.State has no use for it elsewhere
 # What the SDK sends when the caller gives no entrypoint: it only keeps a container up. A pooled pod
@@ -41,6 +44,8 @@ class Settings:
 
     image_pull_policy: str = "IfNotPresent"
     default_pod_spec: JSON | None = None
+    allowed_host_paths: tuple[str, ...] = ()  # server.allowedHostPaths: the nodes' directories `host` volumes use
+    default_volume_storage: str = "1Gi"  # a created PVC's request when the volume names no storage
 
 
 def build_batchsandbox(
@@ -75,7 +80,7 @@ def build_batchsandbox(
         if template:
             body["sandboxTemplate"] = {"spec": template}
     else:
-        body["sandboxTemplate"] = {"spec": _direct_pod_spec(spec, settings)}
+        body["sandboxTemplate"] = {"spec": _direct_pod_spec(sandbox_id, spec, settings)}
     return {
         "apiVersion": labels.API_VERSION,
         "kind": "BatchSandbox",
@@ -119,7 +124,7 @@ def _pooled_template(spec: SandboxSpec) -> JSON:
     return template
 
 
-def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
+def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> JSON:
     container: JSON = {
         "name": labels.SANDBOX_CONTAINER,
         "image": spec.image,
@@ -128,6 +133,9 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     }
     if spec.env:
         container["env"] = _env_list(spec.env)
+    pod_volumes, mounts = volume_mounts(spec.volumes, settings.allowed_host_paths)
+    if mounts:
+        container["volumeMounts"] = mounts
     resources = {
         kind: quantities
         for kind, quantities in (
@@ -144,7 +152,105 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     pod: JSON = {"restartPolicy": "Never", "automountServiceAccountToken": False}
     pod.update(json.loads(json.dumps(settings.default_pod_spec or {})))  # a deep copy
     pod["containers"] = [container]
+    if pod_volumes:
+        pod["volumes"] = [*(pod.get("volumes") or []), *pod_volumes]
+    if spec.image_auth:
+        pod["imagePullSecrets"] = [*(pod.get("imagePullSecrets") or []), {"name": pull_secret_name(sandbox_id)}]
     return pod
+
+
+# --- volumes and image pull secrets ----------------------------------------------------------------------
+def volume_mounts(volumes: list[VolumeSpec], allowed_host_paths: tuple[str, ...]) -> tuple[list[JSON], list[JSON]]:
+    """The pod's volumes and the sandbox container's volumeMounts.
+
+    A `host` volume mounts the allowed directory it is under (`hostPath`, type Directory) with the
+    rest of its path as the mount's subPath: the kubelet opens a subPath without following symlinks
+    out of its volume (and refuses one that leads out), whereas a hostPath itself is followed
+    wherever a symlink points, and a sandbox sharing the directory could have made one."""
+    pod_volumes: list[JSON] = []
+    mounts: list[JSON] = []
+    for index, volume in enumerate(volumes):
+        name = f"volume-{index}"  # the user's names could collide with the platform's own volumes
+        sub_path = volume.sub_path
+        if isinstance(volume.backend, HostBackend):
+            root = allowed_root(volume.backend.path, list(allowed_host_paths))
+            assert root is not None, "volumes.parse checked the path against the same list"
+            sub_path = _join(posixpath.relpath(volume.backend.path, root), sub_path)
+            pod_volumes.append({"name": name, "hostPath": {"path": root, "type": "Directory"}})
+        else:
+            claim = {"claimName": volume.backend.claim_name, **({"readOnly": True} if volume.read_only else {})}
+            pod_volumes.append({"name": name, "persistentVolumeClaim": claim})
+        mount: JSON = {"name": name, "mountPath": volume.mount_path}
+        if volume.read_only:
+            mount["readOnly"] = True
+        if sub_path:
+            mount["subPath"] = sub_path
+        mounts.append(mount)
+    return pod_volumes, mounts
+
+
+def _join(relative: str, sub_path: str) -> str:
+    return "/".join(part for part in (relative, sub_path) if part and part != ".")
+
+
+def claim_manifest(sandbox_id: str, backend: PvcBackend, default_storage: str) -> JSON:
+    """The PersistentVolumeClaim a create makes for a missing `pvc` volume (createIfNotExists)."""
+    spec: JSON = {
+        "accessModes": list(backend.access_modes) or ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": backend.storage or default_storage}},
+    }
+    if backend.storage_class:
+        spec["storageClassName"] = backend.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": backend.claim_name,
+            "labels": {labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "annotations": {labels.CREATED_FOR_SANDBOX: sandbox_id},
+        },
+        "spec": spec,
+    }
+
+
+def pull_secret_name(sandbox_id: str) -> str:
+    return f"{sandbox_id}-pull"
+
+
+DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"  # the key docker login writes for Docker Hub
+
+
+def registry_of(image: str) -> str:
+    """The registry an image reference names (Docker's rule: a first component with '.' or ':', or
+    `localhost`); Docker Hub otherwise."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DOCKER_HUB_AUTH_KEY
+
+
+def pull_secret_manifest(sandbox_id: str, image: str, auth: dict[str, str]) -> JSON:
+    """The sandbox's own kubernetes.io/dockerconfigjson Secret for `image.auth` (owned by its BatchSandbox)."""
+    user, password = auth["username"], auth["password"]
+    entry = {"username": user, "password": password, "auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+    config = json.dumps({"auths": {registry_of(image): entry}}, separators=(",", ":"))
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": pull_secret_name(sandbox_id),
+            "labels": {labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "annotations": {labels.CREATED_FOR_SANDBOX: sandbox_id},
+        },
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(config.encode()).decode()},
+    }
+
+
+def owner_reference(batchsandbox: JSON) -> JSON:
+    """Makes an object the BatchSandbox's: the garbage collector deletes it with the BatchSandbox."""
+    meta = batchsandbox["metadata"]
+    return {"apiVersion": labels.API_VERSION, "kind": "BatchSandbox", "name": meta["name"], "uid": meta["uid"]}
 
 
 def _quantities(cpu_millis: int | None, memory_bytes: int | None) -> dict[str, str]:
