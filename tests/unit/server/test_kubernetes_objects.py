@@ -239,16 +239,29 @@ def test_host_volumes_mount_their_allowed_root_with_the_rest_as_subpath() -> Non
     settings = Settings(allowed_host_paths=("/srv", "/srv/shared/"))
     pod = build_batchsandbox("id", spec(volumes=volumes), settings, NOW)["spec"]["sandboxTemplate"]["spec"]
     # The longest allowed root: a sandbox's symlink below it is the kubelet's subPath check's to refuse.
+    # One pod volume per root or claim (the kubelet never mounts a second one of the same claim).
     assert pod["volumes"] == [
         {"name": "volume-0", "hostPath": {"path": "/srv/shared", "type": "Directory"}},
-        {"name": "volume-1", "hostPath": {"path": "/srv/shared", "type": "Directory"}},
-        {"name": "volume-2", "persistentVolumeClaim": {"claimName": "cache"}},
+        {"name": "volume-1", "persistentVolumeClaim": {"claimName": "cache"}},
     ]
     assert pod["containers"][0]["volumeMounts"] == [
         {"name": "volume-0", "mountPath": "/data", "subPath": "team-a/x/y"},
-        {"name": "volume-1", "mountPath": "/root-of-all", "readOnly": True},
-        {"name": "volume-2", "mountPath": "/cache", "subPath": "s"},
+        {"name": "volume-0", "mountPath": "/root-of-all", "readOnly": True},
+        {"name": "volume-1", "mountPath": "/cache", "subPath": "s"},
     ]
+
+
+def test_a_claim_mounted_only_read_only_is_a_read_only_pod_volume() -> None:
+    volumes = parse_volumes(
+        [
+            {"name": "a", "mountPath": "/a", "pvc": {"claimName": "c"}, "readOnly": True},
+            {"name": "b", "mountPath": "/b", "pvc": {"claimName": "c"}, "subPath": "s", "readOnly": True},
+        ],
+        [],
+        frozenset({"pvc"}),
+    )
+    pod = build_batchsandbox("id", spec(volumes=volumes), Settings(), NOW)["spec"]["sandboxTemplate"]["spec"]
+    assert pod["volumes"] == [{"name": "volume-0", "persistentVolumeClaim": {"claimName": "c", "readOnly": True}}]
 
 
 def test_a_created_claim_carries_the_provisioning_hints() -> None:

@@ -166,27 +166,34 @@ def volume_mounts(volumes: list[VolumeSpec], allowed_host_paths: tuple[str, ...]
     A `host` volume mounts the allowed directory it is under (`hostPath`, type Directory) with the
     rest of its path as the mount's subPath: the kubelet opens a subPath without following symlinks
     out of its volume (and refuses one that leads out), whereas a hostPath itself is followed
-    wherever a symlink points, and a sandbox sharing the directory could have made one."""
-    pod_volumes: list[JSON] = []
+    wherever a symlink points, and a sandbox sharing the directory could have made one.
+
+    One pod volume per claim or root, however many mounts use it: the kubelet waits forever for the
+    second of two pod volumes of one claim."""
+    pod_volumes: dict[tuple[str, str], JSON] = {}
     mounts: list[JSON] = []
-    for index, volume in enumerate(volumes):
-        name = f"volume-{index}"  # the user's names could collide with the platform's own volumes
+    for volume in volumes:
         sub_path = volume.sub_path
+        source: JSON
         if isinstance(volume.backend, HostBackend):
             root = allowed_root(volume.backend.path, list(allowed_host_paths))
             assert root is not None, "volumes.parse checked the path against the same list"
             sub_path = _join(posixpath.relpath(volume.backend.path, root), sub_path)
-            pod_volumes.append({"name": name, "hostPath": {"path": root, "type": "Directory"}})
+            key, source = ("host", root), {"hostPath": {"path": root, "type": "Directory"}}
         else:
-            claim = {"claimName": volume.backend.claim_name, **({"readOnly": True} if volume.read_only else {})}
-            pod_volumes.append({"name": name, "persistentVolumeClaim": claim})
-        mount: JSON = {"name": name, "mountPath": volume.mount_path}
+            claim = volume.backend.claim_name
+            key, source = ("pvc", claim), {"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        # Named by position: the user's names could collide with the platform's own volumes.
+        pod_volume = pod_volumes.setdefault(key, {"name": f"volume-{len(pod_volumes)}", **source})
+        if not volume.read_only and "persistentVolumeClaim" in pod_volume:
+            pod_volume["persistentVolumeClaim"].pop("readOnly", None)  # read-only only if every mount is
+        mount: JSON = {"name": pod_volume["name"], "mountPath": volume.mount_path}
         if volume.read_only:
             mount["readOnly"] = True
         if sub_path:
             mount["subPath"] = sub_path
         mounts.append(mount)
-    return pod_volumes, mounts
+    return list(pod_volumes.values()), mounts
 
 
 def _join(relative: str, sub_path: str) -> str:
