@@ -117,7 +117,7 @@ async def test_kubernetes_pulls_with_a_secret_of_the_sandbox_and_refuses_a_wrong
     assert refused.value.error.code == "SANDBOX::START_FAILED", refused.value.error
     assert "401" in str(refused.value.error.message) or "unauthorized" in str(refused.value.error.message).lower()
     eventually(lambda: not list(kube.list(BatchSandbox, namespace=namespace)), timeout=60, what="no BatchSandbox")
-    eventually(lambda: not list(kube.list(Secret, namespace=namespace, labels={"opensandbox.io/created-by": True})),
+    eventually(lambda: not list(kube.list(Secret, namespace=namespace, labels={"opensandbox.io/created-by": None})),
                timeout=60, what="no pull Secret")  # fmt: skip
 
     sb = await Sandbox.create(image(private_image, CREDENTIALS), connection_config=sdk_config(server), resource=SMALL)

@@ -22,6 +22,7 @@ SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "por
 EXECD_POST_START = "post-start"
 EXECD_INIT_CONTAINER = "init-container"
 EXECD_INSTALLER = labels.EXECD_INSTALLER
+FAILURE_DETAIL_CHARS = 400
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 # Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
 LOST_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated", "UnexpectedAdmissionError"})
@@ -92,7 +93,9 @@ def slim_pod(raw: JSON) -> PodInfo:
             exit_code = int(state["terminated"].get("exitCode", 0))
         waiting = (state.get("waiting") or {}).get("reason")
         if waiting in conditions.FAILED_POD_REASONS and failure is None:
-            failure = f"{waiting} ({cs.get('name')})"
+            # The kubelet's words say why (a registry's 401, a missing executable), cut to a condition's size.
+            detail = str(state["waiting"].get("message") or "")[:FAILURE_DETAIL_CHARS]
+            failure = f"{waiting} ({cs.get('name')})" + (f": {detail}" if detail else "")
     index = pod_labels.get(labels.INDEX)
     return PodInfo(
         namespace=meta["namespace"],

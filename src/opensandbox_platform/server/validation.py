@@ -193,6 +193,8 @@ def create_spec(
 
 
 POOL_REF_FIELD = f"extensions.{labels.EXTENSION_POOL_REF}"
+# How a refusal names a field whose name alone does not say what it is.
+DESCRIBED = {"lifecycle": "lifecycle (preStart and periodic hooks)"}
 
 
 def served_fields(capabilities: Capabilities) -> dict[str, bool]:
@@ -230,7 +232,7 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
     asked = {name: (values[name], served) for name, served in served_fields(capabilities).items()}
     for name, (value, served) in asked.items():
         if value and not served:
-            raise guards.not_supported(name, capabilities.runtime)
+            raise guards.not_supported(DESCRIBED.get(name, name), capabilities.runtime)
     if pooled and body.resource_requests:
         raise ApiError(
             400,

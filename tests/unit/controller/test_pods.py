@@ -209,3 +209,18 @@ def test_pooled_entrypoint_and_env_become_an_execd_bootstrap_request() -> None:
         "env": {"A": "1"},
     }
     assert bootstrap_request(spec(env=[{"name": "B"}], workingDir="/w")) == {"env": {"B": ""}, "cwd": "/w"}
+
+
+def test_a_waiting_reason_that_fails_the_pod_carries_the_kubelets_words() -> None:
+    pod = build_pod(
+        name="p", namespace="ns", template=template(image="u"), pod_labels={}, owner=OWNER, execd_image=None
+    )
+    pod["metadata"].update(uid="u", resourceVersion="1", creationTimestamp="2026-01-01T00:00:00Z")
+    pull = "failed to pull: 401 Unauthorized " + "x" * 1000
+    waiting = {"waiting": {"reason": "ErrImagePull", "message": pull}}
+    pod["status"] = {"phase": "Pending", "containerStatuses": [{"name": "sandbox", "state": waiting}]}
+    failure = slim_pod(pod).failure
+    assert failure is not None and failure.startswith("ErrImagePull (sandbox): failed to pull: 401 Unauthorized")
+    assert len(failure) < 450
+    pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff"}}
+    assert slim_pod(pod).failure == "ImagePullBackOff (sandbox)"
