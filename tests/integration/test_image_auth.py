@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import Secret
 from opensandbox import Sandbox
+from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import SandboxImageAuth, SandboxImageSpec
 
@@ -30,7 +32,7 @@ from harness.registry import Registry, private_registry
 from harness.server_process import ServerProcess, running_server
 from harness.services import LocalCluster
 from tests.e2e.test_server_sdk import config
-from tests.integration.test_server_kubernetes_real_node import sdk_config, stdout_of
+from tests.integration.test_server_kubernetes_real_node import stdout_of
 
 PORT = 5002  # test_registry.py's private registry uses 5001
 CREDENTIALS = ("osb-user", "right-password")
@@ -51,6 +53,12 @@ def private_image(registry: Registry) -> Iterator[str]:
     registry.push(TEST_IMAGE, reference)
     yield reference
     subprocess.run(["podman", "rmi", "--force", reference], capture_output=True, check=False)
+
+
+def sdk_config(server: KubernetesServer) -> ConnectionConfig:
+    """A create waits for the pull (and its refusal) on the node: longer than the SDK's default 30 s
+    when the machine is busy."""
+    return ConnectionConfig(domain=server.domain, disable_metrics=True, request_timeout=timedelta(seconds=120))
 
 
 def image(reference: str, credentials: tuple[str, str] | None) -> SandboxImageSpec:
@@ -104,6 +112,7 @@ def server(
 ) -> Iterator[KubernetesServer]:
     # imagePullPolicy Always: a real pull with the pod's secret, even when the node has the image.
     settings = real_node_server_config().replace('imagePullPolicy = "Never"', 'imagePullPolicy = "Always"')
+    assert "Always" in settings
     with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, settings) as srv:
         yield srv
 
