@@ -219,8 +219,8 @@ def test_a_waiting_reason_that_fails_the_pod_carries_the_kubelets_words() -> Non
     pull = "failed to pull: 401 Unauthorized " + "x" * 1000
     waiting = {"waiting": {"reason": "ErrImagePull", "message": pull}}
     pod["status"] = {"phase": "Pending", "containerStatuses": [{"name": "sandbox", "state": waiting}]}
-    failure = slim_pod(pod).failure
-    assert failure is not None and failure.startswith("ErrImagePull (sandbox): failed to pull: 401 Unauthorized")
-    assert len(failure) < 450
+    info = slim_pod(pod)
+    assert info.failure == "ErrImagePull (sandbox)"
+    assert info.failure_detail.startswith("failed to pull: 401 Unauthorized") and len(info.failure_detail) == 400
     pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff"}}
-    assert slim_pod(pod).failure == "ImagePullBackOff (sandbox)"
+    assert slim_pod(pod).failure_detail == ""
