@@ -238,8 +238,12 @@ class DockerRuntime:
         labels.update(docker_volumes.owned_label(prepared))
         try:
             return await self._create_container(sandbox_id, spec, image, execd_volume, token, labels, prepared, steps)
-        except BaseException:
+        except BaseException as exc:
+            failed_start = isinstance(exc, ApiError) and exc.code == errors.START_FAILED
+            gone = docker_volumes.removed_volume(prepared) if failed_start else None
             await asyncio.shield(docker_volumes.remove(self.docker, prepared.created))
+            if gone is not None:
+                raise errors.invalid(f"volume {gone}: its directory was removed while the sandbox started") from None
             raise
         finally:
             docker_volumes.release(prepared)

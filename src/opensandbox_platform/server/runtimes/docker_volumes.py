@@ -39,6 +39,7 @@ class Prepared:
     created: list[str] = field(default_factory=list)  # named volumes this create made
     owned: list[str] = field(default_factory=list)  # of those, the ones deleted with the sandbox
     staged: list[str] = field(default_factory=list)  # the server's own mounts of checked directories
+    staged_names: dict[str, str] = field(default_factory=dict)  # staged path -> the volume's name
 
 
 def _stage(volume: VolumeSpec, base_path: str, target: Path, *, create: bool) -> None:
@@ -56,8 +57,21 @@ def _stage(volume: VolumeSpec, base_path: str, target: Path, *, create: bool) ->
     try:
         target.mkdir(mode=0o700, parents=True)
         linux.attach_tree(tree, str(target), None, readonly=volume.read_only)
+    except FileNotFoundError:
+        # Another sandbox sharing the directory removed it between the check and the mount.
+        raise errors.invalid(f"volume {volume.name}: its directory was removed while the sandbox started") from None
     finally:
         os.close(tree)
+
+
+def removed_volume(prepared: Prepared) -> str | None:
+    """The name of a staged volume whose directory was deleted since it was checked (another sandbox
+    sharing it removed it): the engine then cannot bind it, and that is the create's answer."""
+    for path, name in prepared.staged_names.items():
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_nlink == 0:
+                return name
+    return None
 
 
 def release(prepared: Prepared) -> None:
@@ -90,6 +104,7 @@ async def prepare(docker: aiodocker.Docker, sandbox_id: str, volumes: list[Volum
                 base_path, create = _local_mountpoint(found, volume.backend.claim_name), True
             target = binds / sandbox_id / str(index)
             prepared.staged.append(str(target))
+            prepared.staged_names[str(target)] = volume.name
             await asyncio.to_thread(_stage, volume, base_path, target, create=create)
             prepared.mounts.append(
                 {**mount, "Type": "bind", "Source": str(target), "BindOptions": {"Propagation": "rprivate"}}
