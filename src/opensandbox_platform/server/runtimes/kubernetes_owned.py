@@ -37,10 +37,11 @@ class Made:
     objects: list[tuple[Resource, str, bool]] = field(default_factory=list)
 
 
-async def make(client: KubeClient, call: Call[JSON], namespace: str, sandbox_id: str, spec: SandboxSpec,
-               default_storage: str) -> Made:  # fmt: skip
+async def make(
+    client: KubeClient, call: Call[JSON], namespace: str, sandbox_id: str, spec: SandboxSpec, default_storage: str
+) -> Made:
     """The claims and pull Secret `spec` needs; 400 for a claim that is missing (createIfNotExists
-    false) or being deleted. On failure, what was made is deleted again."""
+    false), 409 for one being deleted. On failure, what was made is deleted again."""
     made = Made()
     try:
         for volume in spec.volumes:
@@ -56,8 +57,15 @@ async def make(client: KubeClient, call: Call[JSON], namespace: str, sandbox_id:
     return made
 
 
-async def _ensure_claim(client: KubeClient, call: Call[JSON], namespace: str, sandbox_id: str,
-                        backend: PvcBackend, default_storage: str, made: Made) -> None:  # fmt: skip
+async def _ensure_claim(
+    client: KubeClient,
+    call: Call[JSON],
+    namespace: str,
+    sandbox_id: str,
+    backend: PvcBackend,
+    default_storage: str,
+    made: Made,
+) -> None:
     name = backend.claim_name
     if any(resource is PVCS and made_name == name for resource, made_name, _ in made.objects):
         return  # two volumes of one claim (subPaths)
