@@ -2,10 +2,10 @@
 mode, a cold pod each) with no volume, one host volume and one existing pvc volume (a claim bound to a
 hostPath PV the benchmark makes: the test cluster has no dynamic provisioner).
 
-Run: `uv run python -m bench parity_kubernetes [--n 5]` (starts the test cluster with the real node
-when it is not running; hold /tmp/osb-cluster.lock). One namespace with its own controller and
-server; every sandbox is killed after its create; the PV is deleted at the end. All traffic goes to
-127.0.0.1 and the pods' own IPs. Writes bench/results/parity-kubernetes.json.
+Run: `uv run python -m bench.parity_kubernetes_bench [--n 5]` (or `make bench BENCH=parity_kubernetes`;
+it starts the test cluster with the real node when it is not running: hold /tmp/osb-cluster.lock). One
+namespace with its own controller and server; every sandbox is killed after its create; the PV is
+deleted at the end. All traffic goes to 127.0.0.1 and the pods' own IPs. Writes bench/results/parity-kubernetes.json.
 """
 
 from __future__ import annotations
