@@ -198,7 +198,8 @@ def test_bad_volumes_are_refused_and_nothing_is_left(vserver: ServerProcess, all
         response = bad(vserver, [volume])
         assert response.status_code == 400, (volume, response.text)
         assert response.json()["code"] == f"SANDBOX::{code}" and words in response.json()["message"], response.text
-    assert vserver.sandboxes_on_host() == before
+    # Nothing new (the engine is shared: another engineer's sandboxes may come and go meanwhile).
+    assert not vserver.sandboxes_on_host() - before
 
 
 async def test_a_symlink_swapped_while_creates_check_it_never_leads_out(vserver: ServerProcess, allowed: Path) -> None:

@@ -38,8 +38,7 @@ class Prepared:
     mounts: list[dict[str, Any]] = field(default_factory=list)  # HostConfig.Mounts
     created: list[str] = field(default_factory=list)  # named volumes this create made
     owned: list[str] = field(default_factory=list)  # of those, the ones deleted with the sandbox
-    staged: list[str] = field(default_factory=list)  # the server's own mounts of checked directories
-    staged_names: dict[str, str] = field(default_factory=dict)  # staged path -> the volume's name
+    staged: dict[str, str] = field(default_factory=dict)  # the server's own mounts of checked directories -> volume
 
 
 def _stage(volume: VolumeSpec, base_path: str, target: Path, *, create: bool) -> None:
@@ -67,7 +66,7 @@ def _stage(volume: VolumeSpec, base_path: str, target: Path, *, create: bool) ->
 def removed_volume(prepared: Prepared) -> str | None:
     """The name of a staged volume whose directory was deleted since it was checked (another sandbox
     sharing it removed it): the engine then cannot bind it, and that is the create's answer."""
-    for path, name in prepared.staged_names.items():
+    for path, name in prepared.staged.items():
         with contextlib.suppress(OSError):
             if os.stat(path).st_nlink == 0:
                 return name
@@ -83,7 +82,7 @@ def release(prepared: Prepared) -> None:
             os.rmdir(path)
     if prepared.staged:
         with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(prepared.staged[0]))
+            os.rmdir(os.path.dirname(next(iter(prepared.staged))))
     prepared.staged.clear()
 
 
@@ -103,8 +102,7 @@ async def prepare(docker: aiodocker.Docker, sandbox_id: str, volumes: list[Volum
                     continue
                 base_path, create = _local_mountpoint(found, volume.backend.claim_name), True
             target = binds / sandbox_id / str(index)
-            prepared.staged.append(str(target))
-            prepared.staged_names[str(target)] = volume.name
+            prepared.staged[str(target)] = volume.name
             await asyncio.to_thread(_stage, volume, base_path, target, create=create)
             prepared.mounts.append(
                 {**mount, "Type": "bind", "Source": str(target), "BindOptions": {"Propagation": "rprivate"}}
