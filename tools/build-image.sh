@@ -70,8 +70,11 @@ case $name in
     stage_libs controller
     ;;
   server)
+    "$top/tools/vendor-console.sh"  # the console's xterm.js, shipped with its page and script
+    static=src/opensandbox_platform/server/console/static
     build_onedir server opensandbox_platform.server.main \
       --collect-submodules uvicorn --collect-submodules opensandbox_platform.server \
+      --add-data "$top/$static:opensandbox_platform/server/console/static" \
       --hidden-import uvloop --hidden-import httptools
     stage_libs server
     ;;

@@ -14,9 +14,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 RUN_DEBS=(bubblewrap slirp4netns nftables libseccomp2 util-linux curl
   python3-ipykernel python3-numpy python3-pandas python3-matplotlib)
 # gcc: the security battery's probe (tests/security/probe.c) is built statically; apache2-utils:
-# htpasswd, for the test registry's optional auth (tools/registry.sh).
+# htpasswd, for the test registry's optional auth (tools/registry.sh); chromium and its WebDriver:
+# the web console's tests run in a real headless browser (tests/e2e/test_console.py).
 TEST_DEBS=(podman runc uidmap debootstrap openssl containerd containernetworking-plugins iptables iproute2 gcc libc6-dev
-  apache2-utils)
+  apache2-utils chromium chromium-driver)
 
 ensure_debs() {
   local missing=() p
@@ -46,14 +47,25 @@ python_env() {
   (cd "$top" && uv sync --quiet --frozen)
 }
 
+console_vendor() {  # the web console's terminal emulator (xterm.js), fetched with npm; `required`: the tests need it
+  if ! command -v npm >/dev/null; then
+    if [[ ${1:-} != required && $(id -u) != 0 ]]; then
+      log "npm is missing: the console's terminal stays off until tools/vendor-console.sh runs (apt-get install npm)"
+      return 0
+    fi
+    ensure_debs npm
+  fi
+  "$top/tools/vendor-console.sh"
+}
+
 cluster_bins() {
   command -v go >/dev/null || { log "Go is needed to build the test cluster's binaries (apt-get install golang or see go.dev)"; exit 1; }
   "$top/tools/build-tools.sh"
 }
 
 case ${1:-run} in
-  run) ensure_debs "${RUN_DEBS[@]}"; python_env ;;
-  test) ensure_debs "${RUN_DEBS[@]}" "${TEST_DEBS[@]}"; python_env; cluster_bins ;;
+  run) ensure_debs "${RUN_DEBS[@]}"; python_env; console_vendor ;;
+  test) ensure_debs "${RUN_DEBS[@]}" "${TEST_DEBS[@]}"; python_env; console_vendor required; cluster_bins ;;
   cluster) ensure_debs openssl curl; cluster_bins ;;
   *) echo "usage: $0 run|test|cluster" >&2; exit 2 ;;
 esac

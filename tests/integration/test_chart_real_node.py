@@ -246,7 +246,10 @@ def scrape(ip: str, port: int, token: str, ca: str, server_name: str) -> int:
     """GET /metrics as Prometheus does with the ServiceMonitor: dial the pod, verify the certificate
     against the chart's CA and the Service's name (tlsConfig.serverName), send the bearer token."""
     context = ssl.create_default_context(cadata=ca)
-    request = f"GET /metrics HTTP/1.1\r\nHost: {server_name}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    request = (
+        f"GET /metrics HTTP/1.1\r\nHost: {server_name}\r\nAuthorization: Bearer {token}\r\n"
+        "Connection: close\r\n\r\n"  # (read until the server closes)
+    )
     with (
         socket.create_connection((ip, port), timeout=10) as raw,
         context.wrap_socket(raw, server_hostname=server_name) as tls,

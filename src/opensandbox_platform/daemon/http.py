@@ -8,8 +8,9 @@ command's output is read only as fast as the client consumes it.
 
 Scope: HTTP/1.1 and 1.0, keep-alive, Content-Length and chunked request bodies (with
 `Expect: 100-continue`), fixed, chunked-streamed and sendfile responses, HEAD (the GET route's
-headers without its body). TLS only when the caller passes an SSL context (the controller's metrics
-server; execd never imports ssl). No HTTP/2, no pipelining beyond sequential processing, no upgrades.
+headers without its body), and the upgrade to WebSocket (a route answers with `websocket.accept`;
+daemon/websocket.py). TLS only when the caller passes an SSL context (the controller's metrics
+server; execd never imports ssl). No HTTP/2, no pipelining beyond sequential processing.
 
 Limits (`Limits`, from flags or environment variables: daemon/cli.py's `limit_options`): a request line
 longer than `max_request_line` is a 414, a head larger than `max_head_bytes` a 431; the first
@@ -30,12 +31,15 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.cli import LIMIT_DEFAULTS, limit_options, limit_values
 from opensandbox_platform.daemon.connections import ConnectionTable
 from opensandbox_platform.daemon.errors import ApiError
+
+if TYPE_CHECKING:  # imported with the first upgrade
+    from opensandbox_platform.daemon.websocket import WebSocket
 
 log = logging.getLogger("daemon.http")
 
@@ -94,6 +98,7 @@ def limits_from_env(env_prefix: str, env: Mapping[str, str] = os.environ) -> Lim
 
 _REASONS = {
     100: "Continue",
+    101: "Switching Protocols",
     200: "OK",
     204: "No Content",
     206: "Partial Content",
@@ -108,6 +113,7 @@ _REASONS = {
     413: "Payload Too Large",
     414: "URI Too Long",
     416: "Range Not Satisfiable",
+    426: "Upgrade Required",
     422: "Unprocessable Entity",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
@@ -293,7 +299,18 @@ class FileResponse:
         self.headers = dict(headers or {})
 
 
-AnyResponse = Response | StreamResponse | FileResponse
+class Upgrade:
+    """A route's answer that switches the connection to WebSocket (made by daemon/websocket.py's
+    `accept`; that module is imported only then: an idle daemon never loads it)."""
+
+    def __init__(self, headers: dict[str, str], run: Callable[[WebSocket], Awaitable[None]], max_message: int) -> None:
+        self.status = 101
+        self.headers = headers
+        self.run = run
+        self.max_message = max_message
+
+
+AnyResponse = Response | StreamResponse | FileResponse | Upgrade
 Handler = Callable[[Request], Awaitable[AnyResponse]]
 
 
@@ -531,6 +548,11 @@ class HttpServer:
             log.exception("handler failed: %s %s", method, request.path)
             response = error_response(ApiError(500, errors.RUNTIME_ERROR, "internal error"))
 
+        if isinstance(response, Upgrade):
+            if body.done:
+                await self._switch(reader, writer, response)
+                return False
+            response = error_response(errors.bad_request("a WebSocket handshake has no body"))
         if not body.done and not await body.drain(MAX_DRAIN):
             keep_alive = False
         keep_alive = await self._write(
@@ -547,10 +569,27 @@ class HttpServer:
             )
         return keep_alive
 
+    async def _switch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upgrade: Upgrade) -> None:
+        """101, then the connection is the route's WebSocket until its `run` returns."""
+        from opensandbox_platform.daemon.websocket import INTERNAL_ERROR, WebSocket
+
+        writer.write(_head(101, upgrade.headers))
+        await writer.drain()
+        ws = WebSocket(reader, writer, upgrade.max_message)
+        code = 1000
+        try:
+            await upgrade.run(ws)
+        except Exception:
+            log.exception("websocket handler failed")
+            code = INTERNAL_ERROR
+        finally:
+            if not ws.closed.done():
+                await ws.close(code)
+
     async def _write(
         self,
         writer: asyncio.StreamWriter,
-        response: AnyResponse,
+        response: Response | StreamResponse | FileResponse,
         keep_alive: bool,
         chunked_ok: bool = True,
         head_only: bool = False,
@@ -584,7 +623,7 @@ class HttpServer:
     async def _write_head_only(
         self,
         writer: asyncio.StreamWriter,
-        response: AnyResponse,
+        response: Response | StreamResponse | FileResponse,
         headers: dict[str, str],
         keep_alive: bool,
         chunked: bool,

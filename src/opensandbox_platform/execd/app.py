@@ -35,6 +35,7 @@ from opensandbox_platform.execd.isolated.routes import IsolatedApi
 if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
     from opensandbox_platform.execd.code.contexts import CodeContexts
     from opensandbox_platform.execd.metrics import Sampler
+    from opensandbox_platform.execd.pty import PtyManager
     from opensandbox_platform.execd.sessions import SessionManager
 
 log = logging.getLogger("execd")
@@ -61,6 +62,7 @@ class Settings:
         code_prestart: str | None = None,
         max_sessions: int = 64,
         session_idle_timeout: float = 3600.0,
+        max_terminals: int = 16,
     ) -> None:
         self.access_token = access_token
         self.envs_file = envs_file
@@ -74,6 +76,7 @@ class Settings:
         self.code_prestart = code_prestart  # a language whose default context is created at start-up
         self.max_sessions = max_sessions  # bash sessions at once; one more is a 429
         self.session_idle_timeout = session_idle_timeout  # seconds unused before a session is deleted; 0: never
+        self.max_terminals = max_terminals  # PTY sessions at once; one more is a 429
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -113,6 +116,7 @@ class ExecdApp:
         )
         self._sessions: SessionManager | None = None
         self._sampler: Sampler | None = None
+        self._ptys: PtyManager | None = None
         self.isolated = IsolatedApi(self.environment, self.state_dir, settings.ping_interval, settings.interrupt_grace)
         port = settings.code_port
         self.readiness = Readiness(jupyter_port(os.environ) if port is None else port)
@@ -162,9 +166,10 @@ class ExecdApp:
         r.add("GET", "/code/contexts/{id}", self.get_context)
         r.add("DELETE", "/code/contexts/{id}", self.delete_context)
         self.isolated.register(r)  # /v1/isolated/... (execd/isolated/)
-        for method in ("GET", "POST", "DELETE"):
-            for path in ("/pty", "/pty/{id}"):
-                r.add(method, path, self.not_supported)
+        r.add("POST", "/pty", self.create_pty)
+        r.add("GET", "/pty/{id}", self.pty_status)
+        r.add("DELETE", "/pty/{id}", self.delete_pty)
+        r.add("GET", "/pty/{id}/ws", self.pty_socket)
         return r
 
     async def dispatch(self, request: Request) -> AnyResponse:
@@ -181,6 +186,8 @@ class ExecdApp:
         await self.commands.shutdown()
         if self._sessions is not None:
             self._sessions.shutdown()
+        if self._ptys is not None:
+            self._ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
@@ -212,13 +219,19 @@ class ExecdApp:
             self._sampler = Sampler()
         return self._sampler
 
+    @property
+    def ptys(self) -> PtyManager:
+        """The terminals, created (and the PTY and WebSocket modules imported) on first use."""
+        if self._ptys is None:
+            from opensandbox_platform.execd.pty import PtyManager
+
+            self._ptys = PtyManager(self.environment, self.settings.max_terminals)
+        return self._ptys
+
     # -- health and bootstrap ----------------------------------------------------------------
 
     async def ping(self, request: Request) -> AnyResponse:
         return EMPTY
-
-    async def not_supported(self, request: Request) -> AnyResponse:
-        raise ApiError(501, errors.NOT_SUPPORTED, f"{request.path} is not supported by this execd")
 
     async def identities_not_supported(self, request: Request) -> AnyResponse:
         # Refused rather than served as root: a caller asking for a user's rights must not get more.
@@ -275,6 +288,37 @@ class ExecdApp:
     async def delete_session(self, request: Request) -> AnyResponse:
         self.sessions.delete(request.params["id"])
         return EMPTY
+
+    # -- terminals (execd/pty.py, imported on first use) --------------------------------------
+
+    async def create_pty(self, request: Request) -> AnyResponse:
+        session = self.ptys.create(await request.json(allow_empty=True), self.bootstrap.cwd)
+        return Response.json({"session_id": session.id})
+
+    async def pty_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.ptys.get(request.params["id"]).wire())
+
+    async def delete_pty(self, request: Request) -> AnyResponse:
+        self.ptys.delete(request.params["id"])
+        return EMPTY
+
+    async def pty_socket(self, request: Request) -> AnyResponse:
+        from opensandbox_platform.daemon import websocket
+        from opensandbox_platform.execd.pty import MAX_MESSAGE
+
+        session = self.ptys.get(request.params["id"])
+        if request.arg("pty") is not None and not _flag(request.arg("pty"), "pty"):
+            raise ApiError(501, errors.NOT_SUPPORTED, "pipe mode (pty=0) is not supported: terminals only")
+        since_text = request.arg("since")
+        if since_text is not None and not since_text.isdigit():
+            raise errors.bad_request(f"invalid since {since_text!r}: a byte offset >= 0 is required")
+        since = None if since_text is None else int(since_text)
+        takeover = _flag(request.arg("takeover"), "takeover")
+        if session.client is not None and not session.client.closed.done() and not takeover:
+            raise ApiError(409, "ALREADY_CONNECTED", "another client holds this terminal; ask takeover=1")
+        return websocket.accept(
+            request.method, request.headers, lambda ws: session.attach(ws, since, takeover), MAX_MESSAGE
+        )
 
     # -- files (execd/files.py, imported on first use) ---------------------------------------
 

@@ -143,11 +143,17 @@ class KubeClient:
 
     @classmethod
     def from_config(
-        cls, kubeconfig: str | None = None, *, max_connections: int = 32, timeout: float = 30.0
+        cls,
+        kubeconfig: str | None = None,
+        *,
+        max_connections: int = 32,
+        timeout: float = 30.0,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> KubeClient:
         """From a kubeconfig file, else the in-cluster service account, else $KUBECONFIG/~/.kube/config.
 
-        `timeout` bounds every request but watches (which have their own silence timeout)."""
+        `timeout` bounds every request but watches (which have their own silence timeout);
+        `trace_configs` see every request (the server's engine-call metrics)."""
         config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
         if config is None or config.user is None:
             raise ValueError("the kubeconfig has no current context with a user")
@@ -156,6 +162,7 @@ class KubeClient:
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=max_connections),
             timeout=aiohttp.ClientTimeout(total=timeout),
             raise_for_status=False,
+            trace_configs=trace_configs,
         )
         return cls(session, config.cluster.server, Credentials(config.user))
 

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+from opensandbox_platform.server import metrics
 from opensandbox_platform.server.errors import ApiError
 
 TOO_MANY_CREATES = "SANDBOX::TOO_MANY_CREATES"
@@ -80,6 +81,7 @@ class Admission:
             return
         if self.waiting >= self.queue_size:
             self.refused += 1
+            metrics.CREATES_SHED.labels("queue_full").inc()
             raise ApiError(
                 429,
                 TOO_MANY_CREATES,
@@ -89,11 +91,15 @@ class Admission:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         watched: set[asyncio.Future[None]] = {waiter} if client_gone is None else {waiter, client_gone}
+        metrics.CREATES_QUEUED.inc()
+        queued_at = time.monotonic()
         try:
             await asyncio.wait(watched, timeout=self.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             self._abandon(waiter)
             raise
+        finally:
+            metrics.CREATE_QUEUE_WAIT.observe(time.monotonic() - queued_at)
         if client_gone is not None and client_gone.done():
             self._abandon(waiter)
             raise ClientGone
@@ -101,6 +107,7 @@ class Admission:
             return  # the slot was handed over by _release: running already counts it
         self._abandon(waiter)
         self.refused += 1
+        metrics.CREATES_SHED.labels("queue_timeout").inc()
         raise ApiError(
             503,
             SERVER_BUSY,

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import diagnostics, errors, openapi, proxy, unsupported
+from opensandbox_platform.server import diagnostics, errors, metrics, openapi, proxy, unsupported
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
@@ -50,6 +50,10 @@ def signer_of(config: Config) -> Signer:
     return Signer.ephemeral()
 
 
+async def _states(runtime: Runtime) -> list[str]:
+    return [info.state for info in await runtime.list()]
+
+
 def create_app(config: Config | None = None, runtime: Runtime | None = None) -> FastAPI:
     """The app; the runtime is started and closed with the app's lifespan."""
     config = config or Config()
@@ -80,7 +84,17 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
         config.server.create_queue_timeout_seconds,
     )
     errors.install(app)
+    if config.console.enabled:  # the web console (server/console/)
+        from opensandbox_platform.server.console import routes as console
+        from opensandbox_platform.server.console.session import Signer
+
+        app.state.console_signer = Signer(config.server.api_key, config.console.session_hours * 3600)
+        app.include_router(console.router)
+        app.mount("/console/static", console.static_files(), name="console-static")
+        app.add_middleware(console.SecurityHeaders)
+
     app.add_middleware(AuthAndRequestId, api_key=config.server.api_key)
+    app.add_middleware(metrics.RequestMetrics)  # outermost: 401s are counted too
 
     @app.get("/health", tags=["health"])
     async def health() -> dict[str, Any]:
@@ -100,6 +114,22 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     @app.get("/version", tags=["health"])
     async def version() -> dict[str, str]:
         return {"version": __version__}
+
+    if config.server.metrics:
+
+        @app.get("/metrics", tags=["health"], response_class=Response, responses={401: {"model": ErrorResponse}})
+        async def prometheus(request: Request) -> Response:
+            """Prometheus metrics (docs/observability.md): the API key or `server.metricsToken` as a
+            bearer token, when either is configured."""
+            if not metrics.authorized(dict(request.headers), config.server.api_key, config.server.metrics_token):
+                body = errors.error_body(errors.INVALID_API_KEY, "metrics need the API key or server.metricsToken")
+                return JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+            await metrics.refresh_sandboxes(config.runtime.type, lambda: _states(runtime))
+            admission: Admission = app.state.admission
+            metrics.CREATES_RUNNING.set(admission.running)
+            metrics.CREATES_WAITING.set(admission.waiting)
+            payload, content_type = metrics.exposition()
+            return Response(payload, media_type=content_type)
 
     for routes in (router, diagnostics.router, unsupported.router):
         app.include_router(routes, prefix="/v1")

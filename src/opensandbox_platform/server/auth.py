@@ -25,6 +25,10 @@ SIGNED_PATH = re.compile(r"^(?:/v1)?/sandboxes/[^/]+/signed/")
 PROXY_PATH = re.compile(r"^(?:/v1)?/sandboxes/[^/]+/proxy/")
 # scope["state"][API_KEY_CHECKED]: whether this request proved the API key (or none is configured).
 API_KEY_CHECKED = "api_key_checked"
+# Routes that check their own credentials: /metrics (the key or a bearer token, server/metrics.py)
+# and the web console (its session cookie, server/console/).
+SELF_CHECKED = ("/metrics",)
+SELF_CHECKED_PREFIXES = ("/console",)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,6 +45,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def is_open(path: str) -> bool:
+    if path in SELF_CHECKED or any(path == p or path.startswith(p + "/") for p in SELF_CHECKED_PREFIXES):
+        return True
     return any(path == p or path.startswith(p + "/") for p in OPEN_PATHS) or path.startswith("/docs")
 
 

@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 CONFIG_ENV = "SANDBOX_CONFIG_PATH"
 API_KEY_ENV = "OPENSANDBOX_SERVER_API_KEY"
+METRICS_TOKEN_ENV = "OPENSANDBOX_SERVER_METRICS_TOKEN"
 
 
 class Section(BaseModel):
@@ -92,6 +93,12 @@ class ServerSection(Section):
     )
     create_queue_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long a create may wait for a slot before it is refused with 503"
+    )
+    metrics: bool = Field(default=True, description="serve Prometheus metrics on GET /metrics")
+    metrics_token: str = Field(
+        default="",
+        description="a bearer token (Authorization: Bearer ...) that may read /metrics without the API key, for"
+        f" Prometheus (env {METRICS_TOKEN_ENV}); with neither key nor token /metrics is open",
     )
 
     @model_validator(mode="after")
@@ -307,8 +314,25 @@ class KubernetesSection(Section):
         return value
 
 
+class ConsoleSection(Section):
+    enabled: bool = Field(
+        default=True,
+        description="serve the web console on /console (sandboxes, files, a terminal; docs/observability.md)",
+    )
+    session_hours: float = Field(
+        default=12.0, gt=0, le=24 * 30, description="how long a console login lasts before the API key is asked again"
+    )
+    secure_cookie: bool = Field(
+        default=True,
+        description="mark the console's session cookie Secure: browsers then keep it over HTTPS and on loopback"
+        " (localhost, 127.0.0.1) only; false only for plain HTTP on another address you trust",
+    )
+    terminal: bool = Field(default=True, description="offer an interactive shell (execd's PTY) on the sandbox page")
+
+
 class Config(Section):
     server: ServerSection = ServerSection()
+    console: ConsoleSection = ConsoleSection()
     runtime: RuntimeSection = RuntimeSection()
     local: LocalSection = LocalSection()
     docker: DockerSection = DockerSection()
@@ -340,6 +364,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"invalid config {path}: {exc}") from None
     if os.environ.get(API_KEY_ENV):
         config.server.api_key = os.environ[API_KEY_ENV]
+    if os.environ.get(METRICS_TOKEN_ENV):
+        config.server.metrics_token = os.environ[METRICS_TOKEN_ENV]
     return config
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import websockets
@@ -21,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection
 
-from opensandbox_platform.server import errors
+from opensandbox_platform.server import errors, metrics
 from opensandbox_platform.server.errors import ApiError, StreamAborted
 from opensandbox_platform.server.runtimes.base import Endpoint
 
@@ -105,7 +107,7 @@ async def forward_http(
             request.method,
             _target(upstream, path, request.url.query, "http"),
             headers=headers,
-            content=request.stream() if has_body else None,
+            content=_counted(request.stream(), metrics.PROXY_BYTES.labels("http", "to_sandbox")) if has_body else None,
         )
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise errors.invalid(f"cannot proxy this request: {exc}") from None
@@ -123,16 +125,25 @@ async def forward_http(
         # Keep redirects inside the proxy prefix.
         out_headers["location"] = _prefix(request, prefix_segments) + location
     return StreamingResponse(
-        _relay_body(response),
+        relay_body(response),
         status_code=response.status_code,
         headers=out_headers,
         background=BackgroundTask(response.aclose),
     )
 
 
-async def _relay_body(response: httpx.Response):  # type: ignore[no-untyped-def]
+async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        counter.inc(len(chunk))
+        yield chunk
+
+
+async def relay_body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body as it comes, counted as bytes from the sandbox."""
+    counter = metrics.PROXY_BYTES.labels("http", "from_sandbox")
     try:
         async for chunk in response.aiter_raw():
+            counter.inc(len(chunk))
             yield chunk
     except httpx.HTTPError as exc:
         # The sandbox broke its stream (execd died, the sandbox was deleted): break ours too,
@@ -159,24 +170,38 @@ async def forward_websocket(websocket: WebSocket, upstream: Endpoint, path: str)
         return
     async with backend:
         await websocket.accept(subprotocol=backend.subprotocol)
-        await _relay_frames(websocket, backend)
+        await relay_frames(websocket, backend)
 
 
-async def _relay_frames(websocket: WebSocket, backend: ClientConnection) -> None:
+async def relay_frames(websocket: WebSocket, backend: ClientConnection, max_client_message: int = 0) -> None:
+    """Relays messages both ways until either side closes (the other is then closed with its code).
+    With `max_client_message`, a larger message from the client closes both with 1009."""
+    to_sandbox = metrics.PROXY_BYTES.labels("websocket", "to_sandbox")
+    from_sandbox = metrics.PROXY_BYTES.labels("websocket", "from_sandbox")
+
     async def client_to_backend() -> None:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 await backend.close(message.get("code", 1000))
                 return
+            data = message.get("bytes") or message.get("text") or b""
+            if max_client_message and len(data) > max_client_message:
+                await backend.close(1009)
+                with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                    await websocket.close(code=1009, reason="message too big")
+                return
             if message.get("bytes") is not None:
+                to_sandbox.inc(len(message["bytes"]))
                 await backend.send(message["bytes"])
             elif message.get("text") is not None:
+                to_sandbox.inc(len(message["text"].encode()))
                 await backend.send(message["text"])
 
     async def backend_to_client() -> None:
         try:
             async for frame in backend:
+                from_sandbox.inc(len(frame) if isinstance(frame, bytes) else len(frame.encode()))
                 if isinstance(frame, bytes):
                     await websocket.send_bytes(frame)
                 else:
@@ -188,9 +213,11 @@ async def _relay_frames(websocket: WebSocket, backend: ClientConnection) -> None
             await websocket.close(code=code if code != 1005 else 1000)
 
     tasks = [asyncio.create_task(client_to_backend()), asyncio.create_task(backend_to_client())]
+    metrics.PROXY_WEBSOCKETS.inc()
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        metrics.PROXY_WEBSOCKETS.dec()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

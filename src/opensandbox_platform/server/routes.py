@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import math
+import time
 from typing import Annotated
 from urllib.parse import parse_qsl
 
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.server import errors, proxy, validation
+from opensandbox_platform.server import errors, metrics, proxy, validation
 from opensandbox_platform.server.admission import Admission, ClientGone
 from opensandbox_platform.server.auth import API_KEY_CHECKED
 from opensandbox_platform.server.config import Config
@@ -99,9 +100,11 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
     )
     admission: Admission = request.app.state.admission
     gone = asyncio.ensure_future(_client_gone(request))
+    started, created = time.perf_counter(), False
     try:
         async with admission.slot(gone):
             info = await runtime.create(spec)
+            created = True
         if gone.done():
             # Nobody will learn this sandbox's id: remove it rather than leave it running until
             # its timeout (forever with `timeout: null`).
@@ -116,6 +119,8 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
         gone.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gone
+        pooled = bool(spec.extensions.get(labels.EXTENSION_POOL_REF))
+        metrics.observe_create(runtime.capabilities.runtime, pooled, created, time.perf_counter() - started)
     return as_json(CreateSandboxResponse.of(info), 202)
 
 
@@ -385,6 +390,8 @@ async def signed_websocket(websocket: WebSocket, sandbox_id: SandboxId, port: in
 
 
 @router.post("/metrics/events", status_code=204, response_class=Response, tags=["metrics"])
-async def metrics_event(body: Annotated[dict[str, object] | None, Body()] = None) -> Response:
-    """SDK create-latency telemetry: accepted and dropped (nothing exports it yet)."""
+async def metrics_event(request: Request, body: Annotated[dict[str, object] | None, Body()] = None) -> Response:
+    """SDK telemetry: a `sandbox.create` event's `createDurationMs` goes into the histogram
+    `opensandbox_sdk_sandbox_create_duration_seconds` of `GET /metrics`."""
+    metrics.record_sdk_event(body, request.headers.get("user-agent", ""))
     return Response(status_code=204)

@@ -8,6 +8,7 @@ parameter, fails the test, as does a README default that differs from values.yam
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import tomllib
@@ -74,6 +75,18 @@ def api_key(docs: list[Doc]) -> tuple[str | None, bool, bool]:
     value = base64.b64decode(secret["data"]["api-key"]).decode() if secret else None
     env = [e["name"] for e in server(docs).get("env", [])]
     return value, "OPENSANDBOX_SERVER_API_KEY" in env, "apiKey" in toml(docs)["server"]
+
+
+def metrics_token(docs: list[Doc]) -> str | None:
+    secret = find(docs, "Secret", f"{SERVER}-metrics-token")
+    return base64.b64decode(secret["data"]["token"]).decode() if secret else None
+
+
+def server_monitor(monitor: Doc) -> tuple[str, str, str, str, str | None]:
+    endpoint = monitor["spec"]["endpoints"][0]
+    secret = endpoint.get("authorization", {}).get("credentials", {}).get("name")
+    component = monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+    return monitor["metadata"]["name"], endpoint["port"], endpoint["path"], component, secret
 
 
 def namespaces(docs: list[Doc]) -> set[str]:
@@ -246,6 +259,43 @@ CASES: dict[str, Case] = {
             for p in r["http"]["paths"]
         ],
         [("opensandbox.example.com", "/", "Prefix", SERVER)],
+    ),
+    "server.metrics.token": Case(
+        {"server.metrics.token": "scrape-me"},
+        lambda d: (metrics_token(d), [e["name"] for e in server(d).get("env", [])]),
+        ("scrape-me", ["OPENSANDBOX_SERVER_METRICS_TOKEN"]),
+    ),
+    "server.metrics.serviceMonitor.enabled": Case(
+        {"server.metrics.serviceMonitor.enabled": "true"},
+        lambda d: [server_monitor(m) for m in d if m["kind"] == "ServiceMonitor"],
+        [(f"{SERVER}-metrics-monitor", "http", "/metrics", "server", None)],
+    ),
+    "server.metrics.serviceMonitor.interval": Case(
+        {"server.metrics.serviceMonitor.enabled": "true", "server.metrics.serviceMonitor.interval": "15s"},
+        lambda d: [e["interval"] for m in d if m["kind"] == "ServiceMonitor" for e in m["spec"]["endpoints"]],
+        ["15s"],
+    ),
+    # Grafana dashboard
+    "dashboard.enabled": Case(
+        {"dashboard.enabled": "true"},
+        lambda d: json.loads(
+            (find(d, "ConfigMap", f"{RELEASE}-dashboard") or {"data": {"opensandbox.json": "{}"}})["data"][
+                "opensandbox.json"
+            ]
+        ).get("uid"),
+        "opensandbox",
+    ),
+    "dashboard.namespace": Case(
+        {"dashboard.enabled": "true", "dashboard.namespace": "monitoring"},
+        lambda d: (find(d, "ConfigMap", f"{RELEASE}-dashboard") or {"metadata": {}})["metadata"].get("namespace"),
+        "monitoring",
+    ),
+    "dashboard.labels.grafana_dashboard": Case(
+        {"dashboard.enabled": "true", "dashboard.labels.grafana_dashboard": "str:opensandbox"},
+        lambda d: (find(d, "ConfigMap", f"{RELEASE}-dashboard") or {"metadata": {"labels": {}}})["metadata"][
+            "labels"
+        ].get("grafana_dashboard"),
+        "opensandbox",
     ),
     # namespace
     "namespaceOverride": Case(
@@ -461,3 +511,30 @@ def test_the_sandbox_token_key_reaches_the_controller_and_the_server() -> None:
     for name in (CONTROLLER, SERVER):
         volumes = get(docs, "Deployment", name)["spec"]["template"]["spec"]["volumes"]
         assert {"name": "sandbox-token", "secret": {"secretName": secret["metadata"]["name"]}} in volumes
+
+
+def test_the_servers_monitor_authenticates_with_the_metrics_token_and_never_the_api_key() -> None:
+    docs = render(
+        {
+            "server.config.server.apiKey": "the-key",
+            "server.metrics.token": "scrape-me",
+            "server.metrics.serviceMonitor.enabled": "true",
+        }
+    )
+    monitor = get(docs, "ServiceMonitor", f"{SERVER}-metrics-monitor")
+    assert server_monitor(monitor)[4] == f"{SERVER}-metrics-token"
+    assert "the-key" not in yaml.safe_dump(monitor)
+    env = [e["name"] for e in server(docs)["env"]]
+    assert env == ["OPENSANDBOX_SERVER_API_KEY", "OPENSANDBOX_SERVER_METRICS_TOKEN"]
+    assert "metricsToken" not in toml(docs)["server"]  # a secret, never in the ConfigMap
+
+
+def test_a_server_monitor_without_a_token_where_the_key_is_needed_is_refused() -> None:
+    error = render_error({"server.config.server.apiKey": "the-key", "server.metrics.serviceMonitor.enabled": "true"})
+    assert "server.metrics.token" in error
+
+
+def test_the_dashboard_configmap_carries_the_dashboard_file() -> None:
+    docs = render({"dashboard.enabled": "true"})
+    shipped = get(docs, "ConfigMap", f"{RELEASE}-dashboard")["data"]["opensandbox.json"]
+    assert json.loads(shipped) == json.loads((CHART / "files" / "dashboard.json").read_text())

@@ -69,7 +69,7 @@ def test_nothing_heavy_before_the_socket_listens(module: str) -> None:
 
 
 def test_an_idle_execd_has_not_imported_what_only_some_requests_need() -> None:
-    """Files, sessions, metrics and the code interpreter come with their first request."""
+    """Files, sessions, metrics, terminals and the code interpreter come with their first request."""
     out = run_python("""
         import sys, json
         sys.modules["ssl"] = None
@@ -77,6 +77,7 @@ def test_an_idle_execd_has_not_imported_what_only_some_requests_need() -> None:
         lazy = ["opensandbox_platform.execd.files", "opensandbox_platform.execd.sessions",
                 "opensandbox_platform.execd.metrics", "opensandbox_platform.execd.multipart",
                 "opensandbox_platform.execd.code.settings", "opensandbox_platform.execd.code.contexts",
+                "opensandbox_platform.execd.pty", "opensandbox_platform.daemon.websocket", "pty", "termios",
                 "tempfile", "shutil", "dataclasses", "urllib.parse", "datetime"]
         print(json.dumps([m for m in lazy if m in sys.modules]))
     """)

@@ -47,7 +47,7 @@ from aiodocker.volumes import DockerVolume
 
 from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
-from opensandbox_platform.server import errors, validation
+from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import docker_api, docker_volumes, guards, seccomp
@@ -167,6 +167,7 @@ class DockerRuntime:
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.api_timeout_seconds)
         self._docker = aiodocker.Docker(url=self.settings.host or None, timeout=timeout)
+        docker_api.add_trace(self._docker, metrics.engine_trace("docker", metrics.docker_resource))
         try:
             version = await self.docker.version()
         except (DockerError, TimeoutError, aiohttp.ClientError) as exc:

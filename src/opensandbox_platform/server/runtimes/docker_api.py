@@ -12,10 +12,20 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiodocker.exceptions import DockerError
 from aiodocker.stream import Stream
 from aiohttp import ClientTimeout
 from yarl import URL
+
+
+def add_trace(docker: aiodocker.Docker, trace: aiohttp.TraceConfig) -> None:
+    """Have every Engine API request of `docker` seen by `trace` (the engine-call metrics).
+    aiohttp takes trace configs only when a session is made, and aiodocker makes its own session
+    (with the connector it picks from DOCKER_HOST, contexts and default sockets), so the frozen
+    config is added to the session's private list."""
+    trace.freeze()
+    docker.session._trace_configs.append(trace)
 
 
 async def path_exists(docker: aiodocker.Docker, container_id: str, path: str) -> bool:

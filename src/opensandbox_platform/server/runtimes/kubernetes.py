@@ -36,7 +36,7 @@ from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
-from opensandbox_platform.server import errors, validation
+from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
@@ -127,7 +127,8 @@ class KubernetesRuntime:
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        client = self._client = KubeClient.from_config(self.kubeconfig, timeout=self.api_timeout)
+        trace = metrics.engine_trace("kubernetes", metrics.kubernetes_resource)
+        client = self._client = KubeClient.from_config(self.kubeconfig, timeout=self.api_timeout, trace_configs=[trace])
         try:
             # Fail at start-up, with the API server's words, when the CRD or our permissions are missing.
             await client.list(BATCHSANDBOXES, self.namespace, limit=1)
