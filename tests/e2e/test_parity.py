@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -136,11 +137,12 @@ async def test_filesystem_identities_are_501_never_served_as_root(server: Server
 
 
 async def test_lifecycle_hooks_are_refused_naming_them(server: ServerProcess) -> None:
-    before = server.sandboxes_on_host()
+    mark = {"parity-test": uuid.uuid4().hex[:12]}
     with pytest.raises(SandboxApiException) as refused:
         await Sandbox.create(
             server.image,
             connection_config=config(server),
+            metadata=mark,
             lifecycle=SandboxLifecycle(
                 pre_start=LifecycleHook(command=["true"]),
                 periodic=[PeriodicLifecycleHook(name="tick", schedule="@every 30s", command=["true"])],
@@ -148,4 +150,7 @@ async def test_lifecycle_hooks_are_refused_naming_them(server: ServerProcess) ->
         )
     assert refused.value.status_code == 400 and refused.value.error.code == "SANDBOX::API_NOT_SUPPORTED"
     assert "preStart and periodic hooks" in str(refused.value.error.message)
-    assert server.sandboxes_on_host() == before
+    async with httpx.AsyncClient(headers=server.headers(), timeout=10) as client:
+        query = {"metadata": f"parity-test={mark['parity-test']}"}
+        listed = await client.get(f"{server.url}/v1/sandboxes", params=query)
+    assert listed.json()["items"] == []  # nothing was made
