@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image task-executor-binary docker-build-task-executor docker-build docker-build-server docker-build-execd code-interpreter-image
+.PHONY: help run test lint format crds cluster-up cluster-down node-up node-down podman-up podman-down bench tools execd-binary execd-image task-executor-binary docker-build-task-executor docker-build-egress docker-build docker-build-server docker-build-execd code-interpreter-image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -51,6 +51,11 @@ task-executor-binary:  ## build the self-contained task-executor: build/task-exe
 docker-build-task-executor:  ## the task-executor image $(TASK_EXECUTOR_IMG) (podman; tools/build-image.sh)
 	tools/setup.sh run
 	tools/build-image.sh task-executor $(TASK_EXECUTOR_IMG)
+
+EGRESS_IMG ?= opensandbox/egress:dev
+docker-build-egress:  ## the egress sidecar image $(EGRESS_IMG) (network policies; podman; tools/build-image.sh)
+	tools/setup.sh run
+	tools/build-image.sh egress $(EGRESS_IMG)
 
 IMG ?= opensandbox/controller:dev
 SERVER_IMG ?= opensandbox/server:v0.1.0

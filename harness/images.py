@@ -24,6 +24,7 @@ TEST_IMAGE = "localhost/opensandbox-test-base:latest"
 # The images of this tree the tests build and use, as podman and the real node's containerd name them.
 EXECD_IMAGE = "localhost/opensandbox/execd:dev"
 TASK_EXECUTOR_IMAGE = "localhost/opensandbox/task-executor:dev"
+EGRESS_IMAGE = "localhost/opensandbox/egress:dev"  # the network-policy sidecar (docker and kubernetes)
 # Python + ipykernel + numpy/pandas/matplotlib, bash and JavaScript kernels (tools/code-interpreter-image.sh).
 CODE_INTERPRETER_IMAGE = "localhost/opensandbox/code-interpreter:dev"
 

@@ -19,8 +19,22 @@ if [ ! -x "$EXECD" ]; then
   exit 127
 fi
 
+# A network policy (docker runtime): the FIFO is made before execd starts; the server opens it once
+# the egress sidecar enforces the policy, and only then does the entrypoint start.
+gate=${OPENSANDBOX_START_GATE:-}
+unset OPENSANDBOX_START_GATE
+if [ -n "$gate" ]; then
+  rm -f "$gate"
+  mkfifo -m 0600 "$gate" || { echo "bootstrap: cannot make $gate" >&2; exit 1; }
+fi
+
 "$EXECD" &
 execd_pid=$!
+
+if [ -n "$gate" ]; then
+  read -r _ <"$gate"
+  rm -f "$gate"
+fi
 
 if [ $# -eq 0 ]; then
   main_pid=$execd_pid

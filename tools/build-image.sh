@@ -4,6 +4,7 @@
 #   tools/build-image.sh server IMAGE         images/server.Dockerfile (opensandbox-server)
 #   tools/build-image.sh execd IMAGE          images/execd.Dockerfile (tools/build-execd.sh)
 #   tools/build-image.sh task-executor IMAGE  images/task-executor.Dockerfile (tools/build-task-executor.sh)
+#   tools/build-image.sh egress IMAGE         images/egress.Dockerfile (tools/build-egress.sh)
 #   tools/build-image.sh code-interpreter IMAGE  Debian + Jupyter kernels (tools/code-interpreter-image.sh)
 #
 # controller and server are built one-dir (build/<name>/opensandbox-<name>/: the executable beside
@@ -16,8 +17,8 @@
 # name a kubelet looks for, so an image loaded into a node's runtime is found with pullPolicy Never.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-name=${1:?usage: tools/build-image.sh controller|server|execd|task-executor|code-interpreter IMAGE}
-image=${2:?usage: tools/build-image.sh controller|server|execd|task-executor|code-interpreter IMAGE}
+name=${1:?usage: tools/build-image.sh controller|server|execd|task-executor|egress|code-interpreter IMAGE}
+image=${2:?usage: tools/build-image.sh controller|server|execd|task-executor|egress|code-interpreter IMAGE}
 # A root file system, not a program: debootstrap and apt, no PyInstaller build.
 [[ $name != code-interpreter ]] || exec "$(dirname "$0")/code-interpreter-image.sh" "$image"
 base=localhost/opensandbox-test-base:latest
@@ -78,16 +79,16 @@ case $name in
       --hidden-import uvloop --hidden-import httptools
     stage_libs server
     ;;
-  execd | task-executor)
+  execd | task-executor | egress)
     "$top/tools/test-image.sh"  # the local base (no registry)
     "tools/build-$name.sh"
     ;;
-  *) log "unknown program $name (controller, server, execd or task-executor)"; exit 2 ;;
+  *) log "unknown program $name (controller, server, execd, task-executor or egress)"; exit 2 ;;
 esac
 
 log "$engine build $image"
 build_args=()
-[[ $name != execd && $name != task-executor ]] || build_args=(--build-arg "BASE_IMAGE=$base")
+[[ $name != execd && $name != task-executor && $name != egress ]] || build_args=(--build-arg "BASE_IMAGE=$base")
 # SOURCE_HASH (set by harness/images.py): recorded as a label, so an image built from the same
 # sources is reused instead of rebuilt.
 [[ -z ${SOURCE_HASH:-} ]] || build_args+=(--label "opensandbox.io/source-hash=$SOURCE_HASH")

@@ -119,7 +119,7 @@ async def test_secure_access_sandbox_needs_its_token(server: ServerProcess, prox
 
 @pytest.mark.parametrize(
     ("method", "path", "feature"),
-    [("GET", "/v1/templates", "templates"), ("GET", "/v1/snapshots", "snapshots")],
+    [("GET", "/v1/templates", "templates"), ("DELETE", "/v1/templates/t-1", "templates")],
 )
 def test_unsupported_features_are_501_naming_them(server: ServerProcess, method: str, path: str, feature: str) -> None:
     response = httpx.request(method, server.url + path, headers=server.headers())

@@ -251,6 +251,13 @@ def test_bad_input_is_a_4xx_and_creates_nothing(api: httpx.Client, kube: Client,
     sandbox_id = created.json()["id"]
     assert error(api.post(f"/sandboxes/{sandbox_id}/pause"), 400) == "SANDBOX::API_NOT_SUPPORTED"
     assert error(api.post(f"/sandboxes/{sandbox_id}/resume"), 400) == "SANDBOX::API_NOT_SUPPORTED"
+    # snapshots: 501 naming the feature (404 first for an unknown sandbox), snapshotId 400 (docs/snapshots.md)
+    assert error(api.post("/sandboxes/nope/snapshots", json={}), 404) == "SANDBOX::NOT_FOUND"
+    for answer in (api.post(f"/sandboxes/{sandbox_id}/snapshots", json={}), api.get("/snapshots")):
+        assert error(answer, 501) == "SANDBOX::API_NOT_SUPPORTED"
+        assert answer.json()["message"] == "snapshots are not supported by the kubernetes runtime"
+    from_snapshot = api.post("/sandboxes", json={"snapshotId": "snap-x", "resourceLimits": {"cpu": "1"}})
+    assert error(from_snapshot, 400) == "SANDBOX::API_NOT_SUPPORTED" and "snapshotId" in from_snapshot.text
     later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
     renew = api.post(f"/sandboxes/{sandbox_id}/renew-expiration", json={"expiresAt": later})
     assert error(renew, 409) == "SANDBOX::INVALID_EXPIRATION"

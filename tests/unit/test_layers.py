@@ -17,7 +17,9 @@ ALLOWED: dict[str, set[str]] = {
     "controller": {"daemon", "api", "kube"},
     "execd": {"daemon", "api"},
     "task_executor": {"daemon", "api"},
-    "server": {"daemon", "api", "kube", "execd"},  # execd: the local runtime's jail init runs execd
+    "egress": {"daemon", "api"},
+    # execd: the local runtime's jail init runs execd; egress: the local runtime enforces policies itself
+    "server": {"daemon", "api", "kube", "execd", "egress"},
 }
 
 

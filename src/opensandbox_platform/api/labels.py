@@ -77,6 +77,10 @@ EXECD_PORT: Final = 44772
 # The header that carries a sandbox's execd token (local and docker runtimes; endpoints hand it out).
 EXECD_TOKEN_HEADER: Final = "X-EXECD-ACCESS-TOKEN"
 TASK_EXECUTOR_PORT: Final = 5758
+# The egress API (network policy) inside every sandbox that has a policy, and its token's header
+# (upstream's names); the sandbox itself never holds that token (docs/network-policy.md).
+EGRESS_PORT: Final = 18080
+EGRESS_TOKEN_HEADER: Final = "OPENSANDBOX-EGRESS-AUTH"
 SANDBOX_CONTAINER: Final = "sandbox"
 
 # execd injection: the init container copies the execd image's /opensandbox/ into a shared emptyDir
@@ -113,7 +117,28 @@ DOCKER_SECURE_ACCESS: Final = DOCKER_PREFIX + "secure-access"  # "true": endpoin
 DOCKER_OWNED_VOLUMES: Final = DOCKER_PREFIX + "owned-volumes"  # named volumes removed with it (JSON list)
 DOCKER_VOLUME_CREATED_BY: Final = DOCKER_PREFIX + "created-by-sandbox"  # on a named volume a create made
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
+# Snapshot images (docker commit) carry their id and their record (base64 JSON); a container restored
+# from one carries the id too, which makes the snapshot in use (docs/snapshots.md).
+DOCKER_SNAPSHOT: Final = DOCKER_PREFIX + "snapshot-id"
+DOCKER_SNAPSHOT_RECORD: Final = DOCKER_PREFIX + "snapshot"
+# The label keys the runtime set on a container (JSON list): a container also carries its image's
+# labels, and one from a snapshot image carries its source sandbox's, which must not count.
+DOCKER_OWN_LABELS: Final = DOCKER_PREFIX + "own-labels"
 DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holding execd (value: its content key)
+
+# The egress sidecar of a kubernetes sandbox (a native sidecar: an init container that keeps running)
+EGRESS_CONTAINER: Final = "egress"
+EGRESS_STATE_VOLUME: Final = "opensandbox-egress"
+EGRESS_STATE_DIR: Final = "/var/lib/opensandbox-egress"
+# On a BatchSandbox (direct mode): JSON {"policy": {defaultAction, egress}, "upstreamDns": [...]}; the
+# controller injects the egress sidecar into its pods (controller/pods.py inject_egress)
+NETWORK_POLICY: Final = PREFIX + "network-policy"
+DOCKER_EGRESS_FOR: Final = DOCKER_PREFIX + "egress-for"  # docker: the egress sidecar of this sandbox id
+DOCKER_EGRESS: Final = DOCKER_PREFIX + "egress"  # docker: "true" on a sandbox container with a network policy
+# docker: the sandbox's bootstrap script waits on this FIFO before its entrypoint until the egress
+# sidecar enforces the policy (images/execd-bootstrap.sh)
+START_GATE_ENV: Final = "OPENSANDBOX_START_GATE"
+START_GATE: Final = "/tmp/.opensandbox-start-gate"
 
 # Metadata keys a user may never set, on any runtime: the platform's own labels live there.
 RESERVED_PREFIXES: Final = (PREFIX, DOCKER_PREFIX)

@@ -18,8 +18,17 @@ MIN_KEY_BYTES = 16
 _DOMAIN = b"opensandbox/pod-token\0"  # so the key could serve another purpose without colliding
 
 
+_EGRESS_DOMAIN = b"opensandbox/egress-token\0"
+
+
 def pod_token(key: bytes, pod_name: str) -> str:
     return hmac.new(key, _DOMAIN + pod_name.encode(), hashlib.sha256).hexdigest()
+
+
+def egress_token(key: bytes, pod_name: str) -> str:
+    """The token of a pod's egress sidecar: not the pod token, which the sandbox's own environment
+    holds (execd's), so the sandbox cannot change its own network policy."""
+    return hmac.new(key, _EGRESS_DOMAIN + pod_name.encode(), hashlib.sha256).hexdigest()
 
 
 def read_key(path: str | Path) -> bytes:

@@ -38,11 +38,13 @@ from opensandbox_platform.controller.events import EventRecorder
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
 from opensandbox_platform.controller.pods import (
+    EgressSidecar,
     PodCreateError,
     PodInfo,
     TaskExecutorSidecar,
     build_pod,
     delete_pod,
+    egress_request,
     owner_reference,
     slim_pod,
 )
@@ -347,6 +349,19 @@ class BatchSandboxReconciler:
                 settings.task_executor_image, settings.task_executor_resources(), settings.task_executor_pull_policy
             )
 
+        egress: EgressSidecar | None = None
+        if missing:
+            try:
+                request = egress_request(bs.raw["metadata"].get("annotations"))
+            except ValueError as err:
+                return conditions.FAILED_CREATE, str(err)
+            if request is not None:
+                if not settings.egress_image or not settings.token_key:
+                    return conditions.FAILED_CREATE, (
+                        f"{labels.NETWORK_POLICY} needs the controller's --egress-image and --sandbox-token-key-file"
+                    )
+                egress = EgressSidecar(settings.egress_image, request[0], request[1], settings.egress_pull_policy)
+
         async def one(index: int) -> str | None:
             pod = build_pod(
                 name=f"{bs.name}-{index}",
@@ -358,6 +373,7 @@ class BatchSandboxReconciler:
                 task_executor=sidecar,
                 token_key=settings.token_key,
                 execd_install=settings.execd_install,
+                egress=egress,
             )
             try:
                 created = await self.manager.client.create(PODS, pod, bs.namespace)

@@ -95,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="image of the task-executor sidecar (Pools with taskExecutor.enabled and direct-mode "
         "BatchSandboxes with a taskTemplate; a Pool's taskExecutor.image wins)",
     )
+    parser.add_argument(
+        "--egress-image",
+        help="image of the egress sidecar injected into the pods of BatchSandboxes created with a networkPolicy "
+        "(annotation opensandbox.io/network-policy); without it such pods are not created (docs/network-policy.md)",
+    )
+    parser.add_argument(
+        "--egress-image-pull-policy",
+        choices=["Always", "IfNotPresent", "Never"],
+        default="IfNotPresent",
+        help="imagePullPolicy of the egress sidecar (default: %(default)s)",
+    )
     defaults = Settings()
     for name, what in (
         ("cpu-request", "CPU request"),
@@ -137,6 +148,8 @@ async def run(args: argparse.Namespace) -> None:
         execd_image=args.execd_image,
         execd_install=args.execd_install,
         task_executor_image=args.task_executor_image,
+        egress_image=args.egress_image,
+        egress_pull_policy=args.egress_image_pull_policy,
         task_executor_cpu_request=args.task_executor_cpu_request,
         task_executor_memory_request=args.task_executor_memory_request,
         task_executor_cpu_limit=args.task_executor_cpu_limit,

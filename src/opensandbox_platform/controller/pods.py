@@ -154,6 +154,28 @@ class TaskExecutorSidecar:
     pull_policy: str = "IfNotPresent"
 
 
+@dataclass(frozen=True, slots=True)
+class EgressSidecar:
+    """The network-policy sidecar of a pod (a BatchSandbox with labels.NETWORK_POLICY)."""
+
+    image: str
+    policy: JSON  # {defaultAction, egress}, as the server validated it
+    upstream_dns: tuple[str, ...] = ()
+    pull_policy: str = "IfNotPresent"
+
+
+def egress_request(annotations: dict[str, str] | None) -> tuple[JSON, tuple[str, ...]] | None:
+    """(policy, upstream resolvers) of a BatchSandbox's labels.NETWORK_POLICY annotation; None
+    without one; ValueError when it is not what the server writes."""
+    raw = (annotations or {}).get(labels.NETWORK_POLICY)
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    if not isinstance(value, dict) or not isinstance(value.get("policy"), dict):
+        raise ValueError(f"{labels.NETWORK_POLICY} must be a JSON object with a policy")
+    return value["policy"], tuple(str(u) for u in value.get("upstreamDns") or [])
+
+
 def owner_reference(obj: JSON) -> JSON:
     return {
         "apiVersion": obj["apiVersion"],
@@ -171,10 +193,13 @@ def pod_spec(
     task_executor: TaskExecutorSidecar | None = None,
     token: str | None = None,
     execd_install: str = EXECD_POST_START,
+    egress: EgressSidecar | None = None,
+    egress_token: str | None = None,
 ) -> JSON:
     """The PodSpec for a template: the short form becomes container `sandbox`, the rest passes through.
 
-    `token` (api/tokens.py): what execd and the task executor of this pod require of every caller."""
+    `token` (api/tokens.py): what execd and the task executor of this pod require of every caller;
+    `egress_token`: what its egress sidecar requires (the sandbox never holds it)."""
     spec: dict[str, Any] = template.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     short = {k: spec.pop(k) for k in SHORT_FORM if k in spec}
     if "containers" not in spec:
@@ -184,6 +209,8 @@ def pod_spec(
         inject_execd(spec, execd_image, token, execd_install)
     if task_executor:
         inject_task_executor(spec, task_executor, token)
+    if egress:
+        inject_egress(spec, egress, egress_token)
     return spec
 
 
@@ -245,6 +272,46 @@ def inject_task_executor(spec: JSON, sidecar: TaskExecutorSidecar, token: str | 
             "volumeMounts": [{"name": labels.TASK_DATA_VOLUME, "mountPath": labels.TASK_DATA_DIR}],
             "readinessProbe": {"httpGet": {"path": "/health", "port": port}, "periodSeconds": 1, "failureThreshold": 3},
         }
+    )
+
+
+def inject_egress(spec: JSON, sidecar: EgressSidecar, token: str | None) -> None:
+    """The egress sidecar as a native sidecar (an init container with restartPolicy Always), first
+    of all: the kubelet starts every other container only once its startup probe passed, and the
+    sidecar's /health answers only once the policy is in the kernel, so nothing of the sandbox runs
+    unguarded. It is the only container with NET_ADMIN (it loads the ruleset in the pod's network
+    namespace); its state (the policy in force, resolved addresses) lives in an emptyDir, so a
+    restarted sidecar enforces the same policy. The rules stay in the kernel while it restarts."""
+    if token is None:
+        raise ValueError("a network policy needs the pods' token key: the sandbox could change its own policy")
+    env = {
+        "OPENSANDBOX_EGRESS_TOKEN": token,
+        "OPENSANDBOX_EGRESS_RULES": json.dumps(sidecar.policy, separators=(",", ":")),
+        "EGRESS_STATE_FILE": f"{labels.EGRESS_STATE_DIR}/state.json",
+    }
+    if sidecar.upstream_dns:
+        env["OPENSANDBOX_EGRESS_UPSTREAM"] = ",".join(sidecar.upstream_dns)
+    spec.setdefault("volumes", []).append({"name": labels.EGRESS_STATE_VOLUME, "emptyDir": {}})
+    port = labels.EGRESS_PORT
+    spec.setdefault("initContainers", []).insert(
+        0,
+        {
+            "name": labels.EGRESS_CONTAINER,
+            "image": sidecar.image,
+            "imagePullPolicy": sidecar.pull_policy,
+            "restartPolicy": "Always",
+            "env": [{"name": k, "value": v} for k, v in env.items()],
+            "ports": [{"name": "egress", "containerPort": port}],
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": False,
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+            },
+            "startupProbe": {"httpGet": {"path": "/health", "port": port}, "periodSeconds": 1, "failureThreshold": 60},
+            "volumeMounts": [{"name": labels.EGRESS_STATE_VOLUME, "mountPath": labels.EGRESS_STATE_DIR}],
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+        },
     )
 
 
@@ -326,12 +393,14 @@ def build_pod(
     task_executor: TaskExecutorSidecar | None = None,
     token_key: bytes | None = None,
     execd_install: str = EXECD_POST_START,
+    egress: EgressSidecar | None = None,
 ) -> JSON:
     """A pod of a Pool or a BatchSandbox; with `token_key`, its execd and task executor require the
-    pod's token (api/tokens.py)."""
+    pod's token (api/tokens.py), its egress sidecar (with `egress`) a token of its own."""
     meta = template.metadata
     token = tokens.pod_token(token_key, name) if token_key else None
-    spec = pod_spec(template, execd_image, task_executor, token, execd_install)
+    egress_token = tokens.egress_token(token_key, name) if token_key else None
+    spec = pod_spec(template, execd_image, task_executor, token, execd_install, egress, egress_token)
     extra = dict(annotations or {})
     if spec["containers"][0].get("name") == EXECD_INSTALLER:  # kubectl logs/exec: the sandbox, not the installer
         extra[DEFAULT_CONTAINER] = main_container(spec)["name"]

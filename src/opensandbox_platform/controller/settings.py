@@ -13,6 +13,8 @@ class Settings:
     execd_image: str | None = None
     execd_install: str = "post-start"  # how execd gets into a pod: pods.EXECD_POST_START or EXECD_INIT_CONTAINER
     task_executor_image: str | None = None
+    egress_image: str | None = None  # the network-policy sidecar (BatchSandboxes with labels.NETWORK_POLICY)
+    egress_pull_policy: str = "IfNotPresent"
     # The task-executor sidecar's resources when a Pool does not set them (the chart's taskExecutor.resources).
     task_executor_cpu_request: str = "100m"
     task_executor_memory_request: str = "128Mi"

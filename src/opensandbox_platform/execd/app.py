@@ -18,7 +18,6 @@ from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
 from opensandbox_platform.daemon.http import (
     AnyResponse,
-    FileResponse,
     Request,
     Response,
     Router,
@@ -42,7 +41,6 @@ log = logging.getLogger("execd")
 
 CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
 EMPTY = Response()
-SMALL_FILE = 256 * 1024
 
 
 class Settings:
@@ -385,6 +383,7 @@ class ExecdApp:
 
     async def download_file(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
+        from opensandbox_platform.execd.download import file_response
 
         path = request.arg("path")
         offset, limit = request.arg("offset"), request.arg("limit")
@@ -395,35 +394,7 @@ class ExecdApp:
             data = await asyncio.to_thread(files.read_lines, path or "", offset, limit)
             return Response(data, content_type="text/plain; charset=utf-8")
         fh, st, full = files.open_for_download(path)
-        size = st.st_size
-        name = os.path.basename(full).replace('"', "_").replace("\r", "_").replace("\n", "_")
-        headers = {
-            "content-type": "application/octet-stream",
-            "content-disposition": f'attachment; filename="{name}"',
-            "accept-ranges": "bytes",
-        }
-        span: tuple[int, int] | None = None
-        if range_header:
-            try:
-                span = files.parse_range(range_header, size)
-            except files.RangeNotSatisfiable:
-                fh.close()
-                raise ApiError(
-                    416,
-                    errors.RANGE_NOT_SATISFIABLE,
-                    f"range {range_header!r} is outside the file ({size} bytes)",
-                    {"content-range": f"bytes */{size}"},
-                ) from None
-        status, start, count = 200, 0, size
-        if span is not None:
-            status, start, count = 206, span[0], span[1] - span[0] + 1
-            headers["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
-        if count <= SMALL_FILE:
-            # sendfile's set-up costs more than copying a small file through memory.
-            with fh:
-                fh.seek(start)
-                return Response(fh.read(count), status, headers)
-        return FileResponse(fh, start, count, status, headers)
+        return file_response(fh, st, full, range_header)
 
     # -- code interpreter --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import socket  # (imported by daemon.listen anyway)
 import time
 
 from opensandbox_platform.daemon.cli import Args, Option, limit_options, parse
-from opensandbox_platform.daemon.listen import listen_early
+from opensandbox_platform.daemon.listen import listen_then_run
 
 LOGGER = "execd"  # (logging itself is imported once the socket listens)
 
@@ -132,19 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     gc.disable()  # start-up makes many objects and frees few: collections would only cost time
     args = parse_args(argv)
     os.environ.pop("EXECD_ACCESS_TOKEN", None)  # commands inherit the environment; the token is not theirs
-    error: OSError | None = None
-    try:
-        sock = listen_early(args.host, args.port)
-    except OSError as exc:  # e.g. the port is taken
-        sock, error = None, exc
-    import logging
-
-    from opensandbox_platform.daemon import process  # asyncio and the rest: once the socket listens
-
-    log = logging.getLogger(LOGGER)
-    if error is not None:
-        process.cannot_start(error, args.log_level, log)
-    process.run(serve(args, started, sock), args.log_level, log)
+    listen_then_run(args.host, args.port, lambda sock: serve(args, started, sock), args.log_level, LOGGER)
 
 
 if __name__ == "__main__":

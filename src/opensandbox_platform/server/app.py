@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import diagnostics, errors, metrics, openapi, proxy, unsupported
+from opensandbox_platform.server import diagnostics, errors, metrics, networkpolicy, openapi, proxy, unsupported
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
@@ -19,6 +19,7 @@ from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
 from opensandbox_platform.server.signing import Signer, SigningKey
+from opensandbox_platform.server.snapshot_routes import router as snapshot_router
 
 log = logging.getLogger("opensandbox.server")
 
@@ -131,7 +132,7 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
             payload, content_type = metrics.exposition()
             return Response(payload, media_type=content_type)
 
-    for routes in (router, diagnostics.router, unsupported.router):
+    for routes in (router, snapshot_router, networkpolicy.router, diagnostics.router, unsupported.router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, include_in_schema=False)
     generate = app.openapi

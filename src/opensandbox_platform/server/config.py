@@ -190,6 +190,12 @@ class LocalSection(Section):
         " uidRangeStart + N*65536 ...",
     )
     uid_range_slots: int = Field(default=16384, ge=1, description="how many sandboxes (ranges) this host can hold")
+    snapshot_store_max_mib: int = Field(
+        default=10240,
+        ge=16,
+        description="the most the snapshots under the state dir may hold together: a capture that could take the"
+        " store above it is Failed (snapshot_too_large); each snapshot holds at most diskSizeMib",
+    )
 
     @field_validator("network_allow", "network_deny")
     @classmethod
@@ -253,6 +259,12 @@ class DockerSection(Section):
     working_dir: str = Field(
         default="/workspace", description="working directory of sandboxes whose image sets none (created if missing)"
     )
+    snapshot_max_size_mib: int = Field(
+        default=4096,
+        ge=1,
+        description="the largest writable layer a snapshot commits (apparent size: a sparse file counts in full);"
+        " a larger one makes the snapshot Failed (snapshot_too_large)",
+    )
 
     def state_path(self) -> Path:
         if self.state_dir:
@@ -314,6 +326,24 @@ class KubernetesSection(Section):
         return value
 
 
+class EgressSection(Section):
+    """Network policies (`networkPolicy` of a create; docs/network-policy.md)."""
+
+    image: str = Field(
+        default="opensandbox/egress:dev",
+        description="the egress sidecar's image (docker runtime; kubernetes: the controller's --egress-image)",
+    )
+    upstream_dns: list[str] = Field(
+        default_factory=list,
+        description="resolvers (host[:port]) the DNS filter forwards allowed queries to (local and docker"
+        " runtimes); empty: this host's /etc/resolv.conf (local), the sidecar's (docker)",
+    )
+    max_rules: int = Field(default=256, ge=1, le=4096, description="rules a sandbox's policy may have")
+    min_ttl_seconds: float = Field(
+        default=60.0, ge=1, description="an allowed name's addresses stay allowed at least this long after a lookup"
+    )
+
+
 class ConsoleSection(Section):
     enabled: bool = Field(
         default=True,
@@ -337,6 +367,7 @@ class Config(Section):
     local: LocalSection = LocalSection()
     docker: DockerSection = DockerSection()
     kubernetes: KubernetesSection = KubernetesSection()
+    egress: EgressSection = EgressSection()
 
     def state_dir(self) -> Path:
         if self.local.state_dir:

@@ -10,7 +10,7 @@ from starlette.routing import Match
 
 from opensandbox_platform.daemon.errors import ApiError
 
-__all__ = ["ApiError", "StreamAborted", "error_body", "install", "invalid", "not_found"]
+__all__ = ["ApiError", "StreamAborted", "error_body", "install", "invalid", "not_found", "snapshot_not_found"]
 
 NOT_FOUND = "SANDBOX::NOT_FOUND"
 INVALID_PARAMETER = "SANDBOX::INVALID_PARAMETER"
@@ -23,6 +23,10 @@ API_NOT_SUPPORTED = "SANDBOX::API_NOT_SUPPORTED"
 START_FAILED = "SANDBOX::START_FAILED"
 IMAGE_PULL_FAILED = "SANDBOX::IMAGE_PULL_FAILED"
 INTERNAL_ERROR = "SANDBOX::INTERNAL_ERROR"
+SNAPSHOT_NOT_FOUND = "SNAPSHOT::NOT_FOUND"
+SNAPSHOT_INVALID_STATE = "SNAPSHOT::INVALID_STATE"  # still Creating, or Failed
+SNAPSHOT_INVALID_SOURCE_STATE = "SNAPSHOT::INVALID_SOURCE_STATE"  # the sandbox is not Running
+SNAPSHOT_IN_USE = "SNAPSHOT::IN_USE"  # a sandbox restored from it still exists
 MISSING_API_KEY = "MISSING_API_KEY"
 INVALID_API_KEY = "INVALID_API_KEY"
 BACKEND_CONNECTION_FAILED = "BACKEND_CONNECTION_FAILED"
@@ -37,6 +41,10 @@ class StreamAborted(Exception):
 
 def not_found(sandbox_id: str) -> ApiError:
     return ApiError(404, NOT_FOUND, f"sandbox {sandbox_id} not found")
+
+
+def snapshot_not_found(snapshot_id: str) -> ApiError:
+    return ApiError(404, SNAPSHOT_NOT_FOUND, f"snapshot {snapshot_id} not found")
 
 
 def invalid(message: str) -> ApiError:

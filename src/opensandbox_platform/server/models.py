@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.server.runtimes.base import SandboxInfo
+from opensandbox_platform.server.runtimes.base import SandboxInfo, SnapshotInfo
 
 # What metadata keys and values may be (Kubernetes label rules, the platform's prefixes reserved),
 # written once: validation.py checks with them, and the OpenAPI document states them, so a client
@@ -72,7 +72,7 @@ class PlatformSpec(Wire):
 
 
 class CreateSandboxRequest(Wire):
-    image: ImageSpec
+    image: ImageSpec | None = None  # exactly one of image and snapshotId (validation.py)
     snapshot_id: str | None = None
     template_id: str | None = None
     platform: PlatformSpec | None = None
@@ -83,7 +83,7 @@ class CreateSandboxRequest(Wire):
     resource_requests: dict[str, str] | None = None
     env: Env | None = None
     metadata: Metadata | None = None
-    entrypoint: list[Argument] = Field(min_length=1)
+    entrypoint: list[Argument] | None = Field(None, min_length=1, description="required with image")
     network_policy: dict[str, Any] | None = None
     credential_proxy: dict[str, Any] | None = None
     secure_access: bool = False
@@ -102,6 +102,7 @@ class SandboxStatus(Wire):
 class SandboxModel(Wire):
     id: str
     image: ImageSpec | None = None
+    snapshot_id: str | None = None
     status: SandboxStatus
     metadata: dict[str, str] | None = None
     extensions: dict[str, str] | None = None
@@ -114,6 +115,7 @@ class SandboxModel(Wire):
         return cls(
             id=info.id,
             image=ImageSpec(uri=info.image) if info.image else None,
+            snapshot_id=info.snapshot_id or None,
             status=SandboxStatus(
                 state=info.state,
                 reason=info.reason or None,
@@ -176,6 +178,49 @@ class RenewResponse(Wire):
 class EndpointModel(Wire):
     endpoint: str
     headers: dict[str, str] | None = None
+
+
+SNAPSHOT_NAME_PATTERN = "^[^\u0000-\u001f]+$"
+
+
+class CreateSnapshotRequest(Wire):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=253, pattern=SNAPSHOT_NAME_PATTERN)
+
+
+class SnapshotStatusModel(Wire):
+    state: str
+    reason: str | None = None
+    message: str | None = None
+    last_transition_at: dt.datetime | None = None
+
+
+class SnapshotModel(Wire):
+    id: str
+    sandbox_id: str
+    name: str | None = None
+    status: SnapshotStatusModel
+    created_at: dt.datetime
+
+    @classmethod
+    def of(cls, info: SnapshotInfo) -> SnapshotModel:
+        return cls(
+            id=info.id,
+            sandbox_id=info.sandbox_id,
+            name=info.name,
+            status=SnapshotStatusModel(
+                state=info.state,
+                reason=info.reason or None,
+                message=info.message or None,
+                last_transition_at=info.last_transition_at,
+            ),
+            created_at=info.created_at,
+        )
+
+
+class ListSnapshotsResponse(Wire):
+    items: list[SnapshotModel]
+    pagination: PaginationInfo
 
 
 class ErrorResponse(Wire):

@@ -49,6 +49,8 @@ def _refine_create(create: Document, schemas: Document, config: Config, capabili
     if platform_schema is not None:
         platform_schema["properties"]["os"]["enum"] = ["linux"]
         platform_schema["properties"]["arch"]["enum"] = [validation.host_arch()]
+    if not capabilities.snapshots:  # no snapshotId to create from: an image and its entrypoint it is
+        create["required"] = sorted({*create.get("required", []), "image", "entrypoint"})
     for name, served in validation.served_fields(capabilities).items():
         if served:
             continue

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import math
 import time
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -57,7 +57,17 @@ STATES = (
     State.FAILED,
     "Unknown",
 )
-STATE_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in STATES) + ")$"
+
+
+T = TypeVar("T")
+
+
+def any_case_pattern(names: tuple[str, ...]) -> str:
+    """A regex (for the OpenAPI document) matching any of `names` in any case."""
+    return "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in name) for name in names) + ")$"
+
+
+STATE_PATTERN = any_case_pattern(STATES)
 # What `_parse_metadata_filter` accepts: `k=v` pairs joined by `&` (the value may hold `=`).
 METADATA_FILTER_PATTERN = r"^(?:[^&=]*=[^&]*(?:&[^&=]*=[^&]*)*)?$"
 Port = Annotated[int, Path(ge=1, le=65535, description="a port of the sandbox, 1-65535")]
@@ -94,9 +104,13 @@ async def _client_gone(request: Request) -> None:
 )
 async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Response:
     runtime = runtime_of(request)
-    server = config_of(request).server
+    config = config_of(request)
     spec = validation.create_spec(
-        body, server.max_sandbox_timeout_seconds, runtime.capabilities, server.allowed_host_paths
+        body,
+        config.server.max_sandbox_timeout_seconds,
+        runtime.capabilities,
+        config.server.allowed_host_paths,
+        config.egress.max_rules,
     )
     admission: Admission = request.app.state.admission
     gone = asyncio.ensure_future(_client_gone(request))
@@ -144,10 +158,7 @@ async def list_sandboxes(
     page: Annotated[int, Query(ge=1)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> JSONResponse:
-    wanted_states = {s.lower() for s in state}
-    unknown = wanted_states - {name.lower() for name in STATES}
-    if unknown:
-        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(STATES)}")
+    wanted_states = wanted(state, STATES)
     wanted_metadata = _parse_metadata_filter(metadata)
     items = [
         info
@@ -156,21 +167,27 @@ async def list_sandboxes(
         and all(info.metadata.get(k) == v for k, v in wanted_metadata)
     ]
     items.sort(key=lambda info: info.created_at, reverse=True)
+    window, pagination = paged(items, page, page_size)
+    return as_json(ListSandboxesResponse(items=[SandboxModel.of(info) for info in window], pagination=pagination))
+
+
+def wanted(states: list[str], known: tuple[str, ...]) -> set[str]:
+    """A list filter's states, lowercased; one not in `known` (any case) is a 400, not an empty page."""
+    found = {s.lower() for s in states}
+    unknown = found - {name.lower() for name in known}
+    if unknown:
+        raise errors.invalid(f"state {sorted(unknown)[0]!r} is not one of {', '.join(known)}")
+    return found
+
+
+def paged(items: list[T], page: int, page_size: int) -> tuple[list[T], PaginationInfo]:
+    """Page `page` (from 1) of `items`, and the pagination block the lists answer with."""
     total = len(items)
-    total_pages = math.ceil(total / page_size) if total else 0
-    window = items[(page - 1) * page_size : page * page_size]
-    return as_json(
-        ListSandboxesResponse(
-            items=[SandboxModel.of(info) for info in window],
-            pagination=PaginationInfo(
-                page=page,
-                page_size=page_size,
-                total_items=total,
-                total_pages=total_pages,
-                has_next_page=page < total_pages,
-            ),
-        )
+    pages = math.ceil(total / page_size) if total else 0
+    info = PaginationInfo(
+        page=page, page_size=page_size, total_items=total, total_pages=pages, has_next_page=page < pages
     )
+    return items[(page - 1) * page_size : page * page_size], info
 
 
 def _record_created(runtime: Runtime, spec: SandboxSpec, info: SandboxInfo) -> None:

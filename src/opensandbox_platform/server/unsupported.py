@@ -24,16 +24,6 @@ FEATURES = [
             ("DELETE", "/templates/{templateId}"),
         ],
     ),
-    (
-        "snapshots",
-        "snapshots are not supported by this server yet",
-        [
-            ("POST", "/sandboxes/{sandboxId}/snapshots"),
-            ("GET", "/snapshots"),
-            ("GET", "/snapshots/{snapshotId}"),
-            ("DELETE", "/snapshots/{snapshotId}"),
-        ],
-    ),
 ]
 
 

@@ -8,6 +8,7 @@ import platform
 import re
 
 from opensandbox_platform.api import labels
+from opensandbox_platform.egress import policy as egress_policy
 from opensandbox_platform.server import errors, volumes
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
@@ -144,12 +145,15 @@ def create_spec(
     max_timeout: int,
     capabilities: Capabilities = CORE_ONLY,
     allowed_host_paths: list[str] | None = None,
+    max_rules: int = egress_policy.DEFAULT_MAX_RULES,
 ) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
     _refuse_unsupported(body, capabilities)
-    if not body.entrypoint:
+    if (body.image is None) == (not body.snapshot_id):
+        raise errors.invalid("give exactly one of image and snapshotId")
+    if body.image is not None and not body.entrypoint:
         raise errors.invalid("entrypoint must be a non-empty list of strings")
-    if not all(body.entrypoint):
+    if body.entrypoint is not None and not all(body.entrypoint):
         raise errors.invalid("entrypoint must not contain empty strings")
     if body.timeout is not None and not MIN_TIMEOUT_SECONDS <= body.timeout <= max_timeout:
         raise errors.invalid(f"timeout must be between {MIN_TIMEOUT_SECONDS} and {max_timeout} seconds, or null")
@@ -171,8 +175,8 @@ def create_spec(
             raise guards.not_supported(f"resourceLimits.{name}", capabilities.runtime)
     requests = _resource_requests(body.resource_requests or {})
     spec = SandboxSpec(
-        image=body.image.uri,
-        entrypoint=list(body.entrypoint),
+        image=body.image.uri if body.image else "",
+        entrypoint=list(body.entrypoint or []),  # empty with a snapshot: runtimes/snapshots.restored defaults it
         env=env,
         metadata=dict(metadata),
         extensions=dict(body.extensions or {}),
@@ -184,6 +188,8 @@ def create_spec(
         image_auth=_image_auth(body),
         secure_access=body.secure_access,
         volumes=volumes.parse(body.volumes, allowed_host_paths or [], capabilities.volumes),
+        snapshot_id=body.snapshot_id or None,
+        network_policy=network_policy(body.network_policy, max_rules) if body.network_policy is not None else None,
     )
     for volume in spec.volumes:
         if isinstance(volume.backend, volumes.PvcBackend) and volume.backend.storage:
@@ -197,13 +203,21 @@ POOL_REF_FIELD = f"extensions.{labels.EXTENSION_POOL_REF}"
 DESCRIBED = {"lifecycle": "lifecycle (preStart and periodic hooks)"}
 
 
+def network_policy(raw: object, max_rules: int) -> dict[str, object]:
+    """A networkPolicy checked and normalized (egress/policy.py); 400 naming what is wrong."""
+    try:
+        return egress_policy.parse_policy(raw, max_rules).to_json()
+    except egress_policy.PolicyError as exc:
+        raise errors.invalid(f"networkPolicy: {exc}") from None
+
+
 def served_fields(capabilities: Capabilities) -> dict[str, bool]:
     """The optional create fields and whether the runtime honours them (False: no runtime yet).
     The OpenAPI document leaves out what a runtime refuses (server/openapi.py)."""
     return {
-        "snapshotId": False,
+        "snapshotId": capabilities.snapshots,
         "templateId": False,
-        "networkPolicy": False,
+        "networkPolicy": capabilities.network_policy,
         "credentialProxy": False,
         "volumes": bool(capabilities.volumes),
         "lifecycle": False,
@@ -220,7 +234,7 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
     values = {
         "snapshotId": body.snapshot_id,
         "templateId": body.template_id,
-        "networkPolicy": body.network_policy,
+        "networkPolicy": body.network_policy is not None,
         "credentialProxy": body.credential_proxy,
         "volumes": body.volumes,
         "lifecycle": body.lifecycle,

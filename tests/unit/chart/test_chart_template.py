@@ -161,6 +161,20 @@ CASES: dict[str, Case] = {
         lambda d: flag(controller(d), "--task-executor-image-pull-policy"),
         "IfNotPresent",
     ),
+    # egress sidecar: the controller injects it into pods of sandboxes with a networkPolicy
+    "egress.image.repository": Case(
+        {"egress.image.repository": "reg.example/egress"},
+        lambda d: flag(controller(d), "--egress-image"),
+        "reg.example/egress:dev",
+    ),
+    "egress.image.tag": Case(
+        {"egress.image.tag": "v1.0.0"}, lambda d: flag(controller(d), "--egress-image"), "opensandbox/egress:v1.0.0"
+    ),
+    "egress.image.pullPolicy": Case(
+        {"egress.image.pullPolicy": "IfNotPresent"},
+        lambda d: flag(controller(d), "--egress-image-pull-policy"),
+        "IfNotPresent",
+    ),
     **{
         f"taskExecutor.resources.{kind}.{name}": Case(
             {f"taskExecutor.resources.{kind}.{name}": value},

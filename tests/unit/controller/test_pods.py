@@ -1,7 +1,10 @@
+import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import SandboxTemplate
@@ -224,3 +227,39 @@ def test_a_waiting_reason_that_fails_the_pod_carries_the_kubelets_words() -> Non
     assert info.failure_detail.startswith("failed to pull: 401 Unauthorized") and len(info.failure_detail) == 400
     pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff"}}
     assert slim_pod(pod).failure_detail == ""
+
+
+def test_egress_sidecar_starts_first_holds_net_admin_alone_and_has_a_token_of_its_own() -> None:
+    from opensandbox_platform.api import tokens
+    from opensandbox_platform.controller.pods import EgressSidecar, egress_request
+
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "*.good.test"}]}
+    annotation = {labels.NETWORK_POLICY: '{"policy":' + json.dumps(policy) + ',"upstreamDns":["10.0.0.53"]}'}
+    request = egress_request(annotation)
+    assert request == (policy, ("10.0.0.53",)) and egress_request({}) is None
+    key = b"k" * 32
+    pod = build_pod(
+        name="bs-0",
+        namespace="ns",
+        template=template(image="ubuntu"),
+        pod_labels={},
+        owner=OWNER,
+        execd_image="e:1",
+        token_key=key,
+        execd_install=EXECD_INIT_CONTAINER,
+        egress=EgressSidecar("egress:1", *request),
+    )
+    spec = pod["spec"]
+    first = spec["initContainers"][0]
+    assert first["name"] == labels.EGRESS_CONTAINER and first["restartPolicy"] == "Always"  # a native sidecar
+    assert first["startupProbe"]["httpGet"]["path"] == "/health"  # the others start once it enforces
+    assert first["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    env = {e["name"]: e["value"] for e in first["env"]}
+    assert json.loads(env["OPENSANDBOX_EGRESS_RULES"]) == policy and env["OPENSANDBOX_EGRESS_UPSTREAM"] == "10.0.0.53"
+    assert env["OPENSANDBOX_EGRESS_TOKEN"] == tokens.egress_token(key, "bs-0") != tokens.pod_token(key, "bs-0")
+    for container in [*spec["containers"], *spec["initContainers"][1:]]:
+        assert "NET_ADMIN" not in json.dumps(container.get("securityContext", {}))
+        assert env["OPENSANDBOX_EGRESS_TOKEN"] not in json.dumps(container)  # the sandbox cannot read it
+    assert {"name": labels.EGRESS_STATE_VOLUME, "emptyDir": {}} in spec["volumes"]
+    with pytest.raises(ValueError):
+        egress_request({labels.NETWORK_POLICY: '["not", "an", "object"]'})

@@ -361,3 +361,34 @@ def test_container_events_tell_an_oom_kill_and_the_exit() -> None:
         ("OOMKilled", "Warning"),
         ("Exited", "Warning"),
     ]
+
+
+def test_a_policy_holds_the_entrypoint_back_and_its_sidecar_alone_has_net_admin() -> None:
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "*.good.test"}]}
+    body = model.container_config(
+        "sb-1",
+        spec(network_policy=policy),
+        token="t",
+        labels={},
+        working_dir="/",
+        settings=DockerSection(),
+        cpu_millis=None,
+        memory_bytes=None,
+        execd_volume="v",
+    )
+    assert f"{L.START_GATE_ENV}={L.START_GATE}" in body["Env"] and body["Labels"][L.DOCKER_EGRESS] == "true"
+    assert "NET_ADMIN" not in body["HostConfig"]["CapAdd"]
+    plain = model.container_config(
+        "sb-1", spec(), token="t", labels={}, working_dir="/", settings=DockerSection(),
+        cpu_millis=None, memory_bytes=None, execd_volume="v",
+    )  # fmt: skip
+    assert not any(e.startswith(L.START_GATE_ENV) for e in plain["Env"]) and L.DOCKER_EGRESS not in plain["Labels"]
+    sidecar = model.egress_config("sb-1", "cid", policy, "tok", "egress:1", ["203.0.113.53"])
+    host = sidecar["HostConfig"]
+    assert host["NetworkMode"] == "container:cid" and host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["NET_ADMIN"]
+    assert "PidMode" not in host  # its environment (the token) is not visible from the sandbox
+    env = dict(e.split("=", 1) for e in sidecar["Env"])
+    assert (
+        json.loads(env["OPENSANDBOX_EGRESS_RULES"]) == policy and env["OPENSANDBOX_EGRESS_UPSTREAM"] == "203.0.113.53"
+    )
+    assert sidecar["Labels"] == {L.DOCKER_EGRESS_FOR: "sb-1"}

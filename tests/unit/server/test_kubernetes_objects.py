@@ -302,3 +302,15 @@ def test_image_auth_is_a_pull_secret_of_the_sandbox_referenced_by_its_pod() -> N
     config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
     entry = config["auths"]["10.77.0.1:5001"]
     assert entry["username"] == "u" and base64.b64decode(entry["auth"]) == b"u:p:w"
+
+
+def test_a_network_policy_becomes_the_annotation_the_controller_reads() -> None:
+    from opensandbox_platform.controller.pods import egress_request
+
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "*.good.test"}]}
+    obj = build_batchsandbox("id", spec(network_policy=policy), Settings(egress_upstream_dns=("10.0.0.53",)), NOW)
+    assert egress_request(obj["metadata"]["annotations"]) == (policy, ("10.0.0.53",))
+    assert read_entry({**obj, "metadata": {**obj["metadata"], "namespace": "ns"}}).has_policy
+    plain = build_batchsandbox("id", spec(), Settings(), NOW)
+    assert labels.NETWORK_POLICY not in plain["metadata"]["annotations"]
+    assert not read_entry({**plain, "metadata": {**plain["metadata"], "namespace": "ns"}}).has_policy

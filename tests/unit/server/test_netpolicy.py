@@ -37,10 +37,12 @@ def test_the_ruleset_rejects_host_private_and_metadata_ranges() -> None:
     assert "192.0.2.2/32" in denied and "203.0.113.0/24" in denied
     assert "10.1.0.0/16" in rules.split("set allowed")[1].split("}")[0]
     lines = [line.strip() for line in rules.splitlines()]
-    # order matters: loopback, then DNS to slirp's forwarder, then the operator's exceptions, then the denials
+    # order matters: loopback (by interface, then by address: a redirected DNS query), then DNS to
+    # slirp's forwarder, then the operator's exceptions, then the denials
     order = [i for i, line in enumerate(lines) if line.startswith(("oifname", "ip daddr", "meta nfproto"))]
     assert [lines[i].split()[0:3] for i in order] == [
         ["oifname", '"lo"', "accept"],
+        ["ip", "daddr", "127.0.0.0/8"],
         ["ip", "daddr", netpolicy.SLIRP_DNS],
         ["ip", "daddr", "@allowed"],
         ["ip", "daddr", "@denied"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -236,3 +237,38 @@ def test_pause_without_the_capability_is_refused_after_the_404_of_an_unknown_san
 def test_pause_with_the_capability_reaches_the_runtime(client: TestClient, runtime: MemoryRuntime) -> None:
     assert client.post("/v1/sandboxes/a/pause").status_code == 202
     assert runtime.paused == ["a"]
+
+
+def test_snapshots_without_the_capability_are_501_naming_the_runtime(client: TestClient) -> None:
+    """The kubernetes runtime's answer (it declares no snapshots), after a 404 for an unknown sandbox."""
+    assert client.post("/v1/sandboxes/nope/snapshots", json={}).json()["code"] == "SANDBOX::NOT_FOUND"
+    for method, path in [
+        ("POST", "/v1/sandboxes/a/snapshots"),
+        ("GET", "/v1/snapshots"),
+        ("GET", "/snapshots/snap-x"),
+        ("DELETE", "/v1/snapshots/snap-x"),
+    ]:
+        refused = client.request(method, path, json={} if method == "POST" else None)
+        assert refused.status_code == 501, (path, refused.text)
+        assert refused.json() == {
+            "code": "SANDBOX::API_NOT_SUPPORTED",
+            "message": "snapshots are not supported by the memory runtime",
+        }
+    create = client.post("/v1/sandboxes", json={"snapshotId": "snap-x", "entrypoint": ["true"]})
+    assert create.status_code == 400 and create.json()["code"] == "SANDBOX::API_NOT_SUPPORTED"
+    assert "snapshotId" in create.json()["message"]
+
+
+def create_schema(runtime: MemoryRuntime) -> dict[str, Any]:
+    for client in client_for(runtime):
+        schema: dict[str, Any] = client.get("/openapi.json").json()["components"]["schemas"]["CreateSandboxRequest"]
+    return schema
+
+
+def test_the_document_requires_an_image_where_snapshots_are_not_served(runtime: MemoryRuntime) -> None:
+    without = create_schema(runtime)
+    assert "snapshotId" not in without["properties"] and {"image", "entrypoint"} <= set(without["required"])
+    runtime.capabilities = Capabilities("memory", snapshots=True)
+    with_snapshots = create_schema(runtime)
+    assert "snapshotId" in with_snapshots["properties"]
+    assert not {"image", "entrypoint"} & set(with_snapshots.get("required", []))  # either: validation.py

@@ -7,12 +7,11 @@ whose sandbox never uses isolated sessions pays nothing for them.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import TYPE_CHECKING
 
 from opensandbox_platform.daemon import errors
 from opensandbox_platform.daemon.errors import ApiError
-from opensandbox_platform.daemon.http import AnyResponse, FileResponse, Request, Response, Router, StreamResponse
+from opensandbox_platform.daemon.http import AnyResponse, Request, Response, Router, StreamResponse
 
 if TYPE_CHECKING:
     from opensandbox_platform.execd.envfile import Environment
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
 PREFIX = "/v1/isolated"
 S = PREFIX + "/session/{id}"
 CURSOR_HEADER = "EXECD-ISOLATED-TAIL-CURSOR"
-SMALL_FILE = 256 * 1024
 EMPTY = Response()
 
 
@@ -192,7 +190,7 @@ class IsolatedApi:
         return EMPTY
 
     async def download(self, request: Request) -> AnyResponse:
-        from opensandbox_platform.execd import files
+        from opensandbox_platform.execd.download import file_response
 
         fs = self._session(request).fs()
         path = request.arg("path")
@@ -204,34 +202,7 @@ class IsolatedApi:
             data = await asyncio.to_thread(fs.read_lines, path, offset, limit)
             return Response(data, content_type="text/plain; charset=utf-8")
         fh, st, full = fs.open_read(path)
-        size = st.st_size
-        name = os.path.basename(full).replace('"', "_").replace("\r", "_").replace("\n", "_")
-        headers = {
-            "content-type": "application/octet-stream",
-            "content-disposition": f'attachment; filename="{name}"',
-            "accept-ranges": "bytes",
-        }
-        span: tuple[int, int] | None = None
-        if range_header:
-            try:
-                span = files.parse_range(range_header, size)
-            except files.RangeNotSatisfiable:
-                fh.close()
-                raise ApiError(
-                    416,
-                    errors.RANGE_NOT_SATISFIABLE,
-                    f"range {range_header!r} is outside the file ({size} bytes)",
-                    {"content-range": f"bytes */{size}"},
-                ) from None
-        status, start, count = 200, 0, size
-        if span is not None:
-            status, start, count = 206, span[0], span[1] - span[0] + 1
-            headers["content-range"] = f"bytes {span[0]}-{span[1]}/{size}"
-        if count <= SMALL_FILE:
-            with fh:
-                fh.seek(start)
-                return Response(fh.read(count), status, headers)
-        return FileResponse(fh, start, count, status, headers)
+        return file_response(fh, st, full, range_header)
 
 
 def _number(text: str | None, name: str, default: int) -> int:

@@ -8,6 +8,7 @@ refuse the rest before it is called. Errors are `server.errors.ApiError` (404 fo
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,9 @@ class SandboxSpec:
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
     secure_access: bool = False  # endpoints only through the server, with a signed token
     volumes: list[VolumeSpec] = field(default_factory=list)
+    snapshot_id: str | None = None  # restore this snapshot (`image` and the rest default to what it holds)
+    # networkPolicy, validated and normalized (egress/policy.py); None: no policy, no enforcer
+    network_policy: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class Capabilities:
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
     volumes: frozenset[str] = frozenset()  # volume backends it mounts (host, pvc)
+    snapshots: bool = False  # snapshots of sandboxes, and `snapshotId` on create
+    network_policy: bool = False  # `networkPolicy` and the /networkpolicy routes (docs/network-policy.md)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 
@@ -75,6 +81,37 @@ class SandboxInfo:
     message: str
     last_transition_at: dt.datetime
     secure_access: bool = False
+    snapshot_id: str = ""  # the snapshot it was restored from
+
+
+class SnapshotState:
+    CREATING = "Creating"
+    READY = "Ready"
+    FAILED = "Failed"
+    DELETING = "Deleting"
+
+
+@dataclass
+class Held:
+    """The sandbox a snapshot was taken of, besides its files: a restore starts from these."""
+
+    image: str
+    entrypoint: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass
+class SnapshotInfo:
+    id: str
+    sandbox_id: str
+    name: str | None
+    state: str
+    reason: str
+    message: str
+    created_at: dt.datetime
+    last_transition_at: dt.datetime
 
 
 @dataclass
@@ -160,3 +197,16 @@ class Runtime(Protocol):
 
     async def inspect(self, sandbox_id: str) -> dict[str, Any]:
         """The engine's description of the sandbox (container, pod, jail record), secrets left out."""
+
+    # Snapshots (capabilities.snapshots; docs/snapshots.md). 404 `SNAPSHOT::NOT_FOUND` for an
+    # unknown id, 409 for a sandbox that is not Running or a snapshot that is in use.
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        """Start capturing the sandbox's files; the answer is Creating (or already Ready)."""
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo: ...
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]: ...
+
+    async def delete_snapshot(self, snapshot_id: str) -> None: ...
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        """Where the server reaches the sandbox's egress API, with its token; None: no policy."""

@@ -23,6 +23,7 @@ way we need are in docker_api.py.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -50,8 +51,9 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api, docker_volumes, guards, seccomp
+from opensandbox_platform.server.runtimes import docker_api, docker_snapshots, docker_volumes, guards, seccomp
 from opensandbox_platform.server.runtimes import docker_model as model
+from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
@@ -59,9 +61,11 @@ from opensandbox_platform.server.runtimes.base import (
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     State,
     merge_metadata,
 )
+from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
@@ -92,6 +96,8 @@ class Sandbox:
     state: str = State.RUNNING  # the last one seen; the proxy uses it to refuse a paused sandbox
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     execd_dead: str = ""  # why the liveness probe gave up on its execd (the container still runs)
+    has_policy: bool = False  # an egress sidecar enforces its networkPolicy
+    egress_token: str = ""  # the sidecar's (read from it when needed)
 
     @property
     def id(self) -> str:
@@ -106,6 +112,8 @@ class DockerRuntime:
         pause=True,
         resource_requests=True,
         volumes=frozenset({"host", "pvc"}),
+        snapshots=True,
+        network_policy=True,
         max_cpu_millis=HOST_CPU_MILLIS,
     )
 
@@ -119,6 +127,7 @@ class DockerRuntime:
             validation.memory_bytes(self.settings.default_memory) if self.settings.default_memory else None
         )
         self._docker: aiodocker.Docker | None = None
+        self.snapshots = DockerSnapshots(lambda: self.docker, self.settings.snapshot_max_size_mib << 20)
         self._seccomp = ""
         self._seccomp_userns = ""
         self._execd_dir_tar: bytes | None = None  # docker.execdDir as a tar, read once
@@ -191,6 +200,7 @@ class DockerRuntime:
         )
 
     async def close(self) -> None:
+        await self.snapshots.close()
         await self.expiry.close()
         await self.probe.close()
         await self.engine.close()
@@ -213,6 +223,9 @@ class DockerRuntime:
                 self._adopt(await self._inspect(item["Id"]))
         for stale in self.store.ids() - set(self.sandboxes):
             self.store.delete(stale)
+        for item in await docker_api.list_containers(self.docker, L.DOCKER_EGRESS_FOR):
+            if (item.get("Labels") or {}).get(L.DOCKER_EGRESS_FOR) not in self.sandboxes:
+                await self._remove_container(item["Id"])  # its sandbox is gone
 
     async def _remove_helpers(self) -> None:
         filters = json.dumps({"label": [L.DOCKER_EXECD_HELPER]})
@@ -226,6 +239,8 @@ class DockerRuntime:
 
     @engine_call
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        if spec.snapshot_id:
+            spec = await self._restoring(spec, spec.snapshot_id)
         sandbox_id = str(uuid.uuid4())
         now = times.now()
         steps = _Steps()
@@ -233,10 +248,9 @@ class DockerRuntime:
         execd_volume = self._execd_volume or await self._make_execd_volume(spec.image)
         steps.done("image")
         token = secrets.token_urlsafe(24)
-        labels = model.encode_labels(sandbox_id, spec, now)
         binds = self.settings.state_path() / "binds"
         prepared = await docker_volumes.prepare(self.docker, sandbox_id, spec.volumes, binds)
-        labels.update(docker_volumes.owned_label(prepared))
+        labels = model.encode_labels(sandbox_id, spec, now, docker_volumes.owned_label(prepared))
         try:
             return await self._create_container(sandbox_id, spec, image, execd_volume, token, labels, prepared, steps)
         except BaseException as exc:
@@ -294,9 +308,18 @@ class DockerRuntime:
                 await container.start()
                 steps.done("start")
                 # The published port is known once started: read it while execd starts.
-                _, inspect = await _both(self._wait_ready(container.id, output), self._inspect(container.id))
+                ready = _both(self._wait_ready(container.id, output), self._inspect(container.id))
+                egress_token = ""
+                if spec.network_policy is None:
+                    _, inspect = await ready
+                else:  # the sidecar joins the namespace as soon as it exists, while execd starts
+                    egress = self._start_egress(sandbox_id, container.id, spec.network_policy)
+                    (_, inspect), egress_token = await _both(ready, egress)
+                    await self._open_start_gate(container.id)
             steps.done("ready")
         except BaseException as exc:
+            if spec.network_policy is not None:
+                await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
             if not await asyncio.shield(self._remove_container(container.id)):
                 self._abandoned[sandbox_id] = time.monotonic()
             if isinstance(exc, DockerError) or (isinstance(exc, ApiError) and exc.code == errors.START_FAILED):
@@ -306,6 +329,7 @@ class DockerRuntime:
             raise
         sandbox = self._adopt(inspect)
         assert sandbox is not None
+        sandbox.egress_token = egress_token
         self._save(sandbox)
         self.expiry.wake()
         log.info("sandbox created id=%s container=%s %s", sandbox_id, container.id[:12], steps)
@@ -368,6 +392,40 @@ class DockerRuntime:
             await self._call(self.docker.containers.container(sandbox.container_id).unpause(), sandbox)
             sandbox.state = State.RUNNING
 
+    async def _restoring(self, spec: SandboxSpec, snapshot_id: str) -> SandboxSpec:
+        """A create from a snapshot: its image, and its entrypoint, env and resources as defaults."""
+        try:
+            record = await self.snapshots.find(snapshot_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise snaps.unknown_for_create(snapshot_id) from None
+            raise
+        snaps.require_ready(record.info())
+        return snaps.restored(spec, record.held, image=docker_snapshots.image_ref(snapshot_id))
+
+    @engine_call
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        sandbox = await self._sandbox(sandbox_id)
+        async with sandbox.lock:
+            inspect = await self._inspect(sandbox.container_id)
+            state = model.map_state(model.ContainerState.from_inspect(inspect.get("State") or {}))[0]
+            if state != State.RUNNING or sandbox.id in self._deleting:
+                raise snaps.not_running(sandbox_id, state)
+            held = docker_snapshots.held_of(inspect, sandbox.labels.image, sandbox.labels.entrypoint)
+            return self.snapshots.begin(sandbox.container_id, sandbox_id, name, held, sandbox.lock).info()
+
+    @engine_call
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return (await self.snapshots.find(snapshot_id)).info()
+
+    @engine_call
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return await self.snapshots.list()
+
+    @engine_call
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await self.snapshots.delete(snapshot_id)
+
     @engine_call
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         sandbox = await self._sandbox(sandbox_id)
@@ -398,12 +456,59 @@ class DockerRuntime:
         # this host (as upstream's bridge mode does).
         if not sandbox.ip:
             raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no network address")
-        return Endpoint(f"{sandbox.ip}:{port}", secure_access=sandbox.labels.secure_access)
+        secure = sandbox.labels.secure_access
+        if port == L.EGRESS_PORT and sandbox.has_policy:
+            token = await self._egress_token(sandbox)
+            return Endpoint(f"{sandbox.ip}:{port}", {L.EGRESS_TOKEN_HEADER: token}, secure_access=secure)
+        return Endpoint(f"{sandbox.ip}:{port}", secure_access=secure)
 
     @engine_call
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._sandbox(sandbox_id)).state)
         return await self.endpoint(sandbox_id, port)
+
+    @engine_call
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        sandbox = await self._sandbox(sandbox_id)
+        if not sandbox.has_policy:
+            return None
+        guards.require_running(sandbox_id, sandbox.state)
+        return await self.endpoint(sandbox_id, L.EGRESS_PORT)
+
+    async def _egress_token(self, sandbox: Sandbox) -> str:
+        """The sidecar's token (kept in its environment only: the sandbox cannot read it)."""
+        if sandbox.has_policy and not sandbox.egress_token:
+            with contextlib.suppress(DockerError):
+                sandbox.egress_token = model.env_value(
+                    await self._inspect(model.egress_name(sandbox.id)), "OPENSANDBOX_EGRESS_TOKEN"
+                )
+        return sandbox.egress_token
+
+    async def _start_egress(self, sandbox_id: str, container_id: str, policy: dict[str, Any]) -> str:
+        """Start the sandbox's egress sidecar in its network namespace and wait until it enforces the
+        policy (its "listening" line comes after the ruleset is loaded). Returns its token."""
+        token = secrets.token_urlsafe(24)
+        egress = self.config.egress
+        await self._ensure_image(egress.image, None)
+        body = model.egress_config(sandbox_id, container_id, policy, token, egress.image, egress.upstream_dns)
+        sidecar = await self.docker.containers.create(body, name=model.egress_name(sandbox_id))
+        async with docker_api.attach_output(self.docker, sidecar.id) as output:
+            await sidecar.start()
+            await self._wait_ready(sidecar.id, output, model.EGRESS_READY_LINE, "the egress sidecar")
+        return token
+
+    async def _open_start_gate(self, container_id: str) -> None:
+        """Let the entrypoint go: the bootstrap script waits on the FIFO L.START_GATE, which it made
+        before execd started (so once execd is ready, writing to it cannot make a plain file)."""
+        execution = await self.docker.containers.container(container_id).exec(
+            ["sh", "-c", f"printf go > {L.START_GATE}"], stdout=True, stderr=True
+        )
+        async with execution.start(detach=False) as stream:
+            while await stream.read_out() is not None:
+                pass
+        code = (await execution.inspect()).get("ExitCode")
+        if code != 0:  # the entrypoint would never start: fail the create instead
+            raise ApiError(500, errors.START_FAILED, f"cannot open the sandbox's start gate (exit code {code})")
 
     # -- sandboxes -----------------------------------------------------------------------------
 
@@ -435,6 +540,7 @@ class DockerRuntime:
             expires_at=override.expires_at if override else labels.expires_at,
             metadata=dict(override.metadata if override else labels.metadata),
             state=model.map_state(model.ContainerState.from_inspect(inspect.get("State") or {}))[0],
+            has_policy=((inspect.get("Config") or {}).get("Labels") or {}).get(L.DOCKER_EGRESS) == "true",
         )
         self.sandboxes[labels.id] = sandbox
         return sandbox
@@ -477,6 +583,8 @@ class DockerRuntime:
         """Remove the container with its anonymous volumes, then what the server kept of it."""
         self._deleting.add(sandbox.id)
         try:
+            if sandbox.has_policy:
+                await self._remove_container(model.egress_name(sandbox.id))
             await self.docker.containers.container(sandbox.container_id).delete(force=True, v=True)
         except DockerError as exc:
             if exc.status == DOCKER_NOT_CONNECTED:
@@ -602,18 +710,20 @@ class DockerRuntime:
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {program} is not in the image")
         self._found_programs.add(key)
 
-    async def _wait_ready(self, container_id: str, output: AsyncIterator[str]) -> None:
-        """Read the container's output until execd says it listens; the output ends if it exits."""
+    async def _wait_ready(
+        self, container_id: str, output: AsyncIterator[str], line: str = model.READY_LINE, what: str = "execd"
+    ) -> None:
+        """Read the container's output until `line` (execd says it listens); the output ends if it exits."""
         seen = ""
         timeout = self.settings.start_timeout_seconds
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in output:
                     seen = (seen + chunk)[-LOG_TAIL_CHARS:]
-                    if model.READY_LINE in seen:
+                    if line in seen:
                         return
         except TimeoutError:
-            raise self._start_failed(container_id, f"execd did not start within {timeout:g} s", seen) from None
+            raise self._start_failed(container_id, f"{what} did not start within {timeout:g} s", seen) from None
         state = (await self._inspect(container_id)).get("State") or {}
         raise self._start_failed(container_id, f"the container exited with code {state.get('ExitCode')}", seen)
 

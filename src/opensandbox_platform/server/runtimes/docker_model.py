@@ -35,6 +35,8 @@ EXECD_VOLUME_PREFIX = "opensandbox-execd-"
 EXECD_VOLUME_COMPLETE = ".complete"
 # Docker's own log line parser is not ours to rely on: execd's start-up line is the readiness event.
 READY_LINE = 'msg="execd listening"'
+EGRESS_READY_LINE = 'msg="egress listening"'
+EGRESS_MEMORY = 64 << 20
 UNKNOWN = "Unknown"
 _EXITED = re.compile(r"Exited \((-?\d+)\)")
 
@@ -59,9 +61,12 @@ class Labels:
     extensions: dict[str, str] = field(default_factory=dict)
     secure_access: bool = False
     owned_volumes: list[str] = field(default_factory=list)  # named volumes removed with the sandbox
+    snapshot_id: str = ""
 
 
-def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
+def encode_labels(
+    sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """User metadata and extensions get their own prefixes: a container also carries its image's
     labels, which must not show up as metadata."""
     labels = {
@@ -70,6 +75,8 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         L.DOCKER_ENTRYPOINT: json.dumps(spec.entrypoint),
         L.DOCKER_CREATED_AT: times.rfc3339(created_at, digits=6),
     }
+    if spec.snapshot_id:
+        labels[L.DOCKER_SNAPSHOT] = spec.snapshot_id
     if spec.timeout_seconds is None:
         labels[L.DOCKER_MANUAL_CLEANUP] = "true"
     else:
@@ -78,11 +85,17 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         labels[L.DOCKER_SECURE_ACCESS] = "true"
     labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
     labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
+    labels.update(extra or {})  # (the platform's too: listed below, so a snapshot's image does not keep them)
+    labels[L.DOCKER_OWN_LABELS] = json.dumps(sorted(labels))
     return labels
 
 
 def decode_labels(labels: dict[str, str]) -> Labels | None:
-    """None for a container that is not a sandbox of ours (or whose labels are damaged)."""
+    """None for a container that is not a sandbox of ours (or whose labels are damaged). Only the
+    labels the runtime set count, where it recorded them (not those inherited from the image)."""
+    with contextlib.suppress(ValueError, TypeError):
+        own = set(json.loads(labels.get(L.DOCKER_OWN_LABELS, "null")) or labels)
+        labels = {k: v for k, v in labels.items() if k in own}
     try:
         sandbox_id = labels[L.DOCKER_ID]
         entrypoint = json.loads(labels.get(L.DOCKER_ENTRYPOINT, "[]"))
@@ -103,6 +116,7 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
         extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
         secure_access=labels.get(L.DOCKER_SECURE_ACCESS) == "true",
         owned_volumes=_json_list(labels.get(L.DOCKER_OWNED_VOLUMES)),
+        snapshot_id=labels.get(L.DOCKER_SNAPSHOT, ""),
     )
 
 
@@ -218,6 +232,7 @@ def sandbox_info(
         message=message,
         last_transition_at=state.changed_at or labels.created_at,
         secure_access=labels.secure_access,
+        snapshot_id=labels.snapshot_id,
     )
 
 
@@ -229,6 +244,36 @@ def endpoint_host(settings: DockerSection) -> str:
     if settings.endpoint_host:
         return settings.endpoint_host
     return "127.0.0.1" if settings.publish_host in ("", "0.0.0.0", "::") else settings.publish_host
+
+
+def egress_name(sandbox_id: str) -> str:
+    return f"sandbox-{sandbox_id}-egress"
+
+
+def egress_config(
+    sandbox_id: str, container_id: str, policy: dict[str, Any], token: str, image: str, upstream_dns: list[str]
+) -> dict[str, Any]:
+    """The egress sidecar of a sandbox with a network policy: in the sandbox container's network
+    namespace, the only container of the sandbox with NET_ADMIN (it loads the ruleset there); its
+    own file system keeps the policy in force across its restarts."""
+    env = {"OPENSANDBOX_EGRESS_TOKEN": token, "OPENSANDBOX_EGRESS_RULES": json.dumps(policy)}
+    if upstream_dns:
+        env["OPENSANDBOX_EGRESS_UPSTREAM"] = ",".join(upstream_dns)
+    return {
+        "Image": image,
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "Labels": {L.DOCKER_EGRESS_FOR: sandbox_id},
+        "HostConfig": {
+            "NetworkMode": f"container:{container_id}",
+            "CapDrop": ["ALL"],
+            "CapAdd": ["NET_ADMIN"],
+            "SecurityOpt": ["no-new-privileges"],
+            "Memory": EGRESS_MEMORY,
+            "MemorySwap": EGRESS_MEMORY,
+            "PidsLimit": 64,
+            "RestartPolicy": {"Name": "on-failure"},
+        },
+    }
 
 
 def execd_volume_name(key: str) -> str:
@@ -268,8 +313,13 @@ def container_config(
 ) -> dict[str, Any]:
     """The body of POST /containers/create, everything in this one call: the bootstrap script as
     entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
-    mounted read-only, execd's port published on an ephemeral host port, and the security defaults."""
+    mounted read-only, execd's port published on an ephemeral host port, and the security defaults.
+    With a network policy, the bootstrap script holds the entrypoint back until the egress sidecar
+    enforces it (`L.START_GATE`)."""
     env = {**spec.env, **execd_env(sandbox_id, token)}
+    if spec.network_policy is not None:
+        env[L.START_GATE_ENV] = L.START_GATE
+        labels = {**labels, L.DOCKER_EGRESS: "true"}
     host_config: dict[str, Any] = {
         "Mounts": [execd_mount(execd_volume)],
         "PortBindings": {EXECD_PORT_KEY: [{"HostIp": settings.publish_host, "HostPort": ""}]},

@@ -231,6 +231,10 @@ class SandboxPorts:
     def attached(self, sandbox_id: str) -> bool:
         return sandbox_id in self._netns
 
+    def netns(self, sandbox_id: str) -> int | None:
+        """The sandbox's network namespace (an fd this object owns), if attached."""
+        return self._netns.get(sandbox_id)
+
     def host_port(self, sandbox_id: str, port: int) -> int | None:
         forward = self._forwards.get(sandbox_id, {}).get(port)
         return forward.host_port if forward is not None else None

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import logging
@@ -48,6 +49,7 @@ from opensandbox_platform.server.runtimes.base import (
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
 )
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
@@ -97,7 +99,12 @@ def read_pool(raw: JSON) -> PoolEntry:
 
 class KubernetesRuntime:
     capabilities = Capabilities(
-        runtime="kubernetes", pool_ref=True, resource_requests=True, image_auth=True, volumes=frozenset({"host", "pvc"})
+        runtime="kubernetes",
+        pool_ref=True,
+        resource_requests=True,
+        image_auth=True,
+        volumes=frozenset({"host", "pvc"}),
+        network_policy=True,
     )
 
     def __init__(self, config: Config) -> None:
@@ -111,8 +118,9 @@ class KubernetesRuntime:
         self.settings = Settings(
             section.image_pull_policy,
             section.default_pod_spec,
-            tuple(config.server.allowed_host_paths),
-            section.default_volume_storage,
+            allowed_host_paths=tuple(config.server.allowed_host_paths),
+            default_volume_storage=section.default_volume_storage,
+            egress_upstream_dns=tuple(config.egress.upstream_dns),
         )
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
@@ -289,6 +297,8 @@ class KubernetesRuntime:
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
         pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        if spec.network_policy is not None:
+            self._check_network_policy(pool)
         image = await self._pool_image(pool) if pool else None
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
@@ -469,6 +479,8 @@ class KubernetesRuntime:
         headers = {}
         if port == labels.EXECD_PORT and self.token_key and entry.pod_name:
             headers[labels.EXECD_TOKEN_HEADER] = tokens.pod_token(self.token_key, entry.pod_name)
+        if port == labels.EGRESS_PORT and entry.has_policy and self.token_key and entry.pod_name:
+            headers[labels.EGRESS_TOKEN_HEADER] = tokens.egress_token(self.token_key, entry.pod_name)
         return Endpoint(f"{host}:{port}", headers, entry.info.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
@@ -527,6 +539,42 @@ class KubernetesRuntime:
             with contextlib.suppress(KubeError):
                 found["pod"] = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
         return found
+
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        raise guards.not_supported("snapshots", self.capabilities.runtime)
+
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        entry = await self._fresh_entry(sandbox_id)
+        if not entry.has_policy:
+            return None
+        guards.require_running(sandbox_id, entry.info.state)
+        return await self.endpoint(sandbox_id, labels.EGRESS_PORT)
+
+    def _check_network_policy(self, pool: str | None) -> None:
+        """A policy is enforced by a sidecar the controller puts into a new pod: a pooled pod, made
+        before the create, has none (400), and without the token key the sandbox could change it."""
+        if pool:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "networkPolicy with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods"
+                " have no egress sidecar (create without poolRef; docs/network-policy.md)",
+            )
+        if self.token_key is None:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "networkPolicy needs kubernetes.sandboxTokenKeyFile (the egress sidecar's token is derived from it)",
+            )
 
 
 def kube_event(item: JSON, source: str) -> SandboxEvent:

@@ -46,6 +46,7 @@ class Settings:
     default_pod_spec: JSON | None = None
     allowed_host_paths: tuple[str, ...] = ()  # server.allowedHostPaths: the nodes' directories `host` volumes use
     default_volume_storage: str = "1Gi"  # a created PVC's request when the volume names no storage
+    egress_upstream_dns: tuple[str, ...] = ()  # egress.upstreamDns: where the sidecar forwards allowed lookups
 
 
 def build_batchsandbox(
@@ -90,10 +91,19 @@ def build_batchsandbox(
             "annotations": {
                 labels.SANDBOX_REQUEST: json.dumps(request, separators=(",", ":")),
                 **({labels.CREATE_PENDING: times.rfc3339(now)} if pending_for is not None else {}),
+                **_network_policy(spec, settings),
             },
         },
         "spec": body,
     }
+
+
+def _network_policy(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
+    """The annotation that makes the controller inject the egress sidecar (direct mode only)."""
+    if spec.network_policy is None:
+        return {}
+    value = {"policy": spec.network_policy, "upstreamDns": list(settings.egress_upstream_dns)}
+    return {labels.NETWORK_POLICY: json.dumps(value, separators=(",", ":"))}
 
 
 def requested_expiry(spec: SandboxSpec, created: dt.datetime) -> dt.datetime | None:
@@ -294,6 +304,7 @@ class Entry:
     # For a waiting create: None while it may still become Running, else why it never will.
     failure: tuple[str, str] | None
     pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
+    has_policy: bool = False  # created with a networkPolicy: its pod has the egress sidecar
 
     @property
     def key(self) -> str:
@@ -357,6 +368,7 @@ def read_entry(raw: JSON) -> Entry:
         pod_name=pod_name,
         failure=failure,
         pending_since=times.parse_optional((meta.get("annotations") or {}).get(labels.CREATE_PENDING)),
+        has_policy=labels.NETWORK_POLICY in (meta.get("annotations") or {}),
     )
 
 

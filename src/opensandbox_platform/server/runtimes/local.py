@@ -24,8 +24,10 @@ sandbox id, which is the jail's hostname, is chosen at start).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import functools
 import json
@@ -42,7 +44,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from opensandbox_platform.api.labels import EXECD_PORT, EXECD_TOKEN_HEADER, wants_isolation
+from opensandbox_platform.api.labels import (
+    EGRESS_PORT,
+    EGRESS_TOKEN_HEADER,
+    EXECD_PORT,
+    EXECD_TOKEN_HEADER,
+    wants_isolation,
+)
 from opensandbox_platform.daemon import openat2, times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
@@ -60,13 +68,16 @@ from opensandbox_platform.server.runtimes import (
     volume_dirs,
 )
 from opensandbox_platform.server.runtimes import jail as jails
+from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    Held,
     LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
+    SnapshotInfo,
     State,
     merge_metadata,
 )
@@ -74,9 +85,14 @@ from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
-from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps
+from opensandbox_platform.server.runtimes.local_egress import JailEgress
+from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
+from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
+from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps, slot_range
 from opensandbox_platform.server.volumes import PvcBackend
 
+# What a restored sandbox needs on top of its files within its memory limit (execd, a shell, a command).
+RESTORE_HEADROOM = 128 << 20
 log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
@@ -120,6 +136,14 @@ class Record:
     execd_ticks: int = 0
     secure_access: bool = False
     owned_volumes: list[str] = field(default_factory=list)  # named volumes deleted with the sandbox
+    # What a snapshot of it holds besides its files (runtimes/local_snapshots.py).
+    env: dict[str, str] = field(default_factory=dict)
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    image_digest: str = ""  # its root's image ("": the minimal root)
+    snapshot_id: str = ""  # the snapshot it was restored from
+    network_policy: dict[str, Any] | None = None  # the create's (None: no enforcer); runtimes/local_egress.py
+    egress_token: str = ""
     _info: SandboxInfo | None = field(default=None, repr=False, compare=False)
 
     def info(self) -> SandboxInfo:
@@ -145,6 +169,7 @@ class Record:
             message=self.message,
             last_transition_at=times.parse(self.last_transition_at or self.created_at),
             secure_access=self.secure_access,
+            snapshot_id=self.snapshot_id,
         )
 
     def transition(self, state: str, reason: str, message: str = "") -> None:
@@ -213,7 +238,14 @@ def _close(fd: int) -> None:
 
 class LocalRuntime:
     # image.auth is accepted as image.uri is: no image is pulled.
-    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, volumes=frozenset({"host", "pvc"}))
+    capabilities = Capabilities(
+        runtime="local",
+        image_auth=True,
+        pause=True,
+        volumes=frozenset({"host", "pvc"}),
+        snapshots=True,
+        network_policy=True,
+    )
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
@@ -233,6 +265,10 @@ class LocalRuntime:
         self.default_cpu = validation.cpu_millis(self.local.default_cpu) if self.local.default_cpu else None
         self.default_memory = validation.memory_bytes(self.local.default_memory) if self.local.default_memory else None
         self.images = images.ImageCache(self.state_dir / "images")
+        # A snapshot holds at most what the sandbox's disk holds (a sparse file counts in full).
+        self.snapshots = LocalSnapshots(
+            self.state_dir / "snapshots", self.local.disk_size_mib << 20, self.local.snapshot_store_max_mib << 20
+        )
         self._find_image = images.Lookup()
         self._bpf = b""
         self._bpf_userns = b""
@@ -245,6 +281,7 @@ class LocalRuntime:
         self._locks: dict[str, asyncio.Lock] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._egress: dict[str, JailEgress] = {}
         self._deleting: set[str] = set()
         self.expiry = ExpirySweeper(
             sandbox_ids=lambda: list(self.records),
@@ -253,6 +290,7 @@ class LocalRuntime:
             delete=self._expire,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._captures: set[asyncio.Task[None]] = set()
         self._warm: asyncio.Queue[Jail] = asyncio.Queue()
         self._warm_wanted = asyncio.Event()
         self._warm_task: asyncio.Task[None] | None = None
@@ -269,6 +307,7 @@ class LocalRuntime:
         self._lock_state_dir()
         self.uids.prepare()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.snapshots.start()
         self._bpf = seccomp.compile_bpf()
         self._bpf_userns = seccomp.compile_bpf(seccomp.rules(userns=True))  # isolated sessions asked for
         self._layout = jails.runtime_layout()
@@ -328,6 +367,8 @@ class LocalRuntime:
         self._closing.set()
         self._warm_wanted.set()
         await self.expiry.close()
+        if self._captures:  # a capture cut short would leave its jail frozen
+            await asyncio.wait(self._captures, timeout=60)
         if self._warm_task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._warm_task), self.local.start_timeout_seconds)
@@ -339,6 +380,9 @@ class LocalRuntime:
         for task in self._watchers.values():
             task.cancel()
         await asyncio.gather(*self._watchers.values(), return_exceptions=True)
+        for egress in self._egress.values():
+            await egress.close()
+        self._egress.clear()
         await self.ports.close_all()
         for drain in self._drains.values():
             drain.cancel()
@@ -378,14 +422,22 @@ class LocalRuntime:
             if procfs.alive(record.pid, record.start_ticks):
                 await self._reattach(record)
                 self._watch(record)
+                if record.state == State.RUNNING:
+                    self._thaw(record)  # a snapshot's capture cut short by a stop leaves it frozen
             elif record.state in (State.RUNNING, State.PAUSED, State.PENDING):
                 record.transition(State.TERMINATED, "JAIL_GONE", "the jail ended while the server was down")
                 self._save(record)
 
     async def _reattach(self, record: Record) -> None:
-        """After a restart: the jail's network namespace, and its forwarded ports on the same host ports."""
+        """After a restart: the jail's network namespace, its policy's enforcer, and its forwarded
+        ports on the same host ports."""
         if not self.ports.attach_process(record.id, record.pid):
             return
+        if record.network_policy is not None:
+            try:
+                await self._start_egress(record)
+            except Exception:  # the kernel still holds its ruleset; lookups fail (closed)
+                log.exception("cannot enforce the network policy again id=%s", record.id)
         wanted = dict(record.ports)
         for port, host_port in wanted.items():
             await self._start_forward(record, int(port), host_port)
@@ -398,6 +450,8 @@ class LocalRuntime:
         return RuntimeHealth(ready=True)  # no engine: the jails are this process's children
 
     async def create(self, spec: SandboxSpec) -> SandboxInfo:
+        if spec.snapshot_id:
+            return await self._create_from_snapshot(spec, spec.snapshot_id)
         image = await self._image(spec.image)
         userns = wants_isolation(spec.extensions)
         opened = await asyncio.to_thread(self._open_volumes, spec)
@@ -411,6 +465,12 @@ class LocalRuntime:
             raise
         finally:
             volume_dirs.close_all(opened)
+        return await self._finish_create(jail, spec, image, opened)
+
+    async def _finish_create(
+        self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None, opened: volume_dirs.Opened | None = None
+    ) -> SandboxInfo:
+        opened = opened or []
         record = jail.record
         record.owned_volumes = [
             v.spec.backend.claim_name
@@ -418,6 +478,10 @@ class LocalRuntime:
             if v.created and isinstance(v.spec.backend, PvcBackend) and v.spec.backend.delete_on_sandbox_termination
         ]
         try:
+            if spec.network_policy is not None:  # enforced before the entrypoint starts
+                record.network_policy = spec.network_policy
+                record.egress_token = secrets.token_urlsafe(24)
+                await self._start_egress(record)
             await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
@@ -427,6 +491,10 @@ class LocalRuntime:
         record.claimed = True
         record.image = spec.image
         record.entrypoint = list(spec.entrypoint)
+        record.env = {**(image.env if image is not None else {}), **spec.env}  # what ran: a snapshot holds it
+        record.cpu_millis, record.memory_bytes = spec.cpu_millis, spec.memory_bytes
+        record.image_digest = image.digest if image is not None else ""
+        record.snapshot_id = spec.snapshot_id or ""
         record.metadata = dict(spec.metadata)
         record.extensions = dict(spec.extensions)
         record.secure_access = spec.secure_access
@@ -450,6 +518,62 @@ class LocalRuntime:
             )
         return found
 
+    async def _create_from_snapshot(self, spec: SandboxSpec, snapshot_id: str) -> SandboxInfo:
+        if spec.volumes:
+            raise ApiError(
+                400, errors.API_NOT_SUPPORTED, "volumes with snapshotId are not supported by the local runtime"
+            )
+        snapshot = self.snapshots.snapshots.get(snapshot_id)
+        if snapshot is None:
+            raise snaps.unknown_for_create(snapshot_id)
+        snaps.require_ready(snapshot.info())
+        spec = snaps.restored(spec, snapshot.held)
+        self._check_room(spec, snapshot.size_bytes)
+        image = await self._snapshot_image(snapshot.held.image, snapshot.image_digest)
+        restore = self.snapshots.restorer(snapshot, self._jail_paths(image is not None))
+        self.snapshots.restoring[snapshot_id] = self.snapshots.restoring.get(snapshot_id, 0) + 1
+        try:
+            jail = await self._spawn(str(uuid.uuid4()), image, userns=wants_isolation(spec.extensions), restore=restore)
+            return await self._finish_create(jail, spec, image)
+        finally:
+            self.snapshots.restoring[snapshot_id] -= 1
+
+    def _check_room(self, spec: SandboxSpec, files_bytes: int) -> None:
+        """A jail's files are memory of its own (its tmpfs): the memory limit must hold the snapshot's
+        files and leave room to run (400 naming the field, before anything starts)."""
+        memory = spec.memory_bytes or self.default_memory
+        if memory and "memory" in self.cgroups.parents and memory < files_bytes + RESTORE_HEADROOM:
+            raise errors.invalid(
+                f"resourceLimits.memory ({memory >> 20} MiB) must be above the snapshot's files"
+                f" ({files_bytes >> 20} MiB, kept in memory on the local runtime) plus {RESTORE_HEADROOM >> 20} MiB"
+            )
+
+    async def _snapshot_image(self, ref: str, digest: str) -> images.ImageInfo | None:
+        """The image root a snapshot was taken over: the host's image if it is still that digest (its
+        env and working directory come along), else the unpacked root still in the cache."""
+        if not digest:
+            return None
+        found = await self._find_image(ref)
+        if found is not None and found.digest == digest:
+            return found
+        cached = images.ImageInfo(ref=ref, digest=digest, layers=[])
+        if self.images.root(cached).is_dir():
+            return cached
+        raise ApiError(
+            409,
+            errors.SNAPSHOT_INVALID_STATE,
+            f"the image {ref} ({digest[:19]}) the snapshot was taken over is no longer on this host",
+        )
+
+    def _jail_paths(self, image_root: bool) -> frozenset[str]:
+        """Paths of a jail's root that its start makes (mount points, bwrap's links): a restore
+        leaves them alone."""
+        assert self._layout is not None
+        parts = [] if image_root else self._parts
+        points = [path for path, _ in jails.mountpoints(parts, self._layout)]
+        links = [part.path for part in parts if part.link is not None]
+        return frozenset(path.strip("/") for path in points + links)
+
     def _root_message(self, record: Record) -> str:
         if record.root == MINIMAL_ROOT:
             return f"root: minimal ({MINIMAL_ROOT}); image {record.image!r} is not used"
@@ -471,33 +595,88 @@ class LocalRuntime:
             record = self._record(sandbox_id)
             if record.state != State.RUNNING:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {record.state}, not Running")
-            if self.cgroups.freezer_state(record.cgroups) is not None:
-                self.cgroups.set_frozen(record.cgroups, True)
-                await self._await_freezer(record, "FROZEN")
-                record.paused_by = "freezer"
-            else:
-                namespace = procfs.pid_namespace(record.pid)
-                if namespace is not None:
-                    procfs.signal_namespace(namespace, signal.SIGSTOP)
-                    for _ in range(200):  # no event for it: the stops land as the processes run
-                        if procfs.all_stopped(namespace):
-                            break
-                        await asyncio.sleep(0.01)
-                record.paused_by = "signal"
+            await self._stop(record)
             record.transition(State.PAUSED, "JAIL_PAUSED", self._root_message(record))
             self._save(record)
+
+    async def _stop(self, record: Record) -> None:
+        """Stop every process of the jail: its freezer cgroup, else SIGSTOP to its PID namespace."""
+        if self.cgroups.freezer_state(record.cgroups) is not None:
+            self.cgroups.set_frozen(record.cgroups, True)
+            await self._await_freezer(record, "FROZEN")
+            record.paused_by = "freezer"
+        else:
+            namespace = procfs.pid_namespace(record.pid)
+            if namespace is not None:
+                procfs.signal_namespace(namespace, signal.SIGSTOP)
+                for _ in range(200):  # no event for it: the stops land as the processes run
+                    if procfs.all_stopped(namespace):
+                        break
+                    await asyncio.sleep(0.01)
+            record.paused_by = "signal"
+
+    async def _continue(self, record: Record) -> None:
+        self._thaw(record)
+        if record.paused_by == "freezer":
+            await self._await_freezer(record, "THAWED")
+        record.paused_by = None
 
     async def resume(self, sandbox_id: str) -> None:
         async with self._lock(sandbox_id):
             record = self._record(sandbox_id)
             if record.state != State.PAUSED:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {record.state}, not Paused")
-            self._thaw(record)
-            if record.paused_by == "freezer":
-                await self._await_freezer(record, "THAWED")
-            record.paused_by = None
+            await self._continue(record)
             record.transition(State.RUNNING, "JAIL_RUNNING", self._root_message(record))
             self._save(record)
+
+    async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
+        async with self._lock(sandbox_id):
+            record = self._record(sandbox_id)
+            if record.state != State.RUNNING:
+                raise snaps.not_running(sandbox_id, record.state)
+            held = Held(
+                image=record.image,
+                entrypoint=list(record.entrypoint),
+                env=dict(record.env),
+                cpu_millis=record.cpu_millis,
+                memory_bytes=record.memory_bytes,
+            )
+            snapshot = self.snapshots.begin(sandbox_id, name, held, record.image_digest)
+        task = asyncio.create_task(self._capture(record, snapshot), name=f"snapshot-{snapshot.id}")
+        self._captures.add(task)
+        task.add_done_callback(self._captures.discard)
+        return snapshot.info()
+
+    async def _capture(self, record: Record, snapshot: LocalSnapshot) -> None:
+        """Freeze the jail, archive its writable layer, let it go on (under the sandbox's lock: no
+        pause, resume or delete in between)."""
+        async with self._lock(record.id):
+            if self.records.get(record.id) is not record or record.state != State.RUNNING:
+                await self.snapshots.fail(snapshot, f"the sandbox was {record.state} before its capture began")
+                return
+            overlay = bool(record.image_digest)
+            try:
+                layer = layer_path(record.pid, str(self.stage_dir), overlay)
+            except ApiError as exc:
+                await self.snapshots.fail(snapshot, exc.message)
+                return
+            ids = slot_range(self.local.uid_range_start, record.uid_slot)
+            await self._stop(record)
+            try:
+                await self.snapshots.capture(snapshot, layer, ids.start, overlay)
+            finally:
+                await self._continue(record)
+
+    async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        return self.snapshots.get(snapshot_id).info()
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return self.snapshots.infos()
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        users = [r.id for r in self.records.values() if r.snapshot_id == snapshot_id]
+        await self.snapshots.delete(snapshot_id, users)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         async with self._lock(sandbox_id):
@@ -521,11 +700,34 @@ class LocalRuntime:
         record = self._record(sandbox_id)
         host_port = await self._host_port(record, port)
         headers = {EXECD_TOKEN_HEADER: record.token} if port == EXECD_PORT else {}
+        if port == EGRESS_PORT and record.egress_token:
+            headers = {EGRESS_TOKEN_HEADER: record.egress_token}
         return Endpoint(f"{LOOPBACK}:{host_port}", headers, record.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, self._record(sandbox_id).state)
         return await self.endpoint(sandbox_id, port)
+
+    async def egress(self, sandbox_id: str) -> Endpoint | None:
+        record = self._record(sandbox_id)
+        if record.network_policy is None:
+            return None
+        guards.require_running(sandbox_id, record.state)
+        return await self.endpoint(sandbox_id, EGRESS_PORT)
+
+    async def _start_egress(self, record: Record) -> None:
+        netns = self.ports.netns(record.id)
+        if netns is None:
+            raise ApiError(409, errors.INVALID_STATE, f"sandbox {record.id} has no network namespace")
+        assert record.network_policy is not None
+        self._egress[record.id] = await JailEgress.start(
+            netns, record.network_policy, record.egress_token, self.config.egress, self.sandboxes_dir / record.id
+        )
+
+    async def _stop_egress(self, record: Record) -> None:
+        egress = self._egress.pop(record.id, None)
+        if egress is not None:
+            await egress.close()
 
     async def _host_port(self, record: Record, port: int) -> int:
         known = self.ports.host_port(record.id, port)
@@ -557,6 +759,7 @@ class LocalRuntime:
         *,
         userns: bool = False,
         volumes: volume_dirs.Opened | None = None,
+        restore: Restore | None = None,
     ) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
         listens in it. `userns`: its filter lets it make user namespaces (isolated sessions);
@@ -576,6 +779,7 @@ class LocalRuntime:
         if image is not None:
             record.root = image.describe()
         plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root, volumes or [])
+        plan.restore = functools.partial(restore, cgroups) if restore is not None else None
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
             staged = await asyncio.shield(asyncio.wrap_future(future))
@@ -701,7 +905,14 @@ class LocalRuntime:
     async def _claim(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None = None) -> None:
         record = jail.record
         memory = spec.memory_bytes or self.default_memory
-        self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
+        try:
+            self.cgroups.set_limits(record.cgroups, spec.cpu_millis or self.default_cpu, memory, None)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or not memory:
+                raise
+            raise errors.invalid(  # the kernel cannot reclaim tmpfs pages: a restore's files did not fit
+                f"resourceLimits.memory ({memory >> 20} MiB) is below what the sandbox already holds in memory"
+            ) from None
         rlimits: dict[str, list[int]] = {
             "RLIMIT_NOFILE": [self.local.open_files, self.local.open_files],
             "RLIMIT_NPROC": [self.local.max_processes, self.local.max_processes],
@@ -892,6 +1103,7 @@ class LocalRuntime:
         """Kill every process of the jail, then remove its cgroups, directory and record."""
         self._deleting.add(record.id)
         try:
+            await self._stop_egress(record)
             await self.ports.close(record.id)
             await self._kill(record)
             watcher = self._watchers.pop(record.id, None)

@@ -7,7 +7,9 @@ reach, the sandbox could too. The nftables ruleset below, loaded into the sandbo
 before anything in it runs, keeps it to the internet: it rejects the host's own addresses,
 loopback, private, shared, link-local (the cloud metadata address 169.254.169.254), multicast and
 reserved ranges, and all IPv6 but loopback; DNS goes to slirp4netns' forwarder only. The operator
-can let ranges through (`local.networkAllow`) or reject more (`local.networkDeny`).
+can let ranges through (`local.networkAllow`) or reject more (`local.networkDeny`). Loopback
+destinations pass by address too: a DNS query a network policy redirects to the jail's own
+loopback (runtimes/local_egress.py) still carries the outgoing interface chosen before.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ table inet {TABLE} {{
   chain output {{
     type filter hook output priority filter; policy accept;
     oifname "lo" accept
+    ip daddr 127.0.0.0/8 accept
     ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept
     ip daddr @allowed accept
     ip daddr @denied reject with icmpx type admin-prohibited

@@ -20,6 +20,16 @@ def start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def parent(pid: int) -> int | None:
+    """The parent's pid, as the host sees it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def alive(pid: int, ticks: int) -> bool:
     return start_ticks(pid) == ticks
 

@@ -60,6 +60,9 @@ class StagePlan:
     # Volumes: (detached mount of the host directory, read-only), attached at <stage>/vol/<i> idmapped to
     # the jail's user namespace before bwrap goes on (jail.bwrap_args binds them into the jail).
     volumes: list[tuple[int, bool]] = field(default_factory=list)
+    # Called in the thread with the root's writable layer and the sandbox's first host id, once the
+    # skeleton and mount points are there: lays a snapshot's files out (runtimes/local_snapshots.py).
+    restore: Callable[[str, int], None] | None = field(default=None, repr=False)
     # Called in the thread with the jail's pid before its maps are written (the uid range's holder).
     on_pid: Callable[[int], None] | None = field(default=None, repr=False)
 
@@ -140,6 +143,8 @@ def _stage_files(plan: StagePlan) -> None:
         _make(os.path.join(top, entry.path), entry, owner)
     for path, is_dir in plan.mountpoints:
         _mountpoint(top, path, is_dir, owner)
+    if plan.restore is not None:
+        plan.restore(top, owner)
     os.mkdir(os.path.join(stage, "rt"))
     for name, host_path in plan.runtime_binds.items():
         target = os.path.join(stage, "rt", name)
