@@ -13,6 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.server.runtimes.events import EventList, EventLog
 from opensandbox_platform.server.volumes import VolumeSpec
 
@@ -112,6 +113,38 @@ class SnapshotInfo:
     message: str
     created_at: dt.datetime
     last_transition_at: dt.datetime
+
+
+@dataclass
+class SnapshotRecord:
+    """What every runtime keeps of a snapshot: who it is of, what it holds besides its files, and
+    where it is in its life (Creating -> Ready or Failed)."""
+
+    id: str
+    sandbox_id: str
+    name: str | None
+    held: Held
+    created_at: str
+    state: str = SnapshotState.CREATING
+    reason: str = ""
+    message: str = ""
+    last_transition_at: str = ""
+
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(
+            id=self.id,
+            sandbox_id=self.sandbox_id,
+            name=self.name,
+            state=self.state,
+            reason=self.reason,
+            message=self.message,
+            created_at=times.parse(self.created_at),
+            last_transition_at=times.parse(self.last_transition_at or self.created_at),
+        )
+
+    def transition(self, state: str, reason: str, message: str = "") -> None:
+        self.state, self.reason, self.message = state, reason, message
+        self.last_transition_at = times.rfc3339(digits=6)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import docker_api, docker_model
 from opensandbox_platform.server.runtimes import snapshots as snaps
-from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotRecord, SnapshotState
 
 log = logging.getLogger("opensandbox.docker.snapshots")
 REPOSITORY = "opensandbox-snapshot"
@@ -39,28 +39,8 @@ EXECD_ENV = frozenset(docker_model.execd_env("", ""))
 
 
 @dataclass
-class Record:
-    id: str
-    sandbox_id: str
-    name: str | None
-    held: Held
-    created_at: str
-    state: str = SnapshotState.CREATING
+class Record(SnapshotRecord):
     reason: str = snaps.ACCEPTED
-    message: str = ""
-    last_transition_at: str = ""
-
-    def info(self) -> SnapshotInfo:
-        return SnapshotInfo(
-            id=self.id,
-            sandbox_id=self.sandbox_id,
-            name=self.name,
-            state=self.state,
-            reason=self.reason,
-            message=self.message,
-            created_at=times.parse(self.created_at),
-            last_transition_at=times.parse(self.last_transition_at or self.created_at),
-        )
 
     def encode(self) -> str:
         return base64.b64encode(json.dumps(asdict(self)).encode()).decode()
@@ -160,8 +140,7 @@ class DockerSnapshots:
 
     @staticmethod
     def _fail(record: Record, reason: str, message: str) -> None:
-        record.state, record.reason, record.message = SnapshotState.FAILED, reason, message
-        record.last_transition_at = times.rfc3339(digits=6)
+        record.transition(SnapshotState.FAILED, reason, message)
 
     async def close(self) -> None:
         if self._tasks:

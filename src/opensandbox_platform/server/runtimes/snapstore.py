@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from opensandbox_platform.daemon import times
-from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SnapshotRecord
 from opensandbox_platform.server.runtimes.filetree import CHUNK, Entry
 
 RECORD = "snapshot.json"
@@ -31,36 +30,12 @@ ENTRIES = "entries.json"
 
 
 @dataclass
-class LocalSnapshot:
-    id: str
-    sandbox_id: str
-    name: str | None
-    held: Held
-    created_at: str
-    state: str = SnapshotState.CREATING
+class LocalSnapshot(SnapshotRecord):
     reason: str = ""
-    message: str = ""
-    last_transition_at: str = ""
     image_digest: str = ""  # the image root it was taken over ("": the minimal root)
     size_bytes: int = 0  # the files' bytes (before sharing)
     files: int = 0
     skipped: list[str] = field(default_factory=list)  # device nodes and sockets left out
-
-    def info(self) -> SnapshotInfo:
-        return SnapshotInfo(
-            id=self.id,
-            sandbox_id=self.sandbox_id,
-            name=self.name,
-            state=self.state,
-            reason=self.reason,
-            message=self.message,
-            created_at=times.parse(self.created_at),
-            last_transition_at=times.parse(self.last_transition_at or self.created_at),
-        )
-
-    def transition(self, state: str, reason: str, message: str = "") -> None:
-        self.state, self.reason, self.message = state, reason, message
-        self.last_transition_at = times.rfc3339(digits=6)
 
 
 class SnapshotStore:
