@@ -23,10 +23,11 @@ class KubernetesServer(ServerSubprocess):
     namespace: str
     kubeconfig: Path
     extra_config: str = ""  # more keys for [kubernetes] (TOML)
+    server_config: str = ""  # more keys for [server] (TOML)
 
     def config(self) -> str:
         return (
-            '[server]\nlogLevel = "INFO"\n\n[runtime]\ntype = "kubernetes"\n\n'
+            f'[server]\nlogLevel = "INFO"\n{self.server_config}\n\n[runtime]\ntype = "kubernetes"\n\n'
             f'[kubernetes]\nnamespace = "{self.namespace}"\nkubeconfig = "{self.kubeconfig}"\n'
             f'sandboxTokenKeyFile = "{sandbox_token_key()}"\n{self.extra_config}\n'
         )
@@ -34,9 +35,9 @@ class KubernetesServer(ServerSubprocess):
 
 @contextmanager
 def kubernetes_server(
-    workdir: Path, namespace: str, kubeconfig: Path, extra_config: str = ""
+    workdir: Path, namespace: str, kubeconfig: Path, extra_config: str = "", server_config: str = ""
 ) -> Iterator[KubernetesServer]:
-    server = KubernetesServer(workdir, namespace, kubeconfig, extra_config).start()
+    server = KubernetesServer(workdir, namespace, kubeconfig, extra_config, server_config).start()
     try:
         yield server
     finally:

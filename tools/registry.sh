@@ -71,7 +71,8 @@ up() {
   if status; then log "already up: $NAME at $(address)"; trust_on_node; return; fi
   stop
   [[ -x $bin/registry ]] || die "$bin/registry is missing: run tools/build-tools.sh (make tools)"
-  ip -o addr show | grep -q " inet $NODE_IP/" \
+  # (Not `ip | grep -q`: grep's early exit kills ip with SIGPIPE, which pipefail reports as a failure.)
+  grep -q " inet $NODE_IP/" <<<"$(ip -o addr show)" \
     || die "$NODE_IP is not on this host: the registry listens on the real node's bridge (tools/node.sh up)"
   mkdir -p "$dir/storage" "$state/logs" "$state/pids"
   echo "$NODE_IP:${OSB_REGISTRY_PORT:-5000}" >"$dir/address"

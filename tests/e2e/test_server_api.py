@@ -89,8 +89,13 @@ BAD_CREATES: list[tuple[str, Any, str]] = [
     ("bad cpu", {**CREATE, "resourceLimits": {"cpu": "lots"}}, "SANDBOX::INVALID_PARAMETER"),
     ("bad memory", {**CREATE, "resourceLimits": {"memory": "2 apples"}}, "SANDBOX::INVALID_PARAMETER"),
     (
-        "volumes",
+        "host volume not allowed",
         {**CREATE, "volumes": [{"name": "v", "mountPath": "/v", "host": {"path": "/"}}]},
+        "SANDBOX::INVALID_PARAMETER",
+    ),
+    (
+        "volume backend unsupported",
+        {**CREATE, "volumes": [{"name": "v", "mountPath": "/v", "nfs": {"server": "x"}}]},
         "SANDBOX::API_NOT_SUPPORTED",
     ),
     ("entrypoint not found", {**CREATE, "entrypoint": ["/no/such/program"]}, "SANDBOX::INVALID_PARAMETER"),

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.controller_process import ControllerProcess
+from harness.images import EXECD_IMAGE, built_image
 from harness.real_node import RealNode, RealNodeUnavailable, real_node
 from harness.services import LocalCluster
 
@@ -18,3 +20,18 @@ def node(cluster: LocalCluster) -> Iterator[RealNode]:
             yield n
     except RealNodeUnavailable as off:
         pytest.skip(str(off))
+
+
+@pytest.fixture(scope="session")
+def execd_image(node: RealNode) -> str:
+    node.load_image(built_image("execd", EXECD_IMAGE))
+    return EXECD_IMAGE
+
+
+@pytest.fixture
+def execd_controller(
+    cluster: LocalCluster, crds: None, namespace: str, execd_image: str
+) -> Iterator[ControllerProcess]:
+    proc = ControllerProcess(cluster, namespace, "--execd-image", execd_image).start()
+    yield proc
+    proc.stop()

@@ -22,27 +22,12 @@ from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 
 from harness.controller_process import ControllerProcess
-from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
+from harness.images import TEST_IMAGE
 from harness.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
 from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config, real_pool
 from harness.real_node import POD_NETWORK_PREFIX, RealNode
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-
-
-@pytest.fixture(scope="session")
-def execd_image(node: RealNode) -> str:
-    node.load_image(built_image("execd", EXECD_IMAGE))
-    return EXECD_IMAGE
-
-
-@pytest.fixture
-def execd_controller(
-    cluster: LocalCluster, crds: None, namespace: str, execd_image: str
-) -> Iterator[ControllerProcess]:
-    proc = ControllerProcess(cluster, namespace, "--execd-image", execd_image).start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ BATCHSANDBOX: Final = PREFIX + "batchsandbox"  # claimed or direct pods: the own
 INDEX: Final = PREFIX + "index"  # claimed or direct pods: the sandbox index within the BatchSandbox
 CREATED_BY: Final = PREFIX + "created-by"  # BatchSandboxes the server made for the lifecycle API
 CREATED_BY_SERVER: Final = "opensandbox-server"
+CREATED_FOR_SANDBOX: Final = PREFIX + "created-for-sandbox"  # a PVC or pull Secret a sandbox's create made
 
 # The create extension that claims a warm pod of a Pool (kubernetes runtime's pooled mode).
 EXTENSION_POOL_REF: Final = "poolRef"
@@ -88,6 +89,7 @@ EXECD_IMAGE_DIR: Final = "/opensandbox"
 EXECD_MOUNT: Final = "/opt/opensandbox"
 EXECD_BOOTSTRAP: Final = EXECD_MOUNT + "/bootstrap.sh"
 EXECD_VOLUME: Final = "opensandbox-execd"
+EXECD_INSTALLER: Final = "execd-installer"  # the container (first in a pod) that copies execd into EXECD_VOLUME
 EXECD_START_PATH: Final = "/bootstrap"  # execd route that starts the main process with an env (pooled mode)
 
 # task-executor injection: a sidecar container sharing the pod's PID namespace; it finds the main
@@ -111,6 +113,9 @@ DOCKER_EXPIRES_AT: Final = DOCKER_PREFIX + "expires-at"  # expiry at create (ren
 DOCKER_MANUAL_CLEANUP: Final = DOCKER_PREFIX + "manual-cleanup"  # "true" when created with timeout null
 DOCKER_METADATA_PREFIX: Final = DOCKER_PREFIX + "metadata."  # + key: user metadata at create
 DOCKER_EXTENSIONS_PREFIX: Final = DOCKER_PREFIX + "extensions."  # + key: extensions
+DOCKER_SECURE_ACCESS: Final = DOCKER_PREFIX + "secure-access"  # "true": endpoints need a signed token
+DOCKER_OWNED_VOLUMES: Final = DOCKER_PREFIX + "owned-volumes"  # named volumes removed with it (JSON list)
+DOCKER_VOLUME_CREATED_BY: Final = DOCKER_PREFIX + "created-by-sandbox"  # on a named volume a create made
 DOCKER_EXECD_HELPER: Final = DOCKER_PREFIX + "execd-helper"  # the throwaway container execd is copied from
 # Snapshot images (docker commit) carry their id and their record (base64 JSON); a container restored
 # from one carries the id too, which makes the snapshot in use (docs/snapshots.md).

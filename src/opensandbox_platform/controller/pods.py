@@ -21,7 +21,8 @@ SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "por
 # How execd gets into a pod (inject_execd): the controller's --execd-install.
 EXECD_POST_START = "post-start"
 EXECD_INIT_CONTAINER = "init-container"
-EXECD_INSTALLER = "execd-installer"
+EXECD_INSTALLER = labels.EXECD_INSTALLER
+FAILURE_DETAIL_CHARS = 400
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 # Pod-level status reasons that mean the pod is gone for good (evicted, preempted, node lost).
 LOST_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated", "UnexpectedAdmissionError"})
@@ -51,6 +52,7 @@ class PodInfo:
     entrypoint_applied: bool
     evicting: bool = False  # an idle pod a person marked for deletion (labels.EVICT)
     failure: str | None = None  # a container's waiting reason that means it cannot run (CrashLoopBackOff, ...)
+    failure_detail: str = ""  # the kubelet's words with it (a registry's 401), cut to a condition's size
     restart_policy: str = "Always"
 
     @property
@@ -86,6 +88,7 @@ def slim_pod(raw: JSON) -> PodInfo:
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     exit_code = None
     failure = None
+    failure_detail = ""
     for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
         state = cs.get("state") or {}
         if cs.get("name") == labels.SANDBOX_CONTAINER and state.get("terminated") is not None:
@@ -93,6 +96,7 @@ def slim_pod(raw: JSON) -> PodInfo:
         waiting = (state.get("waiting") or {}).get("reason")
         if waiting in conditions.FAILED_POD_REASONS and failure is None:
             failure = f"{waiting} ({cs.get('name')})"
+            failure_detail = str(state["waiting"].get("message") or "")[:FAILURE_DETAIL_CHARS]
     index = pod_labels.get(labels.INDEX)
     return PodInfo(
         namespace=meta["namespace"],
@@ -115,6 +119,7 @@ def slim_pod(raw: JSON) -> PodInfo:
         entrypoint_applied=labels.ENTRYPOINT_APPLIED in (meta.get("annotations") or {}),
         evicting=labels.EVICT in pod_labels,
         failure=failure,
+        failure_detail=failure_detail,
         restart_policy=sys.intern(spec.get("restartPolicy") or "Always"),
     )
 

@@ -96,7 +96,14 @@ def batchsandbox_status(view: BatchSandboxView, now: dt.datetime) -> BatchSandbo
     finished_at = old.finishedAt
     if finished and finished_at is None:
         finished_at = now.replace(microsecond=0)
-    failure = next((f"{p.failure} in pod {p.name}" for p in view.pods.values() if p.failure), None)
+    failure = next(
+        (
+            f"{p.failure} in pod {p.name}" + (f": {p.failure_detail}" if p.failure_detail else "")
+            for p in view.pods.values()
+            if p.failure
+        ),
+        None,
+    )
     wanted = spec.replicas - len(view.released)
     phase: Phase
     if failure is not None:

@@ -127,6 +127,23 @@ class ExecdApp:
 
     def _routes(self) -> Router:
         r = Router()
+        files = [
+            ("GET", "/files/info", self.files_info),
+            ("DELETE", "/files", self.delete_files),
+            ("POST", "/files/mv", self.move_files),
+            ("POST", "/files/permissions", self.set_permissions),
+            ("GET", "/files/search", self.search_files),
+            ("POST", "/files/replace", self.replace_contents),
+            ("POST", "/files/upload", self.upload_files),
+            ("GET", "/files/download", self.download_file),
+            ("GET", "/directories/list", self.list_directory),
+            ("POST", "/directories", self.make_directories),
+            ("DELETE", "/directories", self.delete_directories),
+        ]
+        for method, path, handler in files:
+            r.add(method, path, handler)
+            # The SDK's files_with_identity(uid, gid): the same routes under /v1/filesystem/{uid}/{gid}.
+            r.add(method, "/v1/filesystem/{uid}/{gid}" + path, self.identities_not_supported)
         r.add("GET", "/ping", self.ping)
         r.add("POST", "/command", self.run_command)
         r.add("DELETE", "/command", self.interrupt_command)
@@ -135,17 +152,6 @@ class ExecdApp:
         r.add("POST", "/session", self.create_session)
         r.add("POST", "/session/{id}/run", self.run_in_session)
         r.add("DELETE", "/session/{id}", self.delete_session)
-        r.add("GET", "/files/info", self.files_info)
-        r.add("DELETE", "/files", self.delete_files)
-        r.add("POST", "/files/mv", self.move_files)
-        r.add("POST", "/files/permissions", self.set_permissions)
-        r.add("GET", "/files/search", self.search_files)
-        r.add("POST", "/files/replace", self.replace_contents)
-        r.add("POST", "/files/upload", self.upload_files)
-        r.add("GET", "/files/download", self.download_file)
-        r.add("GET", "/directories/list", self.list_directory)
-        r.add("POST", "/directories", self.make_directories)
-        r.add("DELETE", "/directories", self.delete_directories)
         r.add("GET", "/metrics", self.metrics)
         r.add("GET", "/metrics/watch", self.watch_metrics)
         r.add("POST", "/bootstrap", self.apply_bootstrap)
@@ -224,6 +230,15 @@ class ExecdApp:
 
     async def ping(self, request: Request) -> AnyResponse:
         return EMPTY
+
+    async def identities_not_supported(self, request: Request) -> AnyResponse:
+        # Refused rather than served as root: a caller asking for a user's rights must not get more.
+        raise ApiError(
+            501,
+            errors.API_NOT_SUPPORTED,
+            "filesystem identities (files_with_identity, /v1/filesystem/{uid}/{gid}/...) are not supported by"
+            " this execd; use commands.run with a user switch (su, setpriv) instead",
+        )
 
     async def apply_bootstrap(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.apply(await request.json(allow_empty=True)))

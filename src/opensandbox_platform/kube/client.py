@@ -50,6 +50,8 @@ class Resource:
 
 PODS = Resource("", "v1", "pods", "Pod")
 EVENTS = Resource("", "v1", "events", "Event")
+SECRETS = Resource("", "v1", "secrets", "Secret")
+PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease")
 TOKEN_REVIEWS = Resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", namespaced=False)
 SUBJECT_ACCESS_REVIEWS = Resource(
@@ -201,6 +203,20 @@ class KubeClient:
 
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> JSON:
         return await self.request("GET", res.path(namespace, name))
+
+    async def text(self, path: str, params: Mapping[str, str | int] | None = None) -> str:
+        """GET of a plain-text subresource (a pod's `log`)."""
+        for attempt in (1, 2):
+            headers = await self._headers(None, refresh=attempt == 2)
+            headers["Accept"] = "text/plain, */*"
+            async with self.session.get(self.server + path, params=_query(params), headers=headers) as response:
+                payload = await response.read()
+                if response.status == 401 and attempt == 1:
+                    continue
+                if response.status >= 400:
+                    raise _error(response.status, response.reason or "", payload)
+                return payload.decode(errors="replace")
+        raise AssertionError("unreachable")
 
     async def list(self, res: Resource, namespace: str | None = None, **params: str | int) -> JSON:
         return await self.request("GET", res.path(namespace), params=params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,14 +11,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from opensandbox_platform import __version__
-from opensandbox_platform.server import errors, metrics, networkpolicy, openapi, proxy
+from opensandbox_platform.server import diagnostics, errors, metrics, networkpolicy, openapi, proxy, unsupported
 from opensandbox_platform.server.admission import Admission, default_concurrency
 from opensandbox_platform.server.auth import AuthAndRequestId
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
+from opensandbox_platform.server.signing import Signer, SigningKey
 from opensandbox_platform.server.snapshot_routes import router as snapshot_router
+
+log = logging.getLogger("opensandbox.server")
 
 RUNTIME_UNAVAILABLE = "SANDBOX::RUNTIME_UNAVAILABLE"
 
@@ -35,6 +39,16 @@ def default_runtime(config: Config, config_path: str | None = None) -> Runtime:
     from opensandbox_platform.server.runtimes.local import LocalRuntime
 
     return LocalRuntime(config, config_path)
+
+
+def signer_of(config: Config) -> Signer:
+    keys = [SigningKey(k.id, k.secret.encode(), k.retire_at) for k in config.server.signing_keys]
+    if keys:
+        return Signer(keys)
+    log.warning(
+        "server.signingKeys is empty: signed endpoints and secureAccess tokens use a random key of this process"
+    )
+    return Signer.ephemeral()
 
 
 async def _states(runtime: Runtime) -> list[str]:
@@ -63,6 +77,7 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.signer = signer_of(config)
     app.state.runtime = runtime
     app.state.admission = Admission(
         config.server.create_concurrency or default_concurrency(config.runtime.type),
@@ -117,7 +132,7 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
             payload, content_type = metrics.exposition()
             return Response(payload, media_type=content_type)
 
-    for routes in (router, snapshot_router, networkpolicy.router):
+    for routes in (router, snapshot_router, networkpolicy.router, diagnostics.router, unsupported.router):
         app.include_router(routes, prefix="/v1")
         app.include_router(routes, include_in_schema=False)
     generate = app.openapi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -16,7 +17,14 @@ log = logging.getLogger("opensandbox.server")
 
 API_KEY_HEADER = b"open-sandbox-api-key"
 REQUEST_ID_HEADER = b"x-request-id"
+SECURE_ACCESS_HEADER = b"opensandbox-secure-access"
 OPEN_PATHS = ("/health", "/ready", "/version", "/docs", "/redoc", "/openapi.json")
+# Routes that carry their own credential, checked by the route itself: a signed route's token (in
+# the path), and the proxy of a secureAccess sandbox (its token in SECURE_ACCESS_HEADER).
+SIGNED_PATH = re.compile(r"^(?:/v1)?/sandboxes/[^/]+/signed/")
+PROXY_PATH = re.compile(r"^(?:/v1)?/sandboxes/[^/]+/proxy/")
+# scope["state"][API_KEY_CHECKED]: whether this request proved the API key (or none is configured).
+API_KEY_CHECKED = "api_key_checked"
 # Routes that check their own credentials: /metrics (the key or a bearer token, server/metrics.py)
 # and the web console (its session cookie, server/console/).
 SELF_CHECKED = ("/metrics",)
@@ -49,8 +57,15 @@ class AuthAndRequestId:
 
     def _check(self, scope: Scope) -> tuple[str, str] | None:
         if not self.api_key or is_open(scope["path"]):
+            scope["state"][API_KEY_CHECKED] = True
             return None
         given = _header(scope, API_KEY_HEADER)
+        if not given and (
+            SIGNED_PATH.match(scope["path"])
+            or (PROXY_PATH.match(scope["path"]) and _header(scope, SECURE_ACCESS_HEADER))
+        ):
+            scope["state"][API_KEY_CHECKED] = False
+            return None
         if not given:
             return (
                 errors.MISSING_API_KEY,
@@ -58,6 +73,7 @@ class AuthAndRequestId:
             )
         if not hmac.compare_digest(given.encode("latin-1"), self.api_key):
             return errors.INVALID_API_KEY, "Authentication credentials are invalid. Check your API key."
+        scope["state"][API_KEY_CHECKED] = True
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,6 +7,7 @@ start-up instead of silently ignored. Every key has a default: no file is needed
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import tomllib
@@ -23,6 +24,14 @@ METRICS_TOKEN_ENV = "OPENSANDBOX_SERVER_METRICS_TOKEN"
 
 class Section(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class SigningKeyConfig(Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$", description="named in every token it signs")
+    secret: str = Field(min_length=32, description="at least 32 characters (init-config writes 43 random ones)")
+    retire_at: dt.datetime | None = Field(
+        default=None, description="a retired key verifies tokens until then and signs none (rotation overlap)"
+    )
 
 
 class ServerSection(Section):
@@ -69,6 +78,19 @@ class ServerSection(Section):
     create_queue_size: int = Field(
         default=32, ge=0, description="creates waiting for a slot; one more is refused with 429 and Retry-After"
     )
+    signing_keys: list[SigningKeyConfig] = Field(
+        default_factory=list,
+        description="keys of signed endpoints and secureAccess tokens ({id, secret, retireAt}); the first"
+        " without retireAt signs, every one verifies; empty: a random key per server process",
+    )
+    allowed_host_paths: list[str] = Field(
+        default_factory=list,
+        description="host directories under which `host` volumes may be mounted (absolute; symlinks in them are"
+        " refused; on kubernetes, directories of the nodes); empty: host volumes are refused",
+    )
+    max_signed_endpoint_seconds: int = Field(
+        default=7 * 24 * 3600, ge=60, description="how far ahead a signed endpoint's expiry may be"
+    )
     create_queue_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long a create may wait for a slot before it is refused with 503"
     )
@@ -78,6 +100,15 @@ class ServerSection(Section):
         description="a bearer token (Authorization: Bearer ...) that may read /metrics without the API key, for"
         f" Prometheus (env {METRICS_TOKEN_ENV}); with neither key nor token /metrics is open",
     )
+
+    @model_validator(mode="after")
+    def _one_signing_key_signs(self) -> ServerSection:
+        ids = [key.id for key in self.signing_keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError("server.signingKeys: key ids must be unique")
+        if self.signing_keys and all(key.retire_at for key in self.signing_keys):
+            raise ValueError("server.signingKeys: one key must have no retireAt (it signs)")
+        return self
 
     @model_validator(mode="after")
     def _head_holds_its_line(self) -> ServerSection:
@@ -276,6 +307,11 @@ class KubernetesSection(Section):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="imagePullPolicy of direct-mode sandbox containers"
     )
+    default_volume_storage: str = Field(
+        default="1Gi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="storage request of a PersistentVolumeClaim a create makes for a `pvc` volume that names none",
+    )
     default_pod_spec: dict[str, Any] = Field(
         default_factory=dict,
         description="PodSpec fields (nodeSelector, tolerations, runtimeClassName, ...) every direct-mode"
@@ -364,9 +400,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     return config
 
 
-def render_default(api_key: str = "") -> str:
-    """A commented TOML file with every key at its default but `server.apiKey` (what `init-config`
-    writes, with a fresh random key)."""
+def render_default(api_key: str = "", signing_secret: str = "") -> str:
+    """A commented TOML file with every key at its default but `server.apiKey` and
+    `server.signingKeys` (what `init-config` writes, with fresh random keys)."""
     lines = ["# opensandbox-server configuration. Keys mirror the Helm chart's server.config.* values.", ""]
     for section_name, field in Config.model_fields.items():
         section = field.default
@@ -375,7 +411,11 @@ def render_default(api_key: str = "") -> str:
         for name, info in type(section).model_fields.items():
             if info.description:
                 lines.append(f"# {info.description}")
-            value = api_key if (section_name, name) == ("server", "api_key") and api_key else getattr(section, name)
+            value = getattr(section, name)
+            if (section_name, name) == ("server", "api_key") and api_key:
+                value = api_key
+            if (section_name, name) == ("server", "signing_keys") and signing_secret:
+                value = [{"id": "k1", "secret": signing_secret}]
             lines.append(f"{to_camel(name)} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

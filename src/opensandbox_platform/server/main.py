@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="port to listen on (overrides server.port; default 8080)")
     commands = parser.add_subparsers(dest="command", metavar="{init-config}")
     init = commands.add_parser(
-        "init-config", help="write a commented config file with every default and a new random API key"
+        "init-config", help="write a commented config file with every default, a new random API key and signing key"
     )
     init.add_argument("path", nargs="?", default=str(Path.home() / ".sandbox.toml"), help="default ~/.sandbox.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -42,9 +42,14 @@ def init_config(path: str, force: bool) -> int:
         print(f"{target} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(configuration.render_default(api_key=secrets.token_urlsafe(32)))
+    target.write_text(
+        configuration.render_default(api_key=secrets.token_urlsafe(32), signing_secret=secrets.token_urlsafe(32))
+    )
     target.chmod(0o600)  # it holds the API key
-    print(f"wrote {target} (with a new random server.apiKey: clients send it as OPEN-SANDBOX-API-KEY)")
+    print(
+        f"wrote {target} (with a new random server.apiKey, which clients send as OPEN-SANDBOX-API-KEY,"
+        " and server.signingKeys)"
+    )
     return 0
 
 

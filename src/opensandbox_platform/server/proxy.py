@@ -60,24 +60,25 @@ def new_client() -> httpx.AsyncClient:
 
 
 # Segments of `/sandboxes/{id}/proxy/{port}` when a path is split at "/" (the empty one before the
-# first slash included), plus one under /v1.
+# first slash included), plus one under /v1; a signed route has its token too.
 _PREFIX_SEGMENTS = 5
+SIGNED_SEGMENTS = 6
 
 
-def raw_tail(connection: HTTPConnection, port: int) -> str:
+def raw_tail(connection: HTTPConnection, port: int, prefix_segments: int = _PREFIX_SEGMENTS) -> str:
     """The path after `/proxy/{port}` exactly as the client sent it (still percent-encoded), so
     the sandbox receives the same bytes: decoding and re-encoding would turn `%2F` into `/`, and
     a decoded control character cannot be put back into a URL at all."""
     raw = connection.scope.get("raw_path") or connection.url.path.encode()
     segments = bytes(raw).split(b"/")
-    skip = _PREFIX_SEGMENTS + (1 if connection.url.path.startswith("/v1/") else 0)
+    skip = prefix_segments + (1 if connection.url.path.startswith("/v1/") else 0)
     return b"/".join(segments[skip:]).decode("latin-1")
 
 
-def _prefix(connection: HTTPConnection) -> str:
+def _prefix(connection: HTTPConnection, prefix_segments: int = _PREFIX_SEGMENTS) -> str:
     """`[/v1]/sandboxes/{id}/proxy/{port}` as the client addressed it (decoded)."""
     segments = connection.url.path.split("/")
-    return "/".join(segments[: _PREFIX_SEGMENTS + (1 if connection.url.path.startswith("/v1/") else 0)])
+    return "/".join(segments[: prefix_segments + (1 if connection.url.path.startswith("/v1/") else 0)])
 
 
 def _target(upstream: Endpoint, path: str, query: str, scheme: str) -> str:
@@ -87,7 +88,9 @@ def _target(upstream: Endpoint, path: str, query: str, scheme: str) -> str:
     return f"{url}?{query}" if query else url
 
 
-async def forward_http(client: httpx.AsyncClient, request: Request, upstream: Endpoint, path: str) -> Response:
+async def forward_http(
+    client: httpx.AsyncClient, request: Request, upstream: Endpoint, path: str, prefix_segments: int = _PREFIX_SEGMENTS
+) -> Response:
     if request.headers.get("upgrade", "").lower() == "websocket":
         raise errors.invalid("a WebSocket upgrade must be sent as a WebSocket request")
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
@@ -120,7 +123,7 @@ async def forward_http(client: httpx.AsyncClient, request: Request, upstream: En
     location = out_headers.get("location")
     if location and location.startswith("/"):
         # Keep redirects inside the proxy prefix.
-        out_headers["location"] = _prefix(request) + location
+        out_headers["location"] = _prefix(request, prefix_segments) + location
     return StreamingResponse(
         relay_body(response),
         status_code=response.status_code,

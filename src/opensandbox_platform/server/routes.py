@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from opensandbox_platform.api import labels
 from opensandbox_platform.server import errors, metrics, proxy, validation
 from opensandbox_platform.server.admission import Admission, ClientGone
+from opensandbox_platform.server.auth import API_KEY_CHECKED
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import (
@@ -34,7 +35,9 @@ from opensandbox_platform.server.models import (
     SandboxModel,
 )
 from opensandbox_platform.server.runtimes import guards
-from opensandbox_platform.server.runtimes.base import Runtime, SandboxInfo, State
+from opensandbox_platform.server.runtimes.base import Endpoint, Runtime, SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.events import Reason
+from opensandbox_platform.server.signing import SECURE_ACCESS_HEADER, SECURE_ACCESS_REQUIRED, Signer
 
 log = logging.getLogger("opensandbox.server")
 
@@ -103,7 +106,11 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
     runtime = runtime_of(request)
     config = config_of(request)
     spec = validation.create_spec(
-        body, config.server.max_sandbox_timeout_seconds, runtime.capabilities, config.egress.max_rules
+        body,
+        config.server.max_sandbox_timeout_seconds,
+        runtime.capabilities,
+        config.server.allowed_host_paths,
+        config.egress.max_rules,
     )
     admission: Admission = request.app.state.admission
     gone = asyncio.ensure_future(_client_gone(request))
@@ -118,6 +125,7 @@ async def create_sandbox(request: Request, body: CreateSandboxRequest) -> Respon
             log.info("client went away during its create; deleting id=%s", info.id)
             await runtime.delete(info.id)
             return Response(status_code=499)  # not sent: the connection is gone
+        _record_created(runtime, spec, info)
     except ClientGone:
         log.info("client went away while its create waited; nothing was created")
         return Response(status_code=499)
@@ -182,6 +190,15 @@ def paged(items: list[T], page: int, page_size: int) -> tuple[list[T], Paginatio
     return items[(page - 1) * page_size : page * page_size], info
 
 
+def _record_created(runtime: Runtime, spec: SandboxSpec, info: SandboxInfo) -> None:
+    pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+    expiry = f"expires {info.expires_at.isoformat()}" if info.expires_at else "no expiry"
+    runtime.events.record(info.id, Reason.CREATED, f"image {spec.image}, {expiry}")
+    if pool:
+        runtime.events.record(info.id, Reason.CLAIMED, f"a warm pod of Pool {pool}")
+    runtime.events.record(info.id, Reason.STARTED, f"{info.state}: {info.message or info.reason}")
+
+
 def _parse_metadata_filter(raw: str | None) -> list[tuple[str, str]]:
     if not raw:
         return []
@@ -198,7 +215,9 @@ async def get_sandbox(request: Request, sandbox_id: SandboxId) -> JSONResponse:
 
 @router.delete("/sandboxes/{sandboxId}", status_code=204, response_class=Response)
 async def delete_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
-    await runtime_of(request).delete(sandbox_id)
+    runtime = runtime_of(request)
+    await runtime.delete(sandbox_id)
+    runtime.events.gone(sandbox_id, Reason.DELETED, "deleted through the API")
     return Response(status_code=204)
 
 
@@ -218,6 +237,7 @@ async def pause_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
     runtime = runtime_of(request)
     await _require_pause(runtime, sandbox_id, "pause")
     await runtime.pause(sandbox_id)
+    runtime.events.record(sandbox_id, Reason.PAUSED, "paused through the API")
     return Response(status_code=202)
 
 
@@ -226,6 +246,7 @@ async def resume_sandbox(request: Request, sandbox_id: SandboxId) -> Response:
     runtime = runtime_of(request)
     await _require_pause(runtime, sandbox_id, "resume")
     await runtime.resume(sandbox_id)
+    runtime.events.record(sandbox_id, Reason.RESUMED, "resumed through the API")
     return Response(status_code=202)
 
 
@@ -247,6 +268,7 @@ async def renew_expiration(request: Request, sandbox_id: SandboxId, body: RenewR
         raise
     info = await runtime.renew(sandbox_id, expires_at)
     assert info.expires_at is not None
+    runtime.events.record(sandbox_id, Reason.RENEWED, f"expires {info.expires_at.isoformat()}")
     return RenewResponse(expires_at=info.expires_at)
 
 
@@ -256,19 +278,61 @@ async def get_endpoint(
     sandbox_id: SandboxId,
     port: Port,
     use_server_proxy: bool = False,
-    # Signed endpoints are refused (400) on every runtime: not offered in the OpenAPI document.
-    expires: Annotated[str | None, Query(include_in_schema=False)] = None,
+    expires: Annotated[
+        str | None,
+        Query(description="Unix epoch seconds: a signed URL through the server, valid without the API key until then"),
+    ] = None,
 ) -> EndpointModel:
-    if expires is not None:
-        raise ApiError(400, errors.API_NOT_SUPPORTED, "signed endpoints need the kubernetes gateway ingress")
     runtime = runtime_of(request)
-    if use_server_proxy:
+    if expires is not None:
         await runtime.get(sandbox_id)  # 404 for an unknown sandbox
-        base = config_of(request).server.eip or request.url.netloc
-        prefix = "/v1" if request.url.path.startswith("/v1/") else ""
-        return EndpointModel(endpoint=f"{base}{prefix}/sandboxes/{sandbox_id}/proxy/{port}")
-    endpoint = await runtime.endpoint(sandbox_id, port)
-    return EndpointModel(endpoint=endpoint.address, headers=endpoint.headers or None)
+        until = validation.signed_expiry(
+            expires, dt.datetime.now(dt.UTC), config_of(request).server.max_signed_endpoint_seconds
+        )
+        token = signer_of(request).route_token(sandbox_id, port, until)
+        return EndpointModel(endpoint=f"{_server_base(request)}/sandboxes/{sandbox_id}/signed/{port}/{token}")
+    if use_server_proxy:
+        secure = (await runtime.get(sandbox_id)).secure_access  # (404 for an unknown sandbox)
+    else:
+        endpoint = await runtime.endpoint(sandbox_id, port)
+        if not endpoint.secure_access:
+            return EndpointModel(endpoint=endpoint.address, headers=endpoint.headers or None)
+        secure = True
+    # Through the server. A secureAccess sandbox is reached only this way, with its token.
+    signer = signer_of(request)
+    headers = {SECURE_ACCESS_HEADER: signer.access_token(sandbox_id)} if secure else None
+    return EndpointModel(endpoint=f"{_server_base(request)}/sandboxes/{sandbox_id}/proxy/{port}", headers=headers)
+
+
+def _server_base(request: Request) -> str:
+    """host[:port][/v1] of this server as the client addressed it (or server.eip)."""
+    base = config_of(request).server.eip or request.url.netloc
+    return base + ("/v1" if request.url.path.startswith("/v1/") else "")
+
+
+def signer_of(request: Request | WebSocket) -> Signer:
+    signer: Signer = request.app.state.signer
+    return signer
+
+
+def _check_access(connection: Request | WebSocket, sandbox_id: str, upstream: Endpoint) -> None:
+    """The proxy's own check: a secureAccess sandbox needs its token (the API key is not enough);
+    a request that came without the API key (it showed a token instead) needs a valid one."""
+    token = connection.headers.get(SECURE_ACCESS_HEADER)
+    key_checked = bool(connection.scope["state"].get(API_KEY_CHECKED))
+    if token is None:
+        if upstream.secure_access:
+            raise ApiError(
+                403,
+                SECURE_ACCESS_REQUIRED,
+                f"sandbox {sandbox_id} was created with secureAccess: send its endpoint's "
+                f"{SECURE_ACCESS_HEADER} header, or use a signed endpoint",
+            )
+        if not key_checked:  # (the middleware lets a request without the key through only with a token)
+            raise ApiError(401, errors.MISSING_API_KEY, "the API key or a secure-access token is needed")
+        return
+    if upstream.secure_access or not key_checked:
+        signer_of(connection).check_access(sandbox_id, token, dt.datetime.now(dt.UTC))
 
 
 PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -277,6 +341,7 @@ PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 async def proxy_http(request: Request, sandbox_id: SandboxId, port: Port, path: str = "") -> Response:
     """HTTP into the sandbox's port: status, headers and body are the sandbox's, streamed both ways."""
     upstream = await runtime_of(request).upstream(sandbox_id, port)
+    _check_access(request, sandbox_id, upstream)
     client: httpx.AsyncClient = request.app.state.http
     return await proxy.forward_http(client, request, upstream, proxy.raw_tail(request, port))
 
@@ -301,10 +366,44 @@ async def proxy_websocket(websocket: WebSocket, sandbox_id: SandboxId, port: int
         if not 1 <= port <= 65535:
             raise ApiError(400, errors.INVALID_PORT, f"port {port} is outside 1-65535")
         upstream = await runtime_of(websocket).upstream(sandbox_id, port)
+        _check_access(websocket, sandbox_id, upstream)
     except ApiError as exc:
         await websocket.close(code=1008, reason=exc.code)
         return
     await proxy.forward_websocket(websocket, upstream, proxy.raw_tail(websocket, port))
+
+
+async def signed_http(request: Request, sandbox_id: SandboxId, port: Port, token: str, path: str = "") -> Response:
+    """A signed endpoint: the proxy, authorized by the token in the path instead of the API key."""
+    signer_of(request).check_route(sandbox_id, port, token, dt.datetime.now(dt.UTC))
+    upstream = await runtime_of(request).upstream(sandbox_id, port)
+    client: httpx.AsyncClient = request.app.state.http
+    return await proxy.forward_http(
+        client, request, upstream, proxy.raw_tail(request, port, proxy.SIGNED_SEGMENTS), proxy.SIGNED_SEGMENTS
+    )
+
+
+SIGNED_PATH = "/sandboxes/{sandboxId}/signed/{port}/{token}"
+router.add_api_route(
+    SIGNED_PATH + "/{path:path}",
+    signed_http,
+    methods=PROXY_METHODS,
+    tags=["proxy"],
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
+)
+router.add_api_route(SIGNED_PATH, signed_http, methods=PROXY_METHODS, include_in_schema=False)
+
+
+@router.websocket(SIGNED_PATH)
+@router.websocket(SIGNED_PATH + "/{path:path}")
+async def signed_websocket(websocket: WebSocket, sandbox_id: SandboxId, port: int, token: str, path: str = "") -> None:
+    try:
+        signer_of(websocket).check_route(sandbox_id, port, token, dt.datetime.now(dt.UTC))
+        upstream = await runtime_of(websocket).upstream(sandbox_id, port)
+    except ApiError as exc:
+        await websocket.close(code=1008, reason=exc.code)
+        return
+    await proxy.forward_websocket(websocket, upstream, proxy.raw_tail(websocket, port, proxy.SIGNED_SEGMENTS))
 
 
 @router.post("/metrics/events", status_code=204, response_class=Response, tags=["metrics"])

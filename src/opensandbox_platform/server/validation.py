@@ -9,7 +9,7 @@ import re
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.egress import policy as egress_policy
-from opensandbox_platform.server import errors
+from opensandbox_platform.server import errors, volumes
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
 from opensandbox_platform.server.runtimes import guards
@@ -124,10 +124,27 @@ def renewed_expiry(wanted: dt.datetime, now: dt.datetime, max_timeout: int) -> d
     return expires_at
 
 
+def signed_expiry(expires: str, now: dt.datetime, max_seconds: int) -> int:
+    """A signed endpoint's `expires` (Unix epoch seconds): in the future, at most `max_seconds` ahead."""
+    if not expires.isdigit() or len(expires) > 12:
+        raise ApiError(400, errors.INVALID_EXPIRATION, f"expires {expires!r} is not Unix epoch seconds")
+    value = int(expires)
+    if value <= now.timestamp():
+        raise ApiError(400, errors.INVALID_EXPIRATION, "expires must be in the future")
+    if value > now.timestamp() + max_seconds:
+        raise ApiError(
+            400,
+            errors.INVALID_EXPIRATION,
+            f"expires must be at most {max_seconds} seconds from now (server.maxSignedEndpointSeconds)",
+        )
+    return value
+
+
 def create_spec(
     body: CreateSandboxRequest,
     max_timeout: int,
     capabilities: Capabilities = CORE_ONLY,
+    allowed_host_paths: list[str] | None = None,
     max_rules: int = egress_policy.DEFAULT_MAX_RULES,
 ) -> SandboxSpec:
     """The runtime's view of a create; what `capabilities` does not cover is refused, not dropped."""
@@ -169,14 +186,21 @@ def create_spec(
         cpu_request_millis=requests.get("cpu"),
         memory_request_bytes=requests.get("memory"),
         image_auth=_image_auth(body),
+        secure_access=body.secure_access,
+        volumes=volumes.parse(body.volumes, allowed_host_paths or [], capabilities.volumes),
         snapshot_id=body.snapshot_id or None,
         network_policy=network_policy(body.network_policy, max_rules) if body.network_policy is not None else None,
     )
+    for volume in spec.volumes:
+        if isinstance(volume.backend, volumes.PvcBackend) and volume.backend.storage:
+            memory_bytes(volume.backend.storage, f"volumes {volume.name}: pvc.storage")
     _check_requests_within_limits(spec)
     return spec
 
 
 POOL_REF_FIELD = f"extensions.{labels.EXTENSION_POOL_REF}"
+# How a refusal names a field whose name alone does not say what it is.
+DESCRIBED = {"lifecycle": "lifecycle (preStart and periodic hooks)"}
 
 
 def network_policy(raw: object, max_rules: int) -> dict[str, object]:
@@ -195,9 +219,9 @@ def served_fields(capabilities: Capabilities) -> dict[str, bool]:
         "templateId": False,
         "networkPolicy": capabilities.network_policy,
         "credentialProxy": False,
-        "volumes": False,
+        "volumes": bool(capabilities.volumes),
         "lifecycle": False,
-        "secureAccess": False,
+        "secureAccess": True,  # every runtime: the server's proxy enforces it
         POOL_REF_FIELD: capabilities.pool_ref,
         "image.auth": capabilities.image_auth,
         "resourceRequests": capabilities.resource_requests,
@@ -222,7 +246,7 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
     asked = {name: (values[name], served) for name, served in served_fields(capabilities).items()}
     for name, (value, served) in asked.items():
         if value and not served:
-            raise guards.not_supported(name, capabilities.runtime)
+            raise guards.not_supported(DESCRIBED.get(name, name), capabilities.runtime)
     if pooled and body.resource_requests:
         raise ApiError(
             400,
@@ -230,6 +254,15 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
             f"resourceRequests is not supported with extensions.{labels.EXTENSION_POOL_REF}: "
             "a claimed pod's resources are the Pool's",
         )
+    # A Pool's pods are made, and their images pulled, before any claim: it cannot add either.
+    for name in ("volumes", "image.auth"):
+        if pooled and values[name]:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                f"{name} is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's mounts and"
+                " image are the Pool's (put them in the Pool's template, or create without poolRef)",
+            )
 
 
 def _resource_requests(requests: dict[str, str]) -> dict[str, int]:

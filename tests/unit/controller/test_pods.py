@@ -214,6 +214,21 @@ def test_pooled_entrypoint_and_env_become_an_execd_bootstrap_request() -> None:
     assert bootstrap_request(spec(env=[{"name": "B"}], workingDir="/w")) == {"env": {"B": ""}, "cwd": "/w"}
 
 
+def test_a_waiting_reason_that_fails_the_pod_carries_the_kubelets_words() -> None:
+    pod = build_pod(
+        name="p", namespace="ns", template=template(image="u"), pod_labels={}, owner=OWNER, execd_image=None
+    )
+    pod["metadata"].update(uid="u", resourceVersion="1", creationTimestamp="2026-01-01T00:00:00Z")
+    pull = "failed to pull: 401 Unauthorized " + "x" * 1000
+    waiting = {"waiting": {"reason": "ErrImagePull", "message": pull}}
+    pod["status"] = {"phase": "Pending", "containerStatuses": [{"name": "sandbox", "state": waiting}]}
+    info = slim_pod(pod)
+    assert info.failure == "ErrImagePull (sandbox)"
+    assert info.failure_detail.startswith("failed to pull: 401 Unauthorized") and len(info.failure_detail) == 400
+    pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff"}}
+    assert slim_pod(pod).failure_detail == ""
+
+
 def test_egress_sidecar_starts_first_holds_net_admin_alone_and_has_a_token_of_its_own() -> None:
     from opensandbox_platform.api import tokens
     from opensandbox_platform.controller.pods import EgressSidecar, egress_request

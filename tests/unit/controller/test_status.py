@@ -49,10 +49,12 @@ def test_nothing_changed_means_an_equal_status_and_no_write() -> None:
 
 
 def test_a_pod_that_cannot_run_fails_the_batchsandbox_with_a_podfailed_condition() -> None:
-    stuck = replace(pod("b", ready=False), failure="ImagePullBackOff (sandbox)")
+    stuck = replace(pod("b", ready=False), failure="ImagePullBackOff (sandbox)", failure_detail="401 Unauthorized")
     failed = batchsandbox_status(view(pods={0: pod("a"), 1: stuck}), NOW)
     assert failed.phase == "Failed"
     assert cond(failed, conditions.POD_FAILED) == ("True", "ImagePullBackOff")
+    (condition,) = [c for c in failed.conditions or [] if c.type == conditions.POD_FAILED]
+    assert condition.message == "ImagePullBackOff (sandbox) in pod b: 401 Unauthorized"  # the kubelet's words
     healed = batchsandbox_status(view(old=failed, pods={0: pod("a"), 1: pod("b")}), NOW)
     assert healed.phase == "Running" and cond(healed, conditions.POD_FAILED) == ("False", conditions.NO_FAILED_POD)
 

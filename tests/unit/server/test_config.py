@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from opensandbox_platform.server import config as configuration
 from opensandbox_platform.server.main import main
@@ -45,7 +46,7 @@ def test_state_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert configuration.Config().state_dir() == tmp_path / "opensandbox" / "local"
 
 
-def test_init_config_writes_the_defaults_and_a_random_api_key(tmp_path: Path) -> None:
+def test_init_config_writes_the_defaults_and_random_keys(tmp_path: Path) -> None:
     path = tmp_path / "sandbox.toml"
     with pytest.raises(SystemExit) as done:
         main(["init-config", str(path)])
@@ -55,7 +56,10 @@ def test_init_config_writes_the_defaults_and_a_random_api_key(tmp_path: Path) ->
     assert path.stat().st_mode & 0o077 == 0  # the key is the operator's only
     loaded = configuration.load(path)
     assert len(loaded.server.api_key) >= 32
+    (signing,) = loaded.server.signing_keys
+    assert signing.id == "k1" and len(signing.secret) >= 32 and signing.retire_at is None
     loaded.server.api_key = ""
+    loaded.server.signing_keys = []
     assert loaded == configuration.Config()
     other = tmp_path / "other.toml"
     with pytest.raises(SystemExit):
@@ -91,3 +95,16 @@ def test_a_key_less_server_on_a_public_address_is_warned_about(
     with caplog.at_level("WARNING"):
         server_main.main(["--host", "127.0.0.1"])
     assert "without an API key" not in caplog.text
+
+
+def test_signing_keys_need_one_that_signs_and_unique_ids() -> None:
+    secret = "s" * 32
+    retired = {"id": "old", "secret": secret, "retireAt": "2026-01-01T00:00:00Z"}
+    with pytest.raises(ValidationError):
+        configuration.Config.model_validate({"server": {"signingKeys": [retired]}})
+    with pytest.raises(ValidationError):
+        configuration.Config.model_validate({"server": {"signingKeys": [{"id": "a", "secret": secret}] * 2}})
+    with pytest.raises(ValidationError):
+        configuration.Config.model_validate({"server": {"signingKeys": [{"id": "a", "secret": "short"}]}})
+    ok = configuration.Config.model_validate({"server": {"signingKeys": [{"id": "new", "secret": secret}, retired]}})
+    assert [key.id for key in ok.server.signing_keys] == ["new", "old"]

@@ -300,6 +300,69 @@ def test_seccomp_option_for_isolated_sessions(tmp_path: Path) -> None:
     assert model.seccomp_option("default", True, path, userns=True) == ("", None)  # the engine's, as it is
 
 
+def test_resource_requests_are_cpu_shares_and_a_memory_reservation() -> None:
+    requested = spec()
+    requested.cpu_request_millis, requested.memory_request_bytes = 250, 128 << 20
+    body = model.container_config(
+        "sb-1",
+        requested,
+        token="t",
+        labels={},
+        working_dir="/",
+        settings=DockerSection(),
+        cpu_millis=None,
+        memory_bytes=None,
+        execd_volume="v",
+    )
+    assert body["HostConfig"]["CpuShares"] == 256 and body["HostConfig"]["MemoryReservation"] == 128 << 20
+    assert (
+        "CpuShares"
+        not in model.container_config(
+            "sb-1",
+            spec(),
+            token="t",
+            labels={},
+            working_dir="/",
+            settings=DockerSection(),
+            cpu_millis=None,
+            memory_bytes=None,
+            execd_volume="v",
+        )["HostConfig"]
+    )
+
+
+def test_secure_access_survives_in_the_labels_and_inspect_hides_the_token() -> None:
+    wanted = spec()
+    wanted.secure_access = True
+    labels = model.encode_labels("sb-1", wanted, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    decoded = model.decode_labels(labels)
+    assert decoded is not None and decoded.secure_access
+    inspect = {"Id": "c1", "Config": {"Env": ["A=1", "EXECD_ACCESS_TOKEN=secret"]}, "State": {}}
+    assert model.redacted_inspect(inspect)["Config"]["Env"] == ["A=1", "EXECD_ACCESS_TOKEN=<redacted>"]
+    assert inspect["Config"]["Env"][1] == "EXECD_ACCESS_TOKEN=secret"  # the original is left alone
+
+
+def test_container_events_tell_an_oom_kill_and_the_exit() -> None:
+    inspect = {
+        "Id": "abc",
+        "Created": "2026-01-01T00:00:00.123456789Z",
+        "State": {
+            "Status": "exited",
+            "StartedAt": "2026-01-01T00:00:01Z",
+            "FinishedAt": "2026-01-01T00:00:09Z",
+            "OOMKilled": True,
+            "ExitCode": 137,
+        },
+    }
+    reasons = [(e.reason, e.type) for e in model.container_events(inspect)]
+    assert reasons == [
+        ("ContainerCreated", "Normal"),
+        ("ContainerStarted", "Normal"),
+        ("OOMKilled", "Warning"),
+        ("Exited", "Warning"),
+    ]
+
+
 def test_a_policy_holds_the_entrypoint_back_and_its_sidecar_alone_has_net_admin() -> None:
     policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "*.good.test"}]}
     body = model.container_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 from typing import Any
@@ -14,11 +15,17 @@ from opensandbox_platform.controller.status import bootstrap_request
 from opensandbox_platform.server.config import ConfigError, load
 from opensandbox_platform.server.runtimes.base import SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
+    DOCKER_HUB_AUTH_KEY,
     Settings,
     build_batchsandbox,
+    claim_manifest,
     new_sandbox_id,
+    pull_secret_manifest,
     read_entry,
+    registry_of,
 )
+from opensandbox_platform.server.volumes import PvcBackend
+from opensandbox_platform.server.volumes import parse as parse_volumes
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 PLACEMENT = {"nodeSelector": {"opensandbox.io/node": "real"}, "tolerations": [{"operator": "Exists"}]}
@@ -216,6 +223,85 @@ def test_config_keys_of_the_kubernetes_runtime(tmp_path: Any) -> None:
     path.write_text('[kubernetes.defaultPodSpec]\ncontainers = [{name = "x"}]\n')
     with pytest.raises(ConfigError, match="must not set containers"):
         load(path)
+
+
+# --- volumes and image pull secrets ----------------------------------------------------------------------
+def test_host_volumes_mount_their_allowed_root_with_the_rest_as_subpath() -> None:
+    volumes = parse_volumes(
+        [
+            {"name": "data", "mountPath": "/data", "host": {"path": "/srv/shared/team-a"}, "subPath": "x/y"},
+            {"name": "root", "mountPath": "/root-of-all", "host": {"path": "/srv/shared"}, "readOnly": True},
+            {"name": "c", "mountPath": "/cache", "pvc": {"claimName": "cache"}, "subPath": "s"},
+        ],
+        ["/srv", "/srv/shared/"],
+        frozenset({"host", "pvc"}),
+    )
+    settings = Settings(allowed_host_paths=("/srv", "/srv/shared/"))
+    pod = build_batchsandbox("id", spec(volumes=volumes), settings, NOW)["spec"]["sandboxTemplate"]["spec"]
+    # The longest allowed root: a sandbox's symlink below it is the kubelet's subPath check's to refuse.
+    # One pod volume per root or claim (the kubelet never mounts a second one of the same claim).
+    assert pod["volumes"] == [
+        {"name": "volume-0", "hostPath": {"path": "/srv/shared", "type": "Directory"}},
+        {"name": "volume-1", "persistentVolumeClaim": {"claimName": "cache"}},
+    ]
+    assert pod["containers"][0]["volumeMounts"] == [
+        {"name": "volume-0", "mountPath": "/data", "subPath": "team-a/x/y"},
+        {"name": "volume-0", "mountPath": "/root-of-all", "readOnly": True},
+        {"name": "volume-1", "mountPath": "/cache", "subPath": "s"},
+    ]
+
+
+def test_a_claim_mounted_only_read_only_is_a_read_only_pod_volume() -> None:
+    volumes = parse_volumes(
+        [
+            {"name": "a", "mountPath": "/a", "pvc": {"claimName": "c"}, "readOnly": True},
+            {"name": "b", "mountPath": "/b", "pvc": {"claimName": "c"}, "subPath": "s", "readOnly": True},
+        ],
+        [],
+        frozenset({"pvc"}),
+    )
+    pod = build_batchsandbox("id", spec(volumes=volumes), Settings(), NOW)["spec"]["sandboxTemplate"]["spec"]
+    assert pod["volumes"] == [{"name": "volume-0", "persistentVolumeClaim": {"claimName": "c", "readOnly": True}}]
+
+
+def test_a_created_claim_carries_the_provisioning_hints() -> None:
+    hinted = PvcBackend("cache", storage_class="fast", storage="5Gi", access_modes=("ReadWriteMany",))
+    claim = claim_manifest("sb-1", hinted, "1Gi")
+    assert claim["metadata"]["name"] == "cache"
+    assert claim["metadata"]["annotations"] == {labels.CREATED_FOR_SANDBOX: "sb-1"}
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "5Gi"}},
+        "storageClassName": "fast",
+    }
+    plain = claim_manifest("sb-1", PvcBackend("cache"), "1Gi")["spec"]
+    assert plain == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+
+
+@pytest.mark.parametrize(
+    ("image", "registry"),
+    [
+        ("10.77.0.1:5001/osb/private:1", "10.77.0.1:5001"),
+        ("registry.example/app", "registry.example"),
+        ("localhost/app:1", "localhost"),
+        ("library/python:3.12", DOCKER_HUB_AUTH_KEY),
+        ("python", DOCKER_HUB_AUTH_KEY),
+    ],
+)
+def test_registry_of_an_image(image: str, registry: str) -> None:
+    assert registry_of(image) == registry
+
+
+def test_image_auth_is_a_pull_secret_of_the_sandbox_referenced_by_its_pod() -> None:
+    auth = {"username": "u", "password": "p:w"}
+    pod = build_batchsandbox("sb-1", spec(image="10.77.0.1:5001/a:1", image_auth=auth), Settings(), NOW)
+    assert pod["spec"]["sandboxTemplate"]["spec"]["imagePullSecrets"] == [{"name": "sb-1-pull"}]
+    assert "p:w" not in json.dumps(pod)  # the password is in the Secret only
+    secret = pull_secret_manifest("sb-1", "10.77.0.1:5001/a:1", auth)
+    assert secret["type"] == "kubernetes.io/dockerconfigjson" and secret["metadata"]["name"] == "sb-1-pull"
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    entry = config["auths"]["10.77.0.1:5001"]
+    assert entry["username"] == "u" and base64.b64decode(entry["auth"]) == b"u:p:w"
 
 
 def test_a_network_policy_becomes_the_annotation_the_controller_reads() -> None:

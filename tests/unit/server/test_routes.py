@@ -12,7 +12,15 @@ from fastapi.testclient import TestClient
 from opensandbox_platform.server.app import create_app
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import not_found
-from opensandbox_platform.server.runtimes.base import Capabilities, Endpoint, RuntimeHealth, SandboxInfo, SandboxSpec
+from opensandbox_platform.server.runtimes.base import (
+    Capabilities,
+    Endpoint,
+    LogText,
+    RuntimeHealth,
+    SandboxInfo,
+    SandboxSpec,
+)
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, SandboxEvent
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -25,6 +33,8 @@ class MemoryRuntime:
         self.capabilities = capabilities
         self.sandboxes: dict[str, SandboxInfo] = {}
         self.paused: list[str] = []
+        self.events = EventLog()
+        self.output = "line 1\nline 2\nline 3\n"
 
     def add(self, sandbox_id: str, state: str, metadata: dict[str, str], minute: int) -> None:
         created = T0 + dt.timedelta(minutes=minute)
@@ -74,6 +84,17 @@ class MemoryRuntime:
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         return await self.endpoint(sandbox_id, port)
+
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        await self.get(sandbox_id)
+        lines = self.output.splitlines(keepends=True)
+        return LogText("".join(lines[-tail:] if tail else lines), warnings=["since ignored"] if since else [])
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        return [SandboxEvent(T0, "ContainerStarted", "from the engine", "container")]
+
+    async def inspect(self, sandbox_id: str) -> dict[str, object]:
+        return {"id": sandbox_id}
 
 
 @pytest.fixture

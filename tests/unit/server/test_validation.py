@@ -85,7 +85,6 @@ def test_the_schema_refuses_what_the_openapi_document_says(fields: dict[str, obj
         {"image": None},  # neither image nor snapshotId
         {"image": None, "entrypoint": None},
         {"entrypoint": None},  # an image without an entrypoint
-        {"secureAccess": True},
         {"extensions": {"poolRef": "p"}},
         {"platform": {"os": "windows", "arch": "amd64"}},
         {"networkPolicy": {"defaultAction": "deny"}},
@@ -143,15 +142,20 @@ KUBERNETES = KubernetesRuntime.capabilities
     ("capabilities", "fields", "named"),
     [
         (LOCAL, {"resourceRequests": {"cpu": "1"}}, "resourceRequests is not supported by the local runtime"),
-        (DOCKER, {"resourceRequests": {"memory": "1Gi"}}, "resourceRequests is not supported by the docker runtime"),
         (LOCAL, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the local runtime"),
         (DOCKER, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the docker runtime"),
         (
             KUBERNETES,
-            {"image": {"uri": "u", "auth": {"username": "a", "password": "b"}}},
-            "image.auth is not supported by the kubernetes runtime",
+            {"extensions": {"poolRef": "p"}, "volumes": [{"name": "v", "mountPath": "/v", "pvc": {"claimName": "c"}}]},
+            "volumes is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
+            " (put them in the Pool's template, or create without poolRef)",
         ),
-        (KUBERNETES, {"volumes": [{"name": "v"}]}, "volumes is not supported by the kubernetes runtime"),
+        (
+            KUBERNETES,
+            {"extensions": {"poolRef": "p"}, "image": {"uri": "u", "auth": {"username": "a", "password": "b"}}},
+            "image.auth is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
+            " (put them in the Pool's template, or create without poolRef)",
+        ),
         (
             KUBERNETES,
             {"extensions": {"poolRef": "p"}, "resourceRequests": {"cpu": "1"}},

@@ -12,7 +12,6 @@ The formats are those of the plain files API (execd/files.py).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fnmatch
 import os
@@ -22,37 +21,15 @@ import stat
 from typing import Any, BinaryIO
 
 from opensandbox_platform.daemon import errors
+from opensandbox_platform.daemon.openat2 import RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
+from opensandbox_platform.daemon.openat2 import openat2 as _openat2
 from opensandbox_platform.execd import files
 
-SYS_OPENAT2 = 437  # the same number on every architecture (the unified system call table)
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_IN_ROOT = 0x10
 RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_syscall: Any = None
-
-
 def openat2(dir_fd: int, path: str, flags: int, mode: int = 0, resolve: int = RESOLVE) -> int:
-    global _syscall
-    if _syscall is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.syscall.restype = ctypes.c_long
-        _syscall = lib.syscall
-    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    raw = path.encode("utf-8", "surrogateescape")
-    for _ in range(16):  # EAGAIN: a rename raced the lookup (RESOLVE_IN_ROOT asks to retry)
-        fd = int(_syscall(SYS_OPENAT2, dir_fd, raw, ctypes.byref(how), ctypes.sizeof(how)))
-        if fd >= 0:
-            return fd
-        code = ctypes.get_errno()
-        if code != errno.EAGAIN:
-            raise OSError(code, os.strerror(code), path)
-    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN), path)
+    return _openat2(dir_fd, path, flags, mode, resolve)
 
 
 def normalize(path: Any) -> str:

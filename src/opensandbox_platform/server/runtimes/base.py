@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from opensandbox_platform.daemon import times
+from opensandbox_platform.server.runtimes.events import EventList, EventLog
+from opensandbox_platform.server.volumes import VolumeSpec
 
 # The largest CPU quantity on any runtime (1000 CPUs): beyond it a number is a typo.
 MAX_CPU_MILLIS = 1_000_000
@@ -43,6 +45,8 @@ class SandboxSpec:
     cpu_request_millis: int | None = None  # resourceRequests (only where capabilities.resource_requests)
     memory_request_bytes: int | None = None
     image_auth: dict[str, str] | None = field(default=None, repr=False)  # {"username", "password"}
+    secure_access: bool = False  # endpoints only through the server, with a signed token
+    volumes: list[VolumeSpec] = field(default_factory=list)
     snapshot_id: str | None = None  # restore this snapshot (`image` and the rest default to what it holds)
     # networkPolicy, validated and normalized (egress/policy.py); None: no policy, no enforcer
     network_policy: dict[str, Any] | None = None
@@ -58,6 +62,7 @@ class Capabilities:
     image_auth: bool = False  # `image.auth`: registry credentials for the image
     resource_requests: bool = False  # `resourceRequests` (never with a poolRef: a claimed pod's are the Pool's)
     pause: bool = False  # pause and resume
+    volumes: frozenset[str] = frozenset()  # volume backends it mounts (host, pvc)
     snapshots: bool = False  # snapshots of sandboxes, and `snapshotId` on create
     network_policy: bool = False  # `networkPolicy` and the /networkpolicy routes (docs/network-policy.md)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
@@ -76,6 +81,7 @@ class SandboxInfo:
     reason: str
     message: str
     last_transition_at: dt.datetime
+    secure_access: bool = False
     snapshot_id: str = ""  # the snapshot it was restored from
 
 
@@ -147,6 +153,7 @@ class Endpoint:
 
     address: str
     headers: dict[str, str] = field(default_factory=dict)
+    secure_access: bool = False  # the sandbox's: reached only through the server, with a token
 
 
 @dataclass
@@ -156,6 +163,16 @@ class RuntimeHealth:
 
     ready: bool
     detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class LogText:
+    """A sandbox's output as `diagnostics/logs` returns it; `warnings` say what could not be honoured
+    (a `since` on a log without times) or is missing."""
+
+    text: str
+    truncated: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> None:
@@ -170,6 +187,9 @@ def merge_metadata(metadata: dict[str, str], patch: dict[str, str | None]) -> No
 class Runtime(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
+
+    # The server's own events of each sandbox (the routes and the runtime record into it).
+    events: EventLog
 
     async def start(self) -> None:
         """Recover existing sandboxes and start background work (expiry)."""
@@ -201,6 +221,15 @@ class Runtime(Protocol):
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         """Where the server's proxy connects for `port`, with the headers it adds."""
+
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The entrypoint's and execd's output (scope `all`: every container of a pod too)."""
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        """What the engine knows happened (pod events, an OOM kill, the exit), oldest first."""
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        """The engine's description of the sandbox (container, pod, jail record), secrets left out."""
 
     # Snapshots (capabilities.snapshots; docs/snapshots.md). 404 `SNAPSHOT::NOT_FOUND` for an
     # unknown id, 409 for a sandbox that is not Running or a snapshot that is in use.

@@ -84,6 +84,21 @@ class Cgroups:
             return None
 
     @staticmethod
+    def oom_kills(paths: dict[str, str]) -> int:
+        """Processes the kernel's OOM killer ended in the memory group (`oom_kill` of memory.oom_control)."""
+        if "memory" not in paths:
+            return 0
+        try:
+            lines = Path(paths["memory"], "memory.oom_control").read_text().splitlines()
+        except OSError:
+            return 0
+        for line in lines:
+            name, _, value = line.partition(" ")
+            if name == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return 0
+
+    @staticmethod
     def set_frozen(paths: dict[str, str], frozen: bool) -> None:
         Path(paths["freezer"], "freezer.state").write_text("FROZEN" if frozen else "THAWED")
 

@@ -51,12 +51,13 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes import docker_api, docker_snapshots, guards, seccomp
+from opensandbox_platform.server.runtimes import docker_api, docker_snapshots, docker_volumes, guards, seccomp
 from opensandbox_platform.server.runtimes import docker_model as model
 from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
@@ -65,6 +66,7 @@ from opensandbox_platform.server.runtimes.base import (
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
 
@@ -108,6 +110,8 @@ class DockerRuntime:
         runtime="docker",
         image_auth=True,
         pause=True,
+        resource_requests=True,
+        volumes=frozenset({"host", "pvc"}),
         snapshots=True,
         network_policy=True,
         max_cpu_millis=HOST_CPU_MILLIS,
@@ -142,6 +146,7 @@ class DockerRuntime:
             interval=self.settings.liveness_interval_seconds,
             timeout=min(self.settings.api_timeout_seconds, 5.0),
         )
+        self.events = EventLog()
         self.expiry = ExpirySweeper(
             sandbox_ids=lambda: list(self.sandboxes),
             expiry_of=self._expiry_of,
@@ -243,9 +248,34 @@ class DockerRuntime:
         execd_volume = self._execd_volume or await self._make_execd_volume(spec.image)
         steps.done("image")
         token = secrets.token_urlsafe(24)
+        binds = self.settings.state_path() / "binds"
+        prepared = await docker_volumes.prepare(self.docker, sandbox_id, spec.volumes, binds)
+        labels = model.encode_labels(sandbox_id, spec, now, docker_volumes.owned_label(prepared))
+        try:
+            return await self._create_container(sandbox_id, spec, image, execd_volume, token, labels, prepared, steps)
+        except BaseException as exc:
+            failed_start = isinstance(exc, ApiError) and exc.code == errors.START_FAILED
+            gone = docker_volumes.removed_volume(prepared) if failed_start else None
+            await asyncio.shield(docker_volumes.remove(self.docker, prepared.created))
+            if gone is not None:
+                raise errors.invalid(f"volume {gone}: its directory was removed while the sandbox started") from None
+            raise
+        finally:
+            docker_volumes.release(prepared)
+
+    async def _create_container(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        image: dict[str, Any],
+        execd_volume: str,
+        token: str,
+        labels: dict[str, str],
+        prepared: docker_volumes.Prepared,
+        steps: _Steps,
+    ) -> SandboxInfo:
         image_config = image.get("Config") or {}
         working_dir = image_config.get("WorkingDir") or self.settings.working_dir
-        labels = model.encode_labels(sandbox_id, spec, now)
         body = model.container_config(
             sandbox_id,
             spec,
@@ -257,6 +287,7 @@ class DockerRuntime:
             memory_bytes=spec.memory_bytes or self.default_memory,
             seccomp=self._seccomp_userns if L.wants_isolation(spec.extensions) else self._seccomp,
             execd_volume=execd_volume,
+            mounts=prepared.mounts,
         )
         try:
             container = await self.docker.containers.create(body, name=model.container_name(sandbox_id))
@@ -420,14 +451,16 @@ class DockerRuntime:
             if sandbox.port is None:
                 raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no published execd port")
             address = f"{model.endpoint_host(self.settings)}:{sandbox.port}"
-            return Endpoint(address, {L.EXECD_TOKEN_HEADER: sandbox.token})
+            return Endpoint(address, {L.EXECD_TOKEN_HEADER: sandbox.token}, sandbox.labels.secure_access)
         # Other ports are not published: the container's address on its network, reachable from
         # this host (as upstream's bridge mode does).
         if not sandbox.ip:
             raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} has no network address")
+        secure = sandbox.labels.secure_access
         if port == L.EGRESS_PORT and sandbox.has_policy:
-            return Endpoint(f"{sandbox.ip}:{port}", {L.EGRESS_TOKEN_HEADER: await self._egress_token(sandbox)})
-        return Endpoint(f"{sandbox.ip}:{port}")
+            token = await self._egress_token(sandbox)
+            return Endpoint(f"{sandbox.ip}:{port}", {L.EGRESS_TOKEN_HEADER: token}, secure_access=secure)
+        return Endpoint(f"{sandbox.ip}:{port}", secure_access=secure)
 
     @engine_call
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
@@ -561,6 +594,7 @@ class DockerRuntime:
         finally:
             self._deleting.discard(sandbox.id)
         self._forget(sandbox)
+        await docker_volumes.remove(self.docker, sandbox.labels.owned_volumes)
 
     def _forget(self, sandbox: Sandbox) -> None:
         self.sandboxes.pop(sandbox.id, None)
@@ -698,6 +732,30 @@ class DockerRuntime:
         log.error("sandbox start failed container=%s why=%s log=%s", container_id[:12], why, output[-2000:])
         return ApiError(500, errors.START_FAILED, f"{why}: {lines[-1] if lines else 'no output'}")
 
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    @engine_call
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The container's output (execd's log and the entrypoint's, stdout and stderr)."""
+        sandbox = await self._sandbox(sandbox_id)
+        params: dict[str, Any] = {"stdout": True, "stderr": True}
+        if tail is not None:
+            params["tail"] = tail
+        if since is not None:
+            params["since"] = int(since.timestamp())
+        lines = await self.docker.containers.container(sandbox.container_id).log(**params)
+        return LogText("".join(lines))
+
+    @engine_call
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        sandbox = await self._sandbox(sandbox_id)
+        return model.container_events(await self._inspect(sandbox.container_id))
+
+    @engine_call
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        sandbox = await self._sandbox(sandbox_id)
+        return model.redacted_inspect(await self._inspect(sandbox.container_id))
+
     # -- Docker helpers ------------------------------------------------------------------------
 
     async def _inspect(self, container: str) -> dict[str, Any]:
@@ -776,6 +834,7 @@ class DockerRuntime:
         sandbox = self.sandboxes.get(sandbox_id)
         if sandbox is not None:
             await self._destroy(sandbox)
+            self.events.gone(sandbox_id, Reason.EXPIRED, f"its expiry {sandbox.expires_at} passed")
 
 
 HELPER_MOUNT = "/opensandbox-execd"  # where a helper container has execd's volume

@@ -19,6 +19,7 @@ from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
 from opensandbox_platform.server.config import DockerSection
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
+from opensandbox_platform.server.runtimes.events import Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.jail import CAPABILITIES
 from opensandbox_platform.server.runtimes.liveness import EXECD_DEAD
 from opensandbox_platform.server.runtimes.seccomp import docker_profile, rules
@@ -58,10 +59,14 @@ class Labels:
     expires_at: dt.datetime | None
     metadata: dict[str, str] = field(default_factory=dict)
     extensions: dict[str, str] = field(default_factory=dict)
+    secure_access: bool = False
+    owned_volumes: list[str] = field(default_factory=list)  # named volumes removed with the sandbox
     snapshot_id: str = ""
 
 
-def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -> dict[str, str]:
+def encode_labels(
+    sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """User metadata and extensions get their own prefixes: a container also carries its image's
     labels, which must not show up as metadata."""
     labels = {
@@ -76,8 +81,11 @@ def encode_labels(sandbox_id: str, spec: SandboxSpec, created_at: dt.datetime) -
         labels[L.DOCKER_MANUAL_CLEANUP] = "true"
     else:
         labels[L.DOCKER_EXPIRES_AT] = times.rfc3339(created_at + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
+    if spec.secure_access:
+        labels[L.DOCKER_SECURE_ACCESS] = "true"
     labels.update({L.DOCKER_METADATA_PREFIX + k: v for k, v in spec.metadata.items()})
     labels.update({L.DOCKER_EXTENSIONS_PREFIX + k: v for k, v in spec.extensions.items()})
+    labels.update(extra or {})  # (the platform's too: listed below, so a snapshot's image does not keep them)
     labels[L.DOCKER_OWN_LABELS] = json.dumps(sorted(labels))
     return labels
 
@@ -106,8 +114,18 @@ def decode_labels(labels: dict[str, str]) -> Labels | None:
         expires_at=expires_at,
         metadata=_with_prefix(labels, L.DOCKER_METADATA_PREFIX),
         extensions=_with_prefix(labels, L.DOCKER_EXTENSIONS_PREFIX),
+        secure_access=labels.get(L.DOCKER_SECURE_ACCESS) == "true",
+        owned_volumes=_json_list(labels.get(L.DOCKER_OWNED_VOLUMES)),
         snapshot_id=labels.get(L.DOCKER_SNAPSHOT, ""),
     )
+
+
+def _json_list(value: str | None) -> list[str]:
+    try:
+        found = json.loads(value or "[]")
+    except ValueError:
+        return []
+    return [str(item) for item in found] if isinstance(found, list) else []
 
 
 def _with_prefix(labels: dict[str, str], prefix: str) -> dict[str, str]:
@@ -213,6 +231,7 @@ def sandbox_info(
         reason=reason,
         message=message,
         last_transition_at=state.changed_at or labels.created_at,
+        secure_access=labels.secure_access,
         snapshot_id=labels.snapshot_id,
     )
 
@@ -290,6 +309,7 @@ def container_config(
     memory_bytes: int | None,
     seccomp: str = "",
     execd_volume: str,
+    mounts: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The body of POST /containers/create, everything in this one call: the bootstrap script as
     entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
@@ -314,6 +334,13 @@ def container_config(
         host_config["MemorySwap"] = memory_bytes  # no swap on top of the limit
     if cpu_millis:
         host_config["NanoCpus"] = cpu_millis * 1_000_000
+    # resourceRequests: a relative CPU weight (1 CPU = Docker's default 1024 shares) and a soft
+    # memory floor the engine reclaims down to under pressure.
+    if spec.cpu_request_millis:
+        host_config["CpuShares"] = max(2, spec.cpu_request_millis * 1024 // 1000)
+    if spec.memory_request_bytes:
+        host_config["MemoryReservation"] = spec.memory_request_bytes
+    host_config["Mounts"].extend(mounts or [])
     if settings.network:
         host_config["NetworkMode"] = settings.network
     if settings.oci_runtime:
@@ -445,3 +472,41 @@ class OverrideStore:
         if not self.directory.is_dir():
             return set()
         return {p.stem for p in self.directory.glob("*.json")}
+
+
+# Environment variables whose values never leave the server in `diagnostics/inspect`.
+SECRET_ENV = ("EXECD_ACCESS_TOKEN",)
+
+
+def redacted_inspect(inspect: dict[str, Any]) -> dict[str, Any]:
+    """A container's inspect without execd's token (the create's own env is the caller's)."""
+    config = dict(inspect.get("Config") or {})
+    config["Env"] = [
+        f"{key}=<redacted>" if key in SECRET_ENV else f"{key}={value}"
+        for key, _, value in (str(entry).partition("=") for entry in config.get("Env") or [])
+    ]
+    return {**inspect, "Config": config}
+
+
+def container_events(inspect: dict[str, Any]) -> list[SandboxEvent]:
+    """What a container's state tells of its life: created, started, finished (an OOM kill, the exit code)."""
+    state = inspect.get("State") or {}
+    found: list[SandboxEvent] = []
+    created = docker_time(inspect.get("Created"))
+    if created:
+        found.append(
+            SandboxEvent(created, "ContainerCreated", f"container {str(inspect.get('Id', ''))[:12]}", "container")
+        )
+    started = docker_time(state.get("StartedAt"))
+    if started:
+        found.append(SandboxEvent(started, "ContainerStarted", f"status {state.get('Status', '')}", "container"))
+    finished = docker_time(state.get("FinishedAt"))
+    if state.get("OOMKilled"):
+        message = "the kernel killed the sandbox's process for exceeding its memory limit"
+        found.append(SandboxEvent(finished or times.now(), Reason.OOM_KILLED, message, "container", "Warning"))
+    if finished and str(state.get("Status", "")).lower() in ("exited", "dead"):
+        code = state.get("ExitCode")
+        found.append(
+            SandboxEvent(finished, Reason.EXITED, f"exit code {code}", "container", "Warning" if code else "Normal")
+        )
+    return found

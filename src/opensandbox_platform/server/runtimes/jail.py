@@ -145,7 +145,9 @@ def bwrap_args(
     run_size_bytes: int,
     fds: Fds,
     proc_masks: list[str],
+    volumes: list[tuple[str, str, bool]] | None = None,
 ) -> list[str]:
+    """`volumes`: (staged source, mount path in the jail, read-only), bound after the root."""
     args = [BWRAP, "--unshare-user", "--uid", "0", "--gid", "0", "--userns-block-fd", str(fds.userns_block)]
     args += ["--info-fd", str(fds.info)]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
@@ -155,6 +157,8 @@ def bwrap_args(
     args += ["--remount-ro", "/dev", "--ro-bind", "/sys", "/sys"]
     args += proc_masks
     args += ["--size", str(run_size_bytes), "--tmpfs", "/run", "--chdir", WORKSPACE]
+    for source, path, readonly in volumes or []:
+        args += ["--ro-bind" if readonly else "--bind", source, path]
     for cap in CAPABILITIES:
         args += ["--cap-add", cap]
     if layout.library_path:  # jail_init drops it before it starts anything

@@ -22,32 +22,36 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
-from opensandbox_platform.kube.client import JSON, KubeClient, KubeError
+from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
+from opensandbox_platform.server.runtimes import kubernetes_owned as owned
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
+    LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
     SnapshotInfo,
 )
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -94,7 +98,14 @@ def read_pool(raw: JSON) -> PoolEntry:
 
 
 class KubernetesRuntime:
-    capabilities = Capabilities(runtime="kubernetes", pool_ref=True, resource_requests=True, network_policy=True)
+    capabilities = Capabilities(
+        runtime="kubernetes",
+        pool_ref=True,
+        resource_requests=True,
+        image_auth=True,
+        volumes=frozenset({"host", "pvc"}),
+        network_policy=True,
+    )
 
     def __init__(self, config: Config) -> None:
         section = config.kubernetes
@@ -104,7 +115,13 @@ class KubernetesRuntime:
         self.api_timeout = section.api_timeout_seconds
         # Knows whether the API server answers (for /health and /ready), and logs an outage once.
         self.engine = EngineMonitor(API_NAME, self._ping, section.health_interval_seconds, section.api_timeout_seconds)
-        self.settings = Settings(section.image_pull_policy, section.default_pod_spec, tuple(config.egress.upstream_dns))
+        self.settings = Settings(
+            section.image_pull_policy,
+            section.default_pod_spec,
+            allowed_host_paths=tuple(config.server.allowed_host_paths),
+            default_volume_storage=section.default_volume_storage,
+            egress_upstream_dns=tuple(config.egress.upstream_dns),
+        )
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -114,6 +131,7 @@ class KubernetesRuntime:
         self._waiters: dict[str, asyncio.Future[Entry]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._creates: set[asyncio.Task[SandboxInfo]] = set()
+        self.events = EventLog()
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,6 +236,8 @@ class KubernetesRuntime:
         current = self._entries.get(entry.name)
         if current is not None and current.uid == entry.uid:
             del self._entries[entry.name]
+        if entry.name not in self._deleted and entry.info.expires_at and entry.info.expires_at <= times.now():
+            self.events.gone(entry.name, Reason.EXPIRED, f"its expireTime {entry.info.expires_at.isoformat()} passed")
         self._deleted.discard(entry.name)
         waiter = self._waiters.get(entry.name)
         if waiter is not None and not waiter.done():
@@ -284,6 +304,9 @@ class KubernetesRuntime:
         now = dt.datetime.now(dt.UTC)
         pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
         obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for)
+        made = await owned.make(
+            self.client, self._call, self.namespace, sandbox_id, spec, self.settings.default_volume_storage
+        )
         waiter: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
         self._waiters[sandbox_id] = waiter
         started = time.perf_counter()
@@ -295,6 +318,7 @@ class KubernetesRuntime:
                 raise _create_error(err) from None
             posted = time.perf_counter()
             self._observe(read_entry(created))
+            await owned.adopt(self.client, self._call, self.namespace, made, created)
             try:
                 await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
@@ -313,6 +337,7 @@ class KubernetesRuntime:
         except BaseException:
             if sandbox_id in self._waiters:  # the POST may have created it
                 self._discard(sandbox_id)
+            await asyncio.shield(owned.remove(self.client, self.namespace, made))
             raise
         finally:
             self._waiters.pop(sandbox_id, None)
@@ -456,11 +481,64 @@ class KubernetesRuntime:
             headers[labels.EXECD_TOKEN_HEADER] = tokens.pod_token(self.token_key, entry.pod_name)
         if port == labels.EGRESS_PORT and entry.has_policy and self.token_key and entry.pod_name:
             headers[labels.EGRESS_TOKEN_HEADER] = tokens.egress_token(self.token_key, entry.pod_name)
-        return Endpoint(f"{host}:{port}", headers)
+        return Endpoint(f"{host}:{port}", headers, entry.info.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, (await self._fresh_entry(sandbox_id)).info.state)
         return await self.endpoint(sandbox_id, port)
+
+    # --- diagnostics ------------------------------------------------------------------------------
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The pod's main container (the entrypoint and execd; not execd's installer, which comes
+        first); scope `all`: every container."""
+        entry = await self._fresh_entry(sandbox_id)
+        if not entry.pod_name:
+            return LogText("", warnings=[f"sandbox {sandbox_id} has no pod yet ({entry.info.state})"])
+        pod = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
+        names = [c["name"] for c in pod["spec"].get("initContainers") or []] + [
+            c["name"] for c in pod["spec"]["containers"]
+        ]
+        main = next(c["name"] for c in pod["spec"]["containers"] if c["name"] != labels.EXECD_INSTALLER)
+        chosen = names if scope == "all" else [main]
+        params: dict[str, str | int] = {}
+        if tail is not None:
+            params["tailLines"] = tail
+        if since is not None:
+            params["sinceSeconds"] = max(1, int((times.now() - since).total_seconds()))
+        parts, warnings = [], []
+        for name in chosen:
+            params["container"] = name
+            path = f"{PODS.path(self.namespace, entry.pod_name)}/log"
+            try:
+                text = await self._call(self.client.text(path, params))
+            except KubeError as err:
+                warnings.append(f"container {name}: {err.message}")
+                continue
+            parts.append(text if len(chosen) == 1 else f"==> container {name} <==\n{text}")
+        return LogText("".join(parts), warnings=warnings)
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        """Kubernetes Events of the BatchSandbox (the controller's) and of its pod (the scheduler's,
+        the kubelet's: pulls, OOM kills, probes)."""
+        entry = await self._fresh_entry(sandbox_id)
+        found: list[SandboxEvent] = []
+        for kind, name in (("BatchSandbox", entry.name), ("Pod", entry.pod_name)):
+            if not name:
+                continue
+            selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+            listed = await self._call(self.client.list(EVENTS, self.namespace, fieldSelector=selector))
+            found.extend(kube_event(item, kind.lower()) for item in listed.get("items") or [])
+        return sorted(found, key=lambda event: event.at)
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        entry = await self._fresh_entry(sandbox_id)
+        found: dict[str, Any] = {
+            "batchSandbox": await self._call(self.client.get(BATCHSANDBOXES, entry.name, self.namespace))
+        }
+        if entry.pod_name:
+            with contextlib.suppress(KubeError):
+                found["pod"] = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
+        return found
 
     async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
         raise guards.not_supported("snapshots", self.capabilities.runtime)
@@ -497,6 +575,19 @@ class KubernetesRuntime:
                 errors.API_NOT_SUPPORTED,
                 "networkPolicy needs kubernetes.sandboxTokenKeyFile (the egress sidecar's token is derived from it)",
             )
+
+
+def kube_event(item: JSON, source: str) -> SandboxEvent:
+    """A core/v1 Event as a sandbox event (its last time, reason and message; repeats counted)."""
+    at = (
+        times.parse_optional(item.get("lastTimestamp"))
+        or times.parse_optional(item.get("eventTime"))
+        or times.parse_optional((item.get("metadata") or {}).get("creationTimestamp"))
+        or times.now()
+    )
+    count = int(item.get("count") or 1)
+    message = str(item.get("message") or "") + (f" (x{count})" if count > 1 else "")
+    return SandboxEvent(at, str(item.get("reason") or ""), message, source, str(item.get("type") or "Normal"))
 
 
 def _create_error(err: KubeError) -> ApiError:

@@ -11,8 +11,10 @@ Pure functions (no I/O), so the mapping is unit-tested on its own:
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
 from opensandbox_platform.server.validation import is_reserved_key
+from opensandbox_platform.server.volumes import HostBackend, PvcBackend, VolumeSpec, allowed_root
 
 STOPPING = "Stopping"  # a state the SDK knows; base.State has no use for it elsewhere
 # What the SDK sends when the caller gives no entrypoint: it only keeps a container up. A pooled pod
@@ -41,6 +44,8 @@ class Settings:
 
     image_pull_policy: str = "IfNotPresent"
     default_pod_spec: JSON | None = None
+    allowed_host_paths: tuple[str, ...] = ()  # server.allowedHostPaths: the nodes' directories `host` volumes use
+    default_volume_storage: str = "1Gi"  # a created PVC's request when the volume names no storage
     egress_upstream_dns: tuple[str, ...] = ()  # egress.upstreamDns: where the sidecar forwards allowed lookups
 
 
@@ -62,6 +67,7 @@ def build_batchsandbox(
         "entrypoint": spec.entrypoint,
         "extensions": spec.extensions,
         "createdAt": times.rfc3339(now, digits=6),
+        **({"secureAccess": True} if spec.secure_access else {}),
     }
     body: JSON = {"replicas": 1}
     expiry = requested_expiry(spec, now)
@@ -75,7 +81,7 @@ def build_batchsandbox(
         if template:
             body["sandboxTemplate"] = {"spec": template}
     else:
-        body["sandboxTemplate"] = {"spec": _direct_pod_spec(spec, settings)}
+        body["sandboxTemplate"] = {"spec": _direct_pod_spec(sandbox_id, spec, settings)}
     return {
         "apiVersion": labels.API_VERSION,
         "kind": "BatchSandbox",
@@ -128,7 +134,7 @@ def _pooled_template(spec: SandboxSpec) -> JSON:
     return template
 
 
-def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
+def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> JSON:
     container: JSON = {
         "name": labels.SANDBOX_CONTAINER,
         "image": spec.image,
@@ -137,6 +143,9 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     }
     if spec.env:
         container["env"] = _env_list(spec.env)
+    pod_volumes, mounts = volume_mounts(spec.volumes, settings.allowed_host_paths)
+    if mounts:
+        container["volumeMounts"] = mounts
     resources = {
         kind: quantities
         for kind, quantities in (
@@ -153,7 +162,112 @@ def _direct_pod_spec(spec: SandboxSpec, settings: Settings) -> JSON:
     pod: JSON = {"restartPolicy": "Never", "automountServiceAccountToken": False}
     pod.update(json.loads(json.dumps(settings.default_pod_spec or {})))  # a deep copy
     pod["containers"] = [container]
+    if pod_volumes:
+        pod["volumes"] = [*(pod.get("volumes") or []), *pod_volumes]
+    if spec.image_auth:
+        pod["imagePullSecrets"] = [*(pod.get("imagePullSecrets") or []), {"name": pull_secret_name(sandbox_id)}]
     return pod
+
+
+# --- volumes and image pull secrets ----------------------------------------------------------------------
+def volume_mounts(volumes: list[VolumeSpec], allowed_host_paths: tuple[str, ...]) -> tuple[list[JSON], list[JSON]]:
+    """The pod's volumes and the sandbox container's volumeMounts.
+
+    A `host` volume mounts the allowed directory it is under (`hostPath`, type Directory) with the
+    rest of its path as the mount's subPath: the kubelet opens a subPath without following symlinks
+    out of its volume (and refuses one that leads out), whereas a hostPath itself is followed
+    wherever a symlink points, and a sandbox sharing the directory could have made one.
+
+    One pod volume per claim or root, however many mounts use it: the kubelet waits forever for the
+    second of two pod volumes of one claim."""
+    pod_volumes: dict[tuple[str, str], JSON] = {}
+    mounts: list[JSON] = []
+    for volume in volumes:
+        sub_path = volume.sub_path
+        source: JSON
+        if isinstance(volume.backend, HostBackend):
+            root = allowed_root(volume.backend.path, list(allowed_host_paths))
+            assert root is not None, "volumes.parse checked the path against the same list"
+            sub_path = _join(posixpath.relpath(volume.backend.path, root), sub_path)
+            key, source = ("host", root), {"hostPath": {"path": root, "type": "Directory"}}
+        else:
+            claim = volume.backend.claim_name
+            key, source = ("pvc", claim), {"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        # Named by position: the user's names could collide with the platform's own volumes.
+        pod_volume = pod_volumes.setdefault(key, {"name": f"volume-{len(pod_volumes)}", **source})
+        if not volume.read_only and "persistentVolumeClaim" in pod_volume:
+            pod_volume["persistentVolumeClaim"].pop("readOnly", None)  # read-only only if every mount is
+        mount: JSON = {"name": pod_volume["name"], "mountPath": volume.mount_path}
+        if volume.read_only:
+            mount["readOnly"] = True
+        if sub_path:
+            mount["subPath"] = sub_path
+        mounts.append(mount)
+    return list(pod_volumes.values()), mounts
+
+
+def _join(relative: str, sub_path: str) -> str:
+    return "/".join(part for part in (relative, sub_path) if part and part != ".")
+
+
+def claim_manifest(sandbox_id: str, backend: PvcBackend, default_storage: str) -> JSON:
+    """The PersistentVolumeClaim a create makes for a missing `pvc` volume (createIfNotExists)."""
+    spec: JSON = {
+        "accessModes": list(backend.access_modes) or ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": backend.storage or default_storage}},
+    }
+    if backend.storage_class:
+        spec["storageClassName"] = backend.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": backend.claim_name,
+            "labels": {labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "annotations": {labels.CREATED_FOR_SANDBOX: sandbox_id},
+        },
+        "spec": spec,
+    }
+
+
+def pull_secret_name(sandbox_id: str) -> str:
+    return f"{sandbox_id}-pull"
+
+
+DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"  # the key docker login writes for Docker Hub
+
+
+def registry_of(image: str) -> str:
+    """The registry an image reference names (Docker's rule: a first component with '.' or ':', or
+    `localhost`); Docker Hub otherwise."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DOCKER_HUB_AUTH_KEY
+
+
+def pull_secret_manifest(sandbox_id: str, image: str, auth: dict[str, str]) -> JSON:
+    """The sandbox's own kubernetes.io/dockerconfigjson Secret for `image.auth` (owned by its BatchSandbox)."""
+    user, password = auth["username"], auth["password"]
+    entry = {"username": user, "password": password, "auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+    config = json.dumps({"auths": {registry_of(image): entry}}, separators=(",", ":"))
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": pull_secret_name(sandbox_id),
+            "labels": {labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "annotations": {labels.CREATED_FOR_SANDBOX: sandbox_id},
+        },
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": base64.b64encode(config.encode()).decode()},
+    }
+
+
+def owner_reference(batchsandbox: JSON) -> JSON:
+    """Makes an object the BatchSandbox's: the garbage collector deletes it with the BatchSandbox."""
+    meta = batchsandbox["metadata"]
+    return {"apiVersion": labels.API_VERSION, "kind": "BatchSandbox", "name": meta["name"], "uid": meta["uid"]}
 
 
 def _quantities(cpu_millis: int | None, memory_bytes: int | None) -> dict[str, str]:
@@ -242,6 +356,7 @@ def read_entry(raw: JSON) -> Entry:
         reason=reason,
         message=message,
         last_transition_at=since or created,
+        secure_access=request.get("secureAccess") is True,
     )
     return Entry(
         namespace=meta.get("namespace", ""),

@@ -25,6 +25,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
+MNT_DETACH = 2
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -60,8 +61,8 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
     _check(_libc.mount(_bytes(source), target.encode(), _bytes(fstype), flags, _bytes(data)), f"mount {target}")
 
 
-def umount(target: str) -> None:
-    _check(_libc.umount2(target.encode(), 0), f"umount {target}")
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 # The new mount API (Linux >= 5.12 for idmapped mounts), x86-64 system call numbers.
@@ -128,6 +129,43 @@ def bind_idmapped(source: str, target: str, userns_fd: int) -> None:
         )
     finally:
         os.close(tree)
+
+
+def clone_tree(source_fd: int) -> int:
+    """A detached copy of the mount of the directory `source_fd` (itself only, not what is mounted
+    below it), made in the caller's mount namespace (a copy must be made where its source is
+    mounted), to attach elsewhere with `attach_idmapped`."""
+    return _syscall(
+        _SYS_OPEN_TREE,
+        ctypes.c_int(source_fd),
+        b"",
+        ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_EMPTY_PATH),
+    )
+
+
+def attach_tree(tree_fd: int, target: str, userns_fd: int | None, *, readonly: bool) -> None:
+    """Mount a detached tree (`clone_tree`) at `target`, nosuid and nodev; with `userns_fd`, its
+    owners seen through that user namespace (owner N on disk is that namespace's N)."""
+    flags = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if readonly else 0)
+    if userns_fd is not None:
+        flags |= _MOUNT_ATTR_IDMAP
+    attr = _MountAttr(flags, 0, 0, userns_fd or 0)
+    _syscall(
+        _SYS_MOUNT_SETATTR,
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_uint(_AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _syscall(
+        _SYS_MOVE_MOUNT,
+        ctypes.c_int(tree_fd),
+        b"",
+        ctypes.c_int(_AT_FDCWD),
+        target.encode(),
+        ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+    )
 
 
 def bind_readonly(source: str, target: str) -> None:

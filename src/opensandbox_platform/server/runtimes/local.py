@@ -36,6 +36,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import uuid
 from concurrent.futures import Future
@@ -50,7 +51,7 @@ from opensandbox_platform.api.labels import (
     EXECD_TOKEN_HEADER,
     wants_isolation,
 )
-from opensandbox_platform.daemon import times
+from opensandbox_platform.daemon import openat2, times
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -64,6 +65,7 @@ from opensandbox_platform.server.runtimes import (
     seccomp,
     slirp,
     staging,
+    volume_dirs,
 )
 from opensandbox_platform.server.runtimes import jail as jails
 from opensandbox_platform.server.runtimes import snapshots as snaps
@@ -71,6 +73,7 @@ from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
     Held,
+    LogText,
     RuntimeHealth,
     SandboxInfo,
     SandboxSpec,
@@ -79,12 +82,14 @@ from opensandbox_platform.server.runtimes.base import (
     merge_metadata,
 )
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
+from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
 from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
 from opensandbox_platform.server.runtimes.local_egress import JailEgress
 from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
 from opensandbox_platform.server.runtimes.uidmap import IdRange, NoFreeSlot, UidSlots, overlaps, slot_range
+from opensandbox_platform.server.volumes import PvcBackend
 
 # What a restored sandbox needs on top of its files within its memory limit (execd, a shell, a command).
 RESTORE_HEADROOM = 128 << 20
@@ -92,6 +97,7 @@ log = logging.getLogger("opensandbox.local")
 
 RECORD = "sandbox.json"
 LOG = "jail.log"
+JAIL_LOG = "run/opensandbox/jail.log"  # in the jail's root: where jail_init sends execd's and the entrypoint's output
 REFILL_DELAY_SECONDS = 0.3
 LOG_LIMIT = 1 << 20  # bytes of a jail's output kept in its log
 MINIMAL_ROOT = "the host's /usr read-only with a private /etc, home, /tmp and /workspace"
@@ -128,6 +134,8 @@ class Record:
     paused_by: str | None = None  # "freezer" or "signal"
     execd_pid: int = 0  # host pid of the jail init, which is execd (0: unknown)
     execd_ticks: int = 0
+    secure_access: bool = False
+    owned_volumes: list[str] = field(default_factory=list)  # named volumes deleted with the sandbox
     # What a snapshot of it holds besides its files (runtimes/local_snapshots.py).
     env: dict[str, str] = field(default_factory=dict)
     cpu_millis: int | None = None
@@ -160,6 +168,7 @@ class Record:
             reason=self.reason,
             message=self.message,
             last_transition_at=times.parse(self.last_transition_at or self.created_at),
+            secure_access=self.secure_access,
             snapshot_id=self.snapshot_id,
         )
 
@@ -229,13 +238,21 @@ def _close(fd: int) -> None:
 
 class LocalRuntime:
     # image.auth is accepted as image.uri is: no image is pulled.
-    capabilities = Capabilities(runtime="local", image_auth=True, pause=True, snapshots=True, network_policy=True)
+    capabilities = Capabilities(
+        runtime="local",
+        image_auth=True,
+        pause=True,
+        volumes=frozenset({"host", "pvc"}),
+        snapshots=True,
+        network_policy=True,
+    )
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.local = config.local
         self.state_dir = config.state_dir()
         self.sandboxes_dir = self.state_dir / "sandboxes"
+        self.volumes_dir = self.state_dir / "volumes"  # pvc volumes: one directory per claimName
         self.hidden = [self.state_dir] + ([Path(config_path)] if config_path else [])
         self.records: dict[str, Record] = {}
         self.cgroups = Cgroups(enabled=self.local.use_cgroups)
@@ -279,6 +296,7 @@ class LocalRuntime:
         self._warm_task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._lock_fd: int | None = None
+        self.events = EventLog()
 
     # -- lifecycle of the runtime --------------------------------------------------------------
 
@@ -436,14 +454,29 @@ class LocalRuntime:
             return await self._create_from_snapshot(spec, spec.snapshot_id)
         image = await self._image(spec.image)
         userns = wants_isolation(spec.extensions)
-        if image is not None or userns:  # warm jails: the minimal root, the default filter
-            jail = await self._spawn(str(uuid.uuid4()), image, userns=userns)
-        else:
-            jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
-        return await self._finish_create(jail, spec, image)
+        opened = await asyncio.to_thread(self._open_volumes, spec)
+        try:
+            if image is not None or userns or opened:  # warm jails: the minimal root, the default filter, no mounts
+                jail = await self._spawn(str(uuid.uuid4()), image, userns=userns, volumes=opened)
+            else:
+                jail = await self._take_warm() or await self._spawn(str(uuid.uuid4()))
+        except BaseException:
+            self._remove_created_volumes(opened)
+            raise
+        finally:
+            volume_dirs.close_all(opened)
+        return await self._finish_create(jail, spec, image, opened)
 
-    async def _finish_create(self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None) -> SandboxInfo:
+    async def _finish_create(
+        self, jail: Jail, spec: SandboxSpec, image: images.ImageInfo | None, opened: volume_dirs.Opened | None = None
+    ) -> SandboxInfo:
+        opened = opened or []
         record = jail.record
+        record.owned_volumes = [
+            v.spec.backend.claim_name
+            for v in opened
+            if v.created and isinstance(v.spec.backend, PvcBackend) and v.spec.backend.delete_on_sandbox_termination
+        ]
         try:
             if spec.network_policy is not None:  # enforced before the entrypoint starts
                 record.network_policy = spec.network_policy
@@ -452,6 +485,7 @@ class LocalRuntime:
             await self._claim(jail, spec, image)
         except BaseException:
             await self._destroy(record)
+            self._remove_created_volumes(opened)
             raise
         now = times.now()
         record.claimed = True
@@ -463,6 +497,7 @@ class LocalRuntime:
         record.snapshot_id = spec.snapshot_id or ""
         record.metadata = dict(spec.metadata)
         record.extensions = dict(spec.extensions)
+        record.secure_access = spec.secure_access
         record.created_at = times.rfc3339(now, digits=6)
         if spec.timeout_seconds is not None:
             record.expires_at = times.rfc3339(now + dt.timedelta(seconds=spec.timeout_seconds), digits=6)
@@ -484,6 +519,10 @@ class LocalRuntime:
         return found
 
     async def _create_from_snapshot(self, spec: SandboxSpec, snapshot_id: str) -> SandboxInfo:
+        if spec.volumes:
+            raise ApiError(
+                400, errors.API_NOT_SUPPORTED, "volumes with snapshotId are not supported by the local runtime"
+            )
         snapshot = self.snapshots.snapshots.get(snapshot_id)
         if snapshot is None:
             raise snaps.unknown_for_create(snapshot_id)
@@ -663,7 +702,7 @@ class LocalRuntime:
         headers = {EXECD_TOKEN_HEADER: record.token} if port == EXECD_PORT else {}
         if port == EGRESS_PORT and record.egress_token:
             headers = {EGRESS_TOKEN_HEADER: record.egress_token}
-        return Endpoint(f"{LOOPBACK}:{host_port}", headers)
+        return Endpoint(f"{LOOPBACK}:{host_port}", headers, record.secure_access)
 
     async def upstream(self, sandbox_id: str, port: int) -> Endpoint:
         guards.require_running(sandbox_id, self._record(sandbox_id).state)
@@ -719,10 +758,12 @@ class LocalRuntime:
         image: images.ImageInfo | None = None,
         *,
         userns: bool = False,
+        volumes: volume_dirs.Opened | None = None,
         restore: Restore | None = None,
     ) -> Jail:
         """Start a jail (with the image's root, or the minimal one) and wait (by event) until execd
-        listens in it. `userns`: its filter lets it make user namespaces (isolated sessions)."""
+        listens in it. `userns`: its filter lets it make user namespaces (isolated sessions);
+        `volumes`: directories mounted into it."""
         image_root = str(await self.images.ensure(image)) if image is not None else None
         directory = self.sandboxes_dir / sandbox_id
         directory.mkdir(mode=0o700)
@@ -737,7 +778,7 @@ class LocalRuntime:
         record = Record(id=sandbox_id, pid=0, start_ticks=0, token=token, cgroups=cgroups, uid_slot=ids.slot)
         if image is not None:
             record.root = image.describe()
-        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root)
+        plan = self._plan(sandbox_id, directory, ids, pipes, token, image_root, volumes or [])
         plan.restore = functools.partial(restore, cgroups) if restore is not None else None
         future = staging.in_thread(functools.partial(staging.stage_and_start, plan))
         try:
@@ -746,6 +787,8 @@ class LocalRuntime:
             future.add_done_callback(functools.partial(_abandon, pipes))
             self.cgroups.remove(cgroups)
             shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, staging.VolumeGone):
+                raise ApiError(400, errors.INVALID_PARAMETER, str(exc)) from None
             if isinstance(exc, Exception):
                 log.error("jail start failed id=%s error=%s", sandbox_id, exc)
                 raise ApiError(500, errors.START_FAILED, f"the jail did not start: {exc}") from exc
@@ -793,7 +836,14 @@ class LocalRuntime:
             _close(pipes.exit[0])
 
     def _plan(
-        self, sandbox_id: str, directory: Path, ids: IdRange, pipes: _Pipes, token: str, image_root: str | None
+        self,
+        sandbox_id: str,
+        directory: Path,
+        ids: IdRange,
+        pipes: _Pipes,
+        token: str,
+        image_root: str | None,
+        volumes: volume_dirs.Opened,
     ) -> staging.StagePlan:
         assert self._layout is not None
         stage = str(self.stage_dir)
@@ -812,7 +862,9 @@ class LocalRuntime:
             run_size_bytes=self.local.tmp_size_mib << 20,
             fds=pipes.fds(),
             proc_masks=self._proc_masks,
+            volumes=[(f"{stage}/vol/{i}", v.spec.mount_path, v.spec.read_only) for i, v in enumerate(volumes)],
         )
+        mountpoints = mountpoints + [(v.spec.mount_path, True) for v in volumes]
         outbound = self.local.network == "outbound"
         return staging.StagePlan(
             argv=argv,
@@ -831,6 +883,7 @@ class LocalRuntime:
             info_fd=pipes.info[0],
             timeout=self.local.start_timeout_seconds,
             on_pid=lambda pid: self.uids.hold(ids.slot, (pid, procfs.start_ticks(pid) or 0)),
+            volumes=[(v.tree, v.spec.read_only) for v in volumes],
         )
 
     def _ruleset(self) -> str:
@@ -953,6 +1006,7 @@ class LocalRuntime:
                 record.transition(State.FAILED, "JAIL_EXITED", f"the entrypoint exited with code {code}")
             else:
                 record.transition(State.TERMINATED, "JAIL_EXITED", "the entrypoint exited")
+            self.events.record(record.id, Reason.EXITED, record.message, warning=bool(code))
             self._save(record)
             await self._kill_helper(record)
             await self._remove_cgroups(record)
@@ -981,6 +1035,7 @@ class LocalRuntime:
                 EXECD_EXITED,
                 "execd, the sandbox's command daemon, exited; the sandbox's other processes still run",
             )
+            self.events.record(record.id, Reason.EXITED, record.message, warning=True)
             self._save(record)
         finally:
             for task in (jail, execd):
@@ -1062,6 +1117,8 @@ class LocalRuntime:
             self.records.pop(record.id, None)
             self._locks.pop(record.id, None)
             shutil.rmtree(self.sandboxes_dir / record.id, ignore_errors=True)
+            for claim in record.owned_volumes:  # deleteOnSandboxTermination, made by its create
+                volume_dirs.remove_named(self.volumes_dir, PvcBackend(claim))
         finally:
             self._deleting.discard(record.id)
 
@@ -1092,6 +1149,55 @@ class LocalRuntime:
         record = self.records.get(sandbox_id)
         if record is not None:
             await self._destroy(record)
+            self.events.gone(sandbox_id, Reason.EXPIRED, f"its expiry {record.expires_at} passed")
+
+    def _open_volumes(self, spec: SandboxSpec) -> volume_dirs.Opened:
+        opened = volume_dirs.open_all(spec.volumes, self.volumes_dir)
+        try:
+            return volume_dirs.with_trees(opened)
+        except OSError as exc:
+            volume_dirs.close_all(opened)
+            self._remove_created_volumes(opened)
+            raise ApiError(500, errors.START_FAILED, f"cannot mount the volumes: {exc}") from None
+
+    def _remove_created_volumes(self, opened: volume_dirs.Opened) -> None:
+        """A failed create leaves no named volume it made."""
+        for volume in opened:
+            if volume.created and isinstance(volume.spec.backend, PvcBackend):
+                volume_dirs.remove_named(self.volumes_dir, volume.spec.backend)
+
+    # -- diagnostics ---------------------------------------------------------------------------
+
+    async def logs(self, sandbox_id: str, tail: int | None, since: dt.datetime | None, scope: str) -> LogText:
+        """The jail's start-up output (bwrap's errors, execd's first lines; drained by the server),
+        then execd's log and the entrypoint's output, which the jail writes to its own
+        /run/opensandbox/jail.log. Lines carry no times of their own: `since` is not honoured."""
+        record = self._record(sandbox_id)
+        started = await asyncio.to_thread(_tail_bytes, self.sandboxes_dir / sandbox_id / LOG)
+        inside = b""
+        if procfs.alive(record.pid, record.start_ticks):
+            inside = await asyncio.to_thread(jail_log, record.pid, LOG_LIMIT)
+        text = (started + inside).decode(errors="replace")
+        warnings = ["since is not supported by the local runtime's log (its lines carry no times)"] if since else []
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:])
+        return LogText(text, truncated=len(inside) >= LOG_LIMIT, warnings=warnings)
+
+    async def runtime_events(self, sandbox_id: str) -> EventList:
+        record = self._record(sandbox_id)
+        at = times.parse(record.last_transition_at or record.created_at)
+        found = [SandboxEvent(at, record.reason, f"{record.state}: {record.message}".rstrip(": "), source="jail")]
+        kills = self.cgroups.oom_kills(record.cgroups)
+        if kills:
+            message = f"the kernel killed {kills} process(es) of the sandbox for exceeding its memory limit"
+            found.append(SandboxEvent(times.now(), Reason.OOM_KILLED, message, source="cgroup", type="Warning"))
+        return found
+
+    async def inspect(self, sandbox_id: str) -> dict[str, Any]:
+        record = self._record(sandbox_id)
+        data = {k: v for k, v in asdict(record).items() if k not in ("_info", "token")}
+        data["freezer"] = self.cgroups.freezer_state(record.cgroups)
+        return data
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -1112,6 +1218,35 @@ class LocalRuntime:
         del data["_info"]
         tmp.write_text(json.dumps(data))
         os.replace(tmp, directory / RECORD)
+
+
+def _tail_bytes(path: Path, limit: int = LOG_LIMIT) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - limit))
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def jail_log(pid: int, limit: int) -> bytes:
+    """The last `limit` bytes of the jail's /run/opensandbox/jail.log, read as root from a file the
+    sandbox controls: resolved inside the jail's root (a symlink to /etc/shadow is the jail's
+    /etc/shadow, `..` stops at its root), and only a regular file (a FIFO would block)."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        resolve = openat2.RESOLVE_IN_ROOT | openat2.RESOLVE_NO_MAGICLINKS
+        fd = openat2.openat2(root, JAIL_LOG, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, resolve=resolve)
+    except OSError:
+        return b""
+    finally:
+        os.close(root)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return b"[the jail's log is not a regular file]\n"
+        f.seek(max(0, info.st_size - limit))
+        return f.read(limit)
 
 
 def _append(path: Path) -> BinaryIO:

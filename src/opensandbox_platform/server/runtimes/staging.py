@@ -57,6 +57,9 @@ class StagePlan:
     timeout: float
     # An image's unpacked root: the lower layer of an overlay whose upper is the private tmpfs.
     image_root: str | None = None
+    # Volumes: (detached mount of the host directory, read-only), attached at <stage>/vol/<i> idmapped to
+    # the jail's user namespace before bwrap goes on (jail.bwrap_args binds them into the jail).
+    volumes: list[tuple[int, bool]] = field(default_factory=list)
     # Called in the thread with the root's writable layer and the sandbox's first host id, once the
     # skeleton and mount points are there: lays a snapshot's files out (runtimes/local_snapshots.py).
     restore: Callable[[str, int], None] | None = field(default=None, repr=False)
@@ -103,6 +106,8 @@ def stage_and_start(plan: StagePlan) -> Staged:
         write_id_maps(pid, plan.ids)
         if plan.image_root is not None:
             _mount_image(plan, pid)
+        if plan.volumes:
+            _mount_volumes(plan, pid)
     except BaseException:
         os.close(netns_fd)
         kill_unreleased(popen)
@@ -113,12 +118,15 @@ def stage_and_start(plan: StagePlan) -> Staged:
 def _stage_files(plan: StagePlan) -> None:
     stage = plan.stage_dir
     linux.mount("opensandbox", stage, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=1m,mode=0755")
-    if plan.image_root is not None:
-        # The image's overlay is mounted once bwrap's child exists (it needs its user namespace):
-        # shared, so that it reaches the child's copy of this mount namespace.
+    if plan.image_root is not None or plan.volumes:
+        # The image's overlay and the volumes are mounted once bwrap's child exists (they need its
+        # user namespace): shared, so that they reach the child's copy of this mount namespace.
         linux.mount(None, stage, None, linux.MS_SHARED)
+    if plan.image_root is not None:
         for name in ("lower", "root"):
             os.mkdir(os.path.join(stage, name))
+    for index in range(len(plan.volumes)):
+        os.makedirs(os.path.join(stage, "vol", str(index)))
     rw = os.path.join(stage, "rw")
     os.mkdir(rw)
     inodes = max(plan.disk_bytes // 4096, 16384)
@@ -184,6 +192,24 @@ def _mount_image(plan: StagePlan, pid: int) -> None:
         os.close(userns)
     layers = f"lowerdir={stage}/lower,upperdir={stage}/rw/upper,workdir={stage}/rw/work"
     linux.mount("opensandbox-image", os.path.join(stage, "root"), "overlay", linux.MS_NOSUID | linux.MS_NODEV, layers)
+
+
+class VolumeGone(Exception):
+    """A volume's directory was removed between its check and its mount (the create is refused)."""
+
+
+def _mount_volumes(plan: StagePlan, pid: int) -> None:
+    """Each volume's directory, idmapped to the jail's user namespace: the jail's root is the owner
+    0 of the files on disk (and the jail's uid N their owner N), whichever host uids it runs as."""
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for index, (fd, readonly) in enumerate(plan.volumes):
+            try:
+                linux.attach_tree(fd, os.path.join(plan.stage_dir, "vol", str(index)), userns, readonly=readonly)
+            except FileNotFoundError:
+                raise VolumeGone(f"volume {index}: its directory was removed while the sandbox started") from None
+    finally:
+        os.close(userns)
 
 
 def _configure_network(plan: StagePlan) -> None:
