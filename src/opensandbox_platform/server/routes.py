@@ -384,13 +384,15 @@ async def signed_http(request: Request, sandbox_id: SandboxId, port: Port, token
 
 
 SIGNED_PATH = "/sandboxes/{sandboxId}/signed/{port}/{token}"
-router.add_api_route(
-    SIGNED_PATH + "/{path:path}",
-    signed_http,
-    methods=PROXY_METHODS,
-    tags=["proxy"],
-    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
-)
+for _method in PROXY_METHODS:  # one operationId per method, as the proxy's
+    router.add_api_route(
+        SIGNED_PATH + "/{path:path}",
+        signed_http,
+        methods=[_method],
+        tags=["proxy"],
+        operation_id=f"signed_{_method.lower()}",
+        responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 502: {"model": ErrorResponse}},
+    )
 router.add_api_route(SIGNED_PATH, signed_http, methods=PROXY_METHODS, include_in_schema=False)
 
 
