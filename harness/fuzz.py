@@ -8,6 +8,11 @@ document cannot capture:
 
 - server, `POST /sandboxes` and `renew-expiration`: a valid create needs an image and an entrypoint
   that exist; a valid renew a date after now. Positive-data acceptance is off for them only.
+- server, `/networkpolicy`: a rule's target must be a DNS name, a `*.` wildcard, an IP address or a
+  CIDR, which the document's string type cannot say; positive-data acceptance is off there.
+- server, `GET /endpoints/{port}?expires=`: the expiry must lie between now and
+  `server.maxSignedEndpointSeconds` from now; positive-data acceptance is off there. `/templates`
+  answers 501 `API_NOT_SUPPORTED` by design (no templates here): not fuzzed.
 - server, `/proxy/...`: the answers are the sandbox's (execd's, port 44772), not the server's; the
   proxy operations fuzz execd through the server. Positive-data acceptance is off for them.
 - execd: whether a request is valid depends on the sandbox's files, users and sessions (an owner
@@ -72,6 +77,14 @@ checks = {{ positive_data_acceptance = {{ enabled = false }} }}
 [[operations]]
 include-operation-id-regex = "^(create_sandbox|renew_expiration)"
 checks = {{ positive_data_acceptance = {{ enabled = false }} }}
+
+[[operations]]
+include-path-regex = "(/networkpolicy|/endpoints/[^/]+)$"
+checks = {{ positive_data_acceptance = {{ enabled = false }} }}
+
+[[operations]]
+include-path-regex = "^/v1/templates"
+enabled = false
 
 [[operations]]
 include-operation-id-regex = "^delete_sandbox"

@@ -28,7 +28,15 @@ LOG_SCOPES = ("container", "all")
 EVENT_SCOPES = ("runtime", "lifecycle", "all")
 # The most text one answer carries inline (the end of it is kept: the latest output matters).
 MAX_INLINE_BYTES = 1 << 20
-_DURATION = re.compile(r"([0-9]+)(s|m|h|d)")
+_DURATION = re.compile(r"^([0-9]+)(s|m|h|d)$")
+# 200 answers are plain text (or, with `scope`, the SDK's JSON descriptor); errors are JSON.
+TEXT: dict[int | str, dict[str, Any]] = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    return "^(" + "|".join(re.escape(v) for v in values) + ")$"
+
+
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -106,13 +114,17 @@ async def _require_known(runtime: Runtime, sandbox_id: str) -> bool:
         raise
 
 
-@router.get("/sandboxes/{sandboxId}/diagnostics/logs", response_model=None)
+@router.get("/sandboxes/{sandboxId}/diagnostics/logs", response_model=None, responses=TEXT)
 async def diagnostic_logs(
     request: Request,
     sandbox_id: SandboxId,
-    scope: Annotated[str | None, Query(description=f"one of {', '.join(LOG_SCOPES)}; absent: plain text")] = None,
+    scope: Annotated[
+        str | None, Query(pattern=one_of(LOG_SCOPES), description=f"one of {', '.join(LOG_SCOPES)}; absent: plain text")
+    ] = None,
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="only the last N lines")] = None,
-    since: Annotated[str | None, Query(description="only lines newer than this duration (30s, 10m, 1h)")] = None,
+    since: Annotated[
+        str | None, Query(pattern=_DURATION.pattern, description="only lines newer than this duration (30s, 10m, 1h)")
+    ] = None,
 ) -> Response:
     runtime = _runtime(request)
     if scope is not None:
@@ -125,11 +137,14 @@ async def diagnostic_logs(
     return descriptor(sandbox_id, "logs", scope, logs.text, logs.truncated, logs.warnings)
 
 
-@router.get("/sandboxes/{sandboxId}/diagnostics/events", response_model=None)
+@router.get("/sandboxes/{sandboxId}/diagnostics/events", response_model=None, responses=TEXT)
 async def diagnostic_events(
     request: Request,
     sandbox_id: SandboxId,
-    scope: Annotated[str | None, Query(description=f"one of {', '.join(EVENT_SCOPES)}; absent: plain text")] = None,
+    scope: Annotated[
+        str | None,
+        Query(pattern=one_of(EVENT_SCOPES), description=f"one of {', '.join(EVENT_SCOPES)}; absent: plain text"),
+    ] = None,
     limit: Annotated[int | None, Query(ge=1, le=10_000, description="only the last N events")] = None,
 ) -> Response:
     runtime = _runtime(request)
@@ -145,7 +160,7 @@ async def diagnostic_events(
     return descriptor(sandbox_id, "events", scope, text, False, warnings)
 
 
-@router.get("/sandboxes/{sandboxId}/diagnostics/inspect", response_class=PlainTextResponse)
+@router.get("/sandboxes/{sandboxId}/diagnostics/inspect", response_model=None, responses=TEXT)
 async def diagnostic_inspect(request: Request, sandbox_id: SandboxId) -> PlainTextResponse:
     """The engine's description of the sandbox (container, pod and BatchSandbox, jail record) as JSON
     text; tokens and secrets are left out."""
@@ -154,7 +169,7 @@ async def diagnostic_inspect(request: Request, sandbox_id: SandboxId) -> PlainTe
     return PlainTextResponse(json.dumps(await runtime.inspect(sandbox_id), indent=2, default=str) + "\n")
 
 
-@router.get("/sandboxes/{sandboxId}/diagnostics/summary", response_class=PlainTextResponse)
+@router.get("/sandboxes/{sandboxId}/diagnostics/summary", response_model=None, responses=TEXT)
 async def diagnostic_summary(
     request: Request,
     sandbox_id: SandboxId,

@@ -11,11 +11,12 @@ a policy reports allow-all, not enforced, and refuses changes (409): it has no e
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from opensandbox_platform.egress import policy as P
 from opensandbox_platform.server import errors
@@ -37,7 +38,23 @@ NO_POLICY = {
     "reason": "the sandbox was created without a networkPolicy: no egress enforcer runs in it",
     "policy": {"defaultAction": "allow", "egress": []},
 }
-RuleList = Annotated[list[dict[str, Any]], Body(description="rules to merge: [{action, target}]")]
+
+
+class NetworkRuleBody(BaseModel):
+    """One egress rule as the SDK sends it (the document's shape; egress/policy.py checks the target)."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["allow", "deny"]
+    target: str = Field(min_length=1, max_length=255, description="an FQDN, *.wildcard, IP address or CIDR")
+
+
+class NetworkPolicyBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    defaultAction: Literal["allow", "deny"] | None = Field(default=None, description="default deny")
+    egress: list[NetworkRuleBody] | None = None
+
+
+RuleList = Annotated[list[NetworkRuleBody], Body(description="rules to merge: [{action, target}]")]
 
 
 @router.get(PATH)
@@ -49,19 +66,21 @@ async def get_network_policy(request: Request, sandbox_id: SandboxId) -> JSONRes
 @router.patch(PATH)
 async def patch_network_policy(request: Request, sandbox_id: SandboxId, rules: RuleList) -> JSONResponse:
     """Merge rules: incoming rules first, the first of a target wins; others stay."""
-    _checked(lambda: P.parse_rules(rules, _max_rules(request)))
-    if not rules:
+    raw = [rule.model_dump() for rule in rules]
+    _checked(lambda: P.parse_rules(raw, _max_rules(request)))
+    if not raw:
         raise errors.invalid("the body must be a non-empty list of rules")
-    return await _call(request, sandbox_id, "PATCH", rules)
+    return await _call(request, sandbox_id, "PATCH", raw)
 
 
 @router.put(PATH)
 async def replace_network_policy(
-    request: Request, sandbox_id: SandboxId, policy: Annotated[dict[str, Any], Body()]
+    request: Request, sandbox_id: SandboxId, policy: Annotated[NetworkPolicyBody, Body()]
 ) -> JSONResponse:
     """Replace the whole policy ({defaultAction, egress})."""
-    _checked(lambda: P.parse_policy(policy, _max_rules(request)))
-    return await _call(request, sandbox_id, "PUT", policy)
+    raw = policy.model_dump(exclude_unset=True)  # (a null given stays: parse_policy reads it)
+    _checked(lambda: P.parse_policy(raw, _max_rules(request)))
+    return await _call(request, sandbox_id, "PUT", raw)
 
 
 @router.delete(PATH)
