@@ -60,9 +60,9 @@ class LocalCluster:
 @contextmanager
 def local_cluster() -> Iterator[LocalCluster]:
     started = _run(str(TOOLS / "cluster.sh"), "status").returncode != 0
-    if started:
-        _up_or_fail("cluster.sh")
     try:
+        if started:
+            _up_or_fail("cluster.sh")  # (a failed start is taken down too: nothing half-up is left)
         yield LocalCluster(kubeconfig=ROOT / ".cluster" / "kubeconfig", bin_dir=cache_dir() / "bin")
     finally:
         if started:
