@@ -106,6 +106,24 @@ def local_target(workdir: Path) -> Iterator[Target]:
         )
 
 
+@contextlib.contextmanager
+def metadata_dnat(sources: str, listener: str, port: int) -> Iterator[None]:
+    """Sandboxes reach the host's routes: send METADATA traffic from `sources` to our listener at
+    `listener`:`port`, and drop anything else to it, in an nftables table of this test's own."""
+    table = f"osb_security_{os.getpid()}"
+    dnat = f"ip saddr {sources} ip daddr {METADATA} tcp dport 80 dnat to {listener}:{port}"
+    rules = f"""table ip {table} {{
+  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}
+  chain forward {{ type filter hook forward priority -1; ip daddr {METADATA} drop; }}
+}}
+"""
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
+
+
 # -- docker (podman) -----------------------------------------------------------------------------------
 
 
@@ -125,23 +143,6 @@ def docker_target(workdir: Path) -> Iterator[Target]:
             address = next(iter(networks.values()))["IPAddress"]
             return f"{address}:44772"
 
-        @contextlib.contextmanager
-        def metadata_route(sandbox_id: str, port: int) -> Iterator[None]:
-            # Containers reach the host's routes: send their METADATA traffic to our listener on the
-            # bridge, and drop anything else to it, in a table of this test's own.
-            table = f"osb_security_{os.getpid()}"
-            dnat = f"ip saddr {subnet} ip daddr {METADATA} tcp dport 80 dnat to {gateway}:{port}"
-            rules = f"""table ip {table} {{
-  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}
-  chain forward {{ type filter hook forward priority -1; ip daddr {METADATA} drop; }}
-}}
-"""
-            subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
-            try:
-                yield
-            finally:
-                subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
-
         yield Target(
             name="docker",
             domain=server.domain,
@@ -152,7 +153,7 @@ def docker_target(workdir: Path) -> Iterator[Target]:
             host_addresses={"host": primary_address(), "bridge": gateway},
             gateway=gateway,
             sandbox_address=sandbox_address,
-            metadata_route=metadata_route,
+            metadata_route=lambda _id, port: metadata_dnat(subnet, gateway, port),
             metadata_listener=gateway,
             gaps=DOCKER_GAPS,
         )
@@ -195,21 +196,6 @@ def kubernetes_target(workdir: Path) -> Iterator[Target]:
                 )
                 return f"{raw}:44772" if raw else ""
 
-            @contextlib.contextmanager
-            def metadata_route(sandbox_id: str, port: int) -> Iterator[None]:
-                table = f"osb_security_{os.getpid()}"
-                dnat = f"ip saddr {POD_CIDR} ip daddr {METADATA} tcp dport 80 dnat to {NODE_BRIDGE}:{port}"
-                rules = f"""table ip {table} {{
-  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}
-  chain forward {{ type filter hook forward priority -1; ip daddr {METADATA} drop; }}
-}}
-"""
-                subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
-                try:
-                    yield
-                finally:
-                    subprocess.run(["nft", "delete", "table", "ip", table], check=False, capture_output=True)
-
             yield Target(
                 name="kubernetes",
                 domain=server.domain,
@@ -220,7 +206,7 @@ def kubernetes_target(workdir: Path) -> Iterator[Target]:
                 host_addresses={"host": primary_address(), "bridge": NODE_BRIDGE},
                 gateway=NODE_BRIDGE,
                 sandbox_address=sandbox_address,
-                metadata_route=metadata_route,
+                metadata_route=lambda _id, port: metadata_dnat(POD_CIDR, NODE_BRIDGE, port),
                 metadata_listener=NODE_BRIDGE,
                 max_processes=POD_PIDS_LIMIT,
                 limits={"cpu": "250m", "memory": "256Mi"},  # the node has 2 CPUs for several sandboxes
