@@ -12,7 +12,7 @@ import re
 import shutil
 import stat
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from opensandbox_platform.daemon import errors, times
 from opensandbox_platform.execd.multipart import MultipartParser, PartData, PartEnd, PartStart
@@ -429,9 +429,14 @@ def open_for_download(path: str | None) -> tuple[Any, os.stat_result, str]:
 
 def read_lines(path: str, offset_text: str | None, limit_text: str | None) -> bytes:
     """Lines offset..offset+limit-1 (1-based) of a text file."""
+    return lines_of(lambda: open_for_download(path)[0], offset_text, limit_text)
+
+
+def lines_of(open_file: Callable[[], BinaryIO], offset_text: str | None, limit_text: str | None) -> bytes:
+    """Lines offset..offset+limit-1 (1-based) of the file `open_file` opens (after the query is checked)."""
     offset = _positive(offset_text, "offset", 1)
     limit = _positive(limit_text, "limit", 0) if limit_text not in (None, "") else None
-    fh, _, _ = open_for_download(path)
+    fh = open_file()
     out: list[bytes] = []
     with fh:
         for number, line in enumerate(fh, start=1):

@@ -137,18 +137,7 @@ class SessionFS:
         return os.fdopen(fd, "rb"), st, path
 
     def read_lines(self, raw: str | None, offset_text: str | None, limit_text: str | None) -> bytes:
-        offset = files._positive(offset_text, "offset", 1)
-        limit = files._positive(limit_text, "limit", 0) if limit_text not in (None, "") else None
-        fh, _, _ = self.open_read(raw)
-        out: list[bytes] = []
-        with fh:
-            for number, line in enumerate(fh, start=1):
-                if number < offset:
-                    continue
-                if limit is not None and len(out) >= limit:
-                    break
-                out.append(line)
-        return b"".join(out)
+        return files.lines_of(lambda: self.open_read(raw)[0], offset_text, limit_text)
 
     def open_target(self, meta: dict[str, Any]) -> files._Target:
         """Where an uploaded file goes (files.upload's opener)."""
