@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 import httpx
 
@@ -49,6 +49,7 @@ class ServerSubprocess:
     workdir: Path
     port: int = field(default_factory=free_port, kw_only=True)
     proc: subprocess.Popen[bytes] | None = field(default=None, kw_only=True)
+    started: ClassVar[list[ServerSubprocess]] = []  # every server this test session started (log_since)
 
     def config(self) -> str:
         """The server's TOML config."""
@@ -74,6 +75,7 @@ class ServerSubprocess:
         """Starts the server and returns once it answers /health (RuntimeError with its log if not)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
+        ServerSubprocess.started.append(self)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "opensandbox_platform.server.main", "--config", str(self.config_path),
@@ -94,6 +96,17 @@ class ServerSubprocess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        """What the server logged after `offset` (a `log_size()`)."""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 from lightkube import Client, KubeConfig
@@ -63,3 +63,31 @@ def controller(cluster: LocalCluster, crds: None, namespace: str) -> Iterator[Co
     proc = ControllerProcess(cluster, namespace).start()
     yield proc
     proc.stop()
+
+
+# --- a failed test's report carries what the servers it used logged meanwhile -----------------------------------
+LOG_OFFSETS = pytest.StashKey[dict[int, int]]()
+LOG_TAIL_CHARS = 6000
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from harness.server_process import ServerSubprocess
+
+    item.stash[LOG_OFFSETS] = {id(s): s.log_size() for s in ServerSubprocess.started}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and call.when == "call":
+        from harness.server_process import ServerSubprocess
+
+        offsets = item.stash.get(LOG_OFFSETS, {})
+        for server in ServerSubprocess.started:
+            text = server.log_since(offsets.get(id(server), 0))
+            if text.strip():
+                report.sections.append((f"server {server.domain} log during the test", text[-LOG_TAIL_CHARS:]))
+    return report

@@ -123,6 +123,23 @@ def test_prestart_opens_the_port_once_the_kernel_answers(tmp_path: Path, port: i
         assert counts == [1]  # execd's own cell did not count
 
 
+def test_a_claim_while_the_prestarted_kernel_starts_reaches_it(tmp_path: Path, port: int) -> None:
+    # A pool's pod claimed right after it listens: its kernel is still starting (the readiness
+    # port is not open yet), and must still run the first cell with the claim's env and cwd.
+    env = {"JUPYTER_PORT": str(port), "EXECD_CODE_PRESTART": "python"}
+    with run_execd(tmp_path / "execd", extra_env=env) as execd:
+        deadline = time.monotonic() + 30
+        while not any("ipykernel" in cmdline(p) for p in descendants(execd.pid)):  # its start was asked
+            assert time.monotonic() < deadline, "no kernel process started"
+            time.sleep(0.01)
+        claimed = tmp_path / "claimed"
+        claim = {"env": {"CLAIMED_BY": "early"}, "cwd": str(claimed)}
+        assert httpx.post(f"{execd.url}/bootstrap", json=claim).status_code == 200
+        assert not accepts(port), "the kernel answered before the claim: this test did not race"
+        done = events(execd, {"code": "import os\nprint(os.environ.get('CLAIMED_BY'), os.getcwd())"})
+        assert "".join(str(e["text"]) for e in done if e["type"] == "stdout") == f"early {claimed}\n"
+
+
 def test_slow_client_pauses_the_kernel_and_execd_memory_stays_flat(code_execd: Execd) -> None:
     total = 256 << 20
     code = f"import sys\nblock = 'q' * (1 << 20)\nfor _ in range({total >> 20}):\n    sys.stdout.write(block)"

@@ -20,6 +20,7 @@ from opensandbox_platform.server.routes import router
 from opensandbox_platform.server.runtimes.base import Runtime
 from opensandbox_platform.server.signing import Signer, SigningKey
 from opensandbox_platform.server.snapshot_routes import router as snapshot_router
+from opensandbox_platform.server.stallwatch import StallWatch
 
 log = logging.getLogger("opensandbox.server")
 
@@ -63,12 +64,15 @@ def create_app(config: Config | None = None, runtime: Runtime | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.http = proxy.new_client()
+        stalls = StallWatch()
+        stalls.start()
         await runtime.start()
         try:
             yield
         finally:
             await runtime.close()
             await app.state.http.aclose()
+            stalls.close()
 
     app = FastAPI(
         title="OpenSandbox server",

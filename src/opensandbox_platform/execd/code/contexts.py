@@ -137,6 +137,7 @@ class CodeContexts:
         self._default_lock = asyncio.Lock()
         self._reaper: asyncio.TimerHandle | None = None
         self._closing = False
+        self._claim: tuple[dict[str, str], str] | None = None  # the last claim's env and cwd (adopt)
 
     # -- the bridge ----------------------------------------------------------------------------
 
@@ -217,6 +218,7 @@ class CodeContexts:
         ctx.generation += 1
         kernel = f"{ctx.id}.{ctx.generation}"
         started = time.monotonic()
+        claim_at_start = self._claim
         try:
             reply = await bridge.request(
                 "start",
@@ -232,7 +234,9 @@ class CodeContexts:
         bridge.kernel_pids[kernel] = int(reply["pid"])
         ctx.kernel = kernel
         ctx.runs = 0
-        ctx.pending = None
+        # A claim that came while the kernel started (a pool's pre-start) is not in its env yet.
+        late_claim = self._claim is not claim_at_start and ctx.spec_language == "python"
+        ctx.pending = self._claim if late_claim else None
         log.info(
             "kernel started context=%s spec=%s pid=%s ms=%d",
             ctx.id,
@@ -529,7 +533,9 @@ class CodeContexts:
 
     def adopt(self, env: dict[str, str], cwd: str) -> None:
         """A claim's env and working directory, for Python kernels that ran nothing yet (a pool's
-        pre-started one): set in the kernel itself, silently, just before its first run."""
+        pre-started one): set in the kernel itself, silently, just before its first run (kernels
+        still starting take it once started: _start_kernel)."""
+        self._claim = (env, cwd)
         for ctx in self.contexts.values():
             if ctx.runs == 0 and ctx.kernel is not None and ctx.spec_language == "python":
                 ctx.pending = (env, cwd)
