@@ -52,7 +52,11 @@ def since_time(value: str | None, now: dt.datetime) -> dt.datetime | None:
     match = _DURATION.fullmatch(value.strip())
     if not match:
         raise errors.invalid(f"since {value!r} is not a duration such as 30s, 10m, 1h or 2d")
-    return now - dt.timedelta(seconds=int(match.group(1)) * _SECONDS[match.group(2)])
+    seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    if seconds >= (now - epoch).total_seconds():
+        return epoch  # longer ago than anything a sandbox logged: all of it
+    return now - dt.timedelta(seconds=seconds)
 
 
 def clip(text: str, limit: int = MAX_INLINE_BYTES) -> tuple[str, bool]:

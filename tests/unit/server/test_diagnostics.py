@@ -114,6 +114,8 @@ def test_since_and_clip() -> None:
     assert since_time("90s", now) == now - dt.timedelta(seconds=90)
     assert since_time("2h", now) == now - dt.timedelta(hours=2)
     assert since_time(None, now) is None
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert since_time("027723507287613s", now) == epoch == since_time("99999999999999999999d", now)  # (fuzzed)
     text, cut = clip("a" * 10 + "\n" + "b" * 10, 15)
     assert cut and text == "b" * 10
     assert clip("short", 15) == ("short", False)
