@@ -26,6 +26,7 @@ import websockets
 from opensandbox import SandboxSync
 from opensandbox.config.connection_sync import ConnectionConfigSync
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -91,7 +92,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
 
 
 def wait(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: float = 20) -> T:
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    # (an element the page re-renders meanwhile, as its 5 s refresh does, is looked up again)
+    return WebDriverWait(driver, timeout, 0.2, ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 def screen(driver: WebDriver) -> str:
@@ -278,10 +280,17 @@ def test_endpoints_and_diagnostics_of_the_sandbox(
     wait(browser, lambda d: "Created: image" in d.find_element(By.ID, "events").text)
     wait(browser, lambda d: INJECTION in d.find_element(By.ID, "logs").text)
     sandbox.commands.run(f"echo console-log-$((6*7)) >> {LOG_FILE}")
-    browser.find_element(By.ID, "diagnostics-refresh").click()
-    wait(browser, lambda d: "console-log-42" in d.find_element(By.ID, "logs").text)
+
+    def refreshed(driver: WebDriver) -> bool:  # (tail -f and the engine's log take a moment)
+        if "console-log-42" in driver.find_element(By.ID, "logs").text:
+            return True
+        driver.find_element(By.ID, "diagnostics-refresh").click()
+        return False
+
+    WebDriverWait(browser, 30, poll_frequency=1).until(refreshed)
     assert not browser.find_elements(By.CSS_SELECTOR, "#logs *, #events *")
-    browser.execute_script("document.getElementById('endpoints').scrollIntoView()")
+    browser.set_window_size(1280, 900)
+    browser.execute_script("document.getElementById('endpoints-heading').scrollIntoView()")
     shot(browser, "console-diagnostics.png")
 
     page = browser.page_source

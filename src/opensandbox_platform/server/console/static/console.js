@@ -168,7 +168,7 @@
       chart,
       el("h3", {}, "Files"),
       files.box,
-      el("h3", {}, "Endpoints"),
+      el("h3", { id: "endpoints-heading" }, "Endpoints"),
       endpoints.box,
       el("h3", {}, "Diagnostics"),
       diagnostics.box,
@@ -342,6 +342,7 @@
           call(`${base}/events`, null, true), call(`${base}/logs?tail=${tail.value}`, null, true)]);
         events.textContent = eventText || "(no events)";
         logs.textContent = logText || "(no output)";
+        logs.scrollTop = logs.scrollHeight; // the newest lines in view
         status.textContent = `read at ${new Date().toLocaleTimeString()}`;
       } catch (err) {
         status.textContent = err.message;
