@@ -35,6 +35,8 @@ class Reason:
     OOM_KILLED = "OOMKilled"
     HOOK_SUCCEEDED = "HookSucceeded"
     HOOK_FAILED = "HookFailed"
+    EGRESS_DENIED = "EgressDenied"  # connections the network policy refused, by address
+    EGRESS_NAME_DENIED = "EgressNameDenied"  # DNS names the network policy answered NXDOMAIN
 
 
 @dataclass(frozen=True)
