@@ -22,6 +22,7 @@ for root grants nothing new; any other uid/gid gets only what the kernel lets it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import os
@@ -58,14 +59,28 @@ def _parse_id(text: str, name: str) -> int:
     return int(text)
 
 
+# Threads acting as users at once (the default executor's bound, roughly): more requests wait. A
+# slot is freed when its thread is done, not when its request is (a client that hangs up does not
+# stop a long search, so hanging up again and again must not start threads without bound).
+_slots = asyncio.Semaphore(16)
+
+
 async def run_as(identity: Identity, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a new thread that has become `identity`; its result or its exception."""
+    await _slots.acquire()
+    loop = asyncio.get_running_loop()
     future: Future[T] = Future()
+    future.add_done_callback(lambda _: _release(loop))
     thread = threading.Thread(
         target=_run, args=(identity, future, fn, args), name=f"as-{identity.uid}:{identity.gid}", daemon=True
     )
     thread.start()
     return await asyncio.wrap_future(future)
+
+
+def _release(loop: asyncio.AbstractEventLoop) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: execd is stopping
+        loop.call_soon_threadsafe(_slots.release)
 
 
 def _run(identity: Identity, future: Future[T], fn: Callable[..., T], args: tuple[Any, ...]) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -103,3 +104,24 @@ async def test_a_listing_skips_subdirectories_it_may_not_read_but_refuses_an_unr
         with pytest.raises(ApiError) as err:
             await identity.run_as(USER, call, str(tree / "home" / "locked"), None)
         assert err.value.status == 403
+
+
+@needs_root
+async def test_clients_hanging_up_do_not_start_threads_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(identity, "_slots", asyncio.Semaphore(2))
+    release, started = threading.Event(), []
+
+    def slow() -> None:
+        started.append(1)
+        release.wait(10)
+
+    hung_up = [asyncio.create_task(identity.run_as(USER, slow)) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    for request in hung_up:  # the clients hang up; their threads go on
+        request.cancel()
+    waiting = [asyncio.create_task(identity.run_as(USER, slow)) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    assert len(started) == 2  # the next requests wait for a thread to end, not for a client to leave
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert len(started) == 4
