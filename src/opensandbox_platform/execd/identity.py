@@ -11,7 +11,7 @@ user, on every path component, including symlinks followed. Nothing in execd jud
 
 Why a thread per operation and not a long-lived worker that switches only its fsuid and back: a
 thread that cannot return has no "switch back" to get wrong (a failed restore, an exception
-between two calls) and leaks no rights into the next request; a Python thread starts in ~0.1 ms
+between two calls) and leaks no rights into the next request; it costs ~0.25 ms per step
 (bench/execd_identity_bench.py). Why not a helper process: a fork of execd per operation costs
 milliseconds, and an upload needs its file descriptor in execd, which a thread shares for free.
 
