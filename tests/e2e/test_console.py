@@ -25,14 +25,16 @@ import pytest
 import websockets
 from opensandbox import SandboxSync
 from opensandbox.config.connection_sync import ConnectionConfigSync
+from opensandbox.models.execd import RunCommandOpts
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from harness.ports import free_port
 from harness.server_process import ServerProcess, running_server
 from opensandbox_platform.server.console.routes import VENDOR
 
@@ -332,3 +334,36 @@ async def test_a_foreign_page_cannot_open_a_terminal_with_the_cookie(
                 while True:
                     await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+# A page the sandbox serves: it tries to read the console's API with the logged-in user's cookie.
+HOSTILE_PAGE = """<html><body><script>
+fetch('/console/api/sandboxes', {credentials: 'include'})
+  .then(r => r.text()).then(t => { document.title = 'READ ' + t.length; })
+  .catch(() => { document.title = 'BLOCKED'; });
+</script></body></html>"""
+
+
+def test_a_page_the_sandbox_serves_cannot_act_as_the_console(
+    browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
+) -> None:
+    ensure_logged_in(browser, server)
+    port = free_port()
+    sandbox.files.write_file("/tmp/site/evil.html", HOSTILE_PAGE)
+    if server.runtime == "local":  # (the jail has the host's /usr, not the server's venv: execd's python)
+        serve = f"PYTHONPATH=/opt/opensandbox/site /opt/opensandbox/python/bin/python3 -m http.server {port}"
+    else:
+        serve = f"busybox httpd -f -p {port} -h /tmp/site"
+    sandbox.commands.run(serve, opts=RunCommandOpts(background=True, working_directory="/tmp/site"))
+    # A signed endpoint: reachable without the API key, on the console's own origin.
+    url = sandbox.get_signed_endpoint(port, int(time.time()) + 600).endpoint
+    url = url if url.startswith("http") else f"http://{url}"
+    deadline = time.monotonic() + 30
+    while True:  # (until the sandbox's server listens and the page's script has run)
+        browser.get(f"{url}/evil.html")
+        try:
+            wait(browser, lambda d: d.title == "BLOCKED" or d.title.startswith("READ"), timeout=3)
+            break
+        except TimeoutException:
+            assert time.monotonic() < deadline, browser.page_source[:500]
+    assert browser.title == "BLOCKED"  # an opaque origin: no same-origin read with the cookie
