@@ -18,6 +18,7 @@ from opensandbox.config import ConnectionConfig
 from harness.docker_api import docker_api, docker_containers, docker_unavailable
 from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
 from harness.server_process import ServerProcess
+from harness.stale_nat import ephemeral_ports_taken
 
 CREATE = {"image": {"uri": TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 HELPER_LABEL = "opensandbox.io/execd-helper"
@@ -183,3 +184,18 @@ def test_a_starting_server_leaves_another_servers_create_alone(tmp_path: Path, d
         server.stop()
         for container_id in made.values():
             docker_api("DELETE", f"/containers/{container_id}?force=true")
+
+
+def test_a_published_port_that_leads_elsewhere_fails_the_create(docker_server: ServerProcess) -> None:
+    # The engine's NAT rules for published ports come first: one left behind for a removed container
+    # takes a new container's port. Both tries (each on a port podman picks) lead to the decoy.
+    mark = f"leads-elsewhere-{time.monotonic_ns()}"
+    with ephemeral_ports_taken():
+        body = {**CREATE, "metadata": {"test": mark}}
+        response = httpx.post(f"{docker_server.url}/v1/sandboxes", json=body, timeout=120)
+    assert response.status_code == 500, response.text
+    error = response.json()
+    assert error["code"] == "SANDBOX::START_FAILED"
+    assert "published port" in error["message"] and "does not reach the container" in error["message"]
+    labels = [c.get("Labels") or {} for c in docker_containers()]
+    assert not [x for x in labels if x.get("opensandbox.io/metadata.test") == mark]  # both tries removed

@@ -26,6 +26,7 @@ import asyncio
 import builtins
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -68,7 +69,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
-from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
+from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call, ping_execd
 
 log = logging.getLogger("opensandbox.docker")
 
@@ -77,6 +78,7 @@ HOST_CPU_MILLIS = (os.cpu_count() or 1) * 1000
 ENGINE_UNAVAILABLE = "DOCKER::ENGINE_UNAVAILABLE"
 ENGINE_NAME = "the Docker Engine API"
 DOCKER_NOT_CONNECTED = 900  # aiodocker's status for a connection error
+PUBLISHED_PORT_TIMEOUT = 3.0  # seconds execd may take to answer on its published port once it listens
 Json = dict[str, Any]
 JsonList = list[Json]  # (at module level: `list` in the class body is the method)
 Targets = list[tuple[str, Endpoint]]
@@ -275,8 +277,13 @@ class DockerRuntime:
         binds = self.settings.state_path() / "binds"
         prepared = await docker_volumes.prepare(self.docker, sandbox_id, spec.volumes, binds)
         labels = model.encode_labels(sandbox_id, spec, now, docker_volumes.owned_label(prepared))
+        make = functools.partial(self._create_container, sandbox_id, spec, image, execd_volume, token, labels)
         try:
-            return await self._create_container(sandbox_id, spec, image, execd_volume, token, labels, prepared, steps)
+            try:
+                return await make(prepared, steps)
+            except _PortTaken as exc:  # the container is gone again: once more, on another port
+                log.warning("sandbox create retried id=%s: %s", sandbox_id, exc.message)
+                return await make(prepared, steps)
         except BaseException as exc:
             failed_start = isinstance(exc, ApiError) and exc.code == errors.START_FAILED
             gone = docker_volumes.removed_volume(prepared) if failed_start else None
@@ -341,6 +348,7 @@ class DockerRuntime:
                     (_, inspect), egress_token = await _both(ready, egress)
                     await self._open_start_gate(container.id)
             steps.done("ready")
+            await self._check_published_port(inspect, token)
         except BaseException as exc:
             if spec.network_policy is not None:
                 await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
@@ -751,6 +759,21 @@ class DockerRuntime:
         state = (await self._inspect(container_id)).get("State") or {}
         raise self._start_failed(container_id, f"the container exited with code {state.get('ExitCode')}", seen)
 
+    async def _check_published_port(self, inspect: dict[str, Any], token: str) -> None:
+        """execd answers on the published port the endpoint names. An engine's NAT rule for that
+        port can send it elsewhere: a rule the engine left behind for a removed container (podman
+        does) comes first and takes the port's connections to a dead or a stranger's address."""
+        port = model.published_port(inspect)
+        if port is None:
+            return
+        endpoint = Endpoint(f"{model.endpoint_host(self.settings)}:{port}", {L.EXECD_TOKEN_HEADER: token})
+        why = await ping_execd(endpoint, PUBLISHED_PORT_TIMEOUT)
+        if why is not None:
+            raise _PortTaken(
+                f"execd's published port {port} does not reach the container ({why}): the engine's NAT rule for"
+                " it is stale or another container's"
+            )
+
     def _start_failed(self, container_id: str, why: str, output: str) -> ApiError:
         lines = [line for line in output.strip().splitlines() if line.strip()]
         log.error("sandbox start failed container=%s why=%s log=%s", container_id[:12], why, output[-2000:])
@@ -956,3 +979,10 @@ def _add_complete(tar: tarfile.TarFile) -> None:
     info = tarfile.TarInfo(model.EXECD_VOLUME_COMPLETE)
     info.size, info.mode = 0, 0o644
     tar.addfile(info, io.BytesIO(b""))
+
+
+class _PortTaken(ApiError):
+    """The published execd port leads elsewhere (docker.py `_check_published_port`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, errors.START_FAILED, message)
