@@ -37,6 +37,13 @@ def wants_isolation(extensions: dict[str, str]) -> bool:
     return extensions.get(EXTENSION_EXECD_ISOLATION, "").lower() == "enable"
 
 
+# kubernetes snapshots (docs/snapshots.md): a snapshot's record (a ConfigMap named by its id) and its
+# committer pod carry its id; a BatchSandbox restored from one, or paused into one, names it (in use).
+SNAPSHOT_ID: Final = PREFIX + "snapshot-id"
+RESTORED_FROM: Final = PREFIX + "restored-from"
+SNAPSHOT_OF: Final = PREFIX + "snapshot-of"  # the record: the sandbox it was taken of
+SNAPSHOT_COMMITTER: Final = PREFIX + "committer"  # the committer pod (value: the snapshot id)
+
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint
 CLAIMED_AT: Final = PREFIX + "claimed-at"  # pooled pods: when the claim label was written (RFC 3339)

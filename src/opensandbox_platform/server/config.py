@@ -333,6 +333,35 @@ class KubernetesSection(Section):
         " sandbox pod starts from; not containers",
     )
 
+    snapshot_repository: str = Field(
+        default="",
+        description="REGISTRY/REPOSITORY snapshot images are pushed to (tagged with the snapshot id); empty:"
+        " snapshots and pause/resume are not supported (docs/snapshots.md)",
+    )
+    snapshot_registry_ca_file: str = Field(
+        default="",
+        description="PEM file of the CA that signed the snapshot registry's certificate (default: the system's)",
+    )
+    snapshot_registry_secret: str = Field(
+        default="",
+        description="a kubernetes.io/dockerconfigjson Secret in the namespace with the snapshot registry's credentials:"
+        " the committer pushes with it, restored pods pull with it; empty: an open registry",
+    )
+    snapshot_committer_image: str = Field(
+        default="opensandbox/server:v0.1.0",
+        description="image of the committer pod a snapshot starts on the sandbox's node (the server's own:"
+        " `opensandbox-server commit-snapshot`)",
+    )
+    snapshot_max_size_mib: int = Field(
+        default=4096,
+        ge=1,
+        description="the most a snapshot's files may add up to (apparent size: a sparse file counts in full); a"
+        " larger writable layer makes the snapshot Failed (snapshot_too_large), the node is untouched",
+    )
+    snapshot_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="how long a committer pod may run before the snapshot is Failed"
+    )
+
     @field_validator("default_pod_spec")
     @classmethod
     def _no_containers(cls, value: dict[str, Any]) -> dict[str, Any]:

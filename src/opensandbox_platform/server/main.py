@@ -1,4 +1,5 @@
-"""`opensandbox-server`: runs the control plane with uvicorn; `init-config` writes a config file."""
+"""`opensandbox-server`: runs the control plane with uvicorn; `init-config` writes a config file;
+`commit-snapshot` is the kubernetes runtime's committer pod (runtimes/kubernetes_committer.py)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="address to listen on (overrides server.host; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (overrides server.port; default 8080)")
-    commands = parser.add_subparsers(dest="command", metavar="{init-config}")
+    commands = parser.add_subparsers(dest="command", metavar="{init-config,commit-snapshot}")
     init = commands.add_parser(
         "init-config", help="write a commented config file with every default, a new random API key and signing key"
     )
     init.add_argument("path", nargs="?", default=str(Path.home() / ".sandbox.toml"), help="default ~/.sandbox.toml")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    commands.add_parser(
+        "commit-snapshot",
+        help="(the kubernetes runtime's committer pod) snapshot a container on this node: the job is $OSB_COMMIT_JOB",
+    )
     return parser.parse_args(argv)
 
 
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "init-config":
         sys.exit(init_config(args.path, args.force))
+    if args.command == "commit-snapshot":
+        from opensandbox_platform.server.runtimes import kubernetes_committer  # only the committer pod needs it
+
+        sys.exit(kubernetes_committer.main())
     try:
         config = configuration.load(args.config)
     except configuration.ConfigError as exc:

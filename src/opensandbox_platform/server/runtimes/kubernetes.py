@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -42,6 +43,8 @@ from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.runtimes import guards
 from opensandbox_platform.server.runtimes import kubernetes_owned as owned
+from opensandbox_platform.server.runtimes import kubernetes_snapshots as ksnaps
+from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.base import (
     Capabilities,
     Endpoint,
@@ -58,6 +61,7 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     build_batchsandbox,
     finish_create,
     new_sandbox_id,
+    owner_reference,
     pool_image,
     read_entry,
 )
@@ -121,7 +125,21 @@ class KubernetesRuntime:
             allowed_host_paths=tuple(config.server.allowed_host_paths),
             default_volume_storage=section.default_volume_storage,
             egress_upstream_dns=tuple(config.egress.upstream_dns),
+            snapshot_pull_secret=section.snapshot_registry_secret,
         )
+        self.snapshots: ksnaps.KubernetesSnapshots | None = None
+        if section.snapshot_repository:
+            commit = ksnaps.CommitSettings(
+                repository=section.snapshot_repository,
+                committer_image=section.snapshot_committer_image,
+                max_bytes=section.snapshot_max_size_mib << 20,
+                timeout_seconds=section.snapshot_timeout_seconds,
+                ca_pem=ksnaps.read_ca(section.snapshot_registry_ca_file),
+                registry_secret=section.snapshot_registry_secret,
+                ca_file=section.snapshot_registry_ca_file,
+            )
+            self.snapshots = ksnaps.KubernetesSnapshots(lambda: self.client, self._call, self.namespace, commit)
+            self.capabilities = dataclasses.replace(self.capabilities, snapshots=True)
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -156,6 +174,8 @@ class KubernetesRuntime:
             asyncio.gather(self._sandboxes.synced.wait(), self._pools.synced.wait()), SYNC_TIMEOUT_SECONDS
         )
         self._spawn(self._sweep_abandoned(), "abandoned-creates")
+        if self.snapshots is not None:
+            await self.snapshots.start()
         self.engine.start()
 
     def health(self) -> RuntimeHealth:
@@ -194,6 +214,8 @@ class KubernetesRuntime:
     async def close(self) -> None:
         """Creates still waiting are given up (their BatchSandboxes deleted); sandboxes keep running."""
         await self.engine.close()
+        if self.snapshots is not None:
+            await self.snapshots.close()
         for create in list(self._creates):
             create.cancel()
         await asyncio.gather(*self._creates, return_exceptions=True)
@@ -297,6 +319,8 @@ class KubernetesRuntime:
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
         pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        if spec.snapshot_id:
+            spec = await self._restoring(spec, spec.snapshot_id, pool)
         if spec.network_policy is not None:
             self._check_network_policy(pool)
         image = await self._pool_image(pool) if pool else None
@@ -540,17 +564,51 @@ class KubernetesRuntime:
                 found["pod"] = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
         return found
 
+    # --- snapshots (docs/snapshots.md; runtimes/kubernetes_snapshots.py) -------------------------
+    @property
+    def _snapshots(self) -> ksnaps.KubernetesSnapshots:
+        if self.snapshots is None:  # capabilities.snapshots is False: the routes refuse first
+            raise guards.not_supported("snapshots", self.capabilities.runtime)
+        return self.snapshots
+
     async def create_snapshot(self, sandbox_id: str, name: str | None) -> SnapshotInfo:
-        raise guards.not_supported("snapshots", self.capabilities.runtime)
+        store = self._snapshots
+        entry = await self._fresh_entry(sandbox_id)
+        if entry.info.state != "Running" or not entry.pod_name:
+            raise snaps.not_running(sandbox_id, entry.info.state)
+        raw = await self._call(self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace))
+        pod = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
+        held = ksnaps.held_of(raw, entry.info.image, entry.info.entrypoint)
+        record, _ = await store.begin(sandbox_id, name, held, pod, owner_reference(raw))
+        return record.info()
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
-        raise guards.not_supported("snapshots", self.capabilities.runtime)
+        return (await self._snapshots.find(snapshot_id)).info()
 
     async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
-        raise guards.not_supported("snapshots", self.capabilities.runtime)
+        return [record.info() for record in await self._snapshots.list()]
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
-        raise guards.not_supported("snapshots", self.capabilities.runtime)
+        users = [e.name for e in self._entries.values() if e.info.snapshot_id == snapshot_id]
+        await self._snapshots.delete(snapshot_id, users)
+
+    async def _restoring(self, spec: SandboxSpec, snapshot_id: str, pool: str | None) -> SandboxSpec:
+        """A create from a snapshot: its image, and its entrypoint, env and resources as defaults."""
+        if pool:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "snapshotId with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods run"
+                " the pool's image",
+            )
+        try:
+            record = await self._snapshots.find(snapshot_id)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise snaps.unknown_for_create(snapshot_id) from None
+            raise
+        snaps.require_ready(record.info())
+        return snaps.restored(spec, record.held, image=record.image)
 
     async def egress(self, sandbox_id: str) -> Endpoint | None:
         entry = await self._fresh_entry(sandbox_id)

@@ -47,6 +47,7 @@ class Settings:
     allowed_host_paths: tuple[str, ...] = ()  # server.allowedHostPaths: the nodes' directories `host` volumes use
     default_volume_storage: str = "1Gi"  # a created PVC's request when the volume names no storage
     egress_upstream_dns: tuple[str, ...] = ()  # egress.upstreamDns: where the sidecar forwards allowed lookups
+    snapshot_pull_secret: str = ""  # kubernetes.snapshotRegistrySecret: what a pod from a snapshot image pulls with
 
 
 def build_batchsandbox(
@@ -87,7 +88,11 @@ def build_batchsandbox(
         "kind": "BatchSandbox",
         "metadata": {
             "name": sandbox_id,
-            "labels": {**spec.metadata, labels.CREATED_BY: labels.CREATED_BY_SERVER},
+            "labels": {
+                **spec.metadata,
+                labels.CREATED_BY: labels.CREATED_BY_SERVER,
+                **({labels.RESTORED_FROM: spec.snapshot_id} if spec.snapshot_id else {}),
+            },
             "annotations": {
                 labels.SANDBOX_REQUEST: json.dumps(request, separators=(",", ":")),
                 **({labels.CREATE_PENDING: times.rfc3339(now)} if pending_for is not None else {}),
@@ -138,7 +143,8 @@ def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> 
     container: JSON = {
         "name": labels.SANDBOX_CONTAINER,
         "image": spec.image,
-        "imagePullPolicy": settings.image_pull_policy,
+        # a snapshot's image is only ever in the snapshot registry (and named by digest: never stale)
+        "imagePullPolicy": "IfNotPresent" if spec.snapshot_id else settings.image_pull_policy,
         "command": list(spec.entrypoint),
     }
     if spec.env:
@@ -166,6 +172,8 @@ def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> 
         pod["volumes"] = [*(pod.get("volumes") or []), *pod_volumes]
     if spec.image_auth:
         pod["imagePullSecrets"] = [*(pod.get("imagePullSecrets") or []), {"name": pull_secret_name(sandbox_id)}]
+    if spec.snapshot_id and settings.snapshot_pull_secret:
+        pod["imagePullSecrets"] = [*(pod.get("imagePullSecrets") or []), {"name": settings.snapshot_pull_secret}]
     return pod
 
 
@@ -357,6 +365,7 @@ def read_entry(raw: JSON) -> Entry:
         message=message,
         last_transition_at=since or created,
         secure_access=request.get("secureAccess") is True,
+        snapshot_id=(meta.get("labels") or {}).get(labels.RESTORED_FROM, ""),
     )
     return Entry(
         namespace=meta.get("namespace", ""),

@@ -1,0 +1,211 @@
+"""Snapshots on the kubernetes runtime through the official SDK, on the real node: a committer pod takes
+the sandbox container's writable layer and pushes an image to the cluster registry; a sandbox created
+from the snapshot runs that image and sees the files. A hostile sandbox's links and huge sparse files
+harm neither the node nor the committer. docs/snapshots.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightkube import Client
+from lightkube.resources.core_v1 import ConfigMap, Pod
+from opensandbox import Sandbox, SandboxManager
+from opensandbox.config import ConnectionConfig
+from opensandbox.exceptions import SandboxApiException
+
+from harness.controller_process import ControllerProcess
+from harness.images import TEST_IMAGE, built_image
+from harness.kube import BatchSandbox
+from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
+from harness.real_node import RealNode
+from harness.registry import Registry, cluster_registry
+from harness.services import LocalCluster
+from opensandbox_platform.api import labels
+
+COMMITTER_IMAGE = "opensandbox/server:v0.1.0"  # the server's own image (test_chart_real_node builds it too)
+BOUND_MIB = 256
+
+
+@pytest.fixture(scope="session")
+def registry(node: RealNode) -> Registry:
+    return cluster_registry()
+
+
+@pytest.fixture(scope="session")
+def base_image(registry: Registry) -> str:
+    """The test image in the cluster registry: a snapshot is a layer over an image a registry holds."""
+    reference = registry.reference("osb-tests/snapshot-base", "v1")
+    if "v1" not in _tags(registry, "osb-tests/snapshot-base"):
+        registry.push(TEST_IMAGE, reference)
+    return reference
+
+
+def _tags(registry: Registry, repository: str) -> list[str]:
+    try:
+        return registry.tags(repository)
+    except Exception:
+        return []
+
+
+@pytest.fixture(scope="session")
+def committer_image(node: RealNode) -> str:
+    node.load_image(built_image("server", COMMITTER_IMAGE))
+    return COMMITTER_IMAGE
+
+
+def snapshot_config(registry: Registry, committer: str) -> str:
+    pulls = real_node_server_config().replace('imagePullPolicy = "Never"', 'imagePullPolicy = "IfNotPresent"')
+    keys = (
+        f'snapshotRepository = "{registry.address}/osb-tests/snapshots"\n'
+        f'snapshotRegistryCaFile = "{registry.ca}"\n'
+        f'snapshotCommitterImage = "{committer}"\n'
+        f"snapshotMaxSizeMib = {BOUND_MIB}\n"
+    )
+    head, table, rest = pulls.partition("[kubernetes.defaultPodSpec]")
+    return head + keys + table + rest
+
+
+@pytest.fixture
+def server(
+    cluster: LocalCluster,
+    namespace: str,
+    execd_controller: ControllerProcess,
+    registry: Registry,
+    committer_image: str,
+    tmp_path: Path,
+) -> Iterator[KubernetesServer]:
+    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, snapshot_config(registry, committer_image)) as s:
+        yield s
+
+
+def sdk(server: KubernetesServer) -> ConnectionConfig:
+    return ConnectionConfig(domain=server.domain, disable_metrics=True)
+
+
+@contextlib.asynccontextmanager
+async def sandbox(server: KubernetesServer, image: str | None = None, **kwargs: Any) -> AsyncIterator[Sandbox]:
+    sb = await Sandbox.create(image, connection_config=sdk(server), resource=SMALL, **kwargs)
+    try:
+        yield sb
+    finally:
+        with contextlib.suppress(SandboxApiException):
+            await sb.kill()
+        await sb.close()
+
+
+async def run(sb: Sandbox, command: str) -> str:
+    execution = await sb.commands.run(command)
+    assert execution.error is None, execution.error
+    return "\n".join(m.text.rstrip("\n") for m in execution.logs.stdout)
+
+
+async def settled(manager: SandboxManager, snapshot_id: str, timeout: float = 180) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (info := await manager.get_snapshot(snapshot_id)).status.state == "Creating":
+        assert asyncio.get_running_loop().time() < deadline, f"snapshot {snapshot_id} still Creating"
+        await asyncio.sleep(0.25)
+    return info
+
+
+PREPARE = """
+set -e
+mkdir -p /workspace/project/src /opt/tool
+echo 'print("hello")' > /workspace/project/src/main.py
+printf '#!/bin/sh\\necho tool-ran\\n' > /opt/tool/run && chmod 0750 /opt/tool/run
+ln -s / /workspace/node-root
+ln -s /etc/shadow /workspace/shadow-link
+rm /etc/debian_version
+mkfifo /workspace/fifo
+echo done
+"""
+CHECK = """
+cat /workspace/project/src/main.py; /opt/tool/run; stat -c '%a' /opt/tool/run
+readlink /workspace/node-root; readlink /workspace/shadow-link; test -e /etc/debian_version || echo no-file
+test -p /workspace/fifo && echo fifo; echo "FROM_SNAPSHOT=$FROM_SNAPSHOT"
+"""
+
+
+async def test_a_sandbox_from_a_kubernetes_snapshot_sees_its_files(
+    server: KubernetesServer, kube: Client, namespace: str, base_image: str
+) -> None:
+    manager = await SandboxManager.create(sdk(server))
+    async with sandbox(server, base_image, env={"FROM_SNAPSHOT": "kept"}, entrypoint=["sleep", "infinity"]) as source:
+        assert (await run(source, PREPARE)).strip() == "done"
+        snapshot = await source.create_snapshot(name="checkpoint")
+        assert snapshot.status.state == "Creating" and snapshot.sandbox_id == source.id
+        info = await settled(manager, snapshot.id)
+        assert info.status.state == "Ready", info.status
+        assert info.status.reason == "snapshot_ready" and info.name == "checkpoint"
+        # the committer pod is gone, the record is a ConfigMap, the source goes on (thawed)
+        assert not [p for p in kube.list(Pod, namespace=namespace) if p.metadata.name.endswith("-commit")]
+        record = kube.get(ConfigMap, snapshot.id, namespace=namespace)
+        image = json.loads(record.data["record"])["image"]
+        assert image.startswith(f"{base_image.split('/', 1)[0]}/osb-tests/snapshots@sha256:")
+        await run(source, "echo after > /workspace/after-snapshot")
+
+        listed = await manager.list_snapshots()
+        assert snapshot.id in {s.id for s in listed.snapshot_infos}
+
+        restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
+        try:
+            got = await run(restored, CHECK)
+            assert got.split("\n") == [
+                'print("hello")', "tool-ran", "750", "/", "/etc/shadow", "no-file", "fifo", "FROM_SNAPSHOT=kept",
+            ]  # fmt: skip
+            assert "after-snapshot" not in await run(restored, "ls /workspace")
+            # the link to / resolves inside the new sandbox: its own root, not the node's
+            assert "node-root" in await run(restored, "ls /workspace/node-root/workspace")
+            bsbx = kube.get(BatchSandbox, restored.id, namespace=namespace)
+            assert bsbx.metadata.labels[labels.RESTORED_FROM] == snapshot.id
+            # in use: refused, not deferred
+            with pytest.raises(SandboxApiException) as in_use:
+                await manager.delete_snapshot(snapshot.id)
+            assert in_use.value.status_code == 409 and in_use.value.error.code == "SNAPSHOT::IN_USE"
+        finally:
+            await restored.kill()
+            await restored.close()
+        await _eventually_deleted(manager, snapshot.id)
+        with pytest.raises(SandboxApiException) as missing:
+            await manager.get_snapshot(snapshot.id)
+        assert missing.value.status_code == 404
+
+
+async def _eventually_deleted(manager: SandboxManager, snapshot_id: str) -> None:
+    """The restored sandbox's BatchSandbox leaves the server's cache on the watch's delete event."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            await manager.delete_snapshot(snapshot_id)
+            return
+        except SandboxApiException as exc:
+            if exc.status_code != 409 or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
+    server: KubernetesServer, kube: Client, namespace: str, base_image: str
+) -> None:
+    """A 64 GiB sparse file over a bound of 256 MiB: refused before a byte is read (Failed, with the
+    reason), the sandbox goes on (thawed), the committer pod is gone, the registry got nothing."""
+    manager = await SandboxManager.create(sdk(server))
+    async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as source:
+        await run(source, "truncate -s 64G /workspace/huge; ln -s / /workspace/root")
+        snapshot = await source.create_snapshot()
+        info = await settled(manager, snapshot.id)
+        assert info.status.state == "Failed", info.status
+        assert info.status.reason == "snapshot_too_large", info.status
+        assert f"{BOUND_MIB} MiB" in (info.status.message or "")
+        assert await run(source, "echo still-running") == "still-running"
+        assert not [p for p in kube.list(Pod, namespace=namespace) if p.metadata.name.endswith("-commit")]
+        with pytest.raises(SandboxApiException) as refused:
+            await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
+        assert refused.value.status_code == 409 and refused.value.error.code == "SNAPSHOT::INVALID_STATE"
+        await manager.delete_snapshot(snapshot.id)  # a Failed one can be deleted
