@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from opensandbox.exceptions import SandboxApiException
 
 from harness.controller_process import ControllerProcess
 from harness.images import TEST_IMAGE, built_image
-from harness.kube import BatchSandbox
+from harness.kube import BatchSandbox, eventually, status
 from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
 from harness.real_node import RealNode
 from harness.registry import Registry, cluster_registry
@@ -209,3 +210,68 @@ async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
             await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
         assert refused.value.status_code == 409 and refused.value.error.code == "SNAPSHOT::INVALID_STATE"
         await manager.delete_snapshot(snapshot.id)  # a Failed one can be deleted
+
+
+def sandbox_pods(kube: Client, namespace: str, sandbox_id: str) -> list[Pod]:
+    return list(kube.list(Pod, namespace=namespace, labels={labels.BATCHSANDBOX: sandbox_id}))
+
+
+async def state_becomes(manager: SandboxManager, sandbox_id: str, state: str, timeout: float = 180) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (info := await manager.get_sandbox_info(sandbox_id)).status.state != state:
+        assert info.status.state in ("Running", "Pausing", "Paused"), info.status
+        assert asyncio.get_running_loop().time() < deadline, f"{sandbox_id} is {info.status}, not {state}"
+        await asyncio.sleep(0.25)
+
+
+async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_up(
+    server: KubernetesServer, kube: Client, namespace: str, cluster: LocalCluster, base_image: str
+) -> None:
+    """Pause: a snapshot, then the pod goes and the BatchSandbox stays (Paused in kubectl); resume: a new
+    pod from the snapshot image, same id, commands and files work (SDK resume and connect). A second
+    pause replaces the first's snapshot; expiry while paused deletes the BatchSandbox and the snapshot."""
+    manager = await SandboxManager.create(sdk(server))
+    async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as sb:
+        await run(sb, "mkdir -p /workspace/w && echo kept > /workspace/w/kept.txt && rm /etc/debian_version")
+        (before,) = sandbox_pods(kube, namespace, sb.id)
+        await sb.pause()
+        await state_becomes(manager, sb.id, "Paused")
+        eventually(lambda: not sandbox_pods(kube, namespace, sb.id), timeout=60, what="the paused sandbox's pod gone")
+        eventually(
+            lambda: status(kube.get(BatchSandbox, sb.id, namespace=namespace)).get("phase") == "Paused",
+            timeout=30,
+            what="the BatchSandbox Paused",
+        )
+        listed = cluster.kubectl("get", "bsbx", "-n", namespace, sb.id, "--no-headers")
+        assert "Paused" in listed and " 0 " in listed, listed
+
+        resumed = await Sandbox.resume(sb.id, connection_config=sdk(server), resume_timeout=dt.timedelta(seconds=120))
+        try:
+            assert await run(resumed, "cat /workspace/w/kept.txt; test -e /etc/debian_version || echo no-file") == (
+                "kept\nno-file"
+            )
+            (after,) = sandbox_pods(kube, namespace, sb.id)
+            assert after.metadata.uid != before.metadata.uid and after.spec.containers[-1].image.count("@sha256:")
+            connected = await Sandbox.connect(sb.id, connection_config=sdk(server))
+            assert await run(connected, "echo connected") == "connected"
+            await connected.close()
+
+            await run(resumed, "echo second > /workspace/w/second.txt")
+            first = kube.get(BatchSandbox, sb.id, namespace=namespace).metadata.labels[labels.RESTORED_FROM]
+            await resumed.pause()
+            await state_becomes(manager, sb.id, "Paused")
+            second = kube.get(BatchSandbox, sb.id, namespace=namespace).metadata.labels[labels.RESTORED_FROM]
+            assert second != first
+            ids = {s.id for s in (await manager.list_snapshots()).snapshot_infos}
+            assert second in ids and first not in ids  # the first pause's image is not used any more
+
+            await resumed.renew(dt.timedelta(seconds=2))  # expiry keeps running while paused
+            eventually(
+                lambda: not list(kube.list(BatchSandbox, namespace=namespace)), timeout=60, what="expired and deleted"
+            )
+            deadline = asyncio.get_running_loop().time() + 30
+            while second in {s.id for s in (await manager.list_snapshots()).snapshot_infos}:
+                assert asyncio.get_running_loop().time() < deadline, "the paused sandbox's snapshot outlived it"
+                await asyncio.sleep(0.25)
+        finally:
+            await resumed.close()

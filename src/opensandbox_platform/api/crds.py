@@ -266,10 +266,11 @@ class TaskCounts(Model):
 
 class BatchSandboxStatus(Model):
     observedGeneration: int | None = None
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = Field(
+    phase: Literal["Pending", "Running", "Paused", "Succeeded", "Failed"] = Field(
         "Pending",
         description="Failed: a task failed, "
-        "a sandbox's main process exited with an error, or a pod cannot run (condition PodFailed).",
+        "a sandbox's main process exited with an error, or a pod cannot run (condition PodFailed). "
+        "Paused: replicas is 0 and no pod is left (the server's pause: the files are in a snapshot image).",
     )
     replicas: int = Field(0, description="Pods that exist for this BatchSandbox.")
     ready: int = 0

@@ -43,6 +43,10 @@ SNAPSHOT_ID: Final = PREFIX + "snapshot-id"
 RESTORED_FROM: Final = PREFIX + "restored-from"
 SNAPSHOT_OF: Final = PREFIX + "snapshot-of"  # the record: the sandbox it was taken of
 SNAPSHOT_COMMITTER: Final = PREFIX + "committer"  # the committer pod (value: the snapshot id)
+# server BatchSandboxes being paused (annotation: the snapshot its committer takes), and paused
+# (annotation: the snapshot whose image the template now runs; replicas 0 until the resume)
+PAUSING: Final = PREFIX + "pausing"
+PAUSED: Final = PREFIX + "paused"
 
 # Annotations
 ENTRYPOINT_APPLIED: Final = PREFIX + "entrypoint-applied"  # pooled pods: execd started the entrypoint

@@ -28,7 +28,7 @@ from opensandbox_platform.controller.cache import CachedObject
 from opensandbox_platform.controller.pods import PodInfo
 from opensandbox_platform.kube.client import JSON
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Running", "Paused", "Succeeded", "Failed"]
 Problem = tuple[str, str]  # (reason, message) of a Ready condition that is False for a known cause
 
 
@@ -110,6 +110,8 @@ def batchsandbox_status(view: BatchSandboxView, now: dt.datetime) -> BatchSandbo
         phase = "Failed"
     elif finished or (finished_at is not None and view.tasks is not None):
         phase = "Failed" if failed else "Succeeded"
+    elif spec.replicas == 0 and not view.pods:
+        phase = "Paused"  # scaled to nothing: the server's pause (docs/snapshots.md), or a person's
     else:
         phase = "Running" if ready == wanted else "Pending"
     return BatchSandboxStatus(

@@ -105,3 +105,12 @@ def test_pool_status_ready_when_the_buffer_is_filled() -> None:
     assert cond(filled, conditions.READY) == ("True", conditions.BUFFER_FILLED) and filled.available == 2
     broken = pool_status(spec, 1, "r", PoolCounts(2, 2, 0, 0), filled, "quantities must match", NOW)
     assert cond(broken, conditions.READY) == ("False", conditions.FAILED_CREATE)
+
+
+def test_scaled_to_zero_is_paused_once_its_pods_are_gone() -> None:
+    """The server's pause: replicas 0 (the files are in a snapshot image); Pending while a pod remains."""
+    paused = DIRECT.model_copy(update={"replicas": 0})
+    going = batchsandbox_status(view(paused, pods={0: pod("a")}), NOW)
+    assert going.phase != "Paused"
+    gone = batchsandbox_status(view(paused), NOW)
+    assert (gone.phase, gone.replicas, gone.ready) == ("Paused", 0, 0)

@@ -53,15 +53,19 @@ from opensandbox_platform.server.runtimes.base import (
     SandboxInfo,
     SandboxSpec,
     SnapshotInfo,
+    SnapshotState,
+    State,
 )
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
+    RESUME_PATCH,
     Entry,
     Settings,
     build_batchsandbox,
     finish_create,
     new_sandbox_id,
     owner_reference,
+    paused_patch,
     pool_image,
     read_entry,
 )
@@ -139,7 +143,7 @@ class KubernetesRuntime:
                 ca_file=section.snapshot_registry_ca_file,
             )
             self.snapshots = ksnaps.KubernetesSnapshots(lambda: self.client, self._call, self.namespace, commit)
-            self.capabilities = dataclasses.replace(self.capabilities, snapshots=True)
+            self.capabilities = dataclasses.replace(self.capabilities, snapshots=True, pause=True)
         self.token_key = tokens.read_key(section.sandbox_token_key_file) if section.sandbox_token_key_file else None
         self._client: KubeClient | None = None
         self._sandboxes: Informer[Entry] | None = None
@@ -176,6 +180,7 @@ class KubernetesRuntime:
         self._spawn(self._sweep_abandoned(), "abandoned-creates")
         if self.snapshots is not None:
             await self.snapshots.start()
+            self._spawn(self._recover_pauses(), "recover-pauses")
         self.engine.start()
 
     def health(self) -> RuntimeHealth:
@@ -261,6 +266,8 @@ class KubernetesRuntime:
         if entry.name not in self._deleted and entry.info.expires_at and entry.info.expires_at <= times.now():
             self.events.gone(entry.name, Reason.EXPIRED, f"its expireTime {entry.info.expires_at.isoformat()} passed")
         self._deleted.discard(entry.name)
+        if self.snapshots is not None and (entry.pausing or entry.paused_into or entry.info.snapshot_id):
+            self._spawn(self.snapshots.forget_pauses(entry.name), f"forget-pauses-{entry.name}")
         waiter = self._waiters.get(entry.name)
         if waiter is not None and not waiter.done():
             waiter.set_exception(
@@ -464,12 +471,69 @@ class KubernetesRuntime:
         entry = await self._fresh_entry(sandbox_id)
         await self._delete_object(entry.name, entry.uid)
 
-    # Not called (capabilities.pause is False: the routes refuse first); here for the protocol.
+    # --- pause and resume: a snapshot, then no pod; a new pod from its image (docs/snapshots.md) ------
     async def pause(self, sandbox_id: str) -> None:
-        raise guards.not_supported("pause", self.capabilities.runtime)
+        """202 at once: the sandbox is Pausing while its committer runs, then Paused (replicas 0, the
+        template on the snapshot's image); a failed snapshot leaves it Running (an event says why)."""
+        store = self._snapshots
+        entry = await self._fresh_entry(sandbox_id)
+        if entry.pooled:
+            raise ApiError(
+                400,
+                errors.API_NOT_SUPPORTED,
+                "pause of a pooled sandbox is not supported by the kubernetes runtime: its BatchSandbox claims the"
+                " pool's pods (create it without poolRef to pause it)",
+            )
+        guards.require_running(sandbox_id, entry.info.state)
+        raw = await self._call(self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace))
+        pod = await self._call(self.client.get(PODS, entry.pod_name or "", self.namespace))
+        held = ksnaps.held_of(raw, entry.info.image, entry.info.entrypoint)
+        record = await store.begin(sandbox_id, "pause", held, pod, owner_reference(raw), pause=True)
+        await self._patch(entry, {"metadata": {"annotations": {labels.PAUSING: record.id}}})
+        self._spawn(self._finish_pause(sandbox_id, record.id), f"pause-{sandbox_id}")
+
+    async def _finish_pause(self, sandbox_id: str, snapshot_id: str) -> None:
+        store = self._snapshots
+        record = await store.settled(snapshot_id)
+        for _ in range(10):  # a conflict: the controller wrote meanwhile; read again
+            try:
+                raw = await self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace)
+                if (raw["metadata"].get("annotations") or {}).get(labels.PAUSING) != snapshot_id:
+                    return  # deleted and made again, or another replica finished it
+                if record.state != SnapshotState.READY:
+                    patch = {"metadata": {"annotations": {labels.PAUSING: None}}}
+                    self.events.record(sandbox_id, "PauseFailed", f"{record.reason}: {record.message}", warning=True)
+                else:
+                    pull_secret = self.settings.snapshot_pull_secret
+                    patch = paused_patch(raw, snapshot_id, record.image, pull_secret)
+                self._observe(read_entry(await self.client.patch(BATCHSANDBOXES, sandbox_id, patch, self.namespace)))
+                break
+            except KubeError as err:
+                if err.not_found:
+                    return  # deleted meanwhile: its pause snapshots go with it (_gone)
+                if not err.conflict:
+                    log.warning("pause of %s not finished yet: %s", sandbox_id, err)
+                await asyncio.sleep(0.5)
+        if record.state == SnapshotState.READY:
+            await store.forget_pauses(sandbox_id, keep=snapshot_id)  # an earlier pause's image is not used now
+
+    async def _recover_pauses(self) -> None:
+        """After a restart: finish pauses that were under way; forget pause snapshots of sandboxes gone."""
+        store = self._snapshots
+        for entry in list(self._entries.values()):
+            if entry.pausing:
+                self._spawn(self._finish_pause(entry.name, entry.pausing), f"pause-{entry.name}")
+        for record in await store.list():
+            if record.pause and record.sandbox_id not in self._entries:
+                await store.forget_pauses(record.sandbox_id)
 
     async def resume(self, sandbox_id: str) -> None:
-        raise guards.not_supported("resume", self.capabilities.runtime)
+        """A new pod from the snapshot's image (replicas back to 1): same id, a new pod IP, which the
+        SDK's resume waits for (POD_IP_NOT_AVAILABLE until then)."""
+        entry = await self._fresh_entry(sandbox_id)
+        if entry.info.state != State.PAUSED:
+            raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is {entry.info.state}, not Paused")
+        await self._patch(entry, RESUME_PATCH)
 
     async def renew(self, sandbox_id: str, expires_at: dt.datetime) -> SandboxInfo:
         entry = await self._fresh_entry(sandbox_id)
@@ -579,8 +643,7 @@ class KubernetesRuntime:
         raw = await self._call(self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace))
         pod = await self._call(self.client.get(PODS, entry.pod_name, self.namespace))
         held = ksnaps.held_of(raw, entry.info.image, entry.info.entrypoint)
-        record, _ = await store.begin(sandbox_id, name, held, pod, owner_reference(raw))
-        return record.info()
+        return (await store.begin(sandbox_id, name, held, pod, owner_reference(raw))).info()
 
     async def get_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         return (await self._snapshots.find(snapshot_id)).info()

@@ -111,6 +111,30 @@ def _network_policy(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
     return {labels.NETWORK_POLICY: json.dumps(value, separators=(",", ":"))}
 
 
+def paused_patch(batchsandbox: JSON, snapshot_id: str, image: str, pull_secret: str) -> JSON:
+    """The merge patch that ends a pause: no pod (replicas 0), and the template runs the snapshot's
+    image from now on, so a resume is a new pod with the files (resourceVersion: a precondition)."""
+    meta = batchsandbox["metadata"]
+    template = json.loads(json.dumps((batchsandbox["spec"].get("sandboxTemplate") or {}).get("spec") or {}))
+    for container in template.get("containers") or []:
+        if container.get("name") == labels.SANDBOX_CONTAINER:
+            container["image"], container["imagePullPolicy"] = image, "IfNotPresent"
+    secrets = template.get("imagePullSecrets") or []
+    if pull_secret and {"name": pull_secret} not in secrets:
+        template["imagePullSecrets"] = [*secrets, {"name": pull_secret}]
+    return {
+        "metadata": {
+            "resourceVersion": meta["resourceVersion"],
+            "labels": {labels.RESTORED_FROM: snapshot_id},
+            "annotations": {labels.PAUSING: None, labels.PAUSED: snapshot_id},
+        },
+        "spec": {"replicas": 0, "sandboxTemplate": {"spec": template}},
+    }
+
+
+RESUME_PATCH: JSON = {"metadata": {"annotations": {labels.PAUSED: None}}, "spec": {"replicas": 1}}
+
+
 def requested_expiry(spec: SandboxSpec, created: dt.datetime) -> dt.datetime | None:
     return None if spec.timeout_seconds is None else created + dt.timedelta(seconds=spec.timeout_seconds)
 
@@ -313,6 +337,9 @@ class Entry:
     failure: tuple[str, str] | None
     pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
     has_policy: bool = False  # created with a networkPolicy: its pod has the egress sidecar
+    pausing: str = ""  # the snapshot a pause is taking (labels.PAUSING)
+    paused_into: str = ""  # paused: the snapshot it resumes from (labels.PAUSED)
+    pooled: bool = False
 
     @property
     def key(self) -> str:
@@ -349,7 +376,14 @@ def read_entry(raw: JSON) -> Entry:
     sandboxes = status.get("sandboxes") or []
     pod_ip = sandboxes[0].get("podIP") if sandboxes else None
     pod_name = sandboxes[0].get("podName") if sandboxes else None
+    annotations = meta.get("annotations") or {}
+    paused_into = str(annotations.get(labels.PAUSED) or "") if spec.get("replicas", 1) == 0 else ""
+    pausing = str(annotations.get(labels.PAUSING) or "")
     state, reason, message, since, failure = _state(meta, status, bool(pod_ip))
+    if paused_into and state != STOPPING:
+        state, reason, message, pod_ip = State.PAUSED, "PAUSED", f"its files are in snapshot {paused_into}", None
+    elif pausing and state == State.RUNNING:
+        state, reason, message = "Pausing", "PAUSING", f"snapshot {pausing} is being taken"
     template_spec = (spec.get("sandboxTemplate") or {}).get("spec") or {}
     info = SandboxInfo(
         id=meta["name"],
@@ -376,8 +410,11 @@ def read_entry(raw: JSON) -> Entry:
         pod_ip=pod_ip,
         pod_name=pod_name,
         failure=failure,
-        pending_since=times.parse_optional((meta.get("annotations") or {}).get(labels.CREATE_PENDING)),
-        has_policy=labels.NETWORK_POLICY in (meta.get("annotations") or {}),
+        pending_since=times.parse_optional(annotations.get(labels.CREATE_PENDING)),
+        has_policy=labels.NETWORK_POLICY in annotations,
+        pausing=pausing,
+        paused_into=paused_into,
+        pooled=bool(spec.get("poolRef")),
     )
 
 

@@ -49,6 +49,7 @@ SCRATCH_SLACK = 64 << 20  # the scratch volume: spooled contents and the layer, 
 class Record(SnapshotRecord):
     reason: str = snaps.ACCEPTED
     image: str = ""  # Ready: REPOSITORY@DIGEST
+    pause: bool = False  # taken by a pause: the server's own, deleted with its sandbox
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -212,6 +213,7 @@ class KubernetesSnapshots:
         self.namespace = namespace
         self.settings = settings
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}  # snapshot id -> its committer's wait
 
     @property
     def client(self) -> KubeClient:
@@ -222,6 +224,16 @@ class KubernetesSnapshots:
         for record in await self._records():
             if record.state == SnapshotState.CREATING:
                 self._spawn(self._finish(record, None))
+
+    async def forget_pauses(self, sandbox_id: str, keep: str = "") -> None:
+        """Delete the pause snapshots of a sandbox (image and record) but `keep`: it is gone, or resumed
+        from a newer one. Never raises (its caller is a watch handler or a sweep)."""
+        for record in await self._records():
+            if record.pause and record.sandbox_id == sandbox_id and record.id != keep:
+                try:
+                    await self.delete(record.id, [])
+                except Exception as exc:
+                    log.warning("pause snapshot %s of %s not deleted yet: %s", record.id, sandbox_id, exc)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -234,17 +246,30 @@ class KubernetesSnapshots:
         task.add_done_callback(self._tasks.discard)
 
     async def begin(
-        self, sandbox_id: str, name: str | None, held: Held, pod: JSON, owner: JSON | None = None
-    ) -> tuple[Record, asyncio.Task[None]]:
-        """Record the snapshot (Creating), start its committer; the task ends when it is Ready or Failed."""
+        self, sandbox_id: str, name: str | None, held: Held, pod: JSON, owner: JSON | None = None, pause: bool = False
+    ) -> Record:
+        """Record the snapshot (Creating) and start its committer in the background."""
         now = times.rfc3339(digits=6)
-        record = Record(snaps.new_id(), sandbox_id, name, held, created_at=now, last_transition_at=now)
+        record = Record(snaps.new_id(), sandbox_id, name, held, created_at=now, last_transition_at=now, pause=pause)
         job, node = commit_job(record.id, pod, self.settings)
         await self._call(self.client.create(CONFIGMAPS, record_configmap(record), self.namespace))
         task = asyncio.create_task(self._finish(record, committer_pod(job, node, self.settings, owner)))
         self._tasks.add(task)
+        self._running[record.id] = task
         task.add_done_callback(self._tasks.discard)
-        return record, task
+        task.add_done_callback(lambda _: self._running.pop(record.id, None))
+        return record
+
+    async def settled(self, snapshot_id: str) -> Record:
+        """The snapshot once it is Ready or Failed (its committer may be another server's)."""
+        while True:
+            task = self._running.get(snapshot_id)
+            if task is not None:
+                await asyncio.shield(task)
+            record = await self.find(snapshot_id)
+            if record.state != SnapshotState.CREATING:
+                return record
+            await asyncio.sleep(1.0)
 
     async def _finish(self, record: Record, pod: JSON | None) -> None:
         """Run (or, after a restart, find) the committer, wait for its outcome, record it; never raises."""

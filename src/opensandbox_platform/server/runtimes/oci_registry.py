@@ -207,14 +207,14 @@ class Registry:
         location = self._location(started)
         if size is not None and not isinstance(content, Iterator):
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-            put = self.client.put(location, params={"digest": digest}, content=content, headers=headers)
+            put = self.client.put(_with_digest(location, digest), content=content, headers=headers)
         else:
             patched = self._check(
                 self.client.patch(location, content=content, headers={"Content-Type": "application/octet-stream"}),
                 f"upload {digest} to {repository}",
                 (202,),
             )
-            put = self.client.put(self._location(patched), params={"digest": digest})
+            put = self.client.put(_with_digest(self._location(patched), digest))
         self._check(put, f"finish the upload of {digest} to {repository}", (201,))
 
     def stream_blob(self, repository: str, digest: str) -> Iterator[bytes]:
@@ -237,3 +237,9 @@ class Registry:
             return False
         self._check(answer, f"DELETE manifest {repository}@{digest}", (202, 200))
         return True
+
+
+def _with_digest(location: str, digest: str) -> str:
+    """The upload's URL with `digest` added: its own query (the upload's state) must stay, which
+    httpx's `params` would replace."""
+    return f"{location}{'&' if '?' in location else '?'}digest={digest}"
