@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.images import TEST_IMAGE, built_image
 from harness.kube import pool_manifest
 from harness.paths import sandbox_token_key
-from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, real_node_pod_spec
+from harness.real_node import NODE_LABEL, NODE_TAINT_KEY, RealNode, real_node_pod_spec
+from harness.registry import Registry
 from harness.server_process import ServerSubprocess
 
 
@@ -61,3 +63,41 @@ def real_node_server_config() -> str:
 
 def real_pool(name: str, size: int) -> dict[str, Any]:
     return pool_manifest(name, real_node_pod_spec(), minimum=size, maximum=size, capacity=size + 4)
+
+
+# --- snapshots and pause/resume (docs/snapshots.md) ---------------------------------------------------------
+COMMITTER_IMAGE = "opensandbox/server:v0.1.0"  # the server's own image (the chart's tests build it too)
+SNAPSHOT_BASE = ("osb-tests/snapshot-base", "v1")
+
+
+def load_committer_image(node: RealNode) -> str:
+    node.load_image(built_image("server", COMMITTER_IMAGE))
+    return COMMITTER_IMAGE
+
+
+def registry_base_image(registry: Registry) -> str:
+    """The test image in the cluster registry (pushed once): a snapshot is a layer over an image a
+    registry holds."""
+    repository, tag = SNAPSHOT_BASE
+    try:
+        present = tag in registry.tags(repository)
+    except Exception:  # a registry that never saw the repository answers 404
+        present = False
+    reference = registry.reference(repository, tag)
+    if not present:
+        registry.push(TEST_IMAGE, reference)
+    return reference
+
+
+def snapshot_server_config(registry: Registry, committer_image: str, max_size_mib: int = 4096) -> str:
+    """`[kubernetes]` keys of real_node_server_config with snapshots to the cluster registry; images are
+    pulled (the sandboxes' base image and snapshot images are the registry's)."""
+    pulls = real_node_server_config().replace('imagePullPolicy = "Never"', 'imagePullPolicy = "IfNotPresent"')
+    keys = (
+        f'snapshotRepository = "{registry.address}/osb-tests/snapshots"\n'
+        f'snapshotRegistryCaFile = "{registry.ca}"\n'
+        f'snapshotCommitterImage = "{committer_image}"\n'
+        f"snapshotMaxSizeMib = {max_size_mib}\n"
+    )
+    head, table, rest = pulls.partition("[kubernetes.defaultPodSpec]")
+    return head + keys + table + rest

@@ -22,15 +22,20 @@ from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 
 from harness.controller_process import ControllerProcess
-from harness.images import TEST_IMAGE, built_image
 from harness.kube import BatchSandbox, eventually, status
-from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
+from harness.kubernetes_server import (
+    SMALL,
+    KubernetesServer,
+    kubernetes_server,
+    load_committer_image,
+    registry_base_image,
+    snapshot_server_config,
+)
 from harness.real_node import RealNode
 from harness.registry import Registry, cluster_registry
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
 
-COMMITTER_IMAGE = "opensandbox/server:v0.1.0"  # the server's own image (test_chart_real_node builds it too)
 BOUND_MIB = 256
 
 
@@ -41,36 +46,12 @@ def registry(node: RealNode) -> Registry:
 
 @pytest.fixture(scope="session")
 def base_image(registry: Registry) -> str:
-    """The test image in the cluster registry: a snapshot is a layer over an image a registry holds."""
-    reference = registry.reference("osb-tests/snapshot-base", "v1")
-    if "v1" not in _tags(registry, "osb-tests/snapshot-base"):
-        registry.push(TEST_IMAGE, reference)
-    return reference
-
-
-def _tags(registry: Registry, repository: str) -> list[str]:
-    try:
-        return registry.tags(repository)
-    except Exception:
-        return []
+    return registry_base_image(registry)
 
 
 @pytest.fixture(scope="session")
 def committer_image(node: RealNode) -> str:
-    node.load_image(built_image("server", COMMITTER_IMAGE))
-    return COMMITTER_IMAGE
-
-
-def snapshot_config(registry: Registry, committer: str) -> str:
-    pulls = real_node_server_config().replace('imagePullPolicy = "Never"', 'imagePullPolicy = "IfNotPresent"')
-    keys = (
-        f'snapshotRepository = "{registry.address}/osb-tests/snapshots"\n'
-        f'snapshotRegistryCaFile = "{registry.ca}"\n'
-        f'snapshotCommitterImage = "{committer}"\n'
-        f"snapshotMaxSizeMib = {BOUND_MIB}\n"
-    )
-    head, table, rest = pulls.partition("[kubernetes.defaultPodSpec]")
-    return head + keys + table + rest
+    return load_committer_image(node)
 
 
 @pytest.fixture
@@ -82,8 +63,9 @@ def server(
     committer_image: str,
     tmp_path: Path,
 ) -> Iterator[KubernetesServer]:
-    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, snapshot_config(registry, committer_image)) as s:
-        yield s
+    config = snapshot_server_config(registry, committer_image, BOUND_MIB)
+    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, config) as srv:
+        yield srv
 
 
 def sdk(server: KubernetesServer) -> ConnectionConfig:
