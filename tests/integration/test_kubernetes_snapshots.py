@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,13 @@ async def state_becomes(manager: SandboxManager, sandbox_id: str, state: str, ti
         await asyncio.sleep(0.25)
 
 
+async def snapshots_become(manager: SandboxManager, check: Callable[[set[str]], bool], timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check(ids := {s.id for s in (await manager.list_snapshots()).snapshot_infos}):
+        assert asyncio.get_running_loop().time() < deadline, f"snapshots now: {sorted(ids)}"
+        await asyncio.sleep(0.25)
+
+
 async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_up(
     server: KubernetesServer, kube: Client, namespace: str, cluster: LocalCluster, base_image: str
 ) -> None:
@@ -226,6 +233,20 @@ async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_u
         )
         listed = cluster.kubectl("get", "bsbx", "-n", namespace, sb.id, "--no-headers")
         assert "Paused" in listed and " 0 " in listed, listed
+        # bad input while paused: 4xx with {code, message}
+        for call, status_code, code in (
+            (sb.create_snapshot, 409, "SNAPSHOT::INVALID_SOURCE_STATE"),
+            (lambda: sb.get_endpoint(44772), 409, "SANDBOX::INVALID_STATE"),
+            (lambda: manager.get_snapshot("snap-nope"), 404, "SNAPSHOT::NOT_FOUND"),
+            (
+                lambda: Sandbox.create(snapshot_id="snap-nope", connection_config=sdk(server)),
+                400,
+                "SANDBOX::INVALID_PARAMETER",
+            ),
+        ):
+            with pytest.raises(SandboxApiException) as refused:
+                await call()
+            assert (refused.value.status_code, refused.value.error.code) == (status_code, code), refused.value
 
         resumed = await Sandbox.resume(sb.id, connection_config=sdk(server), resume_timeout=dt.timedelta(seconds=120))
         try:
@@ -244,16 +265,12 @@ async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_u
             await state_becomes(manager, sb.id, "Paused")
             second = kube.get(BatchSandbox, sb.id, namespace=namespace).metadata.labels[labels.RESTORED_FROM]
             assert second != first
-            ids = {s.id for s in (await manager.list_snapshots()).snapshot_infos}
-            assert second in ids and first not in ids  # the first pause's image is not used any more
+            await snapshots_become(manager, lambda ids: second in ids and first not in ids)  # the first is unused
 
             await resumed.renew(dt.timedelta(seconds=2))  # expiry keeps running while paused
             eventually(
                 lambda: not list(kube.list(BatchSandbox, namespace=namespace)), timeout=60, what="expired and deleted"
             )
-            deadline = asyncio.get_running_loop().time() + 30
-            while second in {s.id for s in (await manager.list_snapshots()).snapshot_infos}:
-                assert asyncio.get_running_loop().time() < deadline, "the paused sandbox's snapshot outlived it"
-                await asyncio.sleep(0.25)
+            await snapshots_become(manager, lambda ids: second not in ids)  # the paused sandbox's snapshot went too
         finally:
             await resumed.close()

@@ -561,6 +561,8 @@ class KubernetesRuntime:
 
     async def endpoint(self, sandbox_id: str, port: int) -> Endpoint:
         entry = await self._fresh_entry(sandbox_id)
+        if entry.info.state == State.PAUSED:  # not a 404, which the SDK retries: no pod until a resume
+            raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is Paused: resume it first")
         if not entry.pod_ip:
             raise ApiError(404, POD_IP_NOT_AVAILABLE, f"sandbox {sandbox_id} has no pod IP yet ({entry.info.state})")
         host = f"[{entry.pod_ip}]" if ":" in entry.pod_ip else entry.pod_ip
