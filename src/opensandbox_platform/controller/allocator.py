@@ -213,10 +213,11 @@ class Allocator:
             generation=int(bs.raw["metadata"].get("generation", 0)),
             old=old,
             pods=change.pods,
-            problem=statuses.pooled_problem(spec, bs.namespace, pool, short),
+            problem=statuses.pooled_problem(spec, bs.namespace, pool, short, statuses.pooled_policy(bs.raw, spec)),
             tasks=written_tasks(bs.raw) if spec.taskTemplate is not None else None,
             lost=lost or None,
             released=change.released,
+            policy=statuses.pooled_policy(bs.raw, spec),
         )
         return old, statuses.batchsandbox_status(view, datetime.now(UTC))
 
