@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -168,6 +169,14 @@ def condition_status(reason: str, message: str = "why") -> dict[str, Any]:
         (condition_status("WaitingForPool"), {}, "Pending", "POOL_EXHAUSTED", None),
         (condition_status("SandboxesNotReady"), {}, "Pending", "POD_STARTING", None),
         (condition_status("FailedCreate", "forbidden"), {}, "Pending", "POD_CREATE_FAILED", "FailedCreate"),
+        (
+            condition_status("EgressPolicyFailed", "refused"),
+            {},
+            "Pending",
+            "EGRESS_POLICY_FAILED",
+            "EgressPolicyFailed",
+        ),
+        (condition_status("PoolWithoutEgress", "no"), {}, "Pending", "POOL_WITHOUT_EGRESS", "PoolWithoutEgress"),
         (condition_status("PoolNotFound"), {}, "Pending", "POOL_NOT_FOUND", "PoolNotFound"),
         ({**running_status(), "phase": "Succeeded"}, {}, "Terminated", "SANDBOX_EXITED", "EXITED"),
         ({**running_status(), "phase": "Failed"}, {}, "Failed", "SANDBOX_EXITED_ERROR", "EXITED"),
@@ -314,3 +323,21 @@ def test_a_network_policy_becomes_the_annotation_the_controller_reads() -> None:
     plain = build_batchsandbox("id", spec(), Settings(), NOW)
     assert labels.NETWORK_POLICY not in plain["metadata"]["annotations"]
     assert not read_entry({**plain, "metadata": {**plain["metadata"], "namespace": "ns"}}).has_policy
+
+
+def test_a_pooled_create_from_an_egress_pool_has_a_policy_with_or_without_its_own() -> None:
+    from opensandbox_platform.controller.pods import egress_request
+    from opensandbox_platform.server.runtimes.kubernetes_objects import pool_egress
+
+    def entry(obj: dict[str, Any]) -> Any:
+        return read_entry({**obj, "metadata": {**obj["metadata"], "namespace": "ns"}})
+
+    assert pool_egress({"spec": {"egress": {}}}) and not pool_egress({"spec": {}})
+    pooled = spec(extensions={"poolRef": "p"})
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "x.test"}]}
+    own = build_batchsandbox("id", replace(pooled, network_policy=policy), Settings(), NOW, "img", None, True)
+    assert (egress_request(own["metadata"]["annotations"]) or ({},))[0] == policy  # the controller PUTs it
+    assert entry(own).has_policy
+    kept = build_batchsandbox("id", pooled, Settings(), NOW, "img", None, True)  # the Pool's policy stays
+    assert labels.NETWORK_POLICY not in kept["metadata"]["annotations"] and entry(kept).has_policy
+    assert not entry(build_batchsandbox("id", pooled, Settings(), NOW, "img", None, False)).has_policy

@@ -58,6 +58,7 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     build_batchsandbox,
     finish_create,
     new_sandbox_id,
+    pool_egress,
     pool_image,
     read_entry,
 )
@@ -86,6 +87,7 @@ class PoolEntry:
     name: str
     image: str
     deleting: bool
+    egress: bool  # its pods have the egress sidecar (spec.egress)
 
     @property
     def key(self) -> str:
@@ -94,7 +96,9 @@ class PoolEntry:
 
 def read_pool(raw: JSON) -> PoolEntry:
     meta = raw["metadata"]
-    return PoolEntry(meta.get("namespace", ""), meta["name"], pool_image(raw), bool(meta.get("deletionTimestamp")))
+    return PoolEntry(
+        meta.get("namespace", ""), meta["name"], pool_image(raw), bool(meta.get("deletionTimestamp")), pool_egress(raw)
+    )
 
 
 class KubernetesRuntime:
@@ -296,14 +300,15 @@ class KubernetesRuntime:
             log.debug("create failed: %s", task.exception())  # retrieved: the client may have gone
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
-        pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        pool_ref = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        pool = await self._pool(pool_ref) if pool_ref else None
         if spec.network_policy is not None:
             self._check_network_policy(pool)
-        image = await self._pool_image(pool) if pool else None
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
         pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
-        obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for)
+        image, egress = (pool.image, pool.egress) if pool else (None, False)
+        obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for, egress)
         made = await owned.make(
             self.client, self._call, self.namespace, sandbox_id, spec, self.settings.default_volume_storage
         )
@@ -361,17 +366,17 @@ class KubernetesRuntime:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _pool_image(self, pool: str) -> str:
-        """The Pool's image; 400 when there is no such Pool. The cache answers; a GET only on a miss
-        (a Pool created a moment ago)."""
+    async def _pool(self, pool: str) -> PoolEntry:
+        """The Pool; 400 when there is no such Pool. The cache answers; a GET only on a miss (a Pool
+        created a moment ago)."""
         if not validation.is_dns_subdomain(pool):
             raise ApiError(400, POOL_NOT_FOUND, f"extensions.poolRef {pool!r} is not a valid Pool name")
         assert self._pools is not None
         cached = self._pools.get(f"{self.namespace}/{pool}")
         if cached is not None and not cached.deleting:
-            return cached.image
+            return cached
         try:
-            return read_pool(await self._call(self.client.get(POOLS, pool, self.namespace))).image
+            return read_pool(await self._call(self.client.get(POOLS, pool, self.namespace)))
         except KubeError as err:
             if err.not_found:
                 raise ApiError(
@@ -559,15 +564,17 @@ class KubernetesRuntime:
         guards.require_running(sandbox_id, entry.info.state)
         return await self.endpoint(sandbox_id, labels.EGRESS_PORT)
 
-    def _check_network_policy(self, pool: str | None) -> None:
-        """A policy is enforced by a sidecar the controller puts into a new pod: a pooled pod, made
-        before the create, has none (400), and without the token key the sandbox could change it."""
-        if pool:
+    def _check_network_policy(self, pool: PoolEntry | None) -> None:
+        """A policy is enforced by an egress sidecar: the controller puts one into a direct create's
+        pod, or a Pool with `spec.egress` into its warm pods (the claim's policy replaces the Pool's
+        there). A Pool without it has none (400), and without the token key the sandbox could change it."""
+        if pool is not None and not pool.egress:
             raise ApiError(
                 400,
                 errors.API_NOT_SUPPORTED,
-                "networkPolicy with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods"
-                " have no egress sidecar (create without poolRef; docs/network-policy.md)",
+                f"networkPolicy with extensions.poolRef: Pool {pool.name!r} has no egress sidecar in its pods;"
+                " enable it with spec.egress on the Pool (e.g. `egress: {defaultAction: deny}`), or create"
+                " without poolRef (docs/network-policy.md)",
             )
         if self.token_key is None:
             raise ApiError(
@@ -603,6 +610,10 @@ def _failure_error(entry: Entry) -> ApiError:
     reason, message = entry.failure
     if reason == conditions.POOL_NOT_FOUND:
         return ApiError(400, POOL_NOT_FOUND, message)
+    if reason == conditions.POOL_WITHOUT_EGRESS:
+        return ApiError(400, errors.API_NOT_SUPPORTED, message)
+    if reason == conditions.EGRESS_POLICY_FAILED:
+        return ApiError(503, errors.EGRESS_UNAVAILABLE, f"sandbox {entry.name}: {message}")
     if reason == conditions.FAILED_CREATE:
         return ApiError(400, errors.START_FAILED, f"the sandbox's pod cannot be created: {message}")
     if reason == conditions.POD_FAILED:

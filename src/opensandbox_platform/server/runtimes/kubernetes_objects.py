@@ -56,8 +56,10 @@ def build_batchsandbox(
     now: dt.datetime,
     pool_image: str | None = None,
     pending_for: float | None = None,
+    pool_egress: bool = False,
 ) -> JSON:
-    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode.
+    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode;
+    `pool_egress`: the Pool's pods have the egress sidecar (the sandbox has a policy, the Pool's or its own).
 
     With `pending_for` (seconds), it is marked as a create that has not answered yet, and expires
     that long after `now` unless `finish_create` says otherwise (see labels.CREATE_PENDING)."""
@@ -68,6 +70,7 @@ def build_batchsandbox(
         "extensions": spec.extensions,
         "createdAt": times.rfc3339(now, digits=6),
         **({"secureAccess": True} if spec.secure_access else {}),
+        **({"poolEgress": True} if pool and pool_egress else {}),
     }
     body: JSON = {"replicas": 1}
     expiry = requested_expiry(spec, now)
@@ -99,7 +102,8 @@ def build_batchsandbox(
 
 
 def _network_policy(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
-    """The annotation that makes the controller inject the egress sidecar (direct mode only)."""
+    """The annotation that makes the controller inject the egress sidecar (direct mode) or PUT the
+    policy into the claimed pod's sidecar (pooled mode: the Pool's `upstreamDns` applies there)."""
     if spec.network_policy is None:
         return {}
     value = {"policy": spec.network_policy, "upstreamDns": list(settings.egress_upstream_dns)}
@@ -280,6 +284,11 @@ def _quantities(cpu_millis: int | None, memory_bytes: int | None) -> dict[str, s
     return quantities
 
 
+def pool_egress(pool: JSON) -> bool:
+    """Whether a Pool's pods carry the egress sidecar (its `spec.egress`)."""
+    return isinstance((pool.get("spec") or {}).get("egress"), dict)
+
+
 def pool_image(pool: JSON) -> str:
     """The image a Pool's pods run (the short form's, else the first container's)."""
     template_spec = ((pool.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
@@ -304,7 +313,7 @@ class Entry:
     # For a waiting create: None while it may still become Running, else why it never will.
     failure: tuple[str, str] | None
     pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
-    has_policy: bool = False  # created with a networkPolicy: its pod has the egress sidecar
+    has_policy: bool = False  # its pod has the egress sidecar: created with a networkPolicy, or from an egress Pool
 
     @property
     def key(self) -> str:
@@ -368,7 +377,7 @@ def read_entry(raw: JSON) -> Entry:
         pod_name=pod_name,
         failure=failure,
         pending_since=times.parse_optional((meta.get("annotations") or {}).get(labels.CREATE_PENDING)),
-        has_policy=labels.NETWORK_POLICY in (meta.get("annotations") or {}),
+        has_policy=labels.NETWORK_POLICY in (meta.get("annotations") or {}) or request.get("poolEgress") is True,
     )
 
 
@@ -394,9 +403,16 @@ _PENDING_REASONS = {
     conditions.SANDBOXES_NOT_READY: "POD_STARTING",
     conditions.FAILED_CREATE: "POD_CREATE_FAILED",
     conditions.POOL_NOT_FOUND: "POOL_NOT_FOUND",
+    conditions.POOL_WITHOUT_EGRESS: "POOL_WITHOUT_EGRESS",
+    conditions.EGRESS_POLICY_FAILED: "EGRESS_POLICY_FAILED",
 }
 # Reasons a waiting create gives up on at once (with the status code it answers).
-_HOPELESS = {conditions.FAILED_CREATE, conditions.POOL_NOT_FOUND}
+_HOPELESS = {
+    conditions.FAILED_CREATE,
+    conditions.POOL_NOT_FOUND,
+    conditions.POOL_WITHOUT_EGRESS,
+    conditions.EGRESS_POLICY_FAILED,
+}
 
 
 def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.datetime | None, tuple[str, str] | None]:
