@@ -243,6 +243,8 @@ class BatchSandboxReconciler:
         if problem is not None and problem[0] == conditions.POOL_WITHOUT_EGRESS:
             return pods, problem  # nothing starts unguarded
         failed = await self._prepare(bs, spec, pods, policy)
+        # The cache holds what _prepare marked: this pass's status says Ready, not the pod's next event's.
+        pods = {i: cache.pods.get(p.key) or p for i, p in pods.items()}
         return pods, failed or problem
 
     async def _label(self, bs: CachedObject, pods: dict[int, PodInfo]) -> None:
