@@ -341,3 +341,16 @@ def test_a_pooled_create_from_an_egress_pool_has_a_policy_with_or_without_its_ow
     kept = build_batchsandbox("id", pooled, Settings(), NOW, "img", None, True)  # the Pool's policy stays
     assert labels.NETWORK_POLICY not in kept["metadata"]["annotations"] and entry(kept).has_policy
     assert not entry(build_batchsandbox("id", pooled, Settings(), NOW, "img", None, False)).has_policy
+
+
+def test_a_claim_whose_policy_could_not_be_applied_is_a_5xx_and_a_pool_without_egress_a_400() -> None:
+    from opensandbox_platform.server.runtimes.kubernetes import _failure_error
+
+    def error_of(reason: str) -> Any:
+        obj = as_cluster_returns(build_batchsandbox("id", spec(), Settings(), NOW), condition_status(reason, "why"))
+        return _failure_error(read_entry(obj))
+
+    failed = error_of("EgressPolicyFailed")
+    assert (failed.status, failed.code) == (503, "SANDBOX::EGRESS_UNAVAILABLE") and "why" in failed.message
+    refused = error_of("PoolWithoutEgress")
+    assert (refused.status, refused.code) == (400, "SANDBOX::API_NOT_SUPPORTED")
