@@ -29,6 +29,7 @@ from opensandbox_platform.execd.bootstrap import Bootstrap
 from opensandbox_platform.execd.code.readiness import JUPYTER_PORT, Readiness, jupyter_port
 from opensandbox_platform.execd.commands import CommandManager, parse_run_request
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
+from opensandbox_platform.execd.hooks import Hooks
 from opensandbox_platform.execd.isolated.routes import IsolatedApi
 
 if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
@@ -106,6 +107,7 @@ class ExecdApp:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.environment = Environment(settings.envs_file)
         self.bootstrap = Bootstrap(self.environment, os.getcwd())
+        self.hooks = Hooks(self.environment, lambda: self.bootstrap.cwd)
         self.commands = CommandManager(
             self.environment,
             self.state_dir,
@@ -156,6 +158,8 @@ class ExecdApp:
         r.add("GET", "/metrics/watch", self.watch_metrics)
         r.add("POST", "/bootstrap", self.apply_bootstrap)
         r.add("GET", "/bootstrap", self.bootstrap_status)
+        r.add("POST", "/lifecycle", self.begin_lifecycle)
+        r.add("GET", "/lifecycle", self.lifecycle_status)
         r.add("POST", "/code", self.run_code)
         r.add("DELETE", "/code", self.interrupt_code)
         r.add("POST", "/code/context", self.create_context)
@@ -188,6 +192,7 @@ class ExecdApp:
             self._ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
+        self.hooks.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
             import shutil
 
@@ -245,6 +250,14 @@ class ExecdApp:
 
     async def bootstrap_status(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.status())
+
+    async def begin_lifecycle(self, request: Request) -> AnyResponse:
+        """Our own route (docker runtime): run preStart, then schedule the periodic hooks (hooks.py)."""
+        run = await self.hooks.begin(await request.json())
+        return Response.json({"preStart": None if run is None else run.to_json()})
+
+    async def lifecycle_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.hooks.status())
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.hook_events import hook_events
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.runtimes.base import LogText, Runtime
 from opensandbox_platform.server.runtimes.events import SandboxEvent, merged
@@ -74,10 +75,12 @@ def _check_scope(scope: str, known: tuple[str, ...], kind: str) -> None:
         )
 
 
-async def events_of(runtime: Runtime, sandbox_id: str, scope: str) -> list[SandboxEvent]:
+async def events_of(request: Request, sandbox_id: str, scope: str) -> list[SandboxEvent]:
+    runtime = _runtime(request)
     server = runtime.events.of(sandbox_id) if scope in ("lifecycle", "all") else []
     engine = await runtime.runtime_events(sandbox_id) if scope in ("runtime", "all") else []
-    return merged(server, engine)
+    hooks = await hook_events(runtime, request.app.state.http, sandbox_id) if scope in ("lifecycle", "all") else []
+    return merged(server, engine, hooks)
 
 
 def render_events(events: list[SandboxEvent], limit: int | None = None) -> str:
@@ -152,7 +155,7 @@ async def diagnostic_events(
         _check_scope(scope, EVENT_SCOPES, "events")
     alive = await _require_known(runtime, sandbox_id)
     chosen = scope or "all"
-    events = await events_of(runtime, sandbox_id, chosen) if alive else runtime.events.of(sandbox_id)
+    events = await events_of(request, sandbox_id, chosen) if alive else runtime.events.of(sandbox_id)
     text = render_events(events, limit)
     if scope is None:
         return PlainTextResponse(text)
@@ -178,7 +181,7 @@ async def diagnostic_summary(
 ) -> PlainTextResponse:
     runtime = _runtime(request)
     info = await runtime.get(sandbox_id)
-    events = await events_of(runtime, sandbox_id, "all")
+    events = await events_of(request, sandbox_id, "all")
     logs = await runtime.logs(sandbox_id, tail, None, "container")
     parts = [
         f"== sandbox {sandbox_id}: {info.state} ({info.reason}) {info.message}".rstrip(),
