@@ -15,7 +15,6 @@ import httpx
 import pytest
 from opensandbox import Sandbox, SandboxManager
 from opensandbox.exceptions import SandboxApiException
-from opensandbox.models.sandboxes import LifecycleHook, PeriodicLifecycleHook, SandboxLifecycle
 
 from harness.server_process import ServerProcess
 from tests.e2e.test_server_api import osb
@@ -134,23 +133,3 @@ async def test_filesystem_identities_are_501_never_served_as_root(server: Server
             await call
         assert refused.value.status_code == 501 and "filesystem identities" in str(refused.value), refused.value
     assert (await sandbox.commands.run("test -e /tmp/by-nobody; echo $?")).logs.stdout[0].text.strip() == "1"
-
-
-async def test_lifecycle_hooks_are_refused_naming_them(server: ServerProcess) -> None:
-    mark = {"parity-test": uuid.uuid4().hex[:12]}
-    with pytest.raises(SandboxApiException) as refused:
-        await Sandbox.create(
-            server.image,
-            connection_config=config(server),
-            metadata=mark,
-            lifecycle=SandboxLifecycle(
-                pre_start=LifecycleHook(command=["true"]),
-                periodic=[PeriodicLifecycleHook(name="tick", schedule="@every 30s", command=["true"])],
-            ),
-        )
-    assert refused.value.status_code == 400 and refused.value.error.code == "SANDBOX::API_NOT_SUPPORTED"
-    assert "preStart and periodic hooks" in str(refused.value.error.message)
-    async with httpx.AsyncClient(headers=server.headers(), timeout=10) as client:
-        query = {"metadata": f"parity-test={mark['parity-test']}"}
-        listed = await client.get(f"{server.url}/v1/sandboxes", params=query)
-    assert listed.json()["items"] == []  # nothing was made
