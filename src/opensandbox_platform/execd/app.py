@@ -29,11 +29,11 @@ from opensandbox_platform.execd.bootstrap import Bootstrap
 from opensandbox_platform.execd.code.readiness import JUPYTER_PORT, Readiness, jupyter_port
 from opensandbox_platform.execd.commands import CommandManager, parse_run_request
 from opensandbox_platform.execd.envfile import DEFAULT_ENVS_FILE, Environment
-from opensandbox_platform.execd.hooks import Hooks
 from opensandbox_platform.execd.isolated.routes import IsolatedApi
 
 if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
     from opensandbox_platform.execd.code.contexts import CodeContexts
+    from opensandbox_platform.execd.hooks import Hooks
     from opensandbox_platform.execd.metrics import Sampler
     from opensandbox_platform.execd.pty import PtyManager
     from opensandbox_platform.execd.sessions import SessionManager
@@ -107,7 +107,7 @@ class ExecdApp:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.environment = Environment(settings.envs_file)
         self.bootstrap = Bootstrap(self.environment, os.getcwd())
-        self.hooks = Hooks(self.environment, lambda: self.bootstrap.cwd)
+        self._hooks: Hooks | None = None
         self.commands = CommandManager(
             self.environment,
             self.state_dir,
@@ -192,7 +192,8 @@ class ExecdApp:
             self._ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
-        self.hooks.shutdown()
+        if self._hooks is not None:
+            self._hooks.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
             import shutil
 
@@ -212,6 +213,16 @@ class ExecdApp:
                 idle_timeout=self.settings.session_idle_timeout,
             )
         return self._sessions
+
+    @property
+    def hooks(self) -> Hooks:
+        """The lifecycle hooks, created (and their modules imported) on first use."""
+        if self._hooks is None:
+            from opensandbox_platform.execd.hooks import Hooks
+
+            gate = os.environ.get("EXECD_START_GATE") or None
+            self._hooks = Hooks(self.environment, lambda: self.bootstrap.cwd, gate)
+        return self._hooks
 
     @property
     def sampler(self) -> Sampler:

@@ -1,9 +1,10 @@
 """Runs a sandbox's lifecycle hooks (`lifecycle.py` says what they are).
 
 - `preStart` runs once, before the entrypoint: the local runtime's jail init awaits it before it
-  starts the entrypoint, the docker runtime calls `POST /lifecycle` while the bootstrap script holds
-  the entrypoint back at its start gate. Its run is the answer; the server fails the create when
-  it did not exit 0.
+  starts the entrypoint; on docker and kubernetes the server calls `POST /lifecycle` while the
+  bootstrap script holds the entrypoint back at its start gate (a FIFO, `EXECD_START_GATE`), which
+  execd opens once preStart succeeded. Its run is the answer; the server fails the create (and
+  removes the sandbox) when it did not exit 0.
 - `periodic` hooks run on their schedules from then on, never two runs of one hook at once: a run
   still going when the next is due makes that one skipped (and counted). `GET /lifecycle` reports
   the last runs of each (the server's `diagnostics/events` shows them).
@@ -17,6 +18,7 @@ that leaves the group (setsid) is not followed; it ends with the sandbox like an
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -159,8 +161,9 @@ class _Periodic:
 class Hooks:
     """The sandbox's hooks: preStart once, then the periodic ones until execd stops."""
 
-    def __init__(self, environment: Environment, cwd: Callable[[], str]) -> None:
+    def __init__(self, environment: Environment, cwd: Callable[[], str], gate: str | None = None) -> None:
         self.runner = Runner(environment, cwd)
+        self.gate = gate  # the bootstrap script's start gate (FIFO), opened once preStart succeeded
         self.pre_start: Run | None = None
         self.periodic: list[_Periodic] = []
         self.begun = False
@@ -180,12 +183,33 @@ class Hooks:
             log.info("preStart exited code=%d timed_out=%s ms=%d", run.exit_code, run.timed_out, run.duration * 1000)
             if not run.ok:
                 return run
+        await self._open_gate()
         anchor = time.time()
         for hook in spec.periodic:
             state = _Periodic(hook, lifecycle.Schedule(hook.schedule), deque(maxlen=RUNS_KEPT))
             state.task = asyncio.create_task(self._schedule(state, anchor))
             self.periodic.append(state)
         return self.pre_start
+
+    async def _open_gate(self) -> None:
+        """Let the entrypoint go: the bootstrap script is blocked reading the FIFO since before execd
+        started (a moment may pass before it opens it: ENXIO until then)."""
+        if not self.gate:
+            return
+        for _ in range(100):
+            try:
+                fd = os.open(self.gate, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise ApiError(500, errors.RUNTIME_ERROR, f"cannot open the start gate: {exc.strerror}") from None
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                os.write(fd, b"go\n")
+            finally:
+                os.close(fd)
+            return
+        raise ApiError(500, errors.RUNTIME_ERROR, "the bootstrap script does not wait at its start gate")
 
     async def _schedule(self, state: _Periodic, anchor: float) -> None:
         due = state.schedule.next_after(anchor, anchor)

@@ -265,6 +265,13 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
             f"resourceRequests is not supported with extensions.{labels.EXTENSION_POOL_REF}: "
             "a claimed pod's resources are the Pool's",
         )
+    if pooled and body.lifecycle:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"lifecycle is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's entrypoint"
+            " starts at its claim, with no preStart hook before it (create without poolRef)",
+        )
     # A Pool's pods are made, and their images pulled, before any claim: it cannot add either.
     for name in ("volumes", "image.auth"):
         if pooled and values[name]:

@@ -259,13 +259,14 @@ def test_dns_subdomains(name: str, valid: bool) -> None:
 HOOKS = {"preStart": {"command": ["true"]}, "periodic": [{"name": "t", "schedule": "@every 1s", "command": ["true"]}]}
 
 
-def test_lifecycle_hooks_pass_where_execd_runs_them_and_are_refused_on_kubernetes() -> None:
-    for capabilities in (LOCAL, DOCKER):
+def test_lifecycle_hooks_pass_where_execd_runs_them_and_are_refused_with_a_pool_ref() -> None:
+    for capabilities in (LOCAL, DOCKER, KUBERNETES):
         spec = validation.create_spec(request(lifecycle=HOOKS), 3600, capabilities)
         assert spec.lifecycle is not None and spec.lifecycle["preStart"] == {"command": ["true"], "timeoutSeconds": 60}
     with pytest.raises(ApiError) as err:
-        validation.create_spec(request(lifecycle=HOOKS), 3600, KUBERNETES)
-    assert err.value.code == "SANDBOX::API_NOT_SUPPORTED" and "preStart and periodic hooks" in err.value.message
+        validation.create_spec(request(lifecycle=HOOKS, extensions={"poolRef": "p"}), 3600, KUBERNETES)
+    assert err.value.code == "SANDBOX::API_NOT_SUPPORTED"
+    assert err.value.message.startswith("lifecycle is not supported with extensions.poolRef")
 
 
 @pytest.mark.parametrize(

@@ -42,14 +42,12 @@ from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
-import httpx
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 from aiodocker.volumes import DockerVolume
 
 from opensandbox_platform.api import labels as L
 from opensandbox_platform.daemon import times
-from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.server import errors, metrics, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -70,6 +68,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
+from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
 
 log = logging.getLogger("opensandbox.docker")
@@ -319,10 +318,10 @@ class DockerRuntime:
                     egress = self._start_egress(sandbox_id, container.id, spec.network_policy)
                     (_, inspect), egress_token = await _both(ready, egress)
                 steps.done("ready")
-                if spec.lifecycle:  # preStart runs under the network policy, before the entrypoint
+                if spec.lifecycle:  # preStart runs under the network policy; then execd opens the gate
                     await self._begin_lifecycle(inspect, token, spec.lifecycle)
                     steps.done("preStart")
-                if spec.network_policy is not None or spec.lifecycle:
+                elif spec.network_policy is not None:
                     await self._open_start_gate(container.id)
         except BaseException as exc:
             if spec.network_policy is not None:
@@ -505,20 +504,10 @@ class DockerRuntime:
         return token
 
     async def _begin_lifecycle(self, inspect: dict[str, Any], token: str, hooks: dict[str, Any]) -> None:
-        """execd runs the preStart hook (the entrypoint waits at its start gate) and then schedules
-        the periodic ones; a preStart that fails fails the create (the caller removes the container)."""
-        url = f"http://{model.endpoint_host(self.settings)}:{model.published_port(inspect)}/lifecycle"
-        timeout = httpx.Timeout(lifecycle.pre_start_seconds(hooks) + self.settings.start_timeout_seconds, connect=5.0)
-        try:
-            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-                answer = await client.post(url, json=hooks, headers={L.EXECD_TOKEN_HEADER: token})
-        except httpx.HTTPError as exc:
-            raise ApiError(500, errors.START_FAILED, f"cannot run the lifecycle hooks: {exc!r}") from None
-        if answer.status_code != 200:
-            raise ApiError(500, errors.START_FAILED, f"execd refused the lifecycle hooks: {answer.text[:500]}")
-        why = lifecycle.failure(answer.json().get("preStart") or {"exitCode": 0})
-        if why is not None:
-            raise ApiError(400, errors.PRESTART_FAILED, why)
+        address = f"{model.endpoint_host(self.settings)}:{model.published_port(inspect)}"
+        await begin_lifecycle(
+            Endpoint(address, {L.EXECD_TOKEN_HEADER: token}), hooks, self.settings.start_timeout_seconds
+        )
 
     async def _open_start_gate(self, container_id: str) -> None:
         """Let the entrypoint go: the bootstrap script waits on the FIFO L.START_GATE, which it made
