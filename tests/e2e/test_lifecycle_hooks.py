@@ -177,7 +177,9 @@ async def test_a_periodic_hook_is_killed_at_its_timeout_and_none_outlives_the_sa
             ),
             # leaves a process outside its group (setsid): it ends with the sandbox
             PeriodicLifecycleHook(
-                name="escape", schedule="@every 1s", command=["sh", "-c", f"setsid sleep {lingering} >/dev/null 2>&1 &"]
+                name="escape",
+                schedule="@every 1s",
+                command=["sh", "-c", f"setsid sleep {lingering} >/dev/null 2>&1 & sleep 0.3"],
             ),
         ]
     )
