@@ -90,6 +90,11 @@ async def test_default_deny_allows_only_the_allowed_names(policy_server: ServerP
         policy = await sb.get_egress_policy()
         assert policy.default_action == "deny"
         assert [(r.action, r.target) for r in policy.egress or []] == [("allow", "*.good.test")]
+        # what was refused is in the sandbox's diagnostics, by address and by name
+        events = (await sb.get_diagnostic_events(scope="runtime")).content or ""
+        assert "EgressDenied: the network policy refused" in events and f" to {bad} so far" in events
+        assert "EgressNameDenied: the network policy answered NXDOMAIN for bad.test" in events
+        assert internet.address("a.good.test") not in events
 
 
 async def test_a_rewritten_resolv_conf_changes_nothing(policy_server: ServerProcess, internet: FakeInternet) -> None:

@@ -122,13 +122,3 @@ async def test_secure_access_sandbox_needs_its_token(server: ServerProcess, prox
 def test_unsupported_features_are_501_naming_them(server: ServerProcess, method: str, path: str, feature: str) -> None:
     response = httpx.request(method, server.url + path, headers=server.headers())
     assert response.status_code == 501 and feature in response.json()["message"]
-
-
-async def test_filesystem_identities_are_501_never_served_as_root(server: ServerProcess, sandbox: Sandbox) -> None:
-    await sandbox.files.write_file("/tmp/owned-by-root", "secret")
-    as_nobody = sandbox.files_with_identity(65534, 65534)
-    for call in (as_nobody.read_file("/tmp/owned-by-root"), as_nobody.write_file("/tmp/by-nobody", "x")):
-        with pytest.raises(SandboxApiException) as refused:
-            await call
-        assert refused.value.status_code == 501 and "filesystem identities" in str(refused.value), refused.value
-    assert (await sandbox.commands.run("test -e /tmp/by-nobody; echo $?")).logs.stdout[0].text.strip() == "1"

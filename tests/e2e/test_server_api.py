@@ -746,3 +746,36 @@ def test_two_sandboxes_listen_on_the_same_port_and_each_endpoint_reaches_its_own
     finally:
         delete(server, first["id"])
         delete(server, second["id"])
+
+
+def test_a_nat_rule_on_ephemeral_ports_does_not_take_a_sandboxs_connections(tmp_path: Path) -> None:
+    # A container engine's NAT rules for published ports (a live container's, or ones the engine left
+    # behind, as podman does) take every local connection to such a port, whoever listens on it.
+    # Here a rule sends all of the kernel's ephemeral range on 127.0.0.1 to a decoy of the test's.
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    decoy = socket.create_server(("127.0.0.1", free_port()))
+    table = f"osb_stale_nat_{os.getpid()}"
+    rules = (
+        f"table ip {table} {{\n chain out {{\n  type nat hook output priority -100;\n"
+        f"  ip daddr 127.0.0.1 tcp dport {low}-{high} dnat to 127.0.0.1:{decoy.getsockname()[1]}\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        with running_server(tmp_path / "server", extra_config="warmPoolSize = 0") as server:
+
+            async def use() -> tuple[list[str], str]:
+                sb = await Sandbox.create(server.image, connection_config=ConnectionConfig(domain=server.domain))
+                try:
+                    run = await sb.commands.run("echo reached")
+                    endpoint = await sb.get_endpoint(8080)
+                    return [m.text for m in run.logs.stdout], endpoint.endpoint
+                finally:
+                    await sb.kill()
+                    await sb.close()
+
+            said, endpoint = asyncio.run(use())
+            assert said == ["reached"]
+            assert not int(low) <= int(endpoint.rsplit(":", 1)[1]) <= int(high), endpoint
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
+        decoy.close()

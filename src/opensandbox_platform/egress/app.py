@@ -1,6 +1,7 @@
 """The egress API on port 18080 (specs/egress-api.yaml), served by the sidecar (and by the local
 runtime for its jails): `GET/PATCH/DELETE /policy`, our `PUT /policy` (replace), `GET /metrics`
-(Prometheus text: what was refused), `GET /health`. Every route but /health requires the
+(Prometheus text: what was refused), `GET /denials` (the same counts as JSON, for the server's
+diagnostics events), `GET /health`. Every route but /health requires the
 sandbox's egress token in `OPENSANDBOX-EGRESS-AUTH`: the sandbox's own processes reach this port
 on loopback and must not change their policy. The credential vault is not offered (501).
 """
@@ -33,6 +34,7 @@ class EgressApp:
         r.add("PUT", "/policy", self.put_policy)
         r.add("DELETE", "/policy", self.delete_policy)
         r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/denials", self.denials)
         for method in ("GET", "POST", "PATCH", "DELETE"):
             r.add(method, "/credential-vault", self.vault)
         for kind in ("credentials", "bindings"):
@@ -77,6 +79,10 @@ class EgressApp:
     async def metrics(self, request: Request) -> AnyResponse:
         text = prometheus(self.enforcer)
         return Response(text.encode(), content_type="text/plain; version=0.0.4")
+
+    async def denials(self, request: Request) -> AnyResponse:
+        """What was refused so far: `{"names": {name: queries}, "addresses": {address: packets}}`."""
+        return Response.json({"names": dict(self.enforcer.denied_names), "addresses": self.enforcer.denied_addresses()})
 
     async def vault(self, request: Request) -> AnyResponse:
         raise ApiError(501, errors.NOT_SUPPORTED, "the credential vault is not supported (credential injection)")

@@ -10,6 +10,7 @@ a policy reports allow-all, not enforced, and refuses changes (409): it has no e
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Annotated, Any, Literal
 
@@ -18,18 +19,22 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from opensandbox_platform.daemon import times
 from opensandbox_platform.egress import policy as P
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.routes import SandboxId, config_of, runtime_of
 from opensandbox_platform.server.runtimes import guards
+from opensandbox_platform.server.runtimes.base import Runtime
+from opensandbox_platform.server.runtimes.events import Reason, SandboxEvent
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 500, 502, 503)}
 router = APIRouter(tags=["networkpolicy"], responses=ERRORS)  # type: ignore[arg-type]
 PATH = "/sandboxes/{sandboxId}/networkpolicy"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 EGRESS_UNAVAILABLE = "SANDBOX::EGRESS_UNAVAILABLE"
+DENIALS_SHOWN = 20  # addresses and names each, the most refused first
 NO_POLICY = {
     "status": "ok",
     "mode": "allow_all",
@@ -151,3 +156,37 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+async def denial_events(client: httpx.AsyncClient, runtime: Runtime, sandbox_id: str) -> list[SandboxEvent]:
+    """What the sandbox's network policy refused so far, as Warning events (one per address and per
+    name, the most refused first); none without a policy or while its enforcer does not answer."""
+    if not runtime.capabilities.network_policy:
+        return []
+    try:
+        endpoint = await runtime.egress(sandbox_id)
+        if endpoint is None:
+            return []
+        response = await client.get(f"http://{endpoint.address}/denials", headers=endpoint.headers, timeout=TIMEOUT)
+    except (ApiError, httpx.HTTPError):
+        return []
+    return denials_as_events(_json(response) if response.status_code == 200 else {}, times.now())
+
+
+def denials_as_events(denials: dict[str, Any], at: dt.datetime) -> list[SandboxEvent]:
+    """The egress API's `/denials` body as events at `at` (counts are totals, not times)."""
+    found = []
+    for address, count in _most(denials.get("addresses")):
+        message = f"the network policy refused {count} packet(s) to {address} so far"
+        found.append(SandboxEvent(at, Reason.EGRESS_DENIED, message, source="egress", type="Warning"))
+    for name, count in _most(denials.get("names")):
+        message = f"the network policy answered NXDOMAIN for {name} ({count} queries so far)"
+        found.append(SandboxEvent(at, Reason.EGRESS_NAME_DENIED, message, source="egress", type="Warning"))
+    return found
+
+
+def _most(counts: object) -> list[tuple[str, int]]:
+    if not isinstance(counts, dict):
+        return []
+    valid = [(str(k), v) for k, v in counts.items() if isinstance(v, int) and v > 0]
+    return sorted(valid, key=lambda item: (-item[1], item[0]))[:DENIALS_SHOWN]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from opensandbox_platform.server import networkpolicy
 from opensandbox_platform.server.diagnostics import clip, since_time
 from tests.unit.server.test_routes import MemoryRuntime, client_for
 
@@ -113,6 +114,8 @@ def test_since_and_clip() -> None:
     assert since_time("90s", now) == now - dt.timedelta(seconds=90)
     assert since_time("2h", now) == now - dt.timedelta(hours=2)
     assert since_time(None, now) is None
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert since_time("027723507287613s", now) == epoch == since_time("99999999999999999999d", now)  # (fuzzed)
     text, cut = clip("a" * 10 + "\n" + "b" * 10, 15)
     assert cut and text == "b" * 10
     assert clip("short", 15) == ("short", False)
@@ -143,3 +146,17 @@ def test_hook_runs_become_events_oldest_first() -> None:
         "HookSkipped: periodic hook tick (@every 1s): skipped, its previous run was still going (1 skipped so far)",
     ]
     assert [e.type for e in events_of_status(status)] == ["Normal", "Warning", "Warning"]
+
+
+def test_denials_become_warning_events_most_refused_first() -> None:
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    body = {"addresses": {"10.0.0.1": 3, "10.0.0.2": 9, "10.0.0.3": 0}, "names": {"evil.test": 2, "bad": "x"}}
+    events = networkpolicy.denials_as_events(body, at)
+    assert [(e.reason, e.type, e.at) for e in events] == [
+        ("EgressDenied", "Warning", at),
+        ("EgressDenied", "Warning", at),
+        ("EgressNameDenied", "Warning", at),
+    ]
+    assert "9 packet(s) to 10.0.0.2" in events[0].message and "10.0.0.1" in events[1].message
+    assert "evil.test (2 queries" in events[2].message
+    assert networkpolicy.denials_as_events({"addresses": [1], "names": None}, at) == []

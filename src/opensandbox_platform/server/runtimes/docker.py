@@ -139,6 +139,9 @@ class DockerRuntime:
         self._found_programs: set[tuple[str, str]] = set()  # (image id, argv[0]) known to exist
         self._deleting: set[str] = set()  # ids being deleted: listed as Stopping, not as what the engine says
         self._abandoned: dict[str, float] = {}  # ids whose create the engine never answered: removed later
+        # Never-started containers found at start that may be another server's create in progress
+        # (servers may share an engine): container id -> when to remove it if it is still not started.
+        self._unstarted: dict[str, float] = {}
         self.engine = EngineMonitor(
             ENGINE_NAME, self._ping, self.settings.health_interval_seconds, self.settings.api_timeout_seconds
         )
@@ -211,23 +214,44 @@ class DockerRuntime:
             self._docker = None
 
     async def _recover(self) -> None:
+        known: set[str] = set()  # sandbox ids with a container, in any state
         for item in await self._list_containers():
             labels = model.decode_labels(item.get("Labels") or {})
             if labels is None:
                 continue
+            known.add(labels.id)
             if str(item.get("State")).lower() == "created":
-                # Never started: a create cut short by a server stop. Nobody was told its id.
-                log.warning("removing a sandbox container whose create did not finish id=%s", labels.id)
-                await self._remove_container(item["Id"])
-                self.store.delete(labels.id)
+                # Never started: a create cut short by a server stop (nobody was told its id), or
+                # another server's create under way. Removed once no create could still be starting it.
+                self._unstarted[item["Id"]] = time.monotonic() + self._unstarted_grace(labels)
                 continue
             with contextlib.suppress(DockerError):
                 self._adopt(await self._inspect(item["Id"]))
         for stale in self.store.ids() - set(self.sandboxes):
             self.store.delete(stale)
+        await self._remove_unstarted()
         for item in await docker_api.list_containers(self.docker, L.DOCKER_EGRESS_FOR):
-            if (item.get("Labels") or {}).get(L.DOCKER_EGRESS_FOR) not in self.sandboxes:
+            if (item.get("Labels") or {}).get(L.DOCKER_EGRESS_FOR) not in known:
                 await self._remove_container(item["Id"])  # its sandbox is gone
+
+    def _unstarted_grace(self, labels: model.Labels) -> float:
+        """Seconds until a never-started container made at `labels.created_at` can be nobody's
+        create in progress (a create gives up after the engine's and execd's timeouts)."""
+        limit = 2 * self.settings.api_timeout_seconds + self.settings.start_timeout_seconds
+        return max(0.0, limit - (times.now() - labels.created_at).total_seconds())
+
+    async def _remove_unstarted(self) -> None:
+        for container_id, due in list(self._unstarted.items()):
+            if time.monotonic() < due:
+                continue
+            del self._unstarted[container_id]
+            with contextlib.suppress(DockerError):
+                inspect = await self._inspect(container_id)
+                labels = model.decode_labels((inspect.get("Config") or {}).get("Labels") or {})
+                if str((inspect.get("State") or {}).get("Status")).lower() == "created" and labels is not None:
+                    log.warning("removing a sandbox container whose create did not finish id=%s", labels.id)
+                    await self._remove_container(container_id)
+                    self.store.delete(labels.id)
 
     async def _remove_helpers(self) -> None:
         filters = json.dumps({"label": [L.DOCKER_EXECD_HELPER]})
@@ -809,6 +833,7 @@ class DockerRuntime:
         async with self.docker._query("_ping", versioned_api=False) as response:
             await response.read()
         await self._remove_abandoned()
+        await self._remove_unstarted()
 
     async def _remove_abandoned(self) -> None:
         """Creates whose engine did not answer may have left a container (made once the engine woke

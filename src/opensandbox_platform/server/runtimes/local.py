@@ -85,7 +85,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
-from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
+from opensandbox_platform.server.runtimes.forward import LOOPBACK, PortRange, SandboxPorts
 from opensandbox_platform.server.runtimes.local_egress import JailEgress
 from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
@@ -277,7 +277,7 @@ class LocalRuntime:
         self._layout: jails.RuntimeLayout | None = None
         self._parts: list[rootfs.HostPart] = []
         self._proc_masks: list[str] = []
-        self.ports = SandboxPorts()
+        self.ports = SandboxPorts(PortRange.parse(self.local.forward_ports))
         self._helpers: dict[str, subprocess.Popen[bytes]] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
