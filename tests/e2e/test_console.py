@@ -2,10 +2,11 @@
 (chromium-driver) by selenium, against a real server (local runtime) and a sandbox made with the SDK.
 
 A person logs in with the API key, sees the sandbox in the list, opens it, renews it, opens its
-terminal, types a command and reads its output from the screen, resizes. The abuse side: no page,
-list or terminal without the key (or with a wrong one); a call that changes something needs the
-CSRF token and this server's Origin; a sandbox's entrypoint and terminal output that look like HTML
-stay text (no element, no script run).
+terminal, types a command and reads its output from the screen, resizes; reads its endpoints (a
+signed one that works without the key), its events and its log. The abuse side: no page, list or
+terminal without the key (or with a wrong one); a call that changes something needs the CSRF token
+and this server's Origin; a sandbox's entrypoint, terminal output and log lines that look like HTML
+stay text (no element, no script run); neither the API key nor execd's token is in the page.
 """
 
 from __future__ import annotations
@@ -24,19 +25,24 @@ import pytest
 import websockets
 from opensandbox import SandboxSync
 from opensandbox.config.connection_sync import ConnectionConfigSync
+from opensandbox.models.execd import RunCommandOpts
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from harness.ports import free_port
 from harness.server_process import ServerProcess, running_server
 from opensandbox_platform.server.console.routes import VENDOR
 
 KEY = "console-key"
 # What a hostile sandbox puts where the console shows it: it must stay text.
 INJECTION = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+# What a command appends to this file the sandbox's entrypoint prints: its log (diagnostics/logs).
+LOG_FILE = "/tmp/console-log"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 T = TypeVar("T")
 
@@ -60,7 +66,7 @@ def sandbox(server: ServerProcess) -> Iterator[SandboxSync]:
             domain=server.domain, protocol="http", api_key=KEY, request_timeout=timedelta(seconds=120)
         ),
         # (metadata must be label values: a sandbox's own free text is its entrypoint)
-        entrypoint=["sh", "-c", f"exec tail -f /dev/null # {INJECTION}"],
+        entrypoint=["sh", "-c", f"printf '%s\\n' '{INJECTION}'; touch {LOG_FILE}; exec tail -f {LOG_FILE}"],
         metadata={"owner": "console-test"},
         timeout=timedelta(minutes=20),
     )
@@ -88,7 +94,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> 
 
 
 def wait(driver: WebDriver, condition: Callable[[WebDriver], T], timeout: float = 20) -> T:
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    # (an element the page re-renders meanwhile, as its 5 s refresh does, is looked up again)
+    return WebDriverWait(driver, timeout, 0.2, ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 def screen(driver: WebDriver) -> str:
@@ -252,6 +259,47 @@ def test_files_and_resources_of_the_sandbox(
     assert browser.execute_script("return window.__pwned === undefined && document.images.length === 0")
 
 
+def test_endpoints_and_diagnostics_of_the_sandbox(
+    browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
+) -> None:
+    ensure_logged_in(browser, server)
+    execd = sandbox.get_endpoint(44772)  # the SDK's answer: execd's address, and its access token
+    assert execd.headers
+    browser.get(f"{server.url}/console/#/sandbox/{sandbox.id}")
+    direct = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-port="44772"][data-route="direct"]'))
+    assert execd.endpoint in direct.text and all(f"{name}: (value not shown)" in direct.text for name in execd.headers)
+    proxied = browser.find_element(By.CSS_SELECTOR, 'tr[data-port="44772"][data-route="server"]')
+    assert f"{server.domain}/sandboxes/{sandbox.id}/proxy/44772" in proxied.text
+    Select(browser.find_element(By.ID, "endpoint-signed")).select_by_value("900")
+    browser.find_element(By.ID, "endpoint-resolve").click()
+    signed = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, 'tr[data-port="44772"][data-route="signed"]'))
+    url = signed.find_element(By.CSS_SELECTOR, "td.endpoint").text
+    assert url.startswith(f"{server.domain}/sandboxes/{sandbox.id}/signed/44772/") and "valid until" in signed.text
+    assert httpx.get(f"http://{url}/ping", timeout=30).status_code == 200  # a real signed URL: no key needed
+
+    # Events and the log, read on demand: the entrypoint's hostile line is text, a command's output
+    # appears after Refresh.
+    wait(browser, lambda d: "Created: image" in d.find_element(By.ID, "events").text)
+    wait(browser, lambda d: INJECTION in d.find_element(By.ID, "logs").text)
+    sandbox.commands.run(f"echo console-log-$((6*7)) >> {LOG_FILE}")
+
+    def refreshed(driver: WebDriver) -> bool:  # (tail -f and the engine's log take a moment)
+        if "console-log-42" in driver.find_element(By.ID, "logs").text:
+            return True
+        driver.find_element(By.ID, "diagnostics-refresh").click()
+        return False
+
+    WebDriverWait(browser, 30, poll_frequency=1).until(refreshed)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#logs *, #events *")
+    browser.set_window_size(1280, 900)
+    browser.execute_script("document.getElementById('endpoints-heading').scrollIntoView()")
+    shot(browser, "console-diagnostics.png")
+
+    page = browser.page_source
+    assert KEY not in page and all(value not in page for value in execd.headers.values())
+    assert browser.execute_script("return window.__pwned === undefined && document.images.length === 0")
+
+
 def test_changes_need_the_csrf_token_and_this_origin(
     browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
 ) -> None:
@@ -286,3 +334,36 @@ async def test_a_foreign_page_cannot_open_a_terminal_with_the_cookie(
                 while True:
                     await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+# A page the sandbox serves: it tries to read the console's API with the logged-in user's cookie.
+HOSTILE_PAGE = """<html><body><script>
+fetch('/console/api/sandboxes', {credentials: 'include'})
+  .then(r => r.text()).then(t => { document.title = 'READ ' + t.length; })
+  .catch(() => { document.title = 'BLOCKED'; });
+</script></body></html>"""
+
+
+def test_a_page_the_sandbox_serves_cannot_act_as_the_console(
+    browser: WebDriver, server: ServerProcess, sandbox: SandboxSync
+) -> None:
+    ensure_logged_in(browser, server)
+    port = free_port()
+    sandbox.files.write_file("/tmp/site/evil.html", HOSTILE_PAGE)
+    if server.runtime == "local":  # (the jail has the host's /usr, not the server's venv: execd's python)
+        serve = f"PYTHONPATH=/opt/opensandbox/site /opt/opensandbox/python/bin/python3 -m http.server {port}"
+    else:
+        serve = f"busybox httpd -f -p {port} -h /tmp/site"
+    sandbox.commands.run(serve, opts=RunCommandOpts(background=True, working_directory="/tmp/site"))
+    # A signed endpoint: reachable without the API key, on the console's own origin.
+    url = sandbox.get_signed_endpoint(port, int(time.time()) + 600).endpoint
+    url = url if url.startswith("http") else f"http://{url}"
+    deadline = time.monotonic() + 30
+    while True:  # (until the sandbox's server listens and the page's script has run)
+        browser.get(f"{url}/evil.html")
+        try:
+            wait(browser, lambda d: d.title == "BLOCKED" or d.title.startswith("READ"), timeout=3)
+            break
+        except TimeoutException:
+            assert time.monotonic() < deadline, browser.page_source[:500]
+    assert browser.title == "BLOCKED"  # an opaque origin: no same-origin read with the cookie

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from opensandbox.config import ConnectionConfig
 from harness.docker_api import docker_api, docker_containers, docker_unavailable
 from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image
 from harness.server_process import ServerProcess
+from harness.stale_nat import ephemeral_ports_taken
 
 CREATE = {"image": {"uri": TEST_IMAGE}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 HELPER_LABEL = "opensandbox.io/execd-helper"
@@ -145,3 +147,55 @@ def test_a_lost_execd_volume_fails_one_create_and_is_made_again(tmp_path: Path, 
         assert httpx.delete(f"{server.url}/v1/sandboxes/{again.json()['id']}", timeout=60).status_code == 204
     finally:
         server.stop()
+
+
+def test_a_starting_server_leaves_another_servers_create_alone(tmp_path: Path, docker_host: str) -> None:
+    # Two never-started sandbox containers on the shared engine: one made a moment ago (another
+    # server's create under way), one made an hour ago (a create cut short by a server stop).
+    import datetime as dt
+
+    from opensandbox_platform.daemon import times
+    from opensandbox_platform.server.runtimes import docker_model
+    from opensandbox_platform.server.runtimes.base import SandboxSpec
+
+    made = {}
+    for name, age in (("young", 0), ("old", 3600)):
+        sandbox_id = f"unstarted-{name}-{tmp_path.name[-8:]}"
+        at = times.now() - dt.timedelta(seconds=age)
+        labels = docker_model.encode_labels(sandbox_id, SandboxSpec(image=TEST_IMAGE, entrypoint=["true"]), at)
+        body = {"Image": TEST_IMAGE, "Cmd": ["true"], "Labels": labels}
+        response = docker_api("POST", f"/containers/create?name=sandbox-{sandbox_id}", json=body)
+        assert response.status_code == 201, response.text
+        made[name] = response.json()["Id"]
+
+    def exists(container_id: str) -> bool:
+        return docker_api("GET", f"/containers/{container_id}/json").status_code == 200
+
+    quick = "apiTimeoutSeconds = 1\nstartTimeoutSeconds = 1\nhealthIntervalSeconds = 0.2\n"
+    server = ServerProcess(tmp_path / "server", runtime="docker", extra_config=quick).start()
+    try:
+        assert not exists(made["old"])
+        assert exists(made["young"])  # not the starting server's to remove yet
+        deadline = time.monotonic() + 15
+        while exists(made["young"]):  # still never started after any create would have given up
+            assert time.monotonic() < deadline, "never removed"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        for container_id in made.values():
+            docker_api("DELETE", f"/containers/{container_id}?force=true")
+
+
+def test_a_published_port_that_leads_elsewhere_fails_the_create(docker_server: ServerProcess) -> None:
+    # The engine's NAT rules for published ports come first: one left behind for a removed container
+    # takes a new container's port. Both tries (each on a port podman picks) lead to the decoy.
+    mark = f"leads-elsewhere-{time.monotonic_ns()}"
+    with ephemeral_ports_taken():
+        body = {**CREATE, "metadata": {"test": mark}}
+        response = httpx.post(f"{docker_server.url}/v1/sandboxes", json=body, timeout=120)
+    assert response.status_code == 500, response.text
+    error = response.json()
+    assert error["code"] == "SANDBOX::START_FAILED"
+    assert "published port" in error["message"] and "does not reach the container" in error["message"]
+    labels = [c.get("Labels") or {} for c in docker_containers()]
+    assert not [x for x in labels if x.get("opensandbox.io/metadata.test") == mark]  # both tries removed

@@ -30,6 +30,7 @@ from harness.images import TEST_IMAGE
 from harness.jails import live_processes_mentioning, live_processes_with_hostname_arg
 from harness.ports import free_port
 from harness.server_process import ServerProcess, only_local, running_server
+from harness.stale_nat import ephemeral_ports, ephemeral_ports_taken
 
 CREATE = {"image": {"uri": "ubuntu"}, "entrypoint": ["tail", "-f", "/dev/null"], "timeout": 600}
 
@@ -746,3 +747,24 @@ def test_two_sandboxes_listen_on_the_same_port_and_each_endpoint_reaches_its_own
     finally:
         delete(server, first["id"])
         delete(server, second["id"])
+
+
+def test_a_nat_rule_on_ephemeral_ports_does_not_take_a_sandboxs_connections(tmp_path: Path) -> None:
+    # A container engine's NAT rules for published ports (a live container's, or ones the engine left
+    # behind, as podman does) take every local connection to such a port, whoever listens on it.
+    low, high = ephemeral_ports()
+    with ephemeral_ports_taken(), running_server(tmp_path / "server", extra_config="warmPoolSize = 0") as server:
+
+        async def use() -> tuple[list[str], str]:
+            sb = await Sandbox.create(server.image, connection_config=ConnectionConfig(domain=server.domain))
+            try:
+                run = await sb.commands.run("echo reached")
+                endpoint = await sb.get_endpoint(8080)
+                return [m.text for m in run.logs.stdout], endpoint.endpoint
+            finally:
+                await sb.kill()
+                await sb.close()
+
+        said, endpoint = asyncio.run(use())
+        assert said == ["reached"]
+        assert not low <= int(endpoint.rsplit(":", 1)[1]) <= high, endpoint

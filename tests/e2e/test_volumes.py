@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from opensandbox import Sandbox
 from opensandbox.exceptions import SandboxApiException
+from opensandbox.models.filesystem import WriteEntry
 from opensandbox.models.sandboxes import PVC, Host, Volume
 
 from harness.docker_api import docker_api
@@ -85,6 +87,8 @@ def host_dir(allowed: Path, name: str) -> Path:
 async def test_host_volume_is_shared_with_the_host_as_the_sandboxs_root(vserver: ServerProcess, allowed: Path) -> None:
     data = host_dir(allowed, "shared")
     (data / "from-host.txt").write_text("hello from the host\n")
+    (data / "alice").mkdir()
+    os.chown(data / "alice", 1000, 1000)
     volume = Volume(name="data", mount_path="/mnt/data", host=Host(path=str(data)))
     async with created(vserver, [volume]) as sb:
         out, code = await run(
@@ -93,9 +97,16 @@ async def test_host_volume_is_shared_with_the_host_as_the_sandboxs_root(vserver:
             " && stat -c %u /mnt/data/from-host.txt",
         )
         assert code == 0 and out == ["hello from the host", "0"], out  # the host's root owns it: the sandbox's root
+        # files_with_identity: what uid 1000 makes is 1000's on the host's disk too.
+        alice = sb.files_with_identity(1000, 1000)
+        await alice.write_file("/mnt/data/alice/by-alice.txt", "mine", mode=600)
+        await alice.create_directories([WriteEntry(path="/mnt/data/alice/dir", mode=700)])
     written = data / "from-sandbox.txt"
     assert written.read_text() == "written\n"
     assert written.stat().st_uid == 0  # the sandbox's root wrote it: on disk, root (not a jail's host uid)
+    for made, mode in ((data / "alice" / "by-alice.txt", 0o600), (data / "alice" / "dir", 0o700)):
+        st = made.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1000, mode), made
 
 
 async def test_read_only_volume_cannot_be_written_or_remounted(vserver: ServerProcess, allowed: Path) -> None:

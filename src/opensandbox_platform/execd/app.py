@@ -10,8 +10,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opensandbox_platform.api.labels import EXECD_TOKEN_HEADER
 from opensandbox_platform.daemon import errors
@@ -33,11 +33,15 @@ from opensandbox_platform.execd.isolated.routes import IsolatedApi
 
 if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
     from opensandbox_platform.execd.code.contexts import CodeContexts
+    from opensandbox_platform.execd.hooks import Hooks
+    from opensandbox_platform.execd.identity import Identity
     from opensandbox_platform.execd.metrics import Sampler
     from opensandbox_platform.execd.pty import PtyManager
     from opensandbox_platform.execd.sessions import SessionManager
 
 log = logging.getLogger("execd")
+
+T = TypeVar("T")
 
 CURSOR_HEADER = "EXECD-COMMANDS-TAIL-CURSOR"
 EMPTY = Response()
@@ -106,6 +110,7 @@ class ExecdApp:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.environment = Environment(settings.envs_file)
         self.bootstrap = Bootstrap(self.environment, os.getcwd())
+        self._hooks: Hooks | None = None
         self.commands = CommandManager(
             self.environment,
             self.state_dir,
@@ -142,8 +147,8 @@ class ExecdApp:
         ]
         for method, path, handler in files:
             r.add(method, path, handler)
-            # The SDK's files_with_identity(uid, gid): the same routes under /v1/filesystem/{uid}/{gid}.
-            r.add(method, "/v1/filesystem/{uid}/{gid}" + path, self.identities_not_supported)
+            # The SDK's files_with_identity(uid, gid): the same routes, acting as that user (_fs).
+            r.add(method, "/v1/filesystem/{uid}/{gid}" + path, handler)
         r.add("GET", "/ping", self.ping)
         r.add("POST", "/command", self.run_command)
         r.add("DELETE", "/command", self.interrupt_command)
@@ -156,6 +161,8 @@ class ExecdApp:
         r.add("GET", "/metrics/watch", self.watch_metrics)
         r.add("POST", "/bootstrap", self.apply_bootstrap)
         r.add("GET", "/bootstrap", self.bootstrap_status)
+        r.add("POST", "/lifecycle", self.begin_lifecycle)
+        r.add("GET", "/lifecycle", self.lifecycle_status)
         r.add("POST", "/code", self.run_code)
         r.add("DELETE", "/code", self.interrupt_code)
         r.add("POST", "/code/context", self.create_context)
@@ -188,6 +195,8 @@ class ExecdApp:
             self._ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
+        if self._hooks is not None:
+            self._hooks.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
             import shutil
 
@@ -207,6 +216,16 @@ class ExecdApp:
                 idle_timeout=self.settings.session_idle_timeout,
             )
         return self._sessions
+
+    @property
+    def hooks(self) -> Hooks:
+        """The lifecycle hooks, created (and their modules imported) on first use."""
+        if self._hooks is None:
+            from opensandbox_platform.execd.hooks import Hooks
+
+            gate = os.environ.get("EXECD_START_GATE") or None
+            self._hooks = Hooks(self.environment, lambda: self.bootstrap.cwd, gate)
+        return self._hooks
 
     @property
     def sampler(self) -> Sampler:
@@ -231,20 +250,19 @@ class ExecdApp:
     async def ping(self, request: Request) -> AnyResponse:
         return EMPTY
 
-    async def identities_not_supported(self, request: Request) -> AnyResponse:
-        # Refused rather than served as root: a caller asking for a user's rights must not get more.
-        raise ApiError(
-            501,
-            errors.API_NOT_SUPPORTED,
-            "filesystem identities (files_with_identity, /v1/filesystem/{uid}/{gid}/...) are not supported by"
-            " this execd; use commands.run with a user switch (su, setpriv) instead",
-        )
-
     async def apply_bootstrap(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.apply(await request.json(allow_empty=True)))
 
     async def bootstrap_status(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.status())
+
+    async def begin_lifecycle(self, request: Request) -> AnyResponse:
+        """Our own route (docker runtime): run preStart, then schedule the periodic hooks (hooks.py)."""
+        run = await self.hooks.begin(await request.json())
+        return Response.json({"preStart": None if run is None else run.to_json()})
+
+    async def lifecycle_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.hooks.status())
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -320,57 +338,77 @@ class ExecdApp:
 
     # -- files (execd/files.py, imported on first use) ---------------------------------------
 
+    async def _fs(self, request: Request, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
+        """`fn(*args)` as the request's user: under /v1/filesystem/{uid}/{gid}, in a thread that has
+        become that user (execd/identity.py); otherwise as execd, in a worker thread (or `inline`
+        for calls too quick to be worth one)."""
+        who = self._identity(request)
+        if who is not None:
+            from opensandbox_platform.execd import identity
+
+            return await identity.run_as(who, fn, *args)
+        return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
+    def _identity(self, request: Request) -> Identity | None:
+        """The user a files request acts as (400 on a bad uid/gid), None for execd itself."""
+        uid = request.params.get("uid")
+        if uid is None:
+            return None
+        from opensandbox_platform.execd import identity
+
+        return identity.parse(uid, request.params["gid"])
+
     async def files_info(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        return Response.json(await asyncio.to_thread(files.files_info, request.args("path")))
+        return Response.json(await self._fs(request, files.files_info, request.args("path")))
 
     async def delete_files(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        files.delete_files(request.args("path"))
+        await self._fs(request, files.delete_files, request.args("path"), inline=True)
         return EMPTY
 
     async def delete_directories(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        await asyncio.to_thread(files.delete_dirs, request.args("path"))
+        await self._fs(request, files.delete_dirs, request.args("path"))
         return EMPTY
 
     async def move_files(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        await asyncio.to_thread(files.move, await request.json())
+        await self._fs(request, files.move, await request.json())
         return EMPTY
 
     async def set_permissions(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        files.set_permissions(await request.json())
+        await self._fs(request, files.set_permissions, await request.json(), inline=True)
         return EMPTY
 
     async def make_directories(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        files.make_dirs(await request.json())
+        await self._fs(request, files.make_dirs, await request.json(), inline=True)
         return EMPTY
 
     async def search_files(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        found = await asyncio.to_thread(files.search, request.arg("path"), request.arg("pattern"))
+        found = await self._fs(request, files.search, request.arg("path"), request.arg("pattern"))
         return Response.json(found)
 
     async def list_directory(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        entries = await asyncio.to_thread(files.list_dir, request.arg("path"), request.arg("depth"))
+        entries = await self._fs(request, files.list_dir, request.arg("path"), request.arg("depth"))
         return Response.json(entries)
 
     async def replace_contents(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        results = await asyncio.to_thread(files.replace, await request.json())
+        results = await self._fs(request, files.replace, await request.json())
         if _flag(request.arg("verbose"), "verbose"):
             return Response.json(results)
         return EMPTY
@@ -378,7 +416,14 @@ class ExecdApp:
     async def upload_files(self, request: Request) -> AnyResponse:
         from opensandbox_platform.execd import files
 
-        await files.upload(request.headers.get("content-type", ""), request.iter_body())
+        self._identity(request)  # a bad uid/gid is a 400 before the body is read
+        # Opening (and making parents) and the final chown/chmod are the user's; the bytes in
+        # between go to the descriptor the user opened.
+
+        async def run(fn: Callable[..., T], *args: Any) -> T:
+            return await self._fs(request, fn, *args, inline=True)
+
+        await files.upload(request.headers.get("content-type", ""), request.iter_body(), run=run)
         return EMPTY
 
     async def download_file(self, request: Request) -> AnyResponse:
@@ -391,9 +436,9 @@ class ExecdApp:
         if offset is not None or limit is not None:
             if range_header:
                 raise errors.bad_request("offset/limit and Range cannot be combined")
-            data = await asyncio.to_thread(files.read_lines, path or "", offset, limit)
+            data = await self._fs(request, files.read_lines, path or "", offset, limit)
             return Response(data, content_type="text/plain; charset=utf-8")
-        fh, st, full = files.open_for_download(path)
+        fh, st, full = await self._fs(request, files.open_for_download, path, inline=True)
         return file_response(fh, st, full, range_header)
 
     # -- code interpreter --------------------------------------------------------------------

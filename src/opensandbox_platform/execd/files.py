@@ -11,13 +11,15 @@ import pwd
 import re
 import shutil
 import stat
-from collections.abc import AsyncIterator, Callable
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, BinaryIO, TypeVar
 
 from opensandbox_platform.daemon import errors, times
 from opensandbox_platform.execd.multipart import MultipartParser, PartData, PartEnd, PartStart
 
 MAX_METADATA = 64 * 1024
+
+T = TypeVar("T")
 
 
 # -- metadata -------------------------------------------------------------------------------
@@ -320,7 +322,12 @@ def search(root: str | None, pattern: str | None) -> list[dict[str, Any]]:
     by_path = "/" in pattern
     regex = glob_regex(pattern) if by_path else None
     found: list[dict[str, Any]] = []
-    for dirpath, dirnames, filenames in os.walk(full):
+
+    def unreadable(exc: OSError) -> None:
+        if exc.filename == full:  # the root itself (a user's search of what it may not read): a 403
+            raise errors.os_error(exc, root) from None
+
+    for dirpath, dirnames, filenames in os.walk(full, onerror=unreadable):
         dirnames.sort()
         for name in sorted(filenames):
             entry = os.path.join(dirpath, name)
@@ -359,7 +366,9 @@ def list_dir(path: str | None, depth_text: str | None) -> list[dict[str, Any]]:
         try:
             names = sorted(os.listdir(directory))
         except OSError as exc:
-            raise errors.os_error(exc, directory) from None
+            if level == 0:
+                raise errors.os_error(exc, directory) from None
+            return  # a subdirectory the caller may not read (as another user): listed, not entered
         for name in names:
             entry = os.path.join(directory, name)
             try:
@@ -460,12 +469,20 @@ def _positive(text: str | None, name: str, minimum: int) -> int:
 # -- upload ---------------------------------------------------------------------------------
 
 
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
+
+
 async def upload(
-    content_type: str, body: AsyncIterator[bytes], open_target: Callable[[dict[str, Any]], _Target] | None = None
+    content_type: str,
+    body: AsyncIterator[bytes],
+    open_target: Callable[[dict[str, Any]], _Target] | None = None,
+    run: Callable[..., Awaitable[Any]] = _call,
 ) -> int:
     """Write the files of a multipart body: each `metadata` part (JSON: path, mode, owner, group)
     is followed by the `file` part holding its content. Returns the number of files written.
-    `open_target` opens each file (default: the path in execd's own filesystem)."""
+    `open_target` opens each file (default: the path in execd's own filesystem); `run(fn, *args)`
+    calls it and each file's finish (e.g. as another user: execd/identity.py)."""
     opener = open_target or _Target.open
     from opensandbox_platform.execd.multipart import boundary_of
 
@@ -485,7 +502,7 @@ async def upload(
                             raise errors.bad_request(
                                 "a 'file' part must follow its 'metadata' part", errors.INVALID_FILE
                             )
-                        target = opener(metadata)
+                        target = await run(opener, metadata)
                         metadata = None
                 elif isinstance(ev, PartData):
                     if meta_buf is not None:
@@ -499,7 +516,7 @@ async def upload(
                         metadata = _parse_metadata(bytes(meta_buf))
                         meta_buf = None
                     elif target is not None:
-                        target.finish()
+                        await run(target.finish)
                         target = None
                         written += 1
         if not parser.finished:

@@ -197,6 +197,21 @@ class LocalSection(Section):
         " store above it is Failed (snapshot_too_large); each snapshot holds at most diskSizeMib",
     )
 
+    forward_ports: str = Field(
+        default="61000-65535",
+        description="host loopback ports a sandbox's ports are forwarded from (low-high): outside the kernel's"
+        " ephemeral range, where container engines publish ports and their NAT rules (live or left behind) would"
+        " take a forwarder's connections; empty: any ephemeral port",
+    )
+
+    @field_validator("forward_ports")
+    @classmethod
+    def _forward_ports(cls, value: str) -> str:
+        from opensandbox_platform.server.runtimes.forward import PortRange
+
+        PortRange.parse(value)  # ValueError: a clear message
+        return value
+
     @field_validator("network_allow", "network_deny")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from opensandbox_platform.server import errors, networkpolicy
 from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.hook_events import hook_events
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.runtimes.base import LogText, Runtime
 from opensandbox_platform.server.runtimes.events import SandboxEvent, merged
@@ -52,7 +53,11 @@ def since_time(value: str | None, now: dt.datetime) -> dt.datetime | None:
     match = _DURATION.fullmatch(value.strip())
     if not match:
         raise errors.invalid(f"since {value!r} is not a duration such as 30s, 10m, 1h or 2d")
-    return now - dt.timedelta(seconds=int(match.group(1)) * _SECONDS[match.group(2)])
+    seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    if seconds >= (now - epoch).total_seconds():
+        return epoch  # longer ago than anything a sandbox logged: all of it
+    return now - dt.timedelta(seconds=seconds)
 
 
 def clip(text: str, limit: int = MAX_INLINE_BYTES) -> tuple[str, bool]:
@@ -81,7 +86,8 @@ async def events_of(request: Request, sandbox_id: str, scope: str) -> list[Sandb
     if scope in ("runtime", "all"):
         engine = await runtime.runtime_events(sandbox_id)
         refused = await networkpolicy.denial_events(request.app.state.http, runtime, sandbox_id)
-    return merged(server, engine, refused)
+    hooks = await hook_events(runtime, request.app.state.http, sandbox_id) if scope in ("lifecycle", "all") else []
+    return merged(server, engine, refused, hooks)
 
 
 def render_events(events: list[SandboxEvent], limit: int | None = None) -> str:

@@ -51,6 +51,10 @@ WS_NOT_FORWARDED = NOT_FORWARDED | {
     "sec-websocket-accept",
 }
 TIMEOUT = httpx.Timeout(180.0, connect=10.0)
+# With the web console on this origin, a page a sandbox serves through the proxy must not act as
+# the console (its script could read /console/api with the user's cookie): it runs in an opaque
+# origin, as an iframe's sandbox would (no same-origin reads, no SameSite cookies, Origin "null").
+ISOLATED_PAGE = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
 
 
 def new_client() -> httpx.AsyncClient:
@@ -89,8 +93,17 @@ def _target(upstream: Endpoint, path: str, query: str, scheme: str) -> str:
 
 
 async def forward_http(
-    client: httpx.AsyncClient, request: Request, upstream: Endpoint, path: str, prefix_segments: int = _PREFIX_SEGMENTS
+    client: httpx.AsyncClient,
+    request: Request,
+    upstream: Endpoint,
+    path: str,
+    prefix_segments: int = _PREFIX_SEGMENTS,
+    *,
+    isolate: bool = False,
+    protected_cookies: frozenset[str] = frozenset(),
 ) -> Response:
+    """Relay `request` to `path` of `upstream`; `isolate`: the answer is confined to an opaque origin
+    (ISOLATED_PAGE), and Set-Cookie of `protected_cookies` is dropped (the server's own)."""
     if request.headers.get("upgrade", "").lower() == "websocket":
         raise errors.invalid("a WebSocket upgrade must be sent as a WebSocket request")
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in NOT_FORWARDED]
@@ -119,17 +132,35 @@ async def forward_http(
         raise ApiError(504, errors.BACKEND_TIMEOUT, "the sandbox did not answer in time") from None
     except httpx.HTTPError as exc:
         raise ApiError(502, errors.BACKEND_RESPONSE_FAILED, f"bad response from the sandbox: {exc}") from None
-    out_headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
-    location = out_headers.get("location")
-    if location and location.startswith("/"):
-        # Keep redirects inside the proxy prefix.
-        out_headers["location"] = _prefix(request, prefix_segments) + location
-    return StreamingResponse(
-        relay_body(response),
-        status_code=response.status_code,
-        headers=out_headers,
-        background=BackgroundTask(response.aclose),
+    relayed = StreamingResponse(
+        relay_body(response), status_code=response.status_code, background=BackgroundTask(response.aclose)
     )
+    relayed.raw_headers = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in _response_headers(response, _prefix(request, prefix_segments), isolate, protected_cookies)
+    ]
+    return relayed
+
+
+def _response_headers(
+    response: httpx.Response, prefix: str, isolate: bool, protected_cookies: frozenset[str]
+) -> list[tuple[str, str]]:
+    """The sandbox's headers as relayed: each Set-Cookie on its own (but none named as one of the
+    server's `protected_cookies`), redirects kept inside the proxy prefix, and with `isolate`
+    the page confined to an opaque origin."""
+    relayed = []
+    for key, value in response.headers.multi_items():
+        name = key.lower()
+        if name in HOP_BY_HOP:
+            continue
+        if name == "set-cookie" and value.split("=", 1)[0].strip() in protected_cookies:
+            continue
+        if name == "location" and value.startswith("/"):
+            value = prefix + value
+        relayed.append((name, value))
+    if isolate:
+        relayed.append(("content-security-policy", ISOLATED_PAGE))
+    return relayed
 
 
 async def _counted(chunks: AsyncIterator[bytes], counter: Any) -> AsyncIterator[bytes]:

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import math
 import time
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -21,6 +21,7 @@ from opensandbox_platform.server import errors, metrics, proxy, validation
 from opensandbox_platform.server.admission import Admission, ClientGone
 from opensandbox_platform.server.auth import API_KEY_CHECKED
 from opensandbox_platform.server.config import Config
+from opensandbox_platform.server.console.session import COOKIE as CONSOLE_COOKIE
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import (
     CreateSandboxRequest,
@@ -343,7 +344,15 @@ async def proxy_http(request: Request, sandbox_id: SandboxId, port: Port, path: 
     upstream = await runtime_of(request).upstream(sandbox_id, port)
     _check_access(request, sandbox_id, upstream)
     client: httpx.AsyncClient = request.app.state.http
-    return await proxy.forward_http(client, request, upstream, proxy.raw_tail(request, port))
+    tail = proxy.raw_tail(request, port)
+    return await proxy.forward_http(client, request, upstream, tail, **proxy_isolation(request))
+
+
+def proxy_isolation(request: Request) -> dict[str, Any]:
+    """With the web console on this origin, what the proxy relays may not act as it (proxy.py)."""
+    if not config_of(request).console.enabled:
+        return {}
+    return {"isolate": True, "protected_cookies": frozenset({CONSOLE_COOKIE})}
 
 
 # One route per method, each with its own operationId; the form without a path is the same relay.
@@ -378,9 +387,8 @@ async def signed_http(request: Request, sandbox_id: SandboxId, port: Port, token
     signer_of(request).check_route(sandbox_id, port, token, dt.datetime.now(dt.UTC))
     upstream = await runtime_of(request).upstream(sandbox_id, port)
     client: httpx.AsyncClient = request.app.state.http
-    return await proxy.forward_http(
-        client, request, upstream, proxy.raw_tail(request, port, proxy.SIGNED_SEGMENTS), proxy.SIGNED_SEGMENTS
-    )
+    tail = proxy.raw_tail(request, port, proxy.SIGNED_SEGMENTS)
+    return await proxy.forward_http(client, request, upstream, tail, proxy.SIGNED_SEGMENTS, **proxy_isolation(request))
 
 
 SIGNED_PATH = "/sandboxes/{sandboxId}/signed/{port}/{token}"

@@ -4,9 +4,11 @@ visitor without it gets, the login's cookie, CSRF and Origin checks, the CSP, th
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +19,7 @@ from opensandbox_platform.server.app import create_app
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.console.session import COOKIE, Signer
 from opensandbox_platform.server.runtimes.base import Endpoint
+from opensandbox_platform.server.signing import SECURE_ACCESS_HEADER
 from tests.unit.server.test_routes import MemoryRuntime
 
 KEY = "the-key"
@@ -66,7 +69,9 @@ def logged_in(client: TestClient) -> str:
 def test_nothing_without_a_login(client: TestClient) -> None:
     page = client.get("/console", follow_redirects=False)
     assert (page.status_code, page.headers["location"]) == (303, "/console/login")
-    for path in ("/console/api/session", "/console/api/sandboxes", "/console/api/sandboxes/sb-1"):
+    sandbox = "/console/api/sandboxes/sb-1"
+    for path in ("/console/api/session", "/console/api/sandboxes", sandbox, f"{sandbox}/endpoints/44772",
+                 f"{sandbox}/diagnostics/logs", f"{sandbox}/diagnostics/events"):  # fmt: skip
         refused = client.get(path)
         assert refused.status_code == 401 and refused.json()["code"] == "MISSING_API_KEY"
         assert "sb-1" not in refused.text
@@ -119,6 +124,42 @@ def test_every_console_response_has_the_csp(client: TestClient) -> None:
         assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp, path
         assert response.headers["x-content-type-options"] == "nosniff"
     assert "content-security-policy" not in client.get("/health").headers
+
+
+def test_endpoints_name_their_headers_and_never_show_their_values(client: TestClient) -> None:
+    logged_in(client)
+    base = "/console/api/sandboxes/sb-1/endpoints"
+    direct = client.get(f"{base}/44772").json()  # the runtime's answer carries {"X-Token": "t"}
+    assert direct == {"port": 44772, "endpoint": "10.0.0.1:44772", "headerNames": ["X-Token"], "expiresAt": None}
+    client.app.state.runtime.sandboxes["sb-1"].secure_access = True  # type: ignore[attr-defined]
+    proxied = client.get(f"{base}/8080", params={"use_server_proxy": "true"})
+    api = client.get("/v1/sandboxes/sb-1/endpoints/8080?use_server_proxy=true", headers={"OPEN-SANDBOX-API-KEY": KEY})
+    token = api.json()["headers"]
+    assert proxied.json()["endpoint"] == "testserver/sandboxes/sb-1/proxy/8080"
+    assert proxied.json()["headerNames"] == [SECURE_ACCESS_HEADER] and token[SECURE_ACCESS_HEADER] not in proxied.text
+    signed = client.get(f"{base}/8080", params={"expiresIn": "600"}).json()
+    assert signed["endpoint"].startswith("testserver/sandboxes/sb-1/signed/8080/") and signed["headerNames"] == []
+    assert abs(dt.datetime.fromisoformat(signed["expiresAt"]).timestamp() - (time.time() + 600)) < 5
+    too_long = client.get(f"{base}/8080", params={"expiresIn": str(8 * 86400)})
+    assert too_long.status_code == 400 and too_long.json()["code"] == "SANDBOX::INVALID_EXPIRATION"
+    for bad in (f"{base}/0", f"{base}/8080?expiresIn=0", f"{base}/8080?expiresIn=soon"):
+        assert client.get(bad).status_code == 400, bad
+    assert client.get("/console/api/sandboxes/nope/endpoints/8080").status_code == 404
+
+
+def test_diagnostics_are_the_apis_plain_text(client: TestClient) -> None:
+    logged_in(client)
+    client.app.state.runtime.output = "<script>alert(1)</script>\nlast line\n"  # type: ignore[attr-defined]
+    logs = client.get("/console/api/sandboxes/sb-1/diagnostics/logs", params={"tail": "1"})
+    assert logs.text == "last line\n" and logs.headers["content-type"].startswith("text/plain")
+    everything = client.get("/console/api/sandboxes/sb-1/diagnostics/logs")
+    assert everything.text.startswith("<script>") and everything.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self'" in everything.headers["content-security-policy"]
+    assert everything.headers["cache-control"] == "no-store"
+    events = client.get("/console/api/sandboxes/sb-1/diagnostics/events")
+    assert "ContainerStarted: from the engine" in events.text
+    assert client.get("/console/api/sandboxes/sb-1/diagnostics/logs", params={"tail": "0"}).status_code == 400
+    assert client.get("/console/api/sandboxes/nope/diagnostics/events").status_code == 404
 
 
 def test_static_files_stay_in_their_directory(client: TestClient) -> None:

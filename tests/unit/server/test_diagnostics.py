@@ -114,9 +114,38 @@ def test_since_and_clip() -> None:
     assert since_time("90s", now) == now - dt.timedelta(seconds=90)
     assert since_time("2h", now) == now - dt.timedelta(hours=2)
     assert since_time(None, now) is None
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    assert since_time("027723507287613s", now) == epoch == since_time("99999999999999999999d", now)  # (fuzzed)
     text, cut = clip("a" * 10 + "\n" + "b" * 10, 15)
     assert cut and text == "b" * 10
     assert clip("short", 15) == ("short", False)
+
+
+def test_hook_runs_become_events_oldest_first() -> None:
+    from opensandbox_platform.server.hook_events import events_of_status
+
+    run = {"durationMs": 12, "timedOut": False, "skipped": False, "outputTruncated": False}
+    status = {
+        "preStart": {**run, "startedAt": "2026-11-30T10:00:00.000Z", "exitCode": 0, "output": "ready\n"},
+        "periodic": [
+            {
+                "name": "tick",
+                "schedule": "@every 1s",
+                "skipped": 1,
+                "runs": [
+                    {**run, "startedAt": "2026-11-30T10:00:02.000Z", "exitCode": 0, "skipped": True, "output": ""},
+                    {**run, "startedAt": "2026-11-30T10:00:01.000Z", "exitCode": 137, "timedOut": True, "output": ""},
+                ],
+            }
+        ],
+    }
+    lines = [f"{event.reason}: {event.message}" for event in events_of_status(status)]
+    assert lines == [
+        "HookSucceeded: preStart hook: exited with code 0 after 12 ms; output: ready",
+        "HookFailed: periodic hook tick (@every 1s): timed out and was killed with code 137 after 12 ms",
+        "HookSkipped: periodic hook tick (@every 1s): skipped, its previous run was still going (1 skipped so far)",
+    ]
+    assert [e.type for e in events_of_status(status)] == ["Normal", "Warning", "Warning"]
 
 
 def test_denials_become_warning_events_most_refused_first() -> None:

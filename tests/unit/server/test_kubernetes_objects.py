@@ -103,6 +103,16 @@ def test_direct_mode_carries_resource_requests_next_to_the_limits(
     BatchSandboxSpec.model_validate(obj["spec"])
 
 
+def test_lifecycle_hooks_hold_the_entrypoint_at_the_start_gate() -> None:
+    hooks = {"preStart": {"command": ["true"], "timeoutSeconds": 60}}
+    (with_hooks,) = build_batchsandbox("id-1", spec(lifecycle=hooks), Settings(), NOW)["spec"]["sandboxTemplate"][
+        "spec"
+    ]["containers"]
+    assert {"name": labels.START_GATE_ENV, "value": labels.START_GATE} in with_hooks["env"]
+    (plain,) = build_batchsandbox("id-1", spec(), Settings(), NOW)["spec"]["sandboxTemplate"]["spec"]["containers"]
+    assert plain["env"] == [{"name": "A", "value": "1"}]
+
+
 def test_reserved_labels_are_not_metadata() -> None:
     obj = build_batchsandbox("id", spec(), Settings(), NOW)
     obj["metadata"]["labels"].update({labels.DOCKER_PREFIX + "x": "y", "example.com/x": "z"})

@@ -1,8 +1,9 @@
 """The web console's routes under `/console` (docs/observability.md, "Web console").
 
 Pages: `/console` (the sandbox list and a sandbox's page, one small script) and `/console/login`.
-JSON for the page under `/console/api/` (the lifecycle routes' own handlers, behind the session
-cookie instead of the API key header), and the terminal: a WebSocket that opens a shell on a PTY of
+JSON (and the diagnostics' plain text) for the page under `/console/api/` (the lifecycle and
+diagnostics routes' own handlers, behind the session cookie instead of the API key header;
+credentials in their answers left out), and the terminal: a WebSocket that opens a shell on a PTY of
 the sandbox's execd (`POST /pty`) and relays execd's terminal protocol (`/pty/{id}/ws`) both ways.
 
 Every console response carries a strict Content-Security-Policy (scripts only from /console/static,
@@ -18,6 +19,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +34,7 @@ from starlette.requests import HTTPConnection
 from starlette.staticfiles import StaticFiles
 
 from opensandbox_platform.api import labels
-from opensandbox_platform.server import errors, metrics, proxy, routes
+from opensandbox_platform.server import diagnostics, errors, metrics, proxy, routes
 from opensandbox_platform.server.console.session import COOKIE, CSRF_HEADER, Signer
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import RenewRequest
@@ -191,6 +193,56 @@ async def renew(request: Request, sandbox_id: routes.SandboxId) -> JSONResponse:
     expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
     renewed = await routes.renew_expiration(request, sandbox_id, RenewRequest(expires_at=expires_at))
     return JSONResponse(renewed.model_dump(mode="json", by_alias=True))
+
+
+# -- endpoints and diagnostics: the API's own answers, without the credentials they may carry ---
+
+
+@router.get("/api/sandboxes/{sandboxId}/endpoints/{port}", dependencies=[Depends(require_login)])
+async def endpoint(
+    request: Request,
+    sandbox_id: routes.SandboxId,
+    port: routes.Port,
+    use_server_proxy: bool = False,
+    expires_in: Annotated[int | None, Query(alias="expiresIn", ge=1)] = None,
+) -> JSONResponse:
+    """Where port N of the sandbox is reached (`GET /sandboxes/{id}/endpoints/{port}`, its checks),
+    or with `expiresIn` a signed URL through the server valid that many seconds. The headers of the
+    answer are credentials (execd's access token, a secureAccess token): the page gets their names."""
+    expires = int(time.time()) + expires_in if expires_in is not None else None
+    found = await routes.get_endpoint(
+        request, sandbox_id, port, use_server_proxy=use_server_proxy, expires=None if expires is None else str(expires)
+    )
+    return JSONResponse(
+        {
+            "port": port,
+            "endpoint": found.endpoint,
+            "headerNames": sorted(found.headers or {}),
+            "expiresAt": dt.datetime.fromtimestamp(expires, dt.UTC).isoformat() if expires is not None else None,
+        },
+        headers={"cache-control": "no-store"},
+    )
+
+
+@router.get("/api/sandboxes/{sandboxId}/diagnostics/logs", dependencies=[Depends(require_login)])
+async def logs(
+    request: Request, sandbox_id: routes.SandboxId, tail: Annotated[int, Query(ge=1, le=100_000)] = 200
+) -> Response:
+    """The sandbox's last `tail` lines of output, as the API's plain text (the page shows it as text)."""
+    return _no_store(await diagnostics.diagnostic_logs(request, sandbox_id, scope=None, tail=tail, since=None))
+
+
+@router.get("/api/sandboxes/{sandboxId}/diagnostics/events", dependencies=[Depends(require_login)])
+async def events(
+    request: Request, sandbox_id: routes.SandboxId, limit: Annotated[int, Query(ge=1, le=10_000)] = 200
+) -> Response:
+    """The sandbox's lifecycle events (the server's and the runtime's), as the API's plain text."""
+    return _no_store(await diagnostics.diagnostic_events(request, sandbox_id, scope=None, limit=limit))
+
+
+def _no_store(response: Response) -> Response:
+    response.headers["cache-control"] = "no-store"  # a sandbox's output may hold its secrets
+    return response
 
 
 # -- files and resources, from the sandbox's execd -----------------------------------------------

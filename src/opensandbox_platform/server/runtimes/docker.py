@@ -26,6 +26,7 @@ import asyncio
 import builtins
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -68,7 +69,8 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
-from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call
+from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
+from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call, ping_execd
 
 log = logging.getLogger("opensandbox.docker")
 
@@ -77,6 +79,7 @@ HOST_CPU_MILLIS = (os.cpu_count() or 1) * 1000
 ENGINE_UNAVAILABLE = "DOCKER::ENGINE_UNAVAILABLE"
 ENGINE_NAME = "the Docker Engine API"
 DOCKER_NOT_CONNECTED = 900  # aiodocker's status for a connection error
+PUBLISHED_PORT_TIMEOUT = 3.0  # seconds execd may take to answer on its published port once it listens
 Json = dict[str, Any]
 JsonList = list[Json]  # (at module level: `list` in the class body is the method)
 Targets = list[tuple[str, Endpoint]]
@@ -114,6 +117,7 @@ class DockerRuntime:
         volumes=frozenset({"host", "pvc"}),
         snapshots=True,
         network_policy=True,
+        lifecycle=True,
         max_cpu_millis=HOST_CPU_MILLIS,
     )
 
@@ -137,6 +141,9 @@ class DockerRuntime:
         self._found_programs: set[tuple[str, str]] = set()  # (image id, argv[0]) known to exist
         self._deleting: set[str] = set()  # ids being deleted: listed as Stopping, not as what the engine says
         self._abandoned: dict[str, float] = {}  # ids whose create the engine never answered: removed later
+        # Never-started containers found at start that may be another server's create in progress
+        # (servers may share an engine): container id -> when to remove it if it is still not started.
+        self._unstarted: dict[str, float] = {}
         self.engine = EngineMonitor(
             ENGINE_NAME, self._ping, self.settings.health_interval_seconds, self.settings.api_timeout_seconds
         )
@@ -209,23 +216,44 @@ class DockerRuntime:
             self._docker = None
 
     async def _recover(self) -> None:
+        known: set[str] = set()  # sandbox ids with a container, in any state
         for item in await self._list_containers():
             labels = model.decode_labels(item.get("Labels") or {})
             if labels is None:
                 continue
+            known.add(labels.id)
             if str(item.get("State")).lower() == "created":
-                # Never started: a create cut short by a server stop. Nobody was told its id.
-                log.warning("removing a sandbox container whose create did not finish id=%s", labels.id)
-                await self._remove_container(item["Id"])
-                self.store.delete(labels.id)
+                # Never started: a create cut short by a server stop (nobody was told its id), or
+                # another server's create under way. Removed once no create could still be starting it.
+                self._unstarted[item["Id"]] = time.monotonic() + self._unstarted_grace(labels)
                 continue
             with contextlib.suppress(DockerError):
                 self._adopt(await self._inspect(item["Id"]))
         for stale in self.store.ids() - set(self.sandboxes):
             self.store.delete(stale)
+        await self._remove_unstarted()
         for item in await docker_api.list_containers(self.docker, L.DOCKER_EGRESS_FOR):
-            if (item.get("Labels") or {}).get(L.DOCKER_EGRESS_FOR) not in self.sandboxes:
+            if (item.get("Labels") or {}).get(L.DOCKER_EGRESS_FOR) not in known:
                 await self._remove_container(item["Id"])  # its sandbox is gone
+
+    def _unstarted_grace(self, labels: model.Labels) -> float:
+        """Seconds until a never-started container made at `labels.created_at` can be nobody's
+        create in progress (a create gives up after the engine's and execd's timeouts)."""
+        limit = 2 * self.settings.api_timeout_seconds + self.settings.start_timeout_seconds
+        return max(0.0, limit - (times.now() - labels.created_at).total_seconds())
+
+    async def _remove_unstarted(self) -> None:
+        for container_id, due in list(self._unstarted.items()):
+            if time.monotonic() < due:
+                continue
+            del self._unstarted[container_id]
+            with contextlib.suppress(DockerError):
+                inspect = await self._inspect(container_id)
+                labels = model.decode_labels((inspect.get("Config") or {}).get("Labels") or {})
+                if str((inspect.get("State") or {}).get("Status")).lower() == "created" and labels is not None:
+                    log.warning("removing a sandbox container whose create did not finish id=%s", labels.id)
+                    await self._remove_container(container_id)
+                    self.store.delete(labels.id)
 
     async def _remove_helpers(self) -> None:
         filters = json.dumps({"label": [L.DOCKER_EXECD_HELPER]})
@@ -251,8 +279,13 @@ class DockerRuntime:
         binds = self.settings.state_path() / "binds"
         prepared = await docker_volumes.prepare(self.docker, sandbox_id, spec.volumes, binds)
         labels = model.encode_labels(sandbox_id, spec, now, docker_volumes.owned_label(prepared))
+        make = functools.partial(self._create_container, sandbox_id, spec, image, execd_volume, token, labels)
         try:
-            return await self._create_container(sandbox_id, spec, image, execd_volume, token, labels, prepared, steps)
+            try:
+                return await make(prepared, steps)
+            except _PortTaken as exc:  # the container is gone again: once more, on another port
+                log.warning("sandbox create retried id=%s: %s", sandbox_id, exc.message)
+                return await make(prepared, steps)
         except BaseException as exc:
             failed_start = isinstance(exc, ApiError) and exc.code == errors.START_FAILED
             gone = docker_volumes.removed_volume(prepared) if failed_start else None
@@ -315,8 +348,13 @@ class DockerRuntime:
                 else:  # the sidecar joins the namespace as soon as it exists, while execd starts
                     egress = self._start_egress(sandbox_id, container.id, spec.network_policy)
                     (_, inspect), egress_token = await _both(ready, egress)
+                steps.done("ready")
+                await self._check_published_port(inspect, token)
+                if spec.lifecycle:  # preStart runs under the network policy; then execd opens the gate
+                    await self._begin_lifecycle(inspect, token, spec.lifecycle)
+                    steps.done("preStart")
+                elif spec.network_policy is not None:
                     await self._open_start_gate(container.id)
-            steps.done("ready")
         except BaseException as exc:
             if spec.network_policy is not None:
                 await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
@@ -496,6 +534,12 @@ class DockerRuntime:
             await sidecar.start()
             await self._wait_ready(sidecar.id, output, model.EGRESS_READY_LINE, "the egress sidecar")
         return token
+
+    async def _begin_lifecycle(self, inspect: dict[str, Any], token: str, hooks: dict[str, Any]) -> None:
+        address = f"{model.endpoint_host(self.settings)}:{model.published_port(inspect)}"
+        await begin_lifecycle(
+            Endpoint(address, {L.EXECD_TOKEN_HEADER: token}), hooks, self.settings.start_timeout_seconds
+        )
 
     async def _open_start_gate(self, container_id: str) -> None:
         """Let the entrypoint go: the bootstrap script waits on the FIFO L.START_GATE, which it made
@@ -727,6 +771,21 @@ class DockerRuntime:
         state = (await self._inspect(container_id)).get("State") or {}
         raise self._start_failed(container_id, f"the container exited with code {state.get('ExitCode')}", seen)
 
+    async def _check_published_port(self, inspect: dict[str, Any], token: str) -> None:
+        """execd answers on the published port the endpoint names. An engine's NAT rule for that
+        port can send it elsewhere: a rule the engine left behind for a removed container (podman
+        does) comes first and takes the port's connections to a dead or a stranger's address."""
+        port = model.published_port(inspect)
+        if port is None:
+            return
+        endpoint = Endpoint(f"{model.endpoint_host(self.settings)}:{port}", {L.EXECD_TOKEN_HEADER: token})
+        why = await ping_execd(endpoint, PUBLISHED_PORT_TIMEOUT)
+        if why is not None:
+            raise _PortTaken(
+                f"execd's published port {port} does not reach the container ({why}): the engine's NAT rule for"
+                " it is stale or another container's"
+            )
+
     def _start_failed(self, container_id: str, why: str, output: str) -> ApiError:
         lines = [line for line in output.strip().splitlines() if line.strip()]
         log.error("sandbox start failed container=%s why=%s log=%s", container_id[:12], why, output[-2000:])
@@ -797,6 +856,7 @@ class DockerRuntime:
         async with self.docker._query("_ping", versioned_api=False) as response:
             await response.read()
         await self._remove_abandoned()
+        await self._remove_unstarted()
 
     async def _remove_abandoned(self) -> None:
         """Creates whose engine did not answer may have left a container (made once the engine woke
@@ -931,3 +991,10 @@ def _add_complete(tar: tarfile.TarFile) -> None:
     info = tarfile.TarInfo(model.EXECD_VOLUME_COMPLETE)
     info.size, info.mode = 0, 0o644
     tar.addfile(info, io.BytesIO(b""))
+
+
+class _PortTaken(ApiError):
+    """The published execd port leads elsewhere (docker.py `_check_published_port`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, errors.START_FAILED, message)

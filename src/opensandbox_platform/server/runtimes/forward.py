@@ -1,12 +1,13 @@
-"""Ports of a sandbox on the host's loopback: `127.0.0.1:<ephemeral>` -> `127.0.0.1:<port>` inside.
+"""Ports of a sandbox on the host's loopback: `127.0.0.1:<forwardPorts>` -> `127.0.0.1:<port>` inside.
 
 A sandbox's network namespace is its own, so execd (44772) and whatever else listens in it is out
-of the host's reach. For each port a client asks about, the server listens on an ephemeral port of
-the host's loopback and relays every connection to the port in the sandbox: the socket to the
-sandbox is made in its namespace (a thread enters the namespace, creates the socket, and leaves;
-a socket stays in the namespace it was made in) and connects to the sandbox's own 127.0.0.1, so
-servers listening on loopback or on all addresses are both reached, and two sandboxes can listen
-on the same port. Relaying is asyncio's transports with flow control in both directions.
+of the host's reach. For each port a client asks about, the server listens on a free port of the
+host's loopback (`local.forwardPorts`: PortRange) and relays every connection to the port in the
+sandbox: the socket to the sandbox is made in its namespace (a thread enters the namespace,
+creates the socket, and leaves; a socket stays in the namespace it was made in) and connects to
+the sandbox's own 127.0.0.1, so servers listening on loopback or on all addresses are both
+reached, and two sandboxes can listen on the same port. Relaying is asyncio's transports with
+flow control in both directions.
 
 The listeners live in the server process: a restarted server opens them again, on the same host
 ports where it can (runtimes/local.py keeps them in the sandbox's record).
@@ -18,9 +19,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import cast
 
 from opensandbox_platform.server.runtimes import linux
@@ -31,6 +34,37 @@ LOOPBACK = "127.0.0.1"
 HIGH_WATER = 256 * 1024
 BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """Host ports forwarders listen on (local.forwardPorts). Outside the kernel's ephemeral range by
+    default: a container engine publishes ports from that range and its NAT rules for them (a live
+    container's, or one an engine left behind) take every connection to such a port, whoever
+    listens on it, so a forwarder on one would relay to a stranger's container or to nowhere."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str) -> PortRange | None:
+        """`low-high` (None for ""); ValueError with what is wrong."""
+        if not text.strip():
+            return None
+        low, sep, high = text.partition("-")
+        try:
+            chosen = cls(int(low), int(high if sep else low))
+        except ValueError:
+            raise ValueError(f"forwardPorts {text!r} is not a range such as 61000-65535") from None
+        if not 1024 <= chosen.low <= chosen.high <= 65535:
+            raise ValueError(f"forwardPorts {text!r} must lie within 1024-65535, low first")
+        return chosen
+
+    def candidates(self) -> list[int]:
+        """Every port of the range, from a random one on (forwarders of many sandboxes spread out)."""
+        ports = list(range(self.low, self.high + 1))
+        start = random.randrange(len(ports))
+        return ports[start:] + ports[:start]
 
 
 class NamespaceSockets:
@@ -132,18 +166,25 @@ class Forward:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host_port: int = 0) -> int:
-        """Listen on `host_port` (0, or when it is taken: an ephemeral one); the port listened on."""
-        loop = asyncio.get_running_loop()
-        try:
-            self._server = await loop.create_server(
-                self._accepted, LOOPBACK, host_port, reuse_address=True, backlog=BACKLOG
-            )
-        except OSError:
-            if not host_port:
-                raise
+    async def start(self, host_port: int = 0, ports: PortRange | None = None) -> int:
+        """Listen on `host_port` (0, or when it is taken: a free one of `ports`, or with no range an
+        ephemeral one); the port listened on."""
+        if host_port:
+            with contextlib.suppress(OSError):
+                return await self._listen(host_port)
             log.warning("host port %d is taken; forwarding port %d from a new one", host_port, self.port)
-            self._server = await loop.create_server(self._accepted, LOOPBACK, 0, reuse_address=True, backlog=BACKLOG)
+        for candidate in ports.candidates() if ports is not None else []:
+            with contextlib.suppress(OSError):
+                return await self._listen(candidate)
+        if ports is not None:
+            log.warning("every port of forwardPorts %d-%d is taken: an ephemeral one", ports.low, ports.high)
+        return await self._listen(0)
+
+    async def _listen(self, host_port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._accepted, LOOPBACK, host_port, reuse_address=True, backlog=BACKLOG
+        )
         self.host_port = self._server.sockets[0].getsockname()[1]
         return self.host_port
 
@@ -208,7 +249,8 @@ class SandboxPorts:
     """Every sandbox's forwarded ports: its network namespace (an fd this object owns) and a
     `Forward` per port asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, ports: PortRange | None = None) -> None:
+        self.ports = ports
         self._sockets: NamespaceSockets | None = None
         self._netns: dict[str, int] = {}
         self._forwards: dict[str, dict[int, Forward]] = {}
@@ -244,7 +286,7 @@ class SandboxPorts:
         an ephemeral one); the host port."""
         assert self._sockets is not None, "start() first"
         forward = Forward(self._sockets, self._netns[sandbox_id], port)
-        bound = await forward.start(host_port)
+        bound = await forward.start(host_port, self.ports)
         self._forwards.setdefault(sandbox_id, {})[port] = forward
         return bound
 

@@ -35,6 +35,7 @@ import aiohttp
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
+from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors, metrics, validation
@@ -52,6 +53,7 @@ from opensandbox_platform.server.runtimes.base import (
     SnapshotInfo,
 )
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
+from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
     Settings,
@@ -109,6 +111,7 @@ class KubernetesRuntime:
         image_auth=True,
         volumes=frozenset({"host", "pvc"}),
         network_policy=True,
+        lifecycle=True,  # direct mode only (validation refuses it with a poolRef)
     )
 
     def __init__(self, config: Config) -> None:
@@ -306,7 +309,8 @@ class KubernetesRuntime:
             self._check_network_policy(pool)
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
-        pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
+        # (a preStart hook holds the create that much longer)
+        pending_for = self.create_timeout + lifecycle.pre_start_seconds(spec.lifecycle) + ABANDON_GRACE_SECONDS
         image, egress = (pool.image, pool.egress) if pool else (None, False)
         obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for, egress)
         made = await owned.make(
@@ -328,6 +332,9 @@ class KubernetesRuntime:
                 await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
                 raise self._timeout_error(sandbox_id) from None
+            if spec.lifecycle:  # the pod is Ready (execd answers); its entrypoint waits at the start gate
+                execd = await self.endpoint(sandbox_id, labels.EXECD_PORT)
+                await begin_lifecycle(execd, spec.lifecycle, self.create_timeout)
             # The client holds the sandbox from here: no pending mark, the requested expiry.
             finished = await self._call(
                 self.client.patch(BATCHSANDBOXES, sandbox_id, finish_create(spec, now), self.namespace)

@@ -145,8 +145,11 @@ def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> 
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(spec.entrypoint),
     }
-    if spec.env:
-        container["env"] = _env_list(spec.env)
+    env = dict(spec.env)
+    if spec.lifecycle:  # the bootstrap script holds the entrypoint back until preStart succeeded
+        env[labels.START_GATE_ENV] = labels.START_GATE
+    if env:
+        container["env"] = _env_list(env)
     pod_volumes, mounts = volume_mounts(spec.volumes, settings.allowed_host_paths)
     if mounts:
         container["volumeMounts"] = mounts

@@ -52,6 +52,7 @@ from opensandbox_platform.api.labels import (
     wants_isolation,
 )
 from opensandbox_platform.daemon import openat2, times
+from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -84,7 +85,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.cgroups import Cgroups
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
-from opensandbox_platform.server.runtimes.forward import LOOPBACK, SandboxPorts
+from opensandbox_platform.server.runtimes.forward import LOOPBACK, PortRange, SandboxPorts
 from opensandbox_platform.server.runtimes.local_egress import JailEgress
 from opensandbox_platform.server.runtimes.local_snapshots import LocalSnapshots, Restore, layer_path
 from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot
@@ -245,6 +246,7 @@ class LocalRuntime:
         volumes=frozenset({"host", "pvc"}),
         snapshots=True,
         network_policy=True,
+        lifecycle=True,
     )
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
@@ -275,7 +277,7 @@ class LocalRuntime:
         self._layout: jails.RuntimeLayout | None = None
         self._parts: list[rootfs.HostPart] = []
         self._proc_masks: list[str] = []
-        self.ports = SandboxPorts()
+        self.ports = SandboxPorts(PortRange.parse(self.local.forward_ports))
         self._helpers: dict[str, subprocess.Popen[bytes]] = {}
         self._drains: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -926,18 +928,23 @@ class LocalRuntime:
             env = {**image.env, **spec.env}
             cwd = image.working_dir or jails.WORKSPACE
             argv = argv or image.entrypoint + image.cmd
-        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits}
+        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits, "lifecycle": spec.lifecycle}
         try:
             os.write(jail.ctl_fd, json.dumps(claim).encode() + b"\n")
         finally:
             os.close(jail.ctl_fd)
+        # A preStart hook runs before the entrypoint starts (and is killed at its own timeout).
+        timeout = self.local.start_timeout_seconds + lifecycle.pre_start_seconds(spec.lifecycle)
         try:
-            started = await asyncio.wait_for(_read_event(jail.events), self.local.start_timeout_seconds)
+            started = await asyncio.wait_for(_read_event(jail.events), timeout)
         except TimeoutError:
             await self._kill(record)
             raise await self._start_failed(record, "the entrypoint did not start in time") from None
         finally:
             jail.transport.close()
+        if started.get("event") == "hook-failed":
+            why = lifecycle.failure(started.get("run") or {}) or "the preStart hook failed"
+            raise ApiError(400, errors.PRESTART_FAILED, why)
         if started.get("event") != "started":
             message = started.get("message") or "the jail ended"
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {message}")

@@ -1,6 +1,6 @@
 // The OpenSandbox console: the sandbox list (#/) and a sandbox's page with its terminal (#/sandbox/ID).
-// Everything a sandbox or a user controls (ids, metadata, messages, terminal output) is put into the
-// page as text (textContent, xterm.js): never as HTML. No inline script: the CSP forbids it.
+// Everything a sandbox or a user controls (ids, metadata, messages, logs, terminal output) is put into
+// the page as text (textContent, xterm.js): never as HTML. No inline script: the CSP forbids it.
 "use strict";
 
 (() => {
@@ -24,7 +24,8 @@
     return node;
   }
 
-  async function call(path, options) {
+  // The console's API: JSON, or with asText the diagnostics' plain text (errors are JSON either way).
+  async function call(path, options, asText) {
     const init = Object.assign({ credentials: "same-origin", headers: {} }, options || {});
     if (init.method && init.method !== "GET") init.headers["X-Console-CSRF"] = session ? session.csrf : "";
     const response = await fetch(API + path, init);
@@ -32,6 +33,7 @@
       location.assign("/console/login");
       throw new Error("not logged in");
     }
+    if (asText && response.ok) return response.text();
     const body = response.status === 204 ? null : await response.json();
     if (!response.ok) throw new Error((body && body.message) || response.statusText);
     return body;
@@ -143,6 +145,8 @@
       }
     }
     const files = fileBrowser(id, message);
+    const endpoints = endpointsPanel(id);
+    const diagnostics = diagnosticsPanel(id);
     const termButton = el("button", { type: "button", id: "open-terminal" }, "Open terminal");
     termButton.addEventListener("click", () => { termButton.disabled = true; startTerminal(id, termBox, message); });
     if (!session.terminal) {
@@ -164,8 +168,14 @@
       chart,
       el("h3", {}, "Files"),
       files.box,
+      el("h3", { id: "endpoints-heading" }, "Endpoints"),
+      endpoints.box,
+      el("h3", {}, "Diagnostics"),
+      diagnostics.box,
     );
     files.open("/");
+    endpoints.load();
+    diagnostics.load();
     sampleResources();
     resourceTimer = setInterval(sampleResources, 2000);
 
@@ -265,6 +275,86 @@
       }
     }
     return { box, open };
+  }
+
+  // Where a port of the sandbox is reached: execd's at once, any port on demand (direct, through the
+  // server, or a signed URL through the server). An answer's headers are credentials (execd's access
+  // token, a secureAccess token): the server sends their names only, and so the page shows.
+  const EXECD_PORT = 44772;
+  const SIGNED_FOR = [["", "not signed"], ["900", "signed, 15 min"], ["3600", "signed, 1 h"], ["86400", "signed, 1 day"]];
+
+  function endpointsPanel(id) {
+    const body = el("tbody", { id: "endpoints" });
+    const status = el("span", { id: "endpoint-status" });
+    const port = el("input", { id: "endpoint-port", type: "number", min: "1", max: "65535", value: String(EXECD_PORT) });
+    const viaServer = el("input", { id: "endpoint-proxy", type: "checkbox" });
+    const signed = el("select", { id: "endpoint-signed" }, ...SIGNED_FOR.map(([v, text]) => el("option", { value: v }, text)));
+
+    async function resolve(number, proxied, expiresIn) {
+      if (!/^[0-9]{1,5}$/.test(String(number))) {
+        status.textContent = "a port is a number from 1 to 65535";
+        status.className = "error";
+        return;
+      }
+      const query = new URLSearchParams({ use_server_proxy: String(proxied) });
+      if (expiresIn) query.set("expiresIn", expiresIn);
+      try {
+        const found = await call(`/sandboxes/${encodeURIComponent(id)}/endpoints/${number}?${query}`);
+        const route = found.expiresAt ? "signed" : proxied ? "server" : "direct";
+        const routeText = found.expiresAt ? `signed, valid until ${when(found.expiresAt)}` : proxied ? "through the server" : "direct";
+        const headers = found.headerNames.map((name) => `${name}: (value not shown)`).join(", ") || "none";
+        body.append(el("tr", { "data-port": String(found.port), "data-route": route },
+          el("td", {}, found.port), el("td", {}, routeText), el("td", { class: "endpoint" }, found.endpoint), el("td", {}, headers)));
+        status.textContent = "";
+      } catch (err) {
+        status.textContent = err.message;
+        status.className = "error";
+      }
+    }
+
+    const box = el("div", { class: "endpoints" },
+      el("div", { class: "filters" },
+        el("label", {}, "Port ", port), el("label", {}, viaServer, " through the server"), signed,
+        el("button", { type: "button", id: "endpoint-resolve", onclick: () => resolve(port.value, viaServer.checked, signed.value) }, "Resolve"),
+        status),
+      el("table", {}, el("thead", {}, el("tr", {}, ...["Port", "Route", "Endpoint", "Headers to send"].map((h) => el("th", {}, h)))), body));
+    const load = async () => {
+      await resolve(EXECD_PORT, false, "");
+      await resolve(EXECD_PORT, true, "");
+    };
+    return { box, load };
+  }
+
+  // The sandbox's lifecycle events and the last lines of its output, read when asked (Refresh).
+  function diagnosticsPanel(id) {
+    const base = `/sandboxes/${encodeURIComponent(id)}/diagnostics`;
+    const tail = el("select", { id: "logs-tail" }, ...["50", "200", "1000"].map((n) => el("option", { value: n }, `last ${n} lines`)));
+    tail.value = "200";
+    const status = el("span", { id: "diagnostics-status" });
+    const events = el("pre", { id: "events", class: "output" });
+    const logs = el("pre", { id: "logs", class: "output" });
+
+    async function load() {
+      status.textContent = "loading…";
+      status.className = "";
+      try {
+        const [eventText, logText] = await Promise.all([
+          call(`${base}/events`, null, true), call(`${base}/logs?tail=${tail.value}`, null, true)]);
+        events.textContent = eventText || "(no events)";
+        logs.textContent = logText || "(no output)";
+        logs.scrollTop = logs.scrollHeight; // the newest lines in view
+        status.textContent = `read at ${new Date().toLocaleTimeString()}`;
+      } catch (err) {
+        status.textContent = err.message;
+        status.className = "error";
+      }
+    }
+
+    tail.addEventListener("change", load);
+    const box = el("div", { class: "diagnostics" },
+      el("div", { class: "filters" }, tail, el("button", { type: "button", id: "diagnostics-refresh", onclick: load }, "Refresh"), status),
+      el("h4", {}, "Events"), events, el("h4", {}, "Logs"), logs);
+    return { box, load };
   }
 
   // -- the terminal: execd's PTY protocol through the server ---------------------------------
