@@ -15,19 +15,17 @@ import asyncio
 import contextlib
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opensandbox import Sandbox  # noqa: E402
 from opensandbox.models.sandboxes import LifecycleHook, PeriodicLifecycleHook, SandboxLifecycle  # noqa: E402
 
-from bench.common import summary_ms, write  # noqa: E402
-from bench.parity_bench import sdk_config  # noqa: E402
-from harness.server_process import ServerProcess, running_server  # noqa: E402
+from bench.common import write  # noqa: E402
+from bench.parity_bench import create_latency  # noqa: E402
+from harness.server_process import running_server  # noqa: E402
 from harness.services import podman_docker_host  # noqa: E402
 
 CASES: dict[str, SandboxLifecycle | None] = {
@@ -39,20 +37,6 @@ CASES: dict[str, SandboxLifecycle | None] = {
 }
 
 
-async def create_latency(server: ServerProcess, n: int, hooks: SandboxLifecycle | None) -> dict[str, float]:
-    """`Sandbox.create` returning (Running, execd answering), then deleted; two warm-ups left out."""
-    samples = []
-    for i in range(n + 2):
-        t0 = time.perf_counter()
-        sandbox = await Sandbox.create(server.image, connection_config=sdk_config(server), lifecycle=hooks)
-        elapsed = time.perf_counter() - t0
-        await sandbox.kill()
-        await sandbox.close()
-        if i >= 2:
-            samples.append(elapsed)
-    return summary_ms(samples)
-
-
 async def run_runtime(runtime: str, n: int) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix=f"hooks-bench-{runtime}-") as workdir,
@@ -60,7 +44,7 @@ async def run_runtime(runtime: str, n: int) -> dict[str, Any]:
     ):
         figures = {}
         for name, hooks in CASES.items():
-            figures[name] = await create_latency(server, n, hooks)
+            figures[name] = await create_latency(server, n, lifecycle=hooks)
             print(f"{runtime} {name}: {figures[name]}", flush=True)
         return figures
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from lightkube import Client
@@ -17,20 +15,10 @@ from opensandbox import Sandbox
 from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import LifecycleHook, PeriodicLifecycleHook, SandboxLifecycle
 
-from harness.controller_process import ControllerProcess
 from harness.images import TEST_IMAGE
 from harness.kube import BatchSandbox, eventually
-from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
-from harness.services import LocalCluster
+from harness.kubernetes_server import SMALL, KubernetesServer
 from tests.integration.test_server_kubernetes_real_node import created, sdk_config, stdout_of
-
-
-@pytest.fixture
-def server(
-    cluster: LocalCluster, namespace: str, execd_controller: ControllerProcess, tmp_path: Path
-) -> Iterator[KubernetesServer]:
-    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, real_node_server_config()) as srv:
-        yield srv
 
 
 async def test_pre_start_runs_before_the_entrypoint_and_periodic_runs_show_in_events(server: KubernetesServer) -> None:
