@@ -272,15 +272,15 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
             f"lifecycle is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's entrypoint"
             " starts at its claim, with no preStart hook before it (create without poolRef)",
         )
-    # A Pool's pods are made, and their images pulled, before any claim: it cannot add either.
-    for name in ("volumes", "image.auth"):
-        if pooled and values[name]:
-            raise ApiError(
-                400,
-                errors.API_NOT_SUPPORTED,
-                f"{name} is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's mounts and"
-                " image are the Pool's (put them in the Pool's template, or create without poolRef)",
-            )
+    # A Pool's pods are made, and their images pulled, before any claim (a pooled create's volumes
+    # must be the Pool's own mounts: the runtime checks them against the Pool).
+    if pooled and values["image.auth"]:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"image.auth is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's image is"
+            " the Pool's (put its pull secret in the Pool's template, or create without poolRef)",
+        )
 
 
 def _resource_requests(requests: dict[str, str]) -> dict[str, int]:

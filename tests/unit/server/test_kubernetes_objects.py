@@ -21,9 +21,11 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     build_batchsandbox,
     claim_manifest,
     new_sandbox_id,
+    pool_mounts,
     pull_secret_manifest,
     read_entry,
     registry_of,
+    volumes_not_in_pool,
 )
 from opensandbox_platform.server.volumes import PvcBackend
 from opensandbox_platform.server.volumes import parse as parse_volumes
@@ -364,3 +366,47 @@ def test_a_claim_whose_policy_could_not_be_applied_is_a_5xx_and_a_pool_without_e
     assert (failed.status, failed.code) == (503, "SANDBOX::EGRESS_UNAVAILABLE") and "why" in failed.message
     refused = error_of("PoolWithoutEgress")
     assert (refused.status, refused.code) == (400, "SANDBOX::API_NOT_SUPPORTED")
+
+
+def test_a_pooled_create_may_name_only_the_mounts_of_its_pools_sandbox_container() -> None:
+    pool = {
+        "spec": {
+            "sandboxTemplate": {
+                "spec": {
+                    "volumes": [
+                        {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}},
+                        {"name": "node", "hostPath": {"path": "/srv/allowed"}},
+                    ],
+                    "containers": [
+                        {"name": "sidecar", "volumeMounts": [{"name": "data", "mountPath": "/side"}]},
+                        {
+                            "name": labels.SANDBOX_CONTAINER,
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data", "subPath": "./team/"},
+                                {"name": "node", "mountPath": "/node/", "subPath": "x", "readOnly": True},
+                                {"name": "nothing", "mountPath": "/nothing"},
+                            ],
+                        },
+                    ],
+                }
+            }
+        }
+    }
+    mounts = pool_mounts(pool)
+    assert mounts == {
+        ("/data", ("pvc", "shared", "team"), False),
+        ("/node", ("host", "/srv/allowed/x", ""), True),
+    }
+    volumes = parse_volumes(
+        [
+            {"name": "ok-pvc", "mountPath": "/data", "pvc": {"claimName": "shared"}, "subPath": "team"},
+            {"name": "ok-host", "mountPath": "/node", "host": {"path": "/srv/allowed/x"}, "readOnly": True},
+            {"name": "side", "mountPath": "/side", "pvc": {"claimName": "shared"}},  # the sidecar's, not ours
+            {"name": "writable", "mountPath": "/node2", "host": {"path": "/srv/allowed/x"}},
+            {"name": "other-claim", "mountPath": "/other", "pvc": {"claimName": "other"}},
+        ],
+        ["/srv/allowed"],
+        frozenset({"host", "pvc"}),
+    )
+    assert volumes_not_in_pool(volumes, mounts) == ["side", "writable", "other-claim"]
+    assert pool_mounts({"spec": {"sandboxTemplate": {"spec": {"image": "short-form"}}}}) == frozenset()

@@ -146,15 +146,9 @@ KUBERNETES = KubernetesRuntime.capabilities
         (DOCKER, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the docker runtime"),
         (
             KUBERNETES,
-            {"extensions": {"poolRef": "p"}, "volumes": [{"name": "v", "mountPath": "/v", "pvc": {"claimName": "c"}}]},
-            "volumes is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
-            " (put them in the Pool's template, or create without poolRef)",
-        ),
-        (
-            KUBERNETES,
             {"extensions": {"poolRef": "p"}, "image": {"uri": "u", "auth": {"username": "a", "password": "b"}}},
-            "image.auth is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
-            " (put them in the Pool's template, or create without poolRef)",
+            "image.auth is not supported with extensions.poolRef: a warm pod's image is the Pool's"
+            " (put its pull secret in the Pool's template, or create without poolRef)",
         ),
         (
             KUBERNETES,

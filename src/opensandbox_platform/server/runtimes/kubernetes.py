@@ -56,15 +56,19 @@ from opensandbox_platform.server.runtimes.events import EventList, EventLog, Rea
 from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Entry,
+    Mount,
     Settings,
     build_batchsandbox,
     finish_create,
     new_sandbox_id,
     pool_egress,
     pool_image,
+    pool_mounts,
     read_entry,
+    volumes_not_in_pool,
 )
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor
+from opensandbox_platform.server.volumes import VolumeSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +94,7 @@ class PoolEntry:
     image: str
     deleting: bool
     egress: bool  # its pods have the egress sidecar (spec.egress)
+    mounts: frozenset[Mount] = frozenset()  # its sandbox container's (a pooled create's volumes must be among them)
 
     @property
     def key(self) -> str:
@@ -99,7 +104,12 @@ class PoolEntry:
 def read_pool(raw: JSON) -> PoolEntry:
     meta = raw["metadata"]
     return PoolEntry(
-        meta.get("namespace", ""), meta["name"], pool_image(raw), bool(meta.get("deletionTimestamp")), pool_egress(raw)
+        meta.get("namespace", ""),
+        meta["name"],
+        pool_image(raw),
+        bool(meta.get("deletionTimestamp")),
+        pool_egress(raw),
+        pool_mounts(raw),
     )
 
 
@@ -307,6 +317,8 @@ class KubernetesRuntime:
         pool = await self._pool(pool_ref) if pool_ref else None
         if spec.network_policy is not None:
             self._check_network_policy(pool)
+        if pool is not None and spec.volumes:
+            _check_pool_volumes(pool, spec.volumes)
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
         # (a preStart hook holds the create that much longer)
@@ -589,6 +601,20 @@ class KubernetesRuntime:
                 errors.API_NOT_SUPPORTED,
                 "networkPolicy needs kubernetes.sandboxTokenKeyFile (the egress sidecar's token is derived from it)",
             )
+
+
+def _check_pool_volumes(pool: PoolEntry, volumes: list[VolumeSpec]) -> None:
+    """A warm pod's mounts were made with it: a pooled create may only name volumes the Pool's
+    sandbox container already mounts (same mountPath, claim or host directory, subPath, readOnly)."""
+    missing = volumes_not_in_pool(volumes, pool.mounts)
+    if missing:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"volumes with extensions.poolRef: Pool {pool.name!r} does not mount {', '.join(missing)} as asked"
+            " (a warm pod's mounts are the Pool's: add them to its template's sandbox container, or create"
+            " without poolRef)",
+        )
 
 
 def kube_event(item: JSON, source: str) -> SandboxEvent:

@@ -301,6 +301,53 @@ def pool_image(pool: JSON) -> str:
     return str(containers[0].get("image") or "")
 
 
+# What a mount is, whatever form it was written in: (mountPath, source, readOnly); a source is
+# ("pvc", claim, subPath) or ("host", the host directory mounted).
+Mount = tuple[str, tuple[str, str, str], bool]
+
+
+def pool_mounts(pool: JSON) -> frozenset[Mount]:
+    """The mounts of a Pool's sandbox container (the one named `sandbox`, else the first): what a
+    pooled create's volumes must already be, since a warm pod's mounts cannot change."""
+    template_spec = ((pool.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
+    sources = {str(v.get("name")): v for v in template_spec.get("volumes") or [] if isinstance(v, dict)}
+    containers = [c for c in template_spec.get("containers") or [] if isinstance(c, dict)]
+    named = [c for c in containers if c.get("name") == labels.SANDBOX_CONTAINER]
+    sandbox = (named or containers or [{}])[0]
+    found = set()
+    for mount in sandbox.get("volumeMounts") or []:
+        volume = sources.get(str(mount.get("name")))
+        source = _source(volume or {}, str(mount.get("subPath") or ""))
+        if source is not None:
+            found.add((posixpath.normpath(str(mount.get("mountPath"))), source, bool(mount.get("readOnly"))))
+    return frozenset(found)
+
+
+def _source(volume: JSON, sub_path: str) -> tuple[str, str, str] | None:
+    if "persistentVolumeClaim" in volume:
+        return ("pvc", str(volume["persistentVolumeClaim"].get("claimName")), _relative(sub_path))
+    if "hostPath" in volume:
+        return ("host", posixpath.normpath(posixpath.join(str(volume["hostPath"].get("path")), sub_path)), "")
+    return None
+
+
+def _relative(sub_path: str) -> str:
+    return "" if sub_path in ("", ".") else posixpath.normpath(sub_path)
+
+
+def volumes_not_in_pool(volumes: list[VolumeSpec], mounts: frozenset[Mount]) -> list[str]:
+    """Names of the requested volumes the Pool's pods do not mount exactly so."""
+    missing = []
+    for volume in volumes:
+        if isinstance(volume.backend, HostBackend):
+            source = ("host", posixpath.normpath(posixpath.join(volume.backend.path, volume.sub_path)), "")
+        else:
+            source = ("pvc", volume.backend.claim_name, _relative(volume.sub_path))
+        if (posixpath.normpath(volume.mount_path), source, volume.read_only) not in mounts:
+            missing.append(volume.name)
+    return missing
+
+
 # --- reading ----------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Entry:
