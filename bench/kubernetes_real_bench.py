@@ -10,13 +10,20 @@
                 pods, as this client saw them (ms after the create call): the pod created, scheduled,
                 execd copied (the installer running / the init container ended), the sandbox
                 container running, the pod Ready; then the create's return and the first command's end.
+  policy        pooled creates with a network policy: three kinds interleaved, each from a full buffer
+                (`--policy` runs of each): a Pool without egress (no sidecar), a Pool with
+                `spec.egress` and no policy in the create (the Pool's stays), the same Pool with a
+                policy (default deny + allow *.good.test: the controller PUTs it into the claimed
+                pod's sidecar before the sandbox is Ready). Written to kubernetes-pooled-policy.json.
 
 Run: `uv run python -m bench kubernetes_real` or `uv run python -m bench.kubernetes_real_bench [--n
-50] [--direct 10] [--install post-start,init-container]`. Prints a notice and writes nothing when the
+50] [--direct 10] [--install post-start,init-container] [--policy 20]` (`--n 0 --direct 0` for the
+policy figures alone). Prints a notice and writes nothing when the
 real node is off. Each pooled run starts when the Pool has its whole buffer idle and Ready (read from
 the pods; the refill is not timed); every sandbox is killed after its run. One namespace with its own
-controller (`--execd-image`) and server; all traffic goes to 127.0.0.1 and the pods' own IPs. Writes
-bench/results/kubernetes-real.json.
+controller (`--execd-image`, `--egress-image`) and server; all traffic goes to 127.0.0.1 and the
+pods' own IPs (the egress Pool's sidecars forward lookups to their own loopback: none are made).
+Writes bench/results/kubernetes-real.json (when --n or --direct) and kubernetes-pooled-policy.json.
 """
 
 from __future__ import annotations
@@ -38,10 +45,11 @@ sys.path.insert(0, str(ROOT))
 
 from opensandbox import Sandbox  # noqa: E402
 from opensandbox.config import ConnectionConfig  # noqa: E402
+from opensandbox.models.sandboxes import NetworkPolicy, NetworkRule  # noqa: E402
 
 from bench.common import summary_ms, wait_pool_available, write  # noqa: E402
 from harness.controller_process import ControllerProcess  # noqa: E402
-from harness.images import EXECD_IMAGE, TEST_IMAGE, built_image  # noqa: E402
+from harness.images import EGRESS_IMAGE, EXECD_IMAGE, TEST_IMAGE, built_image  # noqa: E402
 from harness.kubernetes_server import SMALL, KubernetesServer, real_node_server_config, real_pool  # noqa: E402
 from harness.paths import CRDS  # noqa: E402
 from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
@@ -53,6 +61,8 @@ from opensandbox_platform.controller.pods import EXECD_INSTALLER  # noqa: E402
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError  # noqa: E402
 
 POOL = "real"
+PLAIN, GUARDED = "plain", "guarded"  # the policy runs' Pools: without and with spec.egress
+POLICY = NetworkPolicy(default_action="deny", egress=[NetworkRule(action="allow", target="*.good.test")])
 
 
 async def create_to_first_command(config: ConnectionConfig, **kwargs: Any) -> tuple[float, float]:
@@ -186,6 +196,40 @@ async def run(server: KubernetesServer, namespace: str, kubeconfig: str, args: a
     return results
 
 
+async def run_policy(server: KubernetesServer, namespace: str, kubeconfig: str, args: argparse.Namespace) -> Any:
+    """Pooled creates from a plain Pool, from an egress Pool without and with a policy, interleaved."""
+    config = ConnectionConfig(domain=server.domain, disable_metrics=True, request_timeout=timedelta(seconds=120))
+    client = KubeClient.from_config(kubeconfig)
+    guarded = real_pool(GUARDED, args.pool)
+    guarded["spec"]["egress"] = {"defaultAction": "deny", "upstreamDns": ["127.0.0.1"]}
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "plain_pool": (PLAIN, {}),
+        "egress_pool_no_policy": (GUARDED, {}),
+        "egress_pool_policy": (GUARDED, {"network_policy": POLICY}),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    try:
+        for pool in (real_pool(PLAIN, args.pool), guarded):
+            await client.create(POOLS, pool, namespace)
+        for _ in range(args.policy):
+            for name, (pool_name, kwargs) in variants.items():
+                await wait_pool_available(client, namespace, pool_name, args.pool, 120)
+                samples[name].append(await create_to_first_command(config, extensions={"poolRef": pool_name}, **kwargs))
+        for pool_name in (PLAIN, GUARDED):
+            await client.patch(POOLS, pool_name, {"spec": {"minBufferSize": 0, "maxBufferSize": 0}}, namespace)
+    finally:
+        await client.aclose()
+    results: dict[str, Any] = {}
+    for name, runs in samples.items():
+        results[name] = summary_ms([total for total, _ in runs])
+        results[f"{name}_create_only"] = summary_ms([created for _, created in runs])
+        print(f"policy/{name}: {results[name]}\n  of which Sandbox.create: {results[f'{name}_create_only']}")
+    extra = results["egress_pool_policy_create_only"]["p50_ms"] - results["egress_pool_no_policy_create_only"]["p50_ms"]
+    results["extra_create_p50_ms_for_a_policy"] = round(extra, 2)
+    print(f"policy: a pooled create with a policy takes {extra:+.1f} ms (p50) more than one without", flush=True)
+    return results
+
+
 async def run_direct(server: KubernetesServer, kubeconfig: str, namespace: str, n: int) -> dict[str, Any]:
     config = ConnectionConfig(domain=server.domain, disable_metrics=True, request_timeout=timedelta(seconds=120))
     client = KubeClient.from_config(kubeconfig)
@@ -200,6 +244,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=50, help="runs of each pooled variant")
     parser.add_argument("--direct", type=int, default=10, help="direct (cold) runs")
     parser.add_argument("--pool", type=int, default=3, help="the Pool's idle buffer")
+    parser.add_argument("--policy", type=int, default=20, help="runs of each pooled network-policy kind")
     parser.add_argument(
         "--install",
         default="post-start,init-container",
@@ -219,20 +264,26 @@ def main(argv: list[str]) -> None:
             return
         try:
             node.load_image(built_image("execd", EXECD_IMAGE))  # (rebuilt when its sources changed)
+            if args.policy:
+                node.load_image(built_image("egress", EGRESS_IMAGE))
             cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
             cluster.kubectl("create", "namespace", namespace)
             installs = [i.strip() for i in args.install.split(",") if i.strip()]
-            flags = ("--execd-image", EXECD_IMAGE, "--log-level", "2")
+            flags = ("--execd-image", EXECD_IMAGE, "--log-level", "2", "--egress-image", EGRESS_IMAGE,
+                     "--egress-image-pull-policy", "Never")  # fmt: skip
             controller = ControllerProcess(cluster, namespace, *flags, "--execd-install", installs[0]).start()
             server = KubernetesServer(Path(tmp), namespace, cluster.kubeconfig, real_node_server_config())
             try:
                 server.start()
                 kubeconfig = str(cluster.kubeconfig)
                 figures = asyncio.run(run(server, namespace, kubeconfig, args)) if args.n else {}
+                policy = asyncio.run(run_policy(server, namespace, kubeconfig, args)) if args.policy else None
                 for i, install in enumerate(installs):
                     if i:  # another way to copy execd: another controller
                         controller.stop()
                         controller = ControllerProcess(cluster, namespace, *flags, "--execd-install", install).start()
+                    if not args.direct:
+                        break
                     direct = asyncio.run(run_direct(server, kubeconfig, namespace, args.direct))
                     figures[f"direct_{install.replace('-', '_')}"] = direct
                     print(f"direct ({install}): {direct['create_to_first_command']}", flush=True)
@@ -243,6 +294,11 @@ def main(argv: list[str]) -> None:
                 cluster.kubectl("delete", "namespace", namespace, "--wait=false")
         finally:
             node_cm.__exit__(None, None, None)
+    if policy is not None:
+        setup = "real node; SDK with health check; create → first command; each from a full buffer of the Pool"
+        write("kubernetes-pooled-policy", {"params": vars(args), **policy, "setup": setup})
+    if not (args.n or args.direct):
+        return
     write(
         "kubernetes-real",
         {

@@ -41,12 +41,12 @@ def sdk_config(server: ServerProcess, proxy: bool = False) -> ConnectionConfig:
     return ConnectionConfig(domain=server.domain, use_server_proxy=proxy, disable_metrics=True)
 
 
-async def create_latency(server: ServerProcess, n: int, volumes: list[Volume]) -> dict[str, float]:
+async def create_latency(server: ServerProcess, n: int, **create: Any) -> dict[str, float]:
     """`Sandbox.create` returning (the sandbox Running, execd answering), then deleted; two warm-ups."""
     samples = []
     for i in range(n + 2):
         t0 = time.perf_counter()
-        sandbox = await Sandbox.create(server.image, connection_config=sdk_config(server), volumes=volumes or None)
+        sandbox = await Sandbox.create(server.image, connection_config=sdk_config(server), **create)
         elapsed = time.perf_counter() - t0
         await sandbox.kill()
         await sandbox.close()
@@ -95,11 +95,11 @@ async def run_runtime(runtime: str, n: int, requests: int) -> dict[str, Any]:
             host = [Volume(name="data", mount_path="/data", host=Host(path=str(allowed / "data")))]
             pvc = [Volume(name="cache", mount_path="/cache", pvc=PVC(claim_name=claim))]
             try:
-                await create_latency(server, 1, pvc)  # makes the volume (its figures are left out)
+                await create_latency(server, 1, volumes=pvc)  # makes the volume (its figures are left out)
                 return {
-                    "create_no_volume": await create_latency(server, n, []),
-                    "create_one_host_volume": await create_latency(server, n, host),
-                    "create_one_pvc_volume": await create_latency(server, n, pvc),
+                    "create_no_volume": await create_latency(server, n),
+                    "create_one_host_volume": await create_latency(server, n, volumes=host),
+                    "create_one_pvc_volume": await create_latency(server, n, volumes=pvc),
                     "proxy": await proxy_overhead(server, requests),
                 }
             finally:

@@ -19,8 +19,9 @@ if [ ! -x "$EXECD" ]; then
   exit 127
 fi
 
-# A network policy (docker runtime): the FIFO is made before execd starts; the server opens it once
-# the egress sidecar enforces the policy, and only then does the entrypoint start.
+# A start gate (a network policy on docker, lifecycle hooks on docker and kubernetes): the FIFO is made
+# before execd starts; the server opens it once the egress sidecar enforces the policy, or execd does
+# once the preStart hook succeeded (POST /lifecycle), and only then does the entrypoint start.
 gate=${OPENSANDBOX_START_GATE:-}
 unset OPENSANDBOX_START_GATE
 if [ -n "$gate" ]; then
@@ -28,7 +29,7 @@ if [ -n "$gate" ]; then
   mkfifo -m 0600 "$gate" || { echo "bootstrap: cannot make $gate" >&2; exit 1; }
 fi
 
-"$EXECD" &
+EXECD_START_GATE="$gate" "$EXECD" &
 execd_pid=$!
 
 if [ -n "$gate" ]; then

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import httpx
 import pytest
 from opensandbox import Sandbox, SandboxManager
 from opensandbox.exceptions import SandboxApiException
-from opensandbox.models.sandboxes import LifecycleHook, PeriodicLifecycleHook, SandboxLifecycle
 
 from harness.server_process import ServerProcess
 from tests.e2e.test_server_api import osb
@@ -124,23 +122,3 @@ async def test_secure_access_sandbox_needs_its_token(server: ServerProcess, prox
 def test_unsupported_features_are_501_naming_them(server: ServerProcess, method: str, path: str, feature: str) -> None:
     response = httpx.request(method, server.url + path, headers=server.headers())
     assert response.status_code == 501 and feature in response.json()["message"]
-
-
-async def test_lifecycle_hooks_are_refused_naming_them(server: ServerProcess) -> None:
-    mark = {"parity-test": uuid.uuid4().hex[:12]}
-    with pytest.raises(SandboxApiException) as refused:
-        await Sandbox.create(
-            server.image,
-            connection_config=config(server),
-            metadata=mark,
-            lifecycle=SandboxLifecycle(
-                pre_start=LifecycleHook(command=["true"]),
-                periodic=[PeriodicLifecycleHook(name="tick", schedule="@every 30s", command=["true"])],
-            ),
-        )
-    assert refused.value.status_code == 400 and refused.value.error.code == "SANDBOX::API_NOT_SUPPORTED"
-    assert "preStart and periodic hooks" in str(refused.value.error.message)
-    async with httpx.AsyncClient(headers=server.headers(), timeout=10) as client:
-        query = {"metadata": f"parity-test={mark['parity-test']}"}
-        listed = await client.get(f"{server.url}/v1/sandboxes", params=query)
-    assert listed.json()["items"] == []  # nothing was made

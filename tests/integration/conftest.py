@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from harness.controller_process import ControllerProcess
 from harness.images import EXECD_IMAGE, built_image
+from harness.kubernetes_server import KubernetesServer, kubernetes_server, real_node_server_config
 from harness.real_node import RealNode, RealNodeUnavailable, real_node
 from harness.services import LocalCluster
 
@@ -35,3 +37,12 @@ def execd_controller(
     proc = ControllerProcess(cluster, namespace, "--execd-image", execd_image).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def server(
+    cluster: LocalCluster, namespace: str, execd_controller: ControllerProcess, tmp_path: Path
+) -> Iterator[KubernetesServer]:
+    """A kubernetes-runtime server for the real node (modules with other needs define their own)."""
+    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, real_node_server_config()) as srv:
+        yield srv

@@ -13,7 +13,6 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from code_interpreter import CodeInterpreter
@@ -26,7 +25,7 @@ from opensandbox.models.execd import ExecutionHandlers, ExecutionInit
 from harness.controller_process import ControllerProcess
 from harness.images import EXECD_IMAGE, built_image, code_interpreter_image
 from harness.kube import eventually, idle_ready, pool_manifest, pool_pods
-from harness.kubernetes_server import KubernetesServer, kubernetes_server, real_node_server_config
+from harness.kubernetes_server import KubernetesServer
 from harness.real_node import RealNode, real_node_pod_spec
 from harness.services import LocalCluster
 
@@ -50,14 +49,6 @@ def execd_controller(
     proc = ControllerProcess(cluster, namespace, "--execd-image", images[0]).start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture
-def server(
-    cluster: LocalCluster, namespace: str, execd_controller: ControllerProcess, tmp_path: Path
-) -> Iterator[KubernetesServer]:
-    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, real_node_server_config()) as srv:
-        yield srv
 
 
 @pytest.fixture

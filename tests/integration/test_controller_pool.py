@@ -223,3 +223,23 @@ def test_a_template_the_api_server_refuses_is_reported_on_the_pool(
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=seed_pool())
     eventually(lambda: len(idle_ready(pool_pods(kube, namespace, "example-pool"))) == 2, what="pool recovered")
     eventually(lambda: ready_condition().get("reason") == "BufferFilled", what="Ready again")
+
+
+def test_an_egress_pool_without_the_controllers_egress_image_says_so_and_makes_no_pods(
+    cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
+) -> None:
+    # `controller` runs without --egress-image: pods without the sidecar the Pool asks for must not be made
+    manifest = seed_pool().replace("  minBufferSize: 2", "  egress: {defaultAction: deny}\n  minBufferSize: 2")
+    assert "egress:" in manifest
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=manifest)
+    ready = eventually(
+        lambda: (
+            (c := condition(kube.get(Pool, "example-pool", namespace=namespace))).get("reason") == "EgressNotConfigured"
+            and c
+        ),
+        what="the EgressNotConfigured condition",
+    )
+    assert ready["status"] == "False" and "--egress-image" in ready["message"]
+    assert "EgressNotConfigured" in event_reasons(cluster, namespace, "involvedObject.kind=Pool")
+    assert pool_pods(kube, namespace, "example-pool") == []
+    assert controller.proc is not None and controller.proc.poll() is None  # no crash

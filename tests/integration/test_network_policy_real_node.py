@@ -1,9 +1,10 @@
 """Network policies on the kubernetes runtime, through the official SDK, with pods on the real node.
 
 The controller injects the egress sidecar (`--egress-image`) into the pods of sandboxes created with
-a networkPolicy. The fake internet (harness/fake_internet.py) sits on the real node's bridge osb0
-at 10.77.0.x (below the pods' range, which starts at 10.77.1.1): pods reach it on their bridge,
-and nothing leaves the machine. The server tells the sidecars to forward allowed lookups to its
+a networkPolicy, and into the pods of a Pool with `spec.egress` (a pooled create's policy replaces
+the Pool's in the claimed pod's sidecar). The fake internet (harness/fake_internet.py) sits on the
+real node's bridge osb0 at 10.77.0.x (below the pods' range, which starts at 10.77.1.1): pods reach
+it on their bridge, and nothing leaves the machine. The server tells the sidecars to forward allowed lookups to its
 DNS server (`egress.upstreamDns`). Hold the cluster lock (HELPERS.md).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -31,9 +33,10 @@ from harness.controller_process import ControllerProcess
 from harness.egress_probes import ask_resolver, fetch, resolves, sh
 from harness.fake_internet import FakeInternet
 from harness.images import EGRESS_IMAGE, EXECD_IMAGE, TEST_IMAGE, built_image
-from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
+from harness.kube import eventually, idle_ready, pool_manifest, pool_pods
+from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config, real_pool
 from harness.paths import sandbox_token_key
-from harness.real_node import RealNode
+from harness.real_node import RealNode, real_node_pod_spec
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels, tokens
 
@@ -184,22 +187,86 @@ async def test_the_policy_survives_a_sidecar_restart(
         assert await fetch(sb, internet.address("bad.test")) == "failed"
 
 
-async def test_no_policy_no_sidecar_and_pooled_policies_are_refused(
-    server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str
+async def test_no_policy_no_sidecar_and_pooled_policies_need_an_egress_pool(
+    server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str, cluster: LocalCluster
 ) -> None:
     async with created(server, kube, namespace) as sb:
         pod = sandbox_pod(kube, namespace, sb.id)
         assert labels.EGRESS_CONTAINER not in [c.name for c in pod.spec.initContainers or []]
         assert await fetch(sb, internet.address("bad.test")) == "host=bad.test"
+    # a Pool without spec.egress: its pods have no sidecar, so a pooled policy is refused, naming it
+    plain = pool_manifest("plain", real_node_pod_spec(), minimum=0, maximum=0, capacity=1)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(plain))
     async with httpx.AsyncClient(timeout=30) as client:
         body = {
             "image": {"uri": TEST_IMAGE},
             "entrypoint": ["tail", "-f", "/dev/null"],
             "timeout": 60,
             "resourceLimits": {},
-            "extensions": {"poolRef": "any"},
+            "extensions": {"poolRef": "plain"},
             "networkPolicy": {"defaultAction": "deny", "egress": []},
         }
         response = await client.post(f"{server.url}/v1/sandboxes", json=body)
         assert response.status_code == 400 and response.json()["code"].endswith("API_NOT_SUPPORTED"), response.text
-        assert "poolRef" in response.json()["message"]
+        assert "Pool 'plain'" in response.json()["message"] and "spec.egress" in response.json()["message"]
+
+
+async def put_policy_from_inside(sb: Sandbox) -> str:
+    """The status line of a PUT /policy the sandbox sends its own sidecar with the only token it holds."""
+    return await sh(
+        sb,
+        "timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/18080 && printf \"PUT /policy HTTP/1.0\\r\\n"
+        "OPENSANDBOX-EGRESS-AUTH: $EXECD_ACCESS_TOKEN\\r\\nContent-Length: 25\\r\\n\\r\\n"
+        '{\\"defaultAction\\":\\"allow\\"}" >&3 && head -n1 <&3\'',
+    )
+
+
+async def test_pooled_sandboxes_get_their_policy_in_the_warm_pod_of_an_egress_pool(
+    server: KubernetesServer, internet: FakeInternet, kube: Client, namespace: str, cluster: LocalCluster
+) -> None:
+    guarded = real_pool("guarded", 2)
+    guarded["spec"]["egress"] = {"defaultAction": "deny", "upstreamDns": [internet.dns]}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(guarded))
+    idle = eventually(
+        lambda: len(ready := idle_ready(pool_pods(kube, namespace, "guarded"))) == 2 and ready,
+        timeout=120,
+        what="2 idle Ready pods of the egress Pool",
+    )
+    # an idle pod holds the Pool's policy (deny, no rules) until it is claimed
+    key = tokens.read_key(sandbox_token_key())
+    warm = idle[0]
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.get(
+            f"http://{warm.status.podIP}:{labels.EGRESS_PORT}/policy",
+            headers={labels.EGRESS_TOKEN_HEADER: tokens.egress_token(key, warm.metadata.name)},
+        )
+    assert answer.status_code == 200 and answer.json()["mode"] == "deny_all", answer.text
+    assert answer.json()["policy"]["egress"] == []
+
+    good = internet.address("a.good.test")
+    only = NetworkPolicy(default_action="deny", egress=[NetworkRule(action="allow", target="a.good.test")])
+    async with created(server, kube, namespace, network_policy=only, extensions={"poolRef": "guarded"}) as sb:
+        pod = sandbox_pod(kube, namespace, sb.id)
+        assert pod.metadata.labels[labels.POOL] == "guarded"
+        assert labels.NETWORK_POLICY_APPLIED in pod.metadata.annotations
+        assert await resolves(sb, "a.good.test") == good
+        assert await fetch(sb, good) == "host=a.good.test"
+        assert await resolves(sb, "b.good.test") == ""
+        assert await fetch(sb, internet.address("b.good.test")) == "failed"
+        assert await fetch(sb, internet.address("bad.test")) == "failed"
+        # the sandbox cannot change its own policy: its execd token is not the sidecar's
+        assert "401" in await put_policy_from_inside(sb)
+        assert await resolves(sb, "b.good.test") == ""
+        got = await sb.get_egress_policy()
+        assert [(r.action, r.target) for r in got.egress or []] == [("allow", "a.good.test")]
+
+    # without a networkPolicy, a sandbox of the Pool keeps the Pool's policy, and can be given rules
+    async with created(server, kube, namespace, extensions={"poolRef": "guarded"}) as kept:
+        assert await fetch(kept, good) == "failed"
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.get(f"{server.url}/v1/sandboxes/{kept.id}/networkpolicy")
+        assert response.status_code == 200 and response.json()["enforced"] is True, response.text
+        assert response.json()["mode"] == "deny_all"
+        await kept.patch_egress_rules([NetworkRule(action="allow", target="a.good.test")])
+        assert await resolves(kept, "a.good.test") == good
+        assert await fetch(kept, good) == "host=a.good.test"

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,18 +23,10 @@ from opensandbox.exceptions import SandboxApiException
 from harness.controller_process import ControllerProcess
 from harness.images import TEST_IMAGE
 from harness.kube import BatchSandbox, eventually, gone, idle_ready, pool_pods
-from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config, real_pool
+from harness.kubernetes_server import SMALL, KubernetesServer, real_pool
 from harness.real_node import POD_NETWORK_PREFIX, RealNode
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
-
-
-@pytest.fixture
-def server(
-    cluster: LocalCluster, namespace: str, execd_controller: ControllerProcess, tmp_path: Path
-) -> Iterator[KubernetesServer]:
-    with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, real_node_server_config()) as srv:
-        yield srv
 
 
 @pytest.fixture

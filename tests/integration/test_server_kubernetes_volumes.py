@@ -6,6 +6,7 @@ class of its own: the test cluster has no dynamic provisioner); the data outlive
 next sandbox reads it; deleteOnSandboxTermination makes the claim the BatchSandbox's, deleted with it.
 `host`: a directory of the node (this machine) under server.allowedHostPaths; a symlink a sandbox
 planted below the allowed root never leads out of it (the kubelet's subPath checks refuse it).
+Pooled creates may name only volumes their Pool's pods mount already (a warm pod's mounts are its own).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from opensandbox.models.sandboxes import PVC, Host, Volume
 
 from harness.controller_process import ControllerProcess
 from harness.images import TEST_IMAGE
-from harness.kube import BatchSandbox, eventually, gone
+from harness.kube import BatchSandbox, eventually, gone, idle_ready, pool_manifest, pool_pods
 from harness.kubernetes_server import SMALL, KubernetesServer, kubernetes_server, real_node_server_config
-from harness.real_node import RealNode
+from harness.real_node import RealNode, real_node_pod_spec
 from harness.services import LocalCluster
 from tests.integration.test_server_kubernetes_real_node import sdk_config, stdout_of
 
@@ -84,10 +85,10 @@ def storage_class(cluster: LocalCluster, kube: Client, tmp_path: Path, namespace
 
 
 @contextlib.asynccontextmanager
-async def created(server: KubernetesServer, volumes: list[Volume]) -> AsyncIterator[Sandbox]:
+async def created(server: KubernetesServer, volumes: list[Volume], **create: Any) -> AsyncIterator[Sandbox]:
     sb = await Sandbox.create(
         TEST_IMAGE, connection_config=sdk_config(server), resource=SMALL, entrypoint=["sleep", "infinity"],
-        volumes=volumes,
+        volumes=volumes, **create,
     )  # fmt: skip
     try:
         yield sb
@@ -172,11 +173,35 @@ async def test_bad_volumes_are_refused_before_anything_is_made(
             async with created(server, [volume]):
                 pass
         assert refused.value.status_code == 400 and words in str(refused.value.error.message), refused.value.error
-    with pytest.raises(SandboxApiException) as pooled:
-        await Sandbox.create(
-            TEST_IMAGE, connection_config=sdk_config(server), extensions={"poolRef": "any"},
-            volumes=[Volume(name="w", mount_path="/w", pvc=PVC(claim_name=f"c-{uuid.uuid4().hex[:6]}"))],
-        )  # fmt: skip
-    assert pooled.value.error.code == "SANDBOX::API_NOT_SUPPORTED" and "poolRef" in str(pooled.value.error.message)
     assert list(kube.list(BatchSandbox, namespace=namespace)) == []
+    assert list(kube.list(PersistentVolumeClaim, namespace=namespace)) == []
+
+
+async def test_a_pooled_create_names_the_volumes_its_pool_mounts(
+    server: KubernetesServer, cluster: LocalCluster, kube: Client, namespace: str, allowed: Path
+) -> None:
+    # A warm pod's mounts are made with it: the Pool mounts a directory of the node; a pooled create
+    # may name that volume (its data is there), and nothing else.
+    shared = allowed / "shared"
+    shared.mkdir()
+    (shared / "seed").write_text("from the pool\n")
+    pod_spec = real_node_pod_spec(volumeMounts=[{"name": "data", "mountPath": "/data"}])
+    pod_spec["volumes"] = [{"name": "data", "hostPath": {"path": str(shared), "type": "Directory"}}]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pool_manifest("mounts", pod_spec, 1, 1, 3)))
+    eventually(lambda: idle_ready(pool_pods(kube, namespace, "mounts")), timeout=120, what="a Ready pod of the Pool")
+    pooled = {"extensions": {"poolRef": "mounts"}}
+    same = Volume(name="data", mount_path="/data", host=Host(path=str(shared)))
+    async with created(server, [same], **pooled) as sb:
+        assert await stdout_of(sb, "cat /data/seed") == "from the pool"
+    for other in (
+        Volume(name="elsewhere", mount_path="/elsewhere", host=Host(path=str(shared))),
+        Volume(name="data", mount_path="/data", host=Host(path=str(shared)), read_only=True),
+        Volume(name="w", mount_path="/w", pvc=PVC(claim_name=f"c-{uuid.uuid4().hex[:6]}")),
+    ):
+        with pytest.raises(SandboxApiException) as refused:
+            async with created(server, [other], **pooled):
+                pass
+        error = refused.value.error
+        assert error.code == "SANDBOX::API_NOT_SUPPORTED" and f"does not mount {other.name}" in str(error.message)
+    eventually(lambda: not list(kube.list(BatchSandbox, namespace=namespace)), timeout=30, what="no BatchSandbox left")
     assert list(kube.list(PersistentVolumeClaim, namespace=namespace)) == []

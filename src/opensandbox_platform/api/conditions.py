@@ -25,8 +25,12 @@ WAITING_FOR_POOL: Final = "WaitingForPool"  # pooled: fewer idle Ready pods than
 POOL_NOT_FOUND: Final = "PoolNotFound"
 FAILED_CREATE: Final = "FailedCreate"  # the API server refused pods built from the template
 TASK_EXECUTOR_MISSING: Final = "TaskExecutorMissing"  # tasks, but the pool's pods have no executor
+# The BatchSandbox carries a network policy but its Pool has no spec.egress (its pods have no sidecar)
+POOL_WITHOUT_EGRESS: Final = "PoolWithoutEgress"
+EGRESS_POLICY_FAILED: Final = "EgressPolicyFailed"  # pooled: the claimed pod's sidecar refused the policy
 BUFFER_FILLED: Final = "BufferFilled"  # Pool
 FILLING: Final = "Filling"  # Pool
+EGRESS_NOT_CONFIGURED: Final = "EgressNotConfigured"  # Pool: spec.egress without the controller's egress flags
 
 # --- reasons of the other conditions -------------------------------------------------------------
 POD_LOST: Final = "PodLost"  # SandboxReplaced
@@ -51,6 +55,8 @@ EVENT_POD_REPLACED: Final = "PodReplaced"  # Pool: a broken idle pod
 EVENT_POD_ROLLED: Final = "PodRolled"  # Pool: an idle pod of an older template
 EVENT_SURPLUS_DELETED: Final = "SurplusDeleted"  # Pool: idle pods above maxBufferSize or capacity
 EVENT_POD_EVICTED: Final = "PodEvicted"  # Pool: an idle pod carrying the evict label
+EVENT_EGRESS_NOT_CONFIGURED: Final = EGRESS_NOT_CONFIGURED
+EVENT_EGRESS_POLICY_FAILED: Final = EGRESS_POLICY_FAILED
 
 
 def set_condition(

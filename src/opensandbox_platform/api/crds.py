@@ -77,6 +77,23 @@ class TaskExecutorSpec(Model):
     )
 
 
+class PoolEgressSpec(Model):
+    """The egress sidecar in every pod of the Pool, so that pooled creates can carry a networkPolicy.
+    A warm pod holds `defaultAction` (no rules) until it is claimed; a claim with a networkPolicy
+    replaces it before the sandbox's entrypoint starts, a claim without one keeps it."""
+
+    defaultAction: Literal["allow", "deny"] = Field(
+        "deny", description="The policy of an idle pod, and of a sandbox claimed without a networkPolicy."
+    )
+    upstreamDns: list[str] | None = Field(
+        None,
+        max_length=8,
+        description="Resolvers (host or host:port) the sidecar forwards allowed lookups to; unset: the pod's "
+        "resolv.conf (cluster DNS).",
+        json_schema_extra={"items": {"type": "string", "maxLength": 261, "pattern": r"^[0-9A-Za-z.:\[\]-]+$"}},
+    )
+
+
 class TaskTemplate(Model):
     """One task per replica, run inside the sandbox's main container by the task-executor sidecar."""
 
@@ -144,6 +161,11 @@ class PoolSpec(Model):
     sandboxTemplate: SandboxTemplate
     recycleStrategy: Literal["Delete"] = Field("Delete", description="What happens to a pod when its claim ends.")
     taskExecutor: TaskExecutorSpec | None = None
+    egress: PoolEgressSpec | None = Field(
+        None,
+        description="Inject the egress sidecar (network policy) into the pods; needs the controller's "
+        "--egress-image and --sandbox-token-key-file.",
+    )
     scaleStrategy: RateStrategy | None = Field(
         None,
         description="maxUnavailable: at most this many pool pods start (are not Ready yet) at once; a percentage "

@@ -141,9 +141,12 @@ DOCKER_EXECD_VOLUME: Final = DOCKER_PREFIX + "execd-volume"  # the volume holdin
 EGRESS_CONTAINER: Final = "egress"
 EGRESS_STATE_VOLUME: Final = "opensandbox-egress"
 EGRESS_STATE_DIR: Final = "/var/lib/opensandbox-egress"
-# On a BatchSandbox (direct mode): JSON {"policy": {defaultAction, egress}, "upstreamDns": [...]}; the
-# controller injects the egress sidecar into its pods (controller/pods.py inject_egress)
+# On a BatchSandbox: JSON {"policy": {defaultAction, egress}, "upstreamDns": [...]}; the controller
+# injects the egress sidecar into its pods (controller/pods.py inject_egress), or in pooled mode PUTs
+# the policy into the claimed pod's sidecar (a Pool with spec.egress; batchsandbox.py _prepare)
 NETWORK_POLICY: Final = PREFIX + "network-policy"
+# On a pooled pod: the controller replaced its sidecar's policy (the Pool's) with the BatchSandbox's
+NETWORK_POLICY_APPLIED: Final = PREFIX + "network-policy-applied"
 DOCKER_EGRESS_FOR: Final = DOCKER_PREFIX + "egress-for"  # docker: the egress sidecar of this sandbox id
 DOCKER_EGRESS: Final = DOCKER_PREFIX + "egress"  # docker: "true" on a sandbox container with a network policy
 # docker: the sandbox's bootstrap script waits on this FIFO before its entrypoint until the egress

@@ -206,6 +206,7 @@ class Allocator:
         old = BatchSandboxStatus.model_validate(bs.raw.get("status") or {})
         pool = self.manager.cache.pools.get(f"{bs.namespace}/{spec.poolRef}")
         short = sum(1 for i in held.wanted if i not in change.new)
+        policy = statuses.pooled_policy(bs.raw, spec)
         lost = [f"sandbox {x.index}: pod {x.pod_name} {x.why}, replaced" for x in held.lost]
         lost += [f"sandbox {i}: pod {p.name} is claimed by BatchSandbox {p.batchsandbox}" for i, p in held.conflicts]
         view = statuses.BatchSandboxView(
@@ -213,10 +214,11 @@ class Allocator:
             generation=int(bs.raw["metadata"].get("generation", 0)),
             old=old,
             pods=change.pods,
-            problem=statuses.pooled_problem(spec, bs.namespace, pool, short),
+            problem=statuses.pooled_problem(spec, bs.namespace, pool, short, policy),
             tasks=written_tasks(bs.raw) if spec.taskTemplate is not None else None,
             lost=lost or None,
             released=change.released,
+            policy=policy,
         )
         return old, statuses.batchsandbox_status(view, datetime.now(UTC))
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 from prometheus_client import Histogram
 
-from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.conditions import find
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
 from opensandbox_platform.api.resources import BATCHSANDBOXES
@@ -45,6 +45,7 @@ from opensandbox_platform.controller.pods import (
     build_pod,
     delete_pod,
     egress_request,
+    egress_sidecar,
     owner_reference,
     slim_pod,
 )
@@ -197,6 +198,7 @@ class BatchSandboxReconciler:
             tasks=tasks,
             lost=lost or None,
             released=frozenset(released_indices(bs)),
+            policy=statuses.pooled_policy(bs, spec),
         )
         new = statuses.batchsandbox_status(view, now)
         # A pooled BatchSandbox still waiting for pods is the allocator's to write (it writes the
@@ -206,7 +208,7 @@ class BatchSandboxReconciler:
         if new != old and not allocator_owns:
             await self._write_status(cached, spec, old, new)
         await self._write_endpoints(cached, new, spec.replicas)
-        if problem and problem[0] == conditions.FAILED_CREATE:
+        if problem and problem[0] in (conditions.FAILED_CREATE, conditions.EGRESS_POLICY_FAILED):
             raise PodCreateError(problem[1])  # retried with backoff; the status already says why
         return statuses.next_deadline(spec, new, now)
 
@@ -236,8 +238,14 @@ class BatchSandboxReconciler:
         released = released_indices(bs.raw)
         pods = {i: p for i, p in held.pods.items() if i < spec.replicas and i not in released}
         await self._label(bs, pods)
-        await self._apply_entrypoints(bs, spec, pods)
-        return pods, statuses.pooled_problem(spec, bs.namespace, cache.pools.get(pool_key), len(held.wanted))
+        policy = statuses.pooled_policy(bs.raw, spec)
+        problem = statuses.pooled_problem(spec, bs.namespace, cache.pools.get(pool_key), len(held.wanted), policy)
+        if problem is not None and problem[0] == conditions.POOL_WITHOUT_EGRESS:
+            return pods, problem  # nothing starts unguarded
+        failed = await self._prepare(bs, spec, pods, policy)
+        # The cache holds what _prepare marked: this pass's status says Ready, not the pod's next event's.
+        pods = {i: cache.pods.get(p.key) or p for i, p in pods.items()}
+        return pods, failed or problem
 
     async def _label(self, bs: CachedObject, pods: dict[int, PodInfo]) -> None:
         """Allocated pods get the claim label and this BatchSandbox as owner (garbage collection, kubectl).
@@ -269,13 +277,54 @@ class BatchSandboxReconciler:
 
         await asyncio.gather(*(one(i, p) for i, p in todo))
 
-    async def _apply_entrypoints(self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
-        """Start the requested entrypoint with its env through execd in each allocated pod."""
+    async def _prepare(
+        self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo], policy: bool
+    ) -> statuses.Problem | None:
+        """Each allocated pod gets the BatchSandbox's network policy (with `policy`; replacing the
+        Pool's in its sidecar), then the requested entrypoint and env through execd: the entrypoint
+        never runs under the Pool's policy. Marked on the pod (one patch), so done once."""
         body = statuses.bootstrap_request(spec)
-        if body is None:
-            return  # nothing to apply: a pooled sandbox without entrypoint or env needs no execd
-        todo = [p for p in pods.values() if not p.entrypoint_applied and p.ip]
-        await asyncio.gather(*(self._bootstrap(bs, p, body) for p in todo))
+        try:
+            request = egress_request(bs.raw["metadata"].get("annotations")) if policy else None
+        except ValueError as err:
+            return conditions.EGRESS_POLICY_FAILED, str(err)
+        rules = request[0] if request else None
+
+        def undone(pod: PodInfo) -> bool:
+            return (rules is not None and not pod.policy_applied) or (body is not None and not pod.entrypoint_applied)
+
+        todo = [p for p in pods.values() if p.ip and undone(p)]
+        failed = await asyncio.gather(*(self._prepare_pod(bs, p, rules, body) for p in todo))
+        return next((f for f in failed if f), None)
+
+    async def _prepare_pod(
+        self, bs: CachedObject, pod: PodInfo, rules: JSON | None, body: JSON | None
+    ) -> statuses.Problem | None:
+        marks: dict[str, str] = {}
+        if rules is not None and not pod.policy_applied:
+            try:
+                await self._put_policy(pod, rules)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+                message = f"Could not apply the network policy in pod {pod.name} through its egress sidecar: {err}"
+                self.manager.events.record(bs.raw, "Warning", conditions.EVENT_EGRESS_POLICY_FAILED, message)
+                return conditions.EGRESS_POLICY_FAILED, message
+            marks[labels.NETWORK_POLICY_APPLIED] = times.rfc3339(digits=6)
+        if body is not None and not pod.entrypoint_applied:
+            await self._bootstrap(bs, pod, body)
+            marks[labels.ENTRYPOINT_APPLIED] = times.rfc3339(digits=6)
+        patch = {"metadata": {"annotations": marks}}
+        self.manager.cache.pods.assume(await self.manager.client.patch(PODS, pod.name, patch, pod.namespace))
+        return None
+
+    async def _put_policy(self, pod: PodInfo, rules: JSON) -> None:
+        """PUT /policy on the pod's egress sidecar: it answers once the kernel holds the new ruleset."""
+        key = self.manager.settings.token_key
+        if key is None:
+            raise ValueError("the controller has no --sandbox-token-key-file to call the sidecar with")
+        url = f"http://{pod.ip}:{labels.EGRESS_PORT}/policy"
+        headers = {labels.EGRESS_TOKEN_HEADER: tokens.egress_token(key, pod.name)}
+        async with self.manager.client.session.put(url, json=rules, headers=headers, timeout=EXECD_TIMEOUT) as response:
+            response.raise_for_status()
 
     async def _bootstrap(self, bs: CachedObject, pod: PodInfo, body: JSON) -> None:
         url = f"http://{pod.ip}:{labels.EXECD_PORT}{labels.EXECD_START_PATH}"
@@ -292,8 +341,6 @@ class BatchSandboxReconciler:
             message = f"Could not start the entrypoint in pod {pod.name} through execd: {err}"
             self.manager.events.record(bs.raw, "Warning", conditions.EVENT_ENTRYPOINT_FAILED, message)
             raise
-        patch = {"metadata": {"annotations": {labels.ENTRYPOINT_APPLIED: times.rfc3339(digits=6)}}}
-        self.manager.cache.pods.assume(await self.manager.client.patch(PODS, pod.name, patch, pod.namespace))
 
     async def _release_finished(self, bs: CachedObject, pods: dict[int, PodInfo], tasks: dict[int, JSON]) -> None:
         """`Release`: a sandbox whose task ended gives its pod back (deleted; its result stays in status)."""
@@ -356,11 +403,10 @@ class BatchSandboxReconciler:
             except ValueError as err:
                 return conditions.FAILED_CREATE, str(err)
             if request is not None:
-                if not settings.egress_image or not settings.token_key:
-                    return conditions.FAILED_CREATE, (
-                        f"{labels.NETWORK_POLICY} needs the controller's --egress-image and --sandbox-token-key-file"
-                    )
-                egress = EgressSidecar(settings.egress_image, request[0], request[1], settings.egress_pull_policy)
+                try:
+                    egress = egress_sidecar(settings, *request)
+                except ValueError as err:
+                    return conditions.FAILED_CREATE, f"{labels.NETWORK_POLICY}: {err}"
 
         async def one(index: int) -> str | None:
             pod = build_pod(
@@ -408,7 +454,8 @@ class BatchSandboxReconciler:
         if spec.taskTemplate is None:
             return None
         blocked = problem is not None and problem[0] == conditions.TASK_EXECUTOR_MISSING
-        ready = set() if blocked else {i for i, p in pods.items() if statuses.sandbox_ready(spec, p)}
+        policy = statuses.pooled_policy(bs.raw, spec)
+        ready = set() if blocked else {i for i, p in pods.items() if statuses.sandbox_ready(spec, p, policy)}
         return self.tasks.sync(bs.key, bs.raw, spec.taskTemplate, pods, ready)
 
     async def _delete_pods(self, pods: Iterable[PodInfo]) -> None:

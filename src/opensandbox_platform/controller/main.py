@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--egress-image",
         help="image of the egress sidecar injected into the pods of BatchSandboxes created with a networkPolicy "
-        "(annotation opensandbox.io/network-policy); without it such pods are not created (docs/network-policy.md)",
+        "(annotation opensandbox.io/network-policy) and of Pools with spec.egress; without it such pods are not "
+        "created (docs/network-policy.md)",
     )
     parser.add_argument(
         "--egress-image-pull-policy",

@@ -10,6 +10,7 @@ from typing import Any
 
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
+from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError
 
 
@@ -50,6 +51,7 @@ class PodInfo:
     deleting: bool
     main_exit_code: int | None  # set when the sandbox container has terminated
     entrypoint_applied: bool
+    policy_applied: bool = False  # pooled: the claim's network policy replaced the Pool's
     evicting: bool = False  # an idle pod a person marked for deletion (labels.EVICT)
     failure: str | None = None  # a container's waiting reason that means it cannot run (CrashLoopBackOff, ...)
     failure_detail: str = ""  # the kubelet's words with it (a registry's 401), cut to a condition's size
@@ -117,6 +119,7 @@ def slim_pod(raw: JSON) -> PodInfo:
         deleting=meta.get("deletionTimestamp") is not None,
         main_exit_code=exit_code,
         entrypoint_applied=labels.ENTRYPOINT_APPLIED in (meta.get("annotations") or {}),
+        policy_applied=labels.NETWORK_POLICY_APPLIED in (meta.get("annotations") or {}),
         evicting=labels.EVICT in pod_labels,
         failure=failure,
         failure_detail=failure_detail,
@@ -131,15 +134,14 @@ def template_revision(template: SandboxTemplate) -> str:
 
 
 def pool_revision(spec: PoolSpec) -> str:
-    """The revision of a pool's pods: its template, plus the task-executor sidecar when enabled."""
-    executor = spec.taskExecutor
-    if executor is None or not executor.enabled:
+    """The revision of a pool's pods: its template, plus the task-executor and egress sidecars when
+    enabled (so enabling one rolls the pods; the allocator hands out current pods only)."""
+    executor = spec.taskExecutor if spec.taskExecutor is not None and spec.taskExecutor.enabled else None
+    if executor is None and spec.egress is None:
         return template_revision(spec.sandboxTemplate)  # unchanged for pools without a sidecar
+    parts = {"template": spec.sandboxTemplate, "taskExecutor": executor, "egress": spec.egress}
     canonical = json.dumps(
-        {
-            "template": spec.sandboxTemplate.model_dump(mode="json", by_alias=True, exclude_none=True),
-            "taskExecutor": executor.model_dump(mode="json", by_alias=True, exclude_none=True),
-        },
+        {k: v.model_dump(mode="json", by_alias=True, exclude_none=True) for k, v in parts.items() if v is not None},
         sort_keys=True,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -174,6 +176,21 @@ def egress_request(annotations: dict[str, str] | None) -> tuple[JSON, tuple[str,
     if not isinstance(value, dict) or not isinstance(value.get("policy"), dict):
         raise ValueError(f"{labels.NETWORK_POLICY} must be a JSON object with a policy")
     return value["policy"], tuple(str(u) for u in value.get("upstreamDns") or [])
+
+
+def egress_sidecar(settings: Settings, policy: JSON, upstream_dns: tuple[str, ...]) -> EgressSidecar:
+    """The sidecar enforcing `policy`; ValueError when the controller was started without what it needs."""
+    if not settings.egress_image or not settings.token_key:
+        raise ValueError("a network policy needs the controller's --egress-image and --sandbox-token-key-file")
+    return EgressSidecar(settings.egress_image, policy, upstream_dns, settings.egress_pull_policy)
+
+
+def pool_egress(spec: PoolSpec, settings: Settings) -> EgressSidecar | None:
+    """A Pool's sidecar (`spec.egress`): its pods hold `defaultAction` without rules until claimed."""
+    if spec.egress is None:
+        return None
+    policy: JSON = {"defaultAction": spec.egress.defaultAction, "egress": []}
+    return egress_sidecar(settings, policy, tuple(spec.egress.upstreamDns or ()))
 
 
 def owner_reference(obj: JSON) -> JSON:

@@ -41,7 +41,7 @@ from opensandbox_platform.controller.cache import (
 )
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager
-from opensandbox_platform.controller.pods import PodCreateError, PodInfo, build_pod, pool_revision
+from opensandbox_platform.controller.pods import PodCreateError, PodInfo, build_pod, pool_egress, pool_revision
 from opensandbox_platform.controller.tasks import pool_sidecar
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON, PODS, KubeError
@@ -289,7 +289,7 @@ class PoolReconciler:
             plan.create = 0
         written = await self._write_status(cached, spec, revision, pods, plan, create_error)
         if create_error:
-            raise PodCreateError(create_error)
+            raise PodCreateError(create_error[1])
         # Look again when the first pod that is not Ready yet would pass the deadline, when a status
         # write held back by the rate limit is due, or when the postponed refill may go ahead.
         waits = [deadline - age_seconds(p, now) for p in plan.starting]
@@ -299,8 +299,8 @@ class PoolReconciler:
             waits.append(REFILL_DELAY)
         return max(0.1, min(waits)) if waits else None
 
-    async def _create(self, pool: CachedObject, spec: PoolSpec, revision: str, count: int) -> str | None:
-        """Creates `count` pods; returns the API server's message when some could not be created."""
+    async def _create(self, pool: CachedObject, spec: PoolSpec, revision: str, count: int) -> statuses.Problem | None:
+        """Creates `count` pods; returns why when some could not be created (the API server's message)."""
         if count <= 0:
             return None
         settings = self.manager.settings
@@ -313,7 +313,13 @@ class PoolReconciler:
             )
         except ValueError as err:
             self.manager.events.record(pool.raw, "Warning", conditions.EVENT_FAILED_CREATE, str(err))
-            return str(err)
+            return conditions.FAILED_CREATE, f"Pods cannot be created: {err}"
+        try:
+            egress = pool_egress(spec, settings)
+        except ValueError as err:  # never pods without the sidecar the Pool asks for
+            message = f"spec.egress: {err}"
+            self.manager.events.record(pool.raw, "Warning", conditions.EVENT_EGRESS_NOT_CONFIGURED, message)
+            return conditions.EGRESS_NOT_CONFIGURED, message
 
         async def one() -> str | None:
             pod_name = f"{pool.name}-{random_suffix()}"
@@ -327,6 +333,7 @@ class PoolReconciler:
                 task_executor=sidecar,
                 token_key=settings.token_key,
                 execd_install=settings.execd_install,
+                egress=egress,
             )
             key = f"{pool.namespace}/{pod_name}"
             self.creating.expect(pool.key, key)
@@ -356,7 +363,7 @@ class PoolReconciler:
         self.manager.events.record(
             pool.raw, "Warning", conditions.EVENT_FAILED_CREATE, f"Failed to create pool pod: {errors[0]}"
         )
-        return errors[0]
+        return conditions.FAILED_CREATE, f"Pods cannot be created: {errors[0]}"
 
     async def _delete(self, pool: CachedObject, doomed: list[tuple[PodInfo, str]]) -> None:
         if not doomed:
@@ -396,7 +403,7 @@ class PoolReconciler:
         revision: str,
         pods: list[PodInfo],
         plan: PoolPlan,
-        error: str | None = None,
+        error: statuses.Problem | None = None,
     ) -> bool:
         """Writes the status if it changed; False when the write is held back by the rate limit."""
         available = sum(1 for p in plan.idle if p.ready)

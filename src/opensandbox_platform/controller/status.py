@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Literal
 
-from opensandbox_platform.api import conditions
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.conditions import find, set_condition
 from opensandbox_platform.api.crds import (
     BatchSandboxSpec,
@@ -49,17 +49,31 @@ def bootstrap_request(spec: BatchSandboxSpec) -> JSON | None:
     return body
 
 
-def sandbox_ready(spec: BatchSandboxSpec, pod: PodInfo) -> bool:
-    """Ready, and in pooled mode with the requested entrypoint started."""
+def pooled_policy(bs: JSON, spec: BatchSandboxSpec) -> bool:
+    """A pooled BatchSandbox with a network policy: its claimed pods' sidecars get it before anything starts."""
+    return bool(spec.poolRef) and labels.NETWORK_POLICY in (bs["metadata"].get("annotations") or {})
+
+
+def sandbox_ready(spec: BatchSandboxSpec, pod: PodInfo, policy: bool = False) -> bool:
+    """Ready, and in pooled mode with the requested network policy (`policy`) in force and the
+    requested entrypoint started."""
     needs_entrypoint = bool(spec.poolRef) and bootstrap_request(spec) is not None
-    return pod.ready and (pod.entrypoint_applied or not needs_entrypoint)
+    return pod.ready and (pod.entrypoint_applied or not needs_entrypoint) and (pod.policy_applied or not policy)
 
 
-def pooled_problem(spec: BatchSandboxSpec, namespace: str, pool: CachedObject | None, short: int) -> Problem | None:
+def pooled_problem(
+    spec: BatchSandboxSpec, namespace: str, pool: CachedObject | None, short: int, policy: bool = False
+) -> Problem | None:
     """Why a pooled BatchSandbox is not Ready beyond its pods' readiness: no Pool, a Pool whose pods
-    cannot run tasks, or fewer idle Ready pods than it wants."""
+    cannot run tasks or have no egress sidecar for its `policy`, or fewer idle Ready pods than it wants."""
     if pool is None or pool.deleting:
         return conditions.POOL_NOT_FOUND, f"Pool {spec.poolRef} does not exist in namespace {namespace}"
+    if policy and PoolSpec.model_validate(pool.raw["spec"]).egress is None:
+        return (
+            conditions.POOL_WITHOUT_EGRESS,
+            f"Pool {spec.poolRef} has no spec.egress: its pods have no egress sidecar to enforce"
+            f" {labels.NETWORK_POLICY}",
+        )
     if spec.taskTemplate is not None:
         executor = PoolSpec.model_validate(pool.raw["spec"]).taskExecutor
         if executor is None or not executor.enabled:
@@ -84,6 +98,7 @@ class BatchSandboxView:
     tasks: dict[int, JSON] | None = None  # index -> task status (None: no taskTemplate)
     lost: list[str] | None = None  # "sandbox 2: pod x deleted, replaced" notes since the last status
     released: frozenset[int] = frozenset()  # indices whose pod was handed back
+    policy: bool = False  # pooled_policy(): Ready waits for the claim's network policy
 
 
 def batchsandbox_status(view: BatchSandboxView, now: dt.datetime) -> BatchSandboxStatus:
@@ -135,7 +150,7 @@ def _sandbox(view: BatchSandboxView, index: int, pod: PodInfo) -> SandboxStatus:
         podUID=pod.uid if view.spec.poolRef else None,
         podIP=pod.ip,
         nodeName=pod.node,
-        ready=sandbox_ready(view.spec, pod),
+        ready=sandbox_ready(view.spec, pod, view.policy),
         released=None,
         task=SandboxTaskStatus.model_validate(task) if task else None,
     )
@@ -238,13 +253,14 @@ def pool_status(
     revision: str,
     counts: PoolCounts,
     old: PoolStatus,
-    error: str | None,
+    error: Problem | None,
     now: dt.datetime,
 ) -> PoolStatus:
+    """`error`: why pods cannot be created (FailedCreate: the API server's words; EgressNotConfigured)."""
     ready = counts.available >= spec.minBufferSize
     detail = f"{counts.available} idle Ready pod(s), minBufferSize {spec.minBufferSize}"
     if error:
-        reason, message = conditions.FAILED_CREATE, f"Pods cannot be created: {error}"
+        reason, message = error
     else:
         reason, message = (conditions.BUFFER_FILLED if ready else conditions.FILLING), detail
     result = [c.model_copy() for c in old.conditions or []]

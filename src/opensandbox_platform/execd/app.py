@@ -33,6 +33,7 @@ from opensandbox_platform.execd.isolated.routes import IsolatedApi
 
 if TYPE_CHECKING:  # imported on first use: an idle execd only holds what /ping and commands need
     from opensandbox_platform.execd.code.contexts import CodeContexts
+    from opensandbox_platform.execd.hooks import Hooks
     from opensandbox_platform.execd.identity import Identity
     from opensandbox_platform.execd.metrics import Sampler
     from opensandbox_platform.execd.pty import PtyManager
@@ -109,6 +110,7 @@ class ExecdApp:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.environment = Environment(settings.envs_file)
         self.bootstrap = Bootstrap(self.environment, os.getcwd())
+        self._hooks: Hooks | None = None
         self.commands = CommandManager(
             self.environment,
             self.state_dir,
@@ -159,6 +161,8 @@ class ExecdApp:
         r.add("GET", "/metrics/watch", self.watch_metrics)
         r.add("POST", "/bootstrap", self.apply_bootstrap)
         r.add("GET", "/bootstrap", self.bootstrap_status)
+        r.add("POST", "/lifecycle", self.begin_lifecycle)
+        r.add("GET", "/lifecycle", self.lifecycle_status)
         r.add("POST", "/code", self.run_code)
         r.add("DELETE", "/code", self.interrupt_code)
         r.add("POST", "/code/context", self.create_context)
@@ -191,6 +195,8 @@ class ExecdApp:
             self._ptys.shutdown()
         self.isolated.shutdown()
         self.bootstrap.shutdown()
+        if self._hooks is not None:
+            self._hooks.shutdown()
         if self.settings.state_dir is None:  # our own temp dir: background logs die with execd
             import shutil
 
@@ -210,6 +216,16 @@ class ExecdApp:
                 idle_timeout=self.settings.session_idle_timeout,
             )
         return self._sessions
+
+    @property
+    def hooks(self) -> Hooks:
+        """The lifecycle hooks, created (and their modules imported) on first use."""
+        if self._hooks is None:
+            from opensandbox_platform.execd.hooks import Hooks
+
+            gate = os.environ.get("EXECD_START_GATE") or None
+            self._hooks = Hooks(self.environment, lambda: self.bootstrap.cwd, gate)
+        return self._hooks
 
     @property
     def sampler(self) -> Sampler:
@@ -239,6 +255,14 @@ class ExecdApp:
 
     async def bootstrap_status(self, request: Request) -> AnyResponse:
         return Response.json(self.bootstrap.status())
+
+    async def begin_lifecycle(self, request: Request) -> AnyResponse:
+        """Our own route (docker runtime): run preStart, then schedule the periodic hooks (hooks.py)."""
+        run = await self.hooks.begin(await request.json())
+        return Response.json({"preStart": None if run is None else run.to_json()})
+
+    async def lifecycle_status(self, request: Request) -> AnyResponse:
+        return Response.json(self.hooks.status())
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 DEFAULT_ENVS_FILE = "/opt/opensandbox/.env"
 # execd's own settings never leak into user commands.
-PRIVATE_VARS = frozenset({"EXECD_ACCESS_TOKEN"})
+PRIVATE_VARS = frozenset({"EXECD_ACCESS_TOKEN", "EXECD_START_GATE"})
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from opensandbox_platform.server import errors, networkpolicy
 from opensandbox_platform.server.errors import ApiError
+from opensandbox_platform.server.hook_events import hook_events
 from opensandbox_platform.server.models import ErrorResponse
 from opensandbox_platform.server.runtimes.base import LogText, Runtime
 from opensandbox_platform.server.runtimes.events import SandboxEvent, merged
@@ -85,7 +86,8 @@ async def events_of(request: Request, sandbox_id: str, scope: str) -> list[Sandb
     if scope in ("runtime", "all"):
         engine = await runtime.runtime_events(sandbox_id)
         refused = await networkpolicy.denial_events(request.app.state.http, runtime, sandbox_id)
-    return merged(server, engine, refused)
+    hooks = await hook_events(runtime, request.app.state.http, sandbox_id) if scope in ("lifecycle", "all") else []
+    return merged(server, engine, refused, hooks)
 
 
 def render_events(events: list[SandboxEvent], limit: int | None = None) -> str:

@@ -33,7 +33,6 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 50
 router = APIRouter(tags=["networkpolicy"], responses=ERRORS)  # type: ignore[arg-type]
 PATH = "/sandboxes/{sandboxId}/networkpolicy"
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-EGRESS_UNAVAILABLE = "SANDBOX::EGRESS_UNAVAILABLE"
 DENIALS_SHOWN = 20  # addresses and names each, the most refused first
 NO_POLICY = {
     "status": "ok",
@@ -138,7 +137,7 @@ async def _call(request: Request, sandbox_id: str, method: str, body: object) ->
         )
     except httpx.HTTPError as exc:
         raise ApiError(
-            503, EGRESS_UNAVAILABLE, f"the egress enforcer of sandbox {sandbox_id} is not answering: {exc!r}"
+            503, errors.EGRESS_UNAVAILABLE, f"the egress enforcer of sandbox {sandbox_id} is not answering: {exc!r}"
         ) from None
     payload = _json(response)
     if response.status_code == 400:

@@ -9,6 +9,7 @@ import re
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.egress import policy as egress_policy
+from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.server import errors, volumes
 from opensandbox_platform.server.errors import ApiError
 from opensandbox_platform.server.models import LABEL_NAME, CreateSandboxRequest
@@ -190,6 +191,7 @@ def create_spec(
         volumes=volumes.parse(body.volumes, allowed_host_paths or [], capabilities.volumes),
         snapshot_id=body.snapshot_id or None,
         network_policy=network_policy(body.network_policy, max_rules) if body.network_policy is not None else None,
+        lifecycle=lifecycle_hooks(body.lifecycle) if body.lifecycle else None,
     )
     for volume in spec.volumes:
         if isinstance(volume.backend, volumes.PvcBackend) and volume.backend.storage:
@@ -211,6 +213,15 @@ def network_policy(raw: object, max_rules: int) -> dict[str, object]:
         raise errors.invalid(f"networkPolicy: {exc}") from None
 
 
+def lifecycle_hooks(raw: object) -> dict[str, object] | None:
+    """The lifecycle hooks checked (execd/lifecycle.py) in their wire form; None when there are none."""
+    try:
+        hooks = lifecycle.parse(raw).to_json()
+    except lifecycle.LifecycleError as exc:
+        raise errors.invalid(str(exc)) from None
+    return hooks or None
+
+
 def served_fields(capabilities: Capabilities) -> dict[str, bool]:
     """The optional create fields and whether the runtime honours them (False: no runtime yet).
     The OpenAPI document leaves out what a runtime refuses (server/openapi.py)."""
@@ -220,7 +231,7 @@ def served_fields(capabilities: Capabilities) -> dict[str, bool]:
         "networkPolicy": capabilities.network_policy,
         "credentialProxy": False,
         "volumes": bool(capabilities.volumes),
-        "lifecycle": False,
+        "lifecycle": capabilities.lifecycle,
         "secureAccess": True,  # every runtime: the server's proxy enforces it
         POOL_REF_FIELD: capabilities.pool_ref,
         "image.auth": capabilities.image_auth,
@@ -254,15 +265,22 @@ def _refuse_unsupported(body: CreateSandboxRequest, capabilities: Capabilities) 
             f"resourceRequests is not supported with extensions.{labels.EXTENSION_POOL_REF}: "
             "a claimed pod's resources are the Pool's",
         )
-    # A Pool's pods are made, and their images pulled, before any claim: it cannot add either.
-    for name in ("volumes", "image.auth"):
-        if pooled and values[name]:
-            raise ApiError(
-                400,
-                errors.API_NOT_SUPPORTED,
-                f"{name} is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's mounts and"
-                " image are the Pool's (put them in the Pool's template, or create without poolRef)",
-            )
+    if pooled and body.lifecycle:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"lifecycle is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's entrypoint"
+            " starts at its claim, with no preStart hook before it (create without poolRef)",
+        )
+    # A Pool's pods are made, and their images pulled, before any claim (a pooled create's volumes
+    # must be the Pool's own mounts: the runtime checks them against the Pool).
+    if pooled and values["image.auth"]:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"image.auth is not supported with extensions.{labels.EXTENSION_POOL_REF}: a warm pod's image is"
+            " the Pool's (put its pull secret in the Pool's template, or create without poolRef)",
+        )
 
 
 def _resource_requests(requests: dict[str, str]) -> dict[str, int]:

@@ -263,3 +263,42 @@ def test_egress_sidecar_starts_first_holds_net_admin_alone_and_has_a_token_of_it
     assert {"name": labels.EGRESS_STATE_VOLUME, "emptyDir": {}} in spec["volumes"]
     with pytest.raises(ValueError):
         egress_request({labels.NETWORK_POLICY: '["not", "an", "object"]'})
+
+
+def test_an_egress_pool_puts_its_initial_policy_in_the_sidecar_of_every_pod_and_rolls_its_pods() -> None:
+    from opensandbox_platform.api.crds import PoolSpec
+    from opensandbox_platform.controller.pods import pool_egress, pool_revision
+    from opensandbox_platform.controller.settings import Settings
+
+    base = {"maxBufferSize": 1, "capacity": 1, "sandboxTemplate": {"spec": {"image": "ubuntu"}}}
+    plain = PoolSpec.model_validate(base)
+    guarded = PoolSpec.model_validate({**base, "egress": {"upstreamDns": ["10.0.0.53:53"]}})
+    settings = Settings(egress_image="egress:1", egress_pull_policy="Never", token_key=b"k" * 32)
+    assert pool_egress(plain, settings) is None
+    sidecar = pool_egress(guarded, settings)
+    assert sidecar is not None and sidecar.pull_policy == "Never"
+    assert sidecar.policy == {"defaultAction": "deny", "egress": []}  # the default: an idle pod reaches nothing
+    assert sidecar.upstream_dns == ("10.0.0.53:53",)
+    pod = build_pod(name="p-x", namespace="ns", template=guarded.sandboxTemplate, pod_labels={}, owner=OWNER,
+                    execd_image="e:1", token_key=settings.token_key, egress=sidecar)  # fmt: skip
+    first = pod["spec"]["initContainers"][0]
+    assert first["name"] == labels.EGRESS_CONTAINER
+    assert {"name": "OPENSANDBOX_EGRESS_RULES", "value": '{"defaultAction":"deny","egress":[]}'} in first["env"]
+    # enabling egress (or changing its default) is a new revision: old idle pods roll, none is handed out
+    assert pool_revision(plain) == template_revision(plain.sandboxTemplate)  # pools without stay as they were
+    allow = PoolSpec.model_validate({**base, "egress": {"defaultAction": "allow"}})
+    assert len({pool_revision(plain), pool_revision(guarded), pool_revision(allow)}) == 3
+    # without the controller's flags: refused (the Pool reconciler turns it into a condition and an Event)
+    for missing in (Settings(token_key=b"k" * 32), Settings(egress_image="egress:1")):
+        with pytest.raises(ValueError, match="--egress-image and --sandbox-token-key-file"):
+            pool_egress(guarded, missing)
+
+
+def test_slim_pod_reads_whether_the_claims_policy_was_applied() -> None:
+    pod = build_pod(name="p-x", namespace="ns", template=template(image="u"), pod_labels={}, owner=OWNER,
+                    execd_image=None, annotations={labels.NETWORK_POLICY_APPLIED: "t"})  # fmt: skip
+    pod["metadata"].update(uid="u", resourceVersion="1", creationTimestamp="2026-01-01T00:00:00Z")
+    pod["status"] = {"phase": "Running"}
+    assert slim_pod(pod).policy_applied
+    del pod["metadata"]["annotations"][labels.NETWORK_POLICY_APPLIED]
+    assert not slim_pod(pod).policy_applied

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from opensandbox_platform.api import conditions
+from opensandbox_platform.api import conditions, labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus, PoolSpec, PoolStatus
 from opensandbox_platform.controller.cache import CachedObject
 from opensandbox_platform.controller.status import (
@@ -14,6 +14,7 @@ from opensandbox_platform.controller.status import (
     batchsandbox_status,
     next_deadline,
     pool_status,
+    pooled_policy,
     pooled_problem,
 )
 from tests.unit.controller.test_pool_plan import NOW, pod
@@ -80,6 +81,32 @@ def test_pooled_problems_in_their_order() -> None:
         conditions.TASK_EXECUTOR_MISSING,
         "Pool p has no taskExecutor.enabled: its pods cannot run tasks",
     )
+    # a network policy on a Pool whose pods have no egress sidecar: never started unguarded
+    reason, message = pooled_problem(POOLED, "ns", pool, 0, policy=True) or ("", "")
+    assert reason == conditions.POOL_WITHOUT_EGRESS and "Pool p has no spec.egress" in message
+    guarded = CachedObject({**pool.raw, "spec": {**pool.raw["spec"], "egress": {"defaultAction": "deny"}}})
+    assert pooled_problem(POOLED, "ns", guarded, 0, policy=True) is None
+
+
+def test_a_pooled_sandbox_with_a_policy_is_ready_only_once_the_policy_is_in_its_sidecar() -> None:
+    bs = {"metadata": {"annotations": {labels.NETWORK_POLICY: "{}"}}}
+    assert pooled_policy(bs, POOLED) and not pooled_policy({"metadata": {}}, POOLED)
+    assert not pooled_policy(bs, DIRECT)  # direct mode: the sidecar starts with it
+    one = BatchSandboxSpec.model_validate({"replicas": 1, "poolRef": "p"})
+    waiting = batchsandbox_status(view(one, pods={0: pod("a", claimed=True)}, policy=True), NOW)
+    assert waiting.phase == "Pending" and waiting.sandboxes and not waiting.sandboxes[0].ready
+    applied = replace(pod("a", claimed=True), policy_applied=True)
+    running = batchsandbox_status(view(one, old=waiting, pods={0: applied}, policy=True), NOW)
+    assert running.phase == "Running"
+    assert batchsandbox_status(view(one, pods={0: pod("a", claimed=True)}), NOW).phase == "Running"  # no policy
+
+
+def test_a_pool_without_the_controllers_egress_flags_says_so_in_its_ready_condition() -> None:
+    spec = PoolSpec.model_validate({"minBufferSize": 1, "maxBufferSize": 1, "capacity": 1, "egress": {},
+                                    "sandboxTemplate": {"spec": {"image": "i"}}})  # fmt: skip
+    problem = (conditions.EGRESS_NOT_CONFIGURED, "spec.egress: needs --egress-image")
+    status = pool_status(spec, 1, "r", PoolCounts(0, 0, 0, 0), PoolStatus(), problem, NOW)
+    assert cond(status, conditions.READY) == ("False", conditions.EGRESS_NOT_CONFIGURED)
 
 
 def test_released_sandboxes_keep_their_entry_and_do_not_count_as_wanted() -> None:
@@ -103,7 +130,8 @@ def test_pool_status_ready_when_the_buffer_is_filled() -> None:
     assert cond(filling, conditions.READY) == ("False", conditions.FILLING)
     filled = pool_status(spec, 1, "r", PoolCounts(2, 2, 0, 0), filling, None, NOW)
     assert cond(filled, conditions.READY) == ("True", conditions.BUFFER_FILLED) and filled.available == 2
-    broken = pool_status(spec, 1, "r", PoolCounts(2, 2, 0, 0), filled, "quantities must match", NOW)
+    problem = (conditions.FAILED_CREATE, "Pods cannot be created: quantities must match")
+    broken = pool_status(spec, 1, "r", PoolCounts(2, 2, 0, 0), filled, problem, NOW)
     assert cond(broken, conditions.READY) == ("False", conditions.FAILED_CREATE)
 
 

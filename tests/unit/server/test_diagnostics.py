@@ -121,6 +121,33 @@ def test_since_and_clip() -> None:
     assert clip("short", 15) == ("short", False)
 
 
+def test_hook_runs_become_events_oldest_first() -> None:
+    from opensandbox_platform.server.hook_events import events_of_status
+
+    run = {"durationMs": 12, "timedOut": False, "skipped": False, "outputTruncated": False}
+    status = {
+        "preStart": {**run, "startedAt": "2026-11-30T10:00:00.000Z", "exitCode": 0, "output": "ready\n"},
+        "periodic": [
+            {
+                "name": "tick",
+                "schedule": "@every 1s",
+                "skipped": 1,
+                "runs": [
+                    {**run, "startedAt": "2026-11-30T10:00:02.000Z", "exitCode": 0, "skipped": True, "output": ""},
+                    {**run, "startedAt": "2026-11-30T10:00:01.000Z", "exitCode": 137, "timedOut": True, "output": ""},
+                ],
+            }
+        ],
+    }
+    lines = [f"{event.reason}: {event.message}" for event in events_of_status(status)]
+    assert lines == [
+        "HookSucceeded: preStart hook: exited with code 0 after 12 ms; output: ready",
+        "HookFailed: periodic hook tick (@every 1s): timed out and was killed with code 137 after 12 ms",
+        "HookSkipped: periodic hook tick (@every 1s): skipped, its previous run was still going (1 skipped so far)",
+    ]
+    assert [e.type for e in events_of_status(status)] == ["Normal", "Warning", "Warning"]
+
+
 def test_denials_become_warning_events_most_refused_first() -> None:
     at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     body = {"addresses": {"10.0.0.1": 3, "10.0.0.2": 9, "10.0.0.3": 0}, "names": {"evil.test": 2, "bad": "x"}}

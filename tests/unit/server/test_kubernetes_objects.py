@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,9 +21,11 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     build_batchsandbox,
     claim_manifest,
     new_sandbox_id,
+    pool_mounts,
     pull_secret_manifest,
     read_entry,
     registry_of,
+    volumes_not_in_pool,
 )
 from opensandbox_platform.server.volumes import PvcBackend
 from opensandbox_platform.server.volumes import parse as parse_volumes
@@ -102,6 +105,16 @@ def test_direct_mode_carries_resource_requests_next_to_the_limits(
     BatchSandboxSpec.model_validate(obj["spec"])
 
 
+def test_lifecycle_hooks_hold_the_entrypoint_at_the_start_gate() -> None:
+    hooks = {"preStart": {"command": ["true"], "timeoutSeconds": 60}}
+    (with_hooks,) = build_batchsandbox("id-1", spec(lifecycle=hooks), Settings(), NOW)["spec"]["sandboxTemplate"][
+        "spec"
+    ]["containers"]
+    assert {"name": labels.START_GATE_ENV, "value": labels.START_GATE} in with_hooks["env"]
+    (plain,) = build_batchsandbox("id-1", spec(), Settings(), NOW)["spec"]["sandboxTemplate"]["spec"]["containers"]
+    assert plain["env"] == [{"name": "A", "value": "1"}]
+
+
 def test_reserved_labels_are_not_metadata() -> None:
     obj = build_batchsandbox("id", spec(), Settings(), NOW)
     obj["metadata"]["labels"].update({labels.DOCKER_PREFIX + "x": "y", "example.com/x": "z"})
@@ -168,6 +181,14 @@ def condition_status(reason: str, message: str = "why") -> dict[str, Any]:
         (condition_status("WaitingForPool"), {}, "Pending", "POOL_EXHAUSTED", None),
         (condition_status("SandboxesNotReady"), {}, "Pending", "POD_STARTING", None),
         (condition_status("FailedCreate", "forbidden"), {}, "Pending", "POD_CREATE_FAILED", "FailedCreate"),
+        (
+            condition_status("EgressPolicyFailed", "refused"),
+            {},
+            "Pending",
+            "EGRESS_POLICY_FAILED",
+            "EgressPolicyFailed",
+        ),
+        (condition_status("PoolWithoutEgress", "no"), {}, "Pending", "POOL_WITHOUT_EGRESS", "PoolWithoutEgress"),
         (condition_status("PoolNotFound"), {}, "Pending", "POOL_NOT_FOUND", "PoolNotFound"),
         ({**running_status(), "phase": "Succeeded"}, {}, "Terminated", "SANDBOX_EXITED", "EXITED"),
         ({**running_status(), "phase": "Failed"}, {}, "Failed", "SANDBOX_EXITED_ERROR", "EXITED"),
@@ -314,3 +335,78 @@ def test_a_network_policy_becomes_the_annotation_the_controller_reads() -> None:
     plain = build_batchsandbox("id", spec(), Settings(), NOW)
     assert labels.NETWORK_POLICY not in plain["metadata"]["annotations"]
     assert not read_entry({**plain, "metadata": {**plain["metadata"], "namespace": "ns"}}).has_policy
+
+
+def test_a_pooled_create_from_an_egress_pool_has_a_policy_with_or_without_its_own() -> None:
+    from opensandbox_platform.controller.pods import egress_request
+    from opensandbox_platform.server.runtimes.kubernetes_objects import pool_egress
+
+    def entry(obj: dict[str, Any]) -> Any:
+        return read_entry({**obj, "metadata": {**obj["metadata"], "namespace": "ns"}})
+
+    assert pool_egress({"spec": {"egress": {}}}) and not pool_egress({"spec": {}})
+    pooled = spec(extensions={"poolRef": "p"})
+    policy = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "x.test"}]}
+    own = build_batchsandbox("id", replace(pooled, network_policy=policy), Settings(), NOW, "img", None, True)
+    assert (egress_request(own["metadata"]["annotations"]) or ({},))[0] == policy  # the controller PUTs it
+    assert entry(own).has_policy
+    kept = build_batchsandbox("id", pooled, Settings(), NOW, "img", None, True)  # the Pool's policy stays
+    assert labels.NETWORK_POLICY not in kept["metadata"]["annotations"] and entry(kept).has_policy
+    assert not entry(build_batchsandbox("id", pooled, Settings(), NOW, "img", None, False)).has_policy
+
+
+def test_a_claim_whose_policy_could_not_be_applied_is_a_5xx_and_a_pool_without_egress_a_400() -> None:
+    from opensandbox_platform.server.runtimes.kubernetes import _failure_error
+
+    def error_of(reason: str) -> Any:
+        obj = as_cluster_returns(build_batchsandbox("id", spec(), Settings(), NOW), condition_status(reason, "why"))
+        return _failure_error(read_entry(obj))
+
+    failed = error_of("EgressPolicyFailed")
+    assert (failed.status, failed.code) == (503, "SANDBOX::EGRESS_UNAVAILABLE") and "why" in failed.message
+    refused = error_of("PoolWithoutEgress")
+    assert (refused.status, refused.code) == (400, "SANDBOX::API_NOT_SUPPORTED")
+
+
+def test_a_pooled_create_may_name_only_the_mounts_of_its_pools_sandbox_container() -> None:
+    pool = {
+        "spec": {
+            "sandboxTemplate": {
+                "spec": {
+                    "volumes": [
+                        {"name": "data", "persistentVolumeClaim": {"claimName": "shared"}},
+                        {"name": "node", "hostPath": {"path": "/srv/allowed"}},
+                    ],
+                    "containers": [
+                        {"name": "sidecar", "volumeMounts": [{"name": "data", "mountPath": "/side"}]},
+                        {
+                            "name": labels.SANDBOX_CONTAINER,
+                            "volumeMounts": [
+                                {"name": "data", "mountPath": "/data", "subPath": "./team/"},
+                                {"name": "node", "mountPath": "/node/", "subPath": "x", "readOnly": True},
+                                {"name": "nothing", "mountPath": "/nothing"},
+                            ],
+                        },
+                    ],
+                }
+            }
+        }
+    }
+    mounts = pool_mounts(pool)
+    assert mounts == {
+        ("/data", ("pvc", "shared", "team"), False),
+        ("/node", ("host", "/srv/allowed/x", ""), True),
+    }
+    volumes = parse_volumes(
+        [
+            {"name": "ok-pvc", "mountPath": "/data", "pvc": {"claimName": "shared"}, "subPath": "team"},
+            {"name": "ok-host", "mountPath": "/node", "host": {"path": "/srv/allowed/x"}, "readOnly": True},
+            {"name": "side", "mountPath": "/side", "pvc": {"claimName": "shared"}},  # the sidecar's, not ours
+            {"name": "writable", "mountPath": "/node2", "host": {"path": "/srv/allowed/x"}},
+            {"name": "other-claim", "mountPath": "/other", "pvc": {"claimName": "other"}},
+        ],
+        ["/srv/allowed"],
+        frozenset({"host", "pvc"}),
+    )
+    assert volumes_not_in_pool(volumes, mounts) == ["side", "writable", "other-claim"]
+    assert pool_mounts({"spec": {"sandboxTemplate": {"spec": {"image": "short-form"}}}}) == frozenset()

@@ -146,15 +146,9 @@ KUBERNETES = KubernetesRuntime.capabilities
         (DOCKER, {"extensions": {"poolRef": "p"}}, "extensions.poolRef is not supported by the docker runtime"),
         (
             KUBERNETES,
-            {"extensions": {"poolRef": "p"}, "volumes": [{"name": "v", "mountPath": "/v", "pvc": {"claimName": "c"}}]},
-            "volumes is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
-            " (put them in the Pool's template, or create without poolRef)",
-        ),
-        (
-            KUBERNETES,
             {"extensions": {"poolRef": "p"}, "image": {"uri": "u", "auth": {"username": "a", "password": "b"}}},
-            "image.auth is not supported with extensions.poolRef: a warm pod's mounts and image are the Pool's"
-            " (put them in the Pool's template, or create without poolRef)",
+            "image.auth is not supported with extensions.poolRef: a warm pod's image is the Pool's"
+            " (put its pull secret in the Pool's template, or create without poolRef)",
         ),
         (
             KUBERNETES,
@@ -254,3 +248,34 @@ def test_names_around_the_reserved_prefixes_are_the_users() -> None:
 )
 def test_dns_subdomains(name: str, valid: bool) -> None:
     assert validation.is_dns_subdomain(name) is valid
+
+
+HOOKS = {"preStart": {"command": ["true"]}, "periodic": [{"name": "t", "schedule": "@every 1s", "command": ["true"]}]}
+
+
+def test_lifecycle_hooks_pass_where_execd_runs_them_and_are_refused_with_a_pool_ref() -> None:
+    for capabilities in (LOCAL, DOCKER, KUBERNETES):
+        spec = validation.create_spec(request(lifecycle=HOOKS), 3600, capabilities)
+        assert spec.lifecycle is not None and spec.lifecycle["preStart"] == {"command": ["true"], "timeoutSeconds": 60}
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(lifecycle=HOOKS, extensions={"poolRef": "p"}), 3600, KUBERNETES)
+    assert err.value.code == "SANDBOX::API_NOT_SUPPORTED"
+    assert err.value.message.startswith("lifecycle is not supported with extensions.poolRef")
+
+
+@pytest.mark.parametrize(
+    ("hooks", "field"),
+    [
+        (
+            {"periodic": [{"name": "t", "schedule": "*/0 * * * *", "command": ["true"]}]},
+            "lifecycle.periodic[0].schedule",
+        ),
+        ({"preStart": {"command": ["true"], "timeoutSeconds": 3 * 3600 + 1}}, "lifecycle.preStart.timeoutSeconds"),
+        ({"preStart": {"command": []}}, "lifecycle.preStart.command"),
+    ],
+)
+def test_bad_lifecycle_hooks_are_400_naming_the_field(hooks: dict[str, object], field: str) -> None:
+    with pytest.raises(ApiError) as err:
+        validation.create_spec(request(lifecycle=hooks), 3600, LOCAL)
+    assert (err.value.status, err.value.code) == (400, "SANDBOX::INVALID_PARAMETER")
+    assert err.value.message.startswith(field)

@@ -50,6 +50,8 @@ class SandboxSpec:
     snapshot_id: str | None = None  # restore this snapshot (`image` and the rest default to what it holds)
     # networkPolicy, validated and normalized (egress/policy.py); None: no policy, no enforcer
     network_policy: dict[str, Any] | None = None
+    # lifecycle hooks, checked (execd/lifecycle.py), in their wire form; None: none
+    lifecycle: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Capabilities:
     volumes: frozenset[str] = frozenset()  # volume backends it mounts (host, pvc)
     snapshots: bool = False  # snapshots of sandboxes, and `snapshotId` on create
     network_policy: bool = False  # `networkPolicy` and the /networkpolicy routes (docs/network-policy.md)
+    lifecycle: bool = False  # `lifecycle` hooks (preStart, periodic), run by execd (execd/hooks.py)
     max_cpu_millis: int = MAX_CPU_MILLIS  # the largest resourceLimits.cpu (docker: at most the host's CPUs)
 
 

@@ -69,6 +69,7 @@ from opensandbox_platform.server.runtimes.base import (
 from opensandbox_platform.server.runtimes.docker_snapshots import DockerSnapshots
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason
 from opensandbox_platform.server.runtimes.expiry import ExpirySweeper
+from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor, ExecdProbe, engine_call, ping_execd
 
 log = logging.getLogger("opensandbox.docker")
@@ -116,6 +117,7 @@ class DockerRuntime:
         volumes=frozenset({"host", "pvc"}),
         snapshots=True,
         network_policy=True,
+        lifecycle=True,
         max_cpu_millis=HOST_CPU_MILLIS,
     )
 
@@ -346,9 +348,13 @@ class DockerRuntime:
                 else:  # the sidecar joins the namespace as soon as it exists, while execd starts
                     egress = self._start_egress(sandbox_id, container.id, spec.network_policy)
                     (_, inspect), egress_token = await _both(ready, egress)
+                steps.done("ready")
+                await self._check_published_port(inspect, token)
+                if spec.lifecycle:  # preStart runs under the network policy; then execd opens the gate
+                    await self._begin_lifecycle(inspect, token, spec.lifecycle)
+                    steps.done("preStart")
+                elif spec.network_policy is not None:
                     await self._open_start_gate(container.id)
-            steps.done("ready")
-            await self._check_published_port(inspect, token)
         except BaseException as exc:
             if spec.network_policy is not None:
                 await asyncio.shield(self._remove_container(model.egress_name(sandbox_id)))
@@ -528,6 +534,12 @@ class DockerRuntime:
             await sidecar.start()
             await self._wait_ready(sidecar.id, output, model.EGRESS_READY_LINE, "the egress sidecar")
         return token
+
+    async def _begin_lifecycle(self, inspect: dict[str, Any], token: str, hooks: dict[str, Any]) -> None:
+        address = f"{model.endpoint_host(self.settings)}:{model.published_port(inspect)}"
+        await begin_lifecycle(
+            Endpoint(address, {L.EXECD_TOKEN_HEADER: token}), hooks, self.settings.start_timeout_seconds
+        )
 
     async def _open_start_gate(self, container_id: str) -> None:
         """Let the entrypoint go: the bootstrap script waits on the FIFO L.START_GATE, which it made

@@ -314,11 +314,12 @@ def container_config(
     """The body of POST /containers/create, everything in this one call: the bootstrap script as
     entrypoint (execd in the background, then the user's entrypoint as its command), execd's volume
     mounted read-only, execd's port published on an ephemeral host port, and the security defaults.
-    With a network policy, the bootstrap script holds the entrypoint back until the egress sidecar
-    enforces it (`L.START_GATE`)."""
+    With a network policy or lifecycle hooks, the bootstrap script holds the entrypoint back
+    (`L.START_GATE`) until the egress sidecar enforces the policy and the preStart hook succeeded."""
     env = {**spec.env, **execd_env(sandbox_id, token)}
-    if spec.network_policy is not None:
+    if spec.network_policy is not None or spec.lifecycle:
         env[L.START_GATE_ENV] = L.START_GATE
+    if spec.network_policy is not None:
         labels = {**labels, L.DOCKER_EGRESS: "true"}
     host_config: dict[str, Any] = {
         "Mounts": [execd_mount(execd_volume)],

@@ -34,8 +34,9 @@ from opensandbox_platform.server.runtimes.base import Held, SnapshotInfo, Snapsh
 
 log = logging.getLogger("opensandbox.docker.snapshots")
 REPOSITORY = "opensandbox-snapshot"
-# execd's own variables: the next sandbox gets its own
-EXECD_ENV = frozenset(docker_model.execd_env("", ""))
+# execd's own variables and the start gate's: the next sandbox gets its own (a gate nobody opens
+# would hold its entrypoint back for ever)
+EXECD_ENV = frozenset(docker_model.execd_env("", "")) | {L.START_GATE_ENV}
 
 
 @dataclass

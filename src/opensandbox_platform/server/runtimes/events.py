@@ -35,6 +35,7 @@ class Reason:
     OOM_KILLED = "OOMKilled"
     HOOK_SUCCEEDED = "HookSucceeded"
     HOOK_FAILED = "HookFailed"
+    HOOK_SKIPPED = "HookSkipped"  # a periodic hook due while its previous run was still going
     EGRESS_DENIED = "EgressDenied"  # connections the network policy refused, by address
     EGRESS_NAME_DENIED = "EgressNameDenied"  # DNS names the network policy answered NXDOMAIN
 

@@ -5,7 +5,9 @@ Started by bwrap (which stays PID 1 of the jail's PID namespace) with two pipes 
 - `--evt-fd`: we write one JSON line per event: `{"event": "ready", "port": P}` as soon as execd
   listens (the server awaits this line: readiness is an event, not a poll), then `{"event":
   "started", "pid": N}` or `{"event": "error", "message": ...}` after the claim, then close it.
-- `--ctl-fd`: the server writes one JSON line, the claim: `{"env", "cwd", "argv", "rlimits"}`.
+- `--ctl-fd`: the server writes one JSON line, the claim: `{"env", "cwd", "argv", "rlimits",
+  "lifecycle"}`. With a `lifecycle.preStart` hook, it runs before the entrypoint; if it fails, the
+  event is `{"event": "hook-failed", "run": {...}}` and the jail ends (execd/hooks.py).
   A jail can be started before anyone asks for a sandbox (a warm jail) and claimed later.
 
 execd listens on 127.0.0.1:44772 of the jail's own network namespace; the server forwards a port
@@ -106,19 +108,17 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
         log.info("no claim; stopping")
         stop.set()
     else:
-        claim = json.loads(line)
         try:
-            _apply_rlimits(claim.get("rlimits") or {})
-            started = app.bootstrap.apply({k: claim[k] for k in ("env", "cwd", "argv") if claim.get(k) is not None})
+            event = await _start(app, json.loads(line))
         except (ApiError, OSError, ValueError) as exc:
-            _send(evt_fd, {"event": "error", "message": str(getattr(exc, "message", exc))})
+            event = {"event": "error", "message": str(getattr(exc, "message", exc))}
+        _send(evt_fd, event)
+        child = app.bootstrap.child
+        if event["event"] != "started":
             stop.set()
             code = 1
-        else:
-            _send(evt_fd, {"event": "started", "pid": started["pid"]})
-            child = app.bootstrap.child
-            if child is not None:
-                child.exited.add_done_callback(lambda _: stop.set())
+        elif child is not None:
+            child.exited.add_done_callback(lambda _: stop.set())
     os.close(evt_fd)
 
     await stop.wait()
@@ -128,6 +128,19 @@ async def serve(ctl_fd: int, evt_fd: int) -> int:
     await app.shutdown()
     await server.close()
     return code
+
+
+async def _start(app: ExecdApp, claim: dict[str, Any]) -> dict[str, Any]:
+    """The claim applied: the preStart hook (with the sandbox's env and cwd) first, then the
+    entrypoint; the event that tells the server."""
+    _apply_rlimits(claim.get("rlimits") or {})
+    body = {k: claim[k] for k in ("env", "cwd", "argv") if claim.get(k) is not None}
+    if claim.get("lifecycle"):
+        app.bootstrap.apply({k: v for k, v in body.items() if k != "argv"})
+        run = await app.hooks.begin(claim["lifecycle"])
+        if run is not None and not run.ok:
+            return {"event": "hook-failed", "run": run.to_json()}
+    return {"event": "started", "pid": app.bootstrap.apply(body)["pid"]}
 
 
 def _log_inside(directory: str) -> None:

@@ -36,6 +36,7 @@ import aiohttp
 from opensandbox_platform.api import conditions, labels, tokens
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
 from opensandbox_platform.daemon import times
+from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.kube.client import EVENTS, JSON, PODS, KubeClient, KubeError
 from opensandbox_platform.kube.informer import Informer
 from opensandbox_platform.server import errors, metrics, validation
@@ -57,19 +58,25 @@ from opensandbox_platform.server.runtimes.base import (
     State,
 )
 from opensandbox_platform.server.runtimes.events import EventList, EventLog, Reason, SandboxEvent
+from opensandbox_platform.server.runtimes.hooks import begin_lifecycle
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     RESUME_PATCH,
     Entry,
+    Mount,
     Settings,
     build_batchsandbox,
     finish_create,
     new_sandbox_id,
     owner_reference,
     paused_patch,
+    pool_egress,
     pool_image,
+    pool_mounts,
     read_entry,
+    volumes_not_in_pool,
 )
 from opensandbox_platform.server.runtimes.liveness import EngineMonitor
+from opensandbox_platform.server.volumes import VolumeSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,6 +101,8 @@ class PoolEntry:
     name: str
     image: str
     deleting: bool
+    egress: bool  # its pods have the egress sidecar (spec.egress)
+    mounts: frozenset[Mount] = frozenset()  # its sandbox container's (a pooled create's volumes must be among them)
 
     @property
     def key(self) -> str:
@@ -102,7 +111,14 @@ class PoolEntry:
 
 def read_pool(raw: JSON) -> PoolEntry:
     meta = raw["metadata"]
-    return PoolEntry(meta.get("namespace", ""), meta["name"], pool_image(raw), bool(meta.get("deletionTimestamp")))
+    return PoolEntry(
+        meta.get("namespace", ""),
+        meta["name"],
+        pool_image(raw),
+        bool(meta.get("deletionTimestamp")),
+        pool_egress(raw),
+        pool_mounts(raw),
+    )
 
 
 class KubernetesRuntime:
@@ -113,6 +129,7 @@ class KubernetesRuntime:
         image_auth=True,
         volumes=frozenset({"host", "pvc"}),
         network_policy=True,
+        lifecycle=True,  # direct mode only (validation refuses it with a poolRef)
     )
 
     def __init__(self, config: Config) -> None:
@@ -325,16 +342,20 @@ class KubernetesRuntime:
             log.debug("create failed: %s", task.exception())  # retrieved: the client may have gone
 
     async def _create(self, spec: SandboxSpec) -> SandboxInfo:
-        pool = spec.extensions.get(labels.EXTENSION_POOL_REF)
+        pool_ref = spec.extensions.get(labels.EXTENSION_POOL_REF)
         if spec.snapshot_id:
-            spec = await self._restoring(spec, spec.snapshot_id, pool)
+            spec = await self._restoring(spec, spec.snapshot_id, pool_ref)
+        pool = await self._pool(pool_ref) if pool_ref else None
         if spec.network_policy is not None:
             self._check_network_policy(pool)
-        image = await self._pool_image(pool) if pool else None
+        if pool is not None and spec.volumes:
+            _check_pool_volumes(pool, spec.volumes)
         sandbox_id = new_sandbox_id()
         now = dt.datetime.now(dt.UTC)
-        pending_for = self.create_timeout + ABANDON_GRACE_SECONDS
-        obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for)
+        # (a preStart hook holds the create that much longer)
+        pending_for = self.create_timeout + lifecycle.pre_start_seconds(spec.lifecycle) + ABANDON_GRACE_SECONDS
+        image, egress = (pool.image, pool.egress) if pool else (None, False)
+        obj = build_batchsandbox(sandbox_id, spec, self.settings, now, image, pending_for, egress)
         made = await owned.make(
             self.client, self._call, self.namespace, sandbox_id, spec, self.settings.default_volume_storage
         )
@@ -354,6 +375,9 @@ class KubernetesRuntime:
                 await asyncio.wait_for(waiter, self.create_timeout)
             except TimeoutError:
                 raise self._timeout_error(sandbox_id) from None
+            if spec.lifecycle:  # the pod is Ready (execd answers); its entrypoint waits at the start gate
+                execd = await self.endpoint(sandbox_id, labels.EXECD_PORT)
+                await begin_lifecycle(execd, spec.lifecycle, self.create_timeout)
             # The client holds the sandbox from here: no pending mark, the requested expiry.
             finished = await self._call(
                 self.client.patch(BATCHSANDBOXES, sandbox_id, finish_create(spec, now), self.namespace)
@@ -392,17 +416,17 @@ class KubernetesRuntime:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _pool_image(self, pool: str) -> str:
-        """The Pool's image; 400 when there is no such Pool. The cache answers; a GET only on a miss
-        (a Pool created a moment ago)."""
+    async def _pool(self, pool: str) -> PoolEntry:
+        """The Pool; 400 when there is no such Pool. The cache answers; a GET only on a miss (a Pool
+        created a moment ago)."""
         if not validation.is_dns_subdomain(pool):
             raise ApiError(400, POOL_NOT_FOUND, f"extensions.poolRef {pool!r} is not a valid Pool name")
         assert self._pools is not None
         cached = self._pools.get(f"{self.namespace}/{pool}")
         if cached is not None and not cached.deleting:
-            return cached.image
+            return cached
         try:
-            return read_pool(await self._call(self.client.get(POOLS, pool, self.namespace))).image
+            return read_pool(await self._call(self.client.get(POOLS, pool, self.namespace)))
         except KubeError as err:
             if err.not_found:
                 raise ApiError(
@@ -682,15 +706,17 @@ class KubernetesRuntime:
         guards.require_running(sandbox_id, entry.info.state)
         return await self.endpoint(sandbox_id, labels.EGRESS_PORT)
 
-    def _check_network_policy(self, pool: str | None) -> None:
-        """A policy is enforced by a sidecar the controller puts into a new pod: a pooled pod, made
-        before the create, has none (400), and without the token key the sandbox could change it."""
-        if pool:
+    def _check_network_policy(self, pool: PoolEntry | None) -> None:
+        """A policy is enforced by an egress sidecar: the controller puts one into a direct create's
+        pod, or a Pool with `spec.egress` into its warm pods (the claim's policy replaces the Pool's
+        there). A Pool without it has none (400), and without the token key the sandbox could change it."""
+        if pool is not None and not pool.egress:
             raise ApiError(
                 400,
                 errors.API_NOT_SUPPORTED,
-                "networkPolicy with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods"
-                " have no egress sidecar (create without poolRef; docs/network-policy.md)",
+                f"networkPolicy with extensions.poolRef: Pool {pool.name!r} has no egress sidecar in its pods;"
+                " enable it with spec.egress on the Pool (e.g. `egress: {defaultAction: deny}`), or create"
+                " without poolRef (docs/network-policy.md)",
             )
         if self.token_key is None:
             raise ApiError(
@@ -698,6 +724,20 @@ class KubernetesRuntime:
                 errors.API_NOT_SUPPORTED,
                 "networkPolicy needs kubernetes.sandboxTokenKeyFile (the egress sidecar's token is derived from it)",
             )
+
+
+def _check_pool_volumes(pool: PoolEntry, volumes: list[VolumeSpec]) -> None:
+    """A warm pod's mounts were made with it: a pooled create may only name volumes the Pool's
+    sandbox container already mounts (same mountPath, claim or host directory, subPath, readOnly)."""
+    missing = volumes_not_in_pool(volumes, pool.mounts)
+    if missing:
+        raise ApiError(
+            400,
+            errors.API_NOT_SUPPORTED,
+            f"volumes with extensions.poolRef: Pool {pool.name!r} does not mount {', '.join(missing)} as asked"
+            " (a warm pod's mounts are the Pool's: add them to its template's sandbox container, or create"
+            " without poolRef)",
+        )
 
 
 def kube_event(item: JSON, source: str) -> SandboxEvent:
@@ -726,6 +766,10 @@ def _failure_error(entry: Entry) -> ApiError:
     reason, message = entry.failure
     if reason == conditions.POOL_NOT_FOUND:
         return ApiError(400, POOL_NOT_FOUND, message)
+    if reason == conditions.POOL_WITHOUT_EGRESS:
+        return ApiError(400, errors.API_NOT_SUPPORTED, message)
+    if reason == conditions.EGRESS_POLICY_FAILED:
+        return ApiError(503, errors.EGRESS_UNAVAILABLE, f"sandbox {entry.name}: {message}")
     if reason == conditions.FAILED_CREATE:
         return ApiError(400, errors.START_FAILED, f"the sandbox's pod cannot be created: {message}")
     if reason == conditions.POD_FAILED:

@@ -57,8 +57,10 @@ def build_batchsandbox(
     now: dt.datetime,
     pool_image: str | None = None,
     pending_for: float | None = None,
+    pool_egress: bool = False,
 ) -> JSON:
-    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode.
+    """The BatchSandbox for a create request; `pool_image` (the Pool's image) selects pooled mode;
+    `pool_egress`: the Pool's pods have the egress sidecar (the sandbox has a policy, the Pool's or its own).
 
     With `pending_for` (seconds), it is marked as a create that has not answered yet, and expires
     that long after `now` unless `finish_create` says otherwise (see labels.CREATE_PENDING)."""
@@ -69,6 +71,7 @@ def build_batchsandbox(
         "extensions": spec.extensions,
         "createdAt": times.rfc3339(now, digits=6),
         **({"secureAccess": True} if spec.secure_access else {}),
+        **({"poolEgress": True} if pool and pool_egress else {}),
     }
     body: JSON = {"replicas": 1}
     expiry = requested_expiry(spec, now)
@@ -104,7 +107,8 @@ def build_batchsandbox(
 
 
 def _network_policy(spec: SandboxSpec, settings: Settings) -> dict[str, str]:
-    """The annotation that makes the controller inject the egress sidecar (direct mode only)."""
+    """The annotation that makes the controller inject the egress sidecar (direct mode) or PUT the
+    policy into the claimed pod's sidecar (pooled mode: the Pool's `upstreamDns` applies there)."""
     if spec.network_policy is None:
         return {}
     value = {"policy": spec.network_policy, "upstreamDns": list(settings.egress_upstream_dns)}
@@ -119,6 +123,8 @@ def paused_patch(batchsandbox: JSON, snapshot_id: str, image: str, pull_secret: 
     for container in template.get("containers") or []:
         if container.get("name") == labels.SANDBOX_CONTAINER:
             container["image"], container["imagePullPolicy"] = image, "IfNotPresent"
+            # a resume starts the entrypoint at once: the create's preStart hook ran, its files are kept
+            container["env"] = [e for e in container.get("env") or [] if e.get("name") != labels.START_GATE_ENV]
     secrets = template.get("imagePullSecrets") or []
     if pull_secret and {"name": pull_secret} not in secrets:
         template["imagePullSecrets"] = [*secrets, {"name": pull_secret}]
@@ -171,8 +177,11 @@ def _direct_pod_spec(sandbox_id: str, spec: SandboxSpec, settings: Settings) -> 
         "imagePullPolicy": "IfNotPresent" if spec.snapshot_id else settings.image_pull_policy,
         "command": list(spec.entrypoint),
     }
-    if spec.env:
-        container["env"] = _env_list(spec.env)
+    env = dict(spec.env)
+    if spec.lifecycle:  # the bootstrap script holds the entrypoint back until preStart succeeded
+        env[labels.START_GATE_ENV] = labels.START_GATE
+    if env:
+        container["env"] = _env_list(env)
     pod_volumes, mounts = volume_mounts(spec.volumes, settings.allowed_host_paths)
     if mounts:
         container["volumeMounts"] = mounts
@@ -312,6 +321,11 @@ def _quantities(cpu_millis: int | None, memory_bytes: int | None) -> dict[str, s
     return quantities
 
 
+def pool_egress(pool: JSON) -> bool:
+    """Whether a Pool's pods carry the egress sidecar (its `spec.egress`)."""
+    return isinstance((pool.get("spec") or {}).get("egress"), dict)
+
+
 def pool_image(pool: JSON) -> str:
     """The image a Pool's pods run (the short form's, else the first container's)."""
     template_spec = ((pool.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
@@ -319,6 +333,53 @@ def pool_image(pool: JSON) -> str:
         return str(template_spec["image"])
     containers = template_spec.get("containers") or [{}]
     return str(containers[0].get("image") or "")
+
+
+# What a mount is, whatever form it was written in: (mountPath, source, readOnly); a source is
+# ("pvc", claim, subPath) or ("host", the host directory mounted).
+Mount = tuple[str, tuple[str, str, str], bool]
+
+
+def pool_mounts(pool: JSON) -> frozenset[Mount]:
+    """The mounts of a Pool's sandbox container (the one named `sandbox`, else the first): what a
+    pooled create's volumes must already be, since a warm pod's mounts cannot change."""
+    template_spec = ((pool.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
+    sources = {str(v.get("name")): v for v in template_spec.get("volumes") or [] if isinstance(v, dict)}
+    containers = [c for c in template_spec.get("containers") or [] if isinstance(c, dict)]
+    named = [c for c in containers if c.get("name") == labels.SANDBOX_CONTAINER]
+    sandbox = (named or containers or [{}])[0]
+    found = set()
+    for mount in sandbox.get("volumeMounts") or []:
+        volume = sources.get(str(mount.get("name")))
+        source = _source(volume or {}, str(mount.get("subPath") or ""))
+        if source is not None:
+            found.add((posixpath.normpath(str(mount.get("mountPath"))), source, bool(mount.get("readOnly"))))
+    return frozenset(found)
+
+
+def _source(volume: JSON, sub_path: str) -> tuple[str, str, str] | None:
+    if "persistentVolumeClaim" in volume:
+        return ("pvc", str(volume["persistentVolumeClaim"].get("claimName")), _relative(sub_path))
+    if "hostPath" in volume:
+        return ("host", posixpath.normpath(posixpath.join(str(volume["hostPath"].get("path")), sub_path)), "")
+    return None
+
+
+def _relative(sub_path: str) -> str:
+    return "" if sub_path in ("", ".") else posixpath.normpath(sub_path)
+
+
+def volumes_not_in_pool(volumes: list[VolumeSpec], mounts: frozenset[Mount]) -> list[str]:
+    """Names of the requested volumes the Pool's pods do not mount exactly so."""
+    missing = []
+    for volume in volumes:
+        if isinstance(volume.backend, HostBackend):
+            source = ("host", posixpath.normpath(posixpath.join(volume.backend.path, volume.sub_path)), "")
+        else:
+            source = ("pvc", volume.backend.claim_name, _relative(volume.sub_path))
+        if (posixpath.normpath(volume.mount_path), source, volume.read_only) not in mounts:
+            missing.append(volume.name)
+    return missing
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -336,7 +397,7 @@ class Entry:
     # For a waiting create: None while it may still become Running, else why it never will.
     failure: tuple[str, str] | None
     pending_since: dt.datetime | None = None  # a create that has not answered yet (labels.CREATE_PENDING)
-    has_policy: bool = False  # created with a networkPolicy: its pod has the egress sidecar
+    has_policy: bool = False  # its pod has the egress sidecar: created with a networkPolicy, or from an egress Pool
     pausing: str = ""  # the snapshot a pause is taking (labels.PAUSING)
     paused_into: str = ""  # paused: the snapshot it resumes from (labels.PAUSED)
     pooled: bool = False
@@ -411,7 +472,7 @@ def read_entry(raw: JSON) -> Entry:
         pod_name=pod_name,
         failure=failure,
         pending_since=times.parse_optional(annotations.get(labels.CREATE_PENDING)),
-        has_policy=labels.NETWORK_POLICY in annotations,
+        has_policy=labels.NETWORK_POLICY in annotations or request.get("poolEgress") is True,
         pausing=pausing,
         paused_into=paused_into,
         pooled=bool(spec.get("poolRef")),
@@ -440,9 +501,16 @@ _PENDING_REASONS = {
     conditions.SANDBOXES_NOT_READY: "POD_STARTING",
     conditions.FAILED_CREATE: "POD_CREATE_FAILED",
     conditions.POOL_NOT_FOUND: "POOL_NOT_FOUND",
+    conditions.POOL_WITHOUT_EGRESS: "POOL_WITHOUT_EGRESS",
+    conditions.EGRESS_POLICY_FAILED: "EGRESS_POLICY_FAILED",
 }
 # Reasons a waiting create gives up on at once (with the status code it answers).
-_HOPELESS = {conditions.FAILED_CREATE, conditions.POOL_NOT_FOUND}
+_HOPELESS = {
+    conditions.FAILED_CREATE,
+    conditions.POOL_NOT_FOUND,
+    conditions.POOL_WITHOUT_EGRESS,
+    conditions.EGRESS_POLICY_FAILED,
+}
 
 
 def _state(meta: JSON, status: JSON, has_ip: bool) -> tuple[str, str, str, dt.datetime | None, tuple[str, str] | None]:

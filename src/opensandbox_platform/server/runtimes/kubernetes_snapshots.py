@@ -391,11 +391,15 @@ def read_ca(path: str) -> str:
 def held_of(batchsandbox: JSON, image: str, entrypoint: builtins.list[str]) -> Held:
     """What a restore takes from the sandbox besides its files: its image, entrypoint, the env and
     limits its BatchSandbox's template gives the sandbox container (direct mode; a pooled one's
-    template holds only the create's env)."""
+    template holds only the create's env), without the lifecycle's start gate."""
     template = ((batchsandbox.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
     containers = [c for c in template.get("containers") or [] if c.get("name") == labels.SANDBOX_CONTAINER]
     container = containers[0] if containers else template
-    env = {str(e["name"]): str(e.get("value", "")) for e in container.get("env") or [] if "name" in e}
+    env = {
+        str(e["name"]): str(e.get("value", ""))
+        for e in container.get("env") or []
+        if "name" in e and e["name"] != labels.START_GATE_ENV  # the create's preStart gate, not the sandbox's
+    }
     limits = (container.get("resources") or {}).get("limits") or {}
     return Held(
         image=image,

@@ -52,6 +52,7 @@ from opensandbox_platform.api.labels import (
     wants_isolation,
 )
 from opensandbox_platform.daemon import openat2, times
+from opensandbox_platform.execd import lifecycle
 from opensandbox_platform.server import errors, validation
 from opensandbox_platform.server.config import Config
 from opensandbox_platform.server.errors import ApiError
@@ -245,6 +246,7 @@ class LocalRuntime:
         volumes=frozenset({"host", "pvc"}),
         snapshots=True,
         network_policy=True,
+        lifecycle=True,
     )
 
     def __init__(self, config: Config, config_path: str | None = None) -> None:
@@ -926,18 +928,23 @@ class LocalRuntime:
             env = {**image.env, **spec.env}
             cwd = image.working_dir or jails.WORKSPACE
             argv = argv or image.entrypoint + image.cmd
-        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits}
+        claim = {"env": env, "cwd": cwd, "argv": argv, "rlimits": rlimits, "lifecycle": spec.lifecycle}
         try:
             os.write(jail.ctl_fd, json.dumps(claim).encode() + b"\n")
         finally:
             os.close(jail.ctl_fd)
+        # A preStart hook runs before the entrypoint starts (and is killed at its own timeout).
+        timeout = self.local.start_timeout_seconds + lifecycle.pre_start_seconds(spec.lifecycle)
         try:
-            started = await asyncio.wait_for(_read_event(jail.events), self.local.start_timeout_seconds)
+            started = await asyncio.wait_for(_read_event(jail.events), timeout)
         except TimeoutError:
             await self._kill(record)
             raise await self._start_failed(record, "the entrypoint did not start in time") from None
         finally:
             jail.transport.close()
+        if started.get("event") == "hook-failed":
+            why = lifecycle.failure(started.get("run") or {}) or "the preStart hook failed"
+            raise ApiError(400, errors.PRESTART_FAILED, why)
         if started.get("event") != "started":
             message = started.get("message") or "the jail ended"
             raise ApiError(400, errors.INVALID_PARAMETER, f"cannot start the entrypoint: {message}")
