@@ -174,7 +174,7 @@ async def _eventually_deleted(manager: SandboxManager, snapshot_id: str) -> None
 
 
 async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
-    server: KubernetesServer, kube: Client, namespace: str, base_image: str
+    server: KubernetesServer, kube: Client, namespace: str, base_image: str, registry: Registry
 ) -> None:
     """A 64 GiB sparse file over a bound of 256 MiB: refused before a byte is read (Failed, with the
     reason), the sandbox goes on (thawed), the committer pod is gone, the registry got nothing."""
@@ -188,6 +188,7 @@ async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
         assert f"{BOUND_MIB} MiB" in (info.status.message or "")
         assert await run(source, "echo still-running") == "still-running"
         assert not [p for p in kube.list(Pod, namespace=namespace) if p.metadata.name.endswith("-commit")]
+        assert snapshot.id not in registry.tags("osb-tests/snapshots")  # nothing was pushed
         with pytest.raises(SandboxApiException) as refused:
             await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
         assert refused.value.status_code == 409 and refused.value.error.code == "SNAPSHOT::INVALID_STATE"
