@@ -205,7 +205,7 @@ class Registry:
             self.client.post(f"/v2/{repository}/blobs/uploads/"), f"start an upload to {repository}", (202,)
         )
         location = self._location(started)
-        if size is not None and not isinstance(content, Iterator):
+        if size is not None:  # a file of known size: one PUT
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
             put = self.client.put(_with_digest(location, digest), content=content, headers=headers)
         else:
