@@ -5,6 +5,7 @@ overlay's upper dir and freezer, the committer pod, the job, the outcome, and wh
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
@@ -225,3 +226,28 @@ def test_the_registry_client_answers_a_bearer_challenge() -> None:
     assert body == b"{}" and media_type.endswith("manifest.v1+json") and digest.startswith("sha256:")
     assert [path for path, _ in seen] == ["/v2/a/manifests/v1", "/token", "/v2/a/manifests/v1"]
     assert seen[1][1] == httpx.BasicAuth("u", "p")._auth_header
+
+
+def test_an_upload_keeps_the_query_of_its_location() -> None:
+    """The registry's upload URL carries its state (`_state=`): the PUT adds the digest to it (httpx's
+    `params` would replace it: distribution answers 404 BLOB_UPLOAD_INVALID)."""
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, str(request.url)))
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        if request.method == "POST":
+            return httpx.Response(202, headers={"Location": "/v2/a/blobs/uploads/u1?_state=S"})
+        if request.method == "PATCH":
+            return httpx.Response(202, headers={"Location": "/v2/a/blobs/uploads/u1?_state=T"})
+        return httpx.Response(201)
+
+    registry = Registry("r.io", transport=httpx.MockTransport(handler))
+    registry.upload("a", "sha256:d1", io.BytesIO(b"layer"), 5)
+    registry.upload("a", "sha256:d2", iter([b"con", b"fig"]), None)
+    puts = [url for method, url in seen if method == "PUT"]
+    assert puts == [
+        "https://r.io/v2/a/blobs/uploads/u1?_state=S&digest=sha256:d1",
+        "https://r.io/v2/a/blobs/uploads/u1?_state=T&digest=sha256:d2",
+    ]
