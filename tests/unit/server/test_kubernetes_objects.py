@@ -17,10 +17,12 @@ from opensandbox_platform.server.config import ConfigError, load
 from opensandbox_platform.server.runtimes.base import SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     DOCKER_HUB_AUTH_KEY,
+    RESUME_PATCH,
     Settings,
     build_batchsandbox,
     claim_manifest,
     new_sandbox_id,
+    paused_patch,
     pool_mounts,
     pull_secret_manifest,
     read_entry,
@@ -410,3 +412,54 @@ def test_a_pooled_create_may_name_only_the_mounts_of_its_pools_sandbox_container
     )
     assert volumes_not_in_pool(volumes, mounts) == ["side", "writable", "other-claim"]
     assert pool_mounts({"spec": {"sandboxTemplate": {"spec": {"image": "short-form"}}}}) == frozenset()
+
+
+SNAP_IMAGE = "10.77.0.1:5000/snapshots@sha256:abc"
+
+
+def test_a_sandbox_from_a_snapshot_pulls_its_image_with_the_registry_secret_and_names_it() -> None:
+    settings = Settings("Never", PLACEMENT, snapshot_pull_secret="snap-registry")
+    obj = build_batchsandbox("id-1", spec(image=SNAP_IMAGE, snapshot_id="snap-1"), settings, NOW)
+    pod = obj["spec"]["sandboxTemplate"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == SNAP_IMAGE and container["imagePullPolicy"] == "IfNotPresent"
+    assert pod["imagePullSecrets"] == [{"name": "snap-registry"}]
+    assert obj["metadata"]["labels"][labels.RESTORED_FROM] == "snap-1"
+    entry = read_entry(as_cluster_returns(obj))
+    assert entry.info.snapshot_id == "snap-1" and "sandbox.opensandbox.io/restored-from" not in entry.info.metadata
+
+
+def test_pause_and_resume_are_patches_and_states() -> None:
+    settings = Settings("Never", PLACEMENT, snapshot_pull_secret="snap-registry")
+    created = build_batchsandbox("id-1", spec(), settings, NOW)
+    running = {"phase": "Running", "sandboxes": [{"index": 0, "podName": "id-1-0", "podIP": "10.77.1.5"}]}
+    raw = as_cluster_returns(created, running)
+    raw["spec"]["sandboxTemplate"]["spec"]["containers"][0]["env"].append(
+        {"name": labels.START_GATE_ENV, "value": labels.START_GATE}
+    )
+    pausing = as_cluster_returns(created, running)
+    pausing["metadata"]["annotations"][labels.PAUSING] = "snap-2"
+    entry = read_entry(pausing)
+    assert (entry.info.state, entry.pausing, entry.pod_ip) == ("Pausing", "snap-2", "10.77.1.5")
+
+    patch = paused_patch(raw, "snap-2", SNAP_IMAGE, "snap-registry")
+    assert patch["spec"]["replicas"] == 0 and patch["metadata"]["resourceVersion"] == "7"
+    assert patch["metadata"]["annotations"] == {labels.PAUSING: None, labels.PAUSED: "snap-2"}
+    assert patch["metadata"]["labels"] == {labels.RESTORED_FROM: "snap-2"}
+    template = patch["spec"]["sandboxTemplate"]["spec"]
+    (container,) = template["containers"]
+    assert container["image"] == SNAP_IMAGE and container["imagePullPolicy"] == "IfNotPresent"
+    assert container["env"] == [{"name": "A", "value": "1"}]  # the create's start gate is not kept
+    assert container["command"] == ["python3", "app.py"] and template["nodeSelector"] == PLACEMENT["nodeSelector"]
+    assert template["imagePullSecrets"] == [{"name": "snap-registry"}]
+    assert raw["spec"]["sandboxTemplate"]["spec"]["containers"][0]["image"] == "localhost/app:1"  # not changed
+
+    paused = as_cluster_returns(created, {"phase": "Running", "sandboxes": running["sandboxes"]})
+    paused["spec"]["replicas"] = 0
+    paused["metadata"]["annotations"][labels.PAUSED] = "snap-2"
+    entry = read_entry(paused)  # the pod may still be going: no endpoint for a paused sandbox
+    assert (entry.info.state, entry.pod_ip, entry.paused_into) == ("Paused", None, "snap-2")
+
+    resumed = as_cluster_returns(created, {"phase": "Paused"})
+    resumed["spec"]["replicas"] = RESUME_PATCH["spec"]["replicas"]
+    assert read_entry(resumed).info.state == "Pending"  # until the new pod runs
