@@ -269,6 +269,7 @@ async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_u
 
         resumed = await Sandbox.resume(sb.id, connection_config=sdk(server), resume_timeout=dt.timedelta(seconds=120))
         try:
+            assert (await manager.get_sandbox_info(sb.id)).status.state == "Running"  # endpoints only then
             assert await run(resumed, "cat /workspace/w/kept.txt; test -e /etc/debian_version || echo no-file") == (
                 "kept\nno-file"
             )

@@ -587,7 +587,7 @@ class KubernetesRuntime:
         entry = await self._fresh_entry(sandbox_id)
         if entry.info.state == State.PAUSED:  # not a 404, which the SDK retries: no pod until a resume
             raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} is Paused: resume it first")
-        if not entry.pod_ip:
+        if not entry.pod_ip or entry.info.state == "Pending":  # resuming: not before it is Running
             raise ApiError(404, POD_IP_NOT_AVAILABLE, f"sandbox {sandbox_id} has no pod IP yet ({entry.info.state})")
         host = f"[{entry.pod_ip}]" if ":" in entry.pod_ip else entry.pod_ip
         headers = {}
