@@ -12,6 +12,8 @@ sandbox's own, to `kubernetes.snapshotRepository`; a create from the snapshot ru
   its termination message and deletes it.
 - A snapshot is in use while a BatchSandbox restored from it (`RESTORED_FROM`) exists: deleting it
   is refused (409), never deferred. Deleting a Ready one deletes its manifest from the registry.
+- A pause's snapshot (`Record.pause`) is the server's own: deleted when its sandbox is gone or
+  paused again (`forget_pauses`; the runtime's pause and resume are in kubernetes.py).
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.daemon import times
-from opensandbox_platform.kube.client import JSON, PODS, SECRETS, KubeClient, KubeError, Resource
+from opensandbox_platform.kube.client import CONFIGMAPS, JSON, PODS, SECRETS, KubeClient, KubeError
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.runtimes import kubernetes_committer as committer
 from opensandbox_platform.server.runtimes import snapshots as snaps
@@ -36,10 +38,7 @@ from opensandbox_platform.server.runtimes.base import Held, SnapshotRecord, Snap
 from opensandbox_platform.server.runtimes.oci_registry import Reference, Registry, RegistryError, docker_config_auths
 
 log = logging.getLogger("opensandbox.kubernetes.snapshots")
-T = TypeVar("T")
-CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 RECORD_KEY = "record"
-MAX_ENTRIES = 1_000_000
 SCRATCH = "/scratch"
 AUTH_DIR = "/var/run/opensandbox/registry"
 SCRATCH_SLACK = 64 << 20  # the scratch volume: spooled contents and the layer, plus this
@@ -159,7 +158,7 @@ def commit_job(snapshot_id: str, pod: JSON, settings: CommitSettings) -> tuple[c
         base_image=str(found[0].get("imageID") or found[0].get("image") or ""),
         repository=settings.repository,
         max_bytes=settings.max_bytes,
-        max_entries=MAX_ENTRIES,
+        max_entries=snaps.MAX_ENTRIES,
         scratch=SCRATCH,
         ca_pem=settings.ca_pem,
         auth_file=f"{AUTH_DIR}/.dockerconfigjson" if settings.registry_secret else "",

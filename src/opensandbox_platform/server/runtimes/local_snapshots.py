@@ -33,7 +33,6 @@ from opensandbox_platform.server.runtimes.snapstore import LocalSnapshot, Snapsh
 
 log = logging.getLogger("opensandbox.local.snapshots")
 
-MAX_ENTRIES = 1_000_000
 RESTORE_TIMEOUT = 600.0  # seconds: a whole diskSizeMib of small files on a loaded host
 # Called with the new jail's cgroups, its writable layer and its first host id (runtimes/staging.py).
 Restore = Callable[[dict[str, str], str, int], None]
@@ -99,7 +98,7 @@ class LocalSnapshots:
             if room < self.max_bytes:  # counted before sharing: a capture may add up to its whole size
                 await self._fail(snapshot, snaps.TOO_LARGE, _store_full(room, self.store_max_bytes))
                 return
-            budget = filetree.Budget(self.max_bytes, MAX_ENTRIES)
+            budget = filetree.Budget(self.max_bytes, snaps.MAX_ENTRIES)
             work = functools.partial(
                 filetree.capture, layer, self.store.put_blob, budget, id_offset=id_offset, overlay=overlay
             )

@@ -15,6 +15,8 @@ ACCEPTED = "snapshot_accepted"
 READY = "snapshot_ready"
 CAPTURE_FAILED = "snapshot_capture_failed"
 TOO_LARGE = "snapshot_too_large"
+# The most files and directories a snapshot holds (every runtime that walks a layer itself).
+MAX_ENTRIES = 1_000_000
 # A restore's entrypoint when the request names none (specs/sandbox-lifecycle.yml).
 DEFAULT_ENTRYPOINT = ("tail", "-f", "/dev/null")
 
