@@ -59,6 +59,7 @@ async def until_state(manager: SandboxManager, sandbox_id: str, state: str) -> N
 async def one_size(config: ConnectionConfig, image: str, mib: int, n: int) -> dict[str, Any]:
     manager = await SandboxManager.create(config)
     snaps, restores = [], []
+    captured = ""
     source = await Sandbox.create(image, connection_config=config, resource=SMALL, entrypoint=["sleep", "infinity"])
     try:
         if mib:
@@ -69,6 +70,7 @@ async def one_size(config: ConnectionConfig, image: str, mib: int, n: int) -> di
             snapshot = await source.create_snapshot()
             await until_ready(manager, snapshot.id)
             t1 = time.perf_counter()
+            captured = (await manager.get_snapshot(snapshot.id)).status.message  # "N files, B bytes"
             restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=config, resource=SMALL)
             assert (await restored.commands.run("true")).error is None
             t2 = time.perf_counter()
@@ -84,6 +86,7 @@ async def one_size(config: ConnectionConfig, image: str, mib: int, n: int) -> di
         await manager.close()
     return {
         "workspace_mib": mib,
+        "captured": captured,
         "snapshot_to_ready": summary_ms(snaps),
         "restore_to_first_command": summary_ms(restores),
     }
