@@ -124,12 +124,13 @@ ln -s / /workspace/node-root
 ln -s /etc/shadow /workspace/shadow-link
 rm /etc/debian_version
 mkfifo /workspace/fifo
+touch /etc/.wh.os-release  # a name the layer format reads as a whiteout of the image's file
 echo done
 """
 CHECK = """
 cat /workspace/project/src/main.py; /opt/tool/run; stat -c '%a' /opt/tool/run
 readlink /workspace/node-root; readlink /workspace/shadow-link; test -e /etc/debian_version || echo no-file
-test -p /workspace/fifo && echo fifo; echo "FROM_SNAPSHOT=$FROM_SNAPSHOT"
+test -p /workspace/fifo && echo fifo; echo "FROM_SNAPSHOT=$FROM_SNAPSHOT"; test -s /etc/os-release && echo os-release
 """
 
 
@@ -144,6 +145,7 @@ async def test_a_sandbox_from_a_kubernetes_snapshot_sees_its_files(
         info = await settled(manager, snapshot.id)
         assert info.status.state == "Ready", info.status
         assert info.status.reason == "snapshot_ready" and info.name == "checkpoint"
+        assert "left out 1 " in (info.status.message or ""), info.status  # the .wh. name
         # the committer pod goes, the record is a ConfigMap, the source goes on (thawed)
         no_committer(kube, namespace)
         record = kube.get(ConfigMap, snapshot.id, namespace=namespace)
@@ -159,6 +161,7 @@ async def test_a_sandbox_from_a_kubernetes_snapshot_sees_its_files(
             got = await run(restored, CHECK)
             assert got.split("\n") == [
                 'print("hello")', "tool-ran", "750", "/", "/etc/shadow", "no-file", "fifo", "FROM_SNAPSHOT=kept",
+                "os-release",
             ]  # fmt: skip
             assert "after-snapshot" not in await run(restored, "ls /workspace")
             # the link to / resolves inside the new sandbox: its own root, not the node's

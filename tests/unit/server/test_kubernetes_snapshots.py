@@ -162,7 +162,10 @@ def test_the_outcome_is_the_termination_message_or_why_the_pod_ended() -> None:
     record = ksnaps.Record("snap-1", "sb", None, Held("img", []), created_at="2026-11-30T12:00:00Z")
     ksnaps.apply_outcome(record, ok)
     assert record.state == SnapshotState.READY and record.image == "r/s@sha256:1"
-    assert record.message == "3 files, 10 bytes; left out 1 device nodes or sockets"
+    assert (
+        record.message
+        == "3 files, 10 bytes; left out 1 device nodes, sockets or names the layer format reserves (.wh.*)"
+    )
     ksnaps.apply_outcome(record, {"ok": False, "reason": "snapshot_too_large", "message": "too big"})
     assert (record.state, record.reason, record.message) == (SnapshotState.FAILED, "snapshot_too_large", "too big")
 

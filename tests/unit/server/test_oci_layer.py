@@ -34,7 +34,8 @@ def blobs(contents: dict[str, bytes]) -> tuple[list[Entry], dict[str, bytes]]:
 
 def write(entries: list[Entry], store: dict[str, bytes]) -> tuple[oci_layer.Descriptor, bytes]:
     out = io.BytesIO()
-    desc = oci_layer.write_layer(entries, lambda d: io.BytesIO(store[d]), out)
+    desc, left_out = oci_layer.write_layer(entries, lambda d: io.BytesIO(store[d]), out)
+    assert not left_out
     return desc, out.getvalue()
 
 
@@ -166,3 +167,22 @@ def test_an_index_is_resolved_to_the_nodes_platform() -> None:
     assert oci_layer.pick_platform(index) == "sha256:amd"
     with pytest.raises(LookupError):
         oci_layer.pick_platform({"manifests": []})
+
+
+def test_names_the_format_reserves_are_left_out() -> None:
+    """A file the sandbox named `.wh.passwd` would remove /etc/passwd of the image for whoever unpacks
+    the layer; `.wh..wh..opq` would hide a directory's content: both are left out, with what is below."""
+    files, store = blobs({"etc/.wh.passwd": b"", "workspace/ok": b"ok", "workspace/.wh.d/x": b"x"})
+    entries = [
+        entry("etc", filetree.DIR),
+        files[0],
+        entry("etc/.wh..wh..opq", filetree.FILE, size=0, digest=files[0].digest),
+        entry("workspace", filetree.DIR),
+        files[1],
+        entry("workspace/.wh.d", filetree.DIR),
+        files[2],
+    ]
+    out = io.BytesIO()
+    _, left_out = oci_layer.write_layer(entries, lambda d: io.BytesIO(store[d]), out)
+    assert left_out == ["etc/.wh.passwd", "etc/.wh..wh..opq", "workspace/.wh.d", "workspace/.wh.d/x"]
+    assert list(members(out.getvalue())) == ["etc", "workspace", "workspace/ok"]

@@ -201,7 +201,8 @@ def push(job: Job, captured: filetree.Captured, spool: Spool) -> str:
     """Write the layer and push the image; returns `REPOSITORY@DIGEST`."""
     layer_path = Path(job.scratch, "layer.tar")
     with layer_path.open("wb") as out:
-        layer = oci_layer.write_layer(captured.entries, spool.open, out)
+        layer, reserved = oci_layer.write_layer(captured.entries, spool.open, out)
+    captured.skipped.extend(reserved)
     shutil.rmtree(spool.directory, ignore_errors=True)
     ca_file = ""
     if job.ca_pem:

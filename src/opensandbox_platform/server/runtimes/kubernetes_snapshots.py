@@ -191,7 +191,9 @@ def apply_outcome(record: Record, outcome: dict[str, Any]) -> None:
     if outcome.get("ok"):
         record.image = str(outcome["image"])
         skipped = int(outcome.get("skipped") or 0)
-        note = f"; left out {skipped} device nodes or sockets" if skipped else ""
+        note = (
+            f"; left out {skipped} device nodes, sockets or names the layer format reserves (.wh.*)" if skipped else ""
+        )
         record.transition(
             SnapshotState.READY, snaps.READY, f"{outcome.get('files', 0)} files, {outcome.get('bytes', 0)} bytes{note}"
         )

@@ -68,16 +68,29 @@ class _Hashing(io.RawIOBase):
         return len(view)
 
 
-def write_layer(entries: list[filetree.Entry], open_blob: Callable[[str], BinaryIO], out: BinaryIO) -> Descriptor:
+def reserved(path: str) -> bool:
+    """A name the layer format reserves (`.wh.*`): a file the sandbox named so would be read as a
+    whiteout (removing files of the image) by whoever unpacks the layer, so it is left out."""
+    return any(part.startswith(WHITEOUT_PREFIX) for part in path.split("/"))
+
+
+def write_layer(
+    entries: list[filetree.Entry], open_blob: Callable[[str], BinaryIO], out: BinaryIO
+) -> tuple[Descriptor, list[str]]:
     """Write `entries` (parents before children, as `filetree.capture` returns them) as a layer tar to
-    `out`; file contents come from `open_blob(entry.digest)`. Returns the layer's descriptor."""
+    `out`; file contents come from `open_blob(entry.digest)`. Returns the layer's descriptor and the
+    paths left out (reserved names, and all below them)."""
     sink = _Hashing(out)
+    left_out = []
     with tarfile.open(
         fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
     ) as tar:  # fmt: skip
         for entry in entries:
+            if reserved(entry.path):
+                left_out.append(entry.path)
+                continue
             _add(tar, entry, open_blob)
-    return Descriptor(LAYER_TAR, f"sha256:{sink.sha.hexdigest()}", sink.size)
+    return Descriptor(LAYER_TAR, f"sha256:{sink.sha.hexdigest()}", sink.size), left_out
 
 
 def _add(tar: tarfile.TarFile, entry: filetree.Entry, open_blob: Callable[[str], BinaryIO]) -> None:
