@@ -213,8 +213,8 @@ class KubernetesSnapshots:
         self._call = call
         self.namespace = namespace
         self.settings = settings
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._running: dict[str, asyncio.Task[None]] = {}  # snapshot id -> its committer's wait
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._running: dict[str, asyncio.Future[None]] = {}  # snapshot id -> its committer's wait
 
     @property
     def client(self) -> KubeClient:
@@ -228,8 +228,14 @@ class KubernetesSnapshots:
 
     async def forget_pauses(self, sandbox_id: str, keep: str = "") -> None:
         """Delete the pause snapshots of a sandbox (image and record) but `keep`: it is gone, or resumed
-        from a newer one. Never raises (its caller is a watch handler or a sweep)."""
-        for record in await self._records():
+        from a newer one. Never raises (its caller is a watch handler or a sweep, and the sweep at the
+        next start takes what is left)."""
+        try:
+            records = await self._records()
+        except Exception as exc:
+            log.warning("pause snapshots of %s not deleted yet: %s", sandbox_id, exc)
+            return
+        for record in records:
             if record.pause and record.sandbox_id == sandbox_id and record.id != keep:
                 try:
                     await self.delete(record.id, [])
@@ -241,10 +247,11 @@ class KubernetesSnapshots:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def begin(
         self, sandbox_id: str, name: str | None, held: Held, pod: JSON, owner: JSON | None = None, pause: bool = False
@@ -254,10 +261,9 @@ class KubernetesSnapshots:
         record = Record(snaps.new_id(), sandbox_id, name, held, created_at=now, last_transition_at=now, pause=pause)
         job, node = commit_job(record.id, pod, self.settings)
         await self._call(self.client.create(CONFIGMAPS, record_configmap(record), self.namespace))
-        task = asyncio.create_task(self._finish(record, committer_pod(job, node, self.settings, owner)))
-        self._tasks.add(task)
-        self._running[record.id] = task
-        task.add_done_callback(self._tasks.discard)
+        task = self._running[record.id] = self._spawn(
+            self._finish(record, committer_pod(job, node, self.settings, owner))
+        )
         task.add_done_callback(lambda _: self._running.pop(record.id, None))
         return record
 
@@ -311,6 +317,8 @@ class KubernetesSnapshots:
                 outcome = outcome_of(event.get("object") or {})
                 if outcome is not None:
                     return outcome
+                if event.get("type") == "DELETED":  # its sandbox was deleted (the pod is the sandbox's)
+                    return {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": "the committer pod was deleted"}
 
     async def _save(self, record: Record) -> None:
         for _ in range(5):
