@@ -533,8 +533,9 @@ class KubernetesRuntime:
                 self._observe(read_entry(await self.client.patch(BATCHSANDBOXES, sandbox_id, patch, self.namespace)))
                 break
             except KubeError as err:
-                if err.not_found:
-                    return  # deleted meanwhile: its pause snapshots go with it (_gone)
+                if err.not_found:  # deleted meanwhile: _gone found this snapshot still Creating
+                    await store.forget_pauses(sandbox_id)
+                    return
                 if not err.conflict:
                     log.warning("pause of %s not finished yet: %s", sandbox_id, err)
                 await asyncio.sleep(0.5)
