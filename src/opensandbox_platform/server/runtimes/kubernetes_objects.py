@@ -27,6 +27,7 @@ from opensandbox_platform.server.validation import is_reserved_key
 from opensandbox_platform.server.volumes import HostBackend, PvcBackend, VolumeSpec, allowed_root
 
 STOPPING = "Stopping"  # a state the SDK knows; base.State has no use for it elsewhere
+PAUSING = "Pausing"  # the SDK's, while a pause's snapshot is taken (kubernetes only)
 # What the SDK sends when the caller gives no entrypoint: it only keeps a container up. A pooled pod
 # stays up on its own (execd), so starting it would only cost a round trip to execd per create.
 KEEP_ALIVE_ENTRYPOINT = ("tail", "-f", "/dev/null")
@@ -444,7 +445,7 @@ def read_entry(raw: JSON) -> Entry:
     if paused_into and state != STOPPING:
         state, reason, message, pod_ip = State.PAUSED, "PAUSED", f"its files are in snapshot {paused_into}", None
     elif pausing and state == State.RUNNING:
-        state, reason, message = "Pausing", "PAUSING", f"snapshot {pausing} is being taken"
+        state, reason, message = PAUSING, "PAUSING", f"snapshot {pausing} is being taken"
     template_spec = (spec.get("sandboxTemplate") or {}).get("spec") or {}
     info = SandboxInfo(
         id=meta["name"],
