@@ -7,10 +7,9 @@ harm neither the node nor the committer. docs/snapshots.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 from lightkube import Client
 from lightkube.resources.core_v1 import ConfigMap, Pod
 from opensandbox import Sandbox, SandboxManager
-from opensandbox.config import ConnectionConfig
 from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import SnapshotFilter
 
@@ -37,6 +35,9 @@ from harness.real_node import RealNode
 from harness.registry import Registry, cluster_registry
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
+from tests.integration.test_server_kubernetes_real_node import created as sandbox
+from tests.integration.test_server_kubernetes_real_node import sdk_config as sdk
+from tests.integration.test_server_kubernetes_real_node import stdout_of as run
 
 BOUND_MIB = 256
 
@@ -84,27 +85,6 @@ def pushed_tags(registry: Registry) -> list[str]:
         return registry.tags("osb-tests/snapshots")
     except httpx.HTTPStatusError:  # 404: nothing was ever pushed there
         return []
-
-
-def sdk(server: KubernetesServer) -> ConnectionConfig:
-    return ConnectionConfig(domain=server.domain, disable_metrics=True)
-
-
-@contextlib.asynccontextmanager
-async def sandbox(server: KubernetesServer, image: str | None = None, **kwargs: Any) -> AsyncIterator[Sandbox]:
-    sb = await Sandbox.create(image, connection_config=sdk(server), resource=SMALL, **kwargs)
-    try:
-        yield sb
-    finally:
-        with contextlib.suppress(SandboxApiException):
-            await sb.kill()
-        await sb.close()
-
-
-async def run(sb: Sandbox, command: str) -> str:
-    execution = await sb.commands.run(command)
-    assert execution.error is None, execution.error
-    return "\n".join(m.text.rstrip("\n") for m in execution.logs.stdout)
 
 
 async def settled(manager: SandboxManager, snapshot_id: str, timeout: float = 180) -> Any:

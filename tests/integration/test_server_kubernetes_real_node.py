@@ -41,8 +41,8 @@ def sdk_config(server: KubernetesServer) -> ConnectionConfig:
 
 
 @contextlib.asynccontextmanager
-async def created(server: KubernetesServer, **kwargs: Any) -> AsyncIterator[Sandbox]:
-    sb = await Sandbox.create(TEST_IMAGE, connection_config=sdk_config(server), resource=SMALL, **kwargs)
+async def created(server: KubernetesServer, image: str = TEST_IMAGE, **kwargs: Any) -> AsyncIterator[Sandbox]:
+    sb = await Sandbox.create(image, connection_config=sdk_config(server), resource=SMALL, **kwargs)
     try:
         yield sb
     finally:

@@ -43,7 +43,7 @@ class Mount:
     source: str = ""
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     if "\\" not in field:
         return field
@@ -67,7 +67,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         rest = right.split()
         if not sep or len(fields) < 5 or not rest:
             continue
-        mounts.append(Mount(_unescape(fields[4]), rest[0], _unescape(rest[1]) if len(rest) > 1 else ""))
+        mounts.append(Mount(unescape(fields[4]), rest[0], unescape(rest[1]) if len(rest) > 1 else ""))
     return mounts
 
 

@@ -432,13 +432,7 @@ class DockerRuntime:
 
     async def _restoring(self, spec: SandboxSpec, snapshot_id: str) -> SandboxSpec:
         """A create from a snapshot: its image, and its entrypoint, env and resources as defaults."""
-        try:
-            record = await self.snapshots.find(snapshot_id)
-        except ApiError as exc:
-            if exc.status == 404:
-                raise snaps.unknown_for_create(snapshot_id) from None
-            raise
-        snaps.require_ready(record.info())
+        record = await snaps.ready_for_create(self.snapshots.find, snapshot_id)
         return snaps.restored(spec, record.held, image=docker_snapshots.image_ref(snapshot_id))
 
     @engine_call

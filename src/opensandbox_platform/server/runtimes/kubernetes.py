@@ -691,13 +691,7 @@ class KubernetesRuntime:
                 "snapshotId with extensions.poolRef is not supported by the kubernetes runtime: a pool's pods run"
                 " the pool's image",
             )
-        try:
-            record = await self._snapshots.find(snapshot_id)
-        except ApiError as exc:
-            if exc.status == 404:
-                raise snaps.unknown_for_create(snapshot_id) from None
-            raise
-        snaps.require_ready(record.info())
+        record = await snaps.ready_for_create(self._snapshots.find, snapshot_id)
         return snaps.restored(spec, record.held, image=record.image)
 
     async def egress(self, sandbox_id: str) -> Endpoint | None:

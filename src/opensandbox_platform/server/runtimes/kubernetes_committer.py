@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opensandbox_platform.execd.isolated.layout import unescape
 from opensandbox_platform.server.runtimes import filetree, oci_layer
 from opensandbox_platform.server.runtimes import snapshots as snaps
 from opensandbox_platform.server.runtimes.oci_registry import Reference, Registry, RegistryError, docker_config_auths
@@ -94,19 +95,6 @@ def init_pid(pids: dict[int, int]) -> int:
     return roots[0]
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def upper_dir(mountinfo: str) -> str:
     """The `upperdir` of the overlay mounted at / in this mountinfo."""
     for line in mountinfo.splitlines():
@@ -119,7 +107,7 @@ def upper_dir(mountinfo: str) -> str:
             raise CommitFailed(snaps.CAPTURE_FAILED, f"the container's root is {fstype}, not an overlay")
         for option in options.split(","):
             if option.startswith("upperdir="):
-                return _unescape(option.removeprefix("upperdir="))
+                return unescape(option.removeprefix("upperdir="))
     raise CommitFailed(snaps.CAPTURE_FAILED, "the container's root overlay has no upperdir")
 
 

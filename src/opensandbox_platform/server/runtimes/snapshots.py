@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from opensandbox_platform.server import errors
 from opensandbox_platform.server.errors import ApiError
-from opensandbox_platform.server.runtimes.base import Held, SandboxSpec, SnapshotInfo, SnapshotState
+from opensandbox_platform.server.runtimes.base import Held, SandboxSpec, SnapshotInfo, SnapshotRecord, SnapshotState
+
+R = TypeVar("R", bound=SnapshotRecord)
 
 # Machine-readable reasons of a snapshot's state (the SDK's examples).
 ACCEPTED = "snapshot_accepted"
@@ -55,6 +59,18 @@ def require_ready(info: SnapshotInfo) -> None:
             errors.SNAPSHOT_INVALID_STATE,
             f"snapshot {info.id} is {info.state}, not Ready{': ' + info.message if info.message else ''}",
         )
+
+
+async def ready_for_create(find: Callable[[str], Awaitable[R]], snapshot_id: str) -> R:
+    """The record a create restores from: a 400 for an unknown snapshot, a 409 for one not Ready."""
+    try:
+        record = await find(snapshot_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            raise unknown_for_create(snapshot_id) from None
+        raise
+    require_ready(record.info())
+    return record
 
 
 def unknown_for_create(snapshot_id: str) -> ApiError:
