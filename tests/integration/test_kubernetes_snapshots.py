@@ -1,7 +1,8 @@
 """Snapshots on the kubernetes runtime through the official SDK, on the real node: a committer pod takes
 the sandbox container's writable layer and pushes an image to the cluster registry; a sandbox created
 from the snapshot runs that image and sees the files. A hostile sandbox's links and huge sparse files
-harm neither the node nor the committer. docs/snapshots.md.
+harm neither the node nor the committer. Pause and resume, of a direct and of a pooled sandbox (which
+leaves its Pool: a fresh pod on resume, never a warm one). docs/snapshots.md.
 """
 
 from __future__ import annotations
