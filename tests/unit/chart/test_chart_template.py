@@ -552,3 +552,16 @@ def test_the_dashboard_configmap_carries_the_dashboard_file() -> None:
     docs = render({"dashboard.enabled": "true"})
     shipped = get(docs, "ConfigMap", f"{RELEASE}-dashboard")["data"]["opensandbox.json"]
     assert json.loads(shipped) == json.loads((CHART / "files" / "dashboard.json").read_text())
+
+
+def test_the_server_reads_no_secret_but_the_snapshot_registrys() -> None:
+    def secret_rules(docs: list[Doc]) -> list[dict[str, Any]]:
+        role = find(docs, "Role", f"{RELEASE}-server-role")
+        return [r for r in role["rules"] if "secrets" in r.get("resources", [])]
+
+    assert [r["verbs"] for r in secret_rules(render())] == [["create", "patch", "delete"]]
+    named = secret_rules(render({"server.config.kubernetes.snapshotRegistrySecret": "regcred"}))
+    assert [(r["verbs"], r.get("resourceNames")) for r in named] == [
+        (["create", "patch", "delete"], None),
+        (["get"], ["regcred"]),
+    ]
