@@ -62,16 +62,29 @@ def test_invalid_objects_are_rejected(
     assert message in rejected(cluster, namespace, manifest)
 
 
-def test_pool_ref_is_immutable(cluster: LocalCluster, crds: None, namespace: str) -> None:
+def test_pool_ref_is_immutable_except_that_it_can_be_removed_with_replicas_0(
+    cluster: LocalCluster, crds: None, namespace: str
+) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=pooled_batchsandbox("b", "pool-a"))
     assert "poolRef is immutable" in rejected(cluster, namespace, pooled_batchsandbox("b", "pool-b"))
     removed = pooled_batchsandbox("b", "pool-a").replace(
         "  poolRef: pool-a\n", "  sandboxTemplate: {spec: {image: ubuntu}}\n"
     )
-    with pytest.raises(RuntimeError, match="poolRef is immutable"):
+    with pytest.raises(RuntimeError, match="poolRef is immutable: it can only be removed, together with replicas 0"):
         cluster.kubectl("replace", "-n", namespace, "-f", "-", input=removed)
     # Other fields still change.
     cluster.kubectl("patch", "bsbx", "b", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}')
+
+    def patch(body: str) -> None:
+        cluster.kubectl("patch", "bsbx", "b", "-n", namespace, "--type=merge", "-p", body)
+
+    # Leaving the Pool (the server's pause of a pooled sandbox) needs a template with an image.
+    with pytest.raises(RuntimeError, match=r"sandboxTemplate\.spec needs an image"):
+        patch('{"spec":{"replicas":0,"poolRef":null,"sandboxTemplate":{"spec":{"command":["x"]}}}}')
+    patch('{"spec":{"replicas":0,"poolRef":null,"sandboxTemplate":{"spec":{"image":"ubuntu"}}}}')
+    patch('{"spec":{"replicas":1}}')  # a direct BatchSandbox from then on
+    with pytest.raises(RuntimeError, match="poolRef is immutable"):
+        patch('{"spec":{"replicas":0,"poolRef":"pool-a"}}')  # and it never joins a Pool again
 
 
 def test_defaults_are_applied(cluster: LocalCluster, crds: None, namespace: str) -> None:

@@ -1,7 +1,8 @@
 """Snapshots on the kubernetes runtime through the official SDK, on the real node: a committer pod takes
 the sandbox container's writable layer and pushes an image to the cluster registry; a sandbox created
 from the snapshot runs that image and sees the files. A hostile sandbox's links and huge sparse files
-harm neither the node nor the committer. docs/snapshots.md.
+harm neither the node nor the committer. Pause and resume, of a direct and of a pooled sandbox (which
+leaves its Pool: a fresh pod on resume, never a warm one). docs/snapshots.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from opensandbox.exceptions import SandboxApiException
 from opensandbox.models.sandboxes import SnapshotFilter
 
 from harness.controller_process import ControllerProcess
-from harness.kube import BatchSandbox, eventually, status
+from harness.kube import BatchSandbox, Pool, eventually, gone, idle_ready, pool_manifest, pool_pods, status
 from harness.kubernetes_server import (
     SMALL,
     KubernetesServer,
@@ -31,7 +32,7 @@ from harness.kubernetes_server import (
     registry_base_image,
     snapshot_server_config,
 )
-from harness.real_node import RealNode
+from harness.real_node import RealNode, real_node_pod_spec
 from harness.registry import Registry, cluster_registry
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
@@ -277,3 +278,79 @@ async def test_pause_frees_the_node_resume_brings_the_files_back_expiry_cleans_u
             await snapshots_become(manager, lambda ids: second not in ids)  # the paused sandbox's snapshot went too
         finally:
             await resumed.close()
+
+
+def pool_uids(kube: Client, namespace: str, pool: str, idle_only: bool = False) -> set[str]:
+    pods = pool_pods(kube, namespace, pool)
+    return {p.metadata.uid for p in (idle_ready(pods) if idle_only else pods)}
+
+
+async def test_a_pooled_sandbox_pauses_out_of_its_pool_and_resumes_into_a_fresh_pod_with_its_files(
+    server: KubernetesServer, kube: Client, namespace: str, cluster: LocalCluster, base_image: str
+) -> None:
+    """Pause of a pooled sandbox: the same snapshot as direct mode, then its claimed pod is deleted (never
+    back to the Pool) and its BatchSandbox leaves the Pool, Paused; the Pool's idle pods stay. Resume: a
+    fresh pod from the snapshot image, not one of the Pool's, with the files (SDK resume and connect)."""
+    pod_spec = real_node_pod_spec(
+        image=base_image, imagePullPolicy="IfNotPresent", env=[{"name": "POOL_ENV", "value": "p"}]
+    )
+    manifest = pool_manifest("warm", pod_spec, minimum=1, maximum=1, capacity=3)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    eventually(lambda: pool_uids(kube, namespace, "warm", idle_only=True), timeout=120, what="a warm pod")
+    manager = await SandboxManager.create(sdk(server))
+    sb = await Sandbox.create(
+        base_image, connection_config=sdk(server), extensions={"poolRef": "warm"}, env={"MINE": "m"}, resource=SMALL
+    )
+    try:
+        (claimed,) = sandbox_pods(kube, namespace, sb.id)
+        assert claimed.metadata.labels[labels.POOL] == "warm"
+        await run(sb, "mkdir -p /workspace/w && echo pooled > /workspace/w/kept.txt")
+        idle = eventually(lambda: pool_uids(kube, namespace, "warm", idle_only=True), timeout=120, what="refilled")
+
+        await sb.pause()
+        await state_becomes(manager, sb.id, "Paused")
+        eventually(lambda: gone(kube, Pod, claimed.metadata.name, namespace), timeout=60, what="the claimed pod gone")
+        eventually(
+            lambda: status(kube.get(BatchSandbox, sb.id, namespace=namespace)).get("phase") == "Paused",
+            timeout=30,
+            what="the BatchSandbox Paused",
+        )
+        paused = kube.get(BatchSandbox, sb.id, namespace=namespace)
+        assert (
+            "poolRef" not in paused.spec
+            and "@sha256:" in paused.spec["sandboxTemplate"]["spec"]["containers"][0]["image"]
+        )
+        assert pool_uids(kube, namespace, "warm") == idle, (
+            "the Pool's idle pods are untouched, the claimed one not back"
+        )
+        eventually(
+            lambda: status(kube.get(Pool, "warm", namespace=namespace)).get("allocated") == 0,
+            timeout=30,
+            what="the Pool no longer counts the paused sandbox's pod",
+        )
+
+        resumed = await Sandbox.resume(sb.id, connection_config=sdk(server), resume_timeout=dt.timedelta(seconds=120))
+        try:
+            assert await run(resumed, "cat /workspace/w/kept.txt; echo $POOL_ENV $MINE") == "pooled\np m"
+            (after,) = sandbox_pods(kube, namespace, sb.id)
+            assert after.metadata.name == f"{sb.id}-0" and labels.POOL not in after.metadata.labels
+            assert after.metadata.uid not in pool_uids(kube, namespace, "warm") | {claimed.metadata.uid}
+            assert pool_uids(kube, namespace, "warm", idle_only=True) == idle, "the warm pod stays the Pool's"
+            connected = await Sandbox.connect(sb.id, connection_config=sdk(server))
+            assert await run(connected, "cat /workspace/w/kept.txt") == "pooled"
+            await connected.close()
+        finally:
+            await resumed.close()
+
+        # A pooled sandbox whose Pool is gone has no template to resume from: refused before a snapshot.
+        async with sandbox(server, base_image, extensions={"poolRef": "warm"}) as orphan:
+            cluster.kubectl("delete", "sbxpool", "warm", "-n", namespace)
+            with pytest.raises(SandboxApiException) as refused:
+                await orphan.pause()
+            assert (refused.value.status_code, refused.value.error.code) == (409, "SANDBOX::INVALID_STATE")
+            assert "Pool 'warm' is gone" in str(refused.value.error.message)
+            assert (await manager.get_sandbox_info(orphan.id)).status.state == "Running"
+    finally:
+        with contextlib.suppress(SandboxApiException):
+            await sb.kill()
+        await sb.close()

@@ -48,6 +48,7 @@ EVENT_ALLOCATED: Final = "Allocated"  # pooled: pods of the Pool were allocated 
 EVENT_ALLOCATION_CONFLICT: Final = "AllocationConflict"  # a pod claimed by two BatchSandboxes (never expected)
 EVENT_RELEASED: Final = "Released"  # pods handed back after their tasks completed
 EVENT_SCALED_DOWN: Final = "ScaledDown"
+EVENT_LEFT_POOL: Final = "LeftPool"  # poolRef removed: its claimed pods deleted (never handed back)
 EVENT_ENTRYPOINT_FAILED: Final = "EntrypointFailed"
 EVENT_EXPIRED: Final = "Expired"
 EVENT_TTL_EXPIRED: Final = "TTLExpired"

@@ -46,6 +46,9 @@ class SandboxSpec(PassThrough):
     field (nodeSelector, tolerations, runtimeClassName, volumes, ...) passes through to the pod.
     If `containers` is given it wins over the short form."""
 
+    # The fields of the short form (they build container `sandbox` when `containers` is not given).
+    SHORT_FORM: ClassVar[tuple[str, ...]] = ("image", "command", "args", "env", "workingDir", "resources", "ports")
+
     image: str | None = Field(None, description="Image of the `sandbox` container.")
     command: list[str] | None = Field(None, description="Entrypoint of the `sandbox` container.")
     args: list[str] | None = None
@@ -222,9 +225,13 @@ class BatchSandboxSpec(Model):
                     " || has(self.sandboxTemplate.spec.containers)",
                     "sandboxTemplate.spec needs an image (or containers) unless poolRef is set",
                 ),
+                # Leaving a Pool (the server's pause of a pooled sandbox) is the one change allowed: with
+                # replicas 0, so that the controller deletes the pods it claimed before it builds any
+                # from sandboxTemplate (docs/controller.md). A direct BatchSandbox never joins a Pool.
                 cel(
-                    "has(oldSelf.poolRef) == has(self.poolRef)",
-                    "poolRef is immutable",
+                    "has(oldSelf.poolRef) == has(self.poolRef) || (has(oldSelf.poolRef) && self.replicas == 0)",
+                    "poolRef is immutable: it can only be removed, together with replicas 0 (the BatchSandbox"
+                    " leaves its Pool)",
                     reason="FieldValueForbidden",
                 ),
             ]
@@ -235,8 +242,10 @@ class BatchSandboxSpec(Model):
     poolRef: str | None = Field(
         None,
         min_length=1,
-        description="Claim pods from this Pool (same namespace). Immutable. In pooled mode only the "
-        "entrypoint (command/args) and env of sandboxTemplate apply.",
+        description="Claim pods from this Pool (same namespace). Immutable, except that it can be removed "
+        "with replicas 0: the BatchSandbox leaves the Pool (its claimed pods are deleted, never handed back) and "
+        "builds pods from sandboxTemplate from then on. In pooled mode only the entrypoint (command/args) and env "
+        "of sandboxTemplate apply.",
         json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "poolRef is immutable")]},
     )
     sandboxTemplate: SandboxTemplate | None = None

@@ -30,9 +30,8 @@ class Allocation:
 
 
 def read_ledger(bs: JSON) -> dict[int, Allocation]:
-    """The allocations a pooled BatchSandbox records (direct-mode BatchSandboxes have none)."""
-    if not bs["spec"].get("poolRef"):
-        return {}
+    """The allocations a BatchSandbox records: a pooled one's, and one that left its Pool until the pods
+    it claimed are deleting (departing()). Direct mode writes no pod uids, so it has none of its own."""
     entries = (bs.get("status") or {}).get("sandboxes") or []
     return {e["index"]: Allocation(e["index"], e["podName"], e["podUID"]) for e in entries if e.get("podUID")}
 
@@ -138,6 +137,25 @@ def assign(requests: list[tuple[str, list[int]]], free: list[PodInfo]) -> dict[s
                 return result
             result.setdefault(key, {})[index] = pod
     return result
+
+
+def departing(bs: JSON, pod_named: Callable[[str], PodInfo | None], labelled: Iterable[PodInfo]) -> list[PodInfo]:
+    """The pool pods a BatchSandbox that left its Pool (poolRef removed) still holds and has not deleted:
+    those its ledger names and those whose claim label and owner say they are its (a pod of a Pool in a
+    direct BatchSandbox can only be one it claimed before it left). They are dirty: deleted, never
+    handed back. Its ledger stays in status until this is empty, so none of them looks free meanwhile."""
+    if bs["spec"].get("poolRef"):
+        return []
+    uid = bs["metadata"].get("uid")
+    found: dict[str, PodInfo] = {}
+    for entry in read_ledger(bs).values():
+        pod = pod_named(entry.pod_name)
+        if pod is not None and pod.uid == entry.pod_uid:
+            found[pod.uid] = pod
+    for pod in labelled:
+        if pod.pool is not None and pod.owner_uid == uid:
+            found[pod.uid] = pod
+    return [p for p in found.values() if not p.deleting]
 
 
 def is_free(pod: PodInfo, revision: str) -> bool:

@@ -116,7 +116,8 @@ class Allocator:
     def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
         """A BatchSandbox appeared, went, or changed what it asks for; not our own ledger writes."""
         if old is None or new is None or _asks(old) != _asks(new):
-            self._wake(pool_key_of(changed(old, new)))
+            for pool_key in {pool_key_of(b) for b in (old, new) if b is not None}:  # one that left its Pool too
+                self._wake(pool_key)
 
     # --- a pass -----------------------------------------------------------------------------------
     async def reconcile(self, pool_key: str) -> float | None:

@@ -63,6 +63,7 @@ READY_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 EXECD_TIMEOUT = aiohttp.ClientTimeout(total=10)
+LEAVING_RECHECK = 1.0  # seconds: a BatchSandbox leaving its Pool looks again (its pods' events come first)
 
 
 def report_transition(
@@ -183,6 +184,8 @@ class BatchSandboxReconciler:
             pods, problem = await self._pooled(cached, spec)
             lost = None
         else:
+            if await self._leave_pool(cached):
+                return LEAVING_RECHECK  # the pods' deletion events bring it back sooner
             pods, lost = await self._current_pods(cached)
             problem = None if self._tasks_done(spec, old) else await self._create_missing(cached, spec, pods)
             await self._scale_down(cached, spec, pods)
@@ -352,6 +355,26 @@ class BatchSandboxReconciler:
             bs.raw, "Normal", conditions.EVENT_RELEASED, f"Released {len(done)} pod(s) whose task completed"
         )
 
+    # --- leaving a Pool ---------------------------------------------------------------------------
+    async def _leave_pool(self, bs: CachedObject) -> bool:
+        """A BatchSandbox whose poolRef was removed (the CRD allows it only with replicas 0: the server's
+        pause of a pooled sandbox) deletes the pods it claimed: they hold its state, so they never go back
+        to the Pool. Until the cache sees each of them deleting, nothing else is done and its status (the
+        ledger naming them) is not rewritten, so none of them can look free. True while that lasts."""
+        pods = self.manager.cache.departing(bs)
+        if not pods:
+            return False
+        self.inflight.doomed.update(p.key for p in pods)  # before the first await: see inflight.py
+        try:
+            await self._delete_pods(pods)
+        finally:
+            self.inflight.doomed.difference_update(p.key for p in pods)
+        names = ", ".join(p.name for p in pods)
+        self.manager.events.record(
+            bs.raw, "Normal", conditions.EVENT_LEFT_POOL, f"Left its Pool: deleted its claimed pod(s) {names}"
+        )
+        return True
+
     # --- direct mode ------------------------------------------------------------------------------
     async def _current_pods(self, bs: CachedObject) -> tuple[dict[int, PodInfo], list[str]]:
         """Live pods by index; lost ones are deleted (and reported) so their index is filled again."""
@@ -361,6 +384,8 @@ class BatchSandboxReconciler:
             if pod.owner_uid != bs.uid:
                 await delete_pod(self.manager.client, pod)  # left over from an earlier object of the same name
                 continue
+            if pod.pool is not None:
+                continue  # claimed before it left its Pool, deleting (_leave_pool): never one of its sandboxes
             if pod.lost:
                 lost.append(f"sandbox {pod.index}: pod {pod.name} {pod.reason or 'failed'}, replaced")
                 await delete_pod(self.manager.client, pod)

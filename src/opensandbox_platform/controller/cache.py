@@ -14,7 +14,7 @@ from typing import TypeVar
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec
 from opensandbox_platform.api.resources import BATCHSANDBOXES, POOLS
-from opensandbox_platform.controller.allocation import Holding, holding, ledger_uids
+from opensandbox_platform.controller.allocation import Holding, departing, holding, ledger_uids
 from opensandbox_platform.controller.pods import PodInfo, slim_pod
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient
 from opensandbox_platform.kube.informer import Informer
@@ -115,6 +115,14 @@ class Cache:
             return self.pods.get(f"{bs.namespace}/{name}")
 
         return holding(spec, bs.raw, pod_named, self.pods.by_index(BY_BATCHSANDBOX, bs.key))
+
+    def departing(self, bs: CachedObject) -> list[PodInfo]:
+        """The pool pods a BatchSandbox that left its Pool still holds (allocation.departing)."""
+
+        def pod_named(name: str) -> PodInfo | None:
+            return self.pods.get(f"{bs.namespace}/{name}")
+
+        return departing(bs.raw, pod_named, self.pods.by_index(BY_BATCHSANDBOX, bs.key))
 
     def allocated_to(self, pod: PodInfo) -> CachedObject | None:
         """The BatchSandbox whose ledger names this pod, if any."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensandbox_platform.api import conditions, labels, tokens
-from opensandbox_platform.api.crds import PoolSpec, SandboxTemplate
+from opensandbox_platform.api.crds import PoolSpec, SandboxSpec, SandboxTemplate
 from opensandbox_platform.controller.settings import Settings
 from opensandbox_platform.kube.client import JSON, PODS, KubeClient, KubeError
 
@@ -18,7 +18,7 @@ class PodCreateError(Exception):
     """The API server refused pods built from a template (e.g. an invalid one); retried with backoff."""
 
 
-SHORT_FORM = ("image", "command", "args", "env", "workingDir", "resources", "ports")
+SHORT_FORM = SandboxSpec.SHORT_FORM
 # How execd gets into a pod (inject_execd): the controller's --execd-install.
 EXECD_POST_START = "post-start"
 EXECD_INIT_CONTAINER = "init-container"

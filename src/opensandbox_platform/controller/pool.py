@@ -221,6 +221,9 @@ def demand(manager: Manager, pool_key: str) -> tuple[int, frozenset[str]]:
         held = cache.holding(bs, spec)
         wanted += len(held.wanted)
         allocated.update(p.key for p in held.pods.values())
+    # Pods a ledger names that no BatchSandbox of this pool holds any more: one that left the Pool
+    # still names them until they are deleting (allocation.departing). Never idle meanwhile.
+    allocated.update(p.key for p in cache.pods.by_index(BY_POOL, pool_key) if cache.allocated_to(p) is not None)
     return wanted, frozenset(allocated)
 
 
@@ -257,9 +260,10 @@ class PoolReconciler:
 
     def _on_batchsandbox(self, old: CachedObject | None, new: CachedObject | None) -> None:
         # Demand (or the ledger) changed: refill a moment later, after the allocation's status is out.
-        pool_key = pool_key_of(changed(old, new))
-        if pool_key is not None:
-            self.controller.queue.add_after(pool_key, REFILL_DELAY)
+        # Both pools: a BatchSandbox that left its Pool (poolRef removed) changes that Pool's demand.
+        for pool_key in {pool_key_of(b) for b in (old, new) if b is not None}:
+            if pool_key is not None:
+                self.controller.queue.add_after(pool_key, REFILL_DELAY)
 
     async def reconcile(self, key: str) -> float | None:
         cached = self.manager.cache.pools.get(key)

@@ -8,7 +8,15 @@ from typing import Any
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec, BatchSandboxStatus
-from opensandbox_platform.controller.allocation import Holding, assign, holding, is_free, read_ledger, released_indices
+from opensandbox_platform.controller.allocation import (
+    Holding,
+    assign,
+    departing,
+    holding,
+    is_free,
+    read_ledger,
+    released_indices,
+)
 from opensandbox_platform.controller.pods import PodInfo
 from opensandbox_platform.controller.status import BatchSandboxView, batchsandbox_status
 from tests.unit.controller.test_pool_plan import NOW, REV, pod
@@ -40,8 +48,31 @@ def test_the_ledger_is_the_status_entries_with_a_pod_uid() -> None:
     a, b = pod("a"), pod("b")
     bs = batchsandbox(sandboxes=[entry(0, a), entry(1, b), {"index": 2, "podName": "old-style"}])
     assert {i: x.pod_name for i, x in read_ledger(bs).items()} == {0: "a", 1: "b"}
-    direct = {**bs, "spec": {"replicas": 2}}
+    direct = {**bs, "spec": {"replicas": 2}, "status": {"sandboxes": [{"index": 0, "podName": "bs-0"}]}}
     assert read_ledger(direct) == {}, "direct-mode pods are found by their labels, not a ledger"
+    left = {**bs, "spec": {"replicas": 0, "sandboxTemplate": {"spec": {"image": "i"}}}}
+    assert read_ledger(left) == read_ledger(bs), "one that left its Pool names its pods until they are deleting"
+
+
+def left_pool(bs: dict[str, Any]) -> dict[str, Any]:
+    """What the server's pause of a pooled sandbox makes of its BatchSandbox (status untouched)."""
+    return {**bs, "spec": {"replicas": 0, "sandboxTemplate": {"spec": {"image": "snapshot"}}}}
+
+
+def test_a_batchsandbox_that_left_its_pool_releases_the_pods_its_ledger_or_its_labels_name() -> None:
+    a, b, other = pod("a"), pod("b"), pod("other")
+    labelled = replace(b, batchsandbox="bs", index=1, owner_uid="uid-bs")
+    bs = batchsandbox(sandboxes=[entry(0, a)])
+    by_name = {p.name: p for p in (a, labelled, other)}.get
+    assert departing(bs, by_name, [labelled]) == [], "still pooled: the allocator's"
+    assert {p.name for p in departing(left_pool(bs), by_name, [labelled])} == {"a", "b"}
+    assert departing(left_pool(bs), {"a": replace(a, uid="namesake")}.get, []) == [], "a namesake is not ours"
+    direct_pod = replace(labelled, pool=None)  # a pod of its own template: not a departing one
+    assert departing(left_pool(batchsandbox()), by_name, [direct_pod]) == []
+    foreign = replace(labelled, owner_uid="uid-earlier-object")
+    assert departing(left_pool(batchsandbox()), by_name, [foreign]) == []
+    deleting = {"a": replace(a, deleting=True)}.get
+    assert departing(left_pool(bs), deleting, []) == [], "deleting already: its ledger may go"
 
 
 def test_a_namesake_of_an_allocated_pod_is_not_it() -> None:

@@ -1,5 +1,6 @@
 """The allocator's failure handling, on a real cache fed by hand and a scripted API: a ledger write
-with an unknown outcome, and a BatchSandbox deleted before its pods were labelled."""
+with an unknown outcome, a BatchSandbox deleted before its pods were labelled, and one that left its
+Pool (the server's pause of a pooled sandbox)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import PoolSpec
 from opensandbox_platform.controller.allocation import read_ledger
 from opensandbox_platform.controller.allocator import Allocator, UnknownOutcome
-from opensandbox_platform.controller.batchsandbox import BatchSandboxReconciler
+from opensandbox_platform.controller.batchsandbox import LEAVING_RECHECK, BatchSandboxReconciler
 from opensandbox_platform.controller.inflight import InFlight
 from opensandbox_platform.controller.manager import Manager, Options
 from opensandbox_platform.controller.pods import pool_revision
+from opensandbox_platform.controller.pool import demand
 
 POOL_SPEC = {"minBufferSize": 2, "maxBufferSize": 4, "capacity": 4, "sandboxTemplate": {"spec": {"image": "i"}}}
 REVISION = pool_revision(PoolSpec.model_validate(POOL_SPEC))
@@ -28,6 +30,7 @@ class ScriptedApi:
         self.objects: dict[str, dict[str, Any]] = {}
         self.fail_next_patch: BaseException | None = None
         self.version = 100
+        self.deleted: list[str] = []
 
     async def patch(self, res: Any, name: str, patch: dict[str, Any], namespace: str, sub: str | None = None) -> Any:
         obj = self.objects[f"{namespace}/{name}"]
@@ -46,8 +49,8 @@ class ScriptedApi:
     async def create(self, res: Any, obj: Any, namespace: str | None = None) -> Any:  # Events
         return obj
 
-    async def delete(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    async def delete(self, res: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        self.deleted.append(name)
 
 
 def pod(name: str) -> dict[str, Any]:
@@ -118,3 +121,40 @@ async def test_a_deleted_batchsandboxs_unlabelled_pods_are_never_free(setup: Any
     await allocator.reconcile("ns/p")
     taken = {a.pod_name for a in read_ledger(manager.cache.batchsandboxes.get("ns/next").raw).values()}
     assert taken and not taken & held
+
+
+async def test_a_batchsandbox_that_left_its_pool_deletes_its_pods_and_none_is_handed_out_meanwhile(
+    setup: Any,
+) -> None:
+    manager, api, allocator, inflight = setup
+    reconciler = BatchSandboxReconciler(manager, inflight)
+    reconciler.setup()
+    add(manager, api, batchsandbox("paused", 10))
+    await allocator.reconcile("ns/p")
+    bs = api.objects["ns/paused"]
+    held = {a.pod_name for a in read_ledger(bs).values()}
+    # The server's pause: poolRef removed with replicas 0 (its pods not labelled yet: the worst case).
+    bs["spec"] = {"replicas": 0, "sandboxTemplate": {"spec": {"image": "snapshot"}}}
+    api.version += 1
+    bs["metadata"]["resourceVersion"] = str(api.version)
+    manager.cache.batchsandboxes.assume(copy.deepcopy(bs))
+
+    assert demand(manager, "ns/p")[1] >= {f"ns/{n}" for n in held}, "the Pool counts them allocated, not idle"
+    add(manager, api, batchsandbox("greedy", 40) | {"spec": {"replicas": 4, "poolRef": "p"}})
+    await allocator.reconcile("ns/p")
+    taken = {a.pod_name for a in read_ledger(api.objects["ns/greedy"]).values()}
+    assert len(taken) == 2 and not taken & held, "a departing BatchSandbox's pods are never free"
+
+    assert await reconciler.reconcile("ns/paused") == LEAVING_RECHECK
+    assert set(api.deleted) == held
+    assert read_ledger(manager.cache.batchsandboxes.get("ns/paused").raw), "its ledger stays until they are deleting"
+    await allocator.reconcile("ns/p")
+    assert {a.pod_name for a in read_ledger(api.objects["ns/greedy"]).values()} == taken
+
+    for name in held:  # the watch delivers the deletions
+        deleting = pod(name)
+        deleting["metadata"] |= {"deletionTimestamp": "2026-01-01T00:02:00Z", "resourceVersion": "2"}
+        manager.cache.pods.assume(deleting)
+    await reconciler.reconcile("ns/paused")
+    written = manager.cache.batchsandboxes.get("ns/paused").raw
+    assert written["status"]["phase"] == "Paused" and read_ledger(written) == {}

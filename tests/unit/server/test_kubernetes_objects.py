@@ -12,15 +12,19 @@ import pytest
 
 from opensandbox_platform.api import labels
 from opensandbox_platform.api.crds import BatchSandboxSpec
+from opensandbox_platform.controller.pods import build_pod
 from opensandbox_platform.controller.status import bootstrap_request
 from opensandbox_platform.server.config import ConfigError, load
 from opensandbox_platform.server.runtimes.base import SandboxSpec
 from opensandbox_platform.server.runtimes.kubernetes_objects import (
     DOCKER_HUB_AUTH_KEY,
+    KEEP_ALIVE_ENTRYPOINT,
     RESUME_PATCH,
     Settings,
     build_batchsandbox,
     claim_manifest,
+    left_pool_patch,
+    left_pool_template,
     new_sandbox_id,
     paused_patch,
     pool_mounts,
@@ -463,3 +467,122 @@ def test_pause_and_resume_are_patches_and_states() -> None:
     resumed = as_cluster_returns(created, {"phase": "Paused"})
     resumed["spec"]["replicas"] = RESUME_PATCH["spec"]["replicas"]
     assert read_entry(resumed).info.state == "Pending"  # until the new pod runs
+
+
+# --- the pause of a pooled sandbox: it leaves its Pool for a template built from the Pool's -----------
+EGRESS_POOL_UPSTREAM = ["10.0.0.10"]
+
+
+def merged(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies one (null deletes)."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merged(result.get(key), value)
+    return result
+
+
+def pool_object(spec: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    template = {"metadata": {"labels": {"team": "pool"}}, "spec": spec}
+    return {
+        "metadata": {"name": "warm", "namespace": "ns"},
+        "spec": {"capacity": 4, "sandboxTemplate": template, **extra},
+    }
+
+
+SHORT_POOL = {
+    "image": "registry/base:1",
+    "command": ["sleep", "infinity"],
+    "env": [{"name": "FROM_POOL", "value": "p"}, {"name": "A", "value": "pool"}],
+    "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
+    **PLACEMENT,
+}
+
+
+def pooled_raw(env: dict[str, str] | None = None, entrypoint: list[str] | None = None) -> dict[str, Any]:
+    request = spec(
+        extensions={"poolRef": "warm"},
+        env={"A": "claim"} if env is None else env,
+        entrypoint=entrypoint or ["run", "it"],
+    )
+    created = build_batchsandbox("id-1", request, Settings(), NOW, "registry/base:1")
+    running = {"phase": "Running", "sandboxes": [{"index": 0, "podName": "warm-x", "podUID": "u", "podIP": "10.1.1.1"}]}
+    return as_cluster_returns(created, running)
+
+
+def test_a_paused_pooled_sandbox_resumes_from_the_pools_template_with_its_own_entrypoint_and_env() -> None:
+    pool = pool_object(SHORT_POOL)
+    template = left_pool_template(pool, pooled_raw())
+    (main,) = template["spec"]["containers"]
+    assert main["name"] == labels.SANDBOX_CONTAINER and main["image"] == "registry/base:1"
+    assert main["command"] == ["run", "it"] and "args" not in main
+    assert main["env"] == [{"name": "FROM_POOL", "value": "p"}, {"name": "A", "value": "claim"}]  # the claim's wins
+    assert main["resources"] == SHORT_POOL["resources"]
+    assert (
+        template["spec"]["nodeSelector"] == PLACEMENT["nodeSelector"] and template["spec"]["restartPolicy"] == "Never"
+    )
+    assert template["metadata"] == {"labels": {"team": "pool"}}
+    assert pool["spec"]["sandboxTemplate"]["spec"]["image"] == "registry/base:1" and "containers" not in pool["spec"][
+        "sandboxTemplate"]["spec"], "the Pool is not changed"  # fmt: skip
+
+    keep_alive = pooled_raw(env={}, entrypoint=list(KEEP_ALIVE_ENTRYPOINT))  # the pooled template is empty
+    (main,) = left_pool_template(pool, keep_alive)["spec"]["containers"]
+    assert main["command"] == ["sleep", "infinity"] and main["env"] == SHORT_POOL["env"]
+
+
+def test_a_pools_own_containers_volumes_and_restart_policy_are_kept_and_it_needs_a_sandbox_container() -> None:
+    sidecar = {"name": "helper", "image": "helper:1"}
+    main = {"name": "sandbox", "image": "registry/base:1", "args": ["--serve"],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}  # fmt: skip
+    volumes = [{"name": "data", "persistentVolumeClaim": {"claimName": "shared"}}]
+    pool = pool_object({"containers": [sidecar, main], "volumes": volumes, "restartPolicy": "OnFailure"})
+    template = left_pool_template(pool, pooled_raw(env={}, entrypoint=list(KEEP_ALIVE_ENTRYPOINT)))
+    assert template["spec"]["containers"] == [sidecar, main] and template["spec"]["volumes"] == volumes
+    assert template["spec"]["restartPolicy"] == "OnFailure"
+    with pytest.raises(ValueError, match="no container named 'sandbox'"):
+        left_pool_template(pool_object({"containers": [sidecar]}), pooled_raw())
+
+
+def test_the_pause_patch_of_a_pooled_sandbox_leaves_the_pool_for_a_direct_batchsandbox_on_the_snapshot() -> None:
+    raw = pooled_raw()
+    pool = pool_object(SHORT_POOL)
+    patch = left_pool_patch(raw, pool, "snap-3", SNAP_IMAGE, "snap-registry")
+    assert patch["spec"]["poolRef"] is None and patch["spec"]["replicas"] == 0
+    assert patch["metadata"]["resourceVersion"] == "7" and patch["metadata"]["labels"] == {
+        labels.RESTORED_FROM: "snap-3"
+    }
+    assert labels.NETWORK_POLICY not in patch["metadata"]["annotations"], "a Pool without egress: no policy"
+
+    after = merged(raw, patch)
+    bs = BatchSandboxSpec.model_validate(after["spec"])  # a valid direct-mode BatchSandbox
+    assert bs.poolRef is None and bs.replicas == 0
+    assert set(after["spec"]["sandboxTemplate"]["spec"]) == {"containers", "imagePullSecrets", "restartPolicy",
+                                                            *PLACEMENT}, "the claim's short form is gone"  # fmt: skip
+    assert bs.sandboxTemplate is not None
+    pod = build_pod(name="id-1-0", namespace="ns", template=bs.sandboxTemplate, pod_labels={}, owner=after,
+                    execd_image="execd:1")  # fmt: skip
+    main = next(c for c in pod["spec"]["containers"] if c["name"] == labels.SANDBOX_CONTAINER)
+    assert main["image"] == SNAP_IMAGE and main["args"] == ["run", "it"]  # started by execd's bootstrap
+    assert pod["metadata"]["labels"]["team"] == "pool" and pod["spec"]["imagePullSecrets"] == [
+        {"name": "snap-registry"}
+    ]
+    assert read_entry(after | {"status": {"phase": "Paused"}}).info.state == "Paused"
+
+
+def test_a_sandbox_leaving_an_egress_pool_keeps_the_policy_it_ran_under() -> None:
+    egress = {"egress": {"defaultAction": "deny", "upstreamDns": EGRESS_POOL_UPSTREAM}}
+    pool = pool_object({"image": "registry/base:1"}, **egress)
+    patch = left_pool_patch(pooled_raw(), pool, "snap-3", SNAP_IMAGE, "")
+    value = json.loads(patch["metadata"]["annotations"][labels.NETWORK_POLICY])
+    assert value == {"policy": {"defaultAction": "deny", "egress": []}, "upstreamDns": EGRESS_POOL_UPSTREAM}
+
+    own = {"defaultAction": "deny", "egress": [{"action": "allow", "target": "pypi.org"}]}
+    raw = pooled_raw()
+    raw["metadata"]["annotations"][labels.NETWORK_POLICY] = json.dumps({"policy": own, "upstreamDns": []})
+    value = json.loads(left_pool_patch(raw, pool, "snap-3", SNAP_IMAGE, "")["metadata"]["annotations"][
+        labels.NETWORK_POLICY])  # fmt: skip
+    assert value == {"policy": own, "upstreamDns": EGRESS_POOL_UPSTREAM}, "its own policy, the Pool's resolvers"

@@ -15,7 +15,10 @@
   EngineMonitor, which /health and /ready report); a create holds its POST up to HOLD_SECONDS while
   the API server comes back.
 - `timeout` is `spec.expireTime`: the controller deletes the BatchSandbox then, also while the
-  server is down. Pause and resume are not supported (`capabilities`: the routes refuse them).
+  server is down.
+- Pause (with `snapshotRepository`) is a snapshot, then replicas 0 on the snapshot's image; a pooled
+  sandbox leaves its Pool then (its claimed pod is deleted) for a template built from the Pool's.
+  Resume is replicas 1: a fresh pod from the snapshot image (docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ from opensandbox_platform.server.runtimes.kubernetes_objects import (
     Settings,
     build_batchsandbox,
     finish_create,
+    left_pool_patch,
+    left_pool_template,
     new_sandbox_id,
     owner_reference,
     paused_patch,
@@ -119,6 +124,10 @@ def read_pool(raw: JSON) -> PoolEntry:
         pool_egress(raw),
         pool_mounts(raw),
     )
+
+
+class PauseRefused(Exception):
+    """A pooled sandbox cannot be paused: no Pool template to resume it from."""
 
 
 class KubernetesRuntime:
@@ -501,15 +510,13 @@ class KubernetesRuntime:
         template on the snapshot's image); a failed snapshot leaves it Running (an event says why)."""
         store = self._snapshots
         entry = await self._fresh_entry(sandbox_id)
-        if entry.pooled:
-            raise ApiError(
-                400,
-                errors.API_NOT_SUPPORTED,
-                "pause of a pooled sandbox is not supported by the kubernetes runtime: its BatchSandbox claims the"
-                " pool's pods (create it without poolRef to pause it)",
-            )
         guards.require_running(sandbox_id, entry.info.state)
         raw = await self._call(self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace))
+        if raw["spec"].get("poolRef"):  # refused now rather than after the snapshot
+            try:
+                await self._call(self._pool_to_resume_from(raw))
+            except PauseRefused as refused:
+                raise ApiError(409, errors.INVALID_STATE, f"sandbox {sandbox_id} cannot be paused: {refused}") from None
         pod = await self._call(self.client.get(PODS, entry.pod_name or "", self.namespace))
         held = ksnaps.held_of(raw, entry.info.image, entry.info.entrypoint)
         record = await store.begin(sandbox_id, "pause", held, pod, owner_reference(raw), pause=True)
@@ -524,12 +531,16 @@ class KubernetesRuntime:
                 raw = await self.client.get(BATCHSANDBOXES, sandbox_id, self.namespace)
                 if (raw["metadata"].get("annotations") or {}).get(labels.PAUSING) != snapshot_id:
                     return  # deleted and made again, or another replica finished it
-                if record.state != SnapshotState.READY:
+                failure = f"{record.reason}: {record.message}" if record.state != SnapshotState.READY else ""
+                if not failure:
+                    try:
+                        patch = await self._paused_patch(raw, snapshot_id, record.image)
+                    except PauseRefused as refused:
+                        failure = str(refused)
+                        await store.forget_pauses(sandbox_id)  # a pooled sandbox's only pause snapshot: unused
+                if failure:
                     patch = {"metadata": {"annotations": {labels.PAUSING: None}}}
-                    self.events.record(sandbox_id, "PauseFailed", f"{record.reason}: {record.message}", warning=True)
-                else:
-                    pull_secret = self.settings.snapshot_pull_secret
-                    patch = paused_patch(raw, snapshot_id, record.image, pull_secret)
+                    self.events.record(sandbox_id, "PauseFailed", failure, warning=True)
                 self._observe(read_entry(await self.client.patch(BATCHSANDBOXES, sandbox_id, patch, self.namespace)))
                 break
             except KubeError as err:
@@ -541,6 +552,29 @@ class KubernetesRuntime:
                 await asyncio.sleep(0.5)
         if record.state == SnapshotState.READY:
             await store.forget_pauses(sandbox_id, keep=snapshot_id)  # an earlier pause's image is not used now
+
+    async def _paused_patch(self, raw: JSON, snapshot_id: str, image: str) -> JSON:
+        """The patch that makes the sandbox Paused on the snapshot's image; a pooled one also leaves its
+        Pool for a template built from the Pool's (the resume is a fresh pod, not a warm one)."""
+        pull_secret = self.settings.snapshot_pull_secret
+        if not raw["spec"].get("poolRef"):
+            return paused_patch(raw, snapshot_id, image, pull_secret)
+        return left_pool_patch(raw, await self._pool_to_resume_from(raw), snapshot_id, image, pull_secret)
+
+    async def _pool_to_resume_from(self, raw: JSON) -> JSON:
+        """The Pool of a pooled sandbox (a consistent read), checked to give a pod to resume into."""
+        name = raw["spec"]["poolRef"]
+        try:
+            pool = await self.client.get(POOLS, name, self.namespace)
+        except KubeError as err:
+            if err.not_found:
+                raise PauseRefused(f"its Pool {name!r} is gone: there is no pod template to resume it from") from None
+            raise
+        try:
+            left_pool_template(pool, raw)
+        except ValueError as err:
+            raise PauseRefused(f"Pool {name!r}: {err}") from None
+        return pool
 
     async def _recover_pauses(self) -> None:
         """After a restart: finish pauses that were under way; forget pause snapshots of sandboxes gone."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opensandbox_platform.api import conditions, labels
+from opensandbox_platform.api.crds import SandboxSpec as SandboxSpecModel
 from opensandbox_platform.daemon import times
 from opensandbox_platform.kube.client import JSON
 from opensandbox_platform.server.runtimes.base import SandboxInfo, SandboxSpec, State
@@ -137,6 +138,72 @@ def paused_patch(batchsandbox: JSON, snapshot_id: str, image: str, pull_secret: 
         },
         "spec": {"replicas": 0, "sandboxTemplate": {"spec": template}},
     }
+
+
+def left_pool_template(pool: JSON, batchsandbox: JSON) -> JSON:
+    """The direct-mode template a paused pooled sandbox resumes from: the Pool's pod template (its
+    containers with their env, resources and mounts, its volumes, nodeSelector, tolerations, ...) with
+    the entrypoint, env and working directory the BatchSandbox asked for applied to container `sandbox`,
+    as the controller applied them in the claimed pod. ValueError when the Pool has no such container
+    (a snapshot is taken of container `sandbox`)."""
+    template = json.loads(json.dumps((pool.get("spec") or {}).get("sandboxTemplate") or {}))  # a deep copy
+    spec: JSON = template.get("spec") or {}
+    short = {k: spec.pop(k) for k in SandboxSpecModel.SHORT_FORM if k in spec}
+    if "containers" not in spec:
+        spec["containers"] = [{"name": labels.SANDBOX_CONTAINER, **short}]
+    main = next((c for c in spec["containers"] if c.get("name") == labels.SANDBOX_CONTAINER), None)
+    if main is None:
+        raise ValueError(f"the Pool's template has no container named {labels.SANDBOX_CONTAINER!r}")
+    claim = ((batchsandbox.get("spec") or {}).get("sandboxTemplate") or {}).get("spec") or {}
+    if claim.get("command"):
+        main["command"] = claim["command"]
+        main.pop("args", None)
+    if claim.get("args"):
+        main["args"] = claim["args"]
+    if claim.get("workingDir"):
+        main["workingDir"] = claim["workingDir"]
+    asked = {e.get("name") for e in claim.get("env") or []}
+    env = [e for e in main.get("env") or [] if e.get("name") not in asked] + list(claim.get("env") or [])
+    if env:
+        main["env"] = env
+    # As for any server sandbox: its files live in its container, so an exited entrypoint ends it
+    # instead of restarting into an empty container; what the Pool's template says wins.
+    spec.setdefault("restartPolicy", "Never")
+    return {**({"metadata": template["metadata"]} if template.get("metadata") else {}), "spec": spec}
+
+
+def left_pool_patch(batchsandbox: JSON, pool: JSON, snapshot_id: str, image: str, pull_secret: str) -> JSON:
+    """The merge patch that ends the pause of a pooled sandbox: as `paused_patch`, and it leaves its Pool
+    (poolRef removed with replicas 0, which the CRD allows) for a template built from the Pool's
+    (`left_pool_template`), so that a resume is a fresh pod from the snapshot image, never a warm pod
+    of the Pool. The controller deletes the claimed pod (docs/controller.md). A sandbox that ran under
+    the Pool's egress policy keeps it: the Pool's default policy becomes its own."""
+    template = left_pool_template(pool, batchsandbox)
+    direct = {**batchsandbox, "spec": {**batchsandbox["spec"], "sandboxTemplate": template}}
+    patch = paused_patch(direct, snapshot_id, image, pull_secret)
+    old_spec = ((batchsandbox["spec"].get("sandboxTemplate") or {}).get("spec")) or {}
+    new_spec = patch["spec"]["sandboxTemplate"]["spec"]
+    new_spec.update({k: None for k in old_spec if k not in new_spec})  # the claim's short form goes
+    if template.get("metadata"):
+        patch["spec"]["sandboxTemplate"]["metadata"] = template["metadata"]
+    patch["spec"]["poolRef"] = None
+    policy = _pool_policy(pool, (batchsandbox["metadata"].get("annotations") or {}).get(labels.NETWORK_POLICY))
+    if policy is not None:
+        patch["metadata"]["annotations"][labels.NETWORK_POLICY] = policy
+    return patch
+
+
+def _pool_policy(pool: JSON, claimed: str | None) -> str | None:
+    """The network-policy annotation of a sandbox leaving an egress Pool: the claim's policy, or the
+    Pool's default one (no rules); the Pool's resolvers either way (its sidecar used them). None: no egress."""
+    egress = (pool.get("spec") or {}).get("egress")
+    if not isinstance(egress, dict):
+        return None
+    policy: JSON = {"defaultAction": egress.get("defaultAction") or "deny", "egress": []}
+    if claimed:
+        policy = json.loads(claimed)["policy"]
+    value = {"policy": policy, "upstreamDns": list(egress.get("upstreamDns") or [])}
+    return json.dumps(value, separators=(",", ":"))
 
 
 RESUME_PATCH: JSON = {"metadata": {"annotations": {labels.PAUSED: None}}, "spec": {"replicas": 1}}
@@ -401,7 +468,6 @@ class Entry:
     has_policy: bool = False  # its pod has the egress sidecar: created with a networkPolicy, or from an egress Pool
     pausing: str = ""  # the snapshot a pause is taking (labels.PAUSING)
     paused_into: str = ""  # paused: the snapshot it resumes from (labels.PAUSED)
-    pooled: bool = False
 
     @property
     def key(self) -> str:
@@ -476,7 +542,6 @@ def read_entry(raw: JSON) -> Entry:
         has_policy=labels.NETWORK_POLICY in annotations or request.get("poolEgress") is True,
         pausing=pausing,
         paused_into=paused_into,
-        pooled=bool(spec.get("poolRef")),
     )
 
 
