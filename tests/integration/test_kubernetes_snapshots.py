@@ -298,10 +298,7 @@ async def test_a_pooled_sandbox_pauses_out_of_its_pool_and_resumes_into_a_fresh_
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     eventually(lambda: pool_uids(kube, namespace, "warm", idle_only=True), timeout=120, what="a warm pod")
     manager = await SandboxManager.create(sdk(server))
-    sb = await Sandbox.create(
-        base_image, connection_config=sdk(server), extensions={"poolRef": "warm"}, env={"MINE": "m"}, resource=SMALL
-    )
-    try:
+    async with sandbox(server, base_image, extensions={"poolRef": "warm"}, env={"MINE": "m"}) as sb:
         (claimed,) = sandbox_pods(kube, namespace, sb.id)
         assert claimed.metadata.labels[labels.POOL] == "warm"
         await run(sb, "mkdir -p /workspace/w && echo pooled > /workspace/w/kept.txt")
@@ -350,7 +347,3 @@ async def test_a_pooled_sandbox_pauses_out_of_its_pool_and_resumes_into_a_fresh_
             assert (refused.value.status_code, refused.value.error.code) == (409, "SANDBOX::INVALID_STATE")
             assert "Pool 'warm' is gone" in str(refused.value.error.message)
             assert (await manager.get_sandbox_info(orphan.id)).status.state == "Running"
-    finally:
-        with contextlib.suppress(SandboxApiException):
-            await sb.kill()
-        await sb.close()
