@@ -3,18 +3,20 @@ kubernetes runtime: for a sandbox with an empty workspace and with 50 MiB of ran
 time from `create_snapshot()` to Ready (polled every 50 ms: the committer pod scheduled on the node,
 the layer read while the container is frozen, written and pushed to the cluster registry) and from
 `Sandbox.create(snapshot_id=...)` to the first command (the snapshot image pulled from the registry);
-then `pause()` → Paused → `Sandbox.resume()` → first command.
+then `pause()` → Paused → `Sandbox.resume()` → first command, for a direct sandbox and for a pooled one
+(claimed from a warm Pool; its pause releases the claimed pod and its resume is a fresh pod).
 
 Run: `uv run python -m bench kubernetes_snapshot` or `uv run python bench/kubernetes_snapshot_bench.py
-[--n 3] [--sizes 0,50] [--pauses 5]`, under `flock /tmp/osb-cluster.lock`. Needs the real node (prints a
-notice and writes nothing when it is off). Traffic goes to 127.0.0.1, the registry on the node's bridge
-address and the pods' own IPs. Writes bench/results/kubernetes-snapshots.json.
+[--n 3] [--sizes 0,50] [--pauses 5] [--pooled-pauses 5]`, under `flock /tmp/osb-cluster.lock`. Needs
+the real node (prints a notice and writes nothing when it is off). Traffic goes to 127.0.0.1, the
+registry on the node's bridge address and the pods' own IPs. Writes bench/results/kubernetes-snapshots.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -34,6 +36,7 @@ from bench.common import summary_ms, write  # noqa: E402
 from bench.snapshot_bench import until_ready  # noqa: E402
 from harness.controller_process import ControllerProcess  # noqa: E402
 from harness.images import EXECD_IMAGE, built_image  # noqa: E402
+from harness.kube import idle_ready, pool_manifest, pool_pods  # noqa: E402
 from harness.kubernetes_server import (  # noqa: E402
     SMALL,
     KubernetesServer,
@@ -42,10 +45,12 @@ from harness.kubernetes_server import (  # noqa: E402
     snapshot_server_config,
 )
 from harness.paths import CRDS  # noqa: E402
-from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node  # noqa: E402
+from harness.real_node import ENV_SWITCH, RealNodeUnavailable, real_node, real_node_pod_spec  # noqa: E402
 from harness.real_node import enabled as real_node_enabled  # noqa: E402
 from harness.registry import cluster_registry  # noqa: E402
-from harness.services import local_cluster  # noqa: E402
+from harness.services import LocalCluster, local_cluster  # noqa: E402
+
+POOL = "bench-warm"
 
 
 async def until_state(manager: SandboxManager, sandbox_id: str, state: str) -> None:
@@ -92,6 +97,19 @@ async def one_size(config: ConnectionConfig, image: str, mib: int, n: int) -> di
     }
 
 
+async def pause_and_resume(
+    manager: SandboxManager, config: ConnectionConfig, sandbox: Sandbox
+) -> tuple[float, float, Sandbox]:
+    """pause() → Paused, then Sandbox.resume() → first command: the two durations and the resumed handle."""
+    t0 = time.perf_counter()
+    await sandbox.pause()
+    await until_state(manager, sandbox.id, "Paused")
+    t1 = time.perf_counter()
+    resumed = await Sandbox.resume(sandbox.id, connection_config=config, resume_timeout=timedelta(seconds=120))
+    assert (await resumed.commands.run("true")).error is None
+    return t1 - t0, time.perf_counter() - t1, resumed
+
+
 async def pause_figures(config: ConnectionConfig, image: str, n: int) -> dict[str, Any]:
     manager = await SandboxManager.create(config)
     sandbox = await Sandbox.create(image, connection_config=config, resource=SMALL, entrypoint=["sleep", "infinity"])
@@ -99,18 +117,12 @@ async def pause_figures(config: ConnectionConfig, image: str, n: int) -> dict[st
     try:
         current = sandbox
         for _ in range(n):
-            t0 = time.perf_counter()
-            await current.pause()
-            await until_state(manager, sandbox.id, "Paused")
-            t1 = time.perf_counter()
-            resumed = await Sandbox.resume(sandbox.id, connection_config=config, resume_timeout=timedelta(seconds=120))
-            assert (await resumed.commands.run("true")).error is None
-            t2 = time.perf_counter()
+            paused, resumed_in, resumed = await pause_and_resume(manager, config, current)
             if current is not sandbox:
                 await current.close()
             current = resumed
-            pauses.append(t1 - t0)
-            resumes.append(t2 - t1)
+            pauses.append(paused)
+            resumes.append(resumed_in)
     finally:
         await sandbox.kill()
         await sandbox.close()
@@ -118,7 +130,45 @@ async def pause_figures(config: ConnectionConfig, image: str, n: int) -> dict[st
     return {"pause_to_paused": summary_ms(pauses), "resume_to_first_command": summary_ms(resumes)}
 
 
-async def figures(server: KubernetesServer, image: str, args: argparse.Namespace) -> dict[str, Any]:
+async def pooled_pause_figures(
+    config: ConnectionConfig, cluster: LocalCluster, namespace: str, image: str, n: int
+) -> dict[str, Any]:
+    """A fresh pooled sandbox per sample (a paused one has left its Pool), claimed once a warm pod is idle."""
+    from lightkube import Client, KubeConfig
+
+    kube = Client(config=KubeConfig.from_file(cluster.kubeconfig))
+    manager = await SandboxManager.create(config)
+    pauses, resumes = [], []
+    try:
+        for _ in range(n):
+            await until_idle(kube, namespace)
+            sandbox = await Sandbox.create(
+                image, connection_config=config, resource=SMALL, extensions={"poolRef": POOL}
+            )
+            try:
+                paused, resumed_in, resumed = await pause_and_resume(manager, config, sandbox)
+                await resumed.close()
+            finally:
+                await sandbox.kill()
+                await sandbox.close()
+            pauses.append(paused)
+            resumes.append(resumed_in)
+    finally:
+        await manager.close()
+    return {"pause_to_paused": summary_ms(pauses), "resume_to_first_command": summary_ms(resumes)}
+
+
+async def until_idle(kube: Any, namespace: str) -> None:
+    for _ in range(2400):
+        if idle_ready(pool_pods(kube, namespace, POOL)):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no idle pod in Pool {POOL} after 120 s")
+
+
+async def figures(
+    server: KubernetesServer, cluster: LocalCluster, image: str, args: argparse.Namespace
+) -> dict[str, Any]:
     config = ConnectionConfig(domain=server.domain, request_timeout=timedelta(seconds=300), disable_metrics=True)
     out: dict[str, Any] = {"sizes": []}
     for mib in [int(s) for s in args.sizes.split(",") if s.strip()]:
@@ -128,6 +178,13 @@ async def figures(server: KubernetesServer, image: str, args: argparse.Namespace
     if args.pauses:
         out["pause_resume"] = await pause_figures(config, image, args.pauses)
         print("kubernetes", out["pause_resume"], flush=True)
+    if args.pooled_pauses:
+        pod_spec = real_node_pod_spec(image=image, imagePullPolicy="IfNotPresent")
+        manifest = pool_manifest(POOL, pod_spec, minimum=1, maximum=1, capacity=args.pooled_pauses + 1)
+        cluster.kubectl("apply", "-n", server.namespace, "-f", "-", input=json.dumps(manifest))
+        found = await pooled_pause_figures(config, cluster, server.namespace, image, args.pooled_pauses)
+        out["pooled_pause_resume"] = found
+        print("kubernetes pooled", found, flush=True)
     return out
 
 
@@ -136,6 +193,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=3, help="snapshot + restore samples per size")
     parser.add_argument("--sizes", default="0,50", help="workspace sizes in MiB (comma-separated)")
     parser.add_argument("--pauses", type=int, default=5, help="pause -> resume samples")
+    parser.add_argument("--pooled-pauses", type=int, default=5, help="pause -> resume samples of pooled sandboxes")
     args = parser.parse_args(argv)
     if not real_node_enabled():
         print(f"kubernetes_snapshot: skipped, the real node is off ({ENV_SWITCH}=0)")
@@ -160,7 +218,7 @@ def main(argv: list[str]) -> None:
             server = KubernetesServer(Path(tmp), namespace, cluster.kubeconfig, config)
             try:
                 server.start()
-                found = asyncio.run(figures(server, image, args))
+                found = asyncio.run(figures(server, cluster, image, args))
             finally:
                 server.stop()
                 controller.stop()
