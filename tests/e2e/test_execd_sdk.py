@@ -402,7 +402,8 @@ def test_client_disconnect_kills_the_foreground_command(execd: Execd) -> None:
         httpx.Client(base_url=execd.url) as client,
         client.stream("POST", "/command", json={"command": "sleep 3003"}) as response,
     ):
-        next(response.iter_raw())  # the init event
+        events = response.iter_raw()  # held: a dropped iterator closes the connection at once
+        next(events)  # the init event
         wait_until(lambda: bool(processes_matching("sleep 3003")), 5, "the command to start")
     wait_until(lambda: not processes_matching("sleep 3003"), 10, "the command to be killed")
 

@@ -371,11 +371,18 @@ OnConnect = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Futur
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
-    """Adds a public future that resolves when the connection is lost."""
+    """Adds a public future that resolves when the client closes its side or the connection is lost."""
 
     def __init__(self, reader: asyncio.StreamReader, on_connect: OnConnect) -> None:
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         super().__init__(reader, lambda r, w: on_connect(r, w, self.lost))
+
+    def eof_received(self) -> bool:
+        # An HTTP client does not half-close and wait for a stream: its FIN means it went away. Seen
+        # here, a stream stops its command now rather than at a later write's reset (seconds of pings).
+        if not self.lost.done():
+            self.lost.set_result(None)
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

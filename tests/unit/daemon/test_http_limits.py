@@ -14,6 +14,8 @@ from opensandbox_platform.daemon import cli
 from opensandbox_platform.daemon import http as httpserver
 from opensandbox_platform.daemon.http import HttpServer, Limits, Request, Response, StreamResponse
 
+GONE = asyncio.Event()
+
 
 async def _dispatch(request: Request) -> httpserver.AnyResponse:
     if request.path == "/json":
@@ -28,6 +30,14 @@ async def _dispatch(request: Request) -> httpserver.AnyResponse:
             yield b"two"
 
         return StreamResponse(chunks())
+    if request.path == "/until-gone":  # a silent stream (no write to fail) that ends when its client leaves
+
+        async def silent() -> AsyncIterator[bytes]:
+            yield b"started"
+            await request.disconnected
+            GONE.set()
+
+        return StreamResponse(silent())
     if request.path == "/hello":
         return Response(b"hello world", content_type="text/plain")
     raise httpserver.errors.not_found(f"no route for {request.path}")
@@ -172,6 +182,28 @@ async def test_json_nested_too_deeply_is_a_400(server: tuple[HttpServer, int]) -
     writer.write(b"POST /json HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
     status, _, payload = await _response(reader)
     assert status == 400 and "nested" in json.loads(payload)["message"]
+
+
+async def test_a_client_closing_a_silent_stream_is_seen_at_once(server: tuple[HttpServer, int]) -> None:
+    """No write fails while a stream is silent: the client's FIN itself must end it (a command would
+    otherwise run on for seconds of pings after its client left)."""
+    GONE.clear()
+    reader, writer = await _connect(server[1])
+    writer.write(b"GET /until-gone HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"started"), 5)
+    writer.close()
+    await asyncio.wait_for(GONE.wait(), 1)
+
+
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(
+    server: tuple[HttpServer, int],
+) -> None:
+    reader, writer = await _connect(server[1])
+    writer.write(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+    writer.write_eof()
+    status, _, body = await _response(reader)
+    assert (status, body) == (200, b"hello world")
+    writer.close()
 
 
 def test_limits_come_from_flags_then_environment_then_defaults() -> None:
