@@ -692,6 +692,16 @@ def test_bad_input_gets_a_json_error(execd: Execd, method: str, path: str, body:
     assert payload["code"] == code and isinstance(payload["message"], str) and payload["message"]
 
 
+@pytest.mark.parametrize("cwd", [False, 0, ["/tmp"], "/no/such/dir", "a\0b"])
+def test_a_session_run_with_a_bad_cwd_is_a_400(execd: Execd, cwd: Any) -> None:
+    session_id = httpx.post(f"{execd.url}/session", json={}).json()["session_id"]
+    try:
+        response = httpx.post(f"{execd.url}/session/{session_id}/run", json={"command": "true", "cwd": cwd})
+        assert (response.status_code, response.json()["code"]) == (400, "INVALID_REQUEST_BODY")
+    finally:
+        httpx.delete(f"{execd.url}/session/{session_id}")
+
+
 def test_range_outside_the_file_is_416(execd: Execd, tmp_path: Path) -> None:
     (tmp_path / "small").write_bytes(b"12345")
     params = {"path": str(tmp_path / "small")}

@@ -207,9 +207,8 @@ class SessionManager:
         if not isinstance(command, str) or not command.strip():
             raise errors.bad_request("'command' must be a non-empty string")
         timeout = optional_int(body, "timeout", MAX_TIMEOUT_MS)
-        cwd = None
-        if body.get("cwd"):
-            cwd = resolve_cwd(body["cwd"], session.env, session.cwd)
+        raw_cwd = body.get("cwd")
+        cwd = None if raw_cwd is None or raw_cwd == "" else resolve_cwd(raw_cwd, session.env, session.cwd)
         return session, command, cwd, timeout or None
 
     async def run(
