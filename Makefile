@@ -15,11 +15,11 @@ run:  ## install what is needed and start the server on $(HOST):$(PORT)
 	tools/setup.sh run
 	$(UV) run opensandbox-server --host $(HOST) --port $(PORT)
 
-test:  ## the whole suite; starts the services it needs (cluster, podman) and stops them afterwards
+test:  ## the whole suite, its cluster and host parts at once (tools/test.sh); starts the services it needs and stops them
 	tools/setup.sh test
 	tools/build-execd.sh --check
 	tools/build-task-executor.sh --check
-	$(UV) run pytest $(PYTEST_ARGS)
+	UV=$(UV) tools/test.sh $(PYTEST_ARGS)
 
 lint:  ## ruff and mypy
 	tools/setup.sh run

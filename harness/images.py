@@ -7,9 +7,12 @@ fresh clone of the same commit reuses the images of an earlier run instead of re
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,9 +64,23 @@ def built_from(image: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def building(name: str) -> Iterator[None]:
+    """One build of `name` at a time on this machine: the two parts of `make test` (tools/test.sh) may
+    want the same image at once, and its build directory and tag are shared."""
+    with open(f"/tmp/osb-image-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def built_image(program: str, image: str) -> str:
     """`image` of `program` (controller, server, execd, task-executor), rebuilt unless it was built from
     these sources; returns its qualified name (as podman and, once loaded, the node's containerd know it)."""
+    with building(program):
+        return _built_image(program, image)
+
+
+def _built_image(program: str, image: str) -> str:
     if built_from(image) != source_hash():
         build = subprocess.run(
             [str(TOOLS / "build-image.sh"), program, image],
@@ -89,12 +106,13 @@ def load_task_executor_image(node: RealNode) -> str:
 def code_interpreter_image() -> str:
     """The code-interpreter image, built (minutes, once per machine; then cached) unless present.
     tools/code-interpreter-image.sh is idempotent: it rebuilds only when the script changed."""
-    build = subprocess.run(
-        [str(TOOLS / "code-interpreter-image.sh"), CODE_INTERPRETER_IMAGE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    with building("code-interpreter"):
+        build = subprocess.run(
+            [str(TOOLS / "code-interpreter-image.sh"), CODE_INTERPRETER_IMAGE],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     assert build.returncode == 0, f"tools/code-interpreter-image.sh:\n{build.stderr[-4000:]}"
     return CODE_INTERPRETER_IMAGE

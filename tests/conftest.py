@@ -39,12 +39,41 @@ def docker_host() -> Iterator[str]:
         yield host
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e, tests/security."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--part",
+        choices=PARTS,
+        default="all",
+        help="only the tests that use the test cluster (cluster) or only the others (host); "
+        "`make test` runs the two parts at once (tools/test.sh)",
+    )
+
+
+PARTS = ("all", "cluster", "host")
+
+
+def uses_the_cluster(item: pytest.Item) -> bool:
+    """A test of the cluster part: it asks for the cluster, or runs a kubernetes-parametrized case (the
+    security battery's kubernetes target starts the cluster itself)."""
+    callspec = getattr(item, "callspec", None)
+    return "cluster" in getattr(item, "fixturenames", ()) or (
+        callspec is not None and "kubernetes" in callspec.params.values()
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder: tests/unit, tests/integration, tests/e2e, tests/security; with
+    --part, keep the tests of that part only."""
     for item in items:
         for kind in ("unit", "integration", "e2e", "security"):
             if f"/tests/{kind}/" in str(item.path):
                 item.add_marker(getattr(pytest.mark, kind))
+    part = config.getoption("part")
+    if part == "all":
+        return
+    kept = [item for item in items if uses_the_cluster(item) == (part == "cluster")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")
