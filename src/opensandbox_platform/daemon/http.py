@@ -377,7 +377,7 @@ class _Protocol(asyncio.StreamReaderProtocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         super().__init__(reader, lambda r, w: on_connect(r, w, self.lost))
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
         # An HTTP client does not half-close and wait for a stream: its FIN means it went away. Seen
         # here, a stream stops its command now rather than at a later write's reset (seconds of pings).
         if not self.lost.done():
