@@ -7,6 +7,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -83,6 +87,32 @@ def test_frozen_thaws_even_when_the_capture_fails(tmp_path: Path) -> None:
         seen.append(state.read_text())
         raise RuntimeError("capture failed")
     assert seen == ["FROZEN"] and state.read_text() == "THAWED"
+
+
+def test_a_committer_stopped_by_sigterm_thaws_the_container(tmp_path: Path) -> None:
+    """The pod's deadline or deletion is a SIGTERM: the container it froze must not stay frozen."""
+    freeze = tmp_path / "sys/fs/cgroup/kubepods/c1/cgroup.freeze"
+    freeze.parent.mkdir(parents=True)
+    freeze.write_text("0")
+    script = (
+        "import time\n"
+        "from opensandbox_platform.server.runtimes import kubernetes_committer as c\n"
+        "c.stop_on_sigterm()\n"
+        f"with c.frozen({str(tmp_path)!r}, '0::/kubepods/c1\\n'):\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while freeze.read_text() != "1":
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    finally:
+        proc.kill()
+    assert freeze.read_text() == "0"
+    assert "the committer was stopped" in (proc.stderr.read() if proc.stderr else "")
 
 
 SETTINGS = ksnaps.CommitSettings(

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -49,6 +50,17 @@ class CommitFailed(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (the pod's activeDeadlineSeconds, or its deletion) unwinds the committer like a failure,
+    so that `frozen` thaws the container: by default it would end the process on the spot (it is not
+    PID 1: the pod shares the host's PID namespace) and leave the sandbox frozen."""
+
+    def stopped(signum: int, _frame: object) -> None:
+        raise CommitFailed(snaps.CAPTURE_FAILED, "the committer was stopped (its deadline passed or its pod went)")
+
+    signal.signal(signal.SIGTERM, stopped)
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,12 @@ def frozen(host_root: str, cgroup_text: str) -> Iterator[None]:
                 time.sleep(0.01)
         yield
     finally:
-        path.write_text(thaw)
+        # A second SIGTERM must not interrupt the thaw itself.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            path.write_text(thaw)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # --- the spool: file contents between the capture and the layer -------------------------------
@@ -249,6 +266,7 @@ def run(job: Job) -> dict[str, Any]:
 
 
 def main() -> int:
+    stop_on_sigterm()
     job = Job.from_json(json.loads(os.environ[JOB_ENV]))
     try:
         outcome = run(job)
