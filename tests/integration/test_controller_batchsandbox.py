@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from lightkube import Client
@@ -86,6 +88,39 @@ def test_seed_batchsandbox_runs_three_pods_from_its_template(
     )
     eventually(lambda: len(pods_of(kube, namespace, **{labels.BATCHSANDBOX: "example-batchsandbox"})) == 1)
     assert pods_of(kube, namespace, **{labels.BATCHSANDBOX: "example-batchsandbox"})[0].metadata.name.endswith("-0")
+
+
+def grace_of_deletion(kube: Client, namespace: str, pod_name: str, act: Callable[[], None]) -> int | None:
+    """The grace period the pod was deleted with after `act` (the API server marks a pod deleting with
+    it, 0 for at once, before the pod goes); None when it was not deleted within 30 s."""
+    version = kube.get(Pod, pod_name, namespace=namespace).metadata.resourceVersion
+    act()
+    watch = kube.watch(
+        Pod, namespace=namespace, fields={"metadata.name": pod_name}, resource_version=version, server_timeout=30
+    )
+    for _, pod in watch:
+        if pod.metadata.deletionTimestamp is not None:
+            return pod.metadata.deletionGracePeriodSeconds
+    return None
+
+
+def test_a_paused_batchsandboxs_pod_is_deleted_at_once_a_scaled_down_one_gracefully(
+    cluster: LocalCluster, kube: Client, namespace: str, controller: ControllerProcess
+) -> None:
+    """A paused sandbox's pod holds nothing its snapshot did not take, and the resume makes a pod of the
+    same name: no grace period to wait for. Any other scale-down keeps the pod's grace period."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=SEED_BATCHSANDBOX.replace("replicas: 3", "replicas: 2"))
+    eventually(lambda: ready_count(kube, "example-batchsandbox", namespace) == 2)
+
+    def scale(replicas: int, annotations: dict[str, str] | None = None) -> Callable[[], None]:
+        patch = {"metadata": {"annotations": annotations or {}}, "spec": {"replicas": replicas}}
+        args = ("patch", "bsbx", "example-batchsandbox", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+        return lambda: cluster.kubectl(*args)
+
+    assert grace_of_deletion(kube, namespace, "example-batchsandbox-1", scale(1)) == 30  # the pod's default
+    paused = scale(0, {labels.PAUSED: "snap-1"})
+    assert grace_of_deletion(kube, namespace, "example-batchsandbox-0", paused) == 0
+    eventually(lambda: gone(kube, Pod, "example-batchsandbox-0", namespace), what="the paused pod gone")
 
 
 def test_expire_time_deletes_the_batchsandbox_on_time(

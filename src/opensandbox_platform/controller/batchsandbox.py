@@ -366,7 +366,7 @@ class BatchSandboxReconciler:
             return False
         self.inflight.doomed.update(p.key for p in pods)  # before the first await: see inflight.py
         try:
-            await self._delete_pods(pods)
+            await asyncio.gather(*(delete_pod(self.manager.client, p, at_once=True) for p in pods))
         finally:
             self.inflight.doomed.difference_update(p.key for p in pods)
         names = ", ".join(p.name for p in pods)
@@ -466,8 +466,9 @@ class BatchSandboxReconciler:
 
     async def _scale_down(self, bs: CachedObject, spec: BatchSandboxSpec, pods: dict[int, PodInfo]) -> None:
         extra = sorted((i for i in pods if i >= spec.replicas), reverse=True)
+        paused = labels.PAUSED in (bs.raw["metadata"].get("annotations") or {})
         for index in extra:
-            await delete_pod(self.manager.client, pods.pop(index))
+            await delete_pod(self.manager.client, pods.pop(index), at_once=paused)
         if extra:
             message = f"Deleted {len(extra)} sandbox(es) above replicas"
             self.manager.events.record(bs.raw, "Normal", conditions.EVENT_SCALED_DOWN, message)

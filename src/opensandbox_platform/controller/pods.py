@@ -439,10 +439,13 @@ def build_pod(
     }
 
 
-async def delete_pod(client: KubeClient, pod: PodInfo) -> None:
-    """Delete this pod (by uid: never a namesake); gone or replaced already is fine."""
+async def delete_pod(client: KubeClient, pod: PodInfo, at_once: bool = False) -> None:
+    """Delete this pod (by uid: never a namesake); gone or replaced already is fine. `at_once`: no grace
+    period (a paused sandbox's pod: its snapshot holds all that is kept, and its resume reuses the name)."""
     try:
-        await client.delete(PODS, pod.name, pod.namespace, precondition_uid=pod.uid)
+        await client.delete(
+            PODS, pod.name, pod.namespace, precondition_uid=pod.uid, grace_period_seconds=0 if at_once else None
+        )
     except KubeError as err:
         if not (err.not_found or err.conflict):
             raise

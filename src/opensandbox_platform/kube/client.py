@@ -240,11 +240,19 @@ class KubeClient:
         return await self.request("PATCH", res.path(namespace, name, subresource), body=patch, content_type=MERGE_PATCH)
 
     async def delete(
-        self, res: Resource, name: str, namespace: str | None = None, *, precondition_uid: str | None = None
+        self,
+        res: Resource,
+        name: str,
+        namespace: str | None = None,
+        *,
+        precondition_uid: str | None = None,
+        grace_period_seconds: int | None = None,
     ) -> None:
         body: JSON = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if precondition_uid:
             body["preconditions"] = {"uid": precondition_uid}
+        if grace_period_seconds is not None:
+            body["gracePeriodSeconds"] = grace_period_seconds
         await self.request("DELETE", res.path(namespace, name), body=body)
 
     async def watch(self, res: Resource, namespace: str | None = None, **params: str | int) -> AsyncIterator[JSON]:
