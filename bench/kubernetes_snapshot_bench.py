@@ -1,5 +1,5 @@
 """Kubernetes snapshots and pause/resume on the real node, through the official SDK and the server's
-kubernetes runtime: for a sandbox with an empty workspace and with 50 MiB of random data in it, the
+kubernetes runtime: for a sandbox with an empty workspace and with 200 MiB of random data in it, the
 time from `create_snapshot()` to Ready (polled every 50 ms: the committer pod scheduled on the node,
 the layer read while the container is frozen, written and pushed to the cluster registry) and from
 `Sandbox.create(snapshot_id=...)` to the first command (the snapshot image pulled from the registry);
@@ -7,7 +7,7 @@ then `pause()` → Paused → `Sandbox.resume()` → first command, for a direct
 (claimed from a warm Pool; its pause releases the claimed pod and its resume is a fresh pod).
 
 Run: `uv run python -m bench kubernetes_snapshot` or `uv run python bench/kubernetes_snapshot_bench.py
-[--n 3] [--sizes 0,50] [--pauses 5] [--pooled-pauses 5]`, under `flock /tmp/osb-cluster.lock`. Needs
+[--n 3] [--sizes 0,200] [--pauses 5] [--pooled-pauses 5]`, under `flock /tmp/osb-cluster.lock`. Needs
 the real node (prints a notice and writes nothing when it is off). Traffic goes to 127.0.0.1, the
 registry on the node's bridge address and the pods' own IPs. Writes bench/results/kubernetes-snapshots.json.
 """
@@ -191,7 +191,7 @@ async def figures(
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=3, help="snapshot + restore samples per size")
-    parser.add_argument("--sizes", default="0,50", help="workspace sizes in MiB (comma-separated)")
+    parser.add_argument("--sizes", default="0,200", help="workspace sizes in MiB (comma-separated)")
     parser.add_argument("--pauses", type=int, default=5, help="pause -> resume samples")
     parser.add_argument("--pooled-pauses", type=int, default=5, help="pause -> resume samples of pooled sandboxes")
     args = parser.parse_args(argv)
