@@ -89,9 +89,12 @@ def registry_base_image(registry: Registry) -> str:
     return reference
 
 
-def snapshot_server_config(registry: Registry, committer_image: str, max_size_mib: int = 4096) -> str:
-    """`[kubernetes]` keys of real_node_server_config with snapshots to the cluster registry; images are
-    pulled (the sandboxes' base image and snapshot images are the registry's)."""
+def snapshot_server_config(
+    registry: Registry, committer_image: str, max_size_mib: int = 4096, registry_secret: str = ""
+) -> str:
+    """`[kubernetes]` keys of real_node_server_config with snapshots to `registry` (with the credentials
+    of the Secret `registry_secret`, if given); images are pulled (the sandboxes' base image and
+    snapshot images are the registries')."""
     pulls = real_node_server_config().replace('imagePullPolicy = "Never"', 'imagePullPolicy = "IfNotPresent"')
     keys = (
         f'snapshotRepository = "{registry.address}/osb-tests/snapshots"\n'
@@ -99,5 +102,7 @@ def snapshot_server_config(registry: Registry, committer_image: str, max_size_mi
         f'snapshotCommitterImage = "{committer_image}"\n'
         f"snapshotMaxSizeMib = {max_size_mib}\n"
     )
+    if registry_secret:
+        keys += f'snapshotRegistrySecret = "{registry_secret}"\n'
     head, table, rest = pulls.partition("[kubernetes.defaultPodSpec]")
     return head + keys + table + rest

@@ -33,7 +33,7 @@ from harness.kubernetes_server import (
     snapshot_server_config,
 )
 from harness.real_node import RealNode, real_node_pod_spec
-from harness.registry import Registry, cluster_registry
+from harness.registry import Registry, cluster_registry, private_registry
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
 from tests.integration.test_server_kubernetes_real_node import created as sandbox
@@ -41,6 +41,8 @@ from tests.integration.test_server_kubernetes_real_node import sdk_config as sdk
 from tests.integration.test_server_kubernetes_real_node import stdout_of as run
 
 BOUND_MIB = 256
+AUTH_PORT = 5003  # test_registry.py's private registry uses 5001, test_image_auth.py's 5002
+CREDENTIALS = ("osb-snapshots", "right-password")
 
 
 @pytest.fixture(scope="session")
@@ -195,6 +197,56 @@ async def test_a_huge_sparse_file_fails_the_snapshot_and_harms_nothing(
             await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
         assert refused.value.status_code == 409 and refused.value.error.code == "SNAPSHOT::INVALID_STATE"
         await manager.delete_snapshot(snapshot.id)  # a Failed one can be deleted
+
+
+async def test_snapshots_go_to_a_registry_that_wants_credentials(
+    cluster: LocalCluster,
+    kube: Client,
+    namespace: str,
+    execd_controller: ControllerProcess,
+    committer_image: str,
+    base_image: str,
+    tmp_path: Path,
+) -> None:
+    """kubernetes.snapshotRegistrySecret: the committer pushes with its credentials (htpasswd), the
+    restored pod pulls with it, the server deletes the image with it; a wrong password fails the
+    snapshot with the registry's refusal and leaves the sandbox running."""
+    with private_registry("snapshot-auth", AUTH_PORT, CREDENTIALS) as private:
+        secret = "snapshot-registry"
+        apply = ("apply", "-n", namespace, "-f", "-")
+        cluster.kubectl(*apply, input=json.dumps(private.pull_secret(secret, CREDENTIALS)))
+        config = snapshot_server_config(private, committer_image, registry_secret=secret)
+        with kubernetes_server(tmp_path, namespace, cluster.kubeconfig, config) as server:
+            manager = await SandboxManager.create(sdk(server))
+            async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as source:
+                await run(source, "mkdir -p /workspace && echo behind-a-password > /workspace/kept")
+                snapshot = await source.create_snapshot()
+                info = await settled(manager, snapshot.id)
+                assert info.status.state == "Ready", info.status
+                image = json.loads(kube.get(ConfigMap, snapshot.id, namespace=namespace).data["record"])["image"]
+                assert image.startswith(f"{private.address}/osb-tests/snapshots@sha256:")
+                with private.client(("nobody", "nothing")) as anonymous:
+                    assert anonymous.get("/v2/osb-tests/snapshots/tags/list").status_code == 401
+
+                restored = await Sandbox.create(snapshot_id=snapshot.id, connection_config=sdk(server), resource=SMALL)
+                try:
+                    assert await run(restored, "cat /workspace/kept") == "behind-a-password"
+                finally:
+                    await restored.kill()
+                    await restored.close()
+                await _eventually_deleted(manager, snapshot.id)
+                digest = image.split("@", 1)[1]
+                with private.client() as client:
+                    assert client.get(f"/v2/osb-tests/snapshots/manifests/{digest}").status_code == 404
+
+                wrong = private.pull_secret(secret, (CREDENTIALS[0], "wrong-password"))
+                cluster.kubectl(*apply, input=json.dumps(wrong))
+                refused = await settled(manager, (await source.create_snapshot()).id)
+                assert refused.status.state == "Failed", refused.status
+                message = (refused.status.message or "").lower()
+                assert "refused" in message and ("401" in message or "unauthorized" in message), refused.status
+                assert await run(source, "echo still-running") == "still-running"
+                no_committer(kube, namespace)
 
 
 def sandbox_pods(kube: Client, namespace: str, sandbox_id: str) -> list[Pod]:
