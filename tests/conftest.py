@@ -39,6 +39,9 @@ def docker_host() -> Iterator[str]:
         yield host
 
 
+PARTS = ("all", "cluster", "host")
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--part",
@@ -47,9 +50,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="only the tests that use the test cluster (cluster) or only the others (host); "
         "`make test` runs the two parts at once (tools/test.sh)",
     )
-
-
-PARTS = ("all", "cluster", "host")
 
 
 def uses_the_cluster(item: pytest.Item) -> bool:

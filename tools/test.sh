@@ -44,7 +44,8 @@ cluster_pid=
 printf '\n========== the cluster part (%s) ==========\n' "$logs/cluster.log"
 cat "$logs/cluster.log"
 log "host part: exit $host_status; cluster part: exit $cluster_status"
-# pytest's 5 is "no tests collected": a part that -k left empty is not a failure.
+# pytest's 5 is "no tests collected": a part that -k left empty is not a failure, unless both are.
+[[ $host_status == 5 && $cluster_status == 5 ]] && exit 5
 for status in "$host_status" "$cluster_status"; do
   [[ $status == 0 || $status == 5 ]] || exit "$status"
 done

@@ -366,7 +366,7 @@ class BatchSandboxReconciler:
             return False
         self.inflight.doomed.update(p.key for p in pods)  # before the first await: see inflight.py
         try:
-            await asyncio.gather(*(delete_pod(self.manager.client, p, at_once=True) for p in pods))
+            await self._delete_pods(pods, at_once=True)
         finally:
             self.inflight.doomed.difference_update(p.key for p in pods)
         names = ", ".join(p.name for p in pods)
@@ -484,8 +484,8 @@ class BatchSandboxReconciler:
         ready = set() if blocked else {i for i, p in pods.items() if statuses.sandbox_ready(spec, p, policy)}
         return self.tasks.sync(bs.key, bs.raw, spec.taskTemplate, pods, ready)
 
-    async def _delete_pods(self, pods: Iterable[PodInfo]) -> None:
-        await asyncio.gather(*(delete_pod(self.manager.client, p) for p in pods))
+    async def _delete_pods(self, pods: Iterable[PodInfo], at_once: bool = False) -> None:
+        await asyncio.gather(*(delete_pod(self.manager.client, p, at_once) for p in pods))
 
     async def _delete(self, bs: CachedObject, reason: str, message: str) -> None:
         self.manager.events.record(bs.raw, "Normal", reason, f"Deleting: {message}")
