@@ -29,6 +29,10 @@ CGROUP_ROOT=osb-node  # kubelet's cgroupRoot: every pod cgroup is below /osb-nod
 PAUSE_IMAGE=localhost/opensandbox-pause:3.10.1
 TEST_IMAGE=localhost/opensandbox-test-base:latest
 FWD_CHAIN=OSB-NODE-FORWARD
+# containerd's exec/attach/port-forward stream server: a fixed loopback port below the kernel's
+# ephemeral range (not "0", a random one in it: a container engine's stale NAT rule for a published
+# port there, or a test imitating one, took `kubectl exec` with it).
+STREAM_PORT=${OSB_STREAM_PORT:-10010}
 API_CHAIN=OSB-NODE-API
 API_SERVICE_IP=10.96.0.1  # the `kubernetes` Service's ClusterIP (first address of the service range)
 # kubelet sets these on start (protectKernelDefaults=false); `down` puts the host's values back.
@@ -276,7 +280,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   sandbox_image = "$PAUSE_IMAGE"
   netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
+  stream_server_port = "$STREAM_PORT"
   enable_tls_streaming = false
   disable_tcp_service = true
   # Root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj (the sandbox asks for -998) and

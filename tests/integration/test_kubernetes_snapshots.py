@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from harness.real_node import RealNode, real_node_pod_spec
 from harness.registry import Registry, cluster_registry, private_registry
 from harness.services import LocalCluster
 from opensandbox_platform.api import labels
+from opensandbox_platform.server.runtimes import kubernetes_committer as committer
 from tests.integration.test_server_kubernetes_real_node import created as sandbox
 from tests.integration.test_server_kubernetes_real_node import sdk_config as sdk
 from tests.integration.test_server_kubernetes_real_node import stdout_of as run
@@ -164,6 +169,24 @@ async def test_a_sandbox_from_a_kubernetes_snapshot_sees_its_files(
         assert missing.value.status_code == 404
 
 
+async def test_a_200_mib_workspace(server: KubernetesServer, base_image: str) -> None:
+    manager = await SandboxManager.create(sdk(server))
+    write = "mkdir -p /workspace && head -c 209715200 /dev/urandom > /workspace/big"
+    checksum = "sha256sum /workspace/big | cut -d' ' -f1"
+    async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as source:
+        digest = await run(source, f"{write} && {checksum}")
+        info = await settled(manager, (await source.create_snapshot()).id)
+        assert info.status.state == "Ready", info.status
+        assert "209715200 bytes" in (info.status.message or ""), info.status
+    restored = await Sandbox.create(snapshot_id=info.id, connection_config=sdk(server), resource=SMALL)
+    try:
+        assert await run(restored, checksum) == digest
+    finally:
+        await restored.kill()
+        await restored.close()
+    await _eventually_deleted(manager, info.id)
+
+
 async def _eventually_deleted(manager: SandboxManager, snapshot_id: str) -> None:
     """The restored sandbox's BatchSandbox leaves the server's cache on the watch's delete event."""
     deadline = asyncio.get_running_loop().time() + 30
@@ -247,6 +270,59 @@ async def test_snapshots_go_to_a_registry_that_wants_credentials(
                 assert "refused" in message and ("401" in message or "unauthorized" in message), refused.status
                 assert await run(source, "echo still-running") == "still-running"
                 no_committer(kube, namespace)
+
+
+def host_freezer(container_id: str) -> tuple[Path, str]:
+    """The container's freezer file on this host (the real node's) and the value that means frozen."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+        except OSError:
+            continue
+        if container_id in cgroup:
+            relative, frozen, _ = committer.freezer_file(cgroup)
+            return Path("/sys/fs/cgroup", relative), frozen
+    raise AssertionError(f"no process of container {container_id} on this host")
+
+
+def kill_the_committer_while_frozen(freezer: Path, frozen: str, timeout: float = 120) -> None:
+    """SIGKILL every committer process the moment the sandbox reads frozen: its own thaw never runs."""
+    deadline = time.monotonic() + timeout
+    while freezer.read_text().strip() != frozen:
+        assert time.monotonic() < deadline, "the sandbox was never frozen"
+        time.sleep(0.002)
+    pids = subprocess.run(["pgrep", "-f", "commit-snapshot"], capture_output=True, text=True).stdout.split()
+    assert pids, "no committer process while the sandbox was frozen"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+async def test_a_committer_killed_while_the_sandbox_is_frozen_leaves_it_thawed(
+    server: KubernetesServer, kube: Client, namespace: str, base_image: str
+) -> None:
+    """SIGKILL (its memory limit, node pressure) skips the committer's own thaw: the server's thaw-only
+    pod on the node thaws the sandbox, and the Failed snapshot says so."""
+    manager = await SandboxManager.create(sdk(server))
+    async with sandbox(server, base_image, entrypoint=["sleep", "infinity"]) as source:
+        # 200 MiB to read while frozen: a capture long enough to be caught in
+        await run(source, "mkdir -p /workspace && head -c 209715200 /dev/urandom > /workspace/big")
+        (pod,) = sandbox_pods(kube, namespace, source.id)
+        (status_,) = [c for c in pod.status.containerStatuses if c.name == labels.SANDBOX_CONTAINER]
+        freezer, frozen = host_freezer(status_.containerID.split("://", 1)[1])
+        snapshot = await source.create_snapshot()
+        await asyncio.to_thread(kill_the_committer_while_frozen, freezer, frozen)
+        info = await settled(manager, snapshot.id)
+        assert info.status.state == "Failed", info.status
+        assert "the sandbox was thawed" in (info.status.message or ""), info.status
+        assert freezer.read_text().strip() != frozen
+        assert await run(source, "echo thawed") == "thawed"
+        eventually(
+            lambda: (
+                not [p for p in kube.list(Pod, namespace=namespace) if p.metadata.name.endswith(("-commit", "-thaw"))]
+            ),
+            timeout=30,
+            what="the committer and thaw pods deleted",
+        )
 
 
 def sandbox_pods(kube: Client, namespace: str, sandbox_id: str) -> list[Pod]:

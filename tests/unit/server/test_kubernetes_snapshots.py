@@ -174,6 +174,35 @@ def test_the_committer_pod_runs_on_the_node_privileged_with_bounded_scratch() ->
     assert committer.Job.from_json(json.loads(container["env"][0]["value"])) == job
 
 
+def test_the_thaw_pod_is_the_committers_on_a_thaw_only_job() -> None:
+    job, node = ksnaps.commit_job("snap-1", sandbox_pod(), SETTINGS)
+    owner = {"apiVersion": labels.API_VERSION, "kind": "BatchSandbox", "name": "sb", "uid": "u"}
+    created = ksnaps.committer_pod(job, node, SETTINGS, owner)
+    read_back = {**created, "metadata": {**created["metadata"], "uid": "x", "resourceVersion": "7"}, "status": {}}
+    for source in (created, read_back):
+        rescue = ksnaps.thaw_pod(source)
+        assert rescue["metadata"] == {"name": "snap-1-thaw", "labels": created["metadata"]["labels"],
+                                      "ownerReferences": [owner]}  # fmt: skip
+        assert rescue["spec"]["nodeName"] == "node-a" and rescue["spec"]["hostPID"] is True
+        thaw_job = committer.Job.from_json(json.loads(rescue["spec"]["containers"][0]["env"][0]["value"]))
+        assert thaw_job == committer.Job(**{**json.loads(created["spec"]["containers"][0]["env"][0]["value"]),
+                                            "thaw_only": True})  # fmt: skip
+    assert not json.loads(created["spec"]["containers"][0]["env"][0]["value"]).get("thaw_only")  # a copy
+
+
+def test_thaw_only_thaws_a_frozen_container_and_leaves_a_gone_one(tmp_path: Path) -> None:
+    cgroup = f"0::/kubepods/pod1/{CID}\n"
+    proc = fake_proc(tmp_path / "proc", {10: (1, "0::/\n"), 11: (10, cgroup), 12: (11, cgroup)})
+    freeze = tmp_path / "proc/10/root/sys/fs/cgroup/kubepods/pod1" / CID / "cgroup.freeze"  # through the shim's root
+    freeze.parent.mkdir(parents=True)
+    freeze.write_text("1")
+    job = committer.Job("snap-1", CID, "base", "repo", 1, 1, proc=proc, thaw_only=True)
+    assert committer.run(job) == {"ok": True, "thawed": True}
+    assert freeze.read_text() == "0"
+    gone = committer.Job("snap-1", "9" * 64, "base", "repo", 1, 1, proc=proc, thaw_only=True)
+    assert committer.run(gone) == {"ok": True, "thawed": False}
+
+
 def test_the_outcome_is_the_termination_message_or_why_the_pod_ended() -> None:
     def ended(message: str, reason: str = "Completed") -> dict[str, object]:
         terminated = {"message": message, "reason": reason, "exitCode": 1}
@@ -188,6 +217,8 @@ def test_the_outcome_is_the_termination_message_or_why_the_pod_ended() -> None:
     assert killed is not None and not killed["ok"] and "OOMKilled" in killed["message"]
     deadline = ksnaps.outcome_of({"status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
     assert deadline is not None and "DeadlineExceeded" in deadline["message"]
+    # only an outcome the committer did not write calls for the thaw-only rescue
+    assert killed["died"] and deadline["died"] and "died" not in ksnaps.outcome_of(ended(json.dumps(ok)))  # type: ignore[operator]
 
     record = ksnaps.Record("snap-1", "sb", None, Held("img", []), created_at="2026-11-30T12:00:00Z")
     ksnaps.apply_outcome(record, ok)

@@ -75,6 +75,7 @@ class Job:
     ca_pem: str = ""
     auth_file: str = ""  # a .dockerconfigjson (the snapshot registry's Secret, mounted)
     proc: str = "/proc"
+    thaw_only: bool = False  # the rescue after a committer died without its outcome: thaw, nothing else
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
@@ -249,10 +250,24 @@ def push(job: Job, captured: filetree.Captured, spool: Spool) -> str:
     return f"{target.registry}/{target.repository}@{digest}"
 
 
+def thaw(job: Job) -> dict[str, Any]:
+    """Thaw the container a committer may have left frozen: one killed (SIGKILL: its memory limit, node
+    pressure) inside `frozen` never ran its `finally`. A container that is gone needs nothing."""
+    pids = container_pids(job.proc, job.container_id)
+    if not pids:
+        return {"ok": True, "thawed": False}
+    init = init_pid(pids)
+    relative, _, thawed = freezer_file(Path(job.proc, str(init), "cgroup").read_text())
+    Path(f"{job.proc}/{pids[init]}/root", "sys/fs/cgroup", relative).write_text(thawed)
+    return {"ok": True, "thawed": True}
+
+
 def run(job: Job) -> dict[str, Any]:
     """The outcome as the server reads it: `{"ok": true, image, files, bytes, skipped}` or
-    `{"ok": false, reason, message}`."""
+    `{"ok": false, reason, message}`; for a thaw-only job, `{"ok": true, "thawed": bool}`."""
     try:
+        if job.thaw_only:
+            return thaw(job)
         captured, spool = capture(job)
         image = push(job, captured, spool)
     except CommitFailed as exc:

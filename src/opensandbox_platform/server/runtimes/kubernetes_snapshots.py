@@ -9,7 +9,9 @@ sandbox's own, to `kubernetes.snapshotRepository`; a create from the snapshot ru
   be that node), runs privileged with the host's PID namespace (it freezes the container's cgroup
   and reads its overlay's upper dir through the shim's /proc/PID/root), tolerates every taint, and
   has a scratch volume bounded by the snapshot's own bound. The server waits for it on a watch, reads
-  its termination message and deletes it.
+  its termination message and deletes it. A committer that died without one (SIGKILL: its memory
+  limit, node pressure) may have left the container frozen: the same pod on a thaw-only job
+  (`<id>-thaw`) thaws it, and the Failed snapshot's message says so.
 - A snapshot is in use while a BatchSandbox restored from it (`RESTORED_FROM`) exists: deleting it
   is refused (409), never deferred. Deleting a Ready one deletes its manifest from the registry.
 - A pause's snapshot (`Record.pause`) is the server's own: deleted when its sandbox is gone or
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import builtins
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -42,6 +45,7 @@ RECORD_KEY = "record"
 SCRATCH = "/scratch"
 AUTH_DIR = "/var/run/opensandbox/registry"
 SCRATCH_SLACK = 64 << 20  # the scratch volume: spooled contents and the layer, plus this
+THAW_TIMEOUT = 60.0  # seconds for the thaw-only pod after a committer died (scheduled on a known node)
 
 
 @dataclass
@@ -166,6 +170,31 @@ def commit_job(snapshot_id: str, pod: JSON, settings: CommitSettings) -> tuple[c
     return job, node
 
 
+def thaw_name(snapshot_id: str) -> str:
+    return f"{snapshot_id}-thaw"
+
+
+def thaw_pod(committer_pod: JSON) -> JSON:
+    """The rescue for a committer that died without its outcome (it may have left the sandbox frozen):
+    the committer's pod (its node, image and privileges; as created, or as read back) on a thaw-only job."""
+    meta, spec = committer_pod["metadata"], json.loads(json.dumps(committer_pod["spec"]))
+    env = spec["containers"][0]["env"][0]
+    job = {**json.loads(env["value"]), "thaw_only": True}
+    env["value"] = json.dumps(job, separators=(",", ":"))
+    kept = {k: meta[k] for k in ("labels", "ownerReferences") if k in meta}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**kept, "name": thaw_name(job["snapshot_id"])},
+        "spec": spec,
+    }
+
+
+def _died(why: str) -> dict[str, Any]:
+    """An outcome the committer did not write: it died (or never finished), perhaps inside its freeze."""
+    return {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": why, "died": True}
+
+
 def outcome_of(pod: JSON) -> dict[str, Any] | None:
     """The committer's outcome once its pod ended (its termination message), None while it runs."""
     status = pod.get("status") or {}
@@ -180,10 +209,9 @@ def outcome_of(pod: JSON) -> dict[str, Any] | None:
             except ValueError:
                 pass
             why = terminated.get("reason") or f"exit code {terminated.get('exitCode')}"
-            return {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": f"the committer pod ended: {why}"}
+            return _died(f"the committer pod ended: {why}")
     if phase in ("Failed", "Succeeded"):
-        why = status.get("message") or status.get("reason") or phase
-        return {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": f"the committer pod ended: {why}"}
+        return _died(f"the committer pod ended: {status.get('message') or status.get('reason') or phase}")
     return None
 
 
@@ -286,7 +314,7 @@ class KubernetesSnapshots:
                 await self.client.create(PODS, pod, self.namespace)
             outcome = await asyncio.wait_for(self._outcome(name), self.settings.timeout_seconds + 30)
         except TimeoutError:
-            outcome = {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": "the committer did not finish in time"}
+            outcome = _died("the committer did not finish in time")
         except KubeError as exc:
             missing = exc.not_found and pod is None
             why = "the server stopped during the capture" if missing else f"the committer pod failed: {exc.message}"
@@ -295,12 +323,33 @@ class KubernetesSnapshots:
             log.exception("snapshot %s: the committer could not be run", record.id)
             outcome = {"ok": False, "reason": snaps.CAPTURE_FAILED, "message": f"the committer failed: {exc!r}"}
         apply_outcome(record, outcome)
+        if outcome.get("died"):
+            record.message += await self._thaw(record.id, pod)
         log.info("snapshot %s of %s: %s (%s)", record.id, record.sandbox_id, record.state, record.message)
         await self._save(record)
         try:
             await self.client.delete(PODS, name, self.namespace)
         except Exception as exc:
             log.info("could not delete committer %s: %s", name, exc)
+
+    async def _thaw(self, snapshot_id: str, created: JSON | None) -> str:
+        """Run the thaw-only job on the committer's node after a committer died; what to add to the
+        snapshot's message. Never raises."""
+        name = thaw_name(snapshot_id)
+        try:
+            committer_pod = created or await self.client.get(PODS, committer_name(snapshot_id), self.namespace)
+            await self.client.create(PODS, thaw_pod(committer_pod), self.namespace)
+            outcome = await asyncio.wait_for(self._outcome(name), THAW_TIMEOUT)
+        except Exception as exc:
+            log.warning("snapshot %s: the sandbox may stay frozen, the thaw failed: %s", snapshot_id, exc)
+            return f"; the sandbox may stay frozen: its thaw failed ({exc})"
+        finally:
+            with contextlib.suppress(Exception):
+                await self.client.delete(PODS, name, self.namespace)
+        if not outcome.get("ok"):
+            log.warning("snapshot %s: the thaw failed: %s", snapshot_id, outcome.get("message"))
+            return f"; the sandbox may stay frozen: its thaw failed ({outcome.get('message')})"
+        return "; the sandbox was thawed" if outcome.get("thawed") else ""
 
     async def _outcome(self, name: str) -> dict[str, Any]:
         while True:
