@@ -7,16 +7,14 @@ fresh clone of the same commit reuses the images of an earlier run instead of re
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.locks import machine_lock
 from harness.paths import ROOT, TOOLS
 
 if TYPE_CHECKING:
@@ -64,19 +62,10 @@ def built_from(image: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-@contextlib.contextmanager
-def building(name: str) -> Iterator[None]:
-    """One build of `name` at a time on this machine: the two parts of `make test` (tools/test.sh) may
-    want the same image at once, and its build directory and tag are shared."""
-    with open(f"/tmp/osb-image-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def built_image(program: str, image: str) -> str:
     """`image` of `program` (controller, server, execd, task-executor), rebuilt unless it was built from
     these sources; returns its qualified name (as podman and, once loaded, the node's containerd know it)."""
-    with building(program):
+    with machine_lock(f"image-{program}"):  # both parts of `make test` may want it at once
         return _built_image(program, image)
 
 
@@ -106,7 +95,7 @@ def load_task_executor_image(node: RealNode) -> str:
 def code_interpreter_image() -> str:
     """The code-interpreter image, built (minutes, once per machine; then cached) unless present.
     tools/code-interpreter-image.sh is idempotent: it rebuilds only when the script changed."""
-    with building("code-interpreter"):
+    with machine_lock("image-code-interpreter"):
         build = subprocess.run(
             [str(TOOLS / "code-interpreter-image.sh"), CODE_INTERPRETER_IMAGE],
             cwd=ROOT,

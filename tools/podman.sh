@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Podman as the Docker engine for tests of the docker runtime.
 #   tools/podman.sh configure   write /etc/containers/containers.conf for this host (root only)
-#   tools/podman.sh up          configure, start `podman system service` on .podman/docker.sock,
-#                               and build the test image once (cached)
+#   tools/podman.sh up          configure, prune stale port rules, start `podman system service` on
+#                               .podman/docker.sock, and build the test image once (cached)
+#   tools/podman.sh prune-nat   remove the port-forwarding rules podman left for containers gone
 #   tools/podman.sh down        stop the service
 #   tools/podman.sh status      exit 0 when the service answers
 # Prints `export DOCKER_HOST=...` on up, and writes it to .podman/env.
@@ -43,8 +44,33 @@ CONF
 
 answers() { curl -sf --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; }
 
+# podman (netavark) now and then leaves the NAT rules of a removed container's published port behind:
+# a DNAT of 127.0.0.1:PORT (a port in the kernel's ephemeral range) to an address nobody has. Whatever
+# listens on that port later (a test's server on port 0) never gets its connections: they time out
+# after two minutes. Remove the rules of containers that no longer exist and whose port no live
+# container publishes (those rules are shared per port).
+prune_nat() {
+  [[ $(id -u) == 0 ]] && command -v iptables >/dev/null || return 0
+  local rules line id port chain pruned=0
+  rules=$(iptables -t nat -S NETAVARK-HOSTPORT-DNAT 2>/dev/null) || return 0
+  while IFS= read -r line; do
+    [[ $line =~ --dport\ ([0-9]+).*podman\ id:\ ([0-9a-f]{64}).*-j\ (NETAVARK-DN-[0-9A-F]+) ]] || continue
+    port=${BASH_REMATCH[1]} id=${BASH_REMATCH[2]} chain=${BASH_REMATCH[3]}
+    podman container exists "$id" 2>/dev/null && continue
+    podman ps --format '{{.Ports}}' 2>/dev/null | grep -q ":$port->" && continue
+    eval "iptables -t nat ${line/#-A/-D}" || continue
+    while IFS= read -r dn; do
+      eval "iptables -t nat ${dn/#-A/-D}" || true
+    done < <(iptables -t nat -S "$chain" 2>/dev/null | grep -E -- "--dport $port( |$)")
+    pruned=$((pruned + 1))
+  done <<<"$rules"
+  ((pruned)) && log "removed the NAT rules of $pruned published port(s) of containers that are gone"
+  return 0
+}
+
 up() {
   configure
+  prune_nat
   mkdir -p "$state"
   if ! answers; then
     rm -f "$sock"
@@ -72,5 +98,6 @@ case ${1:-} in
   up) up ;;
   down) down ;;
   status) answers ;;
-  *) echo "usage: $0 configure|up|down|status" >&2; exit 2 ;;
+  prune-nat) prune_nat ;;
+  *) echo "usage: $0 configure|up|down|status|prune-nat" >&2; exit 2 ;;
 esac

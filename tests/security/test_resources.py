@@ -14,12 +14,14 @@ import shutil
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
+from harness.locks import machine_lock
 from tests.security.conftest import PROBE, Canaries, Tenant
 from tests.security.targets import Target
 
@@ -27,6 +29,14 @@ DISK_MIB = 128  # the tenant's storage quota on targets that have one (local: di
 MIN_SECONDS = 3.0  # measure at least this long, however quickly the attack is over
 MAX_VICTIM_P99 = 3.0  # seconds: generous, the machine is shared; the printed figures are the point
 MAX_SERVER_P99 = 2.0
+
+
+@pytest.fixture(autouse=True)
+def alone_on_the_machine() -> Iterator[None]:
+    """These attacks are measured on the whole host (its processes, memory and disk): the other part of
+    `make test` (tools/test.sh) runs them for its runtimes at the same time; one attack at a time."""
+    with machine_lock("resource-attacks"):
+        yield
 
 
 @dataclass
