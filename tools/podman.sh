@@ -51,13 +51,14 @@ answers() { curl -sf --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; }
 # container publishes (those rules are shared per port).
 prune_nat() {
   [[ $(id -u) == 0 ]] && command -v iptables >/dev/null || return 0
-  local rules line id port chain pruned=0
+  local rules published line id port chain pruned=0
   rules=$(iptables -t nat -S NETAVARK-HOSTPORT-DNAT 2>/dev/null) || return 0
+  published=$(podman ps --format '{{.Ports}}' 2>/dev/null)
   while IFS= read -r line; do
     [[ $line =~ --dport\ ([0-9]+).*podman\ id:\ ([0-9a-f]{64}).*-j\ (NETAVARK-DN-[0-9A-F]+) ]] || continue
     port=${BASH_REMATCH[1]} id=${BASH_REMATCH[2]} chain=${BASH_REMATCH[3]}
     podman container exists "$id" 2>/dev/null && continue
-    podman ps --format '{{.Ports}}' 2>/dev/null | grep -q ":$port->" && continue
+    grep -q ":$port->" <<<"$published" && continue
     eval "iptables -t nat ${line/#-A/-D}" || continue
     while IFS= read -r dn; do
       eval "iptables -t nat ${dn/#-A/-D}" || true

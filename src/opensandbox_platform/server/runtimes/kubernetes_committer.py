@@ -139,11 +139,16 @@ def freezer_file(cgroup_text: str) -> tuple[str, str, str]:
     return f"{unified.lstrip('/')}/cgroup.freeze", "1", "0"
 
 
+def freezer(host_root: str, cgroup_text: str) -> tuple[Path, str, str]:
+    """freezer_file under the node's /sys/fs/cgroup, reached through `host_root`."""
+    relative, freeze, thaw = freezer_file(cgroup_text)
+    return Path(host_root, "sys/fs/cgroup", relative), freeze, thaw
+
+
 @contextlib.contextmanager
 def frozen(host_root: str, cgroup_text: str) -> Iterator[None]:
     """The container stopped (every process) while the block runs; thawed whatever happens."""
-    relative, freeze, thaw = freezer_file(cgroup_text)
-    path = Path(host_root, "sys/fs/cgroup", relative)
+    path, freeze, thaw = freezer(host_root, cgroup_text)
     path.write_text(freeze)
     try:
         if freeze == "FROZEN":  # v1: FREEZING until every task stopped
@@ -187,10 +192,16 @@ class Spool:
 
 
 # --- the whole job -------------------------------------------------------------------------------
-def capture(job: Job) -> tuple[filetree.Captured, Spool]:
+def locate(job: Job) -> tuple[int, str]:
+    """The container's first process and the node's root as its shim sees it (/proc/SHIM/root: the
+    node's mount namespace); CommitFailed when the container has no process on this node."""
     pids = container_pids(job.proc, job.container_id)
     init = init_pid(pids)
-    host_root = f"{job.proc}/{pids[init]}/root"  # the shim's: the node's mount namespace
+    return init, f"{job.proc}/{pids[init]}/root"
+
+
+def capture(job: Job) -> tuple[filetree.Captured, Spool]:
+    init, host_root = locate(job)
     upper = upper_dir(Path(job.proc, str(init), "mountinfo").read_text())
     cgroup_text = Path(job.proc, str(init), "cgroup").read_text()
     spool = Spool(Path(job.scratch, "blobs"))
@@ -253,12 +264,12 @@ def push(job: Job, captured: filetree.Captured, spool: Spool) -> str:
 def thaw(job: Job) -> dict[str, Any]:
     """Thaw the container a committer may have left frozen: one killed (SIGKILL: its memory limit, node
     pressure) inside `frozen` never ran its `finally`. A container that is gone needs nothing."""
-    pids = container_pids(job.proc, job.container_id)
-    if not pids:
+    try:
+        init, host_root = locate(job)
+    except CommitFailed:
         return {"ok": True, "thawed": False}
-    init = init_pid(pids)
-    relative, _, thawed = freezer_file(Path(job.proc, str(init), "cgroup").read_text())
-    Path(f"{job.proc}/{pids[init]}/root", "sys/fs/cgroup", relative).write_text(thawed)
+    path, _, thawed = freezer(host_root, Path(job.proc, str(init), "cgroup").read_text())
+    path.write_text(thawed)
     return {"ok": True, "thawed": True}
 
 

@@ -341,14 +341,15 @@ class KubernetesSnapshots:
             await self.client.create(PODS, thaw_pod(committer_pod), self.namespace)
             outcome = await asyncio.wait_for(self._outcome(name), THAW_TIMEOUT)
         except Exception as exc:
-            log.warning("snapshot %s: the sandbox may stay frozen, the thaw failed: %s", snapshot_id, exc)
-            return f"; the sandbox may stay frozen: its thaw failed ({exc})"
+            outcome = {"ok": False, "message": str(exc)}
         finally:
             with contextlib.suppress(Exception):
                 await self.client.delete(PODS, name, self.namespace)
         if not outcome.get("ok"):
-            log.warning("snapshot %s: the thaw failed: %s", snapshot_id, outcome.get("message"))
-            return f"; the sandbox may stay frozen: its thaw failed ({outcome.get('message')})"
+            log.warning(
+                "snapshot %s: the sandbox may stay frozen, its thaw failed: %s", snapshot_id, outcome["message"]
+            )
+            return f"; the sandbox may stay frozen: its thaw failed ({outcome['message']})"
         return "; the sandbox was thawed" if outcome.get("thawed") else ""
 
     async def _outcome(self, name: str) -> dict[str, Any]:
